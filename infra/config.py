@@ -1,0 +1,87 @@
+"""Reading configuration from the environment, failing fast with a one-line message.
+
+Every service builds a frozen `Config` from these helpers in its own `config.py`; a missing or
+malformed value raises `ConfigError`, which `infra.lifecycle.run_main` prints and exits on.
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlsplit
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or malformed. The message is one line for the operator."""
+
+
+def env_str(name: str, default: str | None = None) -> str:
+    value = os.environ.get(name, "").strip()
+    if value:
+        return value
+    if default is None:
+        raise ConfigError(f"{name} is required")
+    return default
+
+
+def env_optional(name: str) -> str | None:
+    value = os.environ.get(name, "").strip()
+    return value or None
+
+
+def env_int(name: str, default: int, *, minimum: int, maximum: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{name} must be between {minimum} and {maximum}, got {value}")
+    return value
+
+
+def env_float(name: str, default: float, *, minimum: float, maximum: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{name} must be between {minimum} and {maximum}, got {value}")
+    return value
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def env_url(name: str, default: str | None = None, *, schemes: tuple[str, ...]) -> str:
+    value = env_str(name, default)
+    parts = urlsplit(value)
+    if parts.scheme not in schemes or not parts.netloc:
+        expected = " or ".join(f"{s}://" for s in schemes)
+        raise ConfigError(f"{name} must be a {expected} URL, got {value!r}")
+    return value
+
+
+def env_address(name: str, default: str) -> str:
+    """A `host:port` peer address."""
+    value = env_str(name, default)
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"{name} must be host:port, got {value!r}")
+    return value

@@ -1,0 +1,135 @@
+"""Domain events written in the caller's transaction and relayed to JetStream at least once.
+
+`record_event` inserts a row into the service schema's `events` table inside the transaction
+that makes the change, so an event exists exactly when its change committed. `EventRelay`
+publishes unpublished rows in order with `Nats-Msg-Id` = event id (JetStream drops a re-publish
+after a crash between publish and mark) and marks them published. It is woken by NOTIFY at
+commit and polls as a fallback; several replicas share the work with SKIP LOCKED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import asyncpg
+from google.protobuf.message import Message
+from nats.js import JetStreamContext
+
+from infra import jetstream, telemetry
+
+log = logging.getLogger(__name__)
+
+_INSERT = """
+WITH inserted AS (
+    INSERT INTO events (subject, aggregate_id, tenant_id, payload, traceparent)
+    VALUES ($1, $2, $3, $4, $5)
+    RETURNING id
+)
+SELECT id, pg_notify('events_' || current_schema(), '') FROM inserted
+"""
+
+_CLAIM = """
+SELECT id, subject, payload, traceparent FROM events
+WHERE published_at IS NULL
+ORDER BY id
+LIMIT $1
+FOR UPDATE SKIP LOCKED
+"""
+
+_MARK = "UPDATE events SET published_at = now() WHERE id = ANY($1::uuid[])"
+
+
+async def record_event(
+    conn: asyncpg.Connection,
+    *,
+    subject: str,
+    message: Message,
+    aggregate_id: str,
+    tenant_id: str | None = None,
+) -> uuid.UUID:
+    """Record an event in the current transaction; returns its id."""
+    carrier: dict[str, str] = {}
+    telemetry.inject(carrier)
+    row = await conn.fetchrow(
+        _INSERT,
+        subject,
+        aggregate_id,
+        tenant_id,
+        message.SerializeToString(),
+        carrier.get("traceparent"),
+    )
+    assert row is not None
+    return row["id"]
+
+
+class EventRelay:
+    """Publishes a schema's committed events to JetStream."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        js: JetStreamContext,
+        schema: str,
+        *,
+        batch_size: int = 200,
+        poll_interval_s: float = 1.0,
+    ) -> None:
+        self._pool = pool
+        self._js = js
+        self._channel = f"events_{schema}"
+        self._batch_size = batch_size
+        self._poll_interval_s = poll_interval_s
+        self._wake = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Relay until `stop` is set; database or NATS outages are waited out, never fatal."""
+        while not stop.is_set():
+            try:
+                async with self._pool.acquire() as listener:
+                    await listener.add_listener(self._channel, self._notified)
+                    try:
+                        await self._relay_until(stop, listener)
+                    finally:
+                        if not listener.is_closed():
+                            await listener.remove_listener(self._channel, self._notified)
+            except Exception as exc:
+                log.warning("events.relay_failed", extra={"fields": {"error": str(exc)}})
+                await wait_any(stop, timeout_s=self._poll_interval_s)
+
+    async def _relay_until(self, stop: asyncio.Event, listener: asyncpg.Connection) -> None:
+        while not stop.is_set() and not listener.is_closed():
+            if await self.relay_once() == self._batch_size:
+                continue  # more are waiting
+            self._wake.clear()
+            await wait_any(self._wake, stop, timeout_s=self._poll_interval_s)
+
+    def _notified(self, *_: object) -> None:
+        self._wake.set()
+
+    async def relay_once(self) -> int:
+        """Publish one batch; returns how many events were published."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(_CLAIM, self._batch_size)
+            if not rows:
+                return 0
+            await asyncio.gather(*(self._publish(row) for row in rows))
+            await conn.execute(_MARK, [row["id"] for row in rows])
+        return len(rows)
+
+    async def _publish(self, row: asyncpg.Record) -> None:
+        headers = {jetstream.MSG_ID: str(row["id"])}
+        if row["traceparent"]:
+            headers["traceparent"] = row["traceparent"]
+        await self._js.publish(row["subject"], row["payload"], timeout=5.0, headers=headers)
+
+
+async def wait_any(*events: asyncio.Event, timeout_s: float) -> None:
+    """Return when any event is set or after `timeout_s`."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

@@ -1,0 +1,211 @@
+"""NATS JetStream plumbing: connecting, declaring streams and consumers idempotently,
+publishing with de-duplication ids and trace context, and a durable pull-consumer loop.
+
+A consumer handler returns a decision — `Ack()`, `Nak(delay_s)` or `Term(reason)` — and the
+loop carries it out, so handlers never touch the message's acknowledgement themselves. An
+exception escaping a handler is logged and answered with a delayed Nak that grows with the
+delivery count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+from nats.js.errors import BadRequestError, NotFoundError
+
+from infra import telemetry
+
+log = logging.getLogger(__name__)
+
+MSG_ID = "Nats-Msg-Id"
+
+
+async def connect(url: str, name: str, *, connect_timeout_s: float = 2.0) -> NatsClient:
+    """Connect, retrying the first connection for up to ~30 s, then reconnect forever."""
+    attempts = 0
+    while True:
+        try:
+            return await nats.connect(
+                url,
+                name=name,
+                connect_timeout=connect_timeout_s,
+                reconnect_time_wait=0.5,
+                max_reconnect_attempts=-1,
+                allow_reconnect=True,
+            )
+        except (OSError, nats.errors.NoServersError, TimeoutError):
+            attempts += 1
+            if attempts >= 30:
+                raise
+            await asyncio.sleep(1.0)
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    subjects: tuple[str, ...]
+    duplicate_window_s: float = 600.0
+    max_age_s: float = 7 * 24 * 3600.0
+    replicas: int = 1
+
+    def config(self) -> api.StreamConfig:
+        return api.StreamConfig(
+            name=self.name,
+            subjects=list(self.subjects),
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            num_replicas=self.replicas,
+            duplicate_window=self.duplicate_window_s,
+            max_age=self.max_age_s,
+        )
+
+
+async def ensure_stream(js: JetStreamContext, spec: StreamSpec) -> None:
+    """Create the stream, or bring an existing one to this configuration."""
+    config = spec.config()
+    try:
+        await js.add_stream(config)
+    except BadRequestError as exc:
+        # 10058: the name is taken with a different configuration.
+        if exc.err_code != 10058:
+            raise
+        await js.update_stream(config)
+
+
+async def publish(
+    js: JetStreamContext,
+    subject: str,
+    data: bytes,
+    *,
+    msg_id: str,
+    ack_timeout_s: float = 2.0,
+    headers: dict[str, str] | None = None,
+) -> api.PubAck:
+    """Publish and wait for the stream's acknowledgement. JetStream drops a second message
+    with the same `msg_id` inside the stream's duplicate window (the ack says `duplicate`)."""
+    all_headers = {MSG_ID: msg_id, **(headers or {})}
+    telemetry.inject(all_headers)
+    return await js.publish(subject, data, timeout=ack_timeout_s, headers=all_headers)
+
+
+@dataclass(frozen=True)
+class Ack:
+    pass
+
+
+@dataclass(frozen=True)
+class Nak:
+    delay_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class Term:
+    reason: str
+
+
+Decision = Ack | Nak | Term
+Handler = Callable[[Msg], Awaitable[Decision]]
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    stream: str
+    durable: str
+    filter_subject: str
+    ack_wait_s: float = 30.0
+    max_deliver: int = 20
+    max_ack_pending: int = 1000
+
+    def config(self) -> api.ConsumerConfig:
+        return api.ConsumerConfig(
+            durable_name=self.durable,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            filter_subject=self.filter_subject,
+            ack_wait=self.ack_wait_s,
+            max_deliver=self.max_deliver,
+            max_ack_pending=self.max_ack_pending,
+        )
+
+
+def is_last_delivery(msg: Msg, spec: ConsumerSpec) -> bool:
+    return msg.metadata.num_delivered >= spec.max_deliver
+
+
+async def ensure_consumer(js: JetStreamContext, spec: ConsumerSpec) -> None:
+    """Create the durable consumer; the server updates an existing one in place."""
+    await js.add_consumer(spec.stream, spec.config())
+
+
+def failure_delay(num_delivered: int, *, cap_s: float = 30.0) -> float:
+    return min(cap_s, 0.5 * 2 ** max(0, num_delivered - 1))
+
+
+async def run_pull_consumer(
+    js: JetStreamContext,
+    spec: ConsumerSpec,
+    handler: Handler,
+    *,
+    stop: asyncio.Event,
+    concurrency: int = 16,
+    fetch_timeout_s: float = 1.0,
+) -> None:
+    """Fetch and handle messages until `stop` is set, with at most `concurrency` in flight.
+    In-flight handlers finish (and ack) before this returns."""
+    await ensure_consumer(js, spec)
+    subscription = await js.pull_subscribe_bind(spec.durable, stream=spec.stream)
+    running: set[asyncio.Task[None]] = set()
+
+    async def handle(msg: Msg) -> None:
+        await _settle(msg, await _decide(handler, msg))
+
+    try:
+        while not stop.is_set():
+            free = concurrency - len(running)
+            if free == 0:
+                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                msgs = await subscription.fetch(free, timeout=fetch_timeout_s)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except (nats.errors.ConnectionClosedError, NotFoundError) as exc:
+                log.warning("jetstream.fetch_failed", extra={"fields": {"error": str(exc)}})
+                await asyncio.sleep(fetch_timeout_s)
+                continue
+            for msg in msgs:
+                task = asyncio.create_task(handle(msg))
+                running.add(task)
+                task.add_done_callback(running.discard)
+    finally:
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+        await subscription.unsubscribe()
+
+
+async def _decide(handler: Handler, msg: Msg) -> Decision:
+    try:
+        return await handler(msg)
+    except Exception:
+        log.exception("jetstream.handler_failed", extra={"fields": {"subject": msg.subject}})
+        return Nak(failure_delay(msg.metadata.num_delivered))
+
+
+async def _settle(msg: Msg, decision: Decision) -> None:
+    try:
+        if isinstance(decision, Ack):
+            await msg.ack()
+        elif isinstance(decision, Nak):
+            await msg.nak(delay=decision.delay_s)
+        else:
+            await msg.term()
+    except Exception as exc:
+        # Unacknowledged messages are redelivered after AckWait; handlers are idempotent.
+        log.warning("jetstream.settle_failed", extra={"fields": {"error": str(exc)}})

@@ -1,0 +1,140 @@
+"""JetStream helpers and the event relay against a real NATS JetStream and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import nats
+import pytest
+from google.protobuf.wrappers_pb2 import StringValue
+from nats.aio.msg import Msg
+
+from infra import jetstream
+from infra.db import create_pool, migrate_service
+from infra.events import EventRelay, record_event
+from infra.jetstream import Ack, ConsumerSpec, Nak, StreamSpec, Term
+from tests.support.db import reset_service_schema
+
+
+@pytest.fixture
+async def js(nats_url: str):
+    client = await jetstream.connect(nats_url, name="test")
+    yield client.jetstream()
+    await client.close()
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+async def test_ensure_stream_is_idempotent_and_applies_new_settings(js) -> None:
+    name = unique("S")
+    spec = StreamSpec(name=name, subjects=(f"{name.lower()}.>",), duplicate_window_s=60)
+    await jetstream.ensure_stream(js, spec)
+    await jetstream.ensure_stream(js, spec)
+    wider = StreamSpec(name=name, subjects=spec.subjects, duplicate_window_s=600)
+    await jetstream.ensure_stream(js, wider)
+    info = await js.stream_info(name)
+    assert info.config.duplicate_window == 600
+
+
+async def test_publish_with_the_same_id_is_stored_once(js) -> None:
+    name = unique("S")
+    await jetstream.ensure_stream(js, StreamSpec(name=name, subjects=(f"{name.lower()}.>",)))
+    acks = await asyncio.gather(
+        *(jetstream.publish(js, f"{name.lower()}.x", b"m", msg_id="SM1") for _ in range(3))
+    )
+    assert sorted(ack.duplicate or False for ack in acks) == [False, True, True]
+    assert (await js.stream_info(name)).state.messages == 1
+
+
+async def test_consumer_loop_carries_out_ack_nak_and_term(js) -> None:
+    name = unique("S")
+    subject = f"{name.lower()}.work"
+    await jetstream.ensure_stream(js, StreamSpec(name=name, subjects=(f"{name.lower()}.>",)))
+    for body in (b"ok", b"retry", b"poison", b"boom"):
+        await jetstream.publish(js, subject, body, msg_id=body.decode())
+    spec = ConsumerSpec(stream=name, durable="worker", filter_subject=subject, max_deliver=3)
+    seen: dict[bytes, int] = {}
+    stop = asyncio.Event()
+    progressed = asyncio.Event()
+
+    async def handler(msg: Msg) -> jetstream.Decision:
+        seen[msg.data] = seen.get(msg.data, 0) + 1
+        progressed.set()
+        if msg.data == b"retry" and seen[msg.data] == 1:
+            return Nak(0.1)
+        if msg.data == b"poison":
+            return Term("undecodable")
+        if msg.data == b"boom" and seen[msg.data] == 1:
+            raise RuntimeError("peer down")
+        return Ack()
+
+    loop = asyncio.create_task(jetstream.run_pull_consumer(js, spec, handler, stop=stop))
+    async with asyncio.timeout(15):
+        while seen.get(b"retry", 0) < 2 or seen.get(b"boom", 0) < 2:
+            progressed.clear()
+            await progressed.wait()
+    await asyncio.sleep(0.3)
+    stop.set()
+    await loop
+    assert seen == {b"ok": 1, b"retry": 2, b"poison": 1, b"boom": 2}
+    info = await js.consumer_info(name, "worker")
+    assert info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def test_recorded_events_are_relayed_once_with_their_id(js, admin_dsn: str) -> None:
+    service = "eventtest"
+    await reset_service_schema(admin_dsn, service)
+    migrations = Path(__file__).parent / "no_migrations"
+    migrations.mkdir(exist_ok=True)
+    pool = await create_pool(await migrate_service(service, migrations), service)
+    stream = StreamSpec(name="EVENTTEST_EVENTS", subjects=("eventtest.v1.>",))
+    await jetstream.ensure_stream(js, stream)
+    await js.purge_stream(stream.name)
+    try:
+        async with pool.acquire() as conn:
+            async with conn.transaction():
+                ids = [
+                    await record_event(
+                        conn,
+                        subject="eventtest.v1.thing.happened",
+                        message=StringValue(value=f"v{i}"),
+                        aggregate_id=f"a{i}",
+                    )
+                    for i in range(5)
+                ]
+            with pytest.raises(RuntimeError):
+                async with conn.transaction():
+                    await record_event(
+                        conn,
+                        subject="eventtest.v1.thing.happened",
+                        message=StringValue(value="rolled back"),
+                        aggregate_id="x",
+                    )
+                    raise RuntimeError("abort")
+
+        received: list[tuple[str, str]] = []
+        sub = await js.subscribe("eventtest.v1.>", ordered_consumer=True)
+        stop = asyncio.Event()
+        relays = [EventRelay(pool, js, service, poll_interval_s=0.2) for _ in range(2)]
+        tasks = [asyncio.create_task(relay.run(stop)) for relay in relays]
+        async with asyncio.timeout(10):
+            while len(received) < 5:
+                msg = await sub.next_msg(timeout=5)
+                received.append(
+                    (msg.headers[jetstream.MSG_ID], StringValue.FromString(msg.data).value)
+                )
+        stop.set()
+        await asyncio.gather(*tasks)
+        with pytest.raises(nats.errors.TimeoutError):
+            await sub.next_msg(timeout=0.5)
+        assert received == [(str(i), f"v{n}") for n, i in enumerate(ids)]
+        async with pool.acquire() as conn:
+            assert (
+                await conn.fetchval("SELECT count(*) FROM events WHERE published_at IS NULL") == 0
+            )
+    finally:
+        await pool.close()

@@ -1,0 +1,1 @@
+"""Test helpers shared by the suites: database resets and service processes."""
