@@ -1,0 +1,127 @@
+"""OpenTelemetry tracing: provider set-up, gRPC instrumentation and W3C propagation.
+
+Spans are exported over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (the exporter reads
+the other standard `OTEL_EXPORTER_OTLP_*` variables itself), and appended as JSON lines to
+`SNAPSELL_TRACE_FILE` when that is set (tests follow a message across processes with it).
+With neither, the API's no-op provider stays in place and no interceptor is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any
+
+import grpc
+from opentelemetry import context, propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+
+from infra.config import env_optional
+
+_provider: TracerProvider | None = None
+
+
+class JsonLinesSpanExporter(SpanExporter):
+    """Appends one JSON object per finished span to a file shared by several processes.
+
+    Each export is a single O_APPEND write, so lines from different processes do not interleave.
+    """
+
+    def __init__(self, path: str, service: str) -> None:
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._service = service
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        data = "".join(json.dumps(self._record(s), default=str) + "\n" for s in spans).encode()
+        with self._lock:
+            if self._fd < 0:
+                return SpanExportResult.FAILURE
+            os.write(self._fd, data)
+        return SpanExportResult.SUCCESS
+
+    def _record(self, span: ReadableSpan) -> dict[str, Any]:
+        span_context = span.get_span_context()
+        return {
+            "trace_id": format(span_context.trace_id, "032x") if span_context else None,
+            "span_id": format(span_context.span_id, "016x") if span_context else None,
+            "parent_id": format(span.parent.span_id, "016x") if span.parent else None,
+            "name": span.name,
+            "service": self._service,
+            "kind": span.kind.name,
+            "status": span.status.status_code.name,
+            "start": span.start_time,
+            "end": span.end_time,
+            "attributes": dict(span.attributes or {}),
+        }
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+def setup_tracing(service: str) -> TracerProvider | None:
+    """Install the SDK provider if an exporter is configured; idempotent. Returns the provider
+    (call `.shutdown()` at exit to flush) or None when tracing is off."""
+    global _provider
+    if _provider is not None:
+        return _provider
+    endpoint = env_optional("OTEL_EXPORTER_OTLP_ENDPOINT")
+    trace_file = env_optional("SNAPSELL_TRACE_FILE")
+    if not endpoint and not trace_file:
+        return None
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    if endpoint:
+        # Imported only when used: the exporter pulls in a second gRPC stack and protobufs.
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    if trace_file:
+        # Synchronous, so a test can read a span as soon as the operation returns.
+        provider.add_span_processor(SimpleSpanProcessor(JsonLinesSpanExporter(trace_file, service)))
+    trace.set_tracer_provider(provider)
+    _provider = provider
+    return provider
+
+
+def tracing_enabled() -> bool:
+    return _provider is not None
+
+
+def grpc_server_interceptors() -> list[grpc.aio.ServerInterceptor]:
+    """Server spans (health checks excluded: probes would drown the traces); [] when off."""
+    if _provider is None:
+        return []
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+
+    return [aio_server_interceptor(filter_=filters.negate(filters.health_check()))]
+
+
+def grpc_client_interceptors() -> list[grpc.aio.ClientInterceptor]:
+    """Client spans plus `traceparent` in the call metadata; [] when off."""
+    if _provider is None:
+        return []
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+    return list(aio_client_interceptors())
+
+
+def inject(headers: MutableMapping[str, str]) -> None:
+    """Add `traceparent` (and `tracestate`) for the current span to message headers."""
+    propagate.inject(headers)
+
+
+def extract(headers: Mapping[str, str] | None) -> context.Context:
+    """The remote span context carried by message headers (empty context when none)."""
+    return propagate.extract(headers or {})
