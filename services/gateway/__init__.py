@@ -1,0 +1,1 @@
+"""Gateway: Twilio's webhooks in, JetStream out."""

@@ -1,0 +1,75 @@
+"""Composition root of the gateway: `python -m services.gateway`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+
+import uvicorn
+
+from infra import jetstream
+from infra.config import env_str
+from infra.lifecycle import run_main
+from infra.log import get_logger
+from infra.streams import inbound_stream
+from infra.telemetry import tracing_enabled
+from services.gateway.api import create_app
+from services.gateway.config import load_config
+from services.gateway.publisher import JetStreamPublisher
+
+log = get_logger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: `run_main` owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve(stop: asyncio.Event) -> None:
+    config = load_config()
+    forwarded_allow_ips = env_str("GATEWAY_FORWARDED_ALLOW_IPS", "127.0.0.1")
+    nc = await jetstream.connect(config.nats_url, name="gateway")
+    try:
+        js = nc.jetstream()
+        stream = inbound_stream()
+        await jetstream.ensure_stream(js, stream)
+        publisher = JetStreamPublisher(nc, js, stream.name, config.publish_timeout_s)
+        app = create_app(config, publisher.publish, publisher.ready)
+        if tracing_enabled():
+            from opentelemetry.instrumentation.starlette import StarletteInstrumentor
+
+            StarletteInstrumentor.instrument_app(app)
+        server = _Server(
+            uvicorn.Config(
+                app,
+                host="0.0.0.0",
+                port=config.http_port,
+                http="httptools",
+                lifespan="off",
+                access_log=False,
+                log_config=None,
+                proxy_headers=True,
+                forwarded_allow_ips=forwarded_allow_ips,
+                timeout_graceful_shutdown=10,
+            )
+        )
+        serving = asyncio.create_task(server.serve())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        server.should_exit = True
+        stopping.cancel()
+        await serving
+    finally:
+        await nc.drain()
+
+
+def main() -> None:
+    run_main(serve, service="gateway")
+
+
+if __name__ == "__main__":
+    main()
