@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv protos protos-check contracts-baseline lint format test run
+.PHONY: help venv protos contracts-baseline lint format test run bench deploy-check images deploy
 
 help: ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-20s %s\n", $$1, $$2}'
@@ -38,7 +38,21 @@ format: $(INSTALLED) ## apply ruff's formatting and safe fixes
 test: $(INSTALLED) ## the whole test suite (starts embedded PostgreSQL and NATS unless DATABASE_URL / NATS_URL are set)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python -m tools.deploy check
 	$(BIN)/python -m pytest
 
 run: $(INSTALLED) ## the whole stack in the foreground (Ctrl-C stops it)
 	$(BIN)/python -m tools.run
+
+bench: $(INSTALLED) ## every benchmark, several runs each; writes docs/BENCHMARKS.md
+	$(BIN)/python -m tools.bench
+
+deploy-check: $(INSTALLED) ## render every overlay, validate offline (Kubernetes 1.32, strict) and check the deploy policies
+	$(BIN)/python -m tools.deploy check
+	$(BIN)/python -m pytest tests/deploy -q
+
+images: $(INSTALLED) ## build the image: make images [IMAGE_TAG=...] [IMAGE_REPO=...] [PUSH=1] (needs docker, podman or buildah)
+	$(BIN)/python -m tools.deploy images --tag "$(IMAGE_TAG)" --repo "$(IMAGE_REPO)" $(if $(PUSH),--push)
+
+deploy: $(INSTALLED) ## deploy to Kubernetes: make deploy ENV=local|prod IMAGE_TAG=... [IMAGE_REPO=...]
+	$(BIN)/python -m tools.deploy deploy --env "$(ENV)" --image-tag "$(IMAGE_TAG)" --image-repo "$(IMAGE_REPO)"

@@ -1,0 +1,201 @@
+"""How each service is wired: command, ports, probes, configuration, secrets, migrations,
+replicas; checked on both overlays."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from tools.deploy.render import Manifest
+
+from .manifests import container, find, find_generated, of_kind
+
+# Kubernetes name -> (python module, gRPC port, metrics port)
+GRPC_SERVICES = {
+    "routing": ("routing", 50051, 9101),
+    "outbox": ("outbox", 50052, 9102),
+    "live-session": ("live_session", 50053, 9103),
+    "seller-admin": ("seller_admin", 50054, 9104),
+}
+ALL_SERVICES = ("gateway", *GRPC_SERVICES)
+
+
+def env_of(c: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    return {entry["name"]: entry for entry in c.get("env", [])}
+
+
+def config(docs: list[Manifest]) -> Mapping[str, str]:
+    return find_generated(docs, "ConfigMap", "snapsell-config-")["data"]
+
+
+def test_gateway_serves_http_with_http_probes(docs: list[Manifest]) -> None:
+    gateway = container(find(docs, "Deployment", "gateway"), "gateway")
+    assert gateway["command"] == ["python", "-m", "services.gateway"]
+    assert gateway["ports"] == [{"name": "http", "containerPort": 8080}]
+    assert env_of(gateway)["HTTP_PORT"]["value"] == "8080"
+    assert gateway["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert gateway["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+
+
+@pytest.mark.parametrize("name", list(GRPC_SERVICES))
+def test_grpc_services_use_native_grpc_probes_on_their_port(
+    docs: list[Manifest], name: str
+) -> None:
+    module, grpc_port, metrics_port = GRPC_SERVICES[name]
+    app = container(find(docs, "Deployment", name), name)
+    assert app["command"] == ["python", "-m", f"services.{module}"]
+    assert {p["containerPort"] for p in app["ports"]} == {grpc_port, metrics_port}
+    env = env_of(app)
+    assert env["GRPC_PORT"]["value"] == str(grpc_port)
+    assert env["METRICS_PORT"]["value"] == str(metrics_port)
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert app[probe]["grpc"] == {"port": grpc_port}
+    service = find(docs, "Service", name)
+    assert {p["port"] for p in service["spec"]["ports"]} == {grpc_port, metrics_port}
+    annotations = find(docs, "Deployment", name)["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(metrics_port)
+
+
+@pytest.mark.parametrize("name", list(GRPC_SERVICES))
+def test_migrations_run_first_and_only_they_get_the_admin_dsn(
+    docs: list[Manifest], name: str
+) -> None:
+    module, _, _ = GRPC_SERVICES[name]
+    deployment = find(docs, "Deployment", name)
+    migrate = container(deployment, "migrate", init=True)
+    app = container(deployment, name)
+    assert migrate["command"] == ["python", "-m", f"services.{module}", "migrate"]
+    assert migrate["image"] == app["image"]
+    assert "DATABASE_URL" in env_of(migrate)
+    assert "DATABASE_URL" not in env_of(app)
+    admin_secrets = {
+        env_of(migrate)[var]["valueFrom"]["secretKeyRef"]["name"]
+        for var in ("PG_ADMIN_USER", "PG_ADMIN_PASSWORD")
+    }
+    assert admin_secrets == {"snapsell-pg-superuser"}
+    for c in (migrate, app):
+        env = env_of(c)
+        assert env["SERVICE_DATABASE_URL"]["value"] == (
+            "postgresql://$(PG_SERVICE_USER):$(PG_SERVICE_PASSWORD)@snapsell-pg-rw:5432/snapsell"
+        )
+        assert env["PG_SERVICE_USER"]["valueFrom"]["secretKeyRef"] == {
+            "name": f"snapsell-db-{name}",
+            "key": "username",
+        }
+        assert env["PGSSLMODE"]["value"] == "verify-full"
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        assert mounts[str(env["PGSSLROOTCERT"]["value"]).rsplit("/", 1)[0]] == "postgres-ca"
+
+
+def test_gateway_has_no_database_or_signing_secret(docs: list[Manifest]) -> None:
+    deployment = find(docs, "Deployment", "gateway")
+    assert "initContainers" not in deployment["spec"]["template"]["spec"]
+    env = env_of(container(deployment, "gateway"))
+    assert not {"DATABASE_URL", "SERVICE_DATABASE_URL", "SNAPSELL_JWT_SECRET"} & env.keys()
+    assert {"TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_AUTH_TOKENS"} <= env.keys()
+
+
+def test_only_gateway_and_outbox_hold_twilio_credentials(docs: list[Manifest]) -> None:
+    holders = {
+        d["metadata"]["name"]
+        for d in of_kind(docs, "Deployment")
+        if "TWILIO_AUTH_TOKEN" in env_of(container(d, d["metadata"]["name"]))
+    }
+    assert holders == {"gateway", "outbox"}
+
+
+@pytest.mark.parametrize("name", ALL_SERVICES)
+def test_env_references_are_defined_before_use(docs: list[Manifest], name: str) -> None:
+    # Kubernetes expands $(VAR) only from variables defined earlier in the same container;
+    # an unknown reference is passed through literally, which would break the DSN silently.
+    spec = find(docs, "Deployment", name)["spec"]["template"]["spec"]
+    for c in [*spec.get("initContainers", []), *spec["containers"]]:
+        defined: set[str] = set()
+        for entry in c.get("env", []):
+            for reference in re.findall(r"\$\(([A-Z_][A-Z0-9_]*)\)", entry.get("value", "")):
+                assert reference in defined, f"{name}/{c['name']}: $({reference}) in {entry}"
+            defined.add(entry["name"])
+
+
+@pytest.mark.parametrize("name", ALL_SERVICES)
+def test_services_read_the_shared_config_and_write_only_to_tmp(
+    docs: list[Manifest], name: str
+) -> None:
+    deployment = find(docs, "Deployment", name)
+    configmap = find_generated(docs, "ConfigMap", "snapsell-config-")["metadata"]["name"]
+    spec = deployment["spec"]["template"]["spec"]
+    tmp = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+    for c in [*spec.get("initContainers", []), *spec["containers"]]:
+        assert c["envFrom"] == [{"configMapRef": {"name": configmap}}]
+        writable = [m for m in c["volumeMounts"] if not m.get("readOnly")]
+        assert [(m["mountPath"], m["name"] in tmp) for m in writable] == [("/tmp", True)]
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["serviceAccountName"] == name
+
+
+def test_peer_addresses_point_at_real_service_ports(docs: list[Manifest]) -> None:
+    data = config(docs)
+    for key in ("SELLER_ADMIN_ADDR", "LIVE_SESSION_ADDR", "ROUTING_ADDR", "OUTBOX_ADDR"):
+        host, port = data[key].split(":")
+        ports = {p["port"] for p in find(docs, "Service", host)["spec"]["ports"]}
+        assert int(port) in ports, key
+    nats = urlsplit(data["NATS_URL"])
+    assert nats.port in {
+        p["port"] for p in find(docs, "Service", str(nats.hostname))["spec"]["ports"]
+    }
+
+
+def test_public_base_url_is_the_ingress_host_over_https(docs: list[Manifest]) -> None:
+    url = urlsplit(config(docs)["PUBLIC_BASE_URL"])
+    ingress = find(docs, "Ingress", "gateway")["spec"]
+    assert url.scheme == "https"
+    assert url.path in ("", "/")
+    assert [rule["host"] for rule in ingress["rules"]] == [url.hostname]
+    assert ingress["tls"] == [{"hosts": [url.hostname], "secretName": "snapsell-gateway-tls"}]
+    paths = [p["path"] for p in ingress["rules"][0]["http"]["paths"]]
+    assert paths == ["/webhooks/twilio"]
+
+
+def test_stream_replicas_fit_the_nats_cluster(docs: list[Manifest]) -> None:
+    replicas = int(config(docs)["NATS_STREAM_REPLICAS"])
+    assert replicas == find(docs, "StatefulSet", "nats")["spec"]["replicas"]
+
+
+def test_prod_runs_highly_available(rendered: dict[str, list[Manifest]]) -> None:
+    prod = rendered["prod"]
+    assert int(config(prod)["NATS_STREAM_REPLICAS"]) == 3
+    assert find(prod, "Cluster", "snapsell-pg")["spec"]["instances"] == 3
+    for hpa in of_kind(prod, "HorizontalPodAutoscaler"):
+        assert hpa["spec"]["minReplicas"] >= 2
+    for d in of_kind(prod, "Deployment"):
+        if "replicas" in d["spec"]:
+            assert d["spec"]["replicas"] >= 2
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" in config(prod)
+
+
+def test_local_runs_one_replica_of_everything(rendered: dict[str, list[Manifest]]) -> None:
+    local = rendered["local"]
+    assert find(local, "StatefulSet", "nats")["spec"]["replicas"] == 1
+    assert find(local, "Cluster", "snapsell-pg")["spec"]["instances"] == 1
+    autoscaled = set()
+    for hpa in of_kind(local, "HorizontalPodAutoscaler"):
+        assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 1)
+        autoscaled.add(hpa["spec"]["scaleTargetRef"]["name"])
+    for d in of_kind(local, "Deployment"):
+        name = d["metadata"]["name"]
+        assert d["spec"].get("replicas", 1) == 1 or name in autoscaled
+
+
+def test_autoscaled_deployments_leave_replicas_to_the_autoscaler(docs: list[Manifest]) -> None:
+    for hpa in of_kind(docs, "HorizontalPodAutoscaler"):
+        target = find(docs, "Deployment", hpa["spec"]["scaleTargetRef"]["name"])
+        assert "replicas" not in target["spec"]
+
+
+def test_rolling_updates_never_drop_below_desired(docs: list[Manifest]) -> None:
+    for d in of_kind(docs, "Deployment"):
+        assert d["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0

@@ -1,0 +1,106 @@
+"""Talking to the Kubernetes cluster of the current kubectl context: is it there, does it have
+the operators the manifests need, apply, and wait for the rollout."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+from tools.deploy.images import Engine, ImageError, push
+from tools.deploy.render import Manifest
+
+REQUEST_TIMEOUT = "--request-timeout=5s"
+
+# (kind in the manifests, what must exist in the cluster for it, how to get it)
+PREREQUISITES: tuple[tuple[str, list[str], str], ...] = (
+    ("Cluster", ["get", "crd", "clusters.postgresql.cnpg.io"], "the CloudNativePG operator"),
+    (
+        "Cluster",
+        ["get", "clusterimagecatalog", "postgresql"],
+        "CloudNativePG's official ClusterImageCatalog 'postgresql' (PostgreSQL 18)",
+    ),
+    (
+        "ScheduledBackup",
+        ["get", "crd", "scheduledbackups.postgresql.cnpg.io"],
+        "the CloudNativePG operator",
+    ),
+    (
+        "ObjectStore",
+        ["get", "crd", "objectstores.barmancloud.cnpg.io"],
+        "the Barman Cloud plugin for CloudNativePG",
+    ),
+)
+
+
+def _kubectl(kubectl: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [kubectl, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def unreachable_reason(kubectl: str) -> str | None:
+    """None when the current context's API server answers, else kubectl's own reason."""
+    try:
+        result = _kubectl(kubectl, "version", REQUEST_TIMEOUT, "-o", "json", timeout=20)
+    except subprocess.TimeoutExpired:
+        return "the API server did not answer within 20 s"
+    if result.returncode == 0:
+        return None
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else f"kubectl version exited {result.returncode}"
+
+
+def current_context(kubectl: str) -> str:
+    result = _kubectl(kubectl, "config", "current-context")
+    return result.stdout.strip() if result.returncode == 0 else ""
+
+
+def missing_prerequisites(kubectl: str, docs: Sequence[Manifest]) -> list[str]:
+    kinds = {str(doc.get("kind")) for doc in docs}
+    missing = []
+    for kind, query, what in PREREQUISITES:
+        if kind in kinds and _kubectl(kubectl, *query, REQUEST_TIMEOUT).returncode != 0:
+            missing.append(f"{what} ({' '.join(query[1:])} not found)")
+    return sorted(set(missing))
+
+
+def deliver_image(engine: Engine, reference: str, context: str) -> None:
+    """Make a freshly built image available to the cluster: loaded straight into a kind or
+    minikube node, pushed to its registry otherwise."""
+    kind = shutil.which("kind")
+    minikube = shutil.which("minikube")
+    if context.startswith("kind-") and kind:
+        command = [kind, "load", "docker-image", reference, "--name", context.removeprefix("kind-")]
+    elif context == "minikube" and minikube:
+        command = [minikube, "image", "load", reference]
+    else:
+        push(engine, reference)
+        return
+    print(f"loading {reference} into {context}")
+    if subprocess.run(command, check=False).returncode != 0:
+        raise ImageError(f"could not load {reference} into {context}")
+
+
+def apply(kubectl: str, rendered: Path) -> bool:
+    return subprocess.run([kubectl, "apply", "-f", str(rendered)], check=False).returncode == 0
+
+
+def wait_for_rollout(kubectl: str, docs: Sequence[Manifest]) -> bool:
+    """Stores first (the services' migrations wait on PostgreSQL), then every Deployment."""
+    steps: list[list[str]] = []
+    for doc in docs:
+        namespace = doc.get("metadata", {}).get("namespace", "default")
+        name = doc.get("metadata", {}).get("name")
+        if doc.get("kind") == "StatefulSet":
+            steps.insert(0, ["-n", namespace, "rollout", "status", f"statefulset/{name}"])
+        elif doc.get("kind") == "Cluster":
+            resource = f"cluster.postgresql.cnpg.io/{name}"
+            steps.insert(0, ["-n", namespace, "wait", "--for=condition=Ready", resource])
+        elif doc.get("kind") == "Deployment":
+            steps.append(["-n", namespace, "rollout", "status", f"deployment/{name}"])
+    for step in steps:
+        if subprocess.run([kubectl, *step, "--timeout=15m"], check=False).returncode != 0:
+            return False
+    return True
