@@ -63,6 +63,7 @@ def start_sandbox(
         stdout=subprocess.PIPE,
         stderr=stderr,
         text=True,
+        start_new_session=True,
     )
     sandbox = SandboxProcess(process, url="")
     try:

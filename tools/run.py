@@ -1,0 +1,203 @@
+"""`make run`: the whole stack in the foreground.
+
+Starts embedded PostgreSQL and NATS JetStream unless DATABASE_URL / NATS_URL are set, the
+Twilio sandbox unless real Twilio credentials are configured (TWILIO_ACCOUNT_SID and
+TWILIO_AUTH_TOKEN without TWILIO_API_BASE_URL), then every service as its own process
+(each applies its migrations at start). State persists in `.state/`. Ctrl-C or SIGTERM stops
+everything, services first; if any service dies, the rest are stopped too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import ExitStack
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tools.devstack import EmbeddedNats, EmbeddedPostgres
+from tools.twilio_sandbox.process import start_sandbox
+
+ROOT = Path(__file__).resolve().parent.parent
+STATE = ROOT / ".state"
+READY_TIMEOUT_S = 60.0
+
+# Started in this order: callees before their callers.
+GRPC_SERVICES = {"seller_admin": 50054, "live_session": 50053, "routing": 50051, "outbox": 50052}
+METRICS_PORTS = {"routing": 9101, "outbox": 9102, "live_session": 9103, "seller_admin": 9104}
+
+
+def say(line: str) -> None:
+    print(f"[make run] {line}", flush=True)
+
+
+def dev_credentials() -> dict[str, str]:
+    """A stable local Twilio account and JWT secret, created on the first run."""
+    path = STATE / "dev-credentials.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    credentials = {
+        "TWILIO_ACCOUNT_SID": "AC" + secrets.token_hex(16),
+        "TWILIO_AUTH_TOKEN": secrets.token_hex(16),
+        "SNAPSELL_JWT_SECRET": secrets.token_urlsafe(32),
+    }
+    path.write_text(json.dumps(credentials, indent=2))
+    path.chmod(0o600)
+    return credentials
+
+
+def existing_services() -> list[str]:
+    names = [*GRPC_SERVICES, "gateway"]
+    return [n for n in names if (ROOT / "services" / n / "__main__.py").exists()]
+
+
+def grpc_serving(port: int) -> bool:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=1.0
+            )
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def http_ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+class Stack:
+    def __init__(self) -> None:
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        # Own session: a terminal's Ctrl-C reaches only this supervisor, which stops the
+        # services once each, callers first.
+        process = subprocess.Popen(
+            [sys.executable, "-m", f"services.{name}"], cwd=ROOT, env=env, start_new_session=True
+        )
+        self.processes[name] = process
+        return process
+
+    def wait_ready(self, name: str, probe: object) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.processes[name].poll() is not None:
+                raise RuntimeError(f"{name} exited with {self.processes[name].returncode}")
+            if probe():  # type: ignore[operator]
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"{name} not ready after {READY_TIMEOUT_S:.0f}s")
+
+    def stop(self) -> None:
+        for process in reversed(self.processes.values()):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for name, process in reversed(self.processes.items()):
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                say(f"{name} did not stop in 15s; killing it")
+                process.kill()
+                process.wait()
+
+    def first_exit(self) -> tuple[str, int] | None:
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                return name, process.returncode
+        return None
+
+
+def main() -> int:
+    STATE.mkdir(exist_ok=True)
+    stop_requested = False
+
+    def request_stop(*_: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    env = dict(os.environ)
+    credentials = dev_credentials()
+    env.setdefault("SNAPSELL_JWT_SECRET", credentials["SNAPSELL_JWT_SECRET"])
+    http_port = int(env.setdefault("HTTP_PORT", "8080"))
+    env.setdefault("PUBLIC_BASE_URL", f"http://127.0.0.1:{http_port}")
+    for name, port in GRPC_SERVICES.items():
+        env.setdefault(f"{name.upper()}_ADDR", f"127.0.0.1:{port}")
+
+    stack = Stack()
+    with ExitStack() as cleanup:
+        if not env.get("DATABASE_URL"):
+            postgres = EmbeddedPostgres(STATE / "postgres", port=int(env.get("PGPORT", "55432")))
+            env["DATABASE_URL"] = postgres.start()
+            cleanup.callback(postgres.stop)
+            say(f"PostgreSQL 18 (embedded) at {env['DATABASE_URL']}")
+        if not env.get("NATS_URL"):
+            nats_server = EmbeddedNats(STATE / "nats", port=int(env.get("NATS_PORT", "54222")))
+            env["NATS_URL"] = nats_server.start()
+            cleanup.callback(nats_server.stop)
+            say(f"NATS JetStream (embedded) at {env['NATS_URL']}")
+        real_twilio = (
+            env.get("TWILIO_ACCOUNT_SID")
+            and env.get("TWILIO_AUTH_TOKEN")
+            and not env.get("TWILIO_API_BASE_URL")
+        )
+        if not real_twilio:
+            env["TWILIO_ACCOUNT_SID"] = credentials["TWILIO_ACCOUNT_SID"]
+            env["TWILIO_AUTH_TOKEN"] = credentials["TWILIO_AUTH_TOKEN"]
+            sandbox = start_sandbox(
+                {env["TWILIO_ACCOUNT_SID"]: env["TWILIO_AUTH_TOKEN"]},
+                port=int(env.get("TWILIO_SANDBOX_PORT", "8089")),
+            )
+            cleanup.callback(sandbox.stop)
+            env["TWILIO_API_BASE_URL"] = sandbox.url
+            say(f"Twilio sandbox at {sandbox.url} (account {env['TWILIO_ACCOUNT_SID']})")
+        cleanup.callback(stack.stop)
+        try:
+            for name in existing_services():
+                service_env = dict(env)
+                if name == "gateway":
+                    stack.start(name, service_env)
+                    stack.wait_ready(
+                        name, lambda: http_ready(f"http://127.0.0.1:{http_port}/readyz")
+                    )
+                    say(
+                        f"gateway        http://127.0.0.1:{http_port}"
+                        f"  (public {env['PUBLIC_BASE_URL']})"
+                    )
+                    continue
+                port = int(env[f"{name.upper()}_ADDR"].rpartition(":")[2])
+                service_env["GRPC_PORT"] = str(port)
+                service_env["METRICS_PORT"] = str(METRICS_PORTS[name])
+                stack.start(name, service_env)
+                stack.wait_ready(name, lambda port=port: grpc_serving(port))
+                say(f"{name:<14} grpc 127.0.0.1:{port}  metrics :{METRICS_PORTS[name]}")
+        except RuntimeError as error:
+            say(f"failed to start: {error}")
+            return 1
+        say("ready — Ctrl-C stops everything")
+        while not stop_requested:
+            exited = stack.first_exit()
+            if exited:
+                say(f"{exited[0]} exited with {exited[1]}; stopping the stack")
+                return 1
+            time.sleep(0.5)
+        say("stopping")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
