@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv protos contracts-baseline lint format test run bench deploy-check images deploy
+.PHONY: help venv protos contracts-baseline lint format test run webhook bench deploy-check images deploy
 
 help: ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-20s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ test: $(INSTALLED) ## the whole test suite (starts embedded PostgreSQL and NATS 
 
 run: $(INSTALLED) ## the whole stack in the foreground (Ctrl-C stops it)
 	$(BIN)/python -m tools.run
+
+webhook: $(INSTALLED) ## send a signed sample webhook to the running stack: make webhook BODY=A12 FROM=whatsapp:+336... TO=whatsapp:+1415...
+	$(BIN)/python -m tools.send_webhook $(if $(BODY),--body "$(BODY)") $(if $(FROM),--from "$(FROM)") $(if $(TO),--to "$(TO)")
 
 bench: $(INSTALLED) ## every benchmark, several runs each; writes docs/BENCHMARKS.md
 	$(BIN)/python -m tools.bench
