@@ -101,6 +101,12 @@ async def apply_migrations(dsn: str, service: str, migrations_dir: Path) -> list
     return applied
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Services set no session state beyond the pool's server settings, so returning a
+    connection needs no RESET ALL / UNLISTEN round trip; asyncpg still rolls back a transaction
+    left open. Code that LISTENs on a pooled connection must UNLISTEN before releasing it."""
+
+
 async def create_pool(
     dsn: str, service: str, *, min_size: int = 2, max_size: int = 10
 ) -> asyncpg.Pool:
@@ -109,6 +115,7 @@ async def create_pool(
         min_size=min_size,
         max_size=max_size,
         server_settings={"search_path": service, "application_name": f"snapsell-{service}"},
+        reset=_keep_session,
     )
     assert pool is not None
     return pool

@@ -1,0 +1,113 @@
+"""Composition root of the live_session service.
+
+    python -m services.live_session           # serve gRPC, sweep idle sessions, relay events
+    python -m services.live_session migrate   # provision role + schema, apply migrations, exit
+
+Serves until SIGTERM: then health goes NOT_SERVING, in-flight calls drain, the sweeper and the
+event relay finish their current batch, and connections close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+from snapsell.live_session.v1 import live_session_pb2_grpc
+
+from infra import jetstream
+from infra.auth import AuthInterceptor, JwtVerifier
+from infra.db import migrate_service, open_service_database
+from infra.events import EventRelay
+from infra.grpc_server import GrpcServer
+from infra.lifecycle import run_main
+from infra.log import get_logger
+from infra.metrics import RpcMetricsInterceptor, start_metrics_server
+from infra.streams import events_stream
+from infra.telemetry import grpc_server_interceptors
+from services.live_session.api import ACCESS_POLICY, SERVICE_FULL_NAME, LiveSessionApi
+from services.live_session.config import load_config
+from services.live_session.domain import SystemClock
+from services.live_session.store import SessionStore
+from services.live_session.touch_batcher import TouchBatcher
+from services.live_session.worker import IdleSweeper
+
+SERVICE = "live_session"
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+_log = get_logger(__name__)
+
+
+async def serve(stop: asyncio.Event) -> None:
+    config = load_config()
+    verifier = JwtVerifier.from_env()
+    pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
+    nats_client = None
+    metrics = None
+    try:
+        nats_client = await jetstream.connect(config.nats_url, name=SERVICE)
+        js = nats_client.jetstream()
+        await jetstream.ensure_stream(js, events_stream(SERVICE))
+        store = SessionStore(pool, SystemClock(), config.inactivity_window)
+        server = GrpcServer(
+            config.grpc_port,
+            [SERVICE_FULL_NAME],
+            [
+                # Metrics first, so calls refused by auth are counted too.
+                RpcMetricsInterceptor(SERVICE),
+                *grpc_server_interceptors(),
+                AuthInterceptor(verifier, ACCESS_POLICY, service=SERVICE),
+            ],
+        )
+        live_session_pb2_grpc.add_LiveSessionServiceServicer_to_server(
+            LiveSessionApi(store, TouchBatcher(store)), server.server
+        )
+        metrics = start_metrics_server(config.metrics_port)
+        background = [
+            asyncio.create_task(EventRelay(pool, js, SERVICE).run(stop), name="event-relay"),
+            asyncio.create_task(
+                IdleSweeper(store, config.sweep_interval_s).run(stop), name="idle-sweeper"
+            ),
+        ]
+        await server.start()
+        _log.info(
+            "live_session.serving",
+            extra={
+                "fields": {
+                    "grpc_port": server.bound_port,
+                    "metrics_port": metrics.port,
+                    "inactivity_window_minutes": config.inactivity_window.total_seconds() / 60,
+                }
+            },
+        )
+        await stop.wait()
+        await server.stop(config.shutdown_grace_s)
+        _, pending = await asyncio.wait(background, timeout=config.shutdown_grace_s)
+        for task in pending:  # e.g. a relay stuck on an unreachable NATS
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+    finally:
+        if metrics is not None:
+            metrics.stop()
+        if nats_client is not None:
+            await nats_client.close()
+        await pool.close()
+
+
+async def migrate(_stop: asyncio.Event) -> None:
+    await migrate_service(SERVICE, MIGRATIONS)
+    _log.info("live_session.migrated")
+
+
+def main(argv: list[str]) -> None:
+    if argv == ["migrate"]:
+        run_main(migrate, service=SERVICE)
+    elif not argv:
+        run_main(serve, service=SERVICE)
+    else:
+        print(f"usage: python -m services.{SERVICE} [migrate]", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

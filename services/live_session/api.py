@@ -1,0 +1,159 @@
+"""The gRPC servicer: translate requests, check the tenant scope, call the store, and map
+errors to status codes with a one-line message (never a stack trace)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+import asyncpg
+import grpc
+from snapsell.live_session.v1 import live_session_pb2, live_session_pb2_grpc
+
+from infra.auth import PermissionDeniedError, current_principal, tenant_scope
+from infra.log import get_logger
+from services.live_session import domain
+from services.live_session.events import (
+    SIGNAL_KIND_FROM_PROTO,
+    STATUS_FROM_PROTO,
+    session_message,
+)
+from services.live_session.store import SessionStore, TouchResult
+
+SERVICE_FULL_NAME = live_session_pb2.DESCRIPTOR.services_by_name["LiveSessionService"].full_name
+
+_TENANT_ROLES = frozenset({"owner", "manager", "staff"})
+# Keyed by full method name, as `infra.auth.AuthInterceptor` wants it.
+ACCESS_POLICY: dict[str, frozenset[str]] = {
+    f"/{SERVICE_FULL_NAME}/Touch": frozenset({"service"}),
+    f"/{SERVICE_FULL_NAME}/GetCurrentSession": _TENANT_ROLES | {"admin"},
+    f"/{SERVICE_FULL_NAME}/ListSessions": _TENANT_ROLES | {"admin"},
+    f"/{SERVICE_FULL_NAME}/CloseSession": frozenset({"owner", "manager", "admin", "service"}),
+}
+
+
+class SessionNotFoundError(Exception):
+    """No such session for this tenant."""
+
+
+# Failures of the database link rather than of the request: the caller may retry
+# (grpc_client channels retry UNAVAILABLE by themselves).
+_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.OperatorInterventionError,
+)
+
+_log = get_logger(__name__)
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Method = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
+
+
+def _rpc(method: Method[Request, Response]) -> Method[Request, Response]:
+    @functools.wraps(method)
+    async def call(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
+        try:
+            return await method(self, request, context)
+        except domain.InvalidRequestError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except PermissionDeniedError as error:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
+        except SessionNotFoundError as error:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        except asyncpg.TransactionRollbackError:
+            await context.abort(grpc.StatusCode.ABORTED, "concurrent update, retry")
+        except _UNAVAILABLE_ERRORS as error:
+            _log.warning(
+                "live_session.database_unavailable", extra={"fields": {"error": str(error)}}
+            )
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable, retry")
+        except Exception:
+            _log.exception("live_session.rpc_failed", extra={"fields": {"method": method.__name__}})
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        raise AssertionError("unreachable: context.abort raises")
+
+    return call
+
+
+def _scoped_tenant(requested: str) -> str:
+    return domain.tenant_id(tenant_scope(current_principal(), requested))
+
+
+class Toucher(Protocol):
+    """`SessionStore` itself, or a `TouchBatcher` in front of it."""
+
+    async def touch(
+        self, tenant_id: str, signal_kind: domain.SignalKind, correlation_id: str
+    ) -> TouchResult: ...
+
+
+class LiveSessionApi(live_session_pb2_grpc.LiveSessionServiceServicer):
+    def __init__(self, store: SessionStore, toucher: Toucher) -> None:
+        self._store = store
+        self._toucher = toucher
+
+    @_rpc
+    async def Touch(
+        self, request: live_session_pb2.TouchRequest, context: grpc.aio.ServicerContext
+    ) -> live_session_pb2.TouchResponse:
+        tenant_id = domain.tenant_id(request.tenant_id)
+        signal_kind = SIGNAL_KIND_FROM_PROTO.get(request.signal_kind)
+        if signal_kind is None:
+            raise domain.InvalidRequestError(
+                "signal_kind must be SIGNAL_KIND_SELLER_MESSAGE or SIGNAL_KIND_CLIENT_ITEM_CODE"
+            )
+        correlation_id = domain.correlation_id(request.correlation_id)
+        result = await self._toucher.touch(tenant_id, signal_kind, correlation_id)
+        return live_session_pb2.TouchResponse(
+            session=session_message(result.session), created=result.created
+        )
+
+    @_rpc
+    async def GetCurrentSession(
+        self,
+        request: live_session_pb2.GetCurrentSessionRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> live_session_pb2.GetCurrentSessionResponse:
+        tenant_id = _scoped_tenant(request.tenant_id)
+        session = await self._store.current(tenant_id)
+        if session is None:
+            raise SessionNotFoundError(f"tenant {tenant_id!r} has no current live session")
+        return live_session_pb2.GetCurrentSessionResponse(session=session_message(session))
+
+    @_rpc
+    async def CloseSession(
+        self, request: live_session_pb2.CloseSessionRequest, context: grpc.aio.ServicerContext
+    ) -> live_session_pb2.CloseSessionResponse:
+        tenant_id = _scoped_tenant(request.tenant_id)
+        session_id = domain.session_id(request.session_id)
+        correlation_id = domain.correlation_id(request.correlation_id)
+        result = await self._store.close(tenant_id, session_id, correlation_id)
+        if result is None:
+            raise SessionNotFoundError(f"tenant {tenant_id!r} has no session {session_id}")
+        return live_session_pb2.CloseSessionResponse(
+            session=session_message(result.session), closed_now=result.closed_now
+        )
+
+    @_rpc
+    async def ListSessions(
+        self, request: live_session_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext
+    ) -> live_session_pb2.ListSessionsResponse:
+        tenant_id = _scoped_tenant(request.tenant_id)
+        status = None
+        if request.status != live_session_pb2.SESSION_STATUS_UNSPECIFIED:
+            status = STATUS_FROM_PROTO.get(request.status)
+            if status is None:
+                raise domain.InvalidRequestError(f"unknown status {request.status}")
+        limit = domain.page_size(request.page_size)
+        after = domain.PageCursor.decode(request.page_token) if request.page_token else None
+        page = await self._store.list(tenant_id, status, limit, after)
+        return live_session_pb2.ListSessionsResponse(
+            sessions=[session_message(s) for s in page.sessions],
+            next_page_token="" if page.next_cursor is None else page.next_cursor.encode(),
+        )
