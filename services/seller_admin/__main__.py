@@ -1,0 +1,98 @@
+"""Composition root of the seller_admin service.
+
+    python -m services.seller_admin           # serve gRPC and relay audit events
+    python -m services.seller_admin migrate   # provision role + schema, apply migrations, exit
+
+Serves until SIGTERM: then health goes NOT_SERVING, in-flight calls drain, the event relay
+finishes its current batch, and connections close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
+
+from infra import jetstream
+from infra.auth import AuthInterceptor, JwtVerifier
+from infra.db import migrate_service, open_service_database
+from infra.events import EventRelay
+from infra.grpc_server import GrpcServer
+from infra.lifecycle import run_main
+from infra.log import get_logger
+from infra.metrics import RpcMetricsInterceptor, start_metrics_server
+from infra.streams import events_stream
+from infra.telemetry import grpc_server_interceptors
+from services.seller_admin.access import SERVICE_FULL_NAME, auth_policy
+from services.seller_admin.api import SellerAdminServicer
+from services.seller_admin.config import load_config
+
+SERVICE = "seller_admin"
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+_log = get_logger(__name__)
+
+
+async def serve(stop: asyncio.Event) -> None:
+    config = load_config()
+    verifier = JwtVerifier.from_env()
+    pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
+    nats_client = None
+    metrics = None
+    try:
+        nats_client = await jetstream.connect(config.nats_url, name=SERVICE)
+        js = nats_client.jetstream()
+        await jetstream.ensure_stream(js, events_stream(SERVICE))
+        server = GrpcServer(
+            config.grpc_port,
+            [SERVICE_FULL_NAME],
+            [
+                # Metrics first, so calls refused by auth are counted too.
+                RpcMetricsInterceptor(SERVICE),
+                *grpc_server_interceptors(),
+                AuthInterceptor(verifier, auth_policy(), service=SERVICE),
+            ],
+        )
+        seller_admin_pb2_grpc.add_SellerAdminServiceServicer_to_server(
+            SellerAdminServicer(pool), server.server
+        )
+        metrics = start_metrics_server(config.metrics_port)
+        relay = asyncio.create_task(EventRelay(pool, js, SERVICE).run(stop), name="event-relay")
+        await server.start()
+        _log.info(
+            "seller_admin.serving",
+            extra={"fields": {"grpc_port": server.bound_port, "metrics_port": metrics.port}},
+        )
+        await stop.wait()
+        await server.stop(config.shutdown_grace_s)
+        try:
+            await asyncio.wait_for(relay, timeout=config.shutdown_grace_s)
+        except TimeoutError:  # e.g. stuck on an unreachable NATS; the rows stay for next time
+            pass
+    finally:
+        if metrics is not None:
+            metrics.stop()
+        if nats_client is not None:
+            await nats_client.close()
+        await pool.close()
+
+
+async def migrate(_stop: asyncio.Event) -> None:
+    await migrate_service(SERVICE, MIGRATIONS)
+    _log.info("seller_admin.migrated")
+
+
+def main(argv: list[str]) -> None:
+    if argv == ["migrate"]:
+        run_main(migrate, service=SERVICE)
+    elif not argv:
+        run_main(serve, service=SERVICE)
+    else:
+        print(f"usage: python -m services.{SERVICE} [migrate]", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,73 @@
+"""Domain objects to their protobuf messages (the v1 contract) and back for enums."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from snapsell.common.v1 import address_pb2
+from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
+
+from services.seller_admin.domain import (
+    Channel,
+    ChannelKind,
+    SellerPhone,
+    SellerPhoneKind,
+    SenderRole,
+    Tenant,
+)
+
+CHANNEL_KINDS = {
+    ChannelKind.WHATSAPP: pb.CHANNEL_KIND_WHATSAPP,
+    ChannelKind.SMS: pb.CHANNEL_KIND_SMS,
+    ChannelKind.MESSAGING_SERVICE: pb.CHANNEL_KIND_MESSAGING_SERVICE,
+}
+SELLER_PHONE_KINDS = {
+    SellerPhoneKind.PHONE_NUMBER: pb.SELLER_PHONE_KIND_PHONE_NUMBER,
+    SellerPhoneKind.WHATSAPP_USER_ID: pb.SELLER_PHONE_KIND_WHATSAPP_USER_ID,
+}
+SENDER_ROLES = {SenderRole.SELLER: pb.SENDER_ROLE_SELLER, SenderRole.CLIENT: pb.SENDER_ROLE_CLIENT}
+# How Twilio writes an address of each channel in `To`/`From` (SMS has no prefix).
+ADDRESS_PREFIXES = {
+    address_pb2.CHANNEL_WHATSAPP: "whatsapp:",
+    address_pb2.CHANNEL_SMS: "",
+    address_pb2.CHANNEL_MESSENGER: "messenger:",
+}
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def timestamp(moment: datetime) -> Timestamp:
+    # Integer arithmetic: Timestamp.FromDatetime costs a third of a list reply's conversion.
+    delta = moment - _EPOCH
+    return Timestamp(seconds=delta.days * 86400 + delta.seconds, nanos=delta.microseconds * 1000)
+
+
+def tenant(value: Tenant) -> pb.Tenant:
+    return pb.Tenant(
+        tenant_id=value.tenant_id,
+        display_name=value.display_name,
+        create_time=timestamp(value.created_at),
+    )
+
+
+def channel(value: Channel) -> pb.Channel:
+    return pb.Channel(
+        channel_id=str(value.channel_id),
+        tenant_id=value.tenant_id,
+        kind=CHANNEL_KINDS[value.address.kind],
+        address=value.address.canonical,
+        account_sid=value.account_sid,
+        create_time=timestamp(value.created_at),
+    )
+
+
+def seller_phone(value: SellerPhone) -> pb.SellerPhone:
+    return pb.SellerPhone(
+        seller_phone_id=str(value.seller_phone_id),
+        tenant_id=value.tenant_id,
+        kind=SELLER_PHONE_KINDS[value.address.kind],
+        address=value.address.value,
+        create_time=timestamp(value.created_at),
+    )

@@ -1,0 +1,79 @@
+"""The operator CLI bootstraps a shop against a real server, and its tokens are accepted."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+
+from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
+from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
+
+from tests.integration.seller_admin.conftest import ACCOUNT_SID
+from tests.support.processes import ROOT
+
+
+async def cli(server_address: str, *args: str) -> tuple[int, str, str]:
+    # A real child process; asyncio's so the in-process server keeps serving meanwhile.
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.seller_admin.cli",
+        *args,
+        cwd=ROOT,
+        env={**os.environ, "SELLER_ADMIN_ADDR": server_address, "TWILIO_ACCOUNT_SID": ACCOUNT_SID},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_a_shop_is_bootstrapped_from_the_command_line(
+    server_address: str, stub: seller_admin_pb2_grpc.SellerAdminServiceStub
+) -> None:
+    code, out, err = await cli(
+        server_address, "create-tenant", "--tenant", "cli-shop", "--name", "Chez CLI"
+    )
+    assert code == 0, err
+    assert json.loads(out)["created"] is True
+
+    code, out, err = await cli(
+        server_address, "add-channel", "--tenant", "cli-shop", "--address", "whatsapp:+14155550123"
+    )
+    assert code == 0, err
+    assert json.loads(out)["channel"]["accountSid"] == ACCOUNT_SID
+
+    for created in (True, False):
+        code, out, err = await cli(
+            server_address, "add-seller", "--tenant", "cli-shop", "--phone", "+33 6 55 44 33 22"
+        )
+        assert code == 0, err
+        reply = json.loads(out)
+        assert (reply["created"], reply["sellerPhone"]["address"]) == (created, "+33655443322")
+
+    code, out, err = await cli(
+        server_address, "issue-token", "--role", "staff", "--tenant", "cli-shop"
+    )
+    assert code == 0, err
+    listed = await stub.ListSellerPhones(
+        pb.ListSellerPhonesRequest(), metadata=(("authorization", f"Bearer {out.strip()}"),)
+    )
+    assert [p.address for p in listed.seller_phones] == ["+33655443322"]
+
+    code, out, err = await cli(server_address, "list-sellers", "--tenant", "cli-shop")
+    assert code == 0, err
+    assert [p["address"] for p in json.loads(out)["sellerPhones"]] == ["+33655443322"]
+
+
+async def test_refusals_are_one_line_errors(server_address: str) -> None:
+    code, _, err = await cli(
+        server_address, "add-seller", "--tenant", "cli-nowhere", "--phone", "0612345678"
+    )
+    assert code == 1
+    assert err.startswith("error: INVALID_ARGUMENT: phone number")
+    assert err.count("\n") == 1
+    code, _, err = await cli(server_address, "issue-token", "--role", "owner")
+    assert code == 2 and "needs a tenant_id" in err

@@ -1,0 +1,113 @@
+"""The access table against the proto, tenant scoping, and page tokens."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from uuid import uuid4
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from snapsell.seller_admin.v1 import seller_admin_pb2
+
+from infra.auth import ROLES
+from services.seller_admin.access import (
+    RPC_ROLES,
+    SERVICE_FULL_NAME,
+    auth_policy,
+    scoped_tenant,
+)
+from services.seller_admin.domain import (
+    Channel,
+    ChannelAddress,
+    ChannelKind,
+    InvalidArgumentError,
+    PermissionDeniedError,
+)
+from services.seller_admin.paging import (
+    CHANNELS_START,
+    MAX_PAGE_SIZE,
+    decode_channel_page_token,
+    decode_page_token,
+    encode_channel_page_token,
+    encode_page_token,
+    page_size,
+)
+
+
+def test_access_table_lists_exactly_the_rpcs_of_the_proto() -> None:
+    service = seller_admin_pb2.DESCRIPTOR.services_by_name["SellerAdminService"]
+    assert service.full_name == SERVICE_FULL_NAME
+    assert set(RPC_ROLES) == {method.name for method in service.methods}
+
+
+def test_policy_names_only_known_roles_and_full_method_paths() -> None:
+    for path, roles in auth_policy().items():
+        assert path.startswith(f"/{SERVICE_FULL_NAME}/")
+        assert roles and roles <= ROLES
+
+
+def test_resolve_sender_is_for_services_only_and_tenants_for_admins_only() -> None:
+    assert RPC_ROLES["ResolveSender"] == {"service"}
+    for rpc in ("CreateTenant", "GetTenant", "ListTenants", "AddChannel", "RemoveChannel"):
+        assert RPC_ROLES[rpc] == {"admin"}
+
+
+@pytest.mark.parametrize("role", ["owner", "manager", "staff"])
+def test_tenant_roles_act_on_their_own_tenant(role: str) -> None:
+    assert scoped_tenant(role, "shop-a", "") == "shop-a"
+    assert scoped_tenant(role, "shop-a", "shop-a") == "shop-a"
+    with pytest.raises(PermissionDeniedError, match="another tenant"):
+        scoped_tenant(role, "shop-a", "shop-b")
+    with pytest.raises(PermissionDeniedError, match="no tenant_id"):
+        scoped_tenant(role, None, "shop-a")
+
+
+@pytest.mark.parametrize("role", ["admin", "service"])
+def test_platform_roles_must_name_a_valid_tenant(role: str) -> None:
+    assert scoped_tenant(role, None, " shop-b ") == "shop-b"
+    with pytest.raises(InvalidArgumentError, match="tenant_id is required"):
+        scoped_tenant(role, None, "")
+    with pytest.raises(InvalidArgumentError, match="tenant_id"):
+        scoped_tenant(role, None, "Shop B")
+
+
+def test_unknown_roles_act_on_no_tenant() -> None:
+    with pytest.raises(PermissionDeniedError):
+        scoped_tenant("intruder", None, "shop-a")
+
+
+def test_page_size_defaults_caps_and_refuses_negatives() -> None:
+    assert page_size(0) == 50
+    assert page_size(7) == 7
+    assert page_size(10_000) == MAX_PAGE_SIZE
+    with pytest.raises(InvalidArgumentError, match="page_size"):
+        page_size(-1)
+
+
+@given(st.lists(st.text(), min_size=1, max_size=3))
+def test_page_tokens_round_trip_any_key(key: list[str]) -> None:
+    token = encode_page_token(*key)
+    assert token.isascii()
+    assert decode_page_token(token, len(key)) == tuple(key)
+
+
+@pytest.mark.parametrize("token", ["garbage!", "e30", encode_page_token("a", "b"), "////"])
+def test_foreign_page_tokens_are_invalid_arguments(token: str) -> None:
+    with pytest.raises(InvalidArgumentError, match="page_token"):
+        decode_page_token(token, 1)
+
+
+def test_channel_page_token_carries_creation_time_and_id() -> None:
+    channel = Channel(
+        channel_id=uuid4(),
+        tenant_id="shop-a",
+        address=ChannelAddress(ChannelKind.SMS, "+14155238886"),
+        account_sid="AC" + "0" * 32,
+        created_at=datetime(2026, 11, 23, 15, 4, 5, 123456, tzinfo=UTC),
+    )
+    token = encode_channel_page_token(channel)
+    assert decode_channel_page_token(token) == (channel.created_at, channel.channel_id)
+    assert decode_channel_page_token("") == CHANNELS_START
+    with pytest.raises(InvalidArgumentError, match="page_token"):
+        decode_channel_page_token(encode_page_token("yesterday", "not-a-uuid"))
