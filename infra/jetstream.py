@@ -15,10 +15,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import nats
+import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError
 
 from infra import telemetry
 
@@ -176,7 +177,8 @@ async def run_pull_consumer(
                 msgs = await subscription.fetch(free, timeout=fetch_timeout_s)
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
-            except (nats.errors.ConnectionClosedError, NotFoundError) as exc:
+            except (nats.errors.Error, nats.js.errors.Error) as exc:
+                # NATS restarting, the consumer briefly missing: wait and fetch again.
                 log.warning("jetstream.fetch_failed", extra={"fields": {"error": str(exc)}})
                 await asyncio.sleep(fetch_timeout_s)
                 continue

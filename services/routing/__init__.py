@@ -1,0 +1,1 @@
+"""Routing: exactly-once processing of inbound messages, consent and live signals."""

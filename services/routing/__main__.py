@@ -1,0 +1,180 @@
+"""Composition root of the routing service.
+
+    python -m services.routing           # consume inbound messages, serve gRPC, relay events
+    python -m services.routing migrate   # provision role + schema, apply migrations, exit
+
+Serves until SIGTERM: then health goes NOT_SERVING, the consumers stop fetching and finish (and
+ack) the messages in hand, in-flight RPCs drain, the event relay ends its batch, connections
+close. A SIGKILL at any point loses nothing: unacked messages come back after AckWait and the
+ledger makes their second processing a no-op when the first one committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from snapsell.routing.v1 import routing_pb2_grpc
+
+from infra import jetstream
+from infra.auth import AuthInterceptor, JwtVerifier
+from infra.db import migrate_service, open_service_database
+from infra.events import EventRelay
+from infra.grpc_client import service_channel
+from infra.grpc_server import GrpcServer
+from infra.lifecycle import run_main
+from infra.log import get_logger
+from infra.metrics import RpcMetricsInterceptor, start_metrics_server
+from infra.streams import events_stream, inbound_stream
+from infra.telemetry import grpc_server_interceptors
+from services.routing.api import ACCESS_POLICY, SERVICE_FULL_NAME, RoutingApi
+from services.routing.config import load_config
+from services.routing.consumer import InboundConsumer, inbound_consumer_spec, track_consumer_lag
+from services.routing.event_consumers import (
+    CarrierOptOutConsumer,
+    carrier_consumer_spec,
+    follow_changes,
+)
+from services.routing.inbound import InboundRouter
+from services.routing.peers import CachedSenderDirectory, GrpcLiveSessions, GrpcReplySender
+
+SERVICE = "routing"
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+_log = get_logger(__name__)
+
+
+async def serve(stop: asyncio.Event) -> None:
+    config = load_config()
+    verifier = JwtVerifier.from_env()
+    channels = [
+        service_channel(config.seller_admin_addr),
+        service_channel(config.live_session_addr),
+        service_channel(config.outbox_addr),
+    ]
+    pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
+    nats_client = None
+    metrics = None
+    try:
+        nats_client = await jetstream.connect(config.nats_url, name=SERVICE)
+        js = nats_client.jetstream()
+        # Declared identically by every service (infra.streams), so creating them here is safe
+        # whichever process starts first.
+        for spec in (
+            inbound_stream(),
+            events_stream(SERVICE),
+            events_stream("outbox"),
+            events_stream("seller_admin"),
+        ):
+            await jetstream.ensure_stream(js, spec)
+        senders = CachedSenderDirectory(
+            channels[0], ttl_s=config.sender_cache_ttl_s, deadline_s=config.peer_deadline_s
+        )
+        router = InboundRouter(
+            pool,
+            senders=senders,
+            sessions=GrpcLiveSessions(channels[1], deadline_s=config.peer_deadline_s),
+            replies=GrpcReplySender(channels[2], deadline_s=config.peer_deadline_s),
+            rules=config.rules,
+        )
+        inbound_spec = inbound_consumer_spec(
+            ack_wait_s=config.ack_wait_s,
+            max_deliver=config.max_deliver,
+            max_ack_pending=max(1000, config.concurrency * 4),
+        )
+        inbound = InboundConsumer(
+            router, pool, inbound_spec, retry_delay_cap_s=config.retry_delay_cap_s
+        )
+        server = GrpcServer(
+            config.grpc_port,
+            [SERVICE_FULL_NAME],
+            [
+                # Metrics first, so calls refused by auth are counted too.
+                RpcMetricsInterceptor(SERVICE),
+                *grpc_server_interceptors(),
+                AuthInterceptor(verifier, ACCESS_POLICY, service=SERVICE),
+            ],
+        )
+        carrier = CarrierOptOutConsumer(pool)
+        routing_pb2_grpc.add_RoutingServiceServicer_to_server(RoutingApi(pool), server.server)
+        metrics = start_metrics_server(config.metrics_port)
+        await server.start()
+        loops: dict[str, Callable[[], Awaitable[None]]] = {
+            "event-relay": lambda: EventRelay(pool, js, SERVICE).run(stop),
+            "inbound-consumer": lambda: jetstream.run_pull_consumer(
+                js, inbound_spec, inbound.handle, stop=stop, concurrency=config.concurrency
+            ),
+            "carrier-opt-out-consumer": lambda: jetstream.run_pull_consumer(
+                js, carrier_consumer_spec(), carrier.handle, stop=stop, concurrency=4
+            ),
+            "seller-admin-follower": lambda: follow_changes(js, senders.invalidate, stop),
+            "lag-tracker": lambda: track_consumer_lag(js, inbound_spec, stop),
+        }
+        if not config.consumer_enabled:
+            del loops["inbound-consumer"], loops["lag-tracker"]
+        background = [
+            asyncio.create_task(_supervised(name, loop, stop), name=name)
+            for name, loop in loops.items()
+        ]
+        _log.info(
+            "routing.serving",
+            extra={
+                "fields": {
+                    "grpc_port": server.bound_port,
+                    "metrics_port": metrics.port,
+                    "consumer_enabled": config.consumer_enabled,
+                    "concurrency": config.concurrency,
+                    "max_deliver": config.max_deliver,
+                }
+            },
+        )
+        await stop.wait()
+        await server.stop(config.shutdown_grace_s)
+        _, pending = await asyncio.wait(background, timeout=config.shutdown_grace_s)
+        for task in pending:  # e.g. a relay stuck on an unreachable NATS
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+    finally:
+        if metrics is not None:
+            metrics.stop()
+        if nats_client is not None:
+            await nats_client.close()
+        for channel in channels:
+            await channel.close()
+        await pool.close()
+
+
+async def _supervised(
+    name: str, loop: Callable[[], Awaitable[None]], stop: asyncio.Event, *, pause_s: float = 1.0
+) -> None:
+    """Run `loop` until `stop`; if it dies (e.g. NATS answering errors while it restarts), log
+    and start it again: a routing process without its consumer would look alive but do nothing."""
+    while not stop.is_set():
+        try:
+            await loop()
+        except Exception:
+            _log.exception("routing.loop_crashed", extra={"fields": {"loop": name}})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=pause_s)
+
+
+async def migrate(_stop: asyncio.Event) -> None:
+    await migrate_service(SERVICE, MIGRATIONS)
+    _log.info("routing.migrated")
+
+
+def main(argv: list[str]) -> None:
+    if argv == ["migrate"]:
+        run_main(migrate, service=SERVICE)
+    elif not argv:
+        run_main(serve, service=SERVICE)
+    else:
+        print(f"usage: python -m services.{SERVICE} [migrate]", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

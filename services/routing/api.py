@@ -1,0 +1,214 @@
+"""The gRPC servicer: translate requests, check the tenant scope, call the store or the consent
+use case, and map errors to status codes with a one-line message (never a stack trace)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import asyncpg
+import grpc
+from snapsell.common.v1 import address_pb2
+from snapsell.routing.v1 import routing_pb2, routing_pb2_grpc
+
+from infra.auth import PermissionDeniedError, current_principal, tenant_scope
+from services.routing import store
+from services.routing.consent import (
+    CHANNEL_FROM_PROTO,
+    CHANNEL_TO_PROTO,
+    SOURCE_TO_PROTO,
+    apply_consent_change,
+    timestamp,
+)
+from services.routing.domain import (
+    ConsentChange,
+    ConsentOutcome,
+    ConsentSource,
+    ConsentState,
+    Contact,
+    InvalidAddressError,
+    normalise_address,
+)
+
+SERVICE_FULL_NAME = routing_pb2.DESCRIPTOR.services_by_name["RoutingService"].full_name
+_TENANT_ROLES = frozenset({"owner", "manager", "staff"})
+# Keyed by full method name, as `infra.auth.AuthInterceptor` wants it.
+ACCESS_POLICY: dict[str, frozenset[str]] = {
+    f"/{SERVICE_FULL_NAME}/CheckOptOut": frozenset({"service"}),
+    f"/{SERVICE_FULL_NAME}/ListOptOuts": _TENANT_ROLES | {"admin"},
+    f"/{SERVICE_FULL_NAME}/SetConsent": frozenset({"owner", "manager", "admin"}),
+}
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+
+log = logging.getLogger(__name__)
+
+
+class InvalidRequestError(ValueError):
+    """The request is malformed; the message is returned to the caller."""
+
+
+_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.OperatorInterventionError,
+)
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Method = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
+
+
+def _rpc(method: Method[Request, Response]) -> Method[Request, Response]:
+    """Map domain and infrastructure errors to gRPC status codes."""
+
+    @functools.wraps(method)
+    async def call(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
+        try:
+            return await method(self, request, context)
+        except (InvalidRequestError, InvalidAddressError) as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except PermissionDeniedError as error:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
+        except _UNAVAILABLE_ERRORS as error:
+            log.warning("routing.rpc_unavailable", extra={"fields": {"error": str(error)}})
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable, retry")
+        raise AssertionError("unreachable")  # context.abort raises
+
+    return call
+
+
+def contact_from_request(tenant_id: str, address: address_pb2.Address) -> Contact:
+    channel = CHANNEL_FROM_PROTO.get(address.channel)
+    if channel is None:
+        raise InvalidRequestError("address.channel is required")
+    return Contact(tenant_id, channel, normalise_address(channel, address.value))
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def encode_page_token(opted_out_at: datetime, row_id: int) -> str:
+    # Integer microseconds: a float timestamp would round and skip rows sharing a timestamp.
+    micros = (opted_out_at - _EPOCH) // _MICROSECOND
+    return base64.urlsafe_b64encode(f"{micros}:{row_id}".encode()).decode()
+
+
+def decode_page_token(token: str) -> tuple[datetime, int] | None:
+    if not token:
+        return None
+    try:
+        micros, _, row_id = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+        return _EPOCH + int(micros) * _MICROSECOND, int(row_id)
+    except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError, OSError):
+        raise InvalidRequestError("page_token is not a token from a previous response") from None
+
+
+def page_size(requested: int) -> int:
+    if requested < 0:
+        raise InvalidRequestError("page_size must not be negative")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+class RoutingApi(routing_pb2_grpc.RoutingServiceServicer):
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @_rpc
+    async def CheckOptOut(
+        self, request: routing_pb2.CheckOptOutRequest, context: grpc.aio.ServicerContext
+    ) -> routing_pb2.CheckOptOutResponse:
+        tenant_id = tenant_scope(current_principal(), request.tenant_id)
+        status = await store.consent_status(
+            self._pool, contact_from_request(tenant_id, request.address)
+        )
+        reply = routing_pb2.CheckOptOutResponse(opted_out=status.opted_out_at is not None)
+        if status.opted_out_at is not None:
+            reply.opted_out_at.FromDatetime(status.opted_out_at)
+        if status.last_inbound_at is not None:
+            reply.last_inbound_at.FromDatetime(status.last_inbound_at)
+        return reply
+
+    @_rpc
+    async def ListOptOuts(
+        self, request: routing_pb2.ListOptOutsRequest, context: grpc.aio.ServicerContext
+    ) -> routing_pb2.ListOptOutsResponse:
+        tenant_id = tenant_scope(current_principal(), request.tenant_id)
+        limit = page_size(request.page_size)
+        records = await store.list_opt_outs(
+            self._pool, tenant_id, limit=limit + 1, after=decode_page_token(request.page_token)
+        )
+        reply = routing_pb2.ListOptOutsResponse()
+        for record in records[:limit]:
+            reply.opt_outs.append(
+                routing_pb2.OptOut(
+                    tenant_id=record.contact.tenant_id,
+                    address=address_pb2.Address(
+                        channel=CHANNEL_TO_PROTO[record.contact.channel],
+                        value=record.contact.address,
+                    ),
+                    opted_out_at=timestamp(record.opted_out_at),
+                    source=SOURCE_TO_PROTO[record.source],
+                    message_sid=record.message_sid,
+                    keyword=record.keyword,
+                    actor=record.actor,
+                    reason=record.reason,
+                )
+            )
+        if len(records) > limit:
+            last = records[limit - 1]
+            reply.next_page_token = encode_page_token(last.opted_out_at, last.id)
+        return reply
+
+    @_rpc
+    async def SetConsent(
+        self, request: routing_pb2.SetConsentRequest, context: grpc.aio.ServicerContext
+    ) -> routing_pb2.SetConsentResponse:
+        principal = current_principal()
+        tenant_id = tenant_scope(principal, request.tenant_id)
+        states = {
+            routing_pb2.CONSENT_STATE_OPTED_OUT: ConsentState.OPTED_OUT,
+            routing_pb2.CONSENT_STATE_OPTED_IN: ConsentState.OPTED_IN,
+        }
+        state = states.get(request.state)
+        if state is None:
+            raise InvalidRequestError("state must be CONSENT_STATE_OPTED_OUT or _OPTED_IN")
+        if len(request.reason) > 500:
+            raise InvalidRequestError("reason is longer than 500 characters")
+        change = ConsentChange(
+            contact=contact_from_request(tenant_id, request.address),
+            state=state,
+            effective_at=datetime.now(UTC),
+            source=ConsentSource.OPERATOR,
+            actor=principal.sub,
+            reason=request.reason,
+        )
+        async with self._pool.acquire() as conn, conn.transaction():
+            outcome = await apply_consent_change(conn, change)
+            since = await store.opted_out_at(conn, change.contact)
+        log.info(
+            "routing.consent_set",
+            extra={
+                "fields": {
+                    "tenant_id": tenant_id,
+                    "sub": principal.sub,
+                    "state": state.value,
+                    "outcome": outcome.value,
+                }
+            },
+        )
+        reply = routing_pb2.SetConsentResponse(
+            changed=outcome is ConsentOutcome.CHANGED, opted_out=since is not None
+        )
+        if since is not None:
+            reply.opted_out_at.FromDatetime(since)
+        return reply

@@ -1,0 +1,272 @@
+"""The inbound JetStream consumer: Twilio messages from the gateway, one routing each.
+
+Inbound (`INBOUND`, `gateway.v1.message.received`, durable `routing`): each stream message is
+decoded and handed to `InboundRouter.route`; the loop acks only after that committed.
+- a peer down or slow, or the database unreachable -> Nak with a delay growing per delivery;
+- undecodable / unusable payload -> recorded in `failed_inbound` + `routing.v1.message.unroutable`,
+  then Term (retrying cannot fix it);
+- still failing on its last allowed delivery (MaxDeliver) -> recorded the same way (reason
+  deliveries_exhausted), then Term: visible and re-publishable, never silently dropped. If even
+  that recording fails (database down), the Nak leaves it to JetStream's MAX_DELIVERIES advisory
+  and the stream, which keeps the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import asyncpg
+from google.protobuf.message import DecodeError
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from opentelemetry import trace
+from prometheus_client import Counter, Gauge, Histogram
+from snapsell.gateway.v1 import events_pb2 as gateway_events
+from snapsell.routing.v1 import events_pb2
+
+from infra import jetstream, telemetry
+from infra.events import record_event
+from infra.jetstream import Ack, ConsumerSpec, Nak, Term
+from services.routing import store
+from services.routing.consent import timestamp
+from services.routing.inbound import (
+    MESSAGE_UNROUTABLE,
+    InboundRouter,
+    InvalidInboundError,
+    received_at,
+)
+from services.routing.peers import PeerUnavailableError
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+INBOUND_DURABLE = "routing"
+
+INBOUND_HANDLED = Counter(
+    "snapsell_routing_inbound_handled_total",
+    "Inbound stream messages handled, by outcome",
+    ["outcome"],
+)
+INBOUND_LAG = Histogram(
+    "snapsell_routing_inbound_lag_seconds",
+    "From the gateway receiving a message to routing committing its effects",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
+)
+INBOUND_HANDLING = Histogram(
+    "snapsell_routing_inbound_handling_seconds",
+    "Time to handle one inbound stream message (decode, peers, transaction)",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+INBOUND_REDELIVERIES = Counter(
+    "snapsell_routing_inbound_redeliveries_total",
+    "Inbound stream messages delivered more than once (retries after a failure or a crash)",
+)
+CONSUMER_PENDING = Gauge(
+    "snapsell_routing_consumer_pending_messages",
+    "Inbound messages not yet delivered to routing (consumer lag)",
+)
+CONSUMER_ACK_PENDING = Gauge(
+    "snapsell_routing_consumer_ack_pending_messages",
+    "Inbound messages delivered to routing and not yet acknowledged",
+)
+
+# The database link failing is a reason to retry, like a peer being down.
+_RETRYABLE: tuple[type[BaseException], ...] = (
+    PeerUnavailableError,
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+)
+
+
+def inbound_consumer_spec(
+    *, ack_wait_s: float, max_deliver: int, max_ack_pending: int
+) -> ConsumerSpec:
+    return ConsumerSpec(
+        stream="INBOUND",
+        durable=INBOUND_DURABLE,
+        filter_subject="gateway.v1.message.received",
+        ack_wait_s=ack_wait_s,
+        max_deliver=max_deliver,
+        max_ack_pending=max_ack_pending,
+    )
+
+
+def retry_delay(num_delivered: int, cap_s: float) -> float:
+    """0.5 s, 1 s, 2 s, ... capped: quick when a peer blips, gentle when it is down."""
+    return min(cap_s, 0.5 * 2 ** min(20, max(0, num_delivered - 1)))
+
+
+class InboundConsumer:
+    def __init__(
+        self,
+        router: InboundRouter,
+        pool: asyncpg.Pool,
+        spec: ConsumerSpec,
+        *,
+        retry_delay_cap_s: float,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._router = router
+        self._pool = pool
+        self._spec = spec
+        self._retry_delay_cap_s = retry_delay_cap_s
+        self._clock = clock
+
+    async def handle(self, msg: Msg) -> jetstream.Decision:
+        metadata = msg.metadata
+        if metadata.num_delivered > 1:
+            INBOUND_REDELIVERIES.inc()
+        with tracer.start_as_current_span(
+            "routing.route_inbound",
+            context=telemetry.extract(msg.headers),
+            kind=trace.SpanKind.CONSUMER,
+        ) as span:
+            span.set_attribute("messaging.message.id", (msg.headers or {}).get("Nats-Msg-Id", ""))
+            with INBOUND_HANDLING.time():
+                decision = await self._handle(msg)
+            span.set_attribute("routing.settlement", type(decision).__name__.lower())
+            return decision
+
+    async def _handle(self, msg: Msg) -> jetstream.Decision:
+        try:
+            message = gateway_events.MessageReceived.FromString(msg.data)
+        except DecodeError as error:
+            return await self._give_up(msg, None, "undecodable", f"not a MessageReceived: {error}")
+        try:
+            routed = await self._router.route(
+                message,
+                stream_sequence=msg.metadata.sequence.stream,
+                redelivered=msg.metadata.num_delivered > 1,
+            )
+        except InvalidInboundError as error:
+            return await self._give_up(msg, message, "undecodable", str(error))
+        except _RETRYABLE as error:
+            return await self._retry_or_give_up(msg, message, str(error) or type(error).__name__)
+        except Exception as error:
+            # A bug or an unexpected database error: retry (it may be transient), and on the
+            # last delivery record it rather than lose it.
+            log.exception(
+                "routing.inbound_failed", extra={"fields": {"message_sid": message.message_sid}}
+            )
+            return await self._retry_or_give_up(msg, message, f"{type(error).__name__}: {error}")
+        INBOUND_HANDLED.labels(routed.outcome.value).inc()
+        if routed.outcome.value != "duplicate":
+            INBOUND_LAG.observe(max(0.0, (self._clock() - received_at(message)).total_seconds()))
+        # One line per message, so ops can follow a MessageSid through the system.
+        log.info(
+            "routing.inbound_handled",
+            extra={
+                "fields": {
+                    "message_sid": message.message_sid,
+                    "tenant_id": routed.tenant_id,
+                    "outcome": routed.outcome.value,
+                    "decision": routed.decision.kind.value if routed.decision else None,
+                    "live_session_id": routed.touched.session_id if routed.touched else None,
+                    "delivery": msg.metadata.num_delivered,
+                }
+            },
+        )
+        return Ack()
+
+    async def _retry_or_give_up(
+        self, msg: Msg, message: gateway_events.MessageReceived, reason: str
+    ) -> jetstream.Decision:
+        if jetstream.is_last_delivery(msg, self._spec):
+            return await self._give_up(msg, message, "deliveries_exhausted", reason)
+        INBOUND_HANDLED.labels("retry").inc()
+        delay = retry_delay(msg.metadata.num_delivered, self._retry_delay_cap_s)
+        log.warning(
+            "routing.inbound_retry",
+            extra={
+                "fields": {
+                    "message_sid": message.message_sid,
+                    "delivery": msg.metadata.num_delivered,
+                    "retry_in_s": delay,
+                    "error": reason,
+                }
+            },
+        )
+        return Nak(delay)
+
+    async def _give_up(
+        self,
+        msg: Msg,
+        message: gateway_events.MessageReceived | None,
+        reason: str,
+        detail: str,
+    ) -> jetstream.Decision:
+        metadata = msg.metadata
+        message_sid = message.message_sid if message is not None else ""
+        async with self._pool.acquire() as conn, conn.transaction():
+            recorded = await store.record_failed_inbound(
+                conn,
+                stream=metadata.stream,
+                stream_sequence=metadata.sequence.stream,
+                message_sid=message_sid,
+                reason=reason,
+                detail=detail,
+                deliveries=metadata.num_delivered,
+                payload=msg.data,
+            )
+            if recorded:
+                event = events_pb2.MessageUnroutable(
+                    reason=(
+                        events_pb2.UNROUTABLE_REASON_UNDECODABLE
+                        if reason == "undecodable"
+                        else events_pb2.UNROUTABLE_REASON_DELIVERIES_EXHAUSTED
+                    ),
+                    detail=detail[:500],
+                    stream_sequence=metadata.sequence.stream,
+                    recorded_at=timestamp(self._clock()),
+                )
+                if message is not None:
+                    event.message.CopyFrom(message)
+                await record_event(
+                    conn,
+                    subject=MESSAGE_UNROUTABLE,
+                    message=event,
+                    aggregate_id=message_sid or f"{metadata.stream}:{metadata.sequence.stream}",
+                )
+        INBOUND_HANDLED.labels(reason).inc()
+        log.error(
+            "routing.inbound_given_up",
+            extra={
+                "fields": {
+                    "message_sid": message_sid,
+                    "stream_sequence": metadata.sequence.stream,
+                    "deliveries": metadata.num_delivered,
+                    "reason": reason,
+                    "detail": detail,
+                }
+            },
+        )
+        return Term(reason)
+
+
+async def track_consumer_lag(
+    js: JetStreamContext, spec: ConsumerSpec, stop: asyncio.Event, *, every_s: float = 5.0
+) -> None:
+    """Export the durable consumer's backlog for dashboards and alerts."""
+    while not stop.is_set():
+        try:
+            info = await js.consumer_info(spec.stream, spec.durable)
+            CONSUMER_PENDING.set(info.num_pending or 0)
+            CONSUMER_ACK_PENDING.set(info.num_ack_pending or 0)
+        except Exception as error:
+            log.debug("routing.consumer_info_failed", extra={"fields": {"error": str(error)}})
+        await _sleep_unless(stop, every_s)
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)

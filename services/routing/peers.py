@@ -1,0 +1,258 @@
+"""Routing's calls to other services, behind small Protocols the use case depends on.
+
+- `SenderDirectory`: seller_admin.ResolveSender, cached for a short TTL and flushed whenever
+  seller_admin publishes an event (a channel or seller phone changed).
+- `LiveSessions`: live_session.Touch.
+- `ReplySender`: outbox.Enqueue of COMPLIANCE replies, idempotent on the key we derive.
+
+Errors: NOT_FOUND from ResolveSender means "unknown channel" (None). INVALID_ARGUMENT from
+Enqueue is `ReplyRejectedError` (retrying cannot help). Every other failure is
+`PeerUnavailableError`: the inbound message is retried later, which is right for a peer that is
+down or slow (UNAVAILABLE, DEADLINE_EXCEEDED) and also for a misconfiguration (a wrong secret,
+PERMISSION_DENIED) that an operator will fix — nothing is lost meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import grpc
+from prometheus_client import Histogram
+from snapsell.common.v1 import address_pb2
+from snapsell.gateway.v1 import events_pb2 as gateway_events
+from snapsell.live_session.v1 import live_session_pb2, live_session_pb2_grpc
+from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
+from snapsell.seller_admin.v1 import seller_admin_pb2, seller_admin_pb2_grpc
+
+from services.routing.domain import LiveSignalKind, SenderRole
+
+PEER_CALL_SECONDS = Histogram(
+    "snapsell_routing_peer_call_seconds",
+    "Latency of routing's calls to other services, by method and outcome",
+    ["method", "code"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+
+
+T = TypeVar("T")
+
+
+class PeerUnavailableError(Exception):
+    """A peer call failed in a way worth retrying later; the message is one line."""
+
+
+class ReplyRejectedError(Exception):
+    """The outbox refused the reply as invalid; retrying the same request cannot succeed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sender:
+    tenant_id: str
+    role: SenderRole
+
+
+@dataclass(frozen=True, slots=True)
+class Touched:
+    session_id: str
+    created: bool
+
+
+class SenderDirectory(Protocol):
+    async def resolve(self, message: gateway_events.MessageReceived) -> Sender | None: ...
+
+
+class LiveSessions(Protocol):
+    async def touch(
+        self, tenant_id: str, signal: LiveSignalKind, correlation_id: str
+    ) -> Touched: ...
+
+
+class ReplySender(Protocol):
+    async def send_compliance_reply(
+        self,
+        tenant_id: str,
+        inbound: gateway_events.MessageReceived,
+        body: str,
+        idempotency_key: str,
+    ) -> str: ...
+
+
+async def _timed(method: str, call: Awaitable[T]) -> T:
+    started = time.perf_counter()
+    code = "OK"
+    try:
+        return await call
+    except grpc.aio.AioRpcError as error:
+        code = error.code().name
+        raise
+    finally:
+        PEER_CALL_SECONDS.labels(method, code).observe(time.perf_counter() - started)
+
+
+def _failure(peer: str, error: grpc.aio.AioRpcError) -> PeerUnavailableError:
+    return PeerUnavailableError(f"{peer}: {error.code().name}: {error.details() or ''}".strip())
+
+
+_ROLE_FROM_PROTO = {
+    seller_admin_pb2.SENDER_ROLE_SELLER: SenderRole.SELLER,
+    seller_admin_pb2.SENDER_ROLE_CLIENT: SenderRole.CLIENT,
+}
+
+
+class CachedSenderDirectory:
+    """ResolveSender with a TTL cache. Unknown channels are not cached, so a channel added a
+    second ago routes at once; `invalidate()` is called on every seller_admin event."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        ttl_s: float,
+        deadline_s: float,
+        max_entries: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._stub = seller_admin_pb2_grpc.SellerAdminServiceStub(channel)
+        self._ttl_s = ttl_s
+        self._deadline_s = deadline_s
+        self._max_entries = max_entries
+        self._clock = clock
+        self._cache: dict[tuple[object, ...], tuple[Sender, float]] = {}
+        self._generation = 0
+
+    def invalidate(self) -> None:
+        self._cache.clear()
+        # A lookup that started before the flush must not write its (maybe stale) answer back.
+        self._generation += 1
+
+    async def resolve(self, message: gateway_events.MessageReceived) -> Sender | None:
+        key = (
+            message.recipient.channel,
+            message.recipient.value,
+            message.sender.channel,
+            message.sender.value,
+            message.account_sid,
+            message.messaging_service_sid,
+            message.wa_id,
+        )
+        now = self._clock()
+        cached = self._cache.get(key)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        generation = self._generation
+        request = seller_admin_pb2.ResolveSenderRequest(
+            recipient=message.recipient,
+            sender=message.sender,
+            account_sid=message.account_sid,
+            messaging_service_sid=message.messaging_service_sid,
+            # Twilio's WaId: lets a seller registered by WhatsApp user ID be recognised.
+            sender_whatsapp_user_id=message.wa_id,
+        )
+        try:
+            reply = await _timed(
+                "ResolveSender", self._stub.ResolveSender(request, timeout=self._deadline_s)
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise _failure("seller_admin.ResolveSender", error) from None
+        role = _ROLE_FROM_PROTO.get(reply.sender_role)
+        if role is None or not reply.tenant_id:
+            raise PeerUnavailableError("seller_admin.ResolveSender: incomplete answer")
+        sender = Sender(reply.tenant_id, role)
+        if generation == self._generation:
+            if len(self._cache) >= self._max_entries:
+                self._cache.clear()
+            self._cache[key] = (sender, now + self._ttl_s)
+        return sender
+
+
+_SIGNAL_TO_PROTO = {
+    LiveSignalKind.SELLER_MESSAGE: live_session_pb2.SIGNAL_KIND_SELLER_MESSAGE,
+    LiveSignalKind.ITEM_CODE: live_session_pb2.SIGNAL_KIND_CLIENT_ITEM_CODE,
+}
+
+
+class GrpcLiveSessions:
+    """live_session.Touch, coalesced per tenant: while a Touch for a tenant is in flight, other
+    live signals of that tenant wait for its answer instead of queueing behind it on the same
+    session row. live_session returns one session to concurrent Touches anyway, and the
+    activity time it records is then at most one call's latency older. Only the call that was
+    made can report `created`, and live_session's events carry that call's correlation id."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, deadline_s: float) -> None:
+        self._stub = live_session_pb2_grpc.LiveSessionServiceStub(channel)
+        self._deadline_s = deadline_s
+        self._in_flight: dict[str, asyncio.Future[Touched]] = {}
+
+    async def touch(self, tenant_id: str, signal: LiveSignalKind, correlation_id: str) -> Touched:
+        call = self._in_flight.get(tenant_id)
+        if call is not None:
+            touched = await asyncio.shield(call)
+            return Touched(touched.session_id, created=False)
+        call = asyncio.ensure_future(self._touch(tenant_id, signal, correlation_id))
+        self._in_flight[tenant_id] = call
+        call.add_done_callback(lambda done: self._settled(tenant_id, done))
+        return await asyncio.shield(call)
+
+    def _settled(self, tenant_id: str, call: asyncio.Future[Touched]) -> None:
+        if self._in_flight.get(tenant_id) is call:
+            del self._in_flight[tenant_id]
+        if not call.cancelled():
+            call.exception()  # retrieved here too, in case every waiter was cancelled
+
+    async def _touch(self, tenant_id: str, signal: LiveSignalKind, correlation_id: str) -> Touched:
+        request = live_session_pb2.TouchRequest(
+            tenant_id=tenant_id, signal_kind=_SIGNAL_TO_PROTO[signal], correlation_id=correlation_id
+        )
+        try:
+            reply = await _timed("Touch", self._stub.Touch(request, timeout=self._deadline_s))
+        except grpc.aio.AioRpcError as error:
+            raise _failure("live_session.Touch", error) from None
+        return Touched(reply.session.session_id, reply.created)
+
+
+_PREFIX = {address_pb2.CHANNEL_WHATSAPP: "whatsapp:", address_pb2.CHANNEL_MESSENGER: "messenger:"}
+
+
+def reply_sender_address(inbound: gateway_events.MessageReceived) -> str:
+    """Twilio `From` for a reply: the Messaging Service the message came through, else the
+    business address it was sent to (with its channel prefix)."""
+    if inbound.messaging_service_sid:
+        return inbound.messaging_service_sid
+    return _PREFIX.get(inbound.recipient.channel, "") + inbound.recipient.value
+
+
+class GrpcReplySender:
+    def __init__(self, channel: grpc.aio.Channel, *, deadline_s: float) -> None:
+        self._stub = outbox_pb2_grpc.OutboxServiceStub(channel)
+        self._deadline_s = deadline_s
+
+    async def send_compliance_reply(
+        self,
+        tenant_id: str,
+        inbound: gateway_events.MessageReceived,
+        body: str,
+        idempotency_key: str,
+    ) -> str:
+        request = outbox_pb2.EnqueueRequest(
+            tenant_id=tenant_id,
+            sender=reply_sender_address(inbound),
+            recipient=inbound.sender,
+            body=body,
+            kind=outbox_pb2.MESSAGE_KIND_COMPLIANCE,
+            idempotency_key=idempotency_key,
+            correlation_id=inbound.message_sid,
+            account_sid=inbound.account_sid,
+        )
+        try:
+            reply = await _timed("Enqueue", self._stub.Enqueue(request, timeout=self._deadline_s))
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ReplyRejectedError(f"outbox.Enqueue: {error.details()}") from None
+            raise _failure("outbox.Enqueue", error) from None
+        return reply.message_id

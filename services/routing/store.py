@@ -1,0 +1,269 @@
+"""All of routing's SQL (asyncpg). Tables are in `migrations/001_routing.sql`.
+
+Functions take a connection when they must run inside the caller's transaction (the unit of
+work of one inbound message), and a pool when they stand alone (read-only API lookups).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from services.routing.domain import (
+    Channel,
+    ConsentChange,
+    ConsentOutcome,
+    ConsentSource,
+    ConsentState,
+    Contact,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    message_sid: str
+    outcome: str  # 'routed' | 'unroutable'
+    stream_sequence: int
+    received_at: datetime
+    tenant_id: str | None = None
+    sender_role: str | None = None
+    decision: str | None = None
+    live_session_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OptOutRecord:
+    id: int
+    contact: Contact
+    opted_out_at: datetime
+    source: ConsentSource
+    message_sid: str
+    keyword: str
+    actor: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentStatus:
+    opted_out_at: datetime | None
+    last_inbound_at: datetime | None
+
+
+async def is_processed(conn: asyncpg.Pool | asyncpg.Connection, message_sid: str) -> bool:
+    return bool(
+        await conn.fetchval("SELECT 1 FROM processed_inbound WHERE message_sid = $1", message_sid)
+    )
+
+
+async def claim_inbound(conn: asyncpg.Connection, entry: LedgerEntry) -> bool:
+    """Insert the ledger row; False when the MessageSid was already processed. A concurrent
+    transaction claiming the same MessageSid waits here until the first one ends."""
+    row = await conn.fetchval(
+        """
+        INSERT INTO processed_inbound (message_sid, outcome, stream_sequence, received_at,
+                                       tenant_id, sender_role, decision, live_session_id)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+        ON CONFLICT ON CONSTRAINT processed_inbound_pkey DO NOTHING
+        RETURNING 1
+        """,
+        entry.message_sid,
+        entry.outcome,
+        entry.stream_sequence,
+        entry.received_at,
+        entry.tenant_id,
+        entry.sender_role,
+        entry.decision,
+        entry.live_session_id,
+    )
+    return row is not None
+
+
+async def record_last_inbound(
+    conn: asyncpg.Connection, contact: Contact, at: datetime, message_sid: str
+) -> None:
+    """Keep the newest receive time: messages may be processed out of order."""
+    await conn.execute(
+        """
+        INSERT INTO last_inbound AS l (tenant_id, channel, address, last_inbound_at, message_sid)
+        VALUES ($1, $2, $3, $4, $5)
+        ON CONFLICT ON CONSTRAINT last_inbound_pkey DO UPDATE
+            SET last_inbound_at = excluded.last_inbound_at, message_sid = excluded.message_sid
+            WHERE l.last_inbound_at < excluded.last_inbound_at
+        """,
+        contact.tenant_id,
+        contact.channel.value,
+        contact.address,
+        at,
+        message_sid,
+    )
+
+
+async def apply_consent(conn: asyncpg.Connection, change: ConsentChange) -> ConsentOutcome:
+    """Apply one consent expression in the caller's transaction and log it.
+
+    Changes for one contact are serialised by a transaction-scoped advisory lock (there may be no
+    row to lock yet), and an expression older than the newest one already applied is STALE."""
+    contact = change.contact
+    key = f"{contact.tenant_id}\x1f{contact.channel.value}\x1f{contact.address}"
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", key)
+    newest = await conn.fetchval(
+        """
+        SELECT max(effective_at) FROM consent_log
+        WHERE tenant_id = $1 AND channel = $2 AND address = $3 AND outcome <> 'stale'
+        """,
+        contact.tenant_id,
+        contact.channel.value,
+        contact.address,
+    )
+    if newest is not None and change.effective_at < newest:
+        outcome = ConsentOutcome.STALE
+    elif change.state is ConsentState.OPTED_OUT:
+        inserted = await conn.fetchval(
+            """
+            INSERT INTO opt_outs (tenant_id, channel, address, opted_out_at, source,
+                                  message_sid, keyword, actor, reason)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+            ON CONFLICT ON CONSTRAINT opt_outs_pkey DO NOTHING
+            RETURNING 1
+            """,
+            contact.tenant_id,
+            contact.channel.value,
+            contact.address,
+            change.effective_at,
+            change.source.value,
+            change.message_sid,
+            change.keyword,
+            change.actor,
+            change.reason,
+        )
+        outcome = ConsentOutcome.CHANGED if inserted else ConsentOutcome.UNCHANGED
+    else:
+        deleted = await conn.fetchval(
+            """
+            DELETE FROM opt_outs WHERE tenant_id = $1 AND channel = $2 AND address = $3
+            RETURNING 1
+            """,
+            contact.tenant_id,
+            contact.channel.value,
+            contact.address,
+        )
+        outcome = ConsentOutcome.CHANGED if deleted else ConsentOutcome.UNCHANGED
+    await conn.execute(
+        """
+        INSERT INTO consent_log (tenant_id, channel, address, state, outcome, effective_at,
+                                 source, message_sid, keyword, actor, reason)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+        """,
+        contact.tenant_id,
+        contact.channel.value,
+        contact.address,
+        change.state.value,
+        outcome.value,
+        change.effective_at,
+        change.source.value,
+        change.message_sid,
+        change.keyword,
+        change.actor,
+        change.reason,
+    )
+    return outcome
+
+
+async def consent_status(
+    pool: asyncpg.Pool | asyncpg.Connection, contact: Contact
+) -> ConsentStatus:
+    """The outbox's hot path: two primary-key probes in one round trip."""
+    row = await pool.fetchrow(
+        """
+        SELECT
+            (SELECT opted_out_at FROM opt_outs
+              WHERE tenant_id = $1 AND channel = $2 AND address = $3) AS opted_out_at,
+            (SELECT last_inbound_at FROM last_inbound
+              WHERE tenant_id = $1 AND channel = $2 AND address = $3) AS last_inbound_at
+        """,
+        contact.tenant_id,
+        contact.channel.value,
+        contact.address,
+    )
+    assert row is not None
+    return ConsentStatus(row["opted_out_at"], row["last_inbound_at"])
+
+
+async def list_opt_outs(
+    pool: asyncpg.Pool,
+    tenant_id: str,
+    *,
+    limit: int,
+    after: tuple[datetime, int] | None = None,
+) -> list[OptOutRecord]:
+    """A tenant's opt-outs, newest first, keyset-paginated after (opted_out_at, id)."""
+    rows = await pool.fetch(
+        """
+        SELECT id, tenant_id, channel, address, opted_out_at, source, message_sid, keyword,
+               actor, reason
+        FROM opt_outs
+        WHERE tenant_id = $1
+          AND ($2::timestamptz IS NULL OR (opted_out_at, id) < ($2::timestamptz, $3::bigint))
+        ORDER BY opted_out_at DESC, id DESC
+        LIMIT $4
+        """,
+        tenant_id,
+        after[0] if after else None,
+        after[1] if after else None,
+        limit,
+    )
+    return [
+        OptOutRecord(
+            id=row["id"],
+            contact=Contact(row["tenant_id"], Channel(row["channel"]), row["address"]),
+            opted_out_at=row["opted_out_at"],
+            source=ConsentSource(row["source"]),
+            message_sid=row["message_sid"],
+            keyword=row["keyword"],
+            actor=row["actor"],
+            reason=row["reason"],
+        )
+        for row in rows
+    ]
+
+
+async def opted_out_at(conn: asyncpg.Connection, contact: Contact) -> datetime | None:
+    return await conn.fetchval(
+        "SELECT opted_out_at FROM opt_outs WHERE tenant_id = $1 AND channel = $2 AND address = $3",
+        contact.tenant_id,
+        contact.channel.value,
+        contact.address,
+    )
+
+
+async def record_failed_inbound(
+    conn: asyncpg.Connection,
+    *,
+    stream: str,
+    stream_sequence: int,
+    message_sid: str,
+    reason: str,
+    detail: str,
+    deliveries: int,
+    payload: bytes,
+) -> bool:
+    """False when this stream message was already recorded (a repeated delivery)."""
+    row = await conn.fetchval(
+        """
+        INSERT INTO failed_inbound
+            (stream, stream_sequence, message_sid, reason, detail, deliveries, payload)
+        VALUES ($1, $2, $3, $4, $5, $6, $7)
+        ON CONFLICT ON CONSTRAINT failed_inbound_stream_sequence_key DO NOTHING
+        RETURNING 1
+        """,
+        stream,
+        stream_sequence,
+        message_sid,
+        reason,
+        detail[:1000],
+        deliveries,
+        payload,
+    )
+    return row is not None

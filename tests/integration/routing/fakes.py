@@ -1,0 +1,109 @@
+"""Builders of inbound messages as the gateway publishes them, and small hand-written fakes of
+routing's peers (seller_admin, live_session, outbox) for the use-case tests."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from snapsell.common.v1 import address_pb2
+from snapsell.gateway.v1 import events_pb2 as gateway_events
+
+from services.routing.domain import LiveSignalKind, SenderRole
+from services.routing.peers import PeerUnavailableError, ReplyRejectedError, Sender, Touched
+
+SHOP_NUMBER = "+14155238886"
+SELLER = "+33600000001"
+
+_sids = itertools.count(1)
+
+
+def whatsapp(value: str) -> address_pb2.Address:
+    return address_pb2.Address(channel=address_pb2.CHANNEL_WHATSAPP, value=value)
+
+
+def inbound(
+    body: str,
+    *,
+    sender: str = "+33611111111",
+    sid: str | None = None,
+    at: datetime | None = None,
+    media: int = 0,
+    opt_out_type: str = "",
+    to: str = SHOP_NUMBER,
+) -> gateway_events.MessageReceived:
+    """A MessageReceived as the gateway publishes it."""
+    received = Timestamp()
+    received.FromDatetime(at or datetime.now(UTC))
+    message = gateway_events.MessageReceived(
+        message_sid=sid or f"SM{next(_sids):032x}",
+        account_sid="AC" + "0" * 32,
+        sender=whatsapp(sender),
+        recipient=whatsapp(to),
+        body=body,
+        opt_out_type=opt_out_type,
+        received_at=received,
+    )
+    for index in range(media):
+        message.media.add(url=f"https://media.example/{index}", content_type="image/jpeg")
+    return message
+
+
+def minutes_ago(minutes: float) -> datetime:
+    return datetime.now(UTC) - timedelta(minutes=minutes)
+
+
+class FakeSenders:
+    """seller_admin.ResolveSender: the shop number belongs to tenant "shop-1"; SELLER is a
+    seller; any other receiving number is unknown."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.calls = 0
+
+    async def resolve(self, message: gateway_events.MessageReceived) -> Sender | None:
+        self.calls += 1
+        if self.down:
+            raise PeerUnavailableError("seller_admin.ResolveSender: UNAVAILABLE")
+        if message.recipient.value != SHOP_NUMBER:
+            return None
+        role = SenderRole.SELLER if message.sender.value == SELLER else SenderRole.CLIENT
+        return Sender("shop-1", role)
+
+
+class FakeSessions:
+    def __init__(self) -> None:
+        self.down = False
+        self.touches: list[tuple[str, LiveSignalKind, str]] = []
+
+    async def touch(self, tenant_id: str, signal: LiveSignalKind, correlation_id: str) -> Touched:
+        if self.down:
+            raise PeerUnavailableError("live_session.Touch: UNAVAILABLE")
+        self.touches.append((tenant_id, signal, correlation_id))
+        return Touched(f"session-{tenant_id}", created=len(self.touches) == 1)
+
+
+class FakeReplies:
+    """outbox.Enqueue, idempotent on (tenant, key) like the real one."""
+
+    def __init__(self) -> None:
+        self.messages: dict[tuple[str, str], str] = {}
+        self.calls = 0
+        self.reject = False
+        self.down = False
+
+    async def send_compliance_reply(
+        self,
+        tenant_id: str,
+        inbound: gateway_events.MessageReceived,
+        body: str,
+        idempotency_key: str,
+    ) -> str:
+        self.calls += 1
+        if self.down:
+            raise PeerUnavailableError("outbox.Enqueue: UNAVAILABLE")
+        if self.reject:
+            raise ReplyRejectedError("outbox.Enqueue: recipient is not valid")
+        self.messages.setdefault((tenant_id, idempotency_key), body)
+        return f"out-{idempotency_key}"

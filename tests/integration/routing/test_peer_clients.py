@@ -1,0 +1,200 @@
+"""Routing's gRPC clients over real sockets against small scripted servers of the peers'
+contracts: the sender cache, Touch coalescing, the COMPLIANCE Enqueue and error mapping."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from snapsell.live_session.v1 import live_session_pb2, live_session_pb2_grpc
+from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
+from snapsell.seller_admin.v1 import seller_admin_pb2, seller_admin_pb2_grpc
+
+from infra.auth import ServiceTokenProvider
+from infra.grpc_client import service_channel
+from services.routing.domain import LiveSignalKind, SenderRole
+from services.routing.peers import (
+    CachedSenderDirectory,
+    GrpcLiveSessions,
+    GrpcReplySender,
+    PeerUnavailableError,
+    ReplyRejectedError,
+    reply_sender_address,
+)
+from tests.integration.routing.fakes import SELLER, SHOP_NUMBER, inbound
+
+
+class SellerAdmin(seller_admin_pb2_grpc.SellerAdminServiceServicer):
+    def __init__(self) -> None:
+        self.calls = 0
+        self.status: grpc.StatusCode | None = None
+
+    async def ResolveSender(self, request, context):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.status is not None:
+            await context.abort(self.status, "scripted failure")
+        if request.recipient.value != SHOP_NUMBER:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown channel")
+        seller = request.sender.value == SELLER
+        return seller_admin_pb2.ResolveSenderResponse(
+            tenant_id="shop-1",
+            sender_role=(
+                seller_admin_pb2.SENDER_ROLE_SELLER
+                if seller
+                else seller_admin_pb2.SENDER_ROLE_CLIENT
+            ),
+        )
+
+
+class LiveSession(live_session_pb2_grpc.LiveSessionServiceServicer):
+    def __init__(self) -> None:
+        self.requests: list[live_session_pb2.TouchRequest] = []
+        self.release = asyncio.Event()
+
+    async def Touch(self, request, context):  # type: ignore[no-untyped-def]
+        self.requests.append(request)
+        await self.release.wait()
+        session = live_session_pb2.LiveSession(session_id="s-1", tenant_id=request.tenant_id)
+        return live_session_pb2.TouchResponse(session=session, created=len(self.requests) == 1)
+
+
+class Outbox(outbox_pb2_grpc.OutboxServiceServicer):
+    def __init__(self) -> None:
+        self.requests: list[outbox_pb2.EnqueueRequest] = []
+        self.status: grpc.StatusCode | None = None
+
+    async def Enqueue(self, request, context):  # type: ignore[no-untyped-def]
+        if self.status is not None:
+            await context.abort(self.status, "body is too long")
+        self.requests.append(request)
+        return outbox_pb2.EnqueueResponse(message_id="m-1", created=True)
+
+
+class Peers:
+    def __init__(self) -> None:
+        self.seller_admin, self.live_session, self.outbox = SellerAdmin(), LiveSession(), Outbox()
+        self.server = grpc.aio.server()
+        seller_admin_pb2_grpc.add_SellerAdminServiceServicer_to_server(
+            self.seller_admin, self.server
+        )
+        live_session_pb2_grpc.add_LiveSessionServiceServicer_to_server(
+            self.live_session, self.server
+        )
+        outbox_pb2_grpc.add_OutboxServiceServicer_to_server(self.outbox, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+
+
+@pytest.fixture
+async def peers(jwt_secret: str) -> AsyncIterator[tuple[Peers, grpc.aio.Channel]]:
+    peers = Peers()
+    await peers.server.start()
+    channel = service_channel(
+        f"127.0.0.1:{peers.port}", token_provider=ServiceTokenProvider(jwt_secret, "routing")
+    )
+    yield peers, channel
+    await channel.close()
+    await peers.server.stop(0)
+
+
+async def test_resolved_senders_are_cached_until_invalidated(peers) -> None:
+    fake, channel = peers
+    directory = CachedSenderDirectory(channel, ttl_s=60, deadline_s=2)
+    message = inbound("A12")
+    first = await directory.resolve(message)
+    assert first is not None and first.tenant_id == "shop-1" and first.role is SenderRole.CLIENT
+    assert await directory.resolve(message) == first
+    assert fake.seller_admin.calls == 1
+    directory.invalidate()
+    await directory.resolve(message)
+    assert fake.seller_admin.calls == 2
+
+
+async def test_cached_answers_expire_after_the_ttl(peers) -> None:
+    fake, channel = peers
+    now = [0.0]
+    directory = CachedSenderDirectory(channel, ttl_s=5, deadline_s=2, clock=lambda: now[0])
+    seller = inbound("Robe", sender=SELLER)
+    assert (await directory.resolve(seller)).role is SenderRole.SELLER  # type: ignore[union-attr]
+    now[0] = 6.0
+    await directory.resolve(seller)
+    assert fake.seller_admin.calls == 2
+
+
+async def test_an_unknown_channel_is_none_and_not_cached(peers) -> None:
+    fake, channel = peers
+    directory = CachedSenderDirectory(channel, ttl_s=60, deadline_s=2)
+    message = inbound("A12", to="+15550000000")
+    assert await directory.resolve(message) is None
+    assert await directory.resolve(message) is None
+    assert fake.seller_admin.calls == 2
+
+
+@pytest.mark.parametrize("status", [grpc.StatusCode.INTERNAL, grpc.StatusCode.PERMISSION_DENIED])
+async def test_other_resolve_failures_are_worth_retrying(peers, status) -> None:
+    fake, channel = peers
+    fake.seller_admin.status = status
+    with pytest.raises(PeerUnavailableError, match=status.name):
+        await CachedSenderDirectory(channel, ttl_s=60, deadline_s=2).resolve(inbound("A12"))
+
+
+async def test_a_peer_that_is_not_listening_is_unavailable(jwt_secret: str) -> None:
+    channel = service_channel(
+        "127.0.0.1:9", token_provider=ServiceTokenProvider(jwt_secret, "routing")
+    )
+    try:
+        with pytest.raises(PeerUnavailableError):
+            await CachedSenderDirectory(channel, ttl_s=60, deadline_s=1).resolve(inbound("A12"))
+    finally:
+        await channel.close()
+
+
+async def test_concurrent_touches_of_one_tenant_share_one_call(peers) -> None:
+    fake, channel = peers
+    sessions = GrpcLiveSessions(channel, deadline_s=2)
+    calls = [
+        asyncio.create_task(sessions.touch("shop-1", LiveSignalKind.ITEM_CODE, f"SM{i}"))
+        for i in range(10)
+    ]
+    await asyncio.sleep(0.2)
+    fake.live_session.release.set()
+    touched = await asyncio.gather(*calls)
+    assert len(fake.live_session.requests) == 1
+    assert {t.session_id for t in touched} == {"s-1"}
+    assert [t.created for t in touched].count(True) == 1
+    request = fake.live_session.requests[0]
+    assert request.signal_kind == live_session_pb2.SIGNAL_KIND_CLIENT_ITEM_CODE
+    await sessions.touch("shop-1", LiveSignalKind.SELLER_MESSAGE, "SM-next")
+    assert len(fake.live_session.requests) == 2  # a later signal makes its own call
+
+
+async def test_the_reply_is_a_compliance_message_keyed_by_the_caller(peers) -> None:
+    fake, channel = peers
+    message = inbound("STOP")
+    replies = GrpcReplySender(channel, deadline_s=2)
+    assert await replies.send_compliance_reply("shop-1", message, "Bye", "SM1:consent") == "m-1"
+    [request] = fake.outbox.requests
+    assert request.kind == outbox_pb2.MESSAGE_KIND_COMPLIANCE
+    assert request.idempotency_key == "SM1:consent"
+    assert request.sender == f"whatsapp:{SHOP_NUMBER}"
+    assert request.recipient == message.sender
+    assert request.correlation_id == message.message_sid
+    assert request.body == "Bye"
+
+
+async def test_an_invalid_reply_is_rejected_and_an_outage_is_retryable(peers) -> None:
+    fake, channel = peers
+    replies = GrpcReplySender(channel, deadline_s=2)
+    fake.outbox.status = grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(ReplyRejectedError):
+        await replies.send_compliance_reply("shop-1", inbound("STOP"), "x", "k")
+    fake.outbox.status = grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(PeerUnavailableError):
+        await replies.send_compliance_reply("shop-1", inbound("STOP"), "x", "k")
+
+
+def test_replies_go_out_through_the_messaging_service_when_there_is_one() -> None:
+    message = inbound("STOP")
+    message.messaging_service_sid = "MG" + "0" * 32
+    assert reply_sender_address(message) == message.messaging_service_sid

@@ -1,0 +1,171 @@
+"""Routing's SQL against a real PostgreSQL: the ledger, the consent ledger, the 24-hour window."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from services.routing import store
+from services.routing.domain import (
+    Channel,
+    ConsentChange,
+    ConsentOutcome,
+    ConsentSource,
+    ConsentState,
+    Contact,
+)
+
+CONTACT = Contact("shop-1", Channel.WHATSAPP, "+33611111111")
+T0 = datetime(2026, 2, 5, 12, 0, tzinfo=UTC)
+
+
+def entry(sid: str) -> store.LedgerEntry:
+    return store.LedgerEntry(sid, "routed", 1, T0, "shop-1", "client", "conversation")
+
+
+def change(state: ConsentState, at: datetime, sid: str = "") -> ConsentChange:
+    return ConsentChange(CONTACT, state, at, ConsentSource.KEYWORD, "routing", sid, "STOP")
+
+
+async def apply(pool: asyncpg.Pool, consent: ConsentChange) -> ConsentOutcome:
+    async with pool.acquire() as conn, conn.transaction():
+        return await store.apply_consent(conn, consent)
+
+
+async def test_a_message_sid_is_claimed_once(clean: asyncpg.Pool) -> None:
+    async with clean.acquire() as conn:
+        assert await store.claim_inbound(conn, entry("SM1"))
+        assert not await store.claim_inbound(conn, entry("SM1"))
+    assert await store.is_processed(clean, "SM1")
+    assert not await store.is_processed(clean, "SM2")
+
+
+async def test_a_concurrent_claim_waits_for_the_first_and_then_sees_a_duplicate(
+    clean: asyncpg.Pool,
+) -> None:
+    first = await clean.acquire()
+    second = await clean.acquire()
+    try:
+        tx1 = first.transaction()
+        await tx1.start()
+        assert await store.claim_inbound(first, entry("SM-race"))
+        tx2 = second.transaction()
+        await tx2.start()
+        waiting = asyncio.create_task(store.claim_inbound(second, entry("SM-race")))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # blocked on the first transaction's row
+        await tx1.commit()
+        assert await waiting is False
+        await tx2.rollback()
+    finally:
+        await clean.release(first)
+        await clean.release(second)
+
+
+async def test_a_rolled_back_claim_leaves_the_message_to_be_processed_again(
+    clean: asyncpg.Pool,
+) -> None:
+    async with clean.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        assert await store.claim_inbound(conn, entry("SM-crash"))
+        await tx.rollback()
+        assert await store.claim_inbound(conn, entry("SM-crash"))
+
+
+async def test_opt_out_is_recorded_once_and_opt_in_removes_it(clean: asyncpg.Pool) -> None:
+    assert await apply(clean, change(ConsentState.OPTED_OUT, T0, "SM1")) is ConsentOutcome.CHANGED
+    assert await apply(clean, change(ConsentState.OPTED_OUT, T0 + timedelta(seconds=1))) is (
+        ConsentOutcome.UNCHANGED
+    )
+    status = await store.consent_status(clean, CONTACT)
+    assert status.opted_out_at == T0
+    assert await apply(clean, change(ConsentState.OPTED_IN, T0 + timedelta(seconds=2))) is (
+        ConsentOutcome.CHANGED
+    )
+    assert (await store.consent_status(clean, CONTACT)).opted_out_at is None
+    assert await clean.fetchval("SELECT count(*) FROM consent_log") == 3
+
+
+async def test_an_older_keyword_processed_late_does_not_undo_a_newer_one(
+    clean: asyncpg.Pool,
+) -> None:
+    # The person sent STOP at T0 then START at T0+5s; START happened to be processed first.
+    assert await apply(clean, change(ConsentState.OPTED_IN, T0 + timedelta(seconds=5))) is (
+        ConsentOutcome.UNCHANGED
+    )
+    assert await apply(clean, change(ConsentState.OPTED_OUT, T0)) is ConsentOutcome.STALE
+    assert (await store.consent_status(clean, CONTACT)).opted_out_at is None
+    outcomes = await clean.fetch("SELECT outcome FROM consent_log ORDER BY id")
+    assert [row["outcome"] for row in outcomes] == ["unchanged", "stale"]
+
+
+async def test_concurrent_changes_for_one_contact_are_serialised(clean: asyncpg.Pool) -> None:
+    changes = [
+        change(ConsentState.OPTED_OUT if i % 2 else ConsentState.OPTED_IN, T0 + timedelta(i))
+        for i in range(20)
+    ]
+    await asyncio.gather(*(apply(clean, c) for c in changes))
+    # Whatever the interleaving, the newest expression (i = 19, an opt-out) decides.
+    assert (await store.consent_status(clean, CONTACT)).opted_out_at is not None
+
+
+async def test_consent_is_per_tenant_and_per_channel(clean: asyncpg.Pool) -> None:
+    await apply(clean, change(ConsentState.OPTED_OUT, T0))
+    other_tenant = Contact("shop-2", CONTACT.channel, CONTACT.address)
+    other_channel = Contact(CONTACT.tenant_id, Channel.SMS, CONTACT.address)
+    assert (await store.consent_status(clean, other_tenant)).opted_out_at is None
+    assert (await store.consent_status(clean, other_channel)).opted_out_at is None
+
+
+async def test_last_inbound_keeps_the_newest_time(clean: asyncpg.Pool) -> None:
+    async with clean.acquire() as conn:
+        await store.record_last_inbound(conn, CONTACT, T0 + timedelta(minutes=5), "SM2")
+        await store.record_last_inbound(conn, CONTACT, T0, "SM1")
+    assert (await store.consent_status(clean, CONTACT)).last_inbound_at == T0 + timedelta(minutes=5)
+
+
+async def test_the_consent_check_uses_primary_key_lookups_only(clean: asyncpg.Pool) -> None:
+    for table in ("opt_outs", "last_inbound"):
+        extra = (
+            "source, actor, opted_out_at" if table == "opt_outs" else "message_sid, last_inbound_at"
+        )
+        values = "'keyword', 'x', now()" if table == "opt_outs" else "'SM', now()"
+        await clean.execute(
+            f"INSERT INTO {table} (tenant_id, channel, address, {extra}) "
+            f"SELECT 'shop-' || (i % 20), 'whatsapp', '+336' || i, {values} "
+            "FROM generate_series(1, 5000) AS i"
+        )
+        await clean.execute(f"ANALYZE {table}")
+    rows = await clean.fetch(
+        """
+        EXPLAIN (FORMAT TEXT)
+        SELECT
+            (SELECT opted_out_at FROM opt_outs
+              WHERE tenant_id = 'shop-1' AND channel = 'whatsapp' AND address = '+3361'),
+            (SELECT last_inbound_at FROM last_inbound
+              WHERE tenant_id = 'shop-1' AND channel = 'whatsapp' AND address = '+3361')
+        """
+    )
+    plan = "\n".join(row[0] for row in rows)
+    assert "Index Scan using opt_outs_pkey" in plan
+    assert "Index Scan using last_inbound_pkey" in plan
+    assert "Seq Scan" not in plan
+
+
+async def test_a_failed_stream_message_is_recorded_once(clean: asyncpg.Pool) -> None:
+    async with clean.acquire() as conn:
+        for _ in range(2):
+            await store.record_failed_inbound(
+                conn,
+                stream="INBOUND",
+                stream_sequence=7,
+                message_sid="",
+                reason="undecodable",
+                detail="garbage",
+                deliveries=1,
+                payload=b"\xff",
+            )
+    assert await clean.fetchval("SELECT count(*) FROM failed_inbound") == 1
