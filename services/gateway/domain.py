@@ -4,7 +4,7 @@ behind its abuse limits. No I/O here."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from datetime import datetime
+from urllib.parse import unquote_plus
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from snapsell.common.v1.address_pb2 import Address, Channel
@@ -33,10 +33,56 @@ _STATUS_FIELDS = {
     "ErrorMessage": "error_message",
 }
 MAX_MEDIA = 10
+_MEDIA_KEYS = [(f"MediaUrl{i}", f"MediaContentType{i}") for i in range(MAX_MEDIA)]
+_MESSAGE_KNOWN = {
+    *_MESSAGE_FIELDS,
+    "From",
+    "To",
+    *_LOCATION_FIELDS,
+    *(key for pair in _MEDIA_KEYS for key in pair),
+}
+_STATUS_KNOWN = {*_STATUS_FIELDS, "From", "To"}
 
 
 class MissingParameterError(ValueError):
     """A signed webhook lacks a parameter Twilio always sends."""
+
+
+class FormParams(dict[str, str]):
+    """Form parameters, last value per name, remembering every value of a repeated name.
+
+    `getall` is the multi-dict interface the twilio SDK's signature algorithm asks for first;
+    offering it keeps every value of a repeated name in the signature, as Twilio computes it,
+    and spares the SDK its per-parameter fallbacks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.repeated: dict[str, list[str]] = {}
+
+    def add(self, name: str, value: str) -> None:
+        if name in self:
+            self.repeated.setdefault(name, [self[name]]).append(value)
+        self[name] = value
+
+    def getall(self, name: str) -> list[str]:
+        return self.repeated.get(name) or [self[name]]
+
+
+def parse_form(body: str) -> FormParams:
+    """`application/x-www-form-urlencoded` to parameters, as `urllib.parse.parse_qsl` with
+    `keep_blank_values=True` reads it, without its per-pair decoding when nothing is encoded
+    (most of Twilio's values): a webhook's hot path."""
+    params = FormParams()
+    for pair in body.split("&"):
+        if not pair:
+            continue
+        name, _, value = pair.partition("=")
+        if "%" in name or "+" in name:
+            name = unquote_plus(name)
+        if "%" in value or "+" in value:
+            value = unquote_plus(value)
+        params.add(name, value)
+    return params
 
 
 def parse_address(raw: str) -> Address:
@@ -55,10 +101,8 @@ def _require(params: Mapping[str, str], *names: str) -> None:
         raise MissingParameterError(f"missing {', '.join(missing)}")
 
 
-def _timestamp(at: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(at)
-    return stamp
+def _timestamp(at_ns: int) -> Timestamp:
+    return Timestamp(seconds=at_ns // 1_000_000_000, nanos=at_ns % 1_000_000_000)
 
 
 def _float(value: str | None) -> float:
@@ -68,30 +112,20 @@ def _float(value: str | None) -> float:
         return 0.0
 
 
-def _media(params: Mapping[str, str]) -> tuple[list[Media], set[str]]:
-    media: list[Media] = []
-    used: set[str] = set()
-    for index in range(MAX_MEDIA):
-        url = params.get(f"MediaUrl{index}")
-        if url is None:
-            continue
-        content_type = params.get(f"MediaContentType{index}", "")
-        media.append(Media(url=url, content_type=content_type))
-        used.update((f"MediaUrl{index}", f"MediaContentType{index}"))
-    return media, used
-
-
-def message_received(params: Mapping[str, str], received_at: datetime) -> MessageReceived:
+def message_received(params: Mapping[str, str], received_at_ns: int) -> MessageReceived:
     """The contract message for an inbound-message webhook."""
     _require(params, "MessageSid", "From", "To")
     message = MessageReceived(
         sender=parse_address(params["From"]),
         recipient=parse_address(params["To"]),
-        received_at=_timestamp(received_at),
+        received_at=_timestamp(received_at_ns),
         **{field: params[name] for name, field in _MESSAGE_FIELDS.items() if name in params},
     )
-    media, used = _media(params)
-    message.media.extend(media)
+    message.media.extend(
+        Media(url=params[url], content_type=params.get(content_type, ""))
+        for url, content_type in _MEDIA_KEYS
+        if url in params
+    )
     if "Latitude" in params and "Longitude" in params:
         message.location.CopyFrom(
             Location(
@@ -101,25 +135,22 @@ def message_received(params: Mapping[str, str], received_at: datetime) -> Messag
                 label=params.get("Label", ""),
             )
         )
-        used |= _LOCATION_FIELDS
-    known = used | _MESSAGE_FIELDS.keys() | {"From", "To"}
-    message.other_params.update({k: v for k, v in params.items() if k not in known})
+    message.other_params.update({k: v for k, v in params.items() if k not in _MESSAGE_KNOWN})
     return message
 
 
-def status_received(params: Mapping[str, str], received_at: datetime) -> StatusReceived:
+def status_received(params: Mapping[str, str], received_at_ns: int) -> StatusReceived:
     """The contract message for a delivery-status callback."""
     _require(params, "MessageSid", "MessageStatus")
     status = StatusReceived(
-        received_at=_timestamp(received_at),
+        received_at=_timestamp(received_at_ns),
         **{field: params[name] for name, field in _STATUS_FIELDS.items() if name in params},
     )
     if params.get("From"):
         status.sender.CopyFrom(parse_address(params["From"]))
     if params.get("To"):
         status.recipient.CopyFrom(parse_address(params["To"]))
-    known = _STATUS_FIELDS.keys() | {"From", "To"}
-    status.other_params.update({k: v for k, v in params.items() if k not in known})
+    status.other_params.update({k: v for k, v in params.items() if k not in _STATUS_KNOWN})
     return status
 
 

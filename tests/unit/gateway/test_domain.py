@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from urllib.parse import parse_qsl, urlencode
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from snapsell.common.v1.address_pb2 import Channel
 
 from services.gateway.domain import (
@@ -12,10 +15,12 @@ from services.gateway.domain import (
     WindowCounter,
     message_received,
     parse_address,
+    parse_form,
     status_received,
 )
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+NOW_NS = int(NOW.timestamp()) * 1_000_000_000
 
 
 @pytest.mark.parametrize(
@@ -50,7 +55,7 @@ def test_message_keeps_every_unknown_parameter_and_all_media() -> None:
             "Address": "Paris",
             "BrandNewTwilioParam": "kept",
         },
-        NOW,
+        NOW_NS,
     )
     assert [m.url for m in message.media] == ["u0", "u1"]
     assert message.location.latitude == pytest.approx(48.85)
@@ -61,13 +66,15 @@ def test_message_keeps_every_unknown_parameter_and_all_media() -> None:
 
 def test_message_without_sender_is_rejected_with_the_missing_name() -> None:
     with pytest.raises(MissingParameterError, match="From"):
-        message_received({"MessageSid": "SM1", "To": "+1"}, NOW)
+        message_received({"MessageSid": "SM1", "To": "+1"}, NOW_NS)
 
 
 def test_status_needs_sid_and_status() -> None:
     with pytest.raises(MissingParameterError, match="MessageStatus"):
-        status_received({"MessageSid": "SM1"}, NOW)
-    status = status_received({"MessageSid": "SM1", "MessageStatus": "read", "ErrorCode": ""}, NOW)
+        status_received({"MessageSid": "SM1"}, NOW_NS)
+    status = status_received(
+        {"MessageSid": "SM1", "MessageStatus": "read", "ErrorCode": ""}, NOW_NS
+    )
     assert (status.message_status, status.error_code) == ("read", "")
 
 
@@ -79,3 +86,22 @@ def test_window_counter_limits_per_key_and_resets_each_window() -> None:
     now[0] = 60.0
     assert not counter.over_limit("a")
     assert not counter.hit("a")
+
+
+pairs = st.lists(st.tuples(st.text(max_size=12), st.text(max_size=40)), max_size=12)
+
+
+@given(pairs)
+def test_form_parsing_reads_what_urlencode_wrote_like_parse_qsl(items) -> None:
+    body = urlencode(items)
+    expected = parse_qsl(body, keep_blank_values=True)
+    params = parse_form(body)
+    assert params == dict(expected)
+    for name in params:
+        assert params.getall(name) == [v for k, v in expected if k == name]
+
+
+@given(st.text(alphabet="ab=&%+2Fé;", max_size=40))
+def test_form_parsing_of_arbitrary_text_matches_parse_qsl(body: str) -> None:
+    expected = parse_qsl(body, keep_blank_values=True)
+    assert parse_form(body) == dict(expected)
