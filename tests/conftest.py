@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,6 +13,15 @@ import pytest
 
 from infra.auth import issue_token
 from tools.devstack import EmbeddedNats, EmbeddedPostgres
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A SIGTERM (a timeout, a CI cancel) ends the run like Ctrl-C does, so fixtures still stop
+    # the servers they started instead of leaving them orphaned.
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 @pytest.fixture(scope="session")
