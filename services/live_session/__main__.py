@@ -4,7 +4,7 @@
     python -m services.live_session migrate   # provision role + schema, apply migrations, exit
 
 Serves until SIGTERM: then health goes NOT_SERVING, in-flight calls drain, the sweeper and the
-event relay finish their current batch, and connections close.
+event relay and the retention task finish their current batch, and connections close.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from infra.grpc_server import GrpcServer
 from infra.lifecycle import run_main
 from infra.log import get_logger
 from infra.metrics import RpcMetricsInterceptor, start_metrics_server
+from infra.retention import RetentionTask
 from infra.streams import events_stream
 from infra.telemetry import grpc_server_interceptors
 from services.live_session.api import ACCESS_POLICY, SERVICE_FULL_NAME, LiveSessionApi
@@ -67,6 +68,9 @@ async def serve(stop: asyncio.Event) -> None:
             asyncio.create_task(EventRelay(pool, js, SERVICE).run(stop), name="event-relay"),
             asyncio.create_task(
                 IdleSweeper(store, config.sweep_interval_s).run(stop), name="idle-sweeper"
+            ),
+            asyncio.create_task(
+                RetentionTask.from_settings(pool, config.retention).run(stop), name="retention"
             ),
         ]
         await server.start()

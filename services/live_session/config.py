@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from infra.config import env_float, env_int, env_url
+from infra.retention import RetentionSettings, load_retention_settings
 from services.live_session.domain import (
     DEFAULT_WINDOW_MINUTES,
     MAX_WINDOW_MINUTES,
@@ -28,6 +29,8 @@ class Config:
     sweep_interval_s: float
     db_pool_size: int
     shutdown_grace_s: float
+    # Purge of published events (RETENTION_*, EVENTS_RETENTION_DAYS).
+    retention: RetentionSettings
 
 
 def load_config() -> Config:
@@ -50,4 +53,5 @@ def load_config() -> Config:
         ),
         db_pool_size=env_int("LIVE_SESSION_DB_POOL_SIZE", 10, minimum=2, maximum=100),
         shutdown_grace_s=env_float("SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0.0, maximum=300.0),
+        retention=load_retention_settings(),
     )

@@ -1,6 +1,6 @@
 """Composition root of the routing service.
 
-    python -m services.routing           # consume inbound messages, serve gRPC, relay events
+    python -m services.routing           # consume inbound, serve gRPC, relay and purge events
     python -m services.routing migrate   # provision role + schema, apply migrations, exit
 
 Serves until SIGTERM: then health goes NOT_SERVING, the consumers stop fetching and finish (and
@@ -28,8 +28,10 @@ from infra.grpc_server import GrpcServer
 from infra.lifecycle import run_main
 from infra.log import get_logger
 from infra.metrics import RpcMetricsInterceptor, start_metrics_server
+from infra.retention import RetentionTask
 from infra.streams import events_stream, inbound_stream
 from infra.telemetry import grpc_server_interceptors
+from services.routing import store
 from services.routing.api import ACCESS_POLICY, SERVICE_FULL_NAME, RoutingApi
 from services.routing.config import load_config
 from services.routing.consumer import InboundConsumer, inbound_consumer_spec, track_consumer_lag
@@ -112,6 +114,9 @@ async def serve(stop: asyncio.Event) -> None:
             ),
             "seller-admin-follower": lambda: follow_changes(js, senders.invalidate, stop),
             "lag-tracker": lambda: track_consumer_lag(js, inbound_spec, stop),
+            "retention": lambda: RetentionTask.from_settings(
+                pool, config.retention, store.ledger_purges(config.ledger_max_age)
+            ).run(stop),
         }
         if not config.consumer_enabled:
             del loops["inbound-consumer"], loops["lag-tracker"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from infra.config import (
     env_str,
     env_url,
 )
+from infra.retention import RetentionSettings, load_retention_settings, retention_days
+from infra.streams import inbound_stream
 from services.routing.domain import (
     DEFAULT_HELP_REPLY,
     DEFAULT_ITEM_CODE_PATTERN,
@@ -76,6 +79,10 @@ class Config:
     db_pool_size: int
     shutdown_grace_s: float
     rules: RulesBook
+    # Purges: published events (RETENTION_*, EVENTS_RETENTION_DAYS) and the processed-inbound
+    # ledger older than this (None: kept forever).
+    retention: RetentionSettings
+    ledger_max_age: timedelta | None
 
 
 def _pattern(name: str, text: str) -> re.Pattern[str]:
@@ -196,4 +203,12 @@ def load_config() -> Config:
         db_pool_size=env_int("ROUTING_DB_POOL_SIZE", concurrency + 8, minimum=2, maximum=600),
         shutdown_grace_s=env_float("SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0.0, maximum=300.0),
         rules=load_rules(),
+        retention=load_retention_settings(),
+        # Longer than the INBOUND stream keeps messages: a replay of the stream (a consumer
+        # reset, a redelivery) must still find every MessageSid it can bring back.
+        ledger_max_age=retention_days(
+            "ROUTING_LEDGER_RETENTION_DAYS",
+            30,
+            minimum=int(inbound_stream().max_age_s // 86400) + 1,
+        ),
     )

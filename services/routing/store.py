@@ -7,10 +7,11 @@ work of one inbound message), and a pool when they stand alone (read-only API lo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import asyncpg
 
+from infra.retention import Purge
 from services.routing.domain import (
     Channel,
     ConsentChange,
@@ -51,23 +52,79 @@ class ConsentStatus:
     last_inbound_at: datetime | None
 
 
+# The hot statements, as module constants so tests/integration/routing/test_data_hygiene.py
+# checks the plans of exactly these (each on its index, at a realistic table size).
+_IS_PROCESSED = "SELECT 1 FROM processed_inbound WHERE message_sid = $1"
+
+_CLAIM_INBOUND = """
+INSERT INTO processed_inbound (message_sid, outcome, stream_sequence, received_at,
+                               tenant_id, sender_role, decision, live_session_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+ON CONFLICT ON CONSTRAINT processed_inbound_pkey DO NOTHING
+RETURNING 1
+"""
+
+_RECORD_LAST_INBOUND = """
+INSERT INTO last_inbound AS l (tenant_id, channel, address, last_inbound_at, message_sid)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT ON CONSTRAINT last_inbound_pkey DO UPDATE
+    SET last_inbound_at = excluded.last_inbound_at, message_sid = excluded.message_sid
+    WHERE l.last_inbound_at < excluded.last_inbound_at
+"""
+
+_NEWEST_CONSENT = """
+SELECT max(effective_at) FROM consent_log
+WHERE tenant_id = $1 AND channel = $2 AND address = $3 AND outcome <> 'stale'
+"""
+
+# CheckOptOut and the WhatsApp window: two primary-key probes in one round trip.
+_CONSENT_STATUS = """
+SELECT
+    (SELECT opted_out_at FROM opt_outs
+      WHERE tenant_id = $1 AND channel = $2 AND address = $3) AS opted_out_at,
+    (SELECT last_inbound_at FROM last_inbound
+      WHERE tenant_id = $1 AND channel = $2 AND address = $3) AS last_inbound_at
+"""
+
+_LIST_OPT_OUTS = """
+SELECT id, tenant_id, channel, address, opted_out_at, source, message_sid, keyword,
+       actor, reason
+FROM opt_outs
+WHERE tenant_id = $1
+  AND ($2::timestamptz IS NULL OR (opted_out_at, id) < ($2::timestamptz, $3::bigint))
+ORDER BY opted_out_at DESC, id DESC
+LIMIT $4
+"""
+
+# Retention of the ledger (see infra/retention.py for the batching). A MessageSid re-delivered
+# after its row is gone would be processed again; the INBOUND stream keeps messages 7 days and
+# Twilio retries a webhook within minutes, so a ledger kept longer than both loses nothing.
+DELETE_OLD_LEDGER = """
+WITH doomed AS MATERIALIZED (
+    SELECT message_sid FROM processed_inbound
+    WHERE processed_at < now() - $1::interval
+    ORDER BY processed_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM processed_inbound WHERE message_sid = ANY (ARRAY (SELECT message_sid FROM doomed))
+"""
+
+
+def ledger_purges(max_age: timedelta | None) -> list[Purge]:
+    """The ledger's purge for `infra.retention.RetentionTask` (none when kept forever)."""
+    return [] if max_age is None else [Purge("processed_inbound", DELETE_OLD_LEDGER, max_age)]
+
+
 async def is_processed(conn: asyncpg.Pool | asyncpg.Connection, message_sid: str) -> bool:
-    return bool(
-        await conn.fetchval("SELECT 1 FROM processed_inbound WHERE message_sid = $1", message_sid)
-    )
+    return bool(await conn.fetchval(_IS_PROCESSED, message_sid))
 
 
 async def claim_inbound(conn: asyncpg.Connection, entry: LedgerEntry) -> bool:
     """Insert the ledger row; False when the MessageSid was already processed. A concurrent
     transaction claiming the same MessageSid waits here until the first one ends."""
     row = await conn.fetchval(
-        """
-        INSERT INTO processed_inbound (message_sid, outcome, stream_sequence, received_at,
-                                       tenant_id, sender_role, decision, live_session_id)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-        ON CONFLICT ON CONSTRAINT processed_inbound_pkey DO NOTHING
-        RETURNING 1
-        """,
+        _CLAIM_INBOUND,
         entry.message_sid,
         entry.outcome,
         entry.stream_sequence,
@@ -85,13 +142,7 @@ async def record_last_inbound(
 ) -> None:
     """Keep the newest receive time: messages may be processed out of order."""
     await conn.execute(
-        """
-        INSERT INTO last_inbound AS l (tenant_id, channel, address, last_inbound_at, message_sid)
-        VALUES ($1, $2, $3, $4, $5)
-        ON CONFLICT ON CONSTRAINT last_inbound_pkey DO UPDATE
-            SET last_inbound_at = excluded.last_inbound_at, message_sid = excluded.message_sid
-            WHERE l.last_inbound_at < excluded.last_inbound_at
-        """,
+        _RECORD_LAST_INBOUND,
         contact.tenant_id,
         contact.channel.value,
         contact.address,
@@ -109,10 +160,7 @@ async def apply_consent(conn: asyncpg.Connection, change: ConsentChange) -> Cons
     key = f"{contact.tenant_id}\x1f{contact.channel.value}\x1f{contact.address}"
     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", key)
     newest = await conn.fetchval(
-        """
-        SELECT max(effective_at) FROM consent_log
-        WHERE tenant_id = $1 AND channel = $2 AND address = $3 AND outcome <> 'stale'
-        """,
+        _NEWEST_CONSENT,
         contact.tenant_id,
         contact.channel.value,
         contact.address,
@@ -176,13 +224,7 @@ async def consent_status(
 ) -> ConsentStatus:
     """The outbox's hot path: two primary-key probes in one round trip."""
     row = await pool.fetchrow(
-        """
-        SELECT
-            (SELECT opted_out_at FROM opt_outs
-              WHERE tenant_id = $1 AND channel = $2 AND address = $3) AS opted_out_at,
-            (SELECT last_inbound_at FROM last_inbound
-              WHERE tenant_id = $1 AND channel = $2 AND address = $3) AS last_inbound_at
-        """,
+        _CONSENT_STATUS,
         contact.tenant_id,
         contact.channel.value,
         contact.address,
@@ -200,15 +242,7 @@ async def list_opt_outs(
 ) -> list[OptOutRecord]:
     """A tenant's opt-outs, newest first, keyset-paginated after (opted_out_at, id)."""
     rows = await pool.fetch(
-        """
-        SELECT id, tenant_id, channel, address, opted_out_at, source, message_sid, keyword,
-               actor, reason
-        FROM opt_outs
-        WHERE tenant_id = $1
-          AND ($2::timestamptz IS NULL OR (opted_out_at, id) < ($2::timestamptz, $3::bigint))
-        ORDER BY opted_out_at DESC, id DESC
-        LIMIT $4
-        """,
+        _LIST_OPT_OUTS,
         tenant_id,
         after[0] if after else None,
         after[1] if after else None,

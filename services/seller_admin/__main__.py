@@ -1,10 +1,10 @@
 """Composition root of the seller_admin service.
 
-    python -m services.seller_admin           # serve gRPC and relay audit events
+    python -m services.seller_admin           # serve gRPC, relay and purge audit events
     python -m services.seller_admin migrate   # provision role + schema, apply migrations, exit
 
-Serves until SIGTERM: then health goes NOT_SERVING, in-flight calls drain, the event relay
-finishes its current batch, and connections close.
+Serves until SIGTERM: then health goes NOT_SERVING, in-flight calls drain, the event relay and
+the retention task finish their current batch, and connections close.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from infra.grpc_server import GrpcServer
 from infra.lifecycle import run_main
 from infra.log import get_logger
 from infra.metrics import RpcMetricsInterceptor, start_metrics_server
+from infra.retention import RetentionTask
 from infra.streams import events_stream
 from infra.telemetry import grpc_server_interceptors
 from services.seller_admin.access import SERVICE_FULL_NAME, auth_policy
@@ -59,7 +60,12 @@ async def serve(stop: asyncio.Event) -> None:
             SellerAdminServicer(pool), server.server
         )
         metrics = start_metrics_server(config.metrics_port)
-        relay = asyncio.create_task(EventRelay(pool, js, SERVICE).run(stop), name="event-relay")
+        background = [
+            asyncio.create_task(EventRelay(pool, js, SERVICE).run(stop), name="event-relay"),
+            asyncio.create_task(
+                RetentionTask.from_settings(pool, config.retention).run(stop), name="retention"
+            ),
+        ]
         await server.start()
         _log.info(
             "seller_admin.serving",
@@ -67,10 +73,10 @@ async def serve(stop: asyncio.Event) -> None:
         )
         await stop.wait()
         await server.stop(config.shutdown_grace_s)
-        try:
-            await asyncio.wait_for(relay, timeout=config.shutdown_grace_s)
-        except TimeoutError:  # e.g. stuck on an unreachable NATS; the rows stay for next time
-            pass
+        _, pending = await asyncio.wait(background, timeout=config.shutdown_grace_s)
+        for task in pending:  # e.g. a relay stuck on an unreachable NATS; rows stay for next time
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
     finally:
         if metrics is not None:
             metrics.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from infra.config import env_float, env_int, env_url
+from infra.retention import RetentionSettings, load_retention_settings
 
 DEFAULT_GRPC_PORT = 50054
 DEFAULT_METRICS_PORT = 9104
@@ -22,6 +23,8 @@ class Config:
     db_pool_size: int
     # In-flight calls get this long to finish after SIGTERM.
     shutdown_grace_s: float
+    # Purge of published events (RETENTION_*, EVENTS_RETENTION_DAYS).
+    retention: RetentionSettings
 
 
 def load_config() -> Config:
@@ -31,4 +34,5 @@ def load_config() -> Config:
         nats_url=env_url("NATS_URL", schemes=("nats", "tls")),
         db_pool_size=env_int("SELLER_ADMIN_DB_POOL_SIZE", 10, minimum=2, maximum=100),
         shutdown_grace_s=env_float("SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0.0, maximum=300.0),
+        retention=load_retention_settings(),
     )

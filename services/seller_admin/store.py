@@ -219,17 +219,18 @@ async def remove_seller_phone(
     return None if row is None else _seller_phone(row)
 
 
+# Keyset paging on seller_phones_tenant_address_key.
+_LIST_SELLER_PHONES = (
+    f"SELECT {_SELLER_PHONE_COLUMNS} FROM seller_phones"
+    f" WHERE tenant_id = $1 AND address > $2 ORDER BY address LIMIT $3"
+)
+
+
 async def list_seller_phones(
     conn: asyncpg.Connection, tenant_id: str, *, after: str, limit: int
 ) -> list[SellerPhone]:
     """A tenant's seller phones ordered by address, those after `after` ("" for the first)."""
-    rows = await conn.fetch(
-        f"SELECT {_SELLER_PHONE_COLUMNS} FROM seller_phones"
-        f" WHERE tenant_id = $1 AND address > $2 ORDER BY address LIMIT $3",
-        tenant_id,
-        after,
-        limit,
-    )
+    rows = await conn.fetch(_LIST_SELLER_PHONES, tenant_id, after, limit)
     return [_seller_phone(row) for row in rows]
 
 

@@ -73,7 +73,9 @@ async def test_migrate_applies_every_migration_once(
         await conn.close()
     assert [r["name"] for r in names] == [
         "infra/001_events.sql",
+        "infra/002_events_published_at.sql",
         "seller_admin/001_tenants_channels_seller_phones.sql",
+        "seller_admin/002_event_subjects.sql",
     ]
 
 
