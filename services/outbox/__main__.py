@@ -1,0 +1,212 @@
+"""Composition root of the outbox service.
+
+    python -m services.outbox           # serve gRPC, run sender workers, consume status
+                                        # callbacks, relay events
+    python -m services.outbox migrate   # provision role + schema, apply migrations, exit
+
+Serves until SIGTERM: then health goes NOT_SERVING, in-flight calls drain, workers stop
+claiming, release what they have not sent, finish their sends and write the results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from prometheus_client import Gauge
+from snapsell.outbox.v1 import outbox_pb2_grpc
+
+from infra import jetstream
+from infra.auth import AuthInterceptor, JwtVerifier, ServiceTokenProvider
+from infra.db import migrate_service, open_service_database
+from infra.events import EventRelay, wait_any
+from infra.grpc_server import GrpcServer
+from infra.lifecycle import run_main
+from infra.log import get_logger
+from infra.metrics import RpcMetricsInterceptor, start_metrics_server
+from infra.streams import events_stream, inbound_stream
+from infra.telemetry import grpc_server_interceptors
+from infra.twilio_http import make_twilio_client
+from services.outbox.admin_store import OutboxAdminStore
+from services.outbox.api import ACCESS_POLICY, SERVICE_FULL_NAME, OutboxApi
+from services.outbox.config import Config, load_config, worker_id
+from services.outbox.consent import RoutingConsentChecker, routing_channel
+from services.outbox.consumer import STATUS_CONSUMER, StatusCallbackHandler
+from services.outbox.delivery import MessageDelivery, utc_now
+from services.outbox.sender import TwilioSender, status_callback_url
+from services.outbox.store import OutboxStore
+from services.outbox.worker import SenderWorker
+
+SERVICE = "outbox"
+MIGRATIONS = Path(__file__).parent / "migrations"
+BACKLOG_INTERVAL_S = 15.0
+
+BACKLOG = Gauge(
+    "snapsell_outbox_backlog_messages",
+    "Messages waiting to be sent (pending, sending) or handled by an operator (dead)",
+    ["status"],
+)
+_log = get_logger(__name__)
+
+
+def _twilio_sender(config: Config) -> TwilioSender:
+    clients = {
+        sid: make_twilio_client(
+            sid,
+            token,
+            config.twilio_api_base_url,
+            timeout_s=config.worker.send_timeout_s,
+            max_connections=config.worker.max_in_flight,
+        )
+        for sid, token in config.twilio_accounts.items()
+    }
+    return TwilioSender(clients, status_callback_url(config.public_base_url))
+
+
+async def _report_backlog(store: OutboxStore, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            for status, count in (await store.backlog_counts()).items():
+                BACKLOG.labels(status).set(count)
+        except Exception as error:  # metrics must never take the service down
+            _log.warning("outbox.backlog_failed", extra={"fields": {"error": str(error)}})
+        await wait_any(stop, timeout_s=BACKLOG_INTERVAL_S)
+
+
+async def _until_stop_or_crash(
+    stop: asyncio.Event, background: list[asyncio.Task[None]]
+) -> str | None:
+    """Wait for SIGTERM; returns the name of a background task that ended before it."""
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        done, _ = await asyncio.wait([stopping, *background], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    for task in done:
+        if task is not stopping and not stop.is_set():
+            error = task.exception() if not task.cancelled() else None
+            _log.error(
+                "outbox.background_stopped",
+                extra={"fields": {"task": task.get_name(), "error": repr(error)}},
+            )
+            return task.get_name()
+    return None
+
+
+async def serve(stop: asyncio.Event) -> None:
+    config = load_config()
+    verifier = JwtVerifier.from_env()
+    pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
+    sender = _twilio_sender(config)
+    sender.warm_up()
+    routing = routing_channel(config.routing_addr)
+    nats_client = None
+    metrics = None
+    try:
+        nats_client = await jetstream.connect(config.nats_url, name=SERVICE)
+        js = nats_client.jetstream()
+        await jetstream.ensure_stream(js, events_stream(SERVICE))
+        await jetstream.ensure_stream(js, inbound_stream())
+        store = OutboxStore(pool)
+        admin = OutboxAdminStore(pool)
+        server = GrpcServer(
+            config.grpc_port,
+            [SERVICE_FULL_NAME],
+            [
+                # Metrics first, so calls refused by auth are counted too.
+                RpcMetricsInterceptor(SERVICE),
+                *grpc_server_interceptors(),
+                AuthInterceptor(verifier, ACCESS_POLICY, service=SERVICE),
+            ],
+        )
+        api = OutboxApi(
+            store,
+            admin,
+            default_account_sid=config.default_account_sid,
+            account_sids=sender.account_sids,
+            max_attempts=config.worker.retry.max_attempts,
+        )
+        outbox_pb2_grpc.add_OutboxServiceServicer_to_server(api, server.server)
+        metrics = start_metrics_server(config.metrics_port)
+        callbacks = StatusCallbackHandler(admin, lambda: datetime.now(UTC))
+        background = [
+            asyncio.create_task(EventRelay(pool, js, SERVICE).run(stop), name="event-relay"),
+            asyncio.create_task(
+                jetstream.run_pull_consumer(
+                    js,
+                    STATUS_CONSUMER,
+                    callbacks,
+                    stop=stop,
+                    concurrency=config.status_consumer_concurrency,
+                ),
+                name="status-callbacks",
+            ),
+            asyncio.create_task(_report_backlog(store, stop), name="backlog"),
+        ]
+        this_worker = worker_id()
+        if config.worker.enabled:
+            consent = RoutingConsentChecker(
+                routing,
+                ServiceTokenProvider.from_env(sub=SERVICE),
+                timeout_s=config.worker.consent_timeout_s,
+            )
+            delivery = MessageDelivery(
+                store, sender, consent, config.worker, this_worker, now=utc_now
+            )
+            worker = SenderWorker(store, delivery, config.worker, this_worker)
+            background.append(asyncio.create_task(worker.run(stop), name="sender-worker"))
+        await server.start()
+        _log.info(
+            "outbox.serving",
+            extra={
+                "fields": {
+                    "grpc_port": server.bound_port,
+                    "metrics_port": metrics.port,
+                    "worker_id": this_worker,
+                    "worker_enabled": config.worker.enabled,
+                    "max_in_flight": config.worker.max_in_flight,
+                    "rate_per_sender": config.worker.rate_per_sender,
+                }
+            },
+        )
+        crashed = await _until_stop_or_crash(stop, background)
+        stop.set()
+        await server.stop(config.shutdown_grace_s)
+        grace = config.shutdown_grace_s + config.worker.send_timeout_s
+        _, pending = await asyncio.wait(background, timeout=grace)
+        for task in pending:  # e.g. a relay stuck on an unreachable NATS
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        if crashed is not None:
+            # Exit non-zero so the orchestrator restarts us: a process that serves the API
+            # but no longer sends (or relays) must not look healthy.
+            raise RuntimeError(f"background task {crashed} stopped unexpectedly")
+    finally:
+        if metrics is not None:
+            metrics.stop()
+        await routing.close()
+        await sender.close()
+        if nats_client is not None:
+            await nats_client.close()
+        await pool.close()
+
+
+async def migrate(_stop: asyncio.Event) -> None:
+    await migrate_service(SERVICE, MIGRATIONS)
+    _log.info("outbox.migrated")
+
+
+def main(argv: list[str]) -> None:
+    if argv == ["migrate"]:
+        run_main(migrate, service=SERVICE)
+    elif not argv:
+        run_main(serve, service=SERVICE)
+    else:
+        print(f"usage: python -m services.{SERVICE} [migrate]", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,289 @@
+"""The gRPC servicer: translate requests, check the tenant scope, call the stores, and map
+errors to status codes with a one-line message (never a stack trace)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import json
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import asyncpg
+import grpc
+from opentelemetry import trace
+from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
+
+from infra import telemetry
+from infra.auth import PermissionDeniedError, current_principal, tenant_scope
+from infra.log import get_logger
+from services.outbox import domain, validation
+from services.outbox.admin_store import OutboxAdminStore
+from services.outbox.domain import InvalidMessageError
+from services.outbox.events import (
+    CHANNEL_FROM_PROTO,
+    DEAD_REASON_FROM_PROTO,
+    KIND_FROM_PROTO,
+    message_proto,
+)
+from services.outbox.records import NewMessage
+from services.outbox.store import OutboxStore
+
+SERVICE_FULL_NAME = outbox_pb2.DESCRIPTOR.services_by_name["OutboxService"].full_name
+
+_TENANT_ROLES = frozenset({"owner", "manager", "staff"})
+_OPERATORS = frozenset({"admin", "owner", "manager"})
+ACCESS_POLICY: dict[str, frozenset[str]] = {
+    f"/{SERVICE_FULL_NAME}/Enqueue": frozenset({"service", "admin", "owner", "manager"}),
+    f"/{SERVICE_FULL_NAME}/GetMessage": _TENANT_ROLES | {"admin", "service"},
+    f"/{SERVICE_FULL_NAME}/ListDeadLetters": _OPERATORS | {"service"},
+    f"/{SERVICE_FULL_NAME}/Redrive": _OPERATORS,
+    f"/{SERVICE_FULL_NAME}/Discard": _OPERATORS,
+}
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+MAX_IDS_PER_CALL = 500
+
+_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.OperatorInterventionError,
+)
+_log = get_logger(__name__)
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Method = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
+
+
+class MessageNotFoundError(Exception):
+    """No such message for this tenant."""
+
+
+def _rpc(method: Method[Request, Response]) -> Method[Request, Response]:
+    @functools.wraps(method)
+    async def call(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
+        try:
+            return await method(self, request, context)
+        except InvalidMessageError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except PermissionDeniedError as error:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
+        except MessageNotFoundError as error:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        except asyncpg.TransactionRollbackError:
+            await context.abort(grpc.StatusCode.ABORTED, "concurrent update, retry")
+        except _UNAVAILABLE_ERRORS as error:
+            _log.warning("outbox.database_unavailable", extra={"fields": {"error": str(error)}})
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable, retry")
+        except Exception:
+            _log.exception("outbox.rpc_failed", extra={"fields": {"method": method.__name__}})
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        raise AssertionError("unreachable: context.abort raises")
+
+    return call
+
+
+def _scoped_tenant(requested: str) -> str:
+    return tenant_scope(current_principal(), requested)
+
+
+def _message_id(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise InvalidMessageError(f'message_id "{text[:64]}" is not a UUID') from None
+
+
+def _message_ids(texts: Iterable[str]) -> list[uuid.UUID]:
+    ids = [_message_id(text) for text in texts]
+    if not ids:
+        raise InvalidMessageError("message_ids is empty")
+    if len(ids) > MAX_IDS_PER_CALL:
+        raise InvalidMessageError(f"at most {MAX_IDS_PER_CALL} message_ids per call")
+    return ids
+
+
+def _current_traceparent() -> str | None:
+    if not telemetry.tracing_enabled() or not trace.get_current_span().is_recording():
+        return None
+    carrier: dict[str, str] = {}
+    telemetry.inject(carrier)
+    return carrier.get("traceparent")
+
+
+def encode_page_token(dead_at: datetime, message_id: uuid.UUID) -> str:
+    raw = f"{dead_at.isoformat()}|{message_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_page_token(token: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        moment, _, message_id = raw.partition("|")
+        return datetime.fromisoformat(moment), uuid.UUID(message_id)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidMessageError("page_token is not one this service issued") from None
+
+
+class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
+    def __init__(
+        self,
+        store: OutboxStore,
+        admin: OutboxAdminStore,
+        *,
+        default_account_sid: str,
+        account_sids: frozenset[str],
+        max_attempts: int,
+    ) -> None:
+        self._store = store
+        self._admin = admin
+        self._default_account_sid = default_account_sid
+        self._account_sids = account_sids
+        self._max_attempts = max_attempts
+
+    @_rpc
+    async def Enqueue(
+        self, request: outbox_pb2.EnqueueRequest, context: grpc.aio.ServicerContext
+    ) -> outbox_pb2.EnqueueResponse:
+        principal = current_principal()
+        tenant_id = _scoped_tenant(request.tenant_id)
+        if request.kind == outbox_pb2.MESSAGE_KIND_COMPLIANCE and principal.role != "service":
+            # The one kind that reaches opted-out people: only routing's consent replies.
+            raise PermissionDeniedError("only services may enqueue COMPLIANCE messages")
+        message = self._new_message(tenant_id, request)
+        message_id, created = await self._store.enqueue(message)
+        return outbox_pb2.EnqueueResponse(message_id=str(message_id), created=created)
+
+    def _new_message(self, tenant_id: str, request: outbox_pb2.EnqueueRequest) -> NewMessage:
+        validation.validate_key("idempotency_key", request.idempotency_key, required=True)
+        validation.validate_key("correlation_id", request.correlation_id, required=False)
+        channel = CHANNEL_FROM_PROTO.get(request.recipient.channel)
+        if channel is None:
+            raise InvalidMessageError("recipient.channel must be SMS, WHATSAPP or MESSENGER")
+        validation.validate_recipient(channel, request.recipient.value)
+        validation.validate_sender(request.sender, channel)
+        content = request.WhichOneof("content")
+        body = request.body if content == "body" else None
+        template = request.template if content == "template" else None
+        variables = dict(template.variables) if template is not None else {}
+        content_sid = template.content_sid if template is not None else None
+        validation.validate_content(body, content_sid, variables)
+        kind = KIND_FROM_PROTO.get(request.kind, domain.MessageKind.CONVERSATIONAL)
+        if request.kind not in KIND_FROM_PROTO and request.kind != 0:
+            raise InvalidMessageError(f"unknown kind {request.kind}")
+        account_sid = request.account_sid or self._default_account_sid
+        validation.validate_account_sid(account_sid, self._account_sids)
+        now = datetime.now(UTC)
+        not_before = None
+        if request.HasField("not_before"):
+            not_before = request.not_before.ToDatetime(tzinfo=UTC)
+            validation.validate_not_before(not_before, now)
+        return NewMessage(
+            tenant_id=tenant_id,
+            idempotency_key=request.idempotency_key,
+            correlation_id=request.correlation_id,
+            kind=kind,
+            account_sid=account_sid,
+            sender=request.sender,
+            recipient_channel=channel,
+            recipient=request.recipient.value,
+            body=body,
+            content_sid=content_sid,
+            content_variables=json.dumps(variables, sort_keys=True) if variables else None,
+            not_before=not_before,
+            max_attempts=self._max_attempts,
+            traceparent=_current_traceparent(),
+        )
+
+    @_rpc
+    async def GetMessage(
+        self, request: outbox_pb2.GetMessageRequest, context: grpc.aio.ServicerContext
+    ) -> outbox_pb2.GetMessageResponse:
+        tenant_id = _scoped_tenant(request.tenant_id)
+        message_id = _message_id(request.message_id)
+        found = await self._admin.get_message(tenant_id, message_id)
+        if found is None:
+            raise MessageNotFoundError(f"tenant {tenant_id!r} has no message {message_id}")
+        row, attempts = found
+        return outbox_pb2.GetMessageResponse(message=message_proto(row, attempts))
+
+    @_rpc
+    async def ListDeadLetters(
+        self, request: outbox_pb2.ListDeadLettersRequest, context: grpc.aio.ServicerContext
+    ) -> outbox_pb2.ListDeadLettersResponse:
+        tenant_id = _scoped_tenant(request.tenant_id)
+        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+            raise InvalidMessageError(f"page_size must be between 0 and {MAX_PAGE_SIZE}")
+        limit = request.page_size or DEFAULT_PAGE_SIZE
+        reason = None
+        if request.reason:
+            reason = DEAD_REASON_FROM_PROTO.get(request.reason)
+            if reason is None:
+                raise InvalidMessageError(f"unknown reason {request.reason}")
+        rows = await self._admin.list_dead_letters(
+            tenant_id,
+            limit=limit + 1,
+            after=decode_page_token(request.page_token) if request.page_token else None,
+            reason=reason,
+            sender=request.sender or None,
+            dead_after=(
+                request.dead_after.ToDatetime(tzinfo=UTC)
+                if request.HasField("dead_after")
+                else None
+            ),
+        )
+        page, more = rows[:limit], len(rows) > limit
+        token = encode_page_token(page[-1]["dead_at"], page[-1]["id"]) if more else ""
+        return outbox_pb2.ListDeadLettersResponse(
+            messages=[message_proto(row, []) for row in page], next_page_token=token
+        )
+
+    @_rpc
+    async def Redrive(
+        self, request: outbox_pb2.RedriveRequest, context: grpc.aio.ServicerContext
+    ) -> outbox_pb2.RedriveResponse:
+        principal = current_principal()
+        tenant_id = _scoped_tenant(request.tenant_id)
+        ids = _message_ids(request.message_ids)
+        moved = await self._admin.redrive(
+            tenant_id,
+            ids,
+            actor=principal.sub,
+            max_attempts=self._max_attempts,
+            now=datetime.now(UTC),
+        )
+        _log.info(
+            "outbox.redriven",
+            extra={"fields": {"tenant_id": tenant_id, "actor": principal.sub, "count": len(moved)}},
+        )
+        return outbox_pb2.RedriveResponse(
+            redriven_message_ids=[str(i) for i in moved],
+            skipped_message_ids=[str(i) for i in ids if i not in set(moved)],
+        )
+
+    @_rpc
+    async def Discard(
+        self, request: outbox_pb2.DiscardRequest, context: grpc.aio.ServicerContext
+    ) -> outbox_pb2.DiscardResponse:
+        principal = current_principal()
+        tenant_id = _scoped_tenant(request.tenant_id)
+        ids = _message_ids(request.message_ids)
+        validation.validate_key("reason", request.reason, required=False)
+        gone = await self._admin.discard(
+            tenant_id, ids, actor=principal.sub, reason=request.reason, now=datetime.now(UTC)
+        )
+        _log.info(
+            "outbox.discarded",
+            extra={"fields": {"tenant_id": tenant_id, "actor": principal.sub, "count": len(gone)}},
+        )
+        return outbox_pb2.DiscardResponse(
+            discarded_message_ids=[str(i) for i in gone],
+            skipped_message_ids=[str(i) for i in ids if i not in set(gone)],
+        )

@@ -1,0 +1,103 @@
+"""Twilio status callbacks (`StatusReceived`, published by the gateway) driving each message
+forward. Duplicates and out-of-order callbacks are acked and change nothing.
+
+A callback can overtake the write of its own send's result (Twilio calls back within
+milliseconds): an unknown SID is retried with a delay for a while, then terminated and logged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Protocol
+
+from google.protobuf.message import DecodeError
+from nats.aio.msg import Msg
+from prometheus_client import Counter
+from snapsell.gateway.v1.events_pb2 import StatusReceived
+
+from infra.jetstream import Ack, ConsumerSpec, Decision, Nak, Term, is_last_delivery
+from infra.log import get_logger
+from infra.streams import INBOUND_STATUS_SUBJECT
+from services.outbox.admin_store import CallbackEffect
+
+STATUS_CONSUMER = ConsumerSpec(
+    stream="INBOUND",
+    durable="outbox-status-callbacks",
+    filter_subject=INBOUND_STATUS_SUBJECT,
+    ack_wait_s=30.0,
+    # With the growing delays of `unknown_sid_delay_s`: about five minutes for a send's
+    # result to be recorded before its callback is given up on.
+    max_deliver=60,
+)
+
+CALLBACKS = Counter(
+    "snapsell_outbox_status_callbacks_total",
+    "Twilio status callbacks consumed, by effect",
+    ["effect"],
+)
+_log = get_logger(__name__)
+
+
+def unknown_sid_delay_s(num_delivered: int) -> float:
+    """Short at first (the usual race lasts milliseconds), then every 5 s."""
+    return min(5.0, 0.25 * 2 ** max(0, num_delivered - 1))
+
+
+def _error_code(text: str) -> int | None:
+    text = text.strip()
+    return int(text) if text.isdigit() else None
+
+
+class StatusLedger(Protocol):
+    """Where callbacks are applied (see admin_store.OutboxAdminStore)."""
+
+    async def apply_status_callback(
+        self,
+        twilio_sid: str,
+        twilio_status: str,
+        *,
+        error_code: int | None,
+        error_message: str | None,
+        now: datetime,
+    ) -> CallbackEffect: ...
+
+
+class StatusCallbackHandler:
+    def __init__(self, store: StatusLedger, now: Callable[[], datetime]) -> None:
+        self._store = store
+        self._now = now
+
+    async def __call__(self, msg: Msg) -> Decision:
+        try:
+            callback = StatusReceived.FromString(msg.data)
+        except DecodeError:
+            CALLBACKS.labels("undecodable").inc()
+            _log.warning("outbox.callback_undecodable", extra={"fields": {"subject": msg.subject}})
+            return Term("undecodable StatusReceived")
+        if not callback.message_sid or not callback.message_status:
+            CALLBACKS.labels("incomplete").inc()
+            return Term("StatusReceived without message_sid or message_status")
+        effect = await self._store.apply_status_callback(
+            callback.message_sid,
+            callback.message_status,
+            error_code=_error_code(callback.error_code),
+            error_message=callback.error_message or None,
+            now=self._now(),
+        )
+        if effect is CallbackEffect.UNKNOWN_SID:
+            if is_last_delivery(msg, STATUS_CONSUMER):
+                CALLBACKS.labels("unknown_sid").inc()
+                _log.warning(
+                    "outbox.callback_unknown_sid",
+                    extra={
+                        "fields": {
+                            "message_sid": callback.message_sid,
+                            "status": callback.message_status,
+                        }
+                    },
+                )
+                return Term("no outbox message has this SID")
+            return Nak(unknown_sid_delay_s(msg.metadata.num_delivered))
+        CALLBACKS.labels(effect.value).inc()
+        return Ack()

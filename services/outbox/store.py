@@ -1,0 +1,360 @@
+"""All SQL of the sender side of the outbox: enqueue, claim under a lease, renew and release
+leases, write send results in batches (status, attempts and events in one statement), and the
+look-ups reconciliation needs. The operator side (reads, dead letters, status callbacks) is in
+`admin_store.py`.
+
+Wake-ups: an enqueue that is due now NOTIFYs `outbox_due` at commit; workers LISTEN on it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+import asyncpg
+
+from services.outbox.domain import Channel, MessageKind
+from services.outbox.records import ClaimedMessage, NewMessage, Resolution
+
+DUE_CHANNEL = "outbox_due"
+
+
+_ENQUEUE = """
+WITH inserted AS (
+    INSERT INTO messages (
+        tenant_id, idempotency_key, correlation_id, kind, account_sid, sender,
+        recipient_channel, recipient, body, content_sid, content_variables,
+        next_attempt_at, max_attempts, traceparent)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, coalesce($12, now()), $13, $14)
+    ON CONFLICT ON CONSTRAINT messages_tenant_idempotency_key_key DO NOTHING
+    RETURNING id, next_attempt_at
+)
+SELECT id, CASE WHEN next_attempt_at <= now() THEN pg_notify('outbox_due', '') END
+FROM inserted
+"""
+
+_EXISTING = "SELECT id FROM messages WHERE tenant_id = $1 AND idempotency_key = $2"
+
+# One statement: pick due rows (skipping those another worker holds), take the lease, and
+# record a lease that ran out as an attempt whose outcome must be reconciled. A `sending` row
+# is due when its lease expired: `next_attempt_at` doubles as the lease expiry for the index.
+_CLAIM = """
+WITH due AS (
+    SELECT id, status AS prior_status, attempt_started_at AS prior_started_at,
+           lease_owner AS prior_owner
+    FROM messages
+    WHERE status IN ('pending', 'sending') AND next_attempt_at <= now()
+      AND NOT (sender || ' ' || tenant_id = ANY ($4::text[]))
+    ORDER BY next_attempt_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE messages m SET
+        status = 'sending',
+        lease_owner = $1,
+        lease_expires_at = now() + make_interval(secs => $3),
+        next_attempt_at = now() + make_interval(secs => $3),
+        attempt_started_at = now(),
+        attempt_count = m.attempt_count + (due.prior_status = 'sending')::int,
+        reconcile_since = CASE WHEN due.prior_status = 'sending'
+            THEN coalesce(m.reconcile_since, due.prior_started_at, m.updated_at)
+            ELSE m.reconcile_since END,
+        updated_at = now()
+    FROM due
+    -- `= ANY (ARRAY(...))`: primary-key look-ups, never a scan of the table.
+    WHERE m.id = ANY (ARRAY(SELECT id FROM due)) AND m.id = due.id
+    RETURNING m.id, m.tenant_id, m.correlation_id, m.kind, m.account_sid, m.sender,
+        m.recipient_channel, m.recipient, m.body, m.content_sid, m.content_variables,
+        m.attempt_count, m.max_attempts, m.reconcile_failures, m.attempt_started_at,
+        m.reconcile_since, m.traceparent, due.prior_status, due.prior_started_at,
+        due.prior_owner
+), lease_expiries AS (
+    INSERT INTO attempts (message_id, outcome, started_at, finished_at, error_message, worker_id)
+    SELECT id, 'lease_expired', coalesce(prior_started_at, now()), now(),
+        'the worker lease ran out before a result was recorded', coalesce(prior_owner, '')
+    FROM claimed
+    WHERE prior_status = 'sending'
+)
+SELECT * FROM claimed
+"""
+
+# Walk the due index in order and stop after `limit` rows. Right after a burst of enqueues
+# the table statistics lag behind (until autovacuum analyzes it) and the planner would
+# rather sort every due row to find the oldest few: with a backlog of a million, every claim.
+_CLAIM_PLAN = "SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off"
+
+_RENEW = """
+UPDATE messages SET
+    lease_expires_at = now() + make_interval(secs => $3),
+    next_attempt_at = now() + make_interval(secs => $3)
+WHERE id = ANY ($1::uuid[]) AND lease_owner = $2 AND status = 'sending'
+RETURNING id
+"""
+
+# Claimed but never handed to Twilio (shutdown): due again at once, for any worker.
+_RELEASE = """
+UPDATE messages SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL,
+    next_attempt_at = now(), updated_at = now()
+WHERE id = ANY ($1::uuid[]) AND lease_owner = $2 AND status = 'sending'
+"""
+
+# Results of many claims in one statement. A row is written only while this worker still
+# holds its lease -- except an acceptance by Twilio, which is recorded even after a lost lease
+# (it is the truth; whoever holds the message now will find it sent) unless that Twilio SID
+# is already someone's.
+_RESOLVE = """
+WITH input AS MATERIALIZED (
+    SELECT * FROM unnest($2::uuid[], $3::text[], $4::int[], $5::int[], $6::timestamptz[],
+        $7::timestamptz[], $8::text[], $9::text[], $10::timestamptz[], $11::text[], $12::int[],
+        $13::text[])
+    AS i(id, status, attempt_increment, reconcile_failure_increment, next_attempt_at,
+        reconcile_since, twilio_sid, twilio_status, sent_at, dead_reason, error_code,
+        error_message)
+), taken AS MATERIALIZED (
+    SELECT twilio_sid FROM messages WHERE twilio_sid = ANY ($8::text[])
+), updated AS (
+    UPDATE messages m SET
+        status = i.status,
+        attempt_count = m.attempt_count + i.attempt_increment,
+        reconcile_failures = CASE WHEN i.status = 'pending'
+            THEN m.reconcile_failures + i.reconcile_failure_increment ELSE 0 END,
+        next_attempt_at = coalesce(i.next_attempt_at, m.next_attempt_at),
+        reconcile_since = i.reconcile_since,
+        twilio_sid = coalesce(i.twilio_sid, m.twilio_sid),
+        twilio_status = coalesce(i.twilio_status, m.twilio_status),
+        sent_at = coalesce(i.sent_at, m.sent_at),
+        dead_reason = i.dead_reason,
+        dead_at = CASE WHEN i.status = 'dead' THEN now() END,
+        last_error_code = coalesce(i.error_code, m.last_error_code),
+        last_error_message = coalesce(i.error_message, m.last_error_message),
+        lease_owner = NULL,
+        lease_expires_at = NULL,
+        updated_at = now()
+    FROM input i
+    -- `m.id = ANY` makes this primary-key look-ups whatever the table statistics say; the
+    -- ownership rule is a CASE so no other index (e.g. over all pending rows) is scanned.
+    WHERE m.id = ANY ($2::uuid[]) AND m.id = i.id
+      AND CASE
+        WHEN m.status = 'sending' AND m.lease_owner = $1 THEN true
+        WHEN i.status = 'sent' THEN m.twilio_sid IS NULL
+            AND m.status IN ('pending', 'sending', 'dead')
+        ELSE false END
+      AND (i.twilio_sid IS NULL OR i.twilio_sid NOT IN (SELECT twilio_sid FROM taken))
+    RETURNING m.id
+), attempts_written AS (
+    INSERT INTO attempts (message_id, outcome, started_at, finished_at, http_status,
+        error_code, error_message, twilio_sid, worker_id)
+    SELECT a.message_id, a.outcome, a.started_at, a.finished_at, a.http_status, a.error_code,
+        a.error_message, a.twilio_sid, $1
+    FROM unnest($14::uuid[], $15::text[], $16::timestamptz[], $17::timestamptz[], $18::int[],
+        $19::int[], $20::text[], $21::text[])
+        AS a(message_id, outcome, started_at, finished_at, http_status, error_code,
+            error_message, twilio_sid)
+    WHERE a.message_id IN (SELECT id FROM updated)
+), events_written AS (
+    INSERT INTO events (subject, aggregate_id, tenant_id, payload, traceparent)
+    SELECT e.subject, e.message_id::text, e.tenant_id, e.payload, e.traceparent
+    FROM unnest($22::uuid[], $23::text[], $24::text[], $25::bytea[], $26::text[])
+        WITH ORDINALITY AS e(message_id, subject, tenant_id, payload, traceparent, n)
+    WHERE e.message_id IN (SELECT id FROM updated)
+    ORDER BY e.n
+    RETURNING 1
+)
+SELECT array(SELECT id FROM updated) AS ids,
+    (SELECT pg_notify('events_' || current_schema(), '')
+     WHERE EXISTS (SELECT 1 FROM events_written)) IS NULL AS unused
+"""
+
+# Reconciliation may adopt a Twilio message only when no other message to the same person
+# from the same sender could be mid-send with its SID not yet recorded: a plain send in
+# flight, or an earlier-claimed (smaller id) reconciliation that may go on to resend.
+_RECONCILE_CHECK = """
+SELECT EXISTS (
+    SELECT 1 FROM messages o
+    WHERE o.recipient = $1 AND o.sender = $2 AND o.id <> $3
+      AND o.status = 'sending' AND o.lease_expires_at > now()
+      AND (o.reconcile_since IS NULL OR o.id < $3)
+) AS blocked,
+array(SELECT twilio_sid FROM messages WHERE twilio_sid = ANY ($4::text[])) AS taken
+"""
+
+# A reconciliation that found nothing and goes on to send looks like a plain send from now on.
+_START_RESEND = """
+UPDATE messages SET reconcile_since = NULL
+WHERE id = $1 AND lease_owner = $2 AND status = 'sending'
+RETURNING id
+"""
+
+# One count per status so each uses its partial index, never a scan of every message sent.
+_BACKLOG = """
+SELECT (SELECT count(*) FROM messages WHERE status = 'pending') AS pending,
+    (SELECT count(*) FROM messages WHERE status = 'sending') AS sending,
+    (SELECT count(*) FROM messages WHERE status = 'dead') AS dead
+"""
+
+
+def _claimed(row: asyncpg.Record) -> ClaimedMessage:
+    return ClaimedMessage(
+        id=row["id"],
+        tenant_id=row["tenant_id"],
+        correlation_id=row["correlation_id"],
+        kind=MessageKind(row["kind"]),
+        account_sid=row["account_sid"],
+        sender=row["sender"],
+        channel=Channel(row["recipient_channel"]),
+        recipient=row["recipient"],
+        body=row["body"],
+        content_sid=row["content_sid"],
+        content_variables=row["content_variables"],
+        attempt_count=row["attempt_count"],
+        max_attempts=row["max_attempts"],
+        reconcile_failures=row["reconcile_failures"],
+        claimed_at=row["attempt_started_at"],
+        reconcile_since=row["reconcile_since"],
+        traceparent=row["traceparent"],
+        lease_expired=row["prior_status"] == "sending",
+    )
+
+
+def _pair_key(sender: str, tenant_id: str) -> str:
+    return f"{sender} {tenant_id}"
+
+
+class OutboxStore:
+    """The sender side's statements over one pool (connections run as the outbox role)."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def enqueue(self, message: NewMessage) -> tuple[uuid.UUID, bool]:
+        """(message id, created). The same (tenant, idempotency key) returns the first id."""
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                _ENQUEUE,
+                message.tenant_id,
+                message.idempotency_key,
+                message.correlation_id,
+                message.kind.value,
+                message.account_sid,
+                message.sender,
+                message.recipient_channel.value,
+                message.recipient,
+                message.body,
+                message.content_sid,
+                message.content_variables,
+                message.not_before,
+                message.max_attempts,
+                message.traceparent,
+            )
+            if row is not None:
+                return row["id"], True
+            existing = await conn.fetchval(_EXISTING, message.tenant_id, message.idempotency_key)
+        if existing is None:  # the conflicting row was deleted meanwhile; vanishingly rare
+            raise asyncpg.SerializationError("idempotency key conflict, retry")
+        return existing, False
+
+    async def claim_due_messages(
+        self,
+        worker_id: str,
+        limit: int,
+        lease_s: float,
+        saturated: Sequence[tuple[str, str]] = (),
+    ) -> list[ClaimedMessage]:
+        """Claim up to `limit` due messages for `lease_s` seconds, oldest due first, skipping
+        rows other workers hold and the (sender, tenant) pairs this worker has enough of."""
+        pairs = [_pair_key(sender, tenant) for sender, tenant in saturated]
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(_CLAIM_PLAN)
+            rows = await conn.fetch(_CLAIM, worker_id, limit, float(lease_s), pairs)
+        return [_claimed(row) for row in rows]
+
+    async def renew_leases(
+        self, worker_id: str, ids: Sequence[uuid.UUID], lease_s: float
+    ) -> set[uuid.UUID]:
+        """Extend the leases still held; returns those ids (the others were lost)."""
+        if not ids:
+            return set()
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(_RENEW, list(ids), worker_id, float(lease_s))
+        return {row["id"] for row in rows}
+
+    async def release(self, worker_id: str, ids: Sequence[uuid.UUID]) -> None:
+        if ids:
+            async with self.pool.acquire() as conn:
+                await conn.execute(_RELEASE, list(ids), worker_id)
+
+    async def record_resolutions(
+        self, worker_id: str, resolutions: Sequence[Resolution]
+    ) -> set[uuid.UUID]:
+        """Write many results in one statement (one transaction); returns the ids written."""
+        if not resolutions:
+            return set()
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(_RESOLVE, worker_id, *_resolution_columns(resolutions))
+        assert row is not None
+        return set(row["ids"])
+
+    async def reconcile_check(
+        self, message: ClaimedMessage, candidate_sids: Sequence[str]
+    ) -> tuple[bool, frozenset[str]]:
+        """(blocked by a sibling possibly mid-send, the candidate SIDs already recorded)."""
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                _RECONCILE_CHECK, message.recipient, message.sender, message.id, candidate_sids
+            )
+        assert row is not None
+        return row["blocked"], frozenset(row["taken"])
+
+    async def backlog_counts(self) -> dict[str, int]:
+        """Messages per status among those still in the outbox's hands or an operator's."""
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(_BACKLOG)
+        assert row is not None
+        return dict(row)
+
+    async def start_resend(self, worker_id: str, message_id: uuid.UUID) -> bool:
+        """Mark a reconciled message as a plain send; False if the lease was lost."""
+        async with self.pool.acquire() as conn:
+            return await conn.fetchval(_START_RESEND, message_id, worker_id) is not None
+
+
+def _resolution_columns(resolutions: Sequence[Resolution]) -> list[list[object]]:
+    """The 25 parallel arrays `_RESOLVE` unnests: messages, attempts, then events."""
+    message_columns: list[list[object]] = [[] for _ in range(12)]
+    attempt_columns: list[list[object]] = [[] for _ in range(8)]
+    event_columns: list[list[object]] = [[] for _ in range(5)]
+    for r in resolutions:
+        values = (
+            r.message_id,
+            r.status.value,
+            r.attempt_increment,
+            r.reconcile_failure_increment,
+            r.next_attempt_at,
+            r.reconcile_since,
+            r.twilio_sid,
+            r.twilio_status,
+            r.sent_at,
+            r.dead_reason.value if r.dead_reason else None,
+            r.error_code,
+            r.error_message,
+        )
+        for column, value in zip(message_columns, values, strict=True):
+            column.append(value)
+        for a in r.attempts:
+            attempt = (
+                r.message_id,
+                a.outcome.value,
+                a.started_at,
+                a.finished_at,
+                a.http_status,
+                a.error_code,
+                a.error_message,
+                a.twilio_sid,
+            )
+            for column, value in zip(attempt_columns, attempt, strict=True):
+                column.append(value)
+        for e in r.events:
+            event = (r.message_id, e.subject, r.tenant_id, e.payload, e.traceparent)
+            for column, value in zip(event_columns, event, strict=True):
+                column.append(value)
+    return [*message_columns, *attempt_columns, *event_columns]

@@ -1,0 +1,246 @@
+"""The sender side's SQL on the session's real PostgreSQL: idempotent enqueue with its NOTIFY,
+claims under a lease that never overlap, expired leases claimed again for reconciliation,
+batched results that respect who holds the lease, and fairness between tenants."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from infra.db import create_pool, migrate_service
+from services.outbox.domain import (
+    AttemptOutcome,
+    Channel,
+    MessageKind,
+    MessageStatus,
+)
+from services.outbox.records import AttemptRecord, NewMessage, PendingEvent, Resolution
+from services.outbox.store import DUE_CHANNEL, OutboxStore
+from tests.support.db import reset_service_schema
+
+MIGRATIONS = Path(__file__).resolve().parents[3] / "services" / "outbox" / "migrations"
+ACCOUNT = "AC" + "7" * 32
+
+
+@pytest.fixture(scope="module")
+async def pool(admin_dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    await reset_service_schema(admin_dsn, "outbox")
+    dsn = await migrate_service("outbox", MIGRATIONS)
+    pool = await create_pool(dsn, "outbox", min_size=2, max_size=10)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def store(pool: asyncpg.Pool) -> OutboxStore:
+    await pool.execute("TRUNCATE messages, attempts, events")
+    return OutboxStore(pool)
+
+
+def new(
+    i: int, *, tenant: str = "shop-a", sender: str = "+14155550100", **changes: object
+) -> NewMessage:
+    fields: dict[str, object] = {
+        "tenant_id": tenant,
+        "idempotency_key": f"key-{tenant}-{i}",
+        "correlation_id": "",
+        "kind": MessageKind.CONVERSATIONAL,
+        "account_sid": ACCOUNT,
+        "sender": sender,
+        "recipient_channel": Channel.SMS,
+        "recipient": f"+3361{i:07d}",
+        "body": f"message {i}",
+        "content_sid": None,
+        "content_variables": None,
+        "not_before": None,
+        "max_attempts": 5,
+    }
+    fields.update(changes)
+    return NewMessage(**fields)  # type: ignore[arg-type]
+
+
+async def test_enqueue_twice_with_one_key_stores_one_message_and_notifies_once(
+    store: OutboxStore, pool: asyncpg.Pool
+) -> None:
+    notified: list[str] = []
+
+    def on_notify(*args: object) -> None:
+        notified.append(str(args[2]))
+
+    async with pool.acquire() as listener:
+        await listener.add_listener(DUE_CHANNEL, on_notify)
+        try:
+            first = await store.enqueue(new(1))
+            again = await store.enqueue(new(1, body="a different body"))
+            await asyncio.sleep(0.2)
+        finally:
+            await listener.remove_listener(DUE_CHANNEL, on_notify)
+    assert first[1] is True and again == (first[0], False)
+    assert await pool.fetchval("SELECT count(*) FROM messages") == 1
+    assert await pool.fetchval("SELECT body FROM messages") == "message 1"
+    assert notified == [DUE_CHANNEL]
+
+
+async def test_a_message_scheduled_for_later_is_not_claimed_before_its_time(
+    store: OutboxStore,
+) -> None:
+    later = datetime.now(UTC) + timedelta(hours=1)
+    await store.enqueue(new(1, not_before=later))
+    assert await store.claim_due_messages("w1", 10, 30) == []
+
+
+async def test_concurrent_claims_never_share_a_message(store: OutboxStore) -> None:
+    for i in range(300):
+        await store.enqueue(new(i))
+    claims = await asyncio.gather(*(store.claim_due_messages(f"w{n}", 40, 30) for n in range(8)))
+    ids = [m.id for claim in claims for m in claim]
+    assert len(ids) == len(set(ids)) == 300
+
+
+async def test_an_expired_lease_is_claimed_again_as_an_unknown_outcome(
+    store: OutboxStore, pool: asyncpg.Pool
+) -> None:
+    await store.enqueue(new(1))
+    [first] = await store.claim_due_messages("dead-worker", 10, 30)
+    assert not first.lease_expired and first.reconcile_since is None
+    assert await store.claim_due_messages("w2", 10, 30) == []  # leased
+    await pool.execute("UPDATE messages SET next_attempt_at = now() - interval '1 second'")
+    [again] = await store.claim_due_messages("w2", 10, 30)
+    assert again.id == first.id and again.lease_expired
+    assert again.reconcile_since == first.claimed_at
+    assert again.attempt_count == 1
+    row = await pool.fetchrow("SELECT outcome, worker_id FROM attempts")
+    assert dict(row) == {"outcome": "lease_expired", "worker_id": "dead-worker"}
+
+
+def _sent(message_id: uuid.UUID, sid: str) -> Resolution:
+    now = datetime.now(UTC)
+    return Resolution(
+        message_id,
+        "shop-a",
+        MessageStatus.SENT,
+        (AttemptRecord(AttemptOutcome.ACCEPTED, now, now, 201, twilio_sid=sid),),
+        attempt_increment=1,
+        twilio_sid=sid,
+        twilio_status="queued",
+        sent_at=now,
+        events=(PendingEvent("outbox.v1.message.sent", b"payload"),),
+    )
+
+
+def _retry(message_id: uuid.UUID) -> Resolution:
+    return Resolution(
+        message_id,
+        "shop-a",
+        MessageStatus.PENDING,
+        attempt_increment=1,
+        next_attempt_at=datetime.now(UTC) + timedelta(seconds=5),
+        error_code=20500,
+        error_message="Internal Server Error",
+    )
+
+
+async def test_results_are_written_in_one_batch_with_attempts_and_events(
+    store: OutboxStore, pool: asyncpg.Pool
+) -> None:
+    for i in range(3):
+        await store.enqueue(new(i))
+    claimed = await store.claim_due_messages("w1", 10, 30)
+    written = await store.record_resolutions(
+        "w1", [_sent(claimed[0].id, "SM1"), _sent(claimed[1].id, "SM2"), _retry(claimed[2].id)]
+    )
+    assert written == {m.id for m in claimed}
+    statuses = dict(await pool.fetch("SELECT twilio_sid, status FROM messages"))
+    assert statuses == {"SM1": "sent", "SM2": "sent", None: "pending"}
+    assert await pool.fetchval("SELECT count(*) FROM attempts") == 2
+    assert await pool.fetchval("SELECT count(*) FROM events WHERE published_at IS NULL") == 2
+
+
+async def test_a_worker_that_lost_its_lease_cannot_overwrite_the_new_holder(
+    store: OutboxStore, pool: asyncpg.Pool
+) -> None:
+    await store.enqueue(new(1))
+    await store.enqueue(new(2))
+    first, second = await store.claim_due_messages("slow-worker", 10, 30)
+    await pool.execute("UPDATE messages SET next_attempt_at = now() - interval '1 second'")
+    assert len(await store.claim_due_messages("w2", 10, 30)) == 2
+    # A retry decision from the old holder is refused ...
+    assert await store.record_resolutions("slow-worker", [_retry(first.id)]) == set()
+    # ... but Twilio's acceptance is a fact and is kept, once, whoever learned it.
+    assert await store.record_resolutions("slow-worker", [_sent(second.id, "SM9")]) == {second.id}
+    assert await store.record_resolutions("w2", [_sent(second.id, "SM10")]) == set()
+    rows = dict(await pool.fetch("SELECT id, coalesce(twilio_sid, status) FROM messages"))
+    assert rows == {first.id: "sending", second.id: "SM9"}
+
+
+async def test_a_twilio_sid_is_never_recorded_for_two_messages(
+    store: OutboxStore, pool: asyncpg.Pool
+) -> None:
+    await store.enqueue(new(1))
+    await store.enqueue(new(2))
+    first, second = await store.claim_due_messages("w1", 10, 30)
+    written = await store.record_resolutions("w1", [_sent(first.id, "SM1")])
+    assert written == {first.id}
+    assert await store.record_resolutions("w1", [_sent(second.id, "SM1")]) == set()
+
+
+async def test_renewed_leases_hold_and_released_messages_are_due_at_once(
+    store: OutboxStore,
+) -> None:
+    await store.enqueue(new(1))
+    [message] = await store.claim_due_messages("w1", 10, 30)
+    assert await store.renew_leases("w1", [message.id], 30) == {message.id}
+    assert await store.renew_leases("intruder", [message.id], 30) == set()
+    await store.release("w1", [message.id])
+    [again] = await store.claim_due_messages("w2", 10, 30)
+    assert again.id == message.id and not again.lease_expired
+
+
+async def test_a_saturated_tenant_does_not_hold_back_another_tenants_messages(
+    store: OutboxStore,
+) -> None:
+    shared = "MG" + "1" * 32
+    for i in range(50):
+        await store.enqueue(new(i, tenant="burst", sender=shared))
+    await store.enqueue(new(99, tenant="quiet", sender=shared))
+    claimed = await store.claim_due_messages("w1", 5, 30, saturated=[(shared, "burst")])
+    assert [m.tenant_id for m in claimed] == ["quiet"]
+
+
+async def test_the_backlog_is_counted_per_waiting_status(store: OutboxStore) -> None:
+    for i in range(3):
+        await store.enqueue(new(i))
+    await store.claim_due_messages("w1", 1, 30)
+    assert await store.backlog_counts() == {"pending": 2, "sending": 1, "dead": 0}
+
+
+async def test_the_migrate_command_provisions_the_schema_and_exits(admin_dsn: str) -> None:
+    await reset_service_schema(admin_dsn, "outbox")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.outbox",
+        "migrate",
+        cwd=MIGRATIONS.parents[2],
+        env={**os.environ, "DATABASE_URL": admin_dsn, "LOG_LEVEL": "WARNING"},
+    )
+    assert await asyncio.wait_for(process.wait(), 60) == 0
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        tables = {
+            row["tablename"]
+            for row in await conn.fetch(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'outbox'"
+            )
+        }
+    finally:
+        await conn.close()
+    assert {"messages", "attempts", "events", "schema_migrations"} <= tables

@@ -1,0 +1,87 @@
+"""Two outbox processes drain one backlog; one is killed (SIGKILL) in the middle, with sends in
+flight that Twilio accepted but the dead worker never recorded. Its leases run out, the other
+worker claims those messages and settles them by asking Twilio first: nothing is lost and
+Twilio accepts nothing twice."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from tests.integration.outbox.stack import OutboxStack, eventually, new_phone, sms
+
+MESSAGES = 2000
+SENDERS = [f"+1415556{i:04d}" for i in range(8)]
+
+
+async def test_a_worker_killed_mid_drain_loses_nothing_and_duplicates_nothing(
+    stack: OutboxStack,
+) -> None:
+    # Every send takes a while, so the killed worker has many in flight.
+    await stack.set_faults(latency_ms=100)
+    # Start both workers before the backlog exists, so they race for it from the first claim.
+    settings = {
+        "OUTBOX_MAX_IN_FLIGHT": "64",
+        "OUTBOX_RATE_LIMIT_PER_SENDER": "0",
+        "OUTBOX_SEND_TIMEOUT_SECONDS": "2",
+        "OUTBOX_LEASE_SECONDS": "4",
+    }
+    first = await stack.start_outbox(**settings)
+    second = await stack.start_outbox(**settings)
+    ids = await stack.enqueue_many(
+        [
+            {
+                "sender": SENDERS[i % len(SENDERS)],
+                "recipient": sms(new_phone()),
+                "body": f"crash drill message {i}",
+                "idempotency_key": f"crash-{i}",
+            }
+            for i in range(MESSAGES)
+        ]
+    )
+
+    async def first_worker_busy() -> bool:
+        # Sending steadily, so sends are in flight (accepted or not) when it dies.
+        sent_by_first = await stack.count(
+            "SELECT count(*) FROM outbox.attempts WHERE outcome = 'accepted' AND worker_id LIKE $1",
+            f"%:{first.process.pid}",
+        )
+        return sent_by_first >= 300
+
+    await eventually(first_worker_busy, timeout_s=60, interval_s=0.05)
+    first.kill()
+
+    async def drained() -> bool:
+        done = await stack.count(
+            "SELECT count(*) FROM outbox.messages WHERE idempotency_key LIKE 'crash-%'"
+            " AND status = 'sent'"
+        )
+        return done == MESSAGES
+
+    await eventually(drained, timeout_s=90, interval_s=0.5)
+    accepted = Counter(
+        m["body"] for m in await stack.sandbox_messages() if m["body"].startswith("crash drill")
+    )
+    assert len(accepted) == MESSAGES
+    assert accepted.most_common(1)[0][1] == 1, "a message was accepted twice"
+    assert len(set(ids)) == MESSAGES
+    assert stack.db is not None
+    expired = await stack.db.fetch(
+        "SELECT message_id, worker_id FROM outbox.attempts WHERE outcome = 'lease_expired'"
+    )
+    # The dead worker's leases ran out and the survivor claimed those messages again ...
+    assert expired, "the killed worker held nothing when it died"
+    assert {row["worker_id"].rsplit(":", 1)[1] for row in expired} == {str(first.process.pid)}
+    # ... and settled each one by asking Twilio before anything else: those the dead worker
+    # had sent were found and adopted, the others sent for the first time.
+    unsettled = await stack.count(
+        "SELECT count(*) FROM outbox.attempts e WHERE e.outcome = 'lease_expired'"
+        " AND NOT EXISTS (SELECT 1 FROM outbox.attempts r WHERE r.message_id = e.message_id"
+        " AND r.id > e.id AND r.outcome IN ('reconciled_found', 'reconciled_not_found'))"
+    )
+    assert unsettled == 0
+    adopted = await stack.count(
+        "SELECT count(*) FROM outbox.attempts r JOIN outbox.attempts e USING (message_id)"
+        " WHERE e.outcome = 'lease_expired' AND r.outcome = 'reconciled_found'"
+    )
+    assert adopted > 0, "no send of the dead worker was found at Twilio"
+    assert second.process.poll() is None  # the survivor did the rest

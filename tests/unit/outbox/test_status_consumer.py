@@ -1,0 +1,75 @@
+"""The status-callback handler's decisions: decode, apply, and what to do with a callback
+that overtakes the write of its own send."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from snapsell.gateway.v1.events_pb2 import StatusReceived
+
+from infra.jetstream import Ack, Nak, Term
+from services.outbox.admin_store import CallbackEffect
+from services.outbox.consumer import STATUS_CONSUMER, StatusCallbackHandler
+
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+
+
+@dataclass
+class FakeMetadata:
+    num_delivered: int = 1
+
+
+@dataclass
+class FakeMsg:
+    data: bytes
+    subject: str = "gateway.v1.status.received"
+    metadata: FakeMetadata = field(default_factory=FakeMetadata)
+
+
+class FakeStore:
+    def __init__(self, effect: CallbackEffect) -> None:
+        self.effect = effect
+        self.applied: list[tuple[str, str, int | None]] = []
+
+    async def apply_status_callback(
+        self,
+        twilio_sid: str,
+        twilio_status: str,
+        *,
+        error_code: int | None,
+        error_message: str | None,
+        now: datetime,
+    ) -> CallbackEffect:
+        self.applied.append((twilio_sid, twilio_status, error_code))
+        return self.effect
+
+
+def callback(status: str, error_code: str = "") -> bytes:
+    event = StatusReceived(message_sid="SM1", message_status=status, error_code=error_code)
+    return event.SerializeToString()
+
+
+async def test_a_callback_is_applied_and_acked() -> None:
+    store = FakeStore(CallbackEffect.ADVANCED)
+    handler = StatusCallbackHandler(store, lambda: NOW)
+    assert await handler(FakeMsg(callback("undelivered", "30008"))) == Ack()  # type: ignore[arg-type]
+    assert store.applied == [("SM1", "undelivered", 30008)]
+
+
+async def test_a_duplicate_or_late_callback_is_acked_without_effect() -> None:
+    handler = StatusCallbackHandler(FakeStore(CallbackEffect.IGNORED), lambda: NOW)
+    assert await handler(FakeMsg(callback("delivered"))) == Ack()  # type: ignore[arg-type]
+
+
+async def test_a_callback_ahead_of_its_send_result_is_retried_then_given_up() -> None:
+    handler = StatusCallbackHandler(FakeStore(CallbackEffect.UNKNOWN_SID), lambda: NOW)
+    first = await handler(FakeMsg(callback("sent")))  # type: ignore[arg-type]
+    assert isinstance(first, Nak) and first.delay_s < 1
+    last = FakeMsg(callback("sent"), metadata=FakeMetadata(STATUS_CONSUMER.max_deliver))
+    assert isinstance(await handler(last), Term)  # type: ignore[arg-type]
+
+
+async def test_an_undecodable_callback_is_terminated() -> None:
+    handler = StatusCallbackHandler(FakeStore(CallbackEffect.ADVANCED), lambda: NOW)
+    assert isinstance(await handler(FakeMsg(b"\xff\xff not protobuf")), Term)  # type: ignore[arg-type]

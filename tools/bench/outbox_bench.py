@@ -1,0 +1,520 @@
+"""Outbox benchmark: drain rate against pgqueuer, and enqueue-to-accepted latency.
+
+    python -m tools.bench.outbox_bench [--messages 20000] [--rate 200] [--seconds 15]
+
+Everything runs as real processes on this machine: PostgreSQL and NATS (embedded unless
+DATABASE_URL / NATS_URL are set), the Twilio sandbox, routing (CheckOptOut before every send)
+and the outbox. Three measurements, one run:
+
+1. Drain: `--messages` queued messages (inserted in one transaction while the worker waits)
+   sent to the sandbox with the rate limit off; rate = messages / (last result written - commit).
+2. pgqueuer 1.6 doing the same sends (one `messages.create_async` per job, same client, same
+   sandbox, same PostgreSQL) in its own process, at its best: no per-entrypoint
+   `concurrency_limit`, sends bounded inside the job by a semaphore of the same size as the
+   outbox's in-flight limit, every `--pgqueuer-batch` size tried, the best one reported.
+   Twice: jobs that only send ("send only"), and jobs that also ask routing.CheckOptOut first
+   with the outbox's own client, as the outbox does before every send ("same work").
+3. Latency: `Enqueue` over gRPC at a steady `--rate` for `--seconds`; latency = the worker's
+   moment of receiving Twilio's 201 minus the moment the client called Enqueue. Peak RSS
+   (VmHWM) of the outbox process at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import asyncpg
+import grpc
+import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from snapsell.common.v1 import address_pb2
+from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
+
+from infra.auth import issue_token
+from tools.devstack import EmbeddedNats, EmbeddedPostgres, free_port
+from tools.twilio_sandbox.process import SandboxProcess, start_sandbox
+
+PGQUEUER_ENTRYPOINT = "twilio_send"
+ACCOUNT_SID = "AC" + "b" * 32
+AUTH_TOKEN = "bench-" + "t" * 26
+SENDER = "+14155550100"
+ROOT = Path(__file__).resolve().parents[2]
+_BACKLOG = """
+INSERT INTO outbox.messages (tenant_id, idempotency_key, kind, account_sid, sender,
+    recipient_channel, recipient, body, max_attempts)
+SELECT 'bench', 'drain-' || i, 'conversational', $1, $2, 'sms',
+    '+336' || lpad(i::text, 8, '0'), 'bench message ' || i, 5
+FROM generate_series(1, $3) AS i
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_seconds(postmaster: int) -> float:
+    """CPU time of a PostgreSQL server: the postmaster, its reaped children (backends that
+    exited) and its live children."""
+    total = 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid, parent = int(stat.parent.name), int(fields[1])
+        if pid == postmaster:
+            total += sum(int(f) for f in fields[11:15]) / ticks
+        elif parent == postmaster:
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
+
+
+class BenchStack:
+    """The processes of one run; everything started here is stopped here, by PID."""
+
+    def __init__(self, exits: AsyncExitStack, in_flight: int, claim_batch: int) -> None:
+        self._exits = exits
+        self._in_flight = in_flight
+        self._claim_batch = claim_batch
+        self.admin_dsn = os.environ.get("DATABASE_URL", "")
+        self.nats_url = os.environ.get("NATS_URL", "")
+        self.sandbox: SandboxProcess | None = None
+        self.outbox: subprocess.Popen[bytes] | None = None
+        self.routing: subprocess.Popen[bytes] | None = None
+        self.routing_addr = ""
+        # Known only for the server this run started (then its CPU is reported too).
+        self.postmaster: int | None = None
+        self.outbox_port = free_port()
+        self.db: asyncpg.Pool | None = None
+        self._logs = Path(tempfile.mkdtemp(prefix="outbox-bench-"))
+
+    async def start(self) -> None:
+        if not self.admin_dsn:
+            postgres = EmbeddedPostgres(self._logs / "postgres")
+            self.admin_dsn = postgres.start()
+            self.postmaster = postgres.pid
+            self._exits.callback(postgres.destroy)
+        if not self.nats_url:
+            nats = EmbeddedNats(self._logs / "nats")
+            self.nats_url = nats.start()
+            self._exits.callback(nats.stop)
+        self.sandbox = start_sandbox({ACCOUNT_SID: AUTH_TOKEN})
+        self._exits.callback(self.sandbox.stop)
+        self.db = await asyncpg.create_pool(self.admin_dsn, min_size=1, max_size=4)
+        self._exits.push_async_callback(self.db.close)
+        for schema in ("outbox", "routing"):
+            await self.db.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        routing_port = free_port()
+        routing = self._spawn("routing", routing_port, {"OUTBOX_ADDR": "127.0.0.1:9"})
+        self.routing = routing
+        self.routing_addr = f"127.0.0.1:{routing_port}"
+        self._exits.callback(_stop, routing)
+        await _wait_serving(routing, routing_port)
+        self.outbox = self._spawn(
+            "outbox",
+            self.outbox_port,
+            {
+                "ROUTING_ADDR": f"127.0.0.1:{routing_port}",
+                "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
+                "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+                "TWILIO_API_BASE_URL": self.sandbox.url,
+                "PUBLIC_BASE_URL": "http://127.0.0.1:9",
+                "OUTBOX_RATE_LIMIT_PER_SENDER": "0",
+                "OUTBOX_MAX_IN_FLIGHT": str(self._in_flight),
+                "OUTBOX_CLAIM_BATCH": str(self._claim_batch),
+            },
+        )
+        self._exits.callback(_stop, self.outbox)
+        await _wait_serving(self.outbox, self.outbox_port)
+
+    def _spawn(self, name: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        full_env = {
+            **os.environ,
+            "DATABASE_URL": self.admin_dsn,
+            "NATS_URL": self.nats_url,
+            "GRPC_PORT": str(port),
+            "METRICS_PORT": str(free_port()),
+            "LOG_LEVEL": "WARNING",
+            "SELLER_ADMIN_ADDR": "127.0.0.1:9",
+            "LIVE_SESSION_ADDR": "127.0.0.1:9",
+            **env,
+        }
+        log = (self._logs / f"{name}.log").open("ab")
+        return subprocess.Popen(
+            [sys.executable, "-m", f"services.{name}"],
+            cwd=ROOT,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def spawn_pgqueuer_worker(
+        self, batch: int, in_flight: int, consent: bool
+    ) -> subprocess.Popen[str]:
+        assert self.sandbox is not None
+        command = [sys.executable, "-m", "tools.bench.outbox_bench", "pgqueuer-worker"]
+        routing = self.routing_addr if consent else ""
+        args = [self.admin_dsn, self.sandbox.url, str(batch), str(in_flight), routing]
+        return subprocess.Popen([*command, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+
+    @staticmethod
+    async def wait_line(process: subprocess.Popen[str], text: str) -> None:
+        assert process.stdout is not None
+        line = await asyncio.to_thread(process.stdout.readline)
+        if text not in line:
+            raise RuntimeError(f"expected {text!r} from the pgqueuer worker, got {line!r}")
+
+    async def stop_outbox(self) -> None:
+        if self.outbox is not None:
+            _stop(self.outbox)
+
+    def cpu_snapshot(self, **extra: int) -> dict[str, float]:
+        """CPU seconds used so far by each process of the run (by name)."""
+        assert self.sandbox is not None and self.routing is not None
+        pids = {"sandbox": self.sandbox.pid, "routing": self.routing.pid, **extra}
+        if self.outbox is not None and self.outbox.poll() is None:
+            pids["outbox"] = self.outbox.pid
+        usage = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        if self.postmaster is not None:
+            usage["postgres"] = postgres_cpu_seconds(self.postmaster)
+        return usage
+
+    def outbox_peak_rss_mb(self) -> float:
+        assert self.outbox is not None
+        status = Path(f"/proc/{self.outbox.pid}/status").read_text()
+        line = next(x for x in status.splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+
+    async def reset_sandbox(self) -> None:
+        assert self.sandbox is not None
+        async with httpx.AsyncClient() as client:
+            (await client.post(self.sandbox.url + "/_sandbox/reset")).raise_for_status()
+
+    async def sandbox_accepted(self) -> int:
+        assert self.sandbox is not None
+        async with httpx.AsyncClient(timeout=30) as client:
+            reply = await client.get(self.sandbox.url + "/_sandbox/stats")
+        return int(reply.json()["accepted"])
+
+    async def insert_outbox_backlog(self, messages: int) -> float:
+        assert self.db is not None
+        async with self.db.acquire() as conn, conn.transaction():
+            await conn.execute(_BACKLOG, ACCOUNT_SID, SENDER, messages)
+            await conn.execute("NOTIFY outbox_due")
+        return time.time()
+
+    async def wait_outbox_sent(self, messages: int, started: float) -> float:
+        assert self.db is not None
+        query = (
+            "SELECT count(*) FILTER (WHERE status = 'sent') AS sent,"
+            " count(*) FILTER (WHERE status IN ('pending', 'sending')) AS waiting,"
+            " extract(epoch FROM max(updated_at)) AS last"
+            " FROM outbox.messages WHERE tenant_id = 'bench'"
+        )
+        while True:
+            row = await self.db.fetchrow(query)
+            assert row is not None
+            if row["waiting"] == 0:
+                if row["sent"] != messages:
+                    raise RuntimeError(f"only {row['sent']} of {messages} sent")
+                return float(row["last"])
+            if time.time() - started > 600:
+                raise RuntimeError("the outbox did not drain within 10 minutes")
+            await asyncio.sleep(0.05)
+
+    async def outbox_latencies(self, called_at: dict[str, float]) -> list[float]:
+        assert self.db is not None
+        while True:
+            rows = await self.db.fetch(
+                "SELECT idempotency_key, status, extract(epoch FROM sent_at) AS sent,"
+                " extract(epoch FROM created_at) AS created"
+                " FROM outbox.messages WHERE tenant_id = 'bench-latency'"
+            )
+            if len(rows) == len(called_at) and all(r["status"] == "sent" for r in rows):
+                if os.environ.get("OUTBOX_BENCH_DEBUG"):
+                    stored = [float(r["created"]) - called_at[r["idempotency_key"]] for r in rows]
+                    print("enqueue part p50/p99:", percentile(stored, 50), percentile(stored, 99))
+                return [float(r["sent"]) - called_at[r["idempotency_key"]] for r in rows]
+            await asyncio.sleep(0.2)
+
+
+async def enqueue_steadily(stack: BenchStack, rate: float, seconds: float) -> dict[str, float]:
+    """Call Enqueue every 1/rate s (each call its own task, so a slow one does not delay the
+    next); returns when each call was made, by idempotency key."""
+    secret = os.environ["SNAPSELL_JWT_SECRET"]
+    metadata = (("authorization", f"Bearer {issue_token(secret, sub='bench', role='service')}"),)
+    called_at: dict[str, float] = {}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.outbox_port}") as channel:
+        stub = outbox_pb2_grpc.OutboxServiceStub(channel)
+
+        async def enqueue(i: int) -> None:
+            key = f"latency-{i}"
+            request = outbox_pb2.EnqueueRequest(
+                tenant_id="bench-latency",
+                sender=SENDER,
+                recipient=address_pb2.Address(
+                    channel=address_pb2.CHANNEL_SMS, value=f"+337{i:08d}"
+                ),
+                body=f"latency message {i}",
+                idempotency_key=key,
+            )
+            called_at[key] = time.time()
+            await stub.Enqueue(request, metadata=metadata, timeout=10)
+
+        loop = asyncio.get_running_loop()
+        begin = loop.time()
+        tasks = []
+        for i in range(int(rate * seconds)):
+            await asyncio.sleep(max(0.0, begin + i / rate - loop.time()))
+            tasks.append(asyncio.create_task(enqueue(i)))
+        await asyncio.gather(*tasks)
+    return called_at
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def _wait_serving(process: subprocess.Popen[bytes], port: int) -> None:
+    deadline = time.monotonic() + 60
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"a service exited with {process.returncode}")
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"no service became ready on port {port}")
+
+
+def cpu_per_message_ms(
+    before: dict[str, float], after: dict[str, float], messages: int
+) -> dict[str, float]:
+    return {
+        name: round((after[name] - before[name]) / messages * 1000, 3)
+        for name in after
+        if name in before
+    }
+
+
+async def drain_outbox(stack: BenchStack, messages: int) -> dict[str, object]:
+    await stack.reset_sandbox()
+    cpu_before = stack.cpu_snapshot()
+    started = await stack.insert_outbox_backlog(messages)
+    last = await stack.wait_outbox_sent(messages, started)
+    cpu_after = stack.cpu_snapshot()
+    accepted = await stack.sandbox_accepted()
+    return {
+        "seconds": last - started,
+        "rate": messages / (last - started),
+        "accepted": accepted,
+        "cpu_ms_per_message": cpu_per_message_ms(cpu_before, cpu_after, messages),
+    }
+
+
+async def measure_latency(stack: BenchStack, rate: float, seconds: float) -> dict[str, float]:
+    await stack.reset_sandbox()
+    sent_at = await enqueue_steadily(stack, rate, seconds)
+    latencies = await stack.outbox_latencies(sent_at)
+    return {
+        "messages": len(latencies),
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+        "max_ms": max(latencies) * 1000,
+    }
+
+
+async def drain_pgqueuer(
+    stack: BenchStack, messages: int, batch: int, in_flight: int, consent: bool
+) -> dict[str, object]:
+    await stack.reset_sandbox()
+    from pgqueuer.adapters.drivers.asyncpg import AsyncpgDriver
+    from pgqueuer.adapters.persistence.queries import Queries
+
+    conn = await asyncpg.connect(stack.admin_dsn)
+    try:
+        queries = Queries(AsyncpgDriver(conn))
+        if await queries.schema_is_installed():
+            await queries.uninstall()
+        await queries.install()
+        worker = stack.spawn_pgqueuer_worker(batch, in_flight, consent)
+        try:
+            await stack.wait_line(worker, "pgqueuer ready")
+            payloads = [
+                json.dumps({"to": f"+336{i:08d}", "body": f"bench message {i}"}).encode()
+                for i in range(messages)
+            ]
+            cpu_before = stack.cpu_snapshot(pgqueuer=worker.pid)
+            await queries.enqueue([PGQUEUER_ENTRYPOINT] * messages, payloads, [0] * messages)
+            started = time.time()
+            while True:
+                if await conn.fetchval("SELECT count(*) FROM pgqueuer") == 0:
+                    break
+                await asyncio.sleep(0.05)
+            last = await conn.fetchval(
+                "SELECT extract(epoch FROM max(created)) FROM pgqueuer_log"
+                " WHERE status = 'successful'"
+            )
+            cpu_after = stack.cpu_snapshot(pgqueuer=worker.pid)
+            failed = await conn.fetchval(
+                "SELECT count(*) FROM pgqueuer_log WHERE status <> 'successful'"
+                " AND status NOT IN ('queued', 'picked')"
+            )
+        finally:
+            worker.terminate()
+            worker.wait(10)
+        await queries.uninstall()
+    finally:
+        await conn.close()
+    accepted = await stack.sandbox_accepted()
+    elapsed = float(last) - started
+    return {
+        "batch_size": batch,
+        "consent_check": consent,
+        "seconds": elapsed,
+        "rate": messages / elapsed,
+        "accepted": accepted,
+        "failed": failed,
+        "cpu_ms_per_message": cpu_per_message_ms(cpu_before, cpu_after, messages),
+    }
+
+
+async def pgqueuer_worker(
+    dsn: str, api_url: str, batch: int, in_flight: int, routing_addr: str
+) -> None:
+    """The pgqueuer side, in its own process: one Twilio send per job, after a consent check
+    when `routing_addr` is given."""
+    from pgqueuer import PgQueuer
+    from pgqueuer.models import Job
+
+    from infra.auth import ServiceTokenProvider
+    from infra.twilio_http import make_twilio_client
+    from services.outbox.consent import RoutingConsentChecker, routing_channel
+    from services.outbox.domain import Channel
+
+    consent = None
+    if routing_addr:
+        consent = RoutingConsentChecker(
+            routing_channel(routing_addr),
+            ServiceTokenProvider.from_env(sub="pgqueuer-bench"),
+            timeout_s=5.0,
+        )
+
+    client = make_twilio_client(
+        ACCOUNT_SID, AUTH_TOKEN, api_url, timeout_s=10.0, max_connections=in_flight
+    )
+    _ = client.messages  # load the SDK's lazy modules before timing, as the outbox does
+    sends = asyncio.Semaphore(in_flight)
+    pool = await asyncpg.create_pool(dsn, min_size=2, max_size=10)
+    pgq = PgQueuer.from_asyncpg_pool(pool)
+
+    @pgq.entrypoint(PGQUEUER_ENTRYPOINT)
+    async def twilio_send(job: Job) -> None:
+        payload = json.loads(job.payload or b"{}")
+        async with sends:
+            if consent is not None:
+                answer = await consent.check("bench", Channel.SMS, payload["to"])
+                if answer.opted_out:
+                    return
+            await client.messages.create_async(
+                to=payload["to"],
+                from_=SENDER,
+                body=payload["body"],
+                status_callback="http://127.0.0.1:9/webhooks/twilio/status",
+            )
+
+    print("pgqueuer ready", flush=True)
+    try:
+        await pgq.run(batch_size=batch)
+    finally:
+        await client.http_client.close()
+        await pool.close()
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    async with AsyncExitStack() as exits:
+        stack = BenchStack(exits, args.in_flight, args.claim_batch)
+        await stack.start()
+        report: dict[str, object] = {"messages": args.messages, "in_flight": args.in_flight}
+        report["outbox_drain"] = await drain_outbox(stack, args.messages)
+        print("outbox drain:", report["outbox_drain"], flush=True)
+        report["latency"] = await measure_latency(stack, args.rate, args.seconds)
+        report["outbox_peak_rss_mb"] = stack.outbox_peak_rss_mb()
+        print("latency:", report["latency"], "peak RSS MB:", report["outbox_peak_rss_mb"])
+        if not args.skip_pgqueuer:
+            await stack.stop_outbox()  # keep the CPU for pgqueuer alone
+            ours = float(report["outbox_drain"]["rate"])  # type: ignore[index]
+            for consent, label in ((False, "send_only"), (True, "same_work")):
+                runs = []
+                for batch in args.pgqueuer_batch:
+                    result = await drain_pgqueuer(
+                        stack, args.messages, batch, args.in_flight, consent
+                    )
+                    print(f"pgqueuer {label}:", result, flush=True)
+                    runs.append(result)
+                best = max(runs, key=lambda r: float(r["rate"]))  # type: ignore[arg-type]
+                report[f"pgqueuer_{label}_runs"] = runs
+                report[f"ratio_vs_pgqueuer_{label}"] = ours / float(best["rate"])  # type: ignore[arg-type]
+        return report
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["pgqueuer-worker"]:
+        dsn, api_url, batch, in_flight, routing = argv[1:6]
+        import uvloop
+
+        uvloop.run(pgqueuer_worker(dsn, api_url, int(batch), int(in_flight), routing))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--rate", type=float, default=200.0, help="latency test msg/s")
+    parser.add_argument("--seconds", type=float, default=15.0, help="latency test length")
+    parser.add_argument("--in-flight", type=int, default=64)
+    parser.add_argument("--claim-batch", type=int, default=200)
+    parser.add_argument("--pgqueuer-batch", type=int, nargs="+", default=[50, 100, 200, 500])
+    parser.add_argument("--skip-pgqueuer", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the report here")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("SNAPSELL_JWT_SECRET", secrets.token_urlsafe(32))
+    os.environ.setdefault("TMPDIR", tempfile.gettempdir())
+    report = asyncio.run(run(args))
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
