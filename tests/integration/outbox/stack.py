@@ -18,6 +18,8 @@ import httpx
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from snapsell.common.v1 import address_pb2
 from snapsell.gateway.v1 import events_pb2 as gateway_events
 from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
@@ -294,25 +296,31 @@ class OutboxStack:
         )
         return [bytes(row["payload"]) for row in rows]
 
-    async def published(
-        self, subject: str, decode: type[Message], matches: Callable[[Any], bool]
-    ) -> list[Any]:
-        """Events relayed to the OUTBOX_EVENTS stream on `subject` that `matches`."""
+    async def watch(self, subject: str) -> JetStreamContext.PushSubscription:
+        """Events relayed to OUTBOX_EVENTS on `subject` from now on (older ones are skipped:
+        the stream outlives test modules)."""
         assert self.nats is not None
-        js = self.nats.jetstream()
-        found: list[Any] = []
-        subscription = await js.subscribe(subject, stream="OUTBOX_EVENTS", ordered_consumer=True)
-        try:
-            while True:
-                try:
-                    msg = await subscription.next_msg(timeout=0.5)
-                except TimeoutError:
-                    return found
-                event = decode.FromString(msg.data)
-                if matches(event):
-                    found.append(event)
-        finally:
-            await subscription.unsubscribe()
+        return await self.nats.jetstream().subscribe(
+            subject,
+            stream="OUTBOX_EVENTS",
+            ordered_consumer=True,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW),
+        )
+
+
+async def next_event(
+    subscription: JetStreamContext.PushSubscription,
+    decode: type[Message],
+    matches: Callable[[Any], bool],
+    timeout_s: float = 10.0,
+) -> Any:
+    """The first event on the subscription that `matches` (TimeoutError if none comes)."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            msg = await subscription.next_msg(timeout=timeout_s)
+            event = decode.FromString(msg.data)
+            if matches(event):
+                return event
 
 
 def bodies(messages: Sequence[dict[str, Any]]) -> list[str]:

@@ -24,6 +24,7 @@ from tests.integration.outbox.stack import (
     OutboxStack,
     eventually,
     new_phone,
+    next_event,
     sms,
     whatsapp,
 )
@@ -47,24 +48,23 @@ async def test_a_message_is_sent_once_with_the_status_callback_and_recorded(
     stack: OutboxStack,
 ) -> None:
     phone = new_phone()
-    message_id = await stack.enqueue(recipient=sms(phone), body="your order is ready")
-    await stack.wait_status(message_id, "sent")
-    message = await stack.get(message_id)
-    [accepted] = await stack.sandbox_messages(to=phone)
-    assert message.status == outbox_pb2.MESSAGE_STATUS_SENT
-    assert message.twilio_sid == accepted["sid"]
-    assert accepted["from"] == SMS_SENDER and accepted["body"] == "your order is ready"
-    assert accepted["status_callback"] == f"{PUBLIC_BASE_URL}/webhooks/twilio/status"
-    assert [a.outcome for a in message.attempts] == [outbox_pb2.ATTEMPT_OUTCOME_ACCEPTED]
-
-    def is_ours(event: events_pb2.MessageSent) -> bool:
-        return event.message_id == message_id
-
-    async def relayed() -> bool:
-        found = await stack.published("outbox.v1.message.sent", events_pb2.MessageSent, is_ours)
-        return len(found) == 1 and found[0].twilio_sid == accepted["sid"]
-
-    await eventually(relayed, timeout_s=10, interval_s=0.3)
+    sent_events = await stack.watch("outbox.v1.message.sent")
+    try:
+        message_id = await stack.enqueue(recipient=sms(phone), body="your order is ready")
+        await stack.wait_status(message_id, "sent")
+        message = await stack.get(message_id)
+        [accepted] = await stack.sandbox_messages(to=phone)
+        assert message.status == outbox_pb2.MESSAGE_STATUS_SENT
+        assert message.twilio_sid == accepted["sid"]
+        assert accepted["from"] == SMS_SENDER and accepted["body"] == "your order is ready"
+        assert accepted["status_callback"] == f"{PUBLIC_BASE_URL}/webhooks/twilio/status"
+        assert [a.outcome for a in message.attempts] == [outbox_pb2.ATTEMPT_OUTCOME_ACCEPTED]
+        relayed = await next_event(
+            sent_events, events_pb2.MessageSent, lambda e: e.message_id == message_id
+        )
+        assert relayed.twilio_sid == accepted["sid"] and not relayed.reconciled
+    finally:
+        await sent_events.unsubscribe()
 
 
 async def test_enqueue_is_idempotent_per_tenant_and_key(stack: OutboxStack) -> None:
