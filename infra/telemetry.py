@@ -4,6 +4,11 @@ Spans are exported over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (the
 the other standard `OTEL_EXPORTER_OTLP_*` variables itself), and appended as JSON lines to
 `SNAPSELL_TRACE_FILE` when that is set (tests follow a message across processes with it).
 With neither, the API's no-op provider stays in place and no interceptor is installed.
+
+When on, asyncpg queries are spans too, inside the trace of the work that runs them. A query
+with no parent span (a poll, a sweep, the event relay) is not recorded: every background loop
+would otherwise start a one-span trace each second. `OTEL_TRACES_SAMPLER`, when set, replaces
+that rule with the SDK's standard samplers.
 """
 
 from __future__ import annotations
@@ -24,6 +29,15 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_ON,
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+)
+from opentelemetry.trace import Link, SpanKind
+from opentelemetry.util.types import Attributes
 
 from infra.config import env_optional
 
@@ -71,6 +85,32 @@ class JsonLinesSpanExporter(SpanExporter):
                 self._fd = -1
 
 
+_DB_SYSTEM_KEYS = ("db.system", "db.system.name")  # older and current semantic conventions
+
+
+class NoRootQuerySpans(Sampler):
+    """Root sampler: drops database spans that have no parent; records everything else."""
+
+    def should_sample(
+        self,
+        parent_context: context.Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: trace.TraceState | None = None,
+    ) -> SamplingResult:
+        if kind is SpanKind.CLIENT and attributes and any(k in attributes for k in _DB_SYSTEM_KEYS):
+            return SamplingResult(Decision.DROP)
+        return ALWAYS_ON.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+
+    def get_description(self) -> str:
+        return "NoRootQuerySpans"
+
+
 def setup_tracing(service: str) -> TracerProvider | None:
     """Install the SDK provider if an exporter is configured; idempotent. Returns the provider
     (call `.shutdown()` at exit to flush) or None when tracing is off."""
@@ -81,7 +121,8 @@ def setup_tracing(service: str) -> TracerProvider | None:
     trace_file = env_optional("SNAPSELL_TRACE_FILE")
     if not endpoint and not trace_file:
         return None
-    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    sampler = None if env_optional("OTEL_TRACES_SAMPLER") else ParentBased(NoRootQuerySpans())
+    provider = TracerProvider(resource=Resource.create({"service.name": service}), sampler=sampler)
     if endpoint:
         # Imported only when used: the exporter pulls in a second gRPC stack and protobufs.
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -91,6 +132,9 @@ def setup_tracing(service: str) -> TracerProvider | None:
         # Synchronous, so a test can read a span as soon as the operation returns.
         provider.add_span_processor(SimpleSpanProcessor(JsonLinesSpanExporter(trace_file, service)))
     trace.set_tracer_provider(provider)
+    from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+
+    AsyncPGInstrumentor().instrument(tracer_provider=provider)
     _provider = provider
     return provider
 

@@ -107,6 +107,9 @@ FROM idle WHERE s.id = idle.id
 RETURNING {_QUALIFIED_COLUMNS}
 """
 
+# Served by the partial index on active sessions' last activity (the sweeper's).
+_COUNT_LIVE = "SELECT count(*) FROM sessions WHERE status = 'active' AND last_activity_at > $1"
+
 # Only clocks that disagree by more than the window can make the ON CONFLICT path meet a stale
 # row twice in a row; give up loudly rather than loop.
 _MAX_OPEN_ATTEMPTS = 3
@@ -271,6 +274,11 @@ class SessionStore:
             for session in closed:
                 await _record_closed(conn, session, correlation_id="")
         return closed
+
+    async def count_live(self) -> int:
+        """Sessions live right now (active and inside the window), for the metrics gauge."""
+        cutoff = idle_cutoff(self._clock.now(), self._window)
+        return int(await self._pool.fetchval(_COUNT_LIVE, cutoff))
 
     async def close_idle_sessions(
         self, batch: int = 100, *, stop: asyncio.Event | None = None

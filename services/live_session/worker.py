@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 
+from prometheus_client import Counter, Gauge
+
 from infra.events import wait_any
 from infra.log import get_logger
 from services.live_session.store import SessionStore
@@ -16,6 +18,16 @@ from services.live_session.store import SessionStore
 SWEEP_BATCH = 100
 
 _log = get_logger(__name__)
+
+# Every replica reports the same count (it is read from the database): aggregate with max().
+LIVE_SESSIONS = Gauge(
+    "snapsell_live_session_active_sessions",
+    "Live sessions active right now, all tenants (refreshed at each sweep)",
+)
+IDLE_CLOSED = Counter(
+    "snapsell_live_session_idle_closed_total",
+    "Sessions the sweeper closed because they stayed idle past the inactivity window",
+)
 
 
 class IdleSweeper:
@@ -34,5 +46,10 @@ class IdleSweeper:
                 _log.warning("live_session.sweep_failed", extra={"fields": {"error": str(error)}})
             else:
                 if closed:
+                    IDLE_CLOSED.inc(closed)
                     _log.info("live_session.idle_closed", extra={"fields": {"count": closed}})
+            try:
+                LIVE_SESSIONS.set(await self._store.count_live())
+            except Exception as error:  # metrics must never stop the sweeper
+                _log.warning("live_session.count_failed", extra={"fields": {"error": str(error)}})
             await wait_any(stop, timeout_s=self._interval_s)

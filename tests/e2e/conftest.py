@@ -1,0 +1,114 @@
+"""One whole system for the e2e package (every service its own process, exactly as `make run`
+starts them), and shops set up the way an operator and a dashboard would: through the operator
+CLI and through seller_admin's gRPC API."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from snapsell.seller_admin.v1 import seller_admin_pb2, seller_admin_pb2_grpc
+
+from infra import jetstream
+from infra.auth import issue_token
+from tests.e2e.harness import Harness, Shop, new_business_number, new_mobile
+from tests.support.stack import SystemStack, start_system
+
+# Short enough for the sweeper test: the window's minimum, swept every second.
+LIVE_WINDOW_S = 60.0
+FAST_ENV = {
+    "live_session": {
+        "LIVE_SESSION_INACTIVITY_WINDOW_MINUTES": "1",
+        "LIVE_SESSION_SWEEP_INTERVAL_SECONDS": "1",
+    },
+    "routing": {"ROUTING_RETRY_DELAY_CAP_SECONDS": "1"},
+    "outbox": {
+        "OUTBOX_POLL_INTERVAL_SECONDS": "0.2",
+        "OUTBOX_BACKOFF_BASE_SECONDS": "0.1",
+        "OUTBOX_BACKOFF_CAP_SECONDS": "1",
+        "OUTBOX_CONSENT_RETRY_SECONDS": "0.2",
+    },
+}
+
+
+@pytest.fixture(scope="package")
+async def system(
+    admin_dsn: str, nats_url: str, jwt_secret: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[SystemStack]:
+    work_dir: Path = tmp_path_factory.mktemp("e2e")
+    stack = await start_system(admin_dsn, nats_url, jwt_secret, work_dir, service_env=FAST_ENV)
+    try:
+        yield stack
+    finally:
+        await stack.stop()
+
+
+@pytest.fixture(scope="package")
+async def harness(system: SystemStack) -> AsyncIterator[Harness]:
+    nats = await jetstream.connect(system.nats_url, name="e2e-tests")
+    harness = Harness(system, nats)
+    try:
+        yield harness
+    finally:
+        await harness.close()
+        await nats.close()
+
+
+def _cli_json(stack: SystemStack, *args: str) -> dict[str, object]:
+    done = stack.cli(*args)
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout))
+
+
+def shop_from_cli(stack: SystemStack, name: str) -> Shop:
+    """What an operator types to bootstrap a shop (README), owner token included."""
+    tenant = f"{name}-{secrets.token_hex(3)}"
+    number, seller = new_business_number(), new_mobile()
+    _cli_json(stack, "create-tenant", "--tenant", tenant, "--name", name.title())
+    _cli_json(stack, "add-channel", "--tenant", tenant, "--address", f"whatsapp:{number}")
+    _cli_json(stack, "add-seller", "--tenant", tenant, "--phone", seller)
+    issued = stack.cli("issue-token", "--role", "owner", "--tenant", tenant, "--sub", "owner")
+    assert issued.returncode == 0, issued.stderr
+    return Shop(tenant, number, seller, issued.stdout.strip())
+
+
+async def shop_from_api(stack: SystemStack, name: str) -> Shop:
+    """What the dashboard backend does, with an admin token, over seller_admin's gRPC API."""
+    tenant = f"{name}-{secrets.token_hex(3)}"
+    number, seller = new_business_number(), new_mobile()
+    admin = (("authorization", f"Bearer {issue_token(stack.jwt_secret, sub='e2e', role='admin')}"),)
+    async with grpc.aio.insecure_channel(stack.address("seller_admin")) as channel:
+        stub = seller_admin_pb2_grpc.SellerAdminServiceStub(channel)
+        await stub.CreateTenant(
+            seller_admin_pb2.CreateTenantRequest(tenant_id=tenant, display_name=name.title()),
+            metadata=admin,
+            timeout=10,
+        )
+        await stub.AddChannel(
+            seller_admin_pb2.AddChannelRequest(
+                tenant_id=tenant, address=f"whatsapp:{number}", account_sid=stack.account_sid
+            ),
+            metadata=admin,
+            timeout=10,
+        )
+        await stub.AddSellerPhone(
+            seller_admin_pb2.AddSellerPhoneRequest(tenant_id=tenant, phone_number=seller),
+            metadata=admin,
+            timeout=10,
+        )
+    owner = issue_token(stack.jwt_secret, sub="owner", role="owner", tenant_id=tenant)
+    return Shop(tenant, number, seller, owner)
+
+
+@pytest.fixture(scope="package")
+def cli_shop(system: SystemStack) -> Shop:
+    return shop_from_cli(system, "chez-marie")
+
+
+@pytest.fixture(scope="package")
+async def api_shop(system: SystemStack) -> Shop:
+    return await shop_from_api(system, "la-boutique")
