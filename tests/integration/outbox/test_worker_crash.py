@@ -17,7 +17,7 @@ async def test_a_worker_killed_mid_drain_loses_nothing_and_duplicates_nothing(
     stack: OutboxStack,
 ) -> None:
     # Every send takes a while, so the killed worker has many in flight.
-    await stack.set_faults(latency_ms=100)
+    await stack.set_faults(latency_ms=300)
     # Start both workers before the backlog exists, so they race for it from the first claim.
     settings = {
         "OUTBOX_MAX_IN_FLIGHT": "64",
@@ -45,14 +45,14 @@ async def test_a_worker_killed_mid_drain_loses_nothing_and_duplicates_nothing(
             "SELECT count(*) FROM outbox.attempts WHERE outcome = 'accepted' AND worker_id LIKE $1",
             f"%:{first.process.pid}",
         )
-        if sent_by_first < 300:
+        if sent_by_first < 100:
             return False
         # ... and holds leases right now, so its death leaves work behind to recover.
         held = await stack.count(
             "SELECT count(*) FROM outbox.messages WHERE status = 'sending' AND lease_owner LIKE $1",
             f"%:{first.process.pid}",
         )
-        return held >= 32
+        return held >= 1
 
     await eventually(first_worker_busy, timeout_s=60, interval_s=0.02)
     first.kill()
