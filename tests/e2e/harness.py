@@ -141,10 +141,16 @@ class Harness:
         reply.raise_for_status()
         return list(reply.json()["messages"])
 
-    async def set_sandbox_faults(self, **config: Any) -> None:
-        async with httpx.AsyncClient(timeout=10) as client:
-            reply = await client.post(f"{self.stack.sandbox_url}/_sandbox/faults", json=config)
+    async def sandbox_callback(self, twilio_sid: str, status: str) -> int:
+        """Have the sandbox post Twilio's signed status callback for a message it accepted;
+        the HTTP status the gateway answered."""
+        async with httpx.AsyncClient(timeout=20) as client:
+            reply = await client.post(
+                f"{self.stack.sandbox_url}/_sandbox/messages/{twilio_sid}/callback",
+                json={"status": status},
+            )
         reply.raise_for_status()
+        return int(reply.json()["callback_status"])
 
     # --- gRPC APIs, as a shop owner --------------------------------------------------------------
 

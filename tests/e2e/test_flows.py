@@ -155,15 +155,22 @@ async def test_sent_message_ends_delivered_then_read_from_signed_callbacks(
     client = new_mobile()
     # The client wrote first: a free-form WhatsApp reply is allowed within 24 hours.
     await routed(harness, await harness.send(cli_shop, client, "Bonjour, la robe est dispo ?"))
-    await harness.set_sandbox_faults(
-        auto_callbacks=["sent", "delivered", "read"], callback_delay_ms=150
-    )
-    try:
-        message_id = await harness.enqueue(cli_shop, client, "Oui ! Taille M, 25 €")
-        read = await harness.wait_status(cli_shop, message_id, outbox_pb2.MESSAGE_STATUS_READ)
-    finally:
-        await harness.set_sandbox_faults()
+    message_id = await harness.enqueue(cli_shop, client, "Oui ! Taille M, 25 €")
+    sent = await harness.wait_status(cli_shop, message_id, outbox_pb2.MESSAGE_STATUS_SENT)
+    accepted_before = await _status_webhooks_accepted(harness)
+
+    # Twilio's callbacks, signed by the sandbox, posted to the gateway's public URL.
+    assert await harness.sandbox_callback(sent.twilio_sid, "delivered") == 200
+    await harness.wait_status(cli_shop, message_id, outbox_pb2.MESSAGE_STATUS_DELIVERED)
+    assert await harness.sandbox_callback(sent.twilio_sid, "read") == 200
+    read = await harness.wait_status(cli_shop, message_id, outbox_pb2.MESSAGE_STATUS_READ)
     assert read.twilio_status == "read"
+    # Twilio does not promise order: a late `sent` changes nothing, statuses only move forward.
+    ignored_before = await _callbacks(harness, "ignored")
+    assert await harness.sandbox_callback(sent.twilio_sid, "sent") == 200
+    await eventually(lambda: _callbacks_above(harness, "ignored", ignored_before))
+    assert (await harness.message(cli_shop, message_id)).status == outbox_pb2.MESSAGE_STATUS_READ
+
     changes = await harness.wait_event(
         "OUTBOX_EVENTS",
         "outbox.v1.message.status_changed",
@@ -171,18 +178,28 @@ async def test_sent_message_ends_delivered_then_read_from_signed_callbacks(
         lambda event: event.message_id == message_id,
         count=2,
     )
-    statuses = [change.status for change in changes]
-    assert statuses[-2:] == [outbox_pb2.MESSAGE_STATUS_DELIVERED, outbox_pb2.MESSAGE_STATUS_READ]
-    # Forward only: no change ever moved the message back.
-    assert statuses == sorted(statuses)
-    # The callbacks went through the gateway's front door, signed.
-    status_webhooks = await harness.metric(
-        "gateway",
-        "snapsell_gateway_webhook_requests_total",
-        endpoint="status",
-        outcome="accepted",
+    assert [(c.previous_status, c.status) for c in changes] == [
+        (outbox_pb2.MESSAGE_STATUS_SENT, outbox_pb2.MESSAGE_STATUS_DELIVERED),
+        (outbox_pb2.MESSAGE_STATUS_DELIVERED, outbox_pb2.MESSAGE_STATUS_READ),
+    ]
+    assert await _status_webhooks_accepted(harness) == accepted_before + 3
+    # Twilio retrying a callback gets its 200 again; JetStream drops the copy.
+    assert await harness.sandbox_callback(sent.twilio_sid, "read") == 200
+    assert (await harness.message(cli_shop, message_id)).status == outbox_pb2.MESSAGE_STATUS_READ
+
+
+async def _status_webhooks_accepted(harness: Harness) -> float:
+    return await harness.metric(
+        "gateway", "snapsell_gateway_webhook_requests_total", endpoint="status", outcome="accepted"
     )
-    assert status_webhooks >= 3
+
+
+async def _callbacks(harness: Harness, effect: str) -> float:
+    return await harness.metric("outbox", "snapsell_outbox_status_callbacks_total", effect=effect)
+
+
+async def _callbacks_above(harness: Harness, effect: str, before: float) -> bool:
+    return await _callbacks(harness, effect) > before
 
 
 # --- unknown receiving number -------------------------------------------------------------
