@@ -24,151 +24,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import secrets
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 
 import grpc
 import uvloop
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from snapsell.common.v1 import address_pb2
 from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
 from snapsell.seller_admin.v1.seller_admin_pb2_grpc import SellerAdminServiceStub
 
 from infra.auth import issue_token
-from infra.grpc_server import GrpcServer
-from tools.devstack import EmbeddedNats, EmbeddedPostgres, free_port
+from tools.bench.grpc_stack import ECHO_METHOD, Stack, cpu_seconds, median_of, state_dir
 
-ROOT = Path(__file__).resolve().parents[2]
-ECHO_SERVICE = "bench.v1.EchoService"
-ECHO_METHOD = f"/{ECHO_SERVICE}/Echo"
 ACCOUNT_SID = "AC" + "be" * 16
 TARGET_RATIO = 0.4
 TARGET_P99_MS = 20.0
 
 Call = Callable[[int], Awaitable[object]]
 Metadata = tuple[tuple[str, str], ...]
-
-
-# --- the echo server (run as `--serve-echo PORT` in its own process) -----------------------
-
-
-async def _echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-    return request
-
-
-async def serve_echo(port: int) -> None:
-    server = GrpcServer(port, [ECHO_SERVICE], host="127.0.0.1")
-    handler = grpc.unary_unary_rpc_method_handler(_echo)
-    server.server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(ECHO_SERVICE, {"Echo": handler}),)
-    )
-    await server.start()
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
-    await server.stop(1.0)
-
-
-# --- processes ------------------------------------------------------------------------------
-
-
-class Stack:
-    """PostgreSQL, NATS, seller_admin and the echo server; stopped by PID."""
-
-    def __init__(self, state: Path) -> None:
-        self.state = state
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self.ports = {"seller_admin": free_port(), "echo": free_port()}
-        self.jwt_secret = secrets.token_urlsafe(32)
-        self._stops: list[Callable[[], None]] = []
-
-    def _infra(self) -> tuple[str, str]:
-        dsn, url = os.environ.get("DATABASE_URL"), os.environ.get("NATS_URL")
-        if not dsn:
-            postgres = EmbeddedPostgres(self.state / "postgres")
-            dsn = postgres.start()
-            self._stops.append(postgres.destroy)
-        if not url:
-            nats = EmbeddedNats(self.state / "nats")
-            url = nats.start()
-            self._stops.append(nats.stop)
-        return dsn, url
-
-    async def start(self) -> None:
-        dsn, nats_url = self._infra()
-        env = {
-            **os.environ,
-            "DATABASE_URL": dsn,
-            "NATS_URL": nats_url,
-            "SNAPSELL_JWT_SECRET": self.jwt_secret,
-            "LOG_LEVEL": "WARNING",
-            "GRPC_PORT": str(self.ports["seller_admin"]),
-            "METRICS_PORT": str(free_port()),
-        }
-        self._spawn("seller_admin", [sys.executable, "-m", "services.seller_admin"], env)
-        echo = [sys.executable, "-m", "tools.bench.seller_admin_bench", "--serve-echo"]
-        self._spawn("echo", [*echo, str(self.ports["echo"])], dict(os.environ))
-        for name in self.processes:
-            await self._wait_serving(name)
-
-    def address(self, name: str) -> str:
-        return f"127.0.0.1:{self.ports[name]}"
-
-    def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> None:
-        with (self.state / f"{name}.log").open("wb") as log:
-            self.processes[name] = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    async def _wait_serving(self, name: str, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        async with grpc.aio.insecure_channel(self.address(name)) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.processes[name].poll() is not None:
-                    raise RuntimeError(f"{name} exited; see {self.state / (name + '.log')}")
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                await asyncio.sleep(0.2)
-        raise RuntimeError(f"{name} not serving after {timeout_s}s")
-
-    def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        for stop in reversed(self._stops):
-            with contextlib.suppress(Exception):
-                stop()
-
-
-@contextlib.contextmanager
-def state_dir() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="seller-admin-bench-") as tmp:
-        yield Path(tmp)
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -217,12 +96,6 @@ async def seed(
 # --- load -----------------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def drive(call: Call, callers: int, seconds: float, server_pid: int) -> dict[str, float]:
     """`callers` loops calling back to back for `seconds`: calls/s, latency percentiles, and
     the server process's CPU time per call (a figure other load on the machine barely moves)."""
@@ -257,13 +130,9 @@ async def drive(call: Call, callers: int, seconds: float, server_pid: int) -> di
     }
 
 
-def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
-    return {key: round(statistics.median(r[key] for r in rounds), 2) for key in rounds[0]}
-
-
 async def run(args: argparse.Namespace) -> dict[str, object]:
-    with state_dir() as state:
-        stack = Stack(state)
+    with state_dir("seller-admin-bench-") as state:
+        stack = Stack("seller_admin", state)
         try:
             await stack.start()
             return await measure(stack, args)
@@ -374,12 +243,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sellers", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--serve-echo", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        if args.serve_echo is not None:
-            runner.run(serve_echo(args.serve_echo))
-            return 0
         result = runner.run(run(args))
     print(json.dumps(result))
     return 0
