@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import socket
+import sys
 from collections.abc import Iterator
 
 import uvicorn
 
 from infra import jetstream
-from infra.config import env_str
+from infra.config import ConfigError, env_str
 from infra.lifecycle import run_main
 from infra.log import get_logger
 from infra.streams import inbound_stream
@@ -18,6 +20,7 @@ from infra.telemetry import tracing_enabled
 from services.gateway.api import create_app
 from services.gateway.config import load_config
 from services.gateway.publisher import JetStreamPublisher
+from services.gateway.workers import is_worker, run_workers
 
 log = get_logger(__name__)
 
@@ -39,6 +42,7 @@ async def serve(stop: asyncio.Event) -> None:
         stream = inbound_stream()
         await jetstream.ensure_stream(js, stream)
         publisher = JetStreamPublisher(nc, js, stream.name, config.publish_timeout_s)
+        await publisher.start()
         app = create_app(config, publisher.publish, publisher.ready)
         if tracing_enabled():
             from opentelemetry.instrumentation.starlette import StarletteInstrumentor
@@ -62,7 +66,8 @@ async def serve(stop: asyncio.Event) -> None:
         # request never pays for scanning them.
         gc.collect()
         gc.freeze()
-        serving = asyncio.create_task(server.serve())
+        sockets = [_shared_socket(config.http_port)] if is_worker() else None
+        serving = asyncio.create_task(server.serve(sockets=sockets))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
         server.should_exit = True
@@ -72,8 +77,25 @@ async def serve(stop: asyncio.Event) -> None:
         await nc.drain()
 
 
+def _shared_socket(port: int) -> socket.socket:
+    """A listening address several workers bind at once; the kernel spreads connections."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("0.0.0.0", port))
+    return sock
+
+
 def main() -> None:
-    run_main(serve, service="gateway")
+    try:
+        workers = load_config().workers
+    except ConfigError as error:
+        print(f"gateway: configuration error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if workers > 1 and not is_worker():
+        run_workers(workers)
+    else:
+        run_main(serve, service="gateway")
 
 
 if __name__ == "__main__":

@@ -10,15 +10,24 @@ dropped, so Twilio does not retry spam), publish (200 or 503).
 from __future__ import annotations
 
 import hmac
+import os
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
 
 from opentelemetry import trace
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    generate_latest,
+    multiprocess,
+)
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Scope
 from twilio.request_validator import RequestValidator, get_signature_algorithm
 
 from infra.log import get_logger
@@ -33,6 +42,8 @@ FORM_TYPE = "application/x-www-form-urlencoded"
 
 Publish = Callable[[str, bytes, str], Awaitable[None]]
 Ready = Callable[[], Awaitable[bool]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class PublishError(Exception):
@@ -43,34 +54,92 @@ class BodyTooLargeError(Exception):
     pass
 
 
-def _text(status: int, message: str) -> Response:
-    return PlainTextResponse(message + "\n", status_code=status)
+class Answer(NamedTuple):
+    """A complete HTTP answer, headers encoded once."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+    @classmethod
+    def of(cls, status: int, body: bytes, content_type: bytes) -> Answer:
+        headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(body))]
+        return cls(status, headers, body)
+
+    @classmethod
+    def text(cls, status: int, message: str) -> Answer:
+        return cls.of(status, message.encode() + b"\n", b"text/plain; charset=utf-8")
+
+    async def send(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body})
 
 
-def _twiml() -> Response:
-    return Response(TWIML_EMPTY, media_type="text/xml")
+TWIML = Answer.of(200, TWIML_EMPTY, b"text/xml")
+TOO_LARGE = Answer.text(413, "request body too large")
+NOT_FORM = Answer.text(415, f"expected {FORM_TYPE}")
+SOURCE_BLOCKED = Answer.text(429, "too many invalid signatures")
+MALFORMED = Answer.text(400, "body is not valid form data")
+BAD_SIGNATURE = Answer.text(403, "invalid Twilio signature")
+UNAVAILABLE = Answer.text(503, "message bus unavailable, retry later")
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
+class Headers(NamedTuple):
+    """The request headers a webhook reads, picked out of the ASGI scope in one pass."""
+
+    content_type: str
+    content_length: str | None
+    signature: str | None
+    signature_settings: str | None
+
+    @classmethod
+    def of(cls, scope: Scope) -> Headers:
+        found: dict[bytes, str] = {}
+        for name, value in scope["headers"]:
+            if name in _WANTED_HEADERS:
+                found[name] = value.decode("latin-1")
+        return cls(
+            found.get(b"content-type", ""),
+            found.get(b"content-length"),
+            found.get(b"x-twilio-signature"),
+            found.get(b"x-twilio-webhooks-signature-settings"),
+        )
+
+
+_WANTED_HEADERS = frozenset(
+    (
+        b"content-type",
+        b"content-length",
+        b"x-twilio-signature",
+        b"x-twilio-webhooks-signature-settings",
+    )
+)
+
+
+async def _read_body(receive: Receive, declared: str | None, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLargeError
-    if declared is not None:
-        body = await request.body()
-        if len(body) > limit:
-            raise BodyTooLargeError
-        return body
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away
+            break
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise BodyTooLargeError
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 class Webhooks:
-    """The two webhook endpoints, sharing validation, limits and publishing."""
+    """The two webhook endpoints, sharing validation, limits and publishing.
+
+    Each endpoint is a plain ASGI app routed by Starlette: a webhook is the hot path, and it
+    needs neither a `Request` nor a `Response` object, only the body, four headers and a
+    precomputed answer."""
 
     def __init__(self, config: Config, publish: Publish, clock: Callable[[], float]) -> None:
         self._config = config
@@ -84,39 +153,32 @@ class Webhooks:
         )
         self._senders = domain.WindowCounter(config.sender_messages_per_minute, 60.0, clock)
 
-    async def messages(self, request: Request) -> Response:
-        return await self._handle(request, "messages")
+    def endpoint(self, name: str) -> ASGIApp:
+        return _Endpoint(self, name)
 
-    async def status(self, request: Request) -> Response:
-        return await self._handle(request, "status")
-
-    async def _handle(self, request: Request, endpoint: str) -> Response:
-        started = time.perf_counter()
-        outcome, response = await self._process(request, endpoint)
-        metrics.observe_webhook(endpoint, outcome, time.perf_counter() - started)
-        return response
-
-    async def _process(self, request: Request, endpoint: str) -> tuple[str, Response]:
-        client_ip = request.client.host if request.client else "unknown"
+    async def process(self, scope: Scope, receive: Receive, endpoint: str) -> tuple[str, Answer]:
+        headers = Headers.of(scope)
+        client = scope.get("client")
+        client_ip = client[0] if client else "unknown"
         try:
-            body = await _read_body(request, self._config.max_body_bytes)
+            body = await _read_body(receive, headers.content_length, self._config.max_body_bytes)
         except BodyTooLargeError:
-            return "too_large", _text(413, "request body too large")
-        if request.headers.get("content-type", "").split(";")[0].strip().lower() != FORM_TYPE:
-            return "unsupported_media_type", _text(415, f"expected {FORM_TYPE}")
+            return "too_large", TOO_LARGE
+        if headers.content_type.split(";")[0].strip().lower() != FORM_TYPE:
+            return "unsupported_media_type", NOT_FORM
         if self._bad_signatures.over_limit(client_ip):
-            return "source_blocked", _text(429, "too many invalid signatures")
+            return "source_blocked", SOURCE_BLOCKED
         try:
             params = domain.parse_form(body.decode("utf-8"))
         except UnicodeDecodeError:
-            return "malformed", _text(400, "body is not valid form data")
-        if not self._signature_valid(request, params):
+            return "malformed", MALFORMED
+        if not self._signature_valid(scope, headers, params):
             self._bad_signatures.hit(client_ip)
             log.warning(
                 "webhook.signature_invalid",
                 extra={"fields": {"endpoint": endpoint, "client_ip": client_ip}},
             )
-            return "bad_signature", _text(403, "invalid Twilio signature")
+            return "bad_signature", BAD_SIGNATURE
         received_at = time.time_ns()
         try:
             if endpoint == "messages":
@@ -127,7 +189,7 @@ class Webhooks:
                 subject = INBOUND_STATUS_SUBJECT
                 msg_id = f"{status.message_sid}:{status.message_status}"
         except domain.MissingParameterError as error:
-            return "bad_request", _text(400, str(error))
+            return "bad_request", Answer.text(400, str(error))
         span = trace.get_current_span()
         if span.is_recording():  # ops find a message's trace by the MessageSid Twilio shows
             span.set_attribute("twilio.message_sid", params.get("MessageSid", ""))
@@ -136,7 +198,7 @@ class Webhooks:
                 "webhook.sender_flood_dropped",
                 extra={"fields": {"message_sid": msg_id, "sender": params["From"]}},
             )
-            return "sender_flood_dropped", _twiml()
+            return "sender_flood_dropped", TWIML
         payload = (message if endpoint == "messages" else status).SerializeToString()
         try:
             await self._publish(subject, payload, msg_id)
@@ -145,27 +207,40 @@ class Webhooks:
                 "webhook.publish_failed",
                 extra={"fields": {"message_sid": msg_id, "error": str(error)}},
             )
-            return "unavailable", _text(503, "message bus unavailable, retry later")
-        return "accepted", _twiml()
+            return "unavailable", UNAVAILABLE
+        return "accepted", TWIML
 
-    def _signature_valid(self, request: Request, params: domain.FormParams) -> bool:
-        signature = request.headers.get("x-twilio-signature")
+    def _signature_valid(self, scope: Scope, headers: Headers, params: domain.FormParams) -> bool:
+        signature = headers.signature
         if not signature:
             return False
         validator = self._validators.get(params.get("AccountSid", ""), self._default)
         if validator is None:
             return False
-        url = self._config.public_base_url + request.scope["path"]
-        if query := request.scope["query_string"]:
+        url = self._config.public_base_url + scope["path"]
+        if query := scope["query_string"]:
             url += "?" + query.decode("latin-1")
-        algorithm = get_signature_algorithm(
-            request.headers.get("x-twilio-webhooks-signature-settings")
-        )
+        algorithm = get_signature_algorithm(headers.signature_settings)
         try:
             expected = validator.compute_signature(url, params, algorithm)
         except ValueError:  # an algorithm this SDK does not know
             return False
         return hmac.compare_digest(expected.encode(), signature.encode())
+
+
+class _Endpoint:
+    """One webhook route as an ASGI app (an instance, so Starlette does not wrap it in a
+    request/response function)."""
+
+    def __init__(self, webhooks: Webhooks, name: str) -> None:
+        self._webhooks = webhooks
+        self._name = name
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        outcome, answer = await self._webhooks.process(scope, receive, self._name)
+        await answer.send(send)
+        metrics.observe_webhook(self._name, outcome, time.perf_counter() - started)
 
 
 def create_app(
@@ -178,20 +253,25 @@ def create_app(
     webhooks = Webhooks(config, publish, clock)
 
     async def healthz(_: Request) -> Response:
-        return _text(200, "ok")
+        return PlainTextResponse("ok\n")
 
     async def readyz(_: Request) -> Response:
         if await ready():
-            return _text(200, "ready")
-        return _text(503, "message bus not ready")
+            return PlainTextResponse("ready\n")
+        return PlainTextResponse("message bus not ready\n", status_code=503)
+
+    registry = REGISTRY
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # one of several workers: answer for all
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
 
     async def metrics_endpoint(_: Request) -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return Starlette(
         routes=[
-            Route("/webhooks/twilio/messages", webhooks.messages, methods=["POST"]),
-            Route("/webhooks/twilio/status", webhooks.status, methods=["POST"]),
+            Route("/webhooks/twilio/messages", webhooks.endpoint("messages"), methods=["POST"]),
+            Route("/webhooks/twilio/status", webhooks.endpoint("status"), methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),

@@ -21,6 +21,7 @@ class Config:
     signature_failures_per_window: int
     signature_failure_window_s: float
     sender_messages_per_minute: int
+    workers: int  # processes sharing the port (services/gateway/workers.py)
 
 
 def parse_auth_tokens(raw: str | None) -> dict[str, str]:
@@ -66,4 +67,5 @@ def load_config() -> Config:
         sender_messages_per_minute=env_int(
             "GATEWAY_SENDER_MESSAGES_PER_MINUTE", 60, minimum=1, maximum=10_000_000
         ),
+        workers=env_int("GATEWAY_WORKERS", 1, minimum=1, maximum=64),
     )

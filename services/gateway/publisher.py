@@ -30,6 +30,10 @@ class JetStreamPublisher:
         self._js = js
         self._stream = stream
         self._ack_timeout_s = ack_timeout_s
+        self._acked = jetstream.AckedPublisher(nc)
+
+    async def start(self) -> None:
+        await self._acked.start()
 
     async def publish(self, subject: str, data: bytes, msg_id: str) -> None:
         """Publish and wait for the stream's acknowledgement (a duplicate counts as stored)."""
@@ -37,8 +41,8 @@ class JetStreamPublisher:
             raise PublishError("not connected to NATS")
         started = time.perf_counter()
         try:
-            await jetstream.publish(
-                self._js, subject, data, msg_id=msg_id, ack_timeout_s=self._ack_timeout_s
+            await self._acked.publish(
+                subject, data, msg_id=msg_id, ack_timeout_s=self._ack_timeout_s
             )
         except _PUBLISH_FAILURES as error:
             raise PublishError(type(error).__name__) from error

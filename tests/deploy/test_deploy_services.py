@@ -41,6 +41,16 @@ def test_gateway_serves_http_with_http_probes(docs: list[Manifest]) -> None:
     assert gateway["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
 
 
+def test_gateway_runs_no_more_workers_than_its_cpu_limit_has_cores(
+    docs: list[Manifest],
+) -> None:
+    gateway = container(find(docs, "Deployment", "gateway"), "gateway")
+    workers = int(env_of(gateway)["GATEWAY_WORKERS"]["value"])
+    limit = str(gateway["resources"]["limits"]["cpu"])
+    cores = int(limit[:-1]) / 1000 if limit.endswith("m") else float(limit)
+    assert 1 <= workers <= max(1.0, cores)  # below one core, one process
+
+
 @pytest.mark.parametrize("name", list(GRPC_SERVICES))
 def test_grpc_services_use_native_grpc_probes_on_their_port(
     docs: list[Manifest], name: str

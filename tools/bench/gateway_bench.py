@@ -1,15 +1,18 @@
 """Gateway benchmark: signed Twilio webhooks through the gateway vs a bare Starlette route.
 
     python -m tools.bench.gateway_bench [--seconds 10] [--bodies 20000] [--steady-seconds 10]
+                                        [--workers 2]
 
-Starts an embedded NATS JetStream (state in a temp dir), then measures two servers with the
+Starts an embedded NATS JetStream (state in a temp dir), then measures the servers with the
 same uvicorn settings and the same load generators, one after the other (the order alternates
-with the runner's run number, `SNAPSELL_BENCH_RUN`, so neither always goes first):
+with the runner's run number, `SNAPSELL_BENCH_RUN`, so none always goes first):
 
-- bare: `tools.bench.bare_app` — reads the body, answers the empty TwiML;
-- gateway: `python -m services.gateway` — signature check, protobuf, JetStream publish and
-  PubAck, then the same TwiML. Its per-sender spam limit is raised out of the way and every
-  webhook has its own sender, so every request does the full work.
+- bare: `tools.bench.bare_app` — one process; reads the body, answers the empty TwiML;
+- gateway: `python -m services.gateway` as a pod runs it, `GATEWAY_WORKERS=--workers`
+  processes on one port — signature check, protobuf, JetStream publish and PubAck, then the
+  same TwiML. Its per-sender spam limit is raised out of the way and every webhook has its own
+  sender, so every request does the full work;
+- gateway_1p: the same with one process (wrk phases only), shown as `ratio_1p`.
 
 Phases, per server: `wrk -t1 -c32` warm-up (3 s), then `wrk -t1 -c32 --latency` for `--seconds`
 cycling through `--bodies` distinct signed WhatsApp webhooks (`tools.bench.wrk`): maximum rate
@@ -28,7 +31,8 @@ Prints one JSON line (shape in `tools.bench.__main__`):
     {"bench": "gateway",
      "figures": {"bare_rps", "gateway_rps", "ratio" (gateway/bare, this run),
                  "bare_p50_ms", "bare_p99_ms", "gateway_p50_ms", "gateway_p99_ms" (wrk, max load),
-                 "gateway_non200", "half_rate", "half_rate_achieved", "p50_half_rate_ms",
+                 "gateway_non200", "gateway_1p_rps", "ratio_1p" (one process),
+                 "half_rate", "half_rate_achieved", "p50_half_rate_ms",
                  "p99_half_rate_ms", "max_half_rate_ms", "half_rate_non200",
                  "gateway_peak_rss_mb", "bare_peak_rss_mb",
                  "loadgen_cpu_pct", "loadgen_lag_p99_ms" (the steady client's CPU and lateness),
@@ -81,6 +85,8 @@ FIGURE_ORDER = (
     "gateway_p50_ms",
     "gateway_p99_ms",
     "gateway_non200",
+    "gateway_1p_rps",
+    "ratio_1p",
     "half_rate",
     "half_rate_achieved",
     "p50_half_rate_ms",
@@ -139,15 +145,25 @@ class Bench:
             self.notes.append(f"bare: {result.status_errors} non-200, {result.socket_errors} errs")
 
     def measure_gateway(self) -> None:
+        """The gateway as deployed (`--workers` processes): wrk, then the steady half rate."""
+        self._gateway(self.args.workers, "gateway", steady=True)
+
+    def measure_gateway_one_process(self) -> None:
+        """The same with a single process, for the record (wrk only)."""
+        if self.args.workers != 1:
+            self._gateway(1, "gateway_1p", steady=False)
+
+    def _gateway(self, workers: int, name: str, *, steady: bool) -> None:
         env = {
             "NATS_URL": self.nats_url,
             "PUBLIC_BASE_URL": self.public_base,
             "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
             "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
             "GATEWAY_SENDER_MESSAGES_PER_MINUTE": "1000000",
+            "GATEWAY_WORKERS": str(workers),
             "METRICS_PORT": str(free_port()),
         }
-        log = self.workdir / "gateway.log"
+        log = self.workdir / f"{name}.log"
         server = HttpServer(self.args.gateway_module, self.gateway_port, env, log)
         server.start()
         rss = PeakRss(server.pid).start()
@@ -155,18 +171,19 @@ class Bench:
             self.wrk_runs.append(self.wrk(server.port, WARMUP_S))
             result = self.wrk(server.port, self.args.seconds)
             self.wrk_runs.append(result)
-            # uvloop keeps the client's own CPU per request small (it shares the machine).
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                self.steady = runner.run(self._steady_load(result.ok_rps / 2))
+            if steady:
+                # uvloop keeps the client's own CPU per request small (it shares the machine).
+                with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                    self.steady = runner.run(self._steady_load(result.ok_rps / 2))
         finally:
-            self.figures["gateway_peak_rss_mb"] = round(rss.stop(), 1)
+            self.figures[f"{name}_peak_rss_mb"] = round(rss.stop(), 1)
             server.stop()
-        self.figures["gateway_rps"] = round(result.ok_rps, 1)
-        self.figures["gateway_p50_ms"] = _ms(result.p50_ms)
-        self.figures["gateway_p99_ms"] = _ms(result.p99_ms)
-        self.figures["gateway_non200"] = result.status_errors
+        self.figures[f"{name}_rps"] = round(result.ok_rps, 1)
+        self.figures[f"{name}_p50_ms"] = _ms(result.p50_ms)
+        self.figures[f"{name}_p99_ms"] = _ms(result.p99_ms)
+        self.figures[f"{name}_non200"] = result.status_errors
         if result.socket_errors:
-            self.notes.append(f"gateway at max load: {result.socket_errors} socket errors")
+            self.notes.append(f"{name} at max load: {result.socket_errors} socket errors")
 
     async def _steady_load(self, rate: float) -> OpenLoopResult:
         count = max(1, round(rate * self.args.steady_seconds))
@@ -235,10 +252,13 @@ class Bench:
         f = self.figures
         if f.get("bare_rps") and "gateway_rps" in f:
             f["ratio"] = round(f["gateway_rps"] / f["bare_rps"], 3)
+        if f.get("bare_rps") and "gateway_1p_rps" in f:
+            f["ratio_1p"] = round(f["gateway_1p_rps"] / f["bare_rps"], 3)
         figures = {k: f[k] for k in FIGURE_ORDER if k in f} | f
         params = {"wrk": f"-t1 -c{self.args.c}", "seconds": self.args.seconds}
         params |= {"bodies": self.args.bodies, "steady_seconds": self.args.steady_seconds}
         params["gateway_module"] = self.args.gateway_module
+        params["gateway_workers"] = self.args.workers
         return {
             "bench": "gateway",
             "figures": figures,
@@ -254,6 +274,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--bodies", type=int, default=20_000, help="distinct webhooks for wrk")
     parser.add_argument("--steady-seconds", type=float, default=10.0, help="half-rate run length")
     parser.add_argument("-c", type=int, default=32, help="connections (wrk and steady load)")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="gateway processes (GATEWAY_WORKERS), default 2"
+    )
     parser.add_argument("--gateway-module", default="services.gateway", help=argparse.SUPPRESS)
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
     return parser.parse_args(argv)
@@ -270,7 +293,7 @@ def main(argv: list[str]) -> int:
     nats = EmbeddedNats(workdir / "nats")
     try:
         bench = Bench(args, workdir, nats.start())
-        phases = [bench.measure_bare, bench.measure_gateway]
+        phases = [bench.measure_bare, bench.measure_gateway, bench.measure_gateway_one_process]
         if int(os.environ.get("SNAPSELL_BENCH_RUN", "1")) % 2 == 0:
             phases.reverse()
         for phase in phases:

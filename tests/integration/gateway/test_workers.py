@@ -1,0 +1,93 @@
+"""`GATEWAY_WORKERS=2`: two gateway processes behind one port, one set of metrics, one stop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from urllib.parse import urlencode
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.gateway import PUBLIC_BASE_URL, start_gateway
+from tests.support.twilio import sign, whatsapp_params
+
+MESSAGES = "/webhooks/twilio/messages"
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as listing:
+        return [int(child) for child in listing.read().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _accepted(metrics_text: str) -> float:
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if (
+                sample.name == "snapsell_gateway_webhook_requests_total"
+                and sample.labels.get("outcome") == "accepted"
+            ):
+                return sample.value
+    return 0.0
+
+
+async def _post_on_fresh_connection(base: str) -> int:
+    """One webhook per TCP connection, so the kernel may hand each to either worker."""
+    params = whatsapp_params()
+    headers = {
+        "Content-Type": "application/x-www-form-urlencoded",
+        "X-Twilio-Signature": sign(PUBLIC_BASE_URL + MESSAGES, params),
+    }
+    async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+        reply = await http.post(MESSAGES, content=urlencode(params), headers=headers)
+    return reply.status_code
+
+
+async def test_workers_share_the_port_and_answer_metrics_for_all(nats_url: str) -> None:
+    gateway = await start_gateway(
+        nats_url, GATEWAY_WORKERS="2", GATEWAY_SENDER_MESSAGES_PER_MINUTE="1000"
+    )
+    try:
+        base = f"http://{gateway.address}"
+        workers = _children(gateway.pid)
+        assert len(workers) == 2
+
+        statuses = await asyncio.gather(*(_post_on_fresh_connection(base) for _ in range(40)))
+        assert statuses == [200] * 40
+
+        # Whichever worker answers /metrics counts every worker's webhooks.
+        async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+            for _ in range(4):
+                assert _accepted((await http.get("/metrics")).text) == 40
+    finally:
+        assert gateway.stop() == 0, gateway.logs()
+    assert not any(_alive(pid) for pid in workers)
+
+
+async def test_a_dead_worker_is_started_again(nats_url: str) -> None:
+    gateway = await start_gateway(
+        nats_url, GATEWAY_WORKERS="2", GATEWAY_SENDER_MESSAGES_PER_MINUTE="1000"
+    )
+    try:
+        first, second = _children(gateway.pid)
+        os.kill(first, signal.SIGKILL)
+        async with asyncio.timeout(30):
+            while True:
+                workers = _children(gateway.pid)
+                if len(workers) == 2 and first not in workers:
+                    break
+                await asyncio.sleep(0.1)
+        assert second in workers
+        statuses = [await _post_on_fresh_connection(f"http://{gateway.address}") for _ in range(6)]
+        assert statuses == [200] * 6
+    finally:
+        assert gateway.stop() == 0, gateway.logs()
