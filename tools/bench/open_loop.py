@@ -30,6 +30,14 @@ _HEADER_END = b"\r\n\r\n"
 _MIN_SLEEP_S = 0.001
 
 
+def percentile(sorted_values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile of values sorted in ascending order; NaN when there are none."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, round(pct / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
 @dataclass
 class OpenLoopResult:
     rate: float  # requested
@@ -40,13 +48,12 @@ class OpenLoopResult:
     send_span_s: float  # first to last actual send
     client_cpu_s: float
     failures: list[str] = field(default_factory=list)
+    # `time.monotonic()` at which request i was released (0.0 if the run ended before it was).
+    released_at: list[float] = field(default_factory=list)
 
     def percentile(self, pct: float) -> float:
         """Nearest-rank percentile of the latencies (ms)."""
-        if not self.latencies_ms:
-            return float("nan")
-        rank = max(1, round(pct / 100 * len(self.latencies_ms)))
-        return self.latencies_ms[min(rank, len(self.latencies_ms)) - 1]
+        return percentile(self.latencies_ms, pct)
 
     @property
     def achieved_rate(self) -> float:
@@ -200,4 +207,5 @@ async def run_open_loop(
         send_span_s=run.last_send - run.first_send,
         client_cpu_s=time.process_time() - cpu_before,
         failures=run.failures,
+        released_at=run.released,
     )

@@ -52,10 +52,23 @@ def new_nonce() -> int:
     return secrets.randbits(32)
 
 
-def whatsapp_params(sid: str, account_sid: str, index: int, rng: random.Random) -> dict[str, str]:
-    """The form Twilio posts for one inbound WhatsApp text (field order as Twilio sends it)."""
-    wa_id = f"336{index % 100_000_000:08d}"
+def _wa_id(index: int) -> str:
+    return f"336{index % 100_000_000:08d}"
+
+
+def client_address(index: int) -> str:
+    """The WhatsApp address (`From`, and `To` of any reply) of client number `index`."""
+    return f"whatsapp:+{_wa_id(index)}"
+
+
+def whatsapp_params(
+    sid: str, account_sid: str, index: int, rng: random.Random, body: str | None = None
+) -> dict[str, str]:
+    """The form Twilio posts for one inbound WhatsApp text (field order as Twilio sends it);
+    the sender is client number `index`, the text `body` or else one drawn from `rng`."""
+    wa_id = _wa_id(index)
     name = rng.choice(_NAMES)
+    text = rng.choice(_BODIES) if body is None else body
     metadata = {"type": "whatsapp", "data": {"context": {"ProfileName": name, "WaId": wa_id}}}
     return {
         "SmsMessageSid": sid,
@@ -65,27 +78,37 @@ def whatsapp_params(sid: str, account_sid: str, index: int, rng: random.Random) 
         "SmsSid": sid,
         "WaId": wa_id,
         "SmsStatus": "received",
-        "Body": rng.choice(_BODIES),
+        "Body": text,
         "To": f"whatsapp:{BUSINESS_NUMBER}",
         "NumSegments": "1",
         "ReferralNumMedia": "0",
         "MessageSid": sid,
         "AccountSid": account_sid,
-        "From": f"whatsapp:+{wa_id}",
+        "From": client_address(index),
         "ApiVersion": "2010-04-01",
         "ChannelMetadata": json.dumps(metadata, separators=(",", ":"), ensure_ascii=False),
     }
 
 
 def signed_webhooks(
-    public_url: str, account_sid: str, auth_token: str, *, count: int, batch: int, nonce: int
+    public_url: str,
+    account_sid: str,
+    auth_token: str,
+    *,
+    count: int,
+    batch: int,
+    nonce: int,
+    body: str | None = None,
+    first_client: int = 0,
 ) -> Iterator[SignedWebhook]:
-    """`count` distinct webhooks signed for `public_url` (the full URL Twilio would call)."""
+    """`count` distinct webhooks signed for `public_url` (the full URL Twilio would call), from
+    clients `first_client`, `first_client + 1`, ... (see `client_address`); every text is `body`
+    when given, else a mix of item codes and small talk."""
     validator = RequestValidator(auth_token)
     rng = random.Random(f"{batch}:{nonce}")
     for index in range(count):
         sid = message_sid(batch, nonce, index)
-        params = whatsapp_params(sid, account_sid, index, rng)
+        params = whatsapp_params(sid, account_sid, first_client + index, rng, body)
         signature = validator.compute_signature(public_url, params)
         yield SignedWebhook(sid, urlencode(params), signature)
 

@@ -1,0 +1,366 @@
+"""End-to-end benchmark: signed webhook -> gateway -> routing -> outbox -> Twilio sandbox.
+
+    python -m tools.bench.e2e_bench [--rates 100,300,1000] [--seconds 10] [--drain-seconds 15]
+
+The whole system as separate processes (`tools.system`, as `make run` starts it): embedded
+PostgreSQL and NATS JetStream in a temp dir (unless DATABASE_URL / NATS_URL are set; the
+services' schemas there are then dropped first, as the tests do), the Twilio sandbox with no
+latency and no faults, seller_admin, live_session, routing, outbox and the gateway. One shop is
+set up with the operator CLI (`services.seller_admin.cli`). The outbox's per-sender rate limit
+is raised to `--sender-rate` (default 2,000/s) so it does not cap the 1,000/s phase.
+
+Each webhook is a "HELP" from a WhatsApp client that writes only once in the run, so it causes
+exactly one outbound message: routing enqueues the help reply (correlation id = the webhook's
+MessageSid), the outbox checks consent and sends it, the sandbox accepts it. After a warm-up
+(100 webhooks at 50/s, not measured), one phase per rate, lowest first: webhooks posted
+open-loop (`tools.bench.open_loop`, keep-alive connections, each request scheduled at
+`start + i / rate`) for `--seconds`, then at most `--drain-seconds` for the replies. Routing
+does ~250 msg/s on 2 cores, so the higher rates may not finish: what was achieved is reported,
+the rest is counted as pending and said in the notes; before the next phase starts, the
+backlog is given up to `--settle-seconds` to clear, outside of any measurement.
+
+Latency = the outbox's record of the sandbox's 201 (`outbox.messages.sent_at`, found by the
+webhook's MessageSid) - the moment the load generator released the webhook (arithmetic in
+`tools.bench.e2e_figures`); the sandbox itself shows its acceptance time to the second only.
+The sandbox's count per recipient checks that every reply was accepted at most once.
+
+Figures, per rate N (`rN_`): `webhook_rps` achieved post rate; `send_rps` replies accepted /
+(last acceptance - first post); `p50_ms` / `p99_ms` over the replies that arrived;
+`enqueued_p50_ms` / `enqueued_p99_ms` the part before the outbox (webhook -> reply enqueued:
+gateway, JetStream, routing and its peers); `answer_p99_ms` the gateway's answer time;
+`non200` webhooks not answered 200; `pending` replies not sent at the cut; `send_failed`
+replies dead or blocked. Then `<service>_peak_rss_mb` over the run (`tools.bench.rss`),
+`loadgen_cpu_pct` (the load generator at the top rate), `loadgen_lag_p99_ms` (its worst
+lateness), `sandbox_duplicates` and `sandbox_check_ok`.
+Prints one JSON line last (shape in `tools.bench.__main__`); exit 1 when the stack failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import uvloop
+
+from tools.bench.e2e_figures import (
+    WAITING_STATUSES,
+    Outbound,
+    PhaseSummary,
+    check_sandbox,
+    summarise_phase,
+)
+from tools.bench.open_loop import OpenLoopResult, run_open_loop
+from tools.bench.rss import PeakRss
+from tools.bench.webhooks import (
+    BUSINESS_NUMBER,
+    WEBHOOK_PATH,
+    client_address,
+    message_sid,
+    new_nonce,
+    raw_request,
+    signed_webhooks,
+)
+from tools.devstack import DevstackError
+from tools.system import SystemStack, infrastructure, start_system
+from tools.twilio_sandbox.process import SandboxStartError
+
+TENANT = "e2e-bench"
+KEYWORD = "HELP"
+WARMUP_RATE, WARMUP_SECONDS = 50.0, 2.0
+WARMUP_DRAIN_S = 60.0
+# Each phase's clients are numbered from `batch * CLIENTS_PER_BATCH`: nobody writes twice.
+CLIENTS_PER_BATCH = 1_000_000
+ANSWER_TIMEOUT_S = 10.0
+POLL_S = 0.25
+# Sandbox settings for speed; every key not given keeps its default (no fault of any kind).
+SANDBOX_FAST = {"latency_ms": 0, "error_rate": 0, "rate_limit_rate": 0, "auto_callbacks": []}
+_OUTBOUND = """
+SELECT correlation_id, status, extract(epoch FROM created_at)::float8 AS enqueued,
+    extract(epoch FROM sent_at)::float8 AS sent
+FROM outbox.messages WHERE left(correlation_id, 12) = $1
+"""
+_FINISHED = """
+SELECT count(*) FROM outbox.messages
+WHERE left(correlation_id, 12) = $1 AND status <> ALL($2::text[])
+"""
+
+
+def say(line: str) -> None:
+    print(f"e2e bench: {line}", file=sys.stderr, flush=True)
+
+
+class Phases:
+    """Drives the load phases against a running stack and keeps what they measured."""
+
+    def __init__(self, args: argparse.Namespace, stack: SystemStack, db: asyncpg.Pool) -> None:
+        self.args, self.stack, self.db = args, stack, db
+        self.nonce = new_nonce()
+        self.clients: dict[str, str] = {}  # MessageSid -> the client's address, whole run
+        self.sids: dict[int, list[str]] = {}  # batch -> its MessageSids in posting order
+        self.outbound: dict[str, Outbound] = {}  # MessageSid -> its reply, measured phases
+        self.figures: dict[str, float] = {}
+        self.notes: list[str] = []
+        self.lags_ms: list[float] = []  # the load generator's lateness (p99), per phase
+        self.loadgen_cpu_pct: list[float] = []  # its CPU, per phase
+
+    def prefix(self, batch: int) -> str:
+        """What every MessageSid of one batch starts with (batch and nonce, see webhooks)."""
+        return message_sid(batch, self.nonce, 0)[:12]
+
+    async def post(self, batch: int, rate: float, seconds: float) -> OpenLoopResult:
+        """Post `rate * seconds` signed HELP webhooks open-loop at `rate` per second."""
+        url = self.stack.public_base_url + WEBHOOK_PATH
+        first = batch * CLIENTS_PER_BATCH
+        webhooks = signed_webhooks(
+            url,
+            self.stack.account_sid,
+            self.stack.auth_token,
+            count=round(rate * seconds),
+            batch=batch,
+            nonce=self.nonce,
+            body=KEYWORD,
+            first_client=first,
+        )
+        sids: list[str] = []
+        requests: list[bytes] = []
+        for index, webhook in enumerate(webhooks):
+            sids.append(webhook.message_sid)
+            requests.append(raw_request(url, webhook))
+            self.clients[webhook.message_sid] = client_address(first + index)
+        self.sids[batch] = sids
+        return await run_open_loop(
+            "127.0.0.1",
+            self.stack.gateway_port,
+            sids,
+            requests,
+            rate=rate,
+            connections=self.args.connections,
+            drain_timeout_s=ANSWER_TIMEOUT_S,
+        )
+
+    async def wait_finished(self, batch: int, expected: int, timeout_s: float) -> int:
+        """Wait until `expected` replies of `batch` are final, at most `timeout_s`; how many are."""
+        deadline, prefix = time.monotonic() + timeout_s, self.prefix(batch)
+        while True:
+            done = int(await self.db.fetchval(_FINISHED, prefix, sorted(WAITING_STATUSES)))
+            if done >= expected or time.monotonic() >= deadline:
+                return done
+            await asyncio.sleep(POLL_S)
+
+    async def warm_up(self) -> None:
+        """Connections, caches and first-call costs, before anything is measured."""
+        result = await self.post(0, WARMUP_RATE, WARMUP_SECONDS)
+        ok = sum(1 for status in result.statuses.values() if status == 200)
+        done = await self.wait_finished(0, ok, WARMUP_DRAIN_S)
+        if ok < result.sent or done < ok:
+            self.notes.append(f"warm-up: {ok} of {result.sent} answered 200, {done} replies done")
+
+    async def measure(self, batch: int, rate: float) -> PhaseSummary:
+        # The two clocks of a latency: the load generator's (monotonic) and the outbox's (wall).
+        wall_minus_monotonic = time.time() - time.monotonic()
+        result = await self.post(batch, rate, self.args.seconds)
+        answered = sum(1 for status in result.statuses.values() if status == 200)
+        await self.wait_finished(batch, answered, self.args.drain_seconds)
+        rows = await self.db.fetch(_OUTBOUND, self.prefix(batch))
+        outbound = {
+            r["correlation_id"]: Outbound(r["status"], r["enqueued"], r["sent"]) for r in rows
+        }
+        self.outbound |= outbound
+        posted_at = {
+            sid: released + wall_minus_monotonic
+            for sid, released in zip(self.sids[batch], result.released_at, strict=True)
+            if released
+        }
+        summary = summarise_phase(rate, posted_at, result.statuses, outbound)
+        self.figures |= summary.figures(result.achieved_rate, result.percentile(99))
+        self.lags_ms.append(result.release_lag_p99_ms)
+        self.loadgen_cpu_pct.append(100 * result.client_cpu_s / (result.send_span_s or 1.0))
+        self.notes.extend(f"{rate:g}/s webhooks: {failure}" for failure in result.failures[:3])
+        if result.achieved_rate < 0.95 * rate:
+            self.notes.append(
+                f"{rate:g}/s: webhooks went out at {result.achieved_rate:.0f}/s only: all "
+                f"{self.args.connections} connections were waiting for the gateway (answer p99 "
+                f"{result.percentile(99):.0f} ms) while the load generator used "
+                f"{self.loadgen_cpu_pct[-1]:.0f}% of a core"
+            )
+        if summary.pending:
+            self.notes.append(
+                f"{rate:g}/s: the system did not keep up; {summary.pending} of "
+                f"{summary.answered_200} replies were not sent {self.args.drain_seconds:g} s "
+                f"after the load ended ({summary.unrouted} not routed yet, {summary.queued} "
+                f"queued in the outbox); replies went out at {summary.send_rps:.0f}/s; "
+                f"p50/p99 are over the {summary.sent} that arrived, so they understate"
+            )
+        return summary
+
+    async def settle(self, batch: int, summary: PhaseSummary) -> None:
+        """Let a phase's backlog clear so that the next phase starts on an idle system."""
+        if not summary.pending:
+            return
+        say(f"waiting up to {self.args.settle_seconds:g} s for the {summary.pending} pending")
+        done = await self.wait_finished(batch, summary.answered_200, self.args.settle_seconds)
+        if done < summary.answered_200:
+            self.notes.append(
+                f"the next phase started with {summary.answered_200 - done} replies of the "
+                f"{summary.rate:g}/s phase still pending"
+            )
+
+    async def check_sandbox(self) -> None:
+        async with httpx.AsyncClient(timeout=30) as client:
+            reply = await client.get(self.stack.sandbox_url + "/_sandbox/stats")
+        reply.raise_for_status()
+        sent_to = [
+            self.clients[sid]
+            for sid, row in self.outbound.items()
+            if row.sent_at is not None and sid in self.clients
+        ]
+        check = check_sandbox(reply.json()["accepted_by_to"], self.clients.values(), sent_to)
+        self.figures["sandbox_duplicates"] = check.duplicates
+        self.figures["sandbox_check_ok"] = int(check.ok)
+        if not check.ok:
+            self.notes.append(
+                f"SANDBOX CHECK FAILED: {check.duplicates} accepted twice, {check.missing} "
+                f"marked sent but never accepted, {check.strangers} for unknown recipients"
+            )
+
+
+async def set_up_shop(stack: SystemStack) -> None:
+    """The shop an operator would create (README): a tenant and its WhatsApp number."""
+    number = f"whatsapp:{BUSINESS_NUMBER}"
+    for command in (
+        ("create-tenant", "--tenant", TENANT, "--name", "E2E bench"),
+        ("add-channel", "--tenant", TENANT, "--address", number),
+    ):
+        done = await asyncio.to_thread(stack.cli, *command)
+        if done.returncode != 0:
+            raise RuntimeError(f"seller_admin cli {command[0]}: {done.stderr.strip()}")
+
+
+async def configure_sandbox(stack: SystemStack) -> None:
+    async with httpx.AsyncClient(timeout=10) as client:
+        reply = await client.post(stack.sandbox_url + "/_sandbox/faults", json=SANDBOX_FAST)
+    reply.raise_for_status()
+
+
+async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    secret = os.environ.get("SNAPSELL_JWT_SECRET") or secrets.token_urlsafe(32)
+    service_env = {"outbox": {"OUTBOX_RATE_LIMIT_PER_SENDER": f"{args.sender_rate:g}"}}
+    with infrastructure(workdir) as (dsn, nats_url):
+        say("starting the stack")
+        stack = await start_system(
+            dsn,
+            nats_url,
+            secret,
+            workdir,
+            env={"LOG_LEVEL": "WARNING"},
+            service_env=service_env,
+            trace=False,
+        )
+        try:
+            async with asyncpg.create_pool(dsn, min_size=1, max_size=2) as db:
+                phases = Phases(args, stack, db)
+                await measure_all(args, phases)
+        finally:
+            await stack.stop()
+    return report(args, phases)
+
+
+async def measure_all(args: argparse.Namespace, phases: Phases) -> None:
+    stack = phases.stack
+    peaks = {name: PeakRss(s.pid, interval_s=0.25).start() for name, s in stack.services.items()}
+    try:
+        await configure_sandbox(stack)
+        await set_up_shop(stack)
+        say("warm-up")
+        await phases.warm_up()
+        for batch, rate in enumerate(args.rates, start=1):
+            say(f"{rate:g} webhooks/s for {args.seconds:g} s")
+            summary = await phases.measure(batch, rate)
+            say(
+                f"{rate:g}/s: p50 {phases.figures[f'r{rate:g}_p50_ms']} ms, "
+                f"p99 {phases.figures[f'r{rate:g}_p99_ms']} ms, {summary.sent} sent, "
+                f"{summary.pending} pending"
+            )
+            if batch < len(args.rates):
+                await phases.settle(batch, summary)
+        await phases.check_sandbox()
+    finally:
+        # Sampling stops before the services exit, so their shutdown does not count.
+        for name, peak in peaks.items():
+            phases.figures[f"{name}_peak_rss_mb"] = round(peak.stop(), 1)
+    # The top rate's CPU (phases run lowest rate first) and the worst lateness of any phase.
+    phases.figures["loadgen_cpu_pct"] = round(phases.loadgen_cpu_pct[-1], 1)
+    phases.figures["loadgen_lag_p99_ms"] = round(max(phases.lags_ms), 2)
+
+
+def report(args: argparse.Namespace, phases: Phases) -> dict[str, Any]:
+    params = {
+        "rates_per_s": ",".join(f"{r:g}" for r in args.rates),
+        "seconds_per_rate": args.seconds,
+        "drain_seconds": args.drain_seconds,
+        "connections": args.connections,
+        "message": f"{KEYWORD} from a new WhatsApp client each (no sender cache hit) -> 1 reply",
+        "shops": "1 (operator CLI)",
+        "outbox_rate_limit_per_sender": args.sender_rate,
+        "sandbox": "no latency, no faults, no status callbacks",
+        "latency": "webhook released -> outbox records the sandbox's 201 (sent_at)",
+        "warmup": f"{WARMUP_RATE * WARMUP_SECONDS:g} webhooks at {WARMUP_RATE:g}/s, not measured",
+    }
+    return {"bench": "e2e", "figures": phases.figures, "params": params, "notes": phases.notes}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Webhook -> sandbox send latency, whole system.")
+    parser.add_argument(
+        "--rates",
+        type=lambda text: sorted(float(part) for part in text.split(",") if part.strip()),
+        default=[100.0, 300.0, 1000.0],
+        help="webhooks/s, comma-separated, run lowest first (default 100,300,1000)",
+    )
+    parser.add_argument("--seconds", type=float, default=10.0, help="load per rate")
+    parser.add_argument("--drain-seconds", type=float, default=15.0, help="reply wait per rate")
+    parser.add_argument("--settle-seconds", type=float, default=30.0, help="backlog wait")
+    parser.add_argument("--connections", type=int, default=64, help="keep-alive connections")
+    parser.add_argument("--sender-rate", type=float, default=2000.0, help="outbox limit/sender")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (service logs)")
+    args = parser.parse_args(argv)
+    if not args.rates or min(args.rates) <= 0 or args.seconds <= 0:
+        parser.error("--rates needs at least one rate, and rates and --seconds must be positive")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="e2e-bench-"))
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            result = runner.run(run(args, workdir))
+    except (RuntimeError, DevstackError, SandboxStartError, OSError) as exc:
+        print(f"e2e bench failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        # Everything started was stopped on the way out; the runner sends SIGINT on timeout.
+        print("e2e bench interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if args.keep:
+            say(f"logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

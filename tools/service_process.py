@@ -1,0 +1,143 @@
+"""Run a service as its own process, exactly as `make run` does, and stop it by PID.
+
+Shared by the tests (`tests/support/processes.py` re-exports it) and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tools.devstack import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+READY_TIMEOUT_S = 30.0
+
+
+@dataclass
+class RunningService:
+    name: str
+    port: int
+    env: dict[str, str]
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    http: bool = False
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout_s: float = 15.0) -> int:
+        """SIGTERM, then wait; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    async def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited {self.process.returncode}:\n{self.logs()}")
+            if await (self._http_ready() if self.http else self._grpc_serving()):
+                return
+            await asyncio.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"{self.name} not ready after {timeout_s}s:\n{self.logs()}")
+
+    async def _grpc_serving(self) -> bool:
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            except grpc.aio.AioRpcError:
+                return False
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def _http_ready(self) -> bool:
+        try:
+            async with httpx.AsyncClient() as client:
+                reply = await client.get(f"http://{self.address}/readyz", timeout=1.0)
+        except httpx.HTTPError:
+            return False
+        return reply.status_code == 200
+
+
+def spawn_service(
+    name: str,
+    env: dict[str, str],
+    *,
+    port: int | None = None,
+    http: bool = False,
+    log_dir: Path | None = None,
+) -> RunningService:
+    """Start `python -m services.<name>` with `env` on top of this process's environment; its
+    output goes to a log file in `log_dir` (a new temporary file when None)."""
+    port = port or free_port()
+    port_var = "HTTP_PORT" if http else "GRPC_PORT"
+    full_env = {
+        **os.environ,
+        "METRICS_PORT": str(free_port()),
+        port_var: str(port),
+        **env,
+        "PYTHONUNBUFFERED": "1",
+    }
+    if log_dir is None:
+        log_path = Path(tempfile.mkstemp(prefix=f"{name}-", suffix=".log")[1])
+    else:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"{name}-{port}.log"
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", f"services.{name}"],
+            cwd=ROOT,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return RunningService(name, port, full_env, process, log_path, http)
+
+
+async def start_service(
+    name: str, env: dict[str, str], *, port: int | None = None, http: bool = False
+) -> RunningService:
+    """Start a service process and wait until it is ready (gRPC health SERVING or /readyz)."""
+    service = spawn_service(name, env, port=port, http=http)
+    await service.wait_ready()
+    return service
+
+
+async def restart(service: RunningService) -> RunningService:
+    """Start the same service again on the same port with the same environment."""
+    again = spawn_service(service.name, service.env, port=service.port, http=service.http)
+    await again.wait_ready()
+    return again
