@@ -23,6 +23,21 @@ _MIGRATION_LOCK = "hashtext('snapsell.migrate.' || $1)"
 _MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 
 
+# The database is away for now (restarting, failing over, the connection cut by the server or
+# the network, full of connections): the same statement will work later, so callers retry
+# rather than treat it as a bug. asyncpg raises InternalClientError when the server ends a
+# connection in the middle of an operation (e.g. `pg_terminate_backend` during a BEGIN).
+DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,  # shutting down, starting up, terminated by an admin
+    asyncpg.InsufficientResourcesError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
+
 def service_role(service: str) -> str:
     if not _IDENTIFIER.match(service):
         raise ValueError(f"invalid service name {service!r}")

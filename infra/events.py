@@ -15,7 +15,7 @@ import uuid
 
 import asyncpg
 from google.protobuf.message import Message
-from nats.js import JetStreamContext
+from nats.aio.client import Client as NatsClient
 
 from infra import jetstream, telemetry
 
@@ -70,14 +70,14 @@ class EventRelay:
     def __init__(
         self,
         pool: asyncpg.Pool,
-        js: JetStreamContext,
+        nc: NatsClient,
         schema: str,
         *,
         batch_size: int = 200,
         poll_interval_s: float = 1.0,
     ) -> None:
         self._pool = pool
-        self._js = js
+        self._publisher = jetstream.AckedPublisher(nc)
         self._channel = f"events_{schema}"
         self._batch_size = batch_size
         self._poll_interval_s = poll_interval_s
@@ -85,6 +85,7 @@ class EventRelay:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until `stop` is set; database or NATS outages are waited out, never fatal."""
+        await self._publisher.start()
         while not stop.is_set():
             try:
                 async with self._pool.acquire() as listener:
@@ -119,10 +120,14 @@ class EventRelay:
         return len(rows)
 
     async def _publish(self, row: asyncpg.Record) -> None:
-        headers = {jetstream.MSG_ID: str(row["id"])}
-        if row["traceparent"]:
-            headers["traceparent"] = row["traceparent"]
-        await self._js.publish(row["subject"], row["payload"], timeout=5.0, headers=headers)
+        headers = {"traceparent": row["traceparent"]} if row["traceparent"] else None
+        await self._publisher.publish(
+            row["subject"],
+            row["payload"],
+            msg_id=str(row["id"]),
+            ack_timeout_s=5.0,
+            headers=headers,
+        )
 
 
 async def wait_any(*events: asyncio.Event, timeout_s: float) -> None:

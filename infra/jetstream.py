@@ -136,7 +136,8 @@ class AckedPublisher:
         """Publish and wait for the stream's acknowledgement (a duplicate counts as stored)."""
         assert self._prefix, "start() first"
         all_headers = {MSG_ID: msg_id, **(headers or {})}
-        telemetry.inject(all_headers)
+        if "traceparent" not in all_headers:  # a relayed event carries its own
+            telemetry.inject(all_headers)
         token = str(next(self._tokens))
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Msg] = loop.create_future()
@@ -235,7 +236,10 @@ async def run_pull_consumer(
     try:
         while not stop.is_set():
             free = concurrency - len(running)
-            if free == 0:
+            # Below zero too: a fetch may return more than it asked for (nats-py hands over
+            # whatever its queue holds, e.g. answers to an earlier pull that arrived late
+            # after a reconnect), and a fetch of less than one message raises ValueError.
+            if free <= 0:
                 await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 continue
             try:

@@ -76,6 +76,13 @@ class JsonLinesSpanExporter(SpanExporter):
             "start": span.start_time,
             "end": span.end_time,
             "attributes": dict(span.attributes or {}),
+            "links": [
+                {
+                    "trace_id": format(link.context.trace_id, "032x"),
+                    "span_id": format(link.context.span_id, "016x"),
+                }
+                for link in span.links
+            ],
         }
 
     def shutdown(self) -> None:

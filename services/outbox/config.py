@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from infra.config import (
     ConfigError,
@@ -15,6 +16,7 @@ from infra.config import (
     env_str,
     env_url,
 )
+from infra.retention import RetentionSettings, load_retention_settings, retention_days
 from services.outbox.domain import RetryPolicy
 
 DEFAULT_GRPC_PORT = 50052
@@ -43,9 +45,12 @@ class WorkerConfig:
     reconcile_delay_s: float
     # Tolerated difference between Twilio's clock and ours when matching by date.
     reconcile_clock_skew_s: float
-    # A message waits this long when routing cannot answer CheckOptOut.
+    # A message waits this long when routing cannot answer a consent check.
     consent_retry_s: float
     consent_timeout_s: float
+    # No send is decided on an older consent answer: waiting messages' answers are asked again
+    # in batches at half this age, and a send that finds its answer older asks again alone.
+    consent_max_age_s: float
     whatsapp_window_s: float
 
 
@@ -64,6 +69,10 @@ class Config:
     status_consumer_concurrency: int
     db_pool_size: int
     shutdown_grace_s: float
+    # Purges: published events (RETENTION_*, EVENTS_RETENTION_DAYS) and finished messages (with
+    # their attempts) last changed longer ago than this (None: kept forever).
+    retention: RetentionSettings
+    finished_max_age: timedelta | None
 
 
 def _twilio_accounts() -> tuple[str, dict[str, str]]:
@@ -121,6 +130,9 @@ def _worker_config() -> WorkerConfig:
         consent_timeout_s=env_float(
             "OUTBOX_CONSENT_TIMEOUT_SECONDS", 2.0, minimum=0.05, maximum=60.0
         ),
+        consent_max_age_s=env_float(
+            "OUTBOX_CONSENT_MAX_AGE_SECONDS", 1.0, minimum=0.0, maximum=60.0
+        ),
         whatsapp_window_s=env_float(
             "OUTBOX_WHATSAPP_WINDOW_SECONDS", 86_400.0, minimum=1.0, maximum=30 * 86_400.0
         ),
@@ -146,6 +158,8 @@ def load_config() -> Config:
         ),
         db_pool_size=env_int("OUTBOX_DB_POOL_SIZE", 10, minimum=2, maximum=100),
         shutdown_grace_s=env_float("SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0.0, maximum=300.0),
+        retention=load_retention_settings(),
+        finished_max_age=retention_days("OUTBOX_FINISHED_RETENTION_DAYS", 30),
     )
 
 

@@ -2,26 +2,27 @@
 WhatsApp window, send, and turn what happened into a `Resolution` for the batch writer.
 
 Order matters: reconciliation comes first (a message Twilio already has must not be sent
-again, whatever else changed), consent comes right before the send (the freshest answer).
+again, whatever else changed), consent comes right before the send: the answer its claimed
+batch got, or a new one when that grew too old meanwhile (see consent.BatchConsent).
 """
 
 from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import Link, SpanKind
 from prometheus_client import Counter, Histogram
 
 from infra import telemetry
 from services.outbox import outcomes
 from services.outbox.config import WorkerConfig
-from services.outbox.consent import ConsentChecker, ConsentUnavailableError
+from services.outbox.consent import BatchConsent, ConsentAnswer, ConsentUnavailableError
 from services.outbox.domain import (
     AttemptOutcome,
     DeadReason,
@@ -50,7 +51,7 @@ RECONCILIATIONS = Counter(
 )
 CONSENT_UNAVAILABLE = Counter(
     "snapsell_outbox_consent_unavailable_total",
-    "Sends postponed because routing could not answer CheckOptOut",
+    "Sends postponed because routing could not answer a consent check",
 )
 _RESULT_COUNTERS = {c: SEND_RESULTS.labels(c.value) for c in ErrorClass}
 _ACCEPTED = SEND_RESULTS.labels("accepted")
@@ -101,7 +102,7 @@ class MessageDelivery:
         self,
         store: ReconcileLedger,
         sender: TwilioGateway,
-        consent: ConsentChecker,
+        consent: BatchConsent,
         config: WorkerConfig,
         worker_id: str,
         *,
@@ -118,11 +119,20 @@ class MessageDelivery:
         self._window = timedelta(seconds=config.whatsapp_window_s)
         self._skew = timedelta(seconds=config.reconcile_clock_skew_s)
 
-    async def resolve(self, message: ClaimedMessage) -> Resolution:
-        """The outcome of one claim; a span `outbox.send` (child of the enqueuer's trace) when
+    async def check_consent(
+        self, messages: Sequence[ClaimedMessage]
+    ) -> Mapping[uuid.UUID, ConsentAnswer]:
+        """Consent for a claimed batch, in one check; pass each answer to `resolve`."""
+        return await self._consent.ask(messages)
+
+    async def resolve(
+        self, message: ClaimedMessage, consent: ConsentAnswer | None = None
+    ) -> Resolution:
+        """The outcome of one claim (`consent`: its batch's answer, None to ask now); a span
+        `outbox.send` (child of the enqueuer's trace, linked to the batch's consent check) when
         tracing is on, and the events recorded carry that span's context."""
         if not telemetry.tracing_enabled():
-            return await self._resolve(message)
+            return await self._resolve(message, consent)
         parent = telemetry.extract(
             {"traceparent": message.traceparent} if message.traceparent else None
         )
@@ -130,17 +140,22 @@ class MessageDelivery:
             "snapsell.message_id": str(message.id),
             "snapsell.tenant_id": message.tenant_id,
         }
+        links = [Link(consent.span)] if consent is not None and consent.span else []
         with _tracer.start_as_current_span(
-            "outbox.send", context=parent, kind=SpanKind.PRODUCER, attributes=attributes
+            "outbox.send",
+            context=parent,
+            kind=SpanKind.PRODUCER,
+            attributes=attributes,
+            links=links,
         ) as span:
             carrier: dict[str, str] = {}
             telemetry.inject(carrier)
             _SPAN_TRACEPARENT.set(carrier.get("traceparent"))
-            resolution = await self._resolve(message)
+            resolution = await self._resolve(message, consent)
             span.set_attribute("snapsell.outbox.status", resolution.status.value)
             return resolution
 
-    async def _resolve(self, message: ClaimedMessage) -> Resolution:
+    async def _resolve(self, message: ClaimedMessage, answer: ConsentAnswer | None) -> Resolution:
         prior: tuple[AttemptRecord, ...] = ()
         if message.reconcile_since is not None:
             settled = await self._reconcile(message)
@@ -150,9 +165,7 @@ class MessageDelivery:
         if message.attempt_count >= message.max_attempts:
             return self._dead(message, DeadReason.ATTEMPTS_EXHAUSTED, prior, None)
         try:
-            consent = await self._consent.check(
-                message.tenant_id, message.channel, message.recipient
-            )
+            consent = await self._consent.for_send(message, answer)
         except ConsentUnavailableError:
             CONSENT_UNAVAILABLE.inc()
             due_at = self._now() + timedelta(seconds=self._config.consent_retry_s)

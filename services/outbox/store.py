@@ -1,7 +1,7 @@
 """All SQL of the sender side of the outbox: enqueue, claim under a lease, renew and release
-leases, write send results in batches (status, attempts and events in one statement), and the
-look-ups reconciliation needs. The operator side (reads, dead letters, status callbacks) is in
-`admin_store.py`.
+leases, write send results in batches (status, attempts and events in one statement), the
+look-ups reconciliation needs, and the purge of finished messages. The operator side (reads,
+dead letters, status callbacks) is in `admin_store.py`.
 
 Wake-ups: an enqueue that is due now NOTIFYs `outbox_due` at commit; workers LISTEN on it.
 """
@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from datetime import timedelta
 
 import asyncpg
 
+from infra.retention import Purge
 from services.outbox.domain import Channel, MessageKind
 from services.outbox.records import ClaimedMessage, NewMessage, Resolution
 
@@ -45,6 +47,9 @@ WITH due AS (
     FROM messages
     WHERE status IN ('pending', 'sending') AND next_attempt_at <= now()
       AND NOT (sender || ' ' || tenant_id = ANY ($4::text[]))
+      -- A worker never claims again what it still holds (a result not yet written after its
+      -- lease ran out): that result would be written over the new claim as if it were its own.
+      AND NOT (id = ANY ($5::uuid[]))
     ORDER BY next_attempt_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -83,19 +88,24 @@ SELECT * FROM claimed
 # rather sort every due row to find the oldest few: with a backlog of a million, every claim.
 _CLAIM_PLAN = "SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off"
 
-_RENEW = """
+# The ownership rule of these three is a CASE, not plain conditions: `status = 'sending'` would
+# let the planner scan the due index (every pending row, a million after a burst) instead of
+# probing the primary key for the few ids held.
+_HELD_BY_WORKER = "CASE WHEN status = 'sending' AND lease_owner = $2 THEN true ELSE false END"
+
+_RENEW = f"""
 UPDATE messages SET
     lease_expires_at = now() + make_interval(secs => $3),
     next_attempt_at = now() + make_interval(secs => $3)
-WHERE id = ANY ($1::uuid[]) AND lease_owner = $2 AND status = 'sending'
+WHERE id = ANY ($1::uuid[]) AND {_HELD_BY_WORKER}
 RETURNING id
 """
 
 # Claimed but never handed to Twilio (shutdown): due again at once, for any worker.
-_RELEASE = """
+_RELEASE = f"""
 UPDATE messages SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL,
     next_attempt_at = now(), updated_at = now()
-WHERE id = ANY ($1::uuid[]) AND lease_owner = $2 AND status = 'sending'
+WHERE id = ANY ($1::uuid[]) AND {_HELD_BY_WORKER}
 """
 
 # Results of many claims in one statement. A row is written only while this worker still
@@ -179,9 +189,9 @@ array(SELECT twilio_sid FROM messages WHERE twilio_sid = ANY ($4::text[])) AS ta
 """
 
 # A reconciliation that found nothing and goes on to send looks like a plain send from now on.
-_START_RESEND = """
+_START_RESEND = f"""
 UPDATE messages SET reconcile_since = NULL
-WHERE id = $1 AND lease_owner = $2 AND status = 'sending'
+WHERE id = $1 AND {_HELD_BY_WORKER}
 RETURNING id
 """
 
@@ -191,6 +201,27 @@ SELECT (SELECT count(*) FROM messages WHERE status = 'pending') AS pending,
     (SELECT count(*) FROM messages WHERE status = 'sending') AS sending,
     (SELECT count(*) FROM messages WHERE status = 'dead') AS dead
 """
+
+# Retention of finished messages (see infra/retention.py for the batching); their attempts go
+# with them (attempts_message_id_fkey ON DELETE CASCADE). Never pending/sending (still owed a
+# send) nor dead (an operator's to redrive or discard). An Enqueue repeating the idempotency key
+# of a purged message creates a new message: callers retry within minutes, not a month later.
+DELETE_FINISHED_MESSAGES = """
+WITH doomed AS MATERIALIZED (
+    SELECT id FROM messages
+    WHERE status IN ('sent', 'delivered', 'read', 'failed', 'undelivered', 'blocked', 'discarded')
+      AND updated_at < now() - $1::interval
+    ORDER BY updated_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM messages WHERE id = ANY (ARRAY (SELECT id FROM doomed))
+"""
+
+
+def finished_message_purges(max_age: timedelta | None) -> list[Purge]:
+    """The finished messages' purge for `infra.retention.RetentionTask` (none: kept forever)."""
+    return [] if max_age is None else [Purge("messages", DELETE_FINISHED_MESSAGES, max_age)]
 
 
 def _claimed(row: asyncpg.Record) -> ClaimedMessage:
@@ -259,13 +290,15 @@ class OutboxStore:
         limit: int,
         lease_s: float,
         saturated: Sequence[tuple[str, str]] = (),
+        held: Sequence[uuid.UUID] = (),
     ) -> list[ClaimedMessage]:
         """Claim up to `limit` due messages for `lease_s` seconds, oldest due first, skipping
-        rows other workers hold and the (sender, tenant) pairs this worker has enough of."""
+        rows other workers hold, the (sender, tenant) pairs this worker has enough of, and the
+        `held` messages this worker has claimed and not yet settled."""
         pairs = [_pair_key(sender, tenant) for sender, tenant in saturated]
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(_CLAIM_PLAN)
-            rows = await conn.fetch(_CLAIM, worker_id, limit, float(lease_s), pairs)
+            rows = await conn.fetch(_CLAIM, worker_id, limit, float(lease_s), pairs, list(held))
         return [_claimed(row) for row in rows]
 
     async def renew_leases(

@@ -1,10 +1,12 @@
-"""Sender workers: claim due messages in batches, feed them through per-sender lanes (token
-bucket, round-robin across tenants) to a bounded pool of sends, and write the results back in
-batches. Safe with any number of processes: a row is held by one worker under a lease.
+"""Sender workers: claim due messages in batches, check the batch's consent in one call, feed
+the messages through per-sender lanes (token bucket, round-robin across tenants) to a bounded
+pool of sends, and write the results back in batches. Safe with any number of processes: a
+row is held by one worker under a lease.
 
 Wake-ups: LISTEN `outbox_due` (an enqueue NOTIFYs at commit), a timer at the earliest retry
 this worker scheduled, and a poll every `poll_interval_s` (<= 1 s) in case a NOTIFY is missed.
-Leases are renewed while a message is held; a lease this worker lost is never written over.
+Leases are renewed and consent answers kept fresh while a message is held (`held.py`); a
+lease this worker lost is never written over.
 On stop: no more claims, claimed-but-unsent messages are released at once, in-flight sends
 finish and their results are written.
 """
@@ -15,33 +17,29 @@ import asyncio
 import time
 import uuid
 from collections import Counter as Tally
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
 from prometheus_client import Gauge
 
+from infra.db import DATABASE_UNAVAILABLE
 from infra.events import wait_any
 from infra.log import get_logger
 from services.outbox.config import WorkerConfig
+from services.outbox.consent import ConsentAnswer
 from services.outbox.delivery import LeaseLostError, MessageDelivery, utc_now
 from services.outbox.domain import FairQueue, MessageStatus, TokenBucket
+from services.outbox.held import Held, refresh_consent, renew_leases
 from services.outbox.records import ClaimedMessage, Resolution
 from services.outbox.results import LEASES_LOST, ResultWriter
-from services.outbox.store import DUE_CHANNEL, OutboxStore
+from services.outbox.store import OutboxStore
+from services.outbox.wakeups import DueWakeups
 
 IN_FLIGHT = Gauge("snapsell_outbox_sends_in_flight", "Messages being processed by this worker")
 
 _log = get_logger(__name__)
-_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
-
-
-@dataclass(slots=True)
-class _Held:
-    message: ClaimedMessage
-    renewed_at: float
-    started: bool = False
-    lost: bool = False
+_DB_ERRORS = (*DATABASE_UNAVAILABLE, asyncpg.PostgresError)
 
 
 @dataclass(slots=True)
@@ -65,34 +63,45 @@ class SenderWorker:
         self._delivery = delivery
         self._config = config
         self.worker_id = worker_id
-        self._held: dict[uuid.UUID, _Held] = {}
+        self._held: dict[uuid.UUID, Held] = {}
         self._lanes: dict[str, _Lane] = {}
         self._pairs: Tally[tuple[str, str]] = Tally()
         self._queued = 0
         self._in_flight = 0
+        # Claimed, waiting for their batch's consent answer.
+        self._checking = 0
+        self._checks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(config.max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._results = ResultWriter(
             store, worker_id, config.claim_batch, config.flush_interval_s, self._written
         )
-        self._wake = asyncio.Event()
+        self._wakeups = DueWakeups(store.pool)
         self._room = asyncio.Event()
         self._want_room = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
-        # Claimed and not yet started may reach one batch beyond the sends in flight, so a
-        # batch is ready whenever slots free up.
-        self._max_buffered = config.max_in_flight + config.claim_batch
-        self._claim_threshold = max(1, min(config.claim_batch, self._max_buffered) // 4)
+        # Claimed and not yet started may reach two batches beyond the sends in flight, and a
+        # claim starts once half a batch is free: the next batch is claimed and checked while
+        # the one before is sent, so a busy loop's slower round trips never leave slots idle.
+        self._max_buffered = config.max_in_flight + 2 * config.claim_batch
+        self._claim_threshold = max(1, config.claim_batch // 2)
         self._pair_cap = max(1, int(config.rate_per_sender * 2)) if config.rate_per_sender else 0
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        config = self._config
         helpers = [
-            asyncio.create_task(self._listen(stop), name="outbox-listen"),
-            asyncio.create_task(self._renew_leases(stop), name="outbox-leases"),
+            asyncio.create_task(self._wakeups.listen(stop), name="outbox-listen"),
+            asyncio.create_task(
+                renew_leases(self._held, self._store, self.worker_id, config.lease_s, stop),
+                name="outbox-leases",
+            ),
         ]
+        if config.consent_max_age_s > 0:  # 0: every send asks again anyway
+            refresh = refresh_consent(
+                self._held, self._delivery, config.consent_max_age_s, config.claim_batch, stop
+            )
+            helpers.append(asyncio.create_task(refresh, name="outbox-consent-refresh"))
         flusher = asyncio.create_task(self._results.run(), name="outbox-results")
         try:
             await self._claim_loop(stop)
@@ -102,6 +111,9 @@ class SenderWorker:
     async def _shutdown(
         self, helpers: list[asyncio.Task[None]], flusher: asyncio.Task[None]
     ) -> None:
+        for check in self._checks:
+            check.cancel()
+        await asyncio.gather(*self._checks, return_exceptions=True)
         for lane in list(self._lanes.values()):
             if lane.task is not None:
                 lane.task.cancel()
@@ -119,18 +131,17 @@ class SenderWorker:
         for task in [*helpers, flusher]:
             task.cancel()
         await asyncio.gather(*helpers, flusher, return_exceptions=True)
-        if self._timer is not None:
-            self._timer.cancel()
+        self._wakeups.close()
 
     # --- claiming ---------------------------------------------------------------------------
 
     @property
     def _buffered(self) -> int:
-        return self._queued + self._in_flight
+        return self._checking + self._queued + self._in_flight
 
     async def _claim_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            self._wake.clear()
+            self._wakeups.event.clear()
             self._room.clear()
             free = self._max_buffered - self._buffered
             self._want_room = free < self._claim_threshold and self._buffered > 0
@@ -138,7 +149,11 @@ class SenderWorker:
                 limit = min(free, self._config.claim_batch)
                 try:
                     claimed = await self._store.claim_due_messages(
-                        self.worker_id, limit, self._config.lease_s, self._saturated_pairs()
+                        self.worker_id,
+                        limit,
+                        self._config.lease_s,
+                        self._saturated_pairs(),
+                        list(self._held),
                     )
                 except _DB_ERRORS as error:
                     _log.warning("outbox.claim_failed", extra={"fields": {"error": str(error)}})
@@ -148,53 +163,51 @@ class SenderWorker:
                     _log.exception("outbox.claim_crashed")
                     await wait_any(stop, timeout_s=self._config.poll_interval_s)
                     continue
-                for message in claimed:
-                    self._dispatch(message)
+                if claimed:
+                    self._check_then_dispatch(claimed)
                 if len(claimed) == limit:
                     self._want_room = True
                     if self._max_buffered - self._buffered >= self._claim_threshold:
                         continue  # more may be due and there is room for them
-            await wait_any(self._wake, self._room, stop, timeout_s=self._config.poll_interval_s)
+            await wait_any(
+                self._wakeups.event, self._room, stop, timeout_s=self._config.poll_interval_s
+            )
 
     def _saturated_pairs(self) -> list[tuple[str, str]]:
         if not self._pair_cap:
             return []
         return [pair for pair, count in self._pairs.items() if count >= self._pair_cap]
 
-    def _notified(self, *_: object) -> None:
-        self._wake.set()
+    # --- consent, lanes and sends -------------------------------------------------------------
 
-    async def _listen(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                async with self._store.pool.acquire() as conn:
-                    await conn.add_listener(DUE_CHANNEL, self._notified)
-                    try:
-                        self._wake.set()  # whatever was enqueued while we were not listening
-                        while not stop.is_set() and not conn.is_closed():
-                            await wait_any(stop, timeout_s=1.0)
-                    finally:
-                        if not conn.is_closed():
-                            await conn.remove_listener(DUE_CHANNEL, self._notified)
-            except _DB_ERRORS as error:
-                _log.warning("outbox.listen_failed", extra={"fields": {"error": str(error)}})
-                await wait_any(stop, timeout_s=1.0)
+    def _check_then_dispatch(self, claimed: list[ClaimedMessage]) -> None:
+        """Hold the batch now (leases renewed, released on stop); send once consent is known."""
+        now = time.monotonic()
+        for message in claimed:
+            self._held[message.id] = Held(message, now)
+            self._pairs[(message.sender, message.tenant_id)] += 1
+        self._checking += len(claimed)
+        check = asyncio.create_task(self._check_consent(claimed))
+        self._checks.add(check)
+        check.add_done_callback(self._checks.discard)
 
-    def _wake_at(self, delay_s: float) -> None:
-        """Claim again when this worker's earliest scheduled retry is due."""
-        loop = asyncio.get_running_loop()
-        at = loop.time() + max(0.0, delay_s)
-        if self._timer is not None and self._timer_at > loop.time() and self._timer_at <= at:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = at
-        self._timer = loop.call_at(at, self._wake.set)
-
-    # --- lanes and sends ---------------------------------------------------------------------
+    async def _check_consent(self, claimed: list[ClaimedMessage]) -> None:
+        answers: Mapping[uuid.UUID, ConsentAnswer] = {}
+        try:
+            answers = await self._delivery.check_consent(claimed)
+        except Exception:  # each message is then asked alone, right before its send
+            _log.exception("outbox.consent_check_crashed")
+        finally:
+            self._checking -= len(claimed)
+        for message in claimed:
+            held = self._held.get(message.id)
+            if held is None:
+                self._unpair(message)
+                continue
+            held.consent = answers.get(message.id)
+            self._dispatch(message)
 
     def _dispatch(self, message: ClaimedMessage) -> None:
-        self._held[message.id] = _Held(message, time.monotonic())
         lane = self._lanes.get(message.sender_key)
         if lane is None:
             bucket = None
@@ -204,7 +217,6 @@ class SenderWorker:
                 )
             lane = self._lanes[message.sender_key] = _Lane(bucket)
         lane.queue.push(message.tenant_id, message)
-        self._pairs[(message.sender, message.tenant_id)] += 1
         self._queued += 1
         if lane.task is None:
             lane.task = asyncio.create_task(self._run_lane(message.sender_key, lane))
@@ -240,11 +252,11 @@ class SenderWorker:
         if self._pairs[pair] <= 0:
             del self._pairs[pair]
 
-    async def _process(self, held: _Held) -> None:
+    async def _process(self, held: Held) -> None:
         message = held.message
         resolution: Resolution | None = None
         try:
-            resolution = await self._delivery.resolve(message)
+            resolution = await self._delivery.resolve(message, held.consent)
         except LeaseLostError:
             LEASES_LOST.inc()
         except Exception:
@@ -283,30 +295,4 @@ class SenderWorker:
                 delay = (resolution.next_attempt_at - now).total_seconds()
                 earliest = delay if earliest is None else min(earliest, delay)
         if earliest is not None:
-            self._wake_at(earliest)
-
-    # --- leases --------------------------------------------------------------------------------
-
-    async def _renew_leases(self, stop: asyncio.Event) -> None:
-        interval = self._config.lease_s / 4
-        while not stop.is_set():
-            await wait_any(stop, timeout_s=interval)
-            now = time.monotonic()
-            due = [
-                i for i, h in self._held.items() if now - h.renewed_at >= interval and not h.lost
-            ]
-            if not due:
-                continue
-            try:
-                kept = await self._store.renew_leases(self.worker_id, due, self._config.lease_s)
-            except _DB_ERRORS as error:
-                _log.warning("outbox.renew_failed", extra={"fields": {"error": str(error)}})
-                continue
-            for message_id in due:
-                held = self._held.get(message_id)
-                if held is None:
-                    continue
-                if message_id in kept:
-                    held.renewed_at = now
-                else:
-                    held.lost = True
+            self._wakeups.at(earliest)  # claim again when this worker's earliest retry is due

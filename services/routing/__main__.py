@@ -105,7 +105,7 @@ async def serve(stop: asyncio.Event) -> None:
         metrics = start_metrics_server(config.metrics_port)
         await server.start()
         loops: dict[str, Callable[[], Awaitable[None]]] = {
-            "event-relay": lambda: EventRelay(pool, js, SERVICE).run(stop),
+            "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
             "inbound-consumer": lambda: jetstream.run_pull_consumer(
                 js, inbound_spec, inbound.handle, stop=stop, concurrency=config.concurrency
             ),

@@ -7,7 +7,7 @@ import base64
 import binascii
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -16,7 +16,7 @@ import grpc
 from snapsell.common.v1 import address_pb2
 from snapsell.routing.v1 import routing_pb2, routing_pb2_grpc
 
-from infra.auth import PermissionDeniedError, current_principal, tenant_scope
+from infra.auth import PermissionDeniedError, Principal, current_principal, tenant_scope
 from services.routing import store
 from services.routing.consent import (
     CHANNEL_FROM_PROTO,
@@ -40,10 +40,13 @@ _TENANT_ROLES = frozenset({"owner", "manager", "staff"})
 # Keyed by full method name, as `infra.auth.AuthInterceptor` wants it.
 ACCESS_POLICY: dict[str, frozenset[str]] = {
     f"/{SERVICE_FULL_NAME}/CheckOptOut": frozenset({"service"}),
+    f"/{SERVICE_FULL_NAME}/CheckOptOuts": frozenset({"service"}),
     f"/{SERVICE_FULL_NAME}/ListOptOuts": _TENANT_ROLES | {"admin"},
     f"/{SERVICE_FULL_NAME}/SetConsent": frozenset({"owner", "manager", "admin"}),
 }
 DEFAULT_PAGE_SIZE = 50
+# CheckOptOuts: a bound on one statement's work and one reply's size (~50 bytes a result).
+MAX_CHECKS = 1000
 MAX_PAGE_SIZE = 500
 
 log = logging.getLogger(__name__)
@@ -93,6 +96,33 @@ def contact_from_request(tenant_id: str, address: address_pb2.Address) -> Contac
     return Contact(tenant_id, channel, normalise_address(channel, address.value))
 
 
+def contacts_from_checks(
+    principal: Principal, checks: Sequence[routing_pb2.CheckOptOutRequest]
+) -> list[Contact]:
+    """The contacts of a CheckOptOuts batch; the first bad check is named in the error."""
+    if len(checks) > MAX_CHECKS:
+        raise InvalidRequestError(f"at most {MAX_CHECKS} checks per call, got {len(checks)}")
+    contacts = []
+    for index, check in enumerate(checks):
+        if not check.tenant_id:
+            raise InvalidRequestError(f"checks[{index}]: tenant_id is required")
+        tenant_id = tenant_scope(principal, check.tenant_id)
+        try:
+            contacts.append(contact_from_request(tenant_id, check.address))
+        except (InvalidRequestError, InvalidAddressError) as error:
+            raise InvalidRequestError(f"checks[{index}]: {error}") from None
+    return contacts
+
+
+def consent_reply(status: store.ConsentStatus) -> routing_pb2.CheckOptOutResponse:
+    reply = routing_pb2.CheckOptOutResponse(opted_out=status.opted_out_at is not None)
+    if status.opted_out_at is not None:
+        reply.opted_out_at.FromDatetime(status.opted_out_at)
+    if status.last_inbound_at is not None:
+        reply.last_inbound_at.FromDatetime(status.last_inbound_at)
+    return reply
+
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
@@ -131,12 +161,15 @@ class RoutingApi(routing_pb2_grpc.RoutingServiceServicer):
         status = await store.consent_status(
             self._pool, contact_from_request(tenant_id, request.address)
         )
-        reply = routing_pb2.CheckOptOutResponse(opted_out=status.opted_out_at is not None)
-        if status.opted_out_at is not None:
-            reply.opted_out_at.FromDatetime(status.opted_out_at)
-        if status.last_inbound_at is not None:
-            reply.last_inbound_at.FromDatetime(status.last_inbound_at)
-        return reply
+        return consent_reply(status)
+
+    @_rpc
+    async def CheckOptOuts(
+        self, request: routing_pb2.CheckOptOutsRequest, context: grpc.aio.ServicerContext
+    ) -> routing_pb2.CheckOptOutsResponse:
+        contacts = contacts_from_checks(current_principal(), request.checks)
+        statuses = await store.consent_statuses(self._pool, contacts)
+        return routing_pb2.CheckOptOutsResponse(results=[consent_reply(s) for s in statuses])
 
     @_rpc
     async def ListOptOuts(

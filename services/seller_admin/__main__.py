@@ -61,7 +61,9 @@ async def serve(stop: asyncio.Event) -> None:
         )
         metrics = start_metrics_server(config.metrics_port)
         background = [
-            asyncio.create_task(EventRelay(pool, js, SERVICE).run(stop), name="event-relay"),
+            asyncio.create_task(
+                EventRelay(pool, nats_client, SERVICE).run(stop), name="event-relay"
+            ),
             asyncio.create_task(
                 RetentionTask.from_settings(pool, config.retention).run(stop), name="retention"
             ),

@@ -119,7 +119,6 @@ async def test_one_trace_follows_a_stop_from_the_webhook_to_the_twilio_send(
         {
             ("routing", "routing.route_inbound"),
             ("outbox", "outbox.send"),
-            ("routing", "/snapsell.routing.v1.RoutingService/CheckOptOut"),
         },
     )
     webhook = _one(spans, "gateway", "POST /webhooks/twilio/messages", "SERVER")
@@ -137,8 +136,22 @@ async def test_one_trace_follows_a_stop_from_the_webhook_to_the_twilio_send(
     send = _one(spans, "outbox", "outbox.send", "PRODUCER")
     # The send happens later, in a worker: it joins the trace through the stored traceparent.
     assert send["parent_id"] == enqueue["span_id"]
-    consent = _one(spans, "routing", "/snapsell.routing.v1.RoutingService/CheckOptOut", "SERVER")
-    assert _is_descendant(spans, consent, send["span_id"])
+    # Consent is checked once per claimed batch, in a trace of its own linked both ways.
+    everything = system.spans()
+    [check] = [
+        s
+        for s in everything
+        if s["name"] == "outbox.check_consent"
+        and {"trace_id": send["trace_id"], "span_id": enqueue["span_id"]} in s["links"]
+    ]
+    assert {"trace_id": check["trace_id"], "span_id": check["span_id"]} in send["links"]
+    consent = _one(
+        [s for s in everything if s["trace_id"] == check["trace_id"]],
+        "routing",
+        "/snapsell.routing.v1.RoutingService/CheckOptOuts",
+        "SERVER",
+    )
+    assert _is_descendant(everything, consent, check["span_id"])
     queries = [s for s in spans if s["kind"] == "CLIENT" and "db.statement" in s["attributes"]]
     assert {"routing", "outbox"} <= {s["service"] for s in queries}  # asyncpg spans joined too
     assert {"gateway", "routing", "seller_admin", "outbox"} <= {s["service"] for s in spans}

@@ -85,7 +85,9 @@ async def test_consumer_loop_carries_out_ack_nak_and_term(js) -> None:
     assert info.num_pending == 0 and info.num_ack_pending == 0
 
 
-async def test_recorded_events_are_relayed_once_with_their_id(js, admin_dsn: str) -> None:
+async def test_recorded_events_are_relayed_once_with_their_id(
+    js, nats_url: str, admin_dsn: str
+) -> None:
     service = "eventtest"
     await reset_service_schema(admin_dsn, service)
     migrations = Path(__file__).parent / "no_migrations"
@@ -119,7 +121,8 @@ async def test_recorded_events_are_relayed_once_with_their_id(js, admin_dsn: str
         received: list[tuple[str, str]] = []
         sub = await js.subscribe("eventtest.v1.>", ordered_consumer=True)
         stop = asyncio.Event()
-        relays = [EventRelay(pool, js, service, poll_interval_s=0.2) for _ in range(2)]
+        relay_client = await jetstream.connect(nats_url, name="relay-test")
+        relays = [EventRelay(pool, relay_client, service, poll_interval_s=0.2) for _ in range(2)]
         tasks = [asyncio.create_task(relay.run(stop)) for relay in relays]
         async with asyncio.timeout(10):
             while len(received) < 5:
@@ -129,6 +132,7 @@ async def test_recorded_events_are_relayed_once_with_their_id(js, admin_dsn: str
                 )
         stop.set()
         await asyncio.gather(*tasks)
+        await relay_client.close()
         with pytest.raises(nats.errors.TimeoutError):
             await sub.next_msg(timeout=0.5)
         assert received == [(str(i), f"v{n}") for n, i in enumerate(ids)]

@@ -121,6 +121,19 @@ async def test_an_expired_lease_is_claimed_again_as_an_unknown_outcome(
     assert dict(row) == {"outcome": "lease_expired", "worker_id": "dead-worker"}
 
 
+async def test_a_worker_never_claims_again_a_message_it_still_holds(
+    store: OutboxStore, pool: asyncpg.Pool
+) -> None:
+    """Its result for the first claim, written late (the database was away), would otherwise
+    land on the second claim as if it were that one's."""
+    await store.enqueue(new(1))
+    [first] = await store.claim_due_messages("w1", 10, 30)
+    await pool.execute("UPDATE messages SET next_attempt_at = now() - interval '1 second'")
+    assert await store.claim_due_messages("w1", 10, 30, held=[first.id]) == []
+    [again] = await store.claim_due_messages("w2", 10, 30)  # another worker takes it over
+    assert again.id == first.id and again.lease_expired
+
+
 def _sent(message_id: uuid.UUID, sid: str) -> Resolution:
     now = datetime.now(UTC)
     return Resolution(

@@ -144,6 +144,23 @@ async def test_check_opt_out_and_last_inbound_probe_the_primary_keys(
         assert_uses_index(plan, "last_inbound_pkey", big_tables=BIG_TABLES)
 
 
+@pytest.mark.parametrize("checks", [1, 200, 1000])
+async def test_batch_consent_check_probes_the_primary_keys(
+    loaded: asyncpg.Pool, checks: int
+) -> None:
+    # Half opted out, half never seen, over many shops: what the outbox asks per claimed batch.
+    numbers = [n * 37 % (2 * OPT_OUTS) + 1 for n in range(checks)]
+    plan = await explain(
+        loaded,
+        store._CONSENT_STATUSES,
+        [f"shop-{n % TENANTS}" for n in numbers],
+        ["whatsapp"] * checks,
+        [f"+336{n:08d}" for n in numbers],
+    )
+    assert_uses_index(plan, "opt_outs_pkey", big_tables=BIG_TABLES)
+    assert_uses_index(plan, "last_inbound_pkey", big_tables=BIG_TABLES)
+
+
 async def test_last_inbound_upsert_uses_its_primary_key(loaded: asyncpg.Pool) -> None:
     plan = await explain(
         loaded, store._RECORD_LAST_INBOUND, "shop-42", "whatsapp", "+33600000042", NOW, sid(9)

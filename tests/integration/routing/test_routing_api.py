@@ -1,5 +1,5 @@
 """RoutingService over a real gRPC socket with the production auth interceptor and PostgreSQL:
-CheckOptOut, ListOptOuts, SetConsent, their access rules and their errors."""
+CheckOptOut, CheckOptOuts, ListOptOuts, SetConsent, their access rules and their errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from snapsell.common.v1 import address_pb2
 from snapsell.routing.v1 import events_pb2, routing_pb2, routing_pb2_grpc
 
-from services.routing.api import ACCESS_POLICY, SERVICE_FULL_NAME
+from services.routing.api import ACCESS_POLICY, MAX_CHECKS, SERVICE_FULL_NAME
 from tests.integration.routing.fakes import whatsapp
 
 Bearer = Callable[..., tuple[tuple[str, str], ...]]
@@ -80,14 +80,81 @@ async def test_check_of_an_unknown_address_is_not_opted_out(stub, bearer: Bearer
     assert not reply.opted_out and not reply.HasField("opted_out_at")
 
 
+def checks(*pairs: tuple[str, address_pb2.Address]) -> routing_pb2.CheckOptOutsRequest:
+    return routing_pb2.CheckOptOutsRequest(
+        checks=[routing_pb2.CheckOptOutRequest(tenant_id=t, address=a) for t, a in pairs]
+    )
+
+
+async def test_batch_check_answers_every_address_in_the_order_asked(stub, bearer: Bearer) -> None:
+    await set_consent(stub, bearer, "+33611111111")
+    await set_consent(stub, bearer, "+33622222222", tenant="shop-2")
+    asked = [
+        ("shop-1", whatsapp("+33622222222")),
+        ("shop-1", whatsapp("+33 6 11 11 11 11")),  # normalised like CheckOptOut
+        ("shop-2", whatsapp("+33622222222")),
+        ("shop-2", whatsapp("+33611111111")),
+        ("shop-1", address_pb2.Address(channel=address_pb2.CHANNEL_SMS, value="+33611111111")),
+        ("shop-1", whatsapp("+33611111111")),
+    ]
+    reply = await stub.CheckOptOuts(checks(*asked), metadata=bearer("service"))
+    assert [r.opted_out for r in reply.results] == [False, True, True, False, False, True]
+    single = await check(stub, bearer, "+33611111111")
+    assert reply.results[1] == single and reply.results[5] == single
+
+
+async def test_an_empty_batch_check_has_no_results(stub, bearer: Bearer) -> None:
+    reply = await stub.CheckOptOuts(routing_pb2.CheckOptOutsRequest(), metadata=bearer("service"))
+    assert list(reply.results) == []
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (("", whatsapp("+33611111111")), "checks[1]: tenant_id is required"),
+        (("shop-1", address_pb2.Address(value="+33611111111")), "checks[1]: address.channel"),
+        (("shop-1", address_pb2.Address(channel=address_pb2.CHANNEL_SMS, value="12")), "E.164"),
+    ],
+)
+async def test_a_bad_check_in_a_batch_is_named(
+    stub, bearer: Bearer, bad: tuple[str, address_pb2.Address], message: str
+) -> None:
+    good = ("shop-1", whatsapp("+33611111111"))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CheckOptOuts(checks(good, bad, good), metadata=bearer("service"))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = caught.value.details() or ""
+    assert message in details and details.startswith("checks[1]") and "\n" not in details
+
+
+async def test_a_batch_over_the_limit_is_refused(stub, bearer: Bearer) -> None:
+    one = ("shop-1", whatsapp("+33611111111"))
+    reply = await stub.CheckOptOuts(checks(*[one] * MAX_CHECKS), metadata=bearer("service"))
+    assert len(reply.results) == MAX_CHECKS
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CheckOptOuts(checks(*[one] * (MAX_CHECKS + 1)), metadata=bearer("service"))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == f"at most {MAX_CHECKS} checks per call, got {MAX_CHECKS + 1}"
+
+
 @pytest.mark.parametrize("role", ["admin", "owner", "manager", "staff"])
 async def test_only_services_may_check_opt_outs(stub, bearer: Bearer, role: str) -> None:
+    metadata = bearer(role, None if role == "admin" else "shop-1")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.CheckOptOut(
             routing_pb2.CheckOptOutRequest(tenant_id="shop-1", address=whatsapp("+33611111111")),
-            metadata=bearer(role, None if role == "admin" else "shop-1"),
+            metadata=metadata,
         )
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CheckOptOuts(checks(("shop-1", whatsapp("+33611111111"))), metadata=metadata)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_batch_checks_without_a_token_are_unauthenticated(stub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CheckOptOuts(checks(("shop-1", whatsapp("+33611111111"))))
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_calls_without_a_token_are_unauthenticated(stub) -> None:

@@ -127,6 +127,20 @@ async def test_last_inbound_keeps_the_newest_time(clean: asyncpg.Pool) -> None:
     assert (await store.consent_status(clean, CONTACT)).last_inbound_at == T0 + timedelta(minutes=5)
 
 
+async def test_batch_statuses_answer_each_contact_in_the_order_asked(clean: asyncpg.Pool) -> None:
+    await apply(clean, change(ConsentState.OPTED_OUT, T0))
+    async with clean.acquire() as conn:
+        await store.record_last_inbound(conn, CONTACT, T0 + timedelta(minutes=5), "SM1")
+    other_tenant = Contact("shop-2", CONTACT.channel, CONTACT.address)
+    other_channel = Contact(CONTACT.tenant_id, Channel.SMS, CONTACT.address)
+    asked = [other_tenant, CONTACT, other_channel, CONTACT]
+    statuses = await store.consent_statuses(clean, asked)
+    assert statuses == [await store.consent_status(clean, contact) for contact in asked]
+    assert [s.opted_out_at is not None for s in statuses] == [False, True, False, True]
+    assert statuses[1].last_inbound_at == T0 + timedelta(minutes=5)
+    assert await store.consent_statuses(clean, []) == []
+
+
 async def test_the_consent_check_uses_primary_key_lookups_only(clean: asyncpg.Pool) -> None:
     for table in ("opt_outs", "last_inbound"):
         extra = (

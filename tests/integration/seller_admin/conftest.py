@@ -78,10 +78,12 @@ async def js(nats_client: NatsClient) -> JetStreamContext:
 
 
 @pytest.fixture(scope="module")
-async def relay(pool: asyncpg.Pool, js: JetStreamContext) -> AsyncIterator[None]:
+async def relay(pool: asyncpg.Pool, nats_client: NatsClient) -> AsyncIterator[None]:
     """The event relay the process runs, publishing this module's events to JetStream."""
     stop = asyncio.Event()
-    task = asyncio.create_task(EventRelay(pool, js, SERVICE, poll_interval_s=0.2).run(stop))
+    task = asyncio.create_task(
+        EventRelay(pool, nats_client, SERVICE, poll_interval_s=0.2).run(stop)
+    )
     yield
     stop.set()
     await asyncio.wait_for(task, TEARDOWN_TIMEOUT_S)

@@ -1,62 +1,139 @@
-"""Checks of one recipient that overlap in time share a single CheckOptOut call; the answer
-(or the failure) reaches every caller, and nothing is remembered afterwards."""
+"""Consent for claimed batches: one routing call per batch (split at routing's limit, each
+recipient asked once), answers used at send time while fresh, asked again when stale, and a
+routing failure making every message of the batch wait."""
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Sequence
+from dataclasses import replace
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from infra.auth import ServiceTokenProvider
-from services.outbox.consent import ConsentUnavailableError, RoutingConsentChecker
+from services.outbox.consent import (
+    MAX_CHECKS_PER_CALL,
+    BatchConsent,
+    ConsentUnavailableError,
+    Recipient,
+    RoutingConsentChecker,
+)
 from services.outbox.domain import Channel, Consent
+from services.outbox.records import ClaimedMessage
+from tests.unit.outbox import builders
 
 ALICE, BOB = "+33611111111", "+33622222222"
+OPTED_OUT = Consent(opted_out=True)
+FREE = Consent(opted_out=False)
 
 
-class ControlledChecker(RoutingConsentChecker):
-    """The real checker with routing's answer replaced by futures the test resolves."""
+def recipient(value: str, tenant: str = "shop") -> Recipient:
+    return (tenant, Channel.SMS, value)
 
-    def __init__(self) -> None:
+
+class ChunkRecorder(RoutingConsentChecker):
+    """The real checker with routing's answer replaced: opted out when the number is odd."""
+
+    def __init__(self, fail: bool = False) -> None:
         super().__init__(
             grpc.aio.insecure_channel("127.0.0.1:9"),
             ServiceTokenProvider("s" * 32, "outbox"),
             timeout_s=1.0,
         )
-        self.asked: list[str] = []
-        self.answers: dict[str, asyncio.Future[Consent]] = {}
+        self.calls: list[list[Recipient]] = []
+        self.fail = fail
 
-    async def _ask(self, tenant_id: str, channel: Channel, value: str) -> Consent:
-        self.asked.append(value)
-        self.answers[value] = asyncio.get_running_loop().create_future()
-        return await self.answers[value]
-
-
-async def test_overlapping_checks_of_one_recipient_share_one_call() -> None:
-    checker = ControlledChecker()
-    tasks = [
-        asyncio.create_task(checker.check("shop", Channel.SMS, who)) for who in (ALICE, ALICE, BOB)
-    ]
-    await asyncio.sleep(0.01)
-    assert sorted(checker.asked) == [ALICE, BOB]
-    checker.answers[ALICE].set_result(Consent(opted_out=True))
-    checker.answers[BOB].set_result(Consent(opted_out=False))
-    results = await asyncio.gather(*tasks)
-    assert [r.opted_out for r in results] == [True, True, False]
-    again = asyncio.create_task(checker.check("shop", Channel.SMS, ALICE))
-    await asyncio.sleep(0.01)
-    assert checker.asked.count(ALICE) == 2  # asked again: answers are never cached
-    checker.answers[ALICE].set_result(Consent(opted_out=False))
-    assert not (await again).opted_out
+    async def _ask(self, recipients: Sequence[Recipient]) -> list[Consent]:
+        self.calls.append(list(recipients))
+        if self.fail:
+            raise ConsentUnavailableError("routing down")
+        return [OPTED_OUT if int(value[-1]) % 2 else FREE for _, _, value in recipients]
 
 
-async def test_a_failure_reaches_every_caller_of_the_shared_call() -> None:
-    checker = ControlledChecker()
-    tasks = [asyncio.create_task(checker.check("shop", Channel.SMS, ALICE)) for _ in range(2)]
-    await asyncio.sleep(0.01)
-    assert checker.asked == [ALICE]
-    checker.answers[ALICE].set_exception(ConsentUnavailableError("routing down"))
-    for task in tasks:
+async def test_a_batch_asks_each_recipient_once_and_answers_in_order() -> None:
+    checker = ChunkRecorder()
+    asked = [recipient(ALICE), recipient(BOB), recipient(ALICE), recipient(ALICE, "other")]
+    answers = await checker.check_many(asked)
+    assert answers == [OPTED_OUT, FREE, OPTED_OUT, OPTED_OUT]
+    assert checker.calls == [[recipient(ALICE), recipient(BOB), recipient(ALICE, "other")]]
+
+
+async def test_a_batch_over_routings_limit_is_split_into_calls_within_it() -> None:
+    checker = ChunkRecorder()
+    asked = [recipient(f"+336{n:08d}") for n in range(2 * MAX_CHECKS_PER_CALL + 5)]
+    answers = await checker.check_many(asked)
+    assert [len(call) for call in checker.calls] == [MAX_CHECKS_PER_CALL] * 2 + [5]
+    assert answers == [OPTED_OUT if n % 2 else FREE for n in range(len(asked))]
+
+
+async def test_routing_unreachable_is_consent_unavailable() -> None:
+    checker = RoutingConsentChecker(
+        grpc.aio.insecure_channel("127.0.0.1:9"),
+        ServiceTokenProvider("s" * 32, "outbox"),
+        timeout_s=0.3,
+    )
+    with pytest.raises(ConsentUnavailableError, match="CheckOptOuts"):
+        await checker.check_many([recipient(ALICE)])
+
+
+def claimed(value: str) -> ClaimedMessage:
+    return builders.claimed(tenant_id="shop", recipient=value)
+
+
+def rechecks() -> float:
+    return REGISTRY.get_sample_value("snapsell_outbox_consent_rechecks_total") or 0.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_a_claimed_batch_is_checked_in_one_call_and_fresh_answers_are_used() -> None:
+    checker, clock = ChunkRecorder(), Clock()
+    consent = BatchConsent(checker, max_age_s=1.0, clock=clock)
+    alice, bob = claimed(ALICE), claimed(BOB)
+    answers = await consent.ask([alice, bob])
+    assert len(checker.calls) == 1
+    clock.now += 1.0
+    assert await consent.for_send(alice, answers[alice.id]) == OPTED_OUT
+    assert await consent.for_send(bob, answers[bob.id]) == FREE
+    assert len(checker.calls) == 1
+
+
+async def test_an_answer_older_than_the_max_age_is_asked_again_for_that_message() -> None:
+    checker, clock = ChunkRecorder(), Clock()
+    consent = BatchConsent(checker, max_age_s=1.0, clock=clock)
+    alice = claimed(ALICE)
+    answers = await consent.ask([alice, claimed(BOB)])
+    stale = replace(answers[alice.id], consent=FREE)  # routing has since recorded an opt-out
+    before = rechecks()
+    clock.now += 1.5
+    assert await consent.for_send(alice, stale) == OPTED_OUT
+    assert checker.calls[1:] == [[recipient(ALICE)]]
+    assert rechecks() == before + 1
+    assert await consent.for_send(alice, None) == OPTED_OUT  # no answer: asked now
+    assert len(checker.calls) == 3
+
+
+async def test_routing_failing_the_batch_makes_each_of_its_messages_wait() -> None:
+    checker = ChunkRecorder(fail=True)
+    consent = BatchConsent(checker, max_age_s=1.0, clock=Clock())
+    messages = [claimed(ALICE), claimed(BOB)]
+    answers = await consent.ask(messages)
+    assert all(answers[m.id].consent is None for m in messages)
+    checker.fail = False
+    for message in messages:  # not asked again one by one: the message waits
         with pytest.raises(ConsentUnavailableError):
-            await task
+            await consent.for_send(message, answers[message.id])
+    assert len(checker.calls) == 1
+
+
+async def test_an_empty_claim_asks_nothing() -> None:
+    checker = ChunkRecorder()
+    assert await BatchConsent(checker, max_age_s=1.0).ask([]) == {}
+    assert checker.calls == []

@@ -6,12 +6,17 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from snapsell.outbox.v1 import events_pb2
 
 from services.outbox.config import WorkerConfig
-from services.outbox.consent import ConsentUnavailableError
+from services.outbox.consent import (
+    BatchConsent,
+    ConsentAnswer,
+    ConsentUnavailableError,
+    Recipient,
+)
 from services.outbox.delivery import MessageDelivery
 from services.outbox.domain import (
     AttemptOutcome,
@@ -35,8 +40,8 @@ from services.outbox.events import (
 from services.outbox.reconciliation import TwilioMessageView
 from services.outbox.records import ClaimedMessage
 from services.outbox.sender import ReconciliationError
+from tests.unit.outbox.builders import NOW, claimed
 
-NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 CONFIG = WorkerConfig(
     enabled=True,
     max_in_flight=8,
@@ -52,32 +57,9 @@ CONFIG = WorkerConfig(
     reconcile_clock_skew_s=2,
     consent_retry_s=2,
     consent_timeout_s=2,
+    consent_max_age_s=1,
     whatsapp_window_s=86_400,
 )
-
-
-def claimed(**changes: object) -> ClaimedMessage:
-    message = ClaimedMessage(
-        id=uuid.uuid4(),
-        tenant_id="shop-a",
-        correlation_id="SMinbound",
-        kind=MessageKind.CONVERSATIONAL,
-        account_sid="AC" + "1" * 32,
-        sender="+14155550100",
-        channel=Channel.SMS,
-        recipient="+33611111111",
-        body="hello",
-        content_sid=None,
-        content_variables=None,
-        attempt_count=0,
-        max_attempts=3,
-        reconcile_failures=0,
-        claimed_at=NOW - timedelta(seconds=1),
-        reconcile_since=None,
-        traceparent=None,
-        lease_expired=False,
-    )
-    return replace(message, **changes)  # type: ignore[arg-type]
 
 
 class FakeTwilio:
@@ -104,11 +86,11 @@ class FakeConsent:
         self.consent = consent or Consent(opted_out=False, last_inbound_at=NOW)
         self.asked = 0
 
-    async def check(self, tenant_id: str, channel: Channel, value: str) -> Consent:
+    async def check_many(self, recipients: Sequence[Recipient]) -> list[Consent]:
         self.asked += 1
         if self.consent is None:
             raise ConsentUnavailableError("routing down")
-        return self.consent
+        return [self.consent] * len(recipients)
 
 
 class FakeLedger:
@@ -132,7 +114,7 @@ def delivery(
     return MessageDelivery(
         ledger or FakeLedger(),
         twilio,
-        consent or FakeConsent(),
+        BatchConsent(consent or FakeConsent(), max_age_s=CONFIG.consent_max_age_s),
         CONFIG,
         "worker-1",
         now=lambda: NOW,
@@ -187,6 +169,27 @@ async def test_routing_unavailable_postpones_without_using_an_attempt() -> None:
     consent.consent = None  # type: ignore[assignment]
     resolution = await delivery(twilio, consent).resolve(claimed())
     assert resolution.status is MessageStatus.PENDING
+    assert resolution.attempt_increment == 0 and twilio.sent == []
+
+
+async def test_the_claimed_batchs_answer_decides_without_asking_again() -> None:
+    twilio = FakeTwilio()
+    consent = FakeConsent(Consent(opted_out=True, opted_out_at=NOW))
+    use_case = delivery(twilio, consent)
+    message = claimed()
+    answers = await use_case.check_consent([message])
+    consent.consent = Consent(opted_out=False, last_inbound_at=NOW)  # would say "send"
+    resolution = await use_case.resolve(message, answers[message.id])
+    assert resolution.status is MessageStatus.BLOCKED and twilio.sent == []
+    assert consent.asked == 1
+
+
+async def test_a_batch_routing_could_not_answer_postpones_its_messages() -> None:
+    twilio = FakeTwilio()
+    answer = ConsentAnswer(None, asked_at=0.0)
+    resolution = await delivery(twilio).resolve(claimed(), answer)
+    assert resolution.status is MessageStatus.PENDING
+    assert resolution.next_attempt_at == NOW + timedelta(seconds=CONFIG.consent_retry_s)
     assert resolution.attempt_increment == 0 and twilio.sent == []
 
 

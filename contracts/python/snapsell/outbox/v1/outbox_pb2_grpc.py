@@ -27,7 +27,7 @@ if _version_not_supported:
 
 class OutboxServiceStub:
     """Durable outbound messages: every message to a customer goes through here, is checked
-    against consent (routing.CheckOptOut) and WhatsApp's 24-hour window, sent once through
+    against consent (routing.CheckOptOuts) and WhatsApp's 24-hour window, sent once through
     Twilio, retried on transient errors and dead-lettered with a reason otherwise.
     """
 
@@ -66,7 +66,7 @@ class OutboxServiceStub:
 
 class OutboxServiceServicer:
     """Durable outbound messages: every message to a customer goes through here, is checked
-    against consent (routing.CheckOptOut) and WhatsApp's 24-hour window, sent once through
+    against consent (routing.CheckOptOuts) and WhatsApp's 24-hour window, sent once through
     Twilio, retried on transient errors and dead-lettered with a reason otherwise.
     """
 
@@ -144,7 +144,7 @@ def add_OutboxServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class OutboxService:
     """Durable outbound messages: every message to a customer goes through here, is checked
-    against consent (routing.CheckOptOut) and WhatsApp's 24-hour window, sent once through
+    against consent (routing.CheckOptOuts) and WhatsApp's 24-hour window, sent once through
     Twilio, retried on transient errors and dead-lettered with a reason otherwise.
     """
 

@@ -28,7 +28,7 @@ GRPC_VERSION: str
 
 class OutboxServiceStub:
     """Durable outbound messages: every message to a customer goes through here, is checked
-    against consent (routing.CheckOptOut) and WhatsApp's 24-hour window, sent once through
+    against consent (routing.CheckOptOuts) and WhatsApp's 24-hour window, sent once through
     Twilio, retried on transient errors and dead-lettered with a reason otherwise.
     """
 
@@ -52,7 +52,7 @@ class OutboxServiceStub:
 @_typing.type_check_only
 class OutboxServiceAsyncStub(OutboxServiceStub):
     """Durable outbound messages: every message to a customer goes through here, is checked
-    against consent (routing.CheckOptOut) and WhatsApp's 24-hour window, sent once through
+    against consent (routing.CheckOptOuts) and WhatsApp's 24-hour window, sent once through
     Twilio, retried on transient errors and dead-lettered with a reason otherwise.
     """
 
@@ -72,7 +72,7 @@ class OutboxServiceAsyncStub(OutboxServiceStub):
 
 class OutboxServiceServicer(metaclass=_abc_1.ABCMeta):
     """Durable outbound messages: every message to a customer goes through here, is checked
-    against consent (routing.CheckOptOut) and WhatsApp's 24-hour window, sent once through
+    against consent (routing.CheckOptOuts) and WhatsApp's 24-hour window, sent once through
     Twilio, retried on transient errors and dead-lettered with a reason otherwise.
     """
 

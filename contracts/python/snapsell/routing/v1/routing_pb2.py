@@ -26,33 +26,37 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from snapsell.common.v1 import address_pb2 as snapsell_dot_common_dot_v1_dot_address__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!snapsell/routing/v1/routing.proto\x12\x13snapsell.routing.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a snapsell/common/v1/address.proto\"U\n\x12\x43heckOptOutRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12,\n\x07\x61\x64\x64ress\x18\x02 \x01(\x0b\x32\x1b.snapsell.common.v1.Address\"\x8f\x01\n\x13\x43heckOptOutResponse\x12\x11\n\topted_out\x18\x01 \x01(\x08\x12\x30\n\x0copted_out_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_inbound_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf4\x01\n\x06OptOut\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12,\n\x07\x61\x64\x64ress\x18\x02 \x01(\x0b\x32\x1b.snapsell.common.v1.Address\x12\x30\n\x0copted_out_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x06source\x18\x04 \x01(\x0e\x32\".snapsell.routing.v1.ConsentSource\x12\x13\n\x0bmessage_sid\x18\x05 \x01(\t\x12\x0f\n\x07keyword\x18\x06 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\"N\n\x12ListOptOutsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"]\n\x13ListOptOutsResponse\x12-\n\x08opt_outs\x18\x01 \x03(\x0b\x32\x1b.snapsell.routing.v1.OptOut\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x96\x01\n\x11SetConsentRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12,\n\x07\x61\x64\x64ress\x18\x02 \x01(\x0b\x32\x1b.snapsell.common.v1.Address\x12\x30\n\x05state\x18\x03 \x01(\x0e\x32!.snapsell.routing.v1.ConsentState\x12\x0e\n\x06reason\x18\x04 \x01(\t\"j\n\x12SetConsentResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\x12\x11\n\topted_out\x18\x02 \x01(\x08\x12\x30\n\x0copted_out_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*Y\n\nSenderRole\x12\x1b\n\x17SENDER_ROLE_UNSPECIFIED\x10\x00\x12\x16\n\x12SENDER_ROLE_SELLER\x10\x01\x12\x16\n\x12SENDER_ROLE_CLIENT\x10\x02*f\n\x0c\x43onsentState\x12\x1d\n\x19\x43ONSENT_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43ONSENT_STATE_OPTED_OUT\x10\x01\x12\x1a\n\x16\x43ONSENT_STATE_OPTED_IN\x10\x02*\x84\x01\n\rConsentSource\x12\x1e\n\x1a\x43ONSENT_SOURCE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43ONSENT_SOURCE_KEYWORD\x10\x01\x12\x1b\n\x17\x43ONSENT_SOURCE_OPERATOR\x10\x02\x12\x1a\n\x16\x43ONSENT_SOURCE_CARRIER\x10\x03\x32\xb3\x02\n\x0eRoutingService\x12`\n\x0b\x43heckOptOut\x12\'.snapsell.routing.v1.CheckOptOutRequest\x1a(.snapsell.routing.v1.CheckOptOutResponse\x12`\n\x0bListOptOuts\x12\'.snapsell.routing.v1.ListOptOutsRequest\x1a(.snapsell.routing.v1.ListOptOutsResponse\x12]\n\nSetConsent\x12&.snapsell.routing.v1.SetConsentRequest\x1a\'.snapsell.routing.v1.SetConsentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!snapsell/routing/v1/routing.proto\x12\x13snapsell.routing.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a snapsell/common/v1/address.proto\"U\n\x12\x43heckOptOutRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12,\n\x07\x61\x64\x64ress\x18\x02 \x01(\x0b\x32\x1b.snapsell.common.v1.Address\"\x8f\x01\n\x13\x43heckOptOutResponse\x12\x11\n\topted_out\x18\x01 \x01(\x08\x12\x30\n\x0copted_out_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_inbound_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"N\n\x13\x43heckOptOutsRequest\x12\x37\n\x06\x63hecks\x18\x01 \x03(\x0b\x32\'.snapsell.routing.v1.CheckOptOutRequest\"Q\n\x14\x43heckOptOutsResponse\x12\x39\n\x07results\x18\x01 \x03(\x0b\x32(.snapsell.routing.v1.CheckOptOutResponse\"\xf4\x01\n\x06OptOut\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12,\n\x07\x61\x64\x64ress\x18\x02 \x01(\x0b\x32\x1b.snapsell.common.v1.Address\x12\x30\n\x0copted_out_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x06source\x18\x04 \x01(\x0e\x32\".snapsell.routing.v1.ConsentSource\x12\x13\n\x0bmessage_sid\x18\x05 \x01(\t\x12\x0f\n\x07keyword\x18\x06 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x07 \x01(\t\x12\x0e\n\x06reason\x18\x08 \x01(\t\"N\n\x12ListOptOutsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"]\n\x13ListOptOutsResponse\x12-\n\x08opt_outs\x18\x01 \x03(\x0b\x32\x1b.snapsell.routing.v1.OptOut\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x96\x01\n\x11SetConsentRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12,\n\x07\x61\x64\x64ress\x18\x02 \x01(\x0b\x32\x1b.snapsell.common.v1.Address\x12\x30\n\x05state\x18\x03 \x01(\x0e\x32!.snapsell.routing.v1.ConsentState\x12\x0e\n\x06reason\x18\x04 \x01(\t\"j\n\x12SetConsentResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\x12\x11\n\topted_out\x18\x02 \x01(\x08\x12\x30\n\x0copted_out_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*Y\n\nSenderRole\x12\x1b\n\x17SENDER_ROLE_UNSPECIFIED\x10\x00\x12\x16\n\x12SENDER_ROLE_SELLER\x10\x01\x12\x16\n\x12SENDER_ROLE_CLIENT\x10\x02*f\n\x0c\x43onsentState\x12\x1d\n\x19\x43ONSENT_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43ONSENT_STATE_OPTED_OUT\x10\x01\x12\x1a\n\x16\x43ONSENT_STATE_OPTED_IN\x10\x02*\x84\x01\n\rConsentSource\x12\x1e\n\x1a\x43ONSENT_SOURCE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43ONSENT_SOURCE_KEYWORD\x10\x01\x12\x1b\n\x17\x43ONSENT_SOURCE_OPERATOR\x10\x02\x12\x1a\n\x16\x43ONSENT_SOURCE_CARRIER\x10\x03\x32\x98\x03\n\x0eRoutingService\x12`\n\x0b\x43heckOptOut\x12\'.snapsell.routing.v1.CheckOptOutRequest\x1a(.snapsell.routing.v1.CheckOptOutResponse\x12\x63\n\x0c\x43heckOptOuts\x12(.snapsell.routing.v1.CheckOptOutsRequest\x1a).snapsell.routing.v1.CheckOptOutsResponse\x12`\n\x0bListOptOuts\x12\'.snapsell.routing.v1.ListOptOutsRequest\x1a(.snapsell.routing.v1.ListOptOutsResponse\x12]\n\nSetConsent\x12&.snapsell.routing.v1.SetConsentRequest\x1a\'.snapsell.routing.v1.SetConsentResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'snapsell.routing.v1.routing_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SENDERROLE']._serialized_start=1041
-  _globals['_SENDERROLE']._serialized_end=1130
-  _globals['_CONSENTSTATE']._serialized_start=1132
-  _globals['_CONSENTSTATE']._serialized_end=1234
-  _globals['_CONSENTSOURCE']._serialized_start=1237
-  _globals['_CONSENTSOURCE']._serialized_end=1369
+  _globals['_SENDERROLE']._serialized_start=1204
+  _globals['_SENDERROLE']._serialized_end=1293
+  _globals['_CONSENTSTATE']._serialized_start=1295
+  _globals['_CONSENTSTATE']._serialized_end=1397
+  _globals['_CONSENTSOURCE']._serialized_start=1400
+  _globals['_CONSENTSOURCE']._serialized_end=1532
   _globals['_CHECKOPTOUTREQUEST']._serialized_start=125
   _globals['_CHECKOPTOUTREQUEST']._serialized_end=210
   _globals['_CHECKOPTOUTRESPONSE']._serialized_start=213
   _globals['_CHECKOPTOUTRESPONSE']._serialized_end=356
-  _globals['_OPTOUT']._serialized_start=359
-  _globals['_OPTOUT']._serialized_end=603
-  _globals['_LISTOPTOUTSREQUEST']._serialized_start=605
-  _globals['_LISTOPTOUTSREQUEST']._serialized_end=683
-  _globals['_LISTOPTOUTSRESPONSE']._serialized_start=685
-  _globals['_LISTOPTOUTSRESPONSE']._serialized_end=778
-  _globals['_SETCONSENTREQUEST']._serialized_start=781
-  _globals['_SETCONSENTREQUEST']._serialized_end=931
-  _globals['_SETCONSENTRESPONSE']._serialized_start=933
-  _globals['_SETCONSENTRESPONSE']._serialized_end=1039
-  _globals['_ROUTINGSERVICE']._serialized_start=1372
-  _globals['_ROUTINGSERVICE']._serialized_end=1679
+  _globals['_CHECKOPTOUTSREQUEST']._serialized_start=358
+  _globals['_CHECKOPTOUTSREQUEST']._serialized_end=436
+  _globals['_CHECKOPTOUTSRESPONSE']._serialized_start=438
+  _globals['_CHECKOPTOUTSRESPONSE']._serialized_end=519
+  _globals['_OPTOUT']._serialized_start=522
+  _globals['_OPTOUT']._serialized_end=766
+  _globals['_LISTOPTOUTSREQUEST']._serialized_start=768
+  _globals['_LISTOPTOUTSREQUEST']._serialized_end=846
+  _globals['_LISTOPTOUTSRESPONSE']._serialized_start=848
+  _globals['_LISTOPTOUTSRESPONSE']._serialized_end=941
+  _globals['_SETCONSENTREQUEST']._serialized_start=944
+  _globals['_SETCONSENTREQUEST']._serialized_end=1094
+  _globals['_SETCONSENTRESPONSE']._serialized_start=1096
+  _globals['_SETCONSENTRESPONSE']._serialized_end=1202
+  _globals['_ROUTINGSERVICE']._serialized_start=1535
+  _globals['_ROUTINGSERVICE']._serialized_end=1943
 # @@protoc_insertion_point(module_scope)

@@ -142,6 +142,50 @@ class CheckOptOutResponse(_message.Message):
 Global___CheckOptOutResponse: _TypeAlias = CheckOptOutResponse  # noqa: Y015
 
 @_typing.final
+class CheckOptOutsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckOptOutRequest]:
+        """0..1000 checks, possibly of several tenants; the same address may appear more than once."""
+
+    def __init__(
+        self,
+        *,
+        checks: _abc.Iterable[Global___CheckOptOutRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckOptOutsRequest: _TypeAlias = CheckOptOutsRequest  # noqa: Y015
+
+@_typing.final
+class CheckOptOutsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckOptOutResponse]:
+        """One per check, in the order of the request's `checks`."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___CheckOptOutResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckOptOutsResponse: _TypeAlias = CheckOptOutsResponse  # noqa: Y015
+
+@_typing.final
 class OptOut(_message.Message):
     """One active opt-out in the consent ledger."""
 

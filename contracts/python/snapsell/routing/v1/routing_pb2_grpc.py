@@ -27,7 +27,7 @@ if _version_not_supported:
 
 class RoutingServiceStub:
     """Routing owns the consent ledger (opt-outs) and the last inbound time of every address.
-    The outbox asks it before every send; tenant staff list opt-outs; owners and managers
+    The outbox asks it before sending; tenant staff list opt-outs; owners and managers
     record consent given or withdrawn outside WhatsApp/SMS.
     """
 
@@ -41,6 +41,11 @@ class RoutingServiceStub:
                 '/snapsell.routing.v1.RoutingService/CheckOptOut',
                 request_serializer=snapsell_dot_routing_dot_v1_dot_routing__pb2.CheckOptOutRequest.SerializeToString,
                 response_deserializer=snapsell_dot_routing_dot_v1_dot_routing__pb2.CheckOptOutResponse.FromString,
+                _registered_method=True)
+        self.CheckOptOuts = channel.unary_unary(
+                '/snapsell.routing.v1.RoutingService/CheckOptOuts',
+                request_serializer=snapsell_dot_routing_dot_v1_dot_routing__pb2.CheckOptOutsRequest.SerializeToString,
+                response_deserializer=snapsell_dot_routing_dot_v1_dot_routing__pb2.CheckOptOutsResponse.FromString,
                 _registered_method=True)
         self.ListOptOuts = channel.unary_unary(
                 '/snapsell.routing.v1.RoutingService/ListOptOuts',
@@ -56,13 +61,22 @@ class RoutingServiceStub:
 
 class RoutingServiceServicer:
     """Routing owns the consent ledger (opt-outs) and the last inbound time of every address.
-    The outbox asks it before every send; tenant staff list opt-outs; owners and managers
+    The outbox asks it before sending; tenant staff list opt-outs; owners and managers
     record consent given or withdrawn outside WhatsApp/SMS.
     """
 
     def CheckOptOut(self, request, context):
         """Whether an address has opted out of a tenant's messages, and when it last wrote to the
         tenant (WhatsApp's 24-hour window). Role `service`. One indexed lookup.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckOptOuts(self, request, context):
+        """CheckOptOut for many addresses at once, answered in the order asked (the outbox asks
+        once per batch of messages it claims). Role `service`. One query for the whole batch;
+        at most 1000 checks, each valid, or INVALID_ARGUMENT naming the first bad one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,6 +106,11 @@ def add_RoutingServiceServicer_to_server(servicer, server):
                     request_deserializer=snapsell_dot_routing_dot_v1_dot_routing__pb2.CheckOptOutRequest.FromString,
                     response_serializer=snapsell_dot_routing_dot_v1_dot_routing__pb2.CheckOptOutResponse.SerializeToString,
             ),
+            'CheckOptOuts': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckOptOuts,
+                    request_deserializer=snapsell_dot_routing_dot_v1_dot_routing__pb2.CheckOptOutsRequest.FromString,
+                    response_serializer=snapsell_dot_routing_dot_v1_dot_routing__pb2.CheckOptOutsResponse.SerializeToString,
+            ),
             'ListOptOuts': grpc.unary_unary_rpc_method_handler(
                     servicer.ListOptOuts,
                     request_deserializer=snapsell_dot_routing_dot_v1_dot_routing__pb2.ListOptOutsRequest.FromString,
@@ -112,7 +131,7 @@ def add_RoutingServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class RoutingService:
     """Routing owns the consent ledger (opt-outs) and the last inbound time of every address.
-    The outbox asks it before every send; tenant staff list opt-outs; owners and managers
+    The outbox asks it before sending; tenant staff list opt-outs; owners and managers
     record consent given or withdrawn outside WhatsApp/SMS.
     """
 
@@ -133,6 +152,33 @@ class RoutingService:
             '/snapsell.routing.v1.RoutingService/CheckOptOut',
             snapsell_dot_routing_dot_v1_dot_routing__pb2.CheckOptOutRequest.SerializeToString,
             snapsell_dot_routing_dot_v1_dot_routing__pb2.CheckOptOutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckOptOuts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snapsell.routing.v1.RoutingService/CheckOptOuts',
+            snapsell_dot_routing_dot_v1_dot_routing__pb2.CheckOptOutsRequest.SerializeToString,
+            snapsell_dot_routing_dot_v1_dot_routing__pb2.CheckOptOutsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,7 +28,7 @@ GRPC_VERSION: str
 
 class RoutingServiceStub:
     """Routing owns the consent ledger (opt-outs) and the last inbound time of every address.
-    The outbox asks it before every send; tenant staff list opt-outs; owners and managers
+    The outbox asks it before sending; tenant staff list opt-outs; owners and managers
     record consent given or withdrawn outside WhatsApp/SMS.
     """
 
@@ -39,6 +39,11 @@ class RoutingServiceStub:
     CheckOptOut: _grpc.UnaryUnaryMultiCallable[_routing_pb2.CheckOptOutRequest, _routing_pb2.CheckOptOutResponse]
     """Whether an address has opted out of a tenant's messages, and when it last wrote to the
     tenant (WhatsApp's 24-hour window). Role `service`. One indexed lookup.
+    """
+    CheckOptOuts: _grpc.UnaryUnaryMultiCallable[_routing_pb2.CheckOptOutsRequest, _routing_pb2.CheckOptOutsResponse]
+    """CheckOptOut for many addresses at once, answered in the order asked (the outbox asks
+    once per batch of messages it claims). Role `service`. One query for the whole batch;
+    at most 1000 checks, each valid, or INVALID_ARGUMENT naming the first bad one.
     """
     ListOptOuts: _grpc.UnaryUnaryMultiCallable[_routing_pb2.ListOptOutsRequest, _routing_pb2.ListOptOutsResponse]
     """The tenant's current opt-outs, newest first. Roles `owner`, `manager`, `staff` (own
@@ -52,7 +57,7 @@ class RoutingServiceStub:
 @_typing.type_check_only
 class RoutingServiceAsyncStub(RoutingServiceStub):
     """Routing owns the consent ledger (opt-outs) and the last inbound time of every address.
-    The outbox asks it before every send; tenant staff list opt-outs; owners and managers
+    The outbox asks it before sending; tenant staff list opt-outs; owners and managers
     record consent given or withdrawn outside WhatsApp/SMS.
     """
 
@@ -60,6 +65,11 @@ class RoutingServiceAsyncStub(RoutingServiceStub):
     CheckOptOut: _aio.UnaryUnaryMultiCallable[_routing_pb2.CheckOptOutRequest, _routing_pb2.CheckOptOutResponse]  # type: ignore[assignment]
     """Whether an address has opted out of a tenant's messages, and when it last wrote to the
     tenant (WhatsApp's 24-hour window). Role `service`. One indexed lookup.
+    """
+    CheckOptOuts: _aio.UnaryUnaryMultiCallable[_routing_pb2.CheckOptOutsRequest, _routing_pb2.CheckOptOutsResponse]  # type: ignore[assignment]
+    """CheckOptOut for many addresses at once, answered in the order asked (the outbox asks
+    once per batch of messages it claims). Role `service`. One query for the whole batch;
+    at most 1000 checks, each valid, or INVALID_ARGUMENT naming the first bad one.
     """
     ListOptOuts: _aio.UnaryUnaryMultiCallable[_routing_pb2.ListOptOutsRequest, _routing_pb2.ListOptOutsResponse]  # type: ignore[assignment]
     """The tenant's current opt-outs, newest first. Roles `owner`, `manager`, `staff` (own
@@ -72,7 +82,7 @@ class RoutingServiceAsyncStub(RoutingServiceStub):
 
 class RoutingServiceServicer(metaclass=_abc_1.ABCMeta):
     """Routing owns the consent ledger (opt-outs) and the last inbound time of every address.
-    The outbox asks it before every send; tenant staff list opt-outs; owners and managers
+    The outbox asks it before sending; tenant staff list opt-outs; owners and managers
     record consent given or withdrawn outside WhatsApp/SMS.
     """
 
@@ -84,6 +94,17 @@ class RoutingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_routing_pb2.CheckOptOutResponse, _abc.Awaitable[_routing_pb2.CheckOptOutResponse]]:
         """Whether an address has opted out of a tenant's messages, and when it last wrote to the
         tenant (WhatsApp's 24-hour window). Role `service`. One indexed lookup.
+        """
+
+    @_abc_1.abstractmethod
+    def CheckOptOuts(
+        self,
+        request: _routing_pb2.CheckOptOutsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_routing_pb2.CheckOptOutsResponse, _abc.Awaitable[_routing_pb2.CheckOptOutsResponse]]:
+        """CheckOptOut for many addresses at once, answered in the order asked (the outbox asks
+        once per batch of messages it claims). Role `service`. One query for the whole batch;
+        at most 1000 checks, each valid, or INVALID_ARGUMENT naming the first bad one.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,160 @@
+"""Consent per claimed batch, with routing's real consent ledger: one CheckOptOuts call decides
+a whole batch (opted-out recipients blocked, the others sent), while routing cannot answer
+every message waits, neither sent nor blocked, until it can, and the batch check is traced."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.outbox.stack import (
+    ACCOUNT_SID,
+    SMS_SENDER,
+    TENANT,
+    OutboxStack,
+    eventually,
+    new_phone,
+    sms,
+)
+from tests.support.processes import free_port
+
+MESSAGES = 150
+CHECK_ONE = "/snapsell.routing.v1.RoutingService/CheckOptOut"
+CHECK_MANY = "/snapsell.routing.v1.RoutingService/CheckOptOuts"
+# No rate limit: the whole batch is sent at once, so no answer grows old enough to be re-asked.
+UNLIMITED = {"OUTBOX_RATE_LIMIT_PER_SENDER": "0", "OUTBOX_CLAIM_BATCH": "200"}
+
+
+async def routing_calls(stack: OutboxStack) -> dict[str, float]:
+    """Calls routing has answered OK so far, by method."""
+    assert stack.routing is not None
+    port = stack.routing.env["METRICS_PORT"]
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    calls: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "snapsell_grpc_server_handled":
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels["code"] == "OK":
+                    calls[sample.labels["method"]] = sample.value
+    return calls
+
+
+async def insert_backlog(stack: OutboxStack, phones: list[str], key: str) -> None:
+    """Messages committed together, so the worker claims them in one batch."""
+    assert stack.db is not None
+    async with stack.db.acquire() as conn, conn.transaction():
+        await conn.execute(
+            """
+            INSERT INTO outbox.messages (tenant_id, idempotency_key, kind, account_sid, sender,
+                recipient_channel, recipient, body, max_attempts)
+            SELECT $1, $2 || n, 'conversational', $3, $4, 'sms', phone, 'flash sale', 5
+            FROM unnest($5::text[]) WITH ORDINALITY AS p(phone, n)
+            """,
+            TENANT,
+            key,
+            ACCOUNT_SID,
+            SMS_SENDER,
+            phones,
+        )
+        await conn.execute("NOTIFY outbox_due")
+
+
+async def statuses(stack: OutboxStack, key: str) -> dict[str, str]:
+    assert stack.db is not None
+    rows = await stack.db.fetch(
+        "SELECT recipient, status FROM outbox.messages WHERE idempotency_key LIKE $1 || '%'", key
+    )
+    return {row["recipient"]: row["status"] for row in rows}
+
+
+async def test_one_call_decides_a_claimed_batch_of_opted_in_and_opted_out_recipients(
+    stack: OutboxStack,
+) -> None:
+    outbox = await stack.start_outbox(**UNLIMITED)
+    try:
+        phones = [new_phone() for _ in range(MESSAGES)]
+        opted_out = set(phones[::3])
+        for phone in opted_out:
+            await stack.opt_out(sms(phone))
+        before = await routing_calls(stack)
+        await insert_backlog(stack, phones, "batch-")
+
+        async def all_decided() -> bool:
+            return set((await statuses(stack, "batch-")).values()) <= {"sent", "blocked"}
+
+        await eventually(all_decided, timeout_s=30)
+        decided = await statuses(stack, "batch-")
+        assert {p for p, s in decided.items() if s == "blocked"} == opted_out
+        sent = {m["to"] for m in await stack.sandbox_messages() if m["to"] in decided}
+        assert sent == set(phones) - opted_out
+        after = await routing_calls(stack)
+        assert after.get(CHECK_ONE, 0) == before.get(CHECK_ONE, 0)
+        # One call for the claimed batch; a second claim may race the insert's commit.
+        assert 1 <= after[CHECK_MANY] - before.get(CHECK_MANY, 0) <= 2
+    finally:
+        outbox.stop()
+
+
+async def test_messages_wait_while_routing_cannot_answer_and_are_sent_once_it_can(
+    stack: OutboxStack,
+) -> None:
+    silent = f"127.0.0.1:{free_port()}"  # nothing listens there
+    waiting = await stack.start_outbox(ROUTING_ADDR=silent, **UNLIMITED)
+    phones = [new_phone() for _ in range(5)]
+    try:
+        await insert_backlog(stack, phones, "unchecked-")
+        await asyncio.sleep(2.0)  # several consent retries (OUTBOX_CONSENT_RETRY_SECONDS=0.2)
+        assert set((await statuses(stack, "unchecked-")).values()) <= {"pending", "sending"}
+        assert (
+            await stack.count(
+                "SELECT count(*) FROM outbox.attempts a"
+                " JOIN outbox.messages m ON m.id = a.message_id"
+                " WHERE m.idempotency_key LIKE 'unchecked-%'"
+            )
+            == 0
+        )
+        assert [m for m in await stack.sandbox_messages() if m["to"] in phones] == []
+    finally:
+        assert waiting.stop() == 0
+    answering = await stack.start_outbox(**UNLIMITED)
+    try:
+
+        async def all_sent() -> bool:
+            return set((await statuses(stack, "unchecked-")).values()) == {"sent"}
+
+        await eventually(all_sent, timeout_s=30)
+        assert sorted(m["to"] for m in await stack.sandbox_messages() if m["to"] in phones) == (
+            sorted(phones)
+        )
+    finally:
+        answering.stop()
+
+
+async def test_the_batch_check_is_traced_and_the_sends_of_its_batch_are_traced_too(
+    stack: OutboxStack, tmp_path: Path
+) -> None:
+    trace_file = tmp_path / "spans.jsonl"
+    outbox = await stack.start_outbox(SNAPSELL_TRACE_FILE=str(trace_file), **UNLIMITED)
+    try:
+        phones = [new_phone() for _ in range(3)]
+        await insert_backlog(stack, phones, "traced-")
+
+        async def all_sent() -> bool:
+            return set((await statuses(stack, "traced-")).values()) == {"sent"}
+
+        await eventually(all_sent, timeout_s=30)
+    finally:
+        assert outbox.stop() == 0
+    spans = [json.loads(line) for line in trace_file.read_text().splitlines()]
+    [check] = [s for s in spans if s["name"] == "outbox.check_consent"]
+    assert check["attributes"]["snapsell.messages"] == len(phones)
+    [call] = [s for s in spans if s["name"] == CHECK_MANY and s["kind"] == "CLIENT"]
+    assert call["parent_id"] == check["span_id"] and call["trace_id"] == check["trace_id"]
+    sends = [s for s in spans if s["name"] == "outbox.send"]
+    assert len(sends) == len(phones)
+    assert {s["attributes"]["snapsell.outbox.status"] for s in sends} == {"sent"}
