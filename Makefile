@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv protos contracts-baseline lint format test run webhook bench deploy-check images deploy
+.PHONY: help venv protos contracts-baseline lint format test chaos run webhook bench deploy-check images deploy
 
 help: ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-20s %s\n", $$1, $$2}'
@@ -40,6 +40,13 @@ test: $(INSTALLED) ## the whole test suite (starts embedded PostgreSQL and NATS 
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m tools.deploy check
 	$(BIN)/python -m pytest
+
+# `make chaos CHAOS_WEBHOOKS=20000` for a longer run; `make test` runs the suite reduced.
+CHAOS_WEBHOOKS ?= 5000
+CHAOS_RATE ?= 40
+
+chaos: $(INSTALLED) ## the fault suite at full size: 5,000 webhooks through kills and outages; prints its counts
+	SNAPSELL_CHAOS_WEBHOOKS=$(CHAOS_WEBHOOKS) SNAPSELL_CHAOS_RATE=$(CHAOS_RATE) $(BIN)/python -m pytest tests/chaos -q -s
 
 run: $(INSTALLED) ## the whole stack in the foreground (Ctrl-C stops it)
 	$(BIN)/python -m tools.run

@@ -3,6 +3,7 @@ forward. Duplicates and out-of-order callbacks are acked and change nothing.
 
 A callback can overtake the write of its own send's result (Twilio calls back within
 milliseconds): an unknown SID is retried with a delay for a while, then terminated and logged.
+The database being away (a restart, a cut connection) is retried the same way, with a warning.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from nats.aio.msg import Msg
 from prometheus_client import Counter
 from snapsell.gateway.v1.events_pb2 import StatusReceived
 
-from infra.jetstream import Ack, ConsumerSpec, Decision, Nak, Term, is_last_delivery
+from infra.db import DATABASE_UNAVAILABLE
+from infra.jetstream import Ack, ConsumerSpec, Decision, Nak, Term, failure_delay, is_last_delivery
 from infra.log import get_logger
 from infra.streams import INBOUND_STATUS_SUBJECT
 from services.outbox.admin_store import CallbackEffect
@@ -78,13 +80,23 @@ class StatusCallbackHandler:
         if not callback.message_sid or not callback.message_status:
             CALLBACKS.labels("incomplete").inc()
             return Term("StatusReceived without message_sid or message_status")
-        effect = await self._store.apply_status_callback(
-            callback.message_sid,
-            callback.message_status,
-            error_code=_error_code(callback.error_code),
-            error_message=callback.error_message or None,
-            now=self._now(),
-        )
+        try:
+            effect = await self._store.apply_status_callback(
+                callback.message_sid,
+                callback.message_status,
+                error_code=_error_code(callback.error_code),
+                error_message=callback.error_message or None,
+                now=self._now(),
+            )
+        except DATABASE_UNAVAILABLE as error:
+            delay = failure_delay(msg.metadata.num_delivered)
+            _log.warning(
+                "outbox.callback_retry",
+                extra={
+                    "fields": {"error": str(error) or type(error).__name__, "retry_in_s": delay}
+                },
+            )
+            return Nak(delay)
         if effect is CallbackEffect.UNKNOWN_SID:
             if is_last_delivery(msg, STATUS_CONSUMER):
                 CALLBACKS.labels("unknown_sid").inc()

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import asyncpg
 from prometheus_client import Counter
 
+from infra.db import DATABASE_UNAVAILABLE
 from infra.log import get_logger
 from services.outbox.domain import MessageStatus
 from services.outbox.records import Resolution
@@ -32,14 +33,7 @@ LEASES_LOST = Counter(
 )
 _RESOLVED = {status: RESOLUTIONS.labels(status.value) for status in MessageStatus}
 # The database is away or busy: the same write will work later.
-_DB_UNAVAILABLE = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InsufficientResourcesError,
-    asyncpg.OperatorInterventionError,
-    asyncpg.TransactionRollbackError,
-    asyncpg.InterfaceError,
-)
+_DB_UNAVAILABLE = (*DATABASE_UNAVAILABLE, asyncpg.TransactionRollbackError)
 _log = get_logger(__name__)
 
 Written = Callable[[Sequence[Resolution], set[uuid.UUID]], None]

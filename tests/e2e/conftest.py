@@ -9,13 +9,16 @@ import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import pytest
-from snapsell.seller_admin.v1 import seller_admin_pb2, seller_admin_pb2_grpc
 
 from infra import jetstream
-from infra.auth import issue_token
-from tests.e2e.harness import Harness, Shop, new_business_number, new_mobile
+from tests.e2e.harness import (
+    Harness,
+    Shop,
+    new_business_number,
+    new_mobile,
+    shop_from_api,
+)
 from tests.support.stack import SystemStack, start_system
 
 # Short enough for the sweeper test: the window's minimum, swept every second.
@@ -74,34 +77,6 @@ def shop_from_cli(stack: SystemStack, name: str) -> Shop:
     issued = stack.cli("issue-token", "--role", "owner", "--tenant", tenant, "--sub", "owner")
     assert issued.returncode == 0, issued.stderr
     return Shop(tenant, number, seller, issued.stdout.strip())
-
-
-async def shop_from_api(stack: SystemStack, name: str) -> Shop:
-    """What the dashboard backend does, with an admin token, over seller_admin's gRPC API."""
-    tenant = f"{name}-{secrets.token_hex(3)}"
-    number, seller = new_business_number(), new_mobile()
-    admin = (("authorization", f"Bearer {issue_token(stack.jwt_secret, sub='e2e', role='admin')}"),)
-    async with grpc.aio.insecure_channel(stack.address("seller_admin")) as channel:
-        stub = seller_admin_pb2_grpc.SellerAdminServiceStub(channel)
-        await stub.CreateTenant(
-            seller_admin_pb2.CreateTenantRequest(tenant_id=tenant, display_name=name.title()),
-            metadata=admin,
-            timeout=10,
-        )
-        await stub.AddChannel(
-            seller_admin_pb2.AddChannelRequest(
-                tenant_id=tenant, address=f"whatsapp:{number}", account_sid=stack.account_sid
-            ),
-            metadata=admin,
-            timeout=10,
-        )
-        await stub.AddSellerPhone(
-            seller_admin_pb2.AddSellerPhoneRequest(tenant_id=tenant, phone_number=seller),
-            metadata=admin,
-            timeout=10,
-        )
-    owner = issue_token(stack.jwt_secret, sub="owner", role="owner", tenant_id=tenant)
-    return Shop(tenant, number, seller, owner)
 
 
 @pytest.fixture(scope="package")

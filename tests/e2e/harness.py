@@ -21,7 +21,9 @@ from snapsell.common.v1 import address_pb2
 from snapsell.live_session.v1 import live_session_pb2, live_session_pb2_grpc
 from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
 from snapsell.routing.v1 import routing_pb2, routing_pb2_grpc
+from snapsell.seller_admin.v1 import seller_admin_pb2, seller_admin_pb2_grpc
 
+from infra.auth import issue_token
 from tests.support.stack import SystemStack
 from tests.support.twilio import sign, whatsapp_params
 
@@ -70,6 +72,26 @@ class Shop:
         return (("authorization", f"Bearer {self.owner_token}"),)
 
 
+def inbound_params(account_sid: str, shop: Shop, sender: str, body: str) -> dict[str, str]:
+    """The form of a WhatsApp message from `sender` to the shop, as Twilio posts it (a new
+    MessageSid each time; sign it for the gateway's public URL)."""
+    sid = "SM" + uuid.uuid4().hex
+    params = whatsapp_params(
+        MessageSid=sid,
+        SmsMessageSid=sid,
+        SmsSid=sid,
+        AccountSid=account_sid,
+        From=f"whatsapp:{sender}",
+        WaId=sender.removeprefix("+"),
+        To=shop.sender,
+        Body=body,
+        NumMedia="0",
+    )
+    params.pop("MediaUrl0")
+    params.pop("MediaContentType0")
+    return params
+
+
 async def eventually(
     check: Callable[[], Awaitable[Any]], *, timeout_s: float = 20.0, every_s: float = 0.1
 ) -> Any:
@@ -102,22 +124,8 @@ class Harness:
     # --- Twilio's side -------------------------------------------------------------------------
 
     def inbound(self, shop: Shop, sender: str, body: str) -> dict[str, str]:
-        """A WhatsApp message from `sender` to the shop, shaped and signed as Twilio sends it."""
-        sid = "SM" + uuid.uuid4().hex
-        params = whatsapp_params(
-            MessageSid=sid,
-            SmsMessageSid=sid,
-            SmsSid=sid,
-            AccountSid=self.stack.account_sid,
-            From=f"whatsapp:{sender}",
-            WaId=sender.removeprefix("+"),
-            To=shop.sender,
-            Body=body,
-            NumMedia="0",
-        )
-        params.pop("MediaUrl0")
-        params.pop("MediaContentType0")
-        return params
+        """A WhatsApp message from `sender` to the shop, shaped as Twilio sends it."""
+        return inbound_params(self.stack.account_sid, shop, sender, body)
 
     async def post_webhook(self, params: dict[str, str]) -> httpx.Response:
         path = "/webhooks/twilio/messages"
@@ -277,3 +285,31 @@ class Harness:
             return found if len(found) >= count else None
 
         return await eventually(published, timeout_s=timeout_s, every_s=0.2)
+
+
+async def shop_from_api(stack: SystemStack, name: str) -> Shop:
+    """What the dashboard backend does, with an admin token, over seller_admin's gRPC API."""
+    tenant = f"{name}-{secrets.token_hex(3)}"
+    number, seller = new_business_number(), new_mobile()
+    admin = (("authorization", f"Bearer {issue_token(stack.jwt_secret, sub='e2e', role='admin')}"),)
+    async with grpc.aio.insecure_channel(stack.address("seller_admin")) as channel:
+        stub = seller_admin_pb2_grpc.SellerAdminServiceStub(channel)
+        await stub.CreateTenant(
+            seller_admin_pb2.CreateTenantRequest(tenant_id=tenant, display_name=name.title()),
+            metadata=admin,
+            timeout=10,
+        )
+        await stub.AddChannel(
+            seller_admin_pb2.AddChannelRequest(
+                tenant_id=tenant, address=f"whatsapp:{number}", account_sid=stack.account_sid
+            ),
+            metadata=admin,
+            timeout=10,
+        )
+        await stub.AddSellerPhone(
+            seller_admin_pb2.AddSellerPhoneRequest(tenant_id=tenant, phone_number=seller),
+            metadata=admin,
+            timeout=10,
+        )
+    owner = issue_token(stack.jwt_secret, sub="owner", role="owner", tenant_id=tenant)
+    return Shop(tenant, number, seller, owner)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import asyncpg
+import pytest
 from snapsell.gateway.v1.events_pb2 import StatusReceived
 
 from infra.jetstream import Ack, Nak, Term
@@ -28,8 +30,9 @@ class FakeMsg:
 
 
 class FakeStore:
-    def __init__(self, effect: CallbackEffect) -> None:
+    def __init__(self, effect: CallbackEffect, failure: Exception | None = None) -> None:
         self.effect = effect
+        self.failure = failure
         self.applied: list[tuple[str, str, int | None]] = []
 
     async def apply_status_callback(
@@ -41,6 +44,8 @@ class FakeStore:
         error_message: str | None,
         now: datetime,
     ) -> CallbackEffect:
+        if self.failure is not None:
+            raise self.failure
         self.applied.append((twilio_sid, twilio_status, error_code))
         return self.effect
 
@@ -73,3 +78,18 @@ async def test_a_callback_ahead_of_its_send_result_is_retried_then_given_up() ->
 async def test_an_undecodable_callback_is_terminated() -> None:
     handler = StatusCallbackHandler(FakeStore(CallbackEffect.ADVANCED), lambda: NOW)
     assert isinstance(await handler(FakeMsg(b"\xff\xff not protobuf")), Term)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        ConnectionRefusedError(111, "Connection refused"),
+        asyncpg.CannotConnectNowError("the database system is starting up"),
+        asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+        asyncpg.InternalClientError("cannot switch to state 15; another operation is in progress"),
+    ],
+)
+async def test_a_callback_is_retried_while_the_database_is_away(failure: Exception) -> None:
+    handler = StatusCallbackHandler(FakeStore(CallbackEffect.ADVANCED, failure), lambda: NOW)
+    decision = await handler(FakeMsg(callback("delivered"), metadata=FakeMetadata(3)))  # type: ignore[arg-type]
+    assert decision == Nak(2.0)
