@@ -30,6 +30,7 @@ import asyncio
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,6 +68,7 @@ SELECT EXISTS (SELECT 1 FROM outbox.messages
 """
 _PGQUEUER_WAITING = "SELECT EXISTS (SELECT 1 FROM pgqueuer)"
 DRAIN_POLL_S = 0.5
+START_ATTEMPTS = 3
 _BACKLOG = """
 INSERT INTO outbox.messages (tenant_id, idempotency_key, kind, account_sid, sender,
     recipient_channel, recipient, body, max_attempts)
@@ -137,9 +139,10 @@ class BenchStack:
         # Known only for the servers this run started (then their CPU is reported too).
         self.postmaster: int | None = None
         self.nats_pid: int | None = None
-        self.outbox_port = free_port()
+        self.outbox_port = 0
         self.db: asyncpg.Pool | None = None
         self._logs = Path(tempfile.mkdtemp(prefix="outbox-bench-"))
+        self._exits.callback(shutil.rmtree, self._logs, ignore_errors=True)  # runs last
 
     async def start(self) -> None:
         if not self.admin_dsn:
@@ -158,15 +161,11 @@ class BenchStack:
         self._exits.push_async_callback(self.db.close)
         for schema in ("outbox", "routing"):
             await self.db.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        routing_port = free_port()
-        routing = self._spawn("routing", routing_port, {"OUTBOX_ADDR": "127.0.0.1:9"})
+        routing, routing_port = await self._start_service("routing", {"OUTBOX_ADDR": "127.0.0.1:9"})
         self.routing = routing
         self.routing_addr = f"127.0.0.1:{routing_port}"
-        self._exits.callback(_stop, routing)
-        await _wait_serving(routing, routing_port)
-        self.outbox = self._spawn(
+        self.outbox, self.outbox_port = await self._start_service(
             "outbox",
-            self.outbox_port,
             {
                 "ROUTING_ADDR": f"127.0.0.1:{routing_port}",
                 "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
@@ -178,8 +177,30 @@ class BenchStack:
                 "OUTBOX_CLAIM_BATCH": str(self._claim_batch),
             },
         )
-        self._exits.callback(_stop, self.outbox)
-        await _wait_serving(self.outbox, self.outbox_port)
+
+    async def _start_service(
+        self, name: str, env: dict[str, str]
+    ) -> tuple[subprocess.Popen[bytes], int]:
+        """Start a service on a free port; again on another port when it exits while starting
+        (a port found free can be taken by another process before the service binds it)."""
+        attempt = 1
+        while True:
+            port = free_port()
+            process = self._spawn(name, port, env)
+            self._exits.callback(_stop, process)
+            try:
+                await _wait_serving(process, port)
+            except ServiceExitedError as error:
+                log = (self._logs / f"{name}.log").read_text(errors="replace").strip()
+                last = log.splitlines()[-1][:300] if log else "(no log)"
+                if attempt == START_ATTEMPTS:
+                    raise ServiceExitedError(f"{name}: {error}: {last}") from error
+                print(
+                    f"outbox bench: {name} exited while starting ({last}); again", file=sys.stderr
+                )
+                attempt += 1
+                continue
+            return process, port
 
     def _spawn(self, name: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
         full_env = {
@@ -325,6 +346,10 @@ async def enqueue_steadily(stack: BenchStack, rate: float, seconds: float) -> di
     return called_at
 
 
+class ServiceExitedError(RuntimeError):
+    pass
+
+
 def _stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -341,7 +366,7 @@ async def _wait_serving(process: subprocess.Popen[bytes], port: int) -> None:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(f"a service exited with {process.returncode}")
+                raise ServiceExitedError(f"a service exited with {process.returncode}")
             try:
                 reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:

@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -345,11 +346,13 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     secret = os.environ.get("SNAPSELL_JWT_SECRET") or secrets.token_urlsafe(32)
     os.environ["SNAPSELL_JWT_SECRET"] = secret
-    stack = Stack(Path(tempfile.mkdtemp(prefix="routing-bench-")), args.concurrency)
+    workdir = Path(tempfile.mkdtemp(prefix="routing-bench-"))
+    stack = Stack(workdir, args.concurrency)
     try:
         result = asyncio.run(measure(args, stack, secret))
     finally:
         stack.stop()
+    shutil.rmtree(workdir, ignore_errors=True)  # kept when the run failed: its logs are there
     print(json.dumps(result), flush=True)
     return 0
 
