@@ -8,9 +8,10 @@ ceiling of "Starlette on uvicorn" on this machine, so `gateway_rps / bare_rps` s
 gateway's own work costs. `GET /readyz` answers 200 so both servers are started the same way.
 
 Server settings (`UVICORN_SETTINGS`) match `services/gateway/__main__.py`: uvloop, httptools,
-one process, access log and lifespan off, proxy headers trusted from 127.0.0.1, uvicorn's
-default backlog (2048) and keep-alive. If the gateway's settings change, change them here too,
-or the ratio compares two different servers.
+access log and lifespan off, proxy headers trusted from 127.0.0.1, uvicorn's default backlog
+(2048) and keep-alive; `BARE_WORKERS=N` (default 1) runs N processes on the port, as
+`GATEWAY_WORKERS=N` does for the gateway. If the gateway's settings change, change them here
+too, or the ratio compares two different servers.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
 UVICORN_SETTINGS: dict[str, Any] = {
     "loop": "uvloop",
     "http": "httptools",
-    "workers": 1,
     "access_log": False,
     "lifespan": "off",
     "proxy_headers": True,
@@ -57,7 +57,11 @@ app = Starlette(
 
 def main() -> None:
     port = int(os.environ.get("HTTP_PORT", "8081"))
-    uvicorn.run(app, host="127.0.0.1", port=port, **UVICORN_SETTINGS)
+    workers = int(os.environ.get("BARE_WORKERS", "1"))
+    # An import string: uvicorn starts several workers from one only.
+    uvicorn.run(
+        "tools.bench.bare_app:app", host="127.0.0.1", port=port, workers=workers, **UVICORN_SETTINGS
+    )
 
 
 if __name__ == "__main__":

@@ -1,25 +1,30 @@
 """Gateway benchmark: signed Twilio webhooks through the gateway vs a bare Starlette route.
 
-    python -m tools.bench.gateway_bench [--seconds 10] [--bodies 20000] [--steady-seconds 10]
-                                        [--workers 2]
+    python -m tools.bench.gateway_bench [--rounds 3] [--seconds 4] [--bodies 20000]
+                                        [--steady-seconds 10] [--workers 2]
 
-Starts an embedded NATS JetStream (state in a temp dir), then measures the servers with the
-same uvicorn settings and the same load generators, one after the other (the order alternates
-with the runner's run number, `SNAPSELL_BENCH_RUN`, so none always goes first):
+Starts an embedded NATS JetStream (state in a temp dir) and up to four servers with the same uvicorn
+settings, measured by the same load generators:
 
-- bare: `tools.bench.bare_app` — one process; reads the body, answers the empty TwiML;
+- bare: `tools.bench.bare_app`, one process — reads the body, answers the empty TwiML: the
+  ceiling of Starlette on uvicorn that the target ratio (`ratio`) is taken against;
 - gateway: `python -m services.gateway` as a pod runs it, `GATEWAY_WORKERS=--workers`
   processes on one port — signature check, protobuf, JetStream publish and PubAck, then the
   same TwiML. Its per-sender spam limit is raised out of the way and every webhook has its own
   sender, so every request does the full work;
-- gateway_1p: the same with one process (wrk phases only), shown as `ratio_1p`.
+- unless `--workers 1`: gateway_1p, the gateway as one process (`ratio_1p`), and
+  bare_workers, the bare route with as many processes as the gateway (`BARE_WORKERS`), for
+  `ratio_same_workers`, the stricter comparison.
 
-Phases, per server: `wrk -t1 -c32` warm-up (3 s), then `wrk -t1 -c32 --latency` for `--seconds`
-cycling through `--bodies` distinct signed WhatsApp webhooks (`tools.bench.wrk`): maximum rate
-(200 answers/s) and p50/p99 at that load. For the gateway only, then: an open-loop steady load
-at half its measured maximum for `--steady-seconds`, every webhook a fresh MessageSid
-(`tools.bench.open_loop`): p50/p99/max from each request's scheduled time. Peak RSS of each
-server's process tree is sampled throughout (`tools.bench.rss`).
+Each server is warmed by `wrk -t1 -c32` (3 s); then `--rounds` rounds run `wrk -t1 -c32
+--latency` for `--seconds` against each server in turn, cycling through `--bodies` distinct
+signed WhatsApp webhooks (`tools.bench.wrk`), the order reversed every other round. Rates and
+latencies are the medians over the rounds; a ratio is the median of the rounds' own ratios, so
+a slow minute on the machine weighs on both sides of it. Then, the others stopped, an
+open-loop steady load on the gateway at half its measured maximum for `--steady-seconds`,
+every webhook a fresh MessageSid (`tools.bench.open_loop`): p50/p99/max from each request's
+scheduled time. Peak RSS of each server's process tree is sampled throughout
+(`tools.bench.rss`).
 
 Stream check (the gateway must never answer 200 for a message it did not hand over): after
 the gateway stops, every `Nats-Msg-Id` of the INBOUND stream is read back. The wrk phases
@@ -32,6 +37,7 @@ Prints one JSON line (shape in `tools.bench.__main__`):
      "figures": {"bare_rps", "gateway_rps", "ratio" (gateway/bare, this run),
                  "bare_p50_ms", "bare_p99_ms", "gateway_p50_ms", "gateway_p99_ms" (wrk, max load),
                  "gateway_non200", "gateway_1p_rps", "ratio_1p" (one process),
+                 "bare_workers_rps", "ratio_same_workers" (bare with --workers processes),
                  "half_rate", "half_rate_achieved", "p50_half_rate_ms",
                  "p99_half_rate_ms", "max_half_rate_ms", "half_rate_non200",
                  "gateway_peak_rss_mb", "bare_peak_rss_mb",
@@ -52,7 +58,9 @@ import shutil
 import sys
 import tempfile
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import uvloop
@@ -76,6 +84,13 @@ AUTH_TOKEN = "gateway-bench-auth-token"
 WRK_BATCH, STEADY_BATCH = 1, 2
 WARMUP_S = 3.0
 TARGETS = {"ratio": ">= 0.5", "p99_half_rate_ms": "<= 25"}
+# ratio figure -> (gateway, bare route); "ratio" is the target's: the gateway as deployed
+# against the one-process ceiling of Starlette on uvicorn.
+RATIOS = {
+    "ratio": ("gateway", "bare"),
+    "ratio_1p": ("gateway_1p", "bare"),
+    "ratio_same_workers": ("gateway", "bare_workers"),
+}
 FIGURE_ORDER = (
     "bare_rps",
     "gateway_rps",
@@ -87,6 +102,8 @@ FIGURE_ORDER = (
     "gateway_non200",
     "gateway_1p_rps",
     "ratio_1p",
+    "bare_workers_rps",
+    "ratio_same_workers",
     "half_rate",
     "half_rate_achieved",
     "p50_half_rate_ms",
@@ -104,6 +121,13 @@ def _ms(value: float) -> float:
     return round(value, 2)
 
 
+@dataclass
+class Contender:
+    server: HttpServer
+    rss: PeakRss
+    runs: list[WrkResult] = field(default_factory=list)
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, workdir: Path, nats_url: str) -> None:
         self.args, self.workdir, self.nats_url = args, workdir, nats_url
@@ -112,7 +136,8 @@ class Bench:
         self.nonce = new_nonce()
         self.figures: dict[str, float] = {}
         self.notes: list[str] = []
-        self.wrk_runs: list[WrkResult] = []  # the gateway's, for the stream check
+        self.contenders: dict[str, Contender] = {}  # running servers, by figure prefix
+        self.wrk_runs: list[WrkResult] = []  # the gateways', for the stream check
         self.steady: OpenLoopResult | None = None
         webhooks = signed_webhooks(
             self.public_base + WEBHOOK_PATH,
@@ -128,33 +153,22 @@ class Bench:
         url = f"http://127.0.0.1:{port}{WEBHOOK_PATH}"
         return run_wrk(url, self.script, self.table, seconds=seconds, connections=self.args.c)
 
-    def measure_bare(self) -> None:
-        server = HttpServer("tools.bench.bare_app", free_port(), {}, self.workdir / "bare.log")
-        server.start()
-        rss = PeakRss(server.pid).start()
-        try:
-            self.wrk(server.port, WARMUP_S)
-            result = self.wrk(server.port, self.args.seconds)
-        finally:
-            self.figures["bare_peak_rss_mb"] = round(rss.stop(), 1)
-            server.stop()
-        self.figures["bare_rps"] = round(result.ok_rps, 1)
-        self.figures["bare_p50_ms"] = _ms(result.p50_ms)
-        self.figures["bare_p99_ms"] = _ms(result.p99_ms)
-        if result.status_errors or result.socket_errors:
-            self.notes.append(f"bare: {result.status_errors} non-200, {result.socket_errors} errs")
+    def start_servers(self) -> None:
+        """Every contender up and warmed before the first measured round."""
+        workers = self.args.workers
+        self._start("bare", "tools.bench.bare_app", {"BARE_WORKERS": "1"})
+        self._start("gateway", self.args.gateway_module, self._gateway_env(workers))
+        if workers != 1:
+            self._start("bare_workers", "tools.bench.bare_app", {"BARE_WORKERS": str(workers)})
+            self._start("gateway_1p", self.args.gateway_module, self._gateway_env(1))
+        for name, contender in self.contenders.items():
+            warmup = self.wrk(contender.server.port, WARMUP_S)
+            if name.startswith("gateway"):
+                self.wrk_runs.append(warmup)
 
-    def measure_gateway(self) -> None:
-        """The gateway as deployed (`--workers` processes): wrk, then the steady half rate."""
-        self._gateway(self.args.workers, "gateway", steady=True)
-
-    def measure_gateway_one_process(self) -> None:
-        """The same with a single process, for the record (wrk only)."""
-        if self.args.workers != 1:
-            self._gateway(1, "gateway_1p", steady=False)
-
-    def _gateway(self, workers: int, name: str, *, steady: bool) -> None:
-        env = {
+    def _gateway_env(self, workers: int) -> dict[str, str]:
+        # Every gateway validates signatures against the same public URL, as behind a proxy.
+        return {
             "NATS_URL": self.nats_url,
             "PUBLIC_BASE_URL": self.public_base,
             "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
@@ -163,27 +177,56 @@ class Bench:
             "GATEWAY_WORKERS": str(workers),
             "METRICS_PORT": str(free_port()),
         }
-        log = self.workdir / f"{name}.log"
-        server = HttpServer(self.args.gateway_module, self.gateway_port, env, log)
+
+    def _start(self, name: str, module: str, env: dict[str, str]) -> None:
+        port = self.gateway_port if name == "gateway" else free_port()
+        server = HttpServer(module, port, env, self.workdir / f"{name}.log")
         server.start()
-        rss = PeakRss(server.pid).start()
-        try:
-            self.wrk_runs.append(self.wrk(server.port, WARMUP_S))
-            result = self.wrk(server.port, self.args.seconds)
-            self.wrk_runs.append(result)
-            if steady:
-                # uvloop keeps the client's own CPU per request small (it shares the machine).
-                with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                    self.steady = runner.run(self._steady_load(result.ok_rps / 2))
-        finally:
-            self.figures[f"{name}_peak_rss_mb"] = round(rss.stop(), 1)
-            server.stop()
-        self.figures[f"{name}_rps"] = round(result.ok_rps, 1)
-        self.figures[f"{name}_p50_ms"] = _ms(result.p50_ms)
-        self.figures[f"{name}_p99_ms"] = _ms(result.p99_ms)
-        self.figures[f"{name}_non200"] = result.status_errors
-        if result.socket_errors:
-            self.notes.append(f"{name} at max load: {result.socket_errors} socket errors")
+        self.contenders[name] = Contender(server, PeakRss(server.pid).start())
+
+    def measure_rounds(self) -> None:
+        """`--rounds` rounds, each one wrk run per contender, the order reversed every other
+        round (and every other bench run), so drift on the machine hits them all alike."""
+        names = list(self.contenders)
+        for number in range(self.args.rounds):
+            flip = (number + int(os.environ.get("SNAPSELL_BENCH_RUN", "1"))) % 2 == 0
+            for name in reversed(names) if flip else names:
+                contender = self.contenders[name]
+                result = self.wrk(contender.server.port, self.args.seconds)
+                contender.runs.append(result)
+                if name.startswith("gateway"):
+                    self.wrk_runs.append(result)
+        for name, contender in self.contenders.items():
+            runs = contender.runs
+            self.figures[f"{name}_rps"] = round(median(r.ok_rps for r in runs), 1)
+            self.figures[f"{name}_p50_ms"] = _ms(median(r.p50_ms for r in runs))
+            self.figures[f"{name}_p99_ms"] = _ms(median(r.p99_ms for r in runs))
+            self.figures[f"{name}_non200"] = sum(r.status_errors for r in runs)
+            if errors := sum(r.socket_errors for r in runs):
+                self.notes.append(f"{name} at max load: {errors} socket errors")
+        for ratio, (ours, bare) in RATIOS.items():
+            if ours in self.contenders:
+                pairs = zip(self.contenders[ours].runs, self.contenders[bare].runs, strict=True)
+                self.figures[ratio] = round(median(o.ok_rps / b.ok_rps for o, b in pairs), 3)
+
+    def measure_steady(self) -> None:
+        """The gateway alone (the others stopped): an open-loop load at half its maximum."""
+        for name in [n for n in self.contenders if n != "gateway"]:
+            self._stop(name)
+        rate = self.figures["gateway_rps"] / 2
+        # uvloop keeps the client's own CPU per request small (it shares the machine).
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            self.steady = runner.run(self._steady_load(rate))
+        self._stop("gateway")
+
+    def stop_servers(self) -> None:
+        for name in list(self.contenders):
+            self._stop(name)
+
+    def _stop(self, name: str) -> None:
+        contender = self.contenders.pop(name)
+        self.figures[f"{name}_peak_rss_mb"] = round(contender.rss.stop(), 1)
+        contender.server.stop()
 
     async def _steady_load(self, rate: float) -> OpenLoopResult:
         count = max(1, round(rate * self.args.steady_seconds))
@@ -250,12 +293,9 @@ class Bench:
 
     def report(self) -> dict[str, Any]:
         f = self.figures
-        if f.get("bare_rps") and "gateway_rps" in f:
-            f["ratio"] = round(f["gateway_rps"] / f["bare_rps"], 3)
-        if f.get("bare_rps") and "gateway_1p_rps" in f:
-            f["ratio_1p"] = round(f["gateway_1p_rps"] / f["bare_rps"], 3)
         figures = {k: f[k] for k in FIGURE_ORDER if k in f} | f
-        params = {"wrk": f"-t1 -c{self.args.c}", "seconds": self.args.seconds}
+        params = {"wrk": f"-t1 -c{self.args.c}", "rounds": self.args.rounds}
+        params["seconds_per_round"] = self.args.seconds
         params |= {"bodies": self.args.bodies, "steady_seconds": self.args.steady_seconds}
         params["gateway_module"] = self.args.gateway_module
         params["gateway_workers"] = self.args.workers
@@ -270,7 +310,8 @@ class Bench:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Gateway vs bare Starlette under signed webhooks.")
-    parser.add_argument("--seconds", type=float, default=10.0, help="measured wrk run length")
+    parser.add_argument("--rounds", type=int, default=3, help="measured wrk runs per server")
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of one wrk run")
     parser.add_argument("--bodies", type=int, default=20_000, help="distinct webhooks for wrk")
     parser.add_argument("--steady-seconds", type=float, default=10.0, help="half-rate run length")
     parser.add_argument("-c", type=int, default=32, help="connections (wrk and steady load)")
@@ -293,11 +334,12 @@ def main(argv: list[str]) -> int:
     nats = EmbeddedNats(workdir / "nats")
     try:
         bench = Bench(args, workdir, nats.start())
-        phases = [bench.measure_bare, bench.measure_gateway, bench.measure_gateway_one_process]
-        if int(os.environ.get("SNAPSELL_BENCH_RUN", "1")) % 2 == 0:
-            phases.reverse()
-        for phase in phases:
-            phase()
+        try:
+            bench.start_servers()
+            bench.measure_rounds()
+            bench.measure_steady()
+        finally:
+            bench.stop_servers()
         bench.check_stream()
     except (ServerFailedError, DevstackError, RuntimeError) as exc:
         print(f"gateway bench failed: {exc}", file=sys.stderr)
