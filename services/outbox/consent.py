@@ -35,7 +35,7 @@ from infra.grpc_client import CHANNEL_OPTIONS
 from infra.log import get_logger
 from infra.telemetry import grpc_client_interceptors
 from services.outbox.domain import Channel, Consent
-from services.outbox.events import address
+from services.outbox.events import CHANNEL_TO_PROTO
 from services.outbox.records import ClaimedMessage
 
 # Routing's documented limit on checks per CheckOptOuts call.
@@ -73,7 +73,13 @@ def _moment(stamp: Timestamp, present: bool) -> datetime | None:
     return stamp.ToDatetime(tzinfo=UTC) if present else None
 
 
+# Most answers: never opted out, no inbound message on record (immutable, so shared).
+_NOTHING_ON_RECORD = Consent(opted_out=False)
+
+
 def _consent(reply: routing_pb2.CheckOptOutResponse) -> Consent:
+    if not reply.ListFields():
+        return _NOTHING_ON_RECORD
     return Consent(
         opted_out=reply.opted_out,
         opted_out_at=_moment(reply.opted_out_at, reply.HasField("opted_out_at")),
@@ -109,12 +115,11 @@ class RoutingConsentChecker:
         return [by_recipient[key] for key in recipients]
 
     async def _ask(self, recipients: Sequence[Recipient]) -> list[Consent]:
-        request = routing_pb2.CheckOptOutsRequest(
-            checks=[
-                routing_pb2.CheckOptOutRequest(tenant_id=tenant, address=address(channel, value))
-                for tenant, channel, value in recipients
-            ]
-        )
+        request = routing_pb2.CheckOptOutsRequest()
+        add = request.checks.add
+        for tenant, channel, value in recipients:
+            # The nested address as a dict is built in place (no message built apart, copied).
+            add(tenant_id=tenant, address={"channel": CHANNEL_TO_PROTO[channel], "value": value})
         token = self._tokens.token()
         if token != self._metadata[0]:  # renewed about once an hour
             self._metadata = (token, (("authorization", f"Bearer {token}"),))

@@ -81,10 +81,16 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 def timestamp(moment: datetime) -> Timestamp:
     # What Timestamp.FromDatetime computes (naive means UTC), in a quarter of its time: one
     # runs for every event of every send.
+    return Timestamp(**_timestamp_fields(moment))
+
+
+def _timestamp_fields(moment: datetime) -> dict[str, int]:
+    """`timestamp(moment)` as constructor fields: a nested message given as a dict is built in
+    place instead of being built apart and copied in."""
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     delta = moment - _EPOCH
-    return Timestamp(seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000)
+    return {"seconds": delta.days * 86_400 + delta.seconds, "nanos": delta.microseconds * 1000}
 
 
 def address(channel: Channel, value: str) -> address_pb2.Address:
@@ -110,11 +116,11 @@ def message_sent(
         correlation_id=claimed.correlation_id,
         kind=KIND_TO_PROTO[claimed.kind],
         sender=claimed.sender,
-        recipient=address(claimed.channel, claimed.recipient),
+        recipient={"channel": CHANNEL_TO_PROTO[claimed.channel], "value": claimed.recipient},
         twilio_sid=twilio_sid,
         attempt_count=attempt_count,
         reconciled=reconciled,
-        sent_at=timestamp(sent_at),
+        sent_at=_timestamp_fields(sent_at),
     )
     return _event(SENT_SUBJECT, event, traceparent)
 

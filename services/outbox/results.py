@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import Counter as Tally
 from collections.abc import Callable, Sequence
 
 import asyncpg
@@ -137,15 +138,22 @@ class ResultWriter:
 
 
 def _count(batch: Sequence[Resolution], written: set[uuid.UUID]) -> None:
+    """The batch's metrics, each counter moved once per batch."""
+    statuses: Tally[MessageStatus] = Tally()
+    lost = 0
     for resolution in batch:
         if resolution.message_id not in written:
-            LEASES_LOST.inc()
+            lost += 1
             continue
-        _RESOLVED[resolution.status].inc()
+        statuses[resolution.status] += 1
         if resolution.status is MessageStatus.DEAD and resolution.dead_reason is not None:
             DEAD_LETTERS.labels(resolution.dead_reason.value).inc()
         elif resolution.status is MessageStatus.BLOCKED:
             BLOCKED_OPTOUT.inc()
+    for status, count in statuses.items():
+        _RESOLVED[status].inc(count)
+    if lost:
+        LEASES_LOST.inc(lost)
 
 
 def _log_dropped(resolution: Resolution, error: Exception) -> None:

@@ -80,7 +80,10 @@ WITH due AS (
     FROM claimed
     WHERE prior_status = 'sending'
 )
-SELECT * FROM claimed
+SELECT id, tenant_id, correlation_id, kind, account_sid, sender, recipient_channel, recipient,
+    body, content_sid, content_variables, attempt_count, max_attempts, reconcile_failures,
+    attempt_started_at, reconcile_since, traceparent, prior_status
+FROM claimed
 """
 
 # Walk the due index in order and stop after `limit` rows. Right after a burst of enqueues
@@ -114,14 +117,10 @@ WHERE id = ANY ($1::uuid[]) AND {_HELD_BY_WORKER}
 # is already someone's.
 _RESOLVE = """
 WITH input AS MATERIALIZED (
-    SELECT * FROM unnest($2::uuid[], $3::text[], $4::int[], $5::int[], $6::timestamptz[],
-        $7::timestamptz[], $8::text[], $9::text[], $10::timestamptz[], $11::text[], $12::int[],
-        $13::text[])
-    AS i(id, status, attempt_increment, reconcile_failure_increment, next_attempt_at,
-        reconcile_since, twilio_sid, twilio_status, sent_at, dead_reason, error_code,
-        error_message)
+    SELECT * FROM unnest($2::resolution_row[])
 ), taken AS MATERIALIZED (
-    SELECT twilio_sid FROM messages WHERE twilio_sid = ANY ($8::text[])
+    SELECT twilio_sid FROM messages
+    WHERE twilio_sid = ANY (ARRAY(SELECT twilio_sid FROM input WHERE twilio_sid IS NOT NULL))
 ), updated AS (
     UPDATE messages m SET
         status = i.status,
@@ -143,7 +142,7 @@ WITH input AS MATERIALIZED (
     FROM input i
     -- `m.id = ANY` makes this primary-key look-ups whatever the table statistics say; the
     -- ownership rule is a CASE so no other index (e.g. over all pending rows) is scanned.
-    WHERE m.id = ANY ($2::uuid[]) AND m.id = i.id
+    WHERE m.id = ANY (ARRAY(SELECT id FROM input)) AND m.id = i.id
       AND CASE
         WHEN m.status = 'sending' AND m.lease_owner = $1 THEN true
         WHEN i.status = 'sent' THEN m.twilio_sid IS NULL
@@ -156,15 +155,12 @@ WITH input AS MATERIALIZED (
         error_code, error_message, twilio_sid, worker_id)
     SELECT a.message_id, a.outcome, a.started_at, a.finished_at, a.http_status, a.error_code,
         a.error_message, a.twilio_sid, $1
-    FROM unnest($14::uuid[], $15::text[], $16::timestamptz[], $17::timestamptz[], $18::int[],
-        $19::int[], $20::text[], $21::text[])
-        AS a(message_id, outcome, started_at, finished_at, http_status, error_code,
-            error_message, twilio_sid)
+    FROM unnest($3::attempt_row[]) AS a
     WHERE a.message_id IN (SELECT id FROM updated)
 ), events_written AS (
     INSERT INTO events (subject, aggregate_id, tenant_id, payload, traceparent)
     SELECT e.subject, e.message_id::text, e.tenant_id, e.payload, e.traceparent
-    FROM unnest($22::uuid[], $23::text[], $24::text[], $25::bytea[], $26::text[])
+    FROM unnest($4::event_row[])
         WITH ORDINALITY AS e(message_id, subject, tenant_id, payload, traceparent, n)
     WHERE e.message_id IN (SELECT id FROM updated)
     ORDER BY e.n
@@ -224,15 +220,19 @@ def finished_message_purges(max_age: timedelta | None) -> list[Purge]:
     return [] if max_age is None else [Purge("messages", DELETE_FINISHED_MESSAGES, max_age)]
 
 
+_KINDS = {kind.value: kind for kind in MessageKind}
+_CHANNELS = {channel.value: channel for channel in Channel}
+
+
 def _claimed(row: asyncpg.Record) -> ClaimedMessage:
     return ClaimedMessage(
         id=row["id"],
         tenant_id=row["tenant_id"],
         correlation_id=row["correlation_id"],
-        kind=MessageKind(row["kind"]),
+        kind=_KINDS[row["kind"]],
         account_sid=row["account_sid"],
         sender=row["sender"],
-        channel=Channel(row["recipient_channel"]),
+        channel=_CHANNELS[row["recipient_channel"]],
         recipient=row["recipient"],
         body=row["body"],
         content_sid=row["content_sid"],
@@ -323,7 +323,7 @@ class OutboxStore:
         if not resolutions:
             return set()
         async with self.pool.acquire() as conn:
-            row = await conn.fetchrow(_RESOLVE, worker_id, *_resolution_columns(resolutions))
+            row = await conn.fetchrow(_RESOLVE, worker_id, *_resolution_rows(resolutions))
         assert row is not None
         return set(row["ids"])
 
@@ -351,13 +351,13 @@ class OutboxStore:
             return await conn.fetchval(_START_RESEND, message_id, worker_id) is not None
 
 
-def _resolution_columns(resolutions: Sequence[Resolution]) -> list[list[object]]:
-    """The 25 parallel arrays `_RESOLVE` unnests: messages, attempts, then events."""
-    message_columns: list[list[object]] = [[] for _ in range(12)]
-    attempt_columns: list[list[object]] = [[] for _ in range(8)]
-    event_columns: list[list[object]] = [[] for _ in range(5)]
-    for r in resolutions:
-        values = (
+def _resolution_rows(
+    resolutions: Sequence[Resolution],
+) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]], list[tuple[object, ...]]]:
+    """The three arrays `_RESOLVE` unnests (migration 004's row types): messages, attempts,
+    events."""
+    messages = [
+        (
             r.message_id,
             r.status.value,
             r.attempt_increment,
@@ -371,23 +371,25 @@ def _resolution_columns(resolutions: Sequence[Resolution]) -> list[list[object]]
             r.error_code,
             r.error_message,
         )
-        for column, value in zip(message_columns, values, strict=True):
-            column.append(value)
-        for a in r.attempts:
-            attempt = (
-                r.message_id,
-                a.outcome.value,
-                a.started_at,
-                a.finished_at,
-                a.http_status,
-                a.error_code,
-                a.error_message,
-                a.twilio_sid,
-            )
-            for column, value in zip(attempt_columns, attempt, strict=True):
-                column.append(value)
-        for e in r.events:
-            event = (r.message_id, e.subject, r.tenant_id, e.payload, e.traceparent)
-            for column, value in zip(event_columns, event, strict=True):
-                column.append(value)
-    return [*message_columns, *attempt_columns, *event_columns]
+        for r in resolutions
+    ]
+    attempts = [
+        (
+            r.message_id,
+            a.outcome.value,
+            a.started_at,
+            a.finished_at,
+            a.http_status,
+            a.error_code,
+            a.error_message,
+            a.twilio_sid,
+        )
+        for r in resolutions
+        for a in r.attempts
+    ]
+    events = [
+        (r.message_id, e.subject, r.tenant_id, e.payload, e.traceparent)
+        for r in resolutions
+        for e in r.events
+    ]
+    return messages, attempts, events

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+import weakref
 from collections import Counter as Tally
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,9 @@ from services.outbox.store import OutboxStore
 from services.outbox.wakeups import DueWakeups
 
 IN_FLIGHT = Gauge("snapsell_outbox_sends_in_flight", "Messages being processed by this worker")
+# Read when scraped rather than counted on every send.
+_WORKERS: weakref.WeakSet[SenderWorker] = weakref.WeakSet()
+IN_FLIGHT.set_function(lambda: sum(worker.in_flight for worker in list(_WORKERS)))
 
 _log = get_logger(__name__)
 _DB_ERRORS = (*DATABASE_UNAVAILABLE, asyncpg.PostgresError)
@@ -85,6 +89,11 @@ class SenderWorker:
         self._max_buffered = config.max_in_flight + 2 * config.claim_batch
         self._claim_threshold = max(1, config.claim_batch // 2)
         self._pair_cap = max(1, int(config.rate_per_sender * 2)) if config.rate_per_sender else 0
+        _WORKERS.add(self)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -185,7 +194,9 @@ class SenderWorker:
         now = time.monotonic()
         for message in claimed:
             self._held[message.id] = Held(message, now)
-            self._pairs[(message.sender, message.tenant_id)] += 1
+        if self._pair_cap:  # only a rate limit per sender needs the pairs counted
+            for message in claimed:
+                self._pairs[(message.sender, message.tenant_id)] += 1
         self._checking += len(claimed)
         check = asyncio.create_task(self._check_consent(claimed))
         self._checks.add(check)
@@ -208,18 +219,19 @@ class SenderWorker:
             self._dispatch(message)
 
     def _dispatch(self, message: ClaimedMessage) -> None:
-        lane = self._lanes.get(message.sender_key)
+        key = message.sender_key
+        lane = self._lanes.get(key)
         if lane is None:
             bucket = None
             if self._config.rate_per_sender:
                 bucket = TokenBucket(
                     self._config.rate_per_sender, self._config.rate_burst, time.monotonic()
                 )
-            lane = self._lanes[message.sender_key] = _Lane(bucket)
+            lane = self._lanes[key] = _Lane(bucket)
         lane.queue.push(message.tenant_id, message)
         self._queued += 1
         if lane.task is None:
-            lane.task = asyncio.create_task(self._run_lane(message.sender_key, lane))
+            lane.task = asyncio.create_task(self._run_lane(key, lane))
 
     async def _run_lane(self, key: str, lane: _Lane) -> None:
         try:
@@ -237,7 +249,6 @@ class SenderWorker:
                 await self._slots.acquire()
                 held.started = True
                 self._in_flight += 1
-                IN_FLIGHT.inc()
                 task = asyncio.create_task(self._process(held))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -247,6 +258,8 @@ class SenderWorker:
                 self._lanes.pop(key, None)
 
     def _unpair(self, message: ClaimedMessage) -> None:
+        if not self._pair_cap:
+            return
         pair = (message.sender, message.tenant_id)
         self._pairs[pair] -= 1
         if self._pairs[pair] <= 0:
@@ -272,7 +285,6 @@ class SenderWorker:
         finally:
             self._slots.release()
             self._in_flight -= 1
-            IN_FLIGHT.dec()
             if self._want_room and self._max_buffered - self._buffered >= self._claim_threshold:
                 self._room.set()
         if resolution is None:

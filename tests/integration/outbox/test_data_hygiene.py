@@ -191,8 +191,8 @@ async def test_a_batch_of_results_is_written_by_primary_key(loaded: asyncpg.Pool
         )
         for n, message_id in enumerate(held)
     ]
-    columns = store._resolution_columns(resolutions)
-    plan = await explain(loaded, store._RESOLVE, "worker-1", *columns)
+    rows = store._resolution_rows(resolutions)
+    plan = await explain(loaded, store._RESOLVE, "worker-1", *rows)
     assert_uses_index(plan, "messages_pkey", big_tables=BIG_TABLES)
     assert_uses_index(plan, "messages_twilio_sid_key", big_tables=BIG_TABLES)
 
