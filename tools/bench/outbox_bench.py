@@ -13,8 +13,10 @@ claimed batch) and the outbox. Three measurements, one run:
    `concurrency_limit`, sends bounded inside the job by a semaphore of the same size as the
    outbox's in-flight limit, every `--pgqueuer-config` tried (`BATCH` or `BATCH:MAX_TASKS`:
    `run(batch_size=BATCH, max_concurrent_tasks=MAX_TASKS)`, the worker-wide cap on jobs held,
-   which spares it thousands of idle tasks with heartbeats), the best one reported; its process
-   gets the outbox process's garbage-collector settings.
+   which spares it thousands of idle tasks with heartbeats); the fastest one is then measured
+   again in a run of its own, whose rate is the one reported (the fastest of several noisy runs
+   overstates its configuration). Its process gets the outbox process's garbage-collector
+   settings.
    Jobs that only send ("send only", the target), then with the best configuration jobs that
    also ask routing's consent first with the outbox's own client ("same work"; one check per
    job: a pgqueuer job sees only its own message, where the outbox checks a claimed batch).
@@ -549,6 +551,13 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                     runs.append((config, result))
                 best_config, best = max(runs, key=lambda run: float(run[1]["rate"]))  # type: ignore[arg-type]
                 report[f"pgqueuer_{label}_runs"] = [result for _, result in runs]
+                if len(runs) > 1:
+                    # The fastest of several noisy runs overstates its configuration's rate: the
+                    # tuning runs pick it, a run of its own measures it.
+                    best = await drain_pgqueuer(
+                        stack, args.messages, best_config, args.in_flight, consent
+                    )
+                    print(f"pgqueuer {label} {best_config.text} (measured):", best, flush=True)
                 report[f"pgqueuer_{label}_best"] = {
                     key: best[key] for key in ("rate", "batch_size", "max_concurrent_tasks")
                 }
