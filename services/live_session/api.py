@@ -12,6 +12,7 @@ import grpc
 from snapsell.live_session.v1 import live_session_pb2, live_session_pb2_grpc
 
 from infra.auth import PermissionDeniedError, current_principal, tenant_scope
+from infra.db import DATABASE_UNAVAILABLE
 from infra.log import get_logger
 from services.live_session import domain
 from services.live_session.events import (
@@ -39,14 +40,7 @@ class SessionNotFoundError(Exception):
 
 # Failures of the database link rather than of the request: the caller may retry
 # (grpc_client channels retry UNAVAILABLE by themselves).
-_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InsufficientResourcesError,
-    asyncpg.OperatorInterventionError,
-)
+_UNAVAILABLE_ERRORS = DATABASE_UNAVAILABLE
 
 _log = get_logger(__name__)
 

@@ -17,6 +17,7 @@ from snapsell.common.v1 import address_pb2
 from snapsell.routing.v1 import routing_pb2, routing_pb2_grpc
 
 from infra.auth import PermissionDeniedError, Principal, current_principal, tenant_scope
+from infra.db import DATABASE_UNAVAILABLE
 from services.routing import store
 from services.routing.consent import (
     CHANNEL_FROM_PROTO,
@@ -56,14 +57,7 @@ class InvalidRequestError(ValueError):
     """The request is malformed; the message is returned to the caller."""
 
 
-_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InsufficientResourcesError,
-    asyncpg.OperatorInterventionError,
-)
+_UNAVAILABLE_ERRORS = DATABASE_UNAVAILABLE
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")

@@ -29,6 +29,7 @@ from snapsell.gateway.v1 import events_pb2 as gateway_events
 from snapsell.routing.v1 import events_pb2
 
 from infra import jetstream, telemetry
+from infra.db import DATABASE_UNAVAILABLE
 from infra.events import record_event
 from infra.jetstream import Ack, ConsumerSpec, Nak, Term
 from services.routing import store
@@ -77,12 +78,7 @@ CONSUMER_ACK_PENDING = Gauge(
 # The database link failing is a reason to retry, like a peer being down.
 _RETRYABLE: tuple[type[BaseException], ...] = (
     PeerUnavailableError,
-    OSError,
-    TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InsufficientResourcesError,
-    asyncpg.OperatorInterventionError,
+    *DATABASE_UNAVAILABLE,
     asyncpg.SerializationError,
     asyncpg.DeadlockDetectedError,
 )

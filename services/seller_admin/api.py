@@ -19,6 +19,7 @@ from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
 from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
 from infra import auth
+from infra.db import DATABASE_UNAVAILABLE
 from services.seller_admin import audit, convert, store
 from services.seller_admin.access import scoped_tenant
 from services.seller_admin.domain import (
@@ -54,13 +55,7 @@ _STATUS_CODES: dict[type[SellerAdminError], grpc.StatusCode] = {
     AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
 }
 # The database is unreachable or overloaded: the caller may retry.
-_UNAVAILABLE_ERRORS = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.InterfaceError,
-)
+_UNAVAILABLE_ERRORS = DATABASE_UNAVAILABLE
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
