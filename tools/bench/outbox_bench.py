@@ -6,20 +6,22 @@ Everything runs as real processes on this machine: PostgreSQL and NATS (embedded
 DATABASE_URL / NATS_URL are set), the Twilio sandbox, routing (consent: one CheckOptOuts per
 claimed batch) and the outbox. Three measurements, one run:
 
-1. Drain: `--messages` queued messages (inserted in one transaction while the worker waits)
-   sent to the sandbox with the rate limit off; rate = messages / (last result written - commit).
-2. pgqueuer 1.6 doing the same sends (one `messages.create_async` per job, same client, same
-   sandbox, same PostgreSQL) in its own process, at its best: no per-entrypoint
+1. pgqueuer 1.6 doing the outbox's sends (one `messages.create_async` per job, same client,
+   same sandbox, same PostgreSQL) in its own process, at its best: no per-entrypoint
    `concurrency_limit`, sends bounded inside the job by a semaphore of the same size as the
-   outbox's in-flight limit, every `--pgqueuer-config` tried (`BATCH` or `BATCH:MAX_TASKS`:
+   outbox's in-flight limit, its process given the outbox process's garbage-collector
+   settings, and every `--pgqueuer-config` tried (`BATCH` or `BATCH:MAX_TASKS`:
    `run(batch_size=BATCH, max_concurrent_tasks=MAX_TASKS)`, the worker-wide cap on jobs held,
-   which spares it thousands of idle tasks with heartbeats); the fastest one is then measured
-   again in a run of its own, whose rate is the one reported (the fastest of several noisy runs
-   overstates its configuration). Its process gets the outbox process's garbage-collector
-   settings.
-   Jobs that only send ("send only", the target), then with the best configuration jobs that
-   also ask routing's consent first with the outbox's own client ("same work"; one check per
-   job: a pgqueuer job sees only its own message, where the outbox checks a claimed batch).
+   which spares it thousands of idle tasks with heartbeats) to pick the fastest.
+2. Drains, `COMPARISON_ROUNDS` rounds of two in alternating order: `--messages` queued
+   messages sent to the sandbox by the outbox (inserted in one transaction while the worker
+   waits; rate limit off; rate = messages / (last result written - commit)), and as many jobs
+   by pgqueuer's fastest configuration ("send only", the target). The ratio is the median of
+   the rounds' own ratios: the fastest of several noisy tuning runs would overstate pgqueuer,
+   and runs minutes apart would compare the machine's moods. Then, at that configuration,
+   jobs that also ask routing's consent first with the outbox's own client ("same work"; one
+   check per job: a pgqueuer job sees only its own message, where the outbox checks a claimed
+   batch), against the outbox's median round.
 3. Latency: `Enqueue` over gRPC at a steady `--rate` for `--seconds`; latency = the worker's
    moment of receiving Twilio's 201 minus the moment the client called Enqueue. Peak RSS
    (VmHWM) of the outbox process at the end.
@@ -41,6 +43,7 @@ import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 
 import asyncpg
 import grpc
@@ -71,12 +74,20 @@ SELECT EXISTS (SELECT 1 FROM outbox.messages
 _PGQUEUER_WAITING = "SELECT EXISTS (SELECT 1 FROM pgqueuer)"
 DRAIN_POLL_S = 0.5
 START_ATTEMPTS = 3
+COMPARISON_ROUNDS = 3
 _BACKLOG = """
 INSERT INTO outbox.messages (tenant_id, idempotency_key, kind, account_sid, sender,
     recipient_channel, recipient, body, max_attempts)
 SELECT 'bench', 'drain-' || i, 'conversational', $1, $2, 'sms',
     '+336' || lpad(i::text, 8, '0'), 'bench message ' || i, 5
 FROM generate_series(1, $3) AS i
+"""
+
+
+_CLEAR_BACKLOG = """
+WITH drained AS (DELETE FROM outbox.messages WHERE tenant_id = 'bench' RETURNING id),
+gone_attempts AS (DELETE FROM outbox.attempts WHERE message_id IN (SELECT id FROM drained))
+DELETE FROM outbox.events WHERE aggregate_id IN (SELECT id::text FROM drained)
 """
 
 
@@ -242,10 +253,6 @@ class BenchStack:
         if text not in line:
             raise RuntimeError(f"expected {text!r} from the pgqueuer worker, got {line!r}")
 
-    async def stop_outbox(self) -> None:
-        if self.outbox is not None:
-            _stop(self.outbox)
-
     def cpu_snapshot(self, **extra: int) -> dict[str, float]:
         """CPU seconds used so far by each process of the run (by name)."""
         assert self.sandbox is not None and self.routing is not None
@@ -277,7 +284,11 @@ class BenchStack:
         return int(reply.json()["accepted"])
 
     async def insert_outbox_backlog(self, messages: int) -> float:
+        """A fresh backlog: an earlier drain's rows go first, and their dead tuples with them,
+        as pgqueuer starts each drain with its tables new."""
         assert self.db is not None
+        await self.db.execute(_CLEAR_BACKLOG)
+        await self.db.execute("VACUUM ANALYZE outbox.messages, outbox.attempts, outbox.events")
         async with self.db.acquire() as conn, conn.transaction():
             await conn.execute(_BACKLOG, ACCOUNT_SID, SENDER, messages)
             await conn.execute("NOTIFY outbox_due")
@@ -532,38 +543,61 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         stack = BenchStack(exits, args.in_flight, args.claim_batch)
         await stack.start()
         report: dict[str, object] = {"messages": args.messages, "in_flight": args.in_flight}
-        report["outbox_drain"] = await drain_outbox(stack, args.messages)
-        print("outbox drain:", report["outbox_drain"], flush=True)
+        if args.skip_pgqueuer:
+            report["outbox_drain"] = await drain_outbox(stack, args.messages)
+            print("outbox drain:", report["outbox_drain"], flush=True)
+        else:
+            await compare_with_pgqueuer(stack, args, report)
         report["latency"] = await measure_latency(stack, args.rate, args.seconds)
         report["outbox_peak_rss_mb"] = stack.outbox_peak_rss_mb()
         print("latency:", report["latency"], "peak RSS MB:", report["outbox_peak_rss_mb"])
-        if not args.skip_pgqueuer:
-            await stack.stop_outbox()  # keep the CPU for pgqueuer alone
-            ours = float(report["outbox_drain"]["rate"])  # type: ignore[index]
-            configs = [PgqueuerConfig.parse(text) for text in args.pgqueuer_config]
-            for consent, label in ((False, "send_only"), (True, "same_work")):
-                runs = []
-                for config in configs:
-                    result = await drain_pgqueuer(
-                        stack, args.messages, config, args.in_flight, consent
-                    )
-                    print(f"pgqueuer {label} {config.text}:", result, flush=True)
-                    runs.append((config, result))
-                best_config, best = max(runs, key=lambda run: float(run[1]["rate"]))  # type: ignore[arg-type]
-                report[f"pgqueuer_{label}_runs"] = [result for _, result in runs]
-                if len(runs) > 1:
-                    # The fastest of several noisy runs overstates its configuration's rate: the
-                    # tuning runs pick it, a run of its own measures it.
-                    best = await drain_pgqueuer(
-                        stack, args.messages, best_config, args.in_flight, consent
-                    )
-                    print(f"pgqueuer {label} {best_config.text} (measured):", best, flush=True)
-                report[f"pgqueuer_{label}_best"] = {
-                    key: best[key] for key in ("rate", "batch_size", "max_concurrent_tasks")
-                }
-                report[f"ratio_vs_pgqueuer_{label}"] = ours / float(best["rate"])  # type: ignore[arg-type]
-                configs = [best_config]  # the same work is measured at send-only's best
         return report
+
+
+async def compare_with_pgqueuer(
+    stack: BenchStack, args: argparse.Namespace, report: dict[str, object]
+) -> None:
+    """pgqueuer's configurations tried in turn; then `COMPARISON_ROUNDS` rounds of one outbox
+    drain and one drain by pgqueuer's fastest configuration, in alternating order, each ratio
+    taken within its round (a slower minute on the machine weighs on both sides); then the
+    same work at that configuration."""
+    n, in_flight = args.messages, args.in_flight
+    tuning = []
+    for config in (PgqueuerConfig.parse(text) for text in args.pgqueuer_config):
+        result = await drain_pgqueuer(stack, n, config, in_flight, consent=False)
+        print(f"pgqueuer send_only {config.text}:", result, flush=True)
+        tuning.append((config, result))
+    best_config = max(tuning, key=lambda run: float(run[1]["rate"]))[0]  # type: ignore[arg-type]
+    report["pgqueuer_send_only_runs"] = [result for _, result in tuning]
+    ours: list[dict[str, object]] = []
+    theirs: list[dict[str, object]] = []
+    for number in range(COMPARISON_ROUNDS):
+        for side in ("outbox", "pgqueuer") if number % 2 == 0 else ("pgqueuer", "outbox"):
+            if side == "outbox":
+                ours.append(await drain_outbox(stack, n))
+                print(f"round {number + 1}: outbox drain:", ours[-1], flush=True)
+            else:
+                theirs.append(await drain_pgqueuer(stack, n, best_config, in_flight, False))
+                print(f"round {number + 1}: pgqueuer {best_config.text}:", theirs[-1], flush=True)
+    rates = [(_rate(o), _rate(t)) for o, t in zip(ours, theirs, strict=True)]
+    # The outbox's figures (CPU per process included) from its median round.
+    report["outbox_drain"] = sorted(ours, key=_rate)[len(ours) // 2]
+    report["pgqueuer_send_only_best"] = {
+        "rate": median(t for _, t in rates),
+        "batch_size": best_config.batch,
+        "max_concurrent_tasks": best_config.max_tasks,
+    }
+    report["ratio_vs_pgqueuer_send_only"] = median(o / t for o, t in rates)
+    same_work = await drain_pgqueuer(stack, n, best_config, in_flight, consent=True)
+    print(f"pgqueuer same_work {best_config.text}:", same_work, flush=True)
+    report["pgqueuer_same_work_best"] = {
+        key: same_work[key] for key in ("rate", "batch_size", "max_concurrent_tasks")
+    }
+    report["ratio_vs_pgqueuer_same_work"] = _rate(report["outbox_drain"]) / _rate(same_work)  # type: ignore[arg-type]
+
+
+def _rate(result: dict[str, object]) -> float:
+    return float(result["rate"])  # type: ignore[arg-type]
 
 
 def main(argv: list[str]) -> int:
