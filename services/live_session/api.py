@@ -38,10 +38,6 @@ class SessionNotFoundError(Exception):
     """No such session for this tenant."""
 
 
-# Failures of the database link rather than of the request: the caller may retry
-# (grpc_client channels retry UNAVAILABLE by themselves).
-_UNAVAILABLE_ERRORS = DATABASE_UNAVAILABLE
-
 _log = get_logger(__name__)
 
 Request = TypeVar("Request")
@@ -62,7 +58,7 @@ def _rpc(method: Method[Request, Response]) -> Method[Request, Response]:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
         except asyncpg.TransactionRollbackError:
             await context.abort(grpc.StatusCode.ABORTED, "concurrent update, retry")
-        except _UNAVAILABLE_ERRORS as error:
+        except DATABASE_UNAVAILABLE as error:  # the caller may retry
             _log.warning(
                 "live_session.database_unavailable", extra={"fields": {"error": str(error)}}
             )

@@ -19,6 +19,7 @@ from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
 
 from infra import telemetry
 from infra.auth import PermissionDeniedError, current_principal, tenant_scope
+from infra.db import DATABASE_UNAVAILABLE
 from infra.log import get_logger
 from services.outbox import domain, validation
 from services.outbox.admin_store import OutboxAdminStore
@@ -47,14 +48,6 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 MAX_IDS_PER_CALL = 500
 
-_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InsufficientResourcesError,
-    asyncpg.OperatorInterventionError,
-)
 _log = get_logger(__name__)
 
 Request = TypeVar("Request")
@@ -79,7 +72,7 @@ def _rpc(method: Method[Request, Response]) -> Method[Request, Response]:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
         except asyncpg.TransactionRollbackError:
             await context.abort(grpc.StatusCode.ABORTED, "concurrent update, retry")
-        except _UNAVAILABLE_ERRORS as error:
+        except DATABASE_UNAVAILABLE as error:  # the caller may retry
             _log.warning("outbox.database_unavailable", extra={"fields": {"error": str(error)}})
             await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable, retry")
         except Exception:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-import weakref
 from collections import Counter as Tally
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,9 +37,6 @@ from services.outbox.store import OutboxStore
 from services.outbox.wakeups import DueWakeups
 
 IN_FLIGHT = Gauge("snapsell_outbox_sends_in_flight", "Messages being processed by this worker")
-# Read when scraped rather than counted on every send.
-_WORKERS: weakref.WeakSet[SenderWorker] = weakref.WeakSet()
-IN_FLIGHT.set_function(lambda: sum(worker.in_flight for worker in list(_WORKERS)))
 
 _log = get_logger(__name__)
 _DB_ERRORS = (*DATABASE_UNAVAILABLE, asyncpg.PostgresError)
@@ -89,11 +85,6 @@ class SenderWorker:
         self._max_buffered = config.max_in_flight + 2 * config.claim_batch
         self._claim_threshold = max(1, config.claim_batch // 2)
         self._pair_cap = max(1, int(config.rate_per_sender * 2)) if config.rate_per_sender else 0
-        _WORKERS.add(self)
-
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -249,6 +240,7 @@ class SenderWorker:
                 await self._slots.acquire()
                 held.started = True
                 self._in_flight += 1
+                IN_FLIGHT.inc()
                 task = asyncio.create_task(self._process(held))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -285,6 +277,7 @@ class SenderWorker:
         finally:
             self._slots.release()
             self._in_flight -= 1
+            IN_FLIGHT.dec()
             if self._want_room and self._max_buffered - self._buffered >= self._claim_threshold:
                 self._room.set()
         if resolution is None:

@@ -57,8 +57,6 @@ class InvalidRequestError(ValueError):
     """The request is malformed; the message is returned to the caller."""
 
 
-_UNAVAILABLE_ERRORS = DATABASE_UNAVAILABLE
-
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 Method = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
@@ -75,7 +73,7 @@ def _rpc(method: Method[Request, Response]) -> Method[Request, Response]:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except PermissionDeniedError as error:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
-        except _UNAVAILABLE_ERRORS as error:
+        except DATABASE_UNAVAILABLE as error:  # the caller may retry
             log.warning("routing.rpc_unavailable", extra={"fields": {"error": str(error)}})
             await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable, retry")
         raise AssertionError("unreachable")  # context.abort raises

@@ -54,9 +54,6 @@ _STATUS_CODES: dict[type[SellerAdminError], grpc.StatusCode] = {
     NotFoundError: grpc.StatusCode.NOT_FOUND,
     AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
 }
-# The database is unreachable or overloaded: the caller may retry.
-_UNAVAILABLE_ERRORS = DATABASE_UNAVAILABLE
-
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Method = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
@@ -73,7 +70,7 @@ def rpc(method: Method[Req, Resp]) -> Method[Req, Resp]:
             await context.abort(_STATUS_CODES[type(error)], str(error))
         except auth.PermissionDeniedError as error:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
-        except _UNAVAILABLE_ERRORS as error:
+        except DATABASE_UNAVAILABLE as error:  # the caller may retry
             log.warning("database.unavailable", extra={"fields": {"error": str(error)}})
             await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable, retry later")
         except Exception:

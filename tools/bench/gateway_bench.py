@@ -3,8 +3,8 @@
     python -m tools.bench.gateway_bench [--rounds 3] [--seconds 4] [--bodies 20000]
                                         [--steady-seconds 10] [--workers 2]
 
-Starts an embedded NATS JetStream (state in a temp dir) and up to four servers with the same uvicorn
-settings, measured by the same load generators:
+Starts an embedded NATS JetStream (state in a temp dir) and up to four servers with the same
+uvicorn settings, measured by the same load generators:
 
 - bare: `tools.bench.bare_app`, one process — reads the body, answers the empty TwiML: the
   ceiling of Starlette on uvicorn that the target ratio (`ratio`) is taken against;

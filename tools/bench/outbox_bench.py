@@ -559,7 +559,7 @@ async def compare_with_pgqueuer(
         result = await drain_pgqueuer(stack, n, config, in_flight, consent=False)
         print(f"pgqueuer send_only {config.text}:", result, flush=True)
         tuning.append((config, result))
-    best_config = max(tuning, key=lambda run: float(run[1]["rate"]))[0]  # type: ignore[arg-type]
+    best_config = max(tuning, key=lambda run: _rate(run[1]))[0]
     report["pgqueuer_send_only_runs"] = [result for _, result in tuning]
     ours: list[dict[str, object]] = []
     theirs: list[dict[str, object]] = []
