@@ -28,6 +28,7 @@ from services.routing.domain import (
 )
 from services.routing.event_consumers import CarrierOptOutConsumer, follow_changes
 from tests.integration.routing.fakes import whatsapp
+from tests.support.jetstream import wait_settled
 
 CLIENT = Contact("shop-1", Channel.WHATSAPP, "+33622222222")
 
@@ -70,12 +71,7 @@ async def consume(js: JetStreamContext, pool: asyncpg.Pool, stream: str, *payloa
     loop = asyncio.create_task(
         jetstream.run_pull_consumer(js, spec, CarrierOptOutConsumer(pool).handle, stop=stop)
     )
-    async with asyncio.timeout(15):
-        while True:
-            info = await js.consumer_info(stream, "carrier")
-            if info.num_pending == 0 and info.num_ack_pending == 0:
-                break
-            await asyncio.sleep(0.05)
+    await wait_settled(js, stream, "carrier", subject, timeout_s=15)
     stop.set()
     await loop
 

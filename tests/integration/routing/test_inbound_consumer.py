@@ -17,6 +17,7 @@ from services.routing.consumer import InboundConsumer
 from services.routing.domain import RulesBook
 from services.routing.inbound import InboundRouter
 from tests.integration.routing.fakes import FakeReplies, FakeSenders, FakeSessions, inbound
+from tests.support.jetstream import wait_settled
 
 
 @pytest.fixture
@@ -79,12 +80,7 @@ class Running:
 
     async def drained(self) -> None:
         """Until every stream message was acked or terminated."""
-        async with asyncio.timeout(20):
-            while True:
-                info = await self.js.consumer_info(self.spec.stream, self.spec.durable)
-                if info.num_pending == 0 and info.num_ack_pending == 0:
-                    return
-                await asyncio.sleep(0.05)
+        await wait_settled(self.js, self.spec.stream, self.spec.durable, self.subject)
 
     async def close(self) -> None:
         self.stop.set()

@@ -1,0 +1,22 @@
+"""Waiting for a JetStream consumer to have settled everything published to it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from nats.js import JetStreamContext
+
+
+async def wait_settled(
+    js: JetStreamContext, stream: str, durable: str, subject: str, *, timeout_s: float = 20.0
+) -> None:
+    """Until the consumer acked or terminated every message on `subject` so far. Its ack floor
+    is compared with the subject's last sequence: the consumer's pending count can still read
+    0 for a moment after a publish was acknowledged, before the consumer has seen it."""
+    last = (await js.get_last_msg(stream, subject)).seq
+    async with asyncio.timeout(timeout_s):
+        while True:
+            info = await js.consumer_info(stream, durable)
+            if info.ack_floor.stream_seq >= last and info.num_ack_pending == 0:
+                return
+            await asyncio.sleep(0.05)
