@@ -3,12 +3,13 @@ behind its abuse limits. No I/O here."""
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Callable, Mapping
 from urllib.parse import unquote_to_bytes
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from snapsell.common.v1.address_pb2 import Address, Channel
-from snapsell.gateway.v1.events_pb2 import Location, Media, MessageReceived, StatusReceived
+from snapsell.gateway.v1.events_pb2 import Media, MessageReceived, StatusReceived
 
 _PREFIXES = {"whatsapp": Channel.CHANNEL_WHATSAPP, "messenger": Channel.CHANNEL_MESSENGER}
 
@@ -34,6 +35,7 @@ _STATUS_FIELDS = {
 }
 MAX_MEDIA = 10
 _MEDIA_KEYS = [(f"MediaUrl{i}", f"MediaContentType{i}") for i in range(MAX_MEDIA)]
+_MEDIA_URLS = {url for url, _ in _MEDIA_KEYS}
 _MESSAGE_KNOWN = {
     *_MESSAGE_FIELDS,
     "From",
@@ -69,9 +71,17 @@ class FormParams(dict[str, str]):
 
 
 def _unquote_plus(text: str) -> str:
-    """`urllib.parse.unquote_plus` in one pass over bytes (its own str path splits the text
-    with a regular expression first): Twilio's JSON parameters are mostly escapes."""
-    return unquote_to_bytes(text.replace("+", " ")).decode("utf-8", "replace")
+    """`urllib.parse.unquote_plus`, with the escapes decoded in C: Twilio's JSON parameters are
+    mostly escapes. Each `%XX` becomes the bytes escape `\\xXX` for `codecs.escape_decode`,
+    backslashes doubled first so that no other escape is read. An invalid escape (`%zz`, a
+    trailing `%`) fails the codec; then the escapes are read one by one, invalid ones kept as
+    they are, as the standard library does."""
+    text = text.replace("+", " ")
+    try:
+        raw = codecs.escape_decode(text.replace("\\", "\\\\").replace("%", "\\x"))[0]
+    except ValueError:
+        raw = unquote_to_bytes(text)
+    return raw.decode("utf-8", "replace")
 
 
 def parse_form(body: str) -> FormParams:
@@ -94,11 +104,18 @@ def parse_form(body: str) -> FormParams:
 def parse_address(raw: str) -> Address:
     """`whatsapp:+14155238886` -> (WHATSAPP, "+14155238886"); no prefix means SMS. The value
     is kept as given: a WhatsApp user ID is not a phone number."""
+    address = Address()
+    _fill_address(address, raw)
+    return address
+
+
+def _fill_address(address: Address, raw: str) -> None:
     prefix, sep, rest = raw.partition(":")
     channel = _PREFIXES.get(prefix.lower()) if sep else None
     if channel is None:
-        return Address(channel=Channel.CHANNEL_SMS, value=raw.strip())
-    return Address(channel=channel, value=rest.strip())
+        address.channel, address.value = Channel.CHANNEL_SMS, raw.strip()
+    else:
+        address.channel, address.value = channel, rest.strip()
 
 
 def _require(params: Mapping[str, str], *names: str) -> None:
@@ -107,8 +124,8 @@ def _require(params: Mapping[str, str], *names: str) -> None:
         raise MissingParameterError(f"missing {', '.join(missing)}")
 
 
-def _timestamp(at_ns: int) -> Timestamp:
-    return Timestamp(seconds=at_ns // 1_000_000_000, nanos=at_ns % 1_000_000_000)
+def _fill_timestamp(timestamp: Timestamp, at_ns: int) -> None:
+    timestamp.seconds, timestamp.nanos = divmod(at_ns, 1_000_000_000)
 
 
 def _float(value: str | None) -> float:
@@ -118,45 +135,55 @@ def _float(value: str | None) -> float:
         return 0.0
 
 
+# Messages are filled in place, field by field, in one pass over the parameters: a webhook's
+# hot path, where building sub-messages to copy them in costs twice as much.
+
+
 def message_received(params: Mapping[str, str], received_at_ns: int) -> MessageReceived:
     """The contract message for an inbound-message webhook."""
     _require(params, "MessageSid", "From", "To")
-    message = MessageReceived(
-        sender=parse_address(params["From"]),
-        recipient=parse_address(params["To"]),
-        received_at=_timestamp(received_at_ns),
-        **{field: params[name] for name, field in _MESSAGE_FIELDS.items() if name in params},
-    )
-    message.media.extend(
-        Media(url=params[url], content_type=params.get(content_type, ""))
-        for url, content_type in _MEDIA_KEYS
-        if url in params
-    )
-    if "Latitude" in params and "Longitude" in params:
-        message.location.CopyFrom(
-            Location(
-                latitude=_float(params["Latitude"]),
-                longitude=_float(params["Longitude"]),
-                address=params.get("Address", ""),
-                label=params.get("Label", ""),
-            )
+    message = MessageReceived()
+    _fill_address(message.sender, params["From"])
+    _fill_address(message.recipient, params["To"])
+    _fill_timestamp(message.received_at, received_at_ns)
+    other, has_media = message.other_params, False
+    for name, value in params.items():
+        if field := _MESSAGE_FIELDS.get(name):
+            setattr(message, field, value)
+        elif name not in _MESSAGE_KNOWN:
+            other[name] = value
+        elif name in _MEDIA_URLS:
+            has_media = True
+    if has_media:
+        message.media.extend(
+            Media(url=params[url], content_type=params.get(content_type, ""))
+            for url, content_type in _MEDIA_KEYS
+            if url in params
         )
-    message.other_params.update({k: v for k, v in params.items() if k not in _MESSAGE_KNOWN})
+    if "Latitude" in params and "Longitude" in params:
+        location = message.location
+        location.latitude = _float(params["Latitude"])
+        location.longitude = _float(params["Longitude"])
+        location.address = params.get("Address", "")
+        location.label = params.get("Label", "")
     return message
 
 
 def status_received(params: Mapping[str, str], received_at_ns: int) -> StatusReceived:
     """The contract message for a delivery-status callback."""
     _require(params, "MessageSid", "MessageStatus")
-    status = StatusReceived(
-        received_at=_timestamp(received_at_ns),
-        **{field: params[name] for name, field in _STATUS_FIELDS.items() if name in params},
-    )
-    if params.get("From"):
-        status.sender.CopyFrom(parse_address(params["From"]))
-    if params.get("To"):
-        status.recipient.CopyFrom(parse_address(params["To"]))
-    status.other_params.update({k: v for k, v in params.items() if k not in _STATUS_KNOWN})
+    status = StatusReceived()
+    _fill_timestamp(status.received_at, received_at_ns)
+    if sender := params.get("From"):
+        _fill_address(status.sender, sender)
+    if recipient := params.get("To"):
+        _fill_address(status.recipient, recipient)
+    other = status.other_params
+    for name, value in params.items():
+        if field := _STATUS_FIELDS.get(name):
+            setattr(status, field, value)
+        elif name not in _STATUS_KNOWN:
+            other[name] = value
     return status
 
 
