@@ -169,8 +169,10 @@ def grpc_client_interceptors() -> list[grpc.aio.ClientInterceptor]:
 
 
 def inject(headers: MutableMapping[str, str]) -> None:
-    """Add `traceparent` (and `tracestate`) for the current span to message headers."""
-    propagate.inject(headers)
+    """Add `traceparent` (and `tracestate`) for the current span to message headers; nothing
+    when there is no span (a process without tracing, outside any trace)."""
+    if trace.get_current_span().get_span_context().is_valid:
+        propagate.inject(headers)
 
 
 def extract(headers: Mapping[str, str] | None) -> context.Context:
