@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import socket
 import sys
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ import uvicorn
 
 from infra import jetstream
 from infra.config import ConfigError, env_str
-from infra.lifecycle import run_main
+from infra.lifecycle import run_main, tune_garbage_collector
 from infra.log import get_logger
 from infra.streams import inbound_stream
 from infra.telemetry import tracing_enabled
@@ -62,10 +61,7 @@ async def serve(stop: asyncio.Event) -> None:
                 timeout_graceful_shutdown=10,
             )
         )
-        # Start-up objects live for the whole process: keep them out of every collection, so a
-        # request never pays for scanning them.
-        gc.collect()
-        gc.freeze()
+        tune_garbage_collector()
         sockets = [_shared_socket(config.http_port)] if is_worker() else None
         serving = asyncio.create_task(server.serve(sockets=sockets))
         stopping = asyncio.create_task(stop.wait())

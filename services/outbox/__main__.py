@@ -12,7 +12,6 @@ claiming, release what they have not sent, finish their sends and write the resu
 from __future__ import annotations
 
 import asyncio
-import gc
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +24,7 @@ from infra.auth import AuthInterceptor, JwtVerifier, ServiceTokenProvider
 from infra.db import migrate_service, open_service_database
 from infra.events import EventRelay, wait_any
 from infra.grpc_server import GrpcServer
-from infra.lifecycle import run_main
+from infra.lifecycle import run_main, tune_garbage_collector
 from infra.log import get_logger
 from infra.metrics import RpcMetricsInterceptor, start_metrics_server
 from infra.retention import RetentionTask
@@ -51,20 +50,7 @@ BACKLOG = Gauge(
     "Messages waiting to be sent (pending, sending) or handled by an operator (dead)",
     ["status"],
 )
-# The young generation is collected after this many allocations (Python's default: 700).
-GC_YOUNG_THRESHOLD = 10_000
 _log = get_logger(__name__)
-
-
-def tune_garbage_collector() -> None:
-    """A send allocates hundreds of short-lived objects that reference counting frees anyway;
-    with the default thresholds the collector ran ~2,000 times per 20,000 sends and found next
-    to nothing, and its full collections walked everything startup left (modules, the Twilio
-    SDK, protobuf descriptors): ~15% of the process's CPU and pauses of 50-70 ms in the
-    outbox benchmark. Freezing what exists after startup and collecting less often removes
-    both; cycles are still collected."""
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
 
 
 def _twilio_sender(config: Config) -> TwilioSender:

@@ -484,8 +484,8 @@ async def pgqueuer_worker(
     from pgqueuer.models import Job
 
     from infra.auth import ServiceTokenProvider
+    from infra.lifecycle import tune_garbage_collector
     from infra.twilio_http import make_twilio_client
-    from services.outbox.__main__ import tune_garbage_collector
     from services.outbox.consent import RoutingConsentChecker, routing_channel
     from services.outbox.domain import Channel
 
