@@ -101,8 +101,9 @@ def test_form_parsing_reads_what_urlencode_wrote_like_parse_qsl(items) -> None:
         assert params.getall(name) == [v for k, v in expected if k == name]
 
 
-# Backslashes and `x` too: escapes are decoded as bytes escapes (`\\xXX`) by a codec.
-@given(st.text(alphabet="abcC389=&%+2Fé;\\x", max_size=60))
+# Escapes of the separators (%26, %3D), backslashes and `x` (escapes are decoded as bytes
+# escapes, `\\xXX`, by a codec) included.
+@given(st.text(alphabet="abcdC36D89=&%+2Fé;\\x", max_size=60))
 @example("a=\\x41%5Cx42%2&b=%C3%A9%\\")
 def test_form_parsing_of_arbitrary_text_matches_parse_qsl(body: str) -> None:
     expected = parse_qsl(body, keep_blank_values=True)
