@@ -6,7 +6,10 @@ Shared by the tests (`tests/support/processes.py` re-exports it) and the benchma
 from __future__ import annotations
 
 import asyncio
+import atexit
+import functools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,6 +94,13 @@ class RunningService:
         return reply.status_code == 200
 
 
+@functools.cache
+def _temporary_log_dir() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="snapsell-service-logs-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def spawn_service(
     name: str,
     env: dict[str, str],
@@ -100,7 +110,8 @@ def spawn_service(
     log_dir: Path | None = None,
 ) -> RunningService:
     """Start `python -m services.<name>` with `env` on top of this process's environment; its
-    output goes to a log file in `log_dir` (a new temporary file when None)."""
+    output goes to `<log_dir>/<name>-<port>.log` (`log_dir` by default: a temporary directory
+    removed when this process exits; a failing test quotes the log before that)."""
     port = port or free_port()
     port_var = "HTTP_PORT" if http else "GRPC_PORT"
     full_env = {
@@ -110,11 +121,9 @@ def spawn_service(
         **env,
         "PYTHONUNBUFFERED": "1",
     }
-    if log_dir is None:
-        log_path = Path(tempfile.mkstemp(prefix=f"{name}-", suffix=".log")[1])
-    else:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = log_dir / f"{name}-{port}.log"
+    log_dir = log_dir or _temporary_log_dir()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}-{port}.log"
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", f"services.{name}"],
