@@ -4,7 +4,7 @@ behind its abuse limits. No I/O here."""
 from __future__ import annotations
 
 import codecs
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from urllib.parse import unquote_to_bytes
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -51,22 +51,32 @@ class MissingParameterError(ValueError):
 
 
 class FormParams(dict[str, str]):
-    """Form parameters, last value per name, remembering every value of a repeated name.
+    """Form parameters, the last value of each name.
 
-    `getall` is the multi-dict interface the twilio SDK's signature algorithm asks for first;
-    offering it keeps every value of a repeated name in the signature, as Twilio computes it,
-    and spares the SDK its per-parameter fallbacks."""
+    `getall` is the multi-dict interface the twilio SDK's signature algorithm asks for first:
+    it keeps every value of a repeated name in the signature, as Twilio computes it, and
+    spares the SDK its per-parameter fallbacks. Build with `of`."""
 
-    def __init__(self, pairs: list[tuple[str, str]] | None = None) -> None:
-        super().__init__(pairs or ())
-        self.repeated: dict[str, list[str]] = {}
-        if pairs and len(self) < len(pairs):
-            for name, value in pairs:
-                self.repeated.setdefault(name, []).append(value)
-            self.repeated = {k: v for k, v in self.repeated.items() if len(v) > 1}
+    @staticmethod
+    def of(pairs: list[tuple[str, str]]) -> FormParams:
+        params = FormParams(pairs)
+        return params if len(params) == len(pairs) else _RepeatedFormParams(pairs)
 
-    def getall(self, name: str) -> list[str]:
-        return self.repeated.get(name) or [self[name]]
+    def getall(self, name: str) -> Sequence[str]:
+        return (self[name],)
+
+
+class _RepeatedFormParams(FormParams):
+    """Form parameters where some name came more than once (Twilio never repeats one)."""
+
+    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+        super().__init__(pairs)
+        self.every: dict[str, list[str]] = {}
+        for name, value in pairs:
+            self.every.setdefault(name, []).append(value)
+
+    def getall(self, name: str) -> Sequence[str]:
+        return self.every[name]
 
 
 def _unquote_plus(text: str) -> str:
@@ -92,9 +102,9 @@ def parse_form(body: str) -> FormParams:
     decoded = _unquote_plus(body)
     if decoded.count("&") == body.count("&") and decoded.count("=") == body.count("="):
         pairs = [pair.partition("=") for pair in decoded.split("&") if pair]
-        return FormParams([(name, value) for name, _, value in pairs])
+        return FormParams.of([(name, value) for name, _, value in pairs])
     pairs = [pair.partition("=") for pair in body.split("&") if pair]
-    return FormParams([(_unquote_plus(name), _unquote_plus(value)) for name, _, value in pairs])
+    return FormParams.of([(_unquote_plus(name), _unquote_plus(value)) for name, _, value in pairs])
 
 
 def parse_address(raw: str) -> Address:

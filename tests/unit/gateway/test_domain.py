@@ -98,7 +98,7 @@ def test_form_parsing_reads_what_urlencode_wrote_like_parse_qsl(items) -> None:
     params = parse_form(body)
     assert params == dict(expected)
     for name in params:
-        assert params.getall(name) == [v for k, v in expected if k == name]
+        assert list(params.getall(name)) == [v for k, v in expected if k == name]
 
 
 # Escapes of the separators (%26, %3D), backslashes and `x` (escapes are decoded as bytes
