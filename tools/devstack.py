@@ -75,7 +75,7 @@ def _log_tail(path: Path) -> str:
     return f"last lines of {path}:\n" + "\n".join(lines[-_LOG_TAIL_LINES:])
 
 
-def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def _spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
     # Own session: a Ctrl-C in the terminal must not reach the servers before we stop them.
     with log.open("ab") as out:
         return subprocess.Popen(
@@ -84,7 +84,7 @@ def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subp
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd="/",
-            env={**_child_env(), **(env or {})},
+            env=_child_env(),
             start_new_session=True,
         )
 
@@ -327,11 +327,7 @@ def _nats_binary() -> Path:
 
 
 class EmbeddedNats:
-    """A standalone NATS server with JetStream, storing in `store_dir` (kept across starts).
-
-    One thread at a time runs its Go code (`GOMAXPROCS=1` unless the environment sets it): it
-    shares a developer's cores with every service, and with several threads its idle
-    schedulers spin between messages, ~50% more CPU per published message than on one."""
+    """A standalone NATS server with JetStream, storing in `store_dir` (kept across starts)."""
 
     def __init__(self, store_dir: Path, port: int | None = None) -> None:
         self._store_dir = Path(store_dir).absolute()
@@ -358,7 +354,7 @@ class EmbeddedNats:
         self._store_dir.mkdir(parents=True, exist_ok=True)
         cmd = [str(_nats_binary()), "-js", "-sd", str(self._store_dir), "-a", "127.0.0.1"]
         cmd += ["-p", str(self._port), "-m", str(self._monitor_port)]
-        self._proc = _spawn(cmd, self._log, {"GOMAXPROCS": os.environ.get("GOMAXPROCS", "1")})
+        self._proc = _spawn(cmd, self._log)
         deadline = time.monotonic() + timeout
         while not (self._accepts_clients() and self._jetstream_healthy()):
             if self._proc.poll() is not None:
