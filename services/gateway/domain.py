@@ -7,7 +7,6 @@ import codecs
 from collections.abc import Callable, Mapping, Sequence
 from urllib.parse import unquote_to_bytes
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from snapsell.common.v1.address_pb2 import Address, Channel
 from snapsell.gateway.v1.events_pb2 import Media, MessageReceived, StatusReceived
 
@@ -130,10 +129,6 @@ def _require(params: Mapping[str, str], *names: str) -> None:
         raise MissingParameterError(f"missing {', '.join(missing)}")
 
 
-def _fill_timestamp(timestamp: Timestamp, at_ns: int) -> None:
-    timestamp.seconds, timestamp.nanos = divmod(at_ns, 1_000_000_000)
-
-
 def _float(value: str | None) -> float:
     try:
         return float(value) if value else 0.0
@@ -151,7 +146,7 @@ def message_received(params: Mapping[str, str], received_at_ns: int) -> MessageR
     message = MessageReceived()
     _fill_address(message.sender, params["From"])
     _fill_address(message.recipient, params["To"])
-    _fill_timestamp(message.received_at, received_at_ns)
+    message.received_at.FromNanoseconds(received_at_ns)
     other, has_media = message.other_params, False
     for name, value in params.items():
         if field := _MESSAGE_FIELDS.get(name):
@@ -179,7 +174,7 @@ def status_received(params: Mapping[str, str], received_at_ns: int) -> StatusRec
     """The contract message for a delivery-status callback."""
     _require(params, "MessageSid", "MessageStatus")
     status = StatusReceived()
-    _fill_timestamp(status.received_at, received_at_ns)
+    status.received_at.FromNanoseconds(received_at_ns)
     if sender := params.get("From"):
         _fill_address(status.sender, sender)
     if recipient := params.get("To"):
