@@ -106,15 +106,9 @@ def parse_form(body: str) -> FormParams:
     return FormParams.of([(_unquote_plus(name), _unquote_plus(value)) for name, _, value in pairs])
 
 
-def parse_address(raw: str) -> Address:
+def _fill_address(address: Address, raw: str) -> None:
     """`whatsapp:+14155238886` -> (WHATSAPP, "+14155238886"); no prefix means SMS. The value
     is kept as given: a WhatsApp user ID is not a phone number."""
-    address = Address()
-    _fill_address(address, raw)
-    return address
-
-
-def _fill_address(address: Address, raw: str) -> None:
     prefix, sep, rest = raw.partition(":")
     channel = _PREFIXES.get(prefix.lower()) if sep else None
     if channel is None:

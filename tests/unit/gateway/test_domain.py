@@ -14,7 +14,6 @@ from services.gateway.domain import (
     MissingParameterError,
     WindowCounter,
     message_received,
-    parse_address,
     parse_form,
     status_received,
 )
@@ -35,8 +34,9 @@ NOW_NS = int(NOW.timestamp()) * 1_000_000_000
     ],
 )
 def test_address_prefix_gives_channel_and_value_is_kept_as_given(raw, channel, value) -> None:
-    address = parse_address(raw)
-    assert (address.channel, address.value) == (channel, value)
+    message = message_received({"MessageSid": "SM1", "From": raw, "To": raw}, NOW_NS)
+    for address in (message.sender, message.recipient):
+        assert (address.channel, address.value) == (channel, value)
 
 
 def test_message_keeps_every_unknown_parameter_and_all_media() -> None:
