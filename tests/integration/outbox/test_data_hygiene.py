@@ -4,6 +4,7 @@ published events are purged past their retention; messages still in hand never a
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,7 @@ from tests.integration.data_hygiene import (
     explain,
     insert_event,
     known_subjects,
+    plan_nodes,
     process_with_fast_retention,
     recorded_subjects,
     wait_until_zero,
@@ -34,6 +36,7 @@ MIGRATIONS = Path(__file__).resolve().parents[3] / "services" / "outbox" / "migr
 MESSAGES = 50_000
 TENANTS = 1_000
 BIG_TABLES = ("messages", "attempts")
+JOINS = ("Nested Loop", "Hash Join", "Merge Join")
 NOW = datetime.now(UTC)
 ACCOUNT_SID = "AC" + "a1" * 16
 
@@ -159,6 +162,36 @@ async def test_claim_picks_due_messages_on_the_due_index(
         plan = await explain(conn, store._CLAIM, "worker-2", 200, 60.0, saturated, held)
     assert_uses_index(plan, "messages_due_idx", big_tables=BIG_TABLES)
     assert_uses_index(plan, "messages_pkey", big_tables=BIG_TABLES)
+
+
+async def test_claim_pairs_due_rows_by_hashing_even_when_few_look_due(
+    loaded: asyncpg.Pool,
+) -> None:
+    """Statistics taken when nothing was waiting (the last backlog all sent, before a burst of
+    enqueues) and the generic plan PostgreSQL keeps after a few runs: the planner expects a
+    row or two from `due`, and must still not pair due and locked rows by comparing every
+    pair (40,000 comparisons for a batch of 200)."""
+    async with loaded.acquire() as conn:
+        await conn.execute(f"PREPARE claim_plan_check AS {store._CLAIM}")
+        transaction = conn.transaction()  # rolled back: the fixture's rows stay as they are
+        await transaction.start()
+        try:
+            await conn.execute(
+                "UPDATE messages SET status = 'blocked', lease_owner = NULL,"
+                " lease_expires_at = NULL WHERE status IN ('pending', 'sending')"
+            )
+            await conn.execute("ANALYZE messages")
+            await conn.execute(store._CLAIM_PLAN)
+            await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+            raw = await conn.fetchval(
+                "EXPLAIN (FORMAT JSON) EXECUTE claim_plan_check('worker-2', 200, 60.0, '{}', '{}')"
+            )
+        finally:
+            await transaction.rollback()
+            await conn.execute("DEALLOCATE claim_plan_check")
+    plan = json.loads(raw)[0]["Plan"]
+    joins = [node["Node Type"] for node in plan_nodes(plan) if node["Node Type"] in JOINS]
+    assert joins == ["Hash Join"], json.dumps(plan, indent=1)
 
 
 async def test_lease_renewal_and_release_find_their_messages_by_primary_key(
