@@ -115,19 +115,19 @@ class EventRelay:
             rows = await conn.fetch(_CLAIM, self._batch_size)
             if not rows:
                 return 0
-            await asyncio.gather(*(self._publish(row) for row in rows))
+            await self._publisher.publish_batch([_outgoing(row) for row in rows], ack_timeout_s=5.0)
             await conn.execute(_MARK, [row["id"] for row in rows])
         return len(rows)
 
-    async def _publish(self, row: asyncpg.Record) -> None:
-        headers = {"traceparent": row["traceparent"]} if row["traceparent"] else None
-        await self._publisher.publish(
-            row["subject"],
-            row["payload"],
-            msg_id=str(row["id"]),
-            ack_timeout_s=5.0,
-            headers=headers,
-        )
+
+def _outgoing(row: asyncpg.Record) -> jetstream.Outgoing:
+    traceparent = row["traceparent"]
+    return jetstream.Outgoing(
+        row["subject"],
+        row["payload"],
+        str(row["id"]),
+        {"traceparent": traceparent} if traceparent else None,
+    )
 
 
 async def wait_any(*events: asyncio.Event, timeout_s: float) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import uuid
 from pathlib import Path
 
 import nats
+import nats.js.errors
 import pytest
 from google.protobuf.wrappers_pb2 import StringValue
 from nats.aio.msg import Msg
@@ -48,6 +50,82 @@ async def test_publish_with_the_same_id_is_stored_once(js) -> None:
     )
     assert sorted(ack.duplicate or False for ack in acks) == [False, True, True]
     assert (await js.stream_info(name)).state.messages == 1
+
+
+@pytest.fixture
+async def publisher(nats_url: str):
+    client = await jetstream.connect(nats_url, name="batch-test")
+    acked = jetstream.AckedPublisher(client)
+    await acked.start()
+    yield client, acked
+    await client.close()
+
+
+@pytest.fixture
+async def unreported_errors():
+    """Call it to get what asyncio reported so far (e.g. a future's exception never
+    retrieved, reported once the future is collected)."""
+    loop = asyncio.get_running_loop()
+    seen: list[str] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: seen.append(context["message"]))
+
+    def reported() -> list[str]:
+        gc.collect()
+        return seen
+
+    yield reported
+    loop.set_exception_handler(previous)
+
+
+async def test_batch_publish_returns_once_every_message_is_stored(js, publisher) -> None:
+    _, acked = publisher
+    name = unique("S")
+    await jetstream.ensure_stream(js, StreamSpec(name=name, subjects=(f"{name.lower()}.>",)))
+    batch = [
+        jetstream.Outgoing(f"{name.lower()}.x", b"m%d" % i, msg_id=f"id{i % 40}") for i in range(50)
+    ]
+    batch.append(jetstream.Outgoing(f"{name.lower()}.y", b"t", msg_id="traced", headers={"a": "b"}))
+    await acked.publish_batch(batch)
+    # Stored before the call returned: 40 distinct ids (10 repeats are duplicates) and one more.
+    assert (await js.stream_info(name)).state.messages == 41
+    stored = await js.get_last_msg(name, f"{name.lower()}.y")
+    assert stored.headers == {jetstream.MSG_ID: "traced", "a": "b"}
+
+
+async def test_batch_publish_raises_when_a_message_has_no_stream(js, publisher) -> None:
+    _, acked = publisher
+    name = unique("S")
+    await jetstream.ensure_stream(js, StreamSpec(name=name, subjects=(f"{name.lower()}.>",)))
+    batch = [
+        jetstream.Outgoing(f"{name.lower()}.x", b"1", msg_id="a"),
+        jetstream.Outgoing(f"{unique('nostream')}.x", b"2", msg_id="b"),
+        jetstream.Outgoing(f"{name.lower()}.x", b"3", msg_id="c"),
+    ]
+    with pytest.raises(nats.js.errors.NoStreamResponseError):
+        await acked.publish_batch(batch)
+    await acked.publish_batch(batch[:1])  # the publisher still works
+    assert (await js.stream_info(name)).state.messages == 2
+
+
+async def test_batch_publish_times_out_when_an_ack_never_comes(
+    js, publisher, unreported_errors
+) -> None:
+    client, acked = publisher
+    name = unique("S")
+    await jetstream.ensure_stream(js, StreamSpec(name=name, subjects=(f"{name.lower()}.>",)))
+    silent = unique("silent")
+    await client.subscribe(silent)  # takes the message and never answers
+    batch = [
+        jetstream.Outgoing(silent, b"1", msg_id="a"),
+        jetstream.Outgoing(f"{name.lower()}.x", b"2", msg_id="b"),
+        jetstream.Outgoing(silent, b"3", msg_id="c"),
+    ]
+    async with asyncio.timeout(5):
+        with pytest.raises(nats.errors.TimeoutError):
+            await acked.publish_batch(batch, ack_timeout_s=0.3)
+    assert (await js.stream_info(name)).state.messages == 1
+    assert unreported_errors() == []
 
 
 async def test_consumer_loop_carries_out_ack_nak_and_term(js) -> None:
