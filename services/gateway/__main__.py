@@ -42,11 +42,7 @@ async def serve(stop: asyncio.Event) -> None:
         await jetstream.ensure_stream(js, stream)
         publisher = JetStreamPublisher(nc, js, stream.name, config.publish_timeout_s)
         await publisher.start()
-        app = create_app(config, publisher.publish, publisher.ready)
-        if tracing_enabled():
-            from opentelemetry.instrumentation.starlette import StarletteInstrumentor
-
-            StarletteInstrumentor.instrument_app(app)
+        app = create_app(config, publisher.publish, publisher.ready, traced=tracing_enabled())
         server = _Server(
             uvicorn.Config(
                 app,

@@ -102,6 +102,17 @@ async def test_signature_with_another_accounts_token_is_checked_with_that_token(
     assert (await post(http, MESSAGES, params, signature=good)).status_code == 200
 
 
+async def test_other_methods_and_paths_are_answered_by_the_router(http, js) -> None:
+    before = await last_seq(js)
+    assert (await http.get(MESSAGES)).status_code == 405
+    assert (await http.put(STATUS, content=b"x", headers=FORM)).status_code == 405
+    params = whatsapp_params()
+    unknown = "/webhooks/twilio/other"
+    assert (await post(http, unknown, params, signature=sign(unknown, params))).status_code == 404
+    assert (await http.get("/healthz")).status_code == 200
+    assert await stream_tail(js, before) == []
+
+
 async def test_same_message_sid_posted_three_times_concurrently_is_stored_once(http, js) -> None:
     before = await last_seq(js)
     params = whatsapp_params()
