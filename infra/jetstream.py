@@ -165,7 +165,9 @@ class AckedPublisher:
     ) -> None:
         """Publish every message, then wait until the stream acknowledged them all, with one
         timer for the batch and no task per message. Messages carry their own trace context
-        (none is added); the first failure in the batch's order is raised."""
+        (none is added); the first failure in the batch's order is raised. `publish` does the
+        same for one message without the batch's lists: it runs on every webhook, and going
+        through here would cost it ~1.5 µs more."""
         assert self._prefix, "start() first"
         loop = asyncio.get_running_loop()
         tokens: list[str] = []
