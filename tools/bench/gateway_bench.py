@@ -1,7 +1,8 @@
 """Gateway benchmark: signed Twilio webhooks through the gateway vs a bare Starlette route.
 
     python -m tools.bench.gateway_bench [--rounds 3] [--seconds 4] [--bodies 20000]
-                                        [--steady-seconds 10] [--workers 2]
+                                        [--connections 32 64 128 256] [--steady-seconds 10]
+                                        [--workers 2]
 
 Starts an embedded NATS JetStream (state in a temp dir) and up to four servers with the same
 uvicorn settings, measured by the same load generators:
@@ -16,15 +17,20 @@ uvicorn settings, measured by the same load generators:
   bare_workers, the bare route with as many processes as the gateway (`BARE_WORKERS`), for
   `ratio_same_workers`, the stricter comparison.
 
-Each server is warmed by `wrk -t1 -c32` (3 s); then `--rounds` rounds run `wrk -t1 -c32
---latency` for `--seconds` against each server in turn, cycling through `--bodies` distinct
-signed WhatsApp webhooks (`tools.bench.wrk`), the order reversed every other round. Rates and
-latencies are the medians over the rounds; a ratio is the median of the rounds' own ratios, so
-a slow minute on the machine weighs on both sides of it. Then, the others stopped, an
-open-loop steady load on the gateway at half its measured maximum for `--steady-seconds`,
-every webhook a fresh MessageSid (`tools.bench.open_loop`): p50/p99/max from each request's
-scheduled time. Peak RSS of each server's process tree is sampled throughout
-(`tools.bench.rss`).
+Each server is warmed by `wrk -t1 -c32` (3 s); then `--rounds` rounds, each running `wrk -t1
+-cN --latency` for `--seconds` against each server in turn, once for every N of
+`--connections`, cycling through `--bodies` distinct signed WhatsApp webhooks
+(`tools.bench.wrk`), the order of the servers reversed every other round. A server's result in
+a round is its fastest run of the round, so each is measured at the load that saturates it:
+the gateway answers only after JetStream's PubAck, so it needs more requests in flight than the
+bare route to keep its cores busy (measured: 64-256), while the bare route is saturated by
+32-64 and slows down with more. Rates and latencies are the medians over the rounds of those
+results (`<server>_c`: the connections of the median one); a ratio is the median of the
+rounds' own ratios, so a slow minute on the machine weighs on both sides of it. Then, the
+others stopped, an open-loop steady load (`-c` connections) on the gateway at half its
+measured maximum for `--steady-seconds`, every webhook a fresh MessageSid
+(`tools.bench.open_loop`): p50/p99/max from each request's scheduled time. Peak RSS of each
+server's process tree is sampled throughout (`tools.bench.rss`).
 
 Stream check (the gateway must never answer 200 for a message it did not hand over): after
 the gateway stops, every `Nats-Msg-Id` of the INBOUND stream is read back. The wrk phases
@@ -36,6 +42,8 @@ Prints one JSON line (shape in `tools.bench.__main__`):
     {"bench": "gateway",
      "figures": {"bare_rps", "gateway_rps", "ratio" (gateway/bare, this run),
                  "bare_p50_ms", "bare_p99_ms", "gateway_p50_ms", "gateway_p99_ms" (wrk, max load),
+                 "bare_c", "gateway_c" (connections of the median round's fastest run),
+                 "ratio_c32", "ratio_c64", ... (gateway/bare, both at N connections),
                  "gateway_non200", "gateway_1p_rps", "ratio_1p" (one process),
                  "bare_workers_rps", "ratio_same_workers" (bare with --workers processes),
                  "half_rate", "half_rate_achieved", "p50_half_rate_ms",
@@ -95,6 +103,8 @@ FIGURE_ORDER = (
     "bare_rps",
     "gateway_rps",
     "ratio",
+    "bare_c",
+    "gateway_c",
     "bare_p50_ms",
     "bare_p99_ms",
     "gateway_p50_ms",
@@ -125,7 +135,9 @@ def _ms(value: float) -> float:
 class Contender:
     server: HttpServer
     rss: PeakRss
-    runs: list[WrkResult] = field(default_factory=list)
+    runs: list[WrkResult] = field(default_factory=list)  # each round's fastest
+    connections: list[int] = field(default_factory=list)  # of each run in `runs`
+    by_connections: dict[int, list[WrkResult]] = field(default_factory=dict)  # every round's
 
 
 class Bench:
@@ -149,9 +161,10 @@ class Bench:
         )
         self.script, self.table = write_wrk_inputs(workdir, webhooks)
 
-    def wrk(self, port: int, seconds: float) -> WrkResult:
+    def wrk(self, port: int, seconds: float, connections: int | None = None) -> WrkResult:
         url = f"http://127.0.0.1:{port}{WEBHOOK_PATH}"
-        return run_wrk(url, self.script, self.table, seconds=seconds, connections=self.args.c)
+        connections = connections or self.args.c
+        return run_wrk(url, self.script, self.table, seconds=seconds, connections=connections)
 
     def start_servers(self) -> None:
         """Every contender up and warmed before the first measured round."""
@@ -185,29 +198,44 @@ class Bench:
         self.contenders[name] = Contender(server, PeakRss(server.pid).start())
 
     def measure_rounds(self) -> None:
-        """`--rounds` rounds, each one wrk run per contender, the order reversed every other
-        round (and every other bench run), so drift on the machine hits them all alike."""
+        """`--rounds` rounds, each one wrk run per contender and connection count, the order
+        of contenders reversed every other round (and every other bench run), so drift on the
+        machine hits them all alike; a contender's result in a round is its fastest run."""
         names = list(self.contenders)
         for number in range(self.args.rounds):
             flip = (number + int(os.environ.get("SNAPSELL_BENCH_RUN", "1"))) % 2 == 0
             for name in reversed(names) if flip else names:
                 contender = self.contenders[name]
-                result = self.wrk(contender.server.port, self.args.seconds)
-                contender.runs.append(result)
+                tries = {
+                    c: self.wrk(contender.server.port, self.args.seconds, c)
+                    for c in self.args.connections
+                }
                 if name.startswith("gateway"):
-                    self.wrk_runs.append(result)
+                    self.wrk_runs.extend(tries.values())
+                best = max(tries, key=lambda c: tries[c].ok_rps)
+                contender.runs.append(tries[best])
+                contender.connections.append(best)
+                for c, result in tries.items():
+                    contender.by_connections.setdefault(c, []).append(result)
         for name, contender in self.contenders.items():
             runs = contender.runs
             self.figures[f"{name}_rps"] = round(median(r.ok_rps for r in runs), 1)
+            middle = sorted(range(len(runs)), key=lambda i: runs[i].ok_rps)[len(runs) // 2]
+            self.figures[f"{name}_c"] = contender.connections[middle]
             self.figures[f"{name}_p50_ms"] = _ms(median(r.p50_ms for r in runs))
             self.figures[f"{name}_p99_ms"] = _ms(median(r.p99_ms for r in runs))
             self.figures[f"{name}_non200"] = sum(r.status_errors for r in runs)
             if errors := sum(r.socket_errors for r in runs):
                 self.notes.append(f"{name} at max load: {errors} socket errors")
         for ratio, (ours, bare) in RATIOS.items():
-            if ours in self.contenders:
+            if ours in self.contenders and bare in self.contenders:
                 pairs = zip(self.contenders[ours].runs, self.contenders[bare].runs, strict=True)
                 self.figures[ratio] = round(median(o.ok_rps / b.ok_rps for o, b in pairs), 3)
+        # The target ratio at each load alike too: both servers at N connections.
+        gateway, bare_route = self.contenders["gateway"], self.contenders["bare"]
+        for c in self.args.connections:
+            pairs = zip(gateway.by_connections[c], bare_route.by_connections[c], strict=True)
+            self.figures[f"ratio_c{c}"] = round(median(o.ok_rps / b.ok_rps for o, b in pairs), 3)
 
     def measure_steady(self) -> None:
         """The gateway alone (the others stopped): an open-loop load at half its maximum."""
@@ -268,7 +296,7 @@ class Bench:
         # when there were no status errors; up to `c` requests per run were in flight at the end.
         reached = max(r.requests for r in self.wrk_runs)
         low = min(self.args.bodies, reached - sum(r.status_errors for r in self.wrk_runs))
-        high = min(self.args.bodies, reached + self.args.c)
+        high = min(self.args.bodies, reached + max(self.args.c, *self.args.connections))
         if not low <= by_batch[WRK_BATCH] <= high:
             problems.append(f"wrk phases: {by_batch[WRK_BATCH]} stored, expected {low}..{high}")
         steady_stored = {sid for sid in counts if sid and batch_of(sid) == STEADY_BATCH}
@@ -294,7 +322,8 @@ class Bench:
     def report(self) -> dict[str, Any]:
         f = self.figures
         figures = {k: f[k] for k in FIGURE_ORDER if k in f} | f
-        params = {"wrk": f"-t1 -c{self.args.c}", "rounds": self.args.rounds}
+        params: dict[str, Any] = {"wrk": "-t1", "connections": self.args.connections}
+        params |= {"steady_connections": self.args.c, "rounds": self.args.rounds}
         params["seconds_per_round"] = self.args.seconds
         params |= {"bodies": self.args.bodies, "steady_seconds": self.args.steady_seconds}
         params["gateway_module"] = self.args.gateway_module
@@ -314,7 +343,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=4.0, help="length of one wrk run")
     parser.add_argument("--bodies", type=int, default=20_000, help="distinct webhooks for wrk")
     parser.add_argument("--steady-seconds", type=float, default=10.0, help="half-rate run length")
-    parser.add_argument("-c", type=int, default=32, help="connections (wrk and steady load)")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        nargs="+",
+        default=[32, 64, 128, 256],
+        help="wrk connection counts tried per server and round (its fastest run counts)",
+    )
+    parser.add_argument("-c", type=int, default=32, help="connections (warm-up, steady load)")
     parser.add_argument(
         "--workers", type=int, default=2, help="gateway processes (GATEWAY_WORKERS), default 2"
     )
