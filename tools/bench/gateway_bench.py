@@ -17,7 +17,7 @@ uvicorn settings, measured by the same load generators:
   bare_workers, the bare route with as many processes as the gateway (`BARE_WORKERS`), for
   `ratio_same_workers`, the stricter comparison.
 
-Each server is warmed by `wrk -t1 -c32` (3 s); then `--rounds` rounds, each running `wrk -t1
+Each server is warmed by `wrk -t1 -c256` (3 s); then `--rounds` rounds, each running `wrk -t1
 -cN --latency` for `--seconds` against each server in turn, once for every N of
 `--connections`, cycling through `--bodies` distinct signed WhatsApp webhooks
 (`tools.bench.wrk`), the order of the servers reversed every other round. A server's result in
@@ -27,9 +27,12 @@ bare route to keep its cores busy (measured: 64-256), while the bare route is sa
 32-64 and slows down with more. Rates and latencies are the medians over the rounds of those
 results (`<server>_c`: the connections of the median one); a ratio is the median of the
 rounds' own ratios, so a slow minute on the machine weighs on both sides of it. Then, the
-others stopped, an open-loop steady load (`-c` connections) on the gateway at half its
-measured maximum for `--steady-seconds`, every webhook a fresh MessageSid
-(`tools.bench.open_loop`): p50/p99/max from each request's scheduled time. Peak RSS of each
+others stopped, an open-loop steady load on the gateway at half its measured maximum for
+`--steady-seconds`, every webhook a fresh MessageSid (`tools.bench.open_loop`): p50/p99/max
+from each request's scheduled time. It has `-c` connections (256), one request in flight on
+each as Twilio sends them, so that the client never holds a request back for want of a free
+connection (with 32, a pause of a few milliseconds at ~5,000/s did, and the wait counted as
+the gateway's latency). Peak RSS of each
 server's process tree is sampled throughout (`tools.bench.rss`).
 
 Stream check (the gateway must never answer 200 for a message it did not hand over): after
@@ -350,7 +353,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=[32, 64, 128, 256],
         help="wrk connection counts tried per server and round (its fastest run counts)",
     )
-    parser.add_argument("-c", type=int, default=32, help="connections (warm-up, steady load)")
+    parser.add_argument("-c", type=int, default=256, help="connections (warm-up, steady load)")
     parser.add_argument(
         "--workers", type=int, default=2, help="gateway processes (GATEWAY_WORKERS), default 2"
     )
