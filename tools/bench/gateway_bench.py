@@ -32,8 +32,8 @@ others stopped, an open-loop steady load on the gateway at half its measured max
 from each request's scheduled time. It has `-c` connections (256), one request in flight on
 each as Twilio sends them, so that the client never holds a request back for want of a free
 connection (with 32, a pause of a few milliseconds at ~5,000/s did, and the wait counted as
-the gateway's latency). Peak RSS of each
-server's process tree is sampled throughout (`tools.bench.rss`).
+the gateway's latency). Peak RSS of each server's process tree is sampled throughout
+(`tools.bench.rss`).
 
 Stream check (the gateway must never answer 200 for a message it did not hand over): after
 the gateway stops, every `Nats-Msg-Id` of the INBOUND stream is read back. The wrk phases
@@ -69,6 +69,7 @@ import shutil
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
@@ -134,13 +135,30 @@ def _ms(value: float) -> float:
     return round(value, 2)
 
 
+def _ratio(pairs: Iterable[tuple[WrkResult, WrkResult]]) -> float:
+    """The median of the rounds' own ratios (ours, theirs)."""
+    return round(median(ours.ok_rps / theirs.ok_rps for ours, theirs in pairs), 3)
+
+
 @dataclass
 class Contender:
     server: HttpServer
     rss: PeakRss
-    runs: list[WrkResult] = field(default_factory=list)  # each round's fastest
-    connections: list[int] = field(default_factory=list)  # of each run in `runs`
-    by_connections: dict[int, list[WrkResult]] = field(default_factory=dict)  # every round's
+    rounds: list[dict[int, WrkResult]] = field(default_factory=list)  # connections -> run
+
+    @property
+    def fastest_connections(self) -> list[int]:
+        """The connections of each round's fastest run."""
+        return [max(runs, key=lambda c: runs[c].ok_rps) for runs in self.rounds]
+
+    @property
+    def fastest(self) -> list[WrkResult]:
+        """Each round's fastest run."""
+        return [runs[c] for runs, c in zip(self.rounds, self.fastest_connections, strict=True)]
+
+    def at(self, connections: int) -> list[WrkResult]:
+        """Each round's run at `connections`."""
+        return [runs[connections] for runs in self.rounds]
 
 
 class Bench:
@@ -209,22 +227,18 @@ class Bench:
             flip = (number + int(os.environ.get("SNAPSELL_BENCH_RUN", "1"))) % 2 == 0
             for name in reversed(names) if flip else names:
                 contender = self.contenders[name]
-                tries = {
+                runs = {
                     c: self.wrk(contender.server.port, self.args.seconds, c)
                     for c in self.args.connections
                 }
+                contender.rounds.append(runs)
                 if name.startswith("gateway"):
-                    self.wrk_runs.extend(tries.values())
-                best = max(tries, key=lambda c: tries[c].ok_rps)
-                contender.runs.append(tries[best])
-                contender.connections.append(best)
-                for c, result in tries.items():
-                    contender.by_connections.setdefault(c, []).append(result)
+                    self.wrk_runs.extend(runs.values())
         for name, contender in self.contenders.items():
-            runs = contender.runs
+            runs = contender.fastest
             self.figures[f"{name}_rps"] = round(median(r.ok_rps for r in runs), 1)
             middle = sorted(range(len(runs)), key=lambda i: runs[i].ok_rps)[len(runs) // 2]
-            self.figures[f"{name}_c"] = contender.connections[middle]
+            self.figures[f"{name}_c"] = contender.fastest_connections[middle]
             self.figures[f"{name}_p50_ms"] = _ms(median(r.p50_ms for r in runs))
             self.figures[f"{name}_p99_ms"] = _ms(median(r.p99_ms for r in runs))
             self.figures[f"{name}_non200"] = sum(r.status_errors for r in runs)
@@ -232,13 +246,12 @@ class Bench:
                 self.notes.append(f"{name} at max load: {errors} socket errors")
         for ratio, (ours, bare) in RATIOS.items():
             if ours in self.contenders and bare in self.contenders:
-                pairs = zip(self.contenders[ours].runs, self.contenders[bare].runs, strict=True)
-                self.figures[ratio] = round(median(o.ok_rps / b.ok_rps for o, b in pairs), 3)
+                ours_runs, bare_runs = self.contenders[ours].fastest, self.contenders[bare].fastest
+                self.figures[ratio] = _ratio(zip(ours_runs, bare_runs, strict=True))
         # The target ratio at each load alike too: both servers at N connections.
         gateway, bare_route = self.contenders["gateway"], self.contenders["bare"]
         for c in self.args.connections:
-            pairs = zip(gateway.by_connections[c], bare_route.by_connections[c], strict=True)
-            self.figures[f"ratio_c{c}"] = round(median(o.ok_rps / b.ok_rps for o, b in pairs), 3)
+            self.figures[f"ratio_c{c}"] = _ratio(zip(gateway.at(c), bare_route.at(c), strict=True))
 
     def measure_steady(self) -> None:
         """The gateway alone (the others stopped): an open-loop load at half its maximum."""
