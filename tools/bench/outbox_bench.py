@@ -669,10 +669,8 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("SNAPSELL_JWT_SECRET", secrets.token_urlsafe(32))
     os.environ.setdefault("TMPDIR", tempfile.gettempdir())
     report = asyncio.run(run(args))
-    text = json.dumps(report, indent=2)
-    print(text)
     if args.json:
-        args.json.write_text(text + "\n")
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({"bench": "outbox", "figures": report, "targets": TARGETS}))
     return 0
 
