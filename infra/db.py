@@ -7,10 +7,10 @@ DSN used only to create the role and schema; the service then connects as its ow
 the admin DSN with the user swapped (local clusters that trust loopback connections).
 
 The admin need not be a superuser: in Kubernetes the migrations Job connects as
-`snapsell_migrator`, a role with CREATEROLE that is a member of every service role and of the
-database owner. With an admin DSN the migrations run over the admin's connection after
-`SET ROLE snapsell_<service>`, so the objects belong to the service's role and the migrations
-need no service password.
+`snapsell_migrator`, a plain role that is a member of every service role (declared beforehand
+as CloudNativePG managed roles) and of the database owner. With an admin DSN the migrations
+run over the admin's connection after `SET ROLE snapsell_<service>`, so the objects belong to
+the service's role and the migrations need no service password.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ creates must belong to the service's role, never to the migrator."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -12,6 +15,7 @@ import asyncpg
 import pytest
 
 from infra.db import migrate_service, service_role
+from tools.deploy.layout import REPO_ROOT
 
 SERVICE = "migtest"
 MIGRATOR = "migtest_migrator"
@@ -33,15 +37,15 @@ async def drop_roles(conn: asyncpg.Connection) -> None:
 
 @pytest.fixture
 async def migrator_dsn(admin_dsn: str) -> AsyncIterator[str]:
-    """A migrator shaped like the production one: CREATEROLE, not a superuser, a member of the
-    service's role (created beforehand, as CloudNativePG's managed roles are), allowed to create
-    schemas. The service's role cannot log in, so nothing can sneak through as it."""
+    """A migrator shaped like the production one: neither superuser nor CREATEROLE, a member of
+    the service's role (created beforehand, as CloudNativePG's managed roles are), allowed to
+    create schemas. The service's role cannot log in, so nothing can sneak through as it."""
     conn = await asyncpg.connect(admin_dsn)
     try:
         await drop_roles(conn)
         database = await conn.fetchval("SELECT current_database()")
         await conn.execute(f'CREATE ROLE "{service_role(SERVICE)}" NOLOGIN')
-        await conn.execute(f'CREATE ROLE "{MIGRATOR}" LOGIN CREATEROLE NOSUPERUSER')
+        await conn.execute(f'CREATE ROLE "{MIGRATOR}" LOGIN NOSUPERUSER NOCREATEROLE')
         await conn.execute(f'GRANT "{service_role(SERVICE)}" TO "{MIGRATOR}"')
         await conn.execute(f'GRANT CREATE ON DATABASE "{database}" TO "{MIGRATOR}"')
         yield as_user(admin_dsn, MIGRATOR)
@@ -84,3 +88,55 @@ async def test_a_non_superuser_migrator_migrates_a_service_without_its_password(
     assert {"things", "schema_migrations"} <= owners.keys()  # with infra's own tables
     assert set(owners.values()) == {role}
     assert applied == 1
+
+
+SERVICES = ("seller_admin", "routing", "outbox", "live_session")
+JOB_MIGRATOR = "migtest_job_migrator"
+
+
+@pytest.fixture
+async def job_migrator_dsn(admin_dsn: str) -> AsyncIterator[str]:
+    """The production migrator for the real services: their roles exist beforehand (declared
+    as CloudNativePG managed roles there), the migrator is a member of each."""
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        database = await conn.fetchval("SELECT current_database()")
+        if await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", JOB_MIGRATOR):
+            await conn.execute(f'DROP OWNED BY "{JOB_MIGRATOR}"')
+            await conn.execute(f'DROP ROLE "{JOB_MIGRATOR}"')
+        await conn.execute(f'CREATE ROLE "{JOB_MIGRATOR}" LOGIN NOSUPERUSER NOCREATEROLE')
+        await conn.execute(f'GRANT CREATE ON DATABASE "{database}" TO "{JOB_MIGRATOR}"')
+        for service in SERVICES:
+            role = service_role(service)
+            if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
+                await conn.execute(f'CREATE ROLE "{role}" LOGIN')
+            await conn.execute(f'GRANT "{role}" TO "{JOB_MIGRATOR}"')
+        yield as_user(admin_dsn, JOB_MIGRATOR)
+        await conn.execute(f'DROP OWNED BY "{JOB_MIGRATOR}"')
+        await conn.execute(f'DROP ROLE "{JOB_MIGRATOR}"')
+    finally:
+        await conn.close()
+
+
+async def test_the_migrations_job_commands_run_with_the_migrators_dsn_alone(
+    job_migrator_dsn: str,
+) -> None:
+    # What each container of the snapsell-migrate Job runs, with only what it is given.
+    env = {"PATH": os.environ["PATH"], "DATABASE_URL": job_migrator_dsn}
+    processes = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            f"services.{service}",
+            "migrate",
+            env=env,
+            cwd=REPO_ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        for service in SERVICES
+    ]
+    outputs = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in processes)), 120)
+    for service, process, (output, _) in zip(SERVICES, processes, outputs, strict=True):
+        assert process.returncode == 0, f"{service}: {output.decode()[-2000:]}"
+        assert f"{service}.migrated" in output.decode()
