@@ -5,6 +5,12 @@ schema and nothing else, so a service cannot read another's tables. `DATABASE_UR
 DSN used only to create the role and schema; the service then connects as its own role, with
 `SERVICE_DATABASE_URL` when given (production: a managed role with a password) or, by default,
 the admin DSN with the user swapped (local clusters that trust loopback connections).
+
+The admin need not be a superuser: in Kubernetes the migrations Job connects as
+`snapsell_migrator`, a plain role that is a member of every service role (declared beforehand
+as CloudNativePG managed roles) and of the database owner. With an admin DSN the migrations
+run over the admin's connection after `SET ROLE snapsell_<service>`, so the objects belong to
+the service's role and the migrations need no service password.
 """
 
 from __future__ import annotations
@@ -84,15 +90,20 @@ def migration_files(directory: Path) -> list[Path]:
     return files
 
 
-async def apply_migrations(dsn: str, service: str, migrations_dir: Path) -> list[str]:
+async def apply_migrations(
+    dsn: str, service: str, migrations_dir: Path, *, role: str | None = None
+) -> list[str]:
     """Apply infra's and the service's migrations not yet applied, in order, each in its own
-    transaction, under an advisory lock so concurrent replicas apply each exactly once.
-    Returns the names applied by this call."""
+    transaction, under an advisory lock so concurrent replicas apply each exactly once; as
+    ROLE when given (the connecting user must be a member of it). Returns the names applied
+    by this call."""
     pending = [("infra", p) for p in migration_files(INFRA_MIGRATIONS)]
     pending += [(service, p) for p in migration_files(migrations_dir)]
     conn = await asyncpg.connect(dsn, server_settings={"search_path": service})
     applied: list[str] = []
     try:
+        if role is not None:
+            await conn.execute(f'SET ROLE "{role}"')
         await conn.execute(f"SELECT pg_advisory_lock({_MIGRATION_LOCK})", service)
         try:
             await conn.execute(
@@ -151,9 +162,11 @@ def resolve_dsns(service: str) -> tuple[str | None, str]:
 async def migrate_service(service: str, migrations_dir: Path) -> str:
     """Provision (when an admin DSN is configured) and migrate; returns the service DSN."""
     admin, own = resolve_dsns(service)
-    if admin is not None:
-        await provision_service(admin, service, urlsplit(own).password)
-    await apply_migrations(own, service, migrations_dir)
+    if admin is None:
+        await apply_migrations(own, service, migrations_dir)
+        return own
+    await provision_service(admin, service, urlsplit(own).password)
+    await apply_migrations(admin, service, migrations_dir, role=service_role(service))
     return own
 
 

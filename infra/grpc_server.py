@@ -1,5 +1,10 @@
 """The gRPC server every service runs: grpc.aio with the standard health and reflection services.
 
+Settings (environment, read when the server is built): `GRPC_REFLECTION` (default true; the
+production overlay turns it off so the API is not listed to anyone who can reach a port) and
+`GRPC_MAX_CONCURRENT_RPCS` (calls in progress at once; further calls are refused at once with
+RESOURCE_EXHAUSTED instead of queueing without bound).
+
 Lifecycle: `start()` marks every service SERVING; `stop(grace)` marks them NOT_SERVING first (so
 health-checking clients and probes move away), then stops accepting calls and lets in-flight
 calls finish within `grace` seconds.
@@ -9,11 +14,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from infra.config import env_bool, env_int
 
 # Paths that never need a token: probes and tooling (grpcurl, grpc_health_probe) must work
 # without credentials, and they reveal nothing tenant-specific.
@@ -40,11 +48,34 @@ SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_connection_age_grace_ms", 30_000),
 )
 
+# Far above what a replica serves at once in the benchmarks (≤ 100 concurrent callers), low
+# enough that a flood is refused before it exhausts memory and the database pool's wait queue.
+DEFAULT_MAX_CONCURRENT_RPCS = 1000
+
 Behavior = Callable[..., Any]
 
 
+@dataclass(frozen=True)
+class GrpcServerSettings:
+    reflection: bool = True
+    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS
+
+    @classmethod
+    def from_env(cls) -> GrpcServerSettings:
+        return cls(
+            reflection=env_bool("GRPC_REFLECTION", True),
+            max_concurrent_rpcs=env_int(
+                "GRPC_MAX_CONCURRENT_RPCS",
+                DEFAULT_MAX_CONCURRENT_RPCS,
+                minimum=1,
+                maximum=100_000,
+            ),
+        )
+
+
 class GrpcServer:
-    """A grpc.aio server with health and reflection; add servicers to `.server` before `start()`.
+    """A grpc.aio server with health (and reflection unless `settings.reflection` is off); add
+    servicers to `.server` before `start()`. `settings` default to the environment's.
 
     Interceptors run in list order; the usual stack is
     `[*telemetry.grpc_server_interceptors(), RpcMetricsInterceptor(service), AuthInterceptor(...)]`
@@ -59,16 +90,21 @@ class GrpcServer:
         *,
         host: str = "0.0.0.0",
         options: Sequence[tuple[str, Any]] = SERVER_OPTIONS,
+        settings: GrpcServerSettings | None = None,
     ) -> None:
+        settings = settings if settings is not None else GrpcServerSettings.from_env()
         self._service_names = tuple(service_full_names)
         self.server: grpc.aio.Server = grpc.aio.server(
-            interceptors=list(interceptors), options=list(options)
+            interceptors=list(interceptors),
+            options=list(options),
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
-        reflection.enable_server_reflection(
-            (*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                (*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            )
         self.bound_port: int = self.server.add_insecure_port(f"{host}:{port}")
         self._stopped = False
 

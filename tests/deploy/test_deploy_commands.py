@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tools.deploy import rollout
+from tools.deploy import cluster, rollout
 from tools.deploy.layout import DEPLOY_DIR, OPERATIONS_DOC, REPO_ROOT
 from tools.deploy.render import parse
 
@@ -72,6 +72,8 @@ def test_deploy_check_fails_on_a_deliberately_broken_manifest(tmp_path: Path) ->
         "FAIL prod: probes: Deployment/gateway: container gateway: no readinessProbe",
         "FAIL prod: image tags: StatefulSet/nats: container nats: "
         "image 'nats:latest' uses the latest tag",
+        "FAIL prod: image digests: StatefulSet/nats: container nats: "
+        "image 'nats:latest' is not pinned by digest",
     ]
     assert result.stdout.splitlines()[-1] == "deploy-check: FAILED"
 
@@ -160,12 +162,14 @@ def test_render_prints_the_manifests_with_the_image(
 ) -> None:
     assert rollout.render_only("prod", "2.0.0", "r.example/s/m", tmp_path) == 0
     stream = capsys.readouterr().out
+    docs = parse(stream)
     outbox = next(
-        d for d in parse(stream) if d["kind"] == "Deployment" and d["metadata"]["name"] == "outbox"
+        d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "outbox"
     )
-    spec = outbox["spec"]["template"]["spec"]
-    assert spec["initContainers"][0]["image"] == "r.example/s/m:2.0.0"
-    assert spec["containers"][0]["image"] == "r.example/s/m:2.0.0"
+    migrate = next(d for d in docs if d["kind"] == "Job")
+    assert outbox["spec"]["template"]["spec"]["containers"][0]["image"] == "r.example/s/m:2.0.0"
+    for c in migrate["spec"]["template"]["spec"]["containers"]:
+        assert c["image"] == "r.example/s/m:2.0.0"
     assert (tmp_path / "prod.yaml").read_text() == stream
 
 
@@ -174,3 +178,15 @@ def test_local_deploys_as_committed(tmp_path: Path) -> None:
     assert release.tag not in ("", "latest")
     assert release.image == f"snapsell/messaging:{release.tag}"
     assert rollout.placeholders(release.stream) == []
+
+
+def test_rollout_waits_for_the_stores_then_the_migrations_then_the_services(
+    tmp_path: Path,
+) -> None:
+    release = rollout.plan("local", None, None, tmp_path)
+    steps = [" ".join(step[2:]) for step in cluster.rollout_steps(release.docs)]
+    migrations = steps.index("wait --for=condition=Complete job/snapsell-migrate")
+    stores = [i for i, step in enumerate(steps) if "statefulset/" in step or "cluster." in step]
+    services = [i for i, step in enumerate(steps) if "deployment/" in step]
+    assert len(stores) == 2 and len(services) == 5
+    assert max(stores) < migrations < min(services)

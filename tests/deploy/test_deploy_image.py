@@ -27,7 +27,7 @@ def stages() -> list[str]:
 def test_two_stages_from_a_pinned_slim_python() -> None:
     default = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", TEXT, re.MULTILINE)
     assert default is not None
-    assert re.fullmatch(r"python:3\.11[.\d]*-slim[-a-z]*", default.group(1))
+    assert re.fullmatch(r"python:3\.11[.\d]*-slim[-a-z]*@sha256:[0-9a-f]{64}", default.group(1))
     assert [s.split()[0:3] for s in stages()] == [
         ["${PYTHON_IMAGE}", "AS", "builder"],
         ["${PYTHON_IMAGE}", "AS", "runtime"],

@@ -70,35 +70,60 @@ def test_grpc_services_use_native_grpc_probes_on_their_port(
     assert annotations["prometheus.io/port"] == str(metrics_port)
 
 
-@pytest.mark.parametrize("name", list(GRPC_SERVICES))
-def test_migrations_run_first_and_only_they_get_the_admin_dsn(
-    docs: list[Manifest], name: str
-) -> None:
-    module, _, _ = GRPC_SERVICES[name]
-    deployment = find(docs, "Deployment", name)
-    migrate = container(deployment, "migrate", init=True)
-    app = container(deployment, name)
-    assert migrate["command"] == ["python", "-m", f"services.{module}", "migrate"]
-    assert migrate["image"] == app["image"]
-    assert "DATABASE_URL" in env_of(migrate)
-    assert "DATABASE_URL" not in env_of(app)
-    admin_secrets = {
-        env_of(migrate)[var]["valueFrom"]["secretKeyRef"]["name"]
-        for var in ("PG_ADMIN_USER", "PG_ADMIN_PASSWORD")
-    }
-    assert admin_secrets == {"snapsell-pg-superuser"}
-    for c in (migrate, app):
-        env = env_of(c)
-        assert env["SERVICE_DATABASE_URL"]["value"] == (
-            "postgresql://$(PG_SERVICE_USER):$(PG_SERVICE_PASSWORD)@snapsell-pg-rw:5432/snapsell"
+def test_one_job_migrates_every_service_as_the_migrator(docs: list[Manifest]) -> None:
+    job = find(docs, "Job", "snapsell-migrate")
+    spec = job["spec"]["template"]["spec"]
+    images = {container(find(docs, "Deployment", name), name)["image"] for name in GRPC_SERVICES}
+    assert {c["name"] for c in spec["containers"]} == set(GRPC_SERVICES)
+    for name, (module, _, _) in GRPC_SERVICES.items():
+        migrate = container(job, name)
+        assert migrate["command"] == ["python", "-m", f"services.{module}", "migrate"]
+        assert {migrate["image"]} == images
+        env = env_of(migrate)
+        assert env["DATABASE_URL"]["value"] == (
+            "postgresql://$(PG_MIGRATOR_USER):$(PG_MIGRATOR_PASSWORD)@snapsell-pg-rw:5432/snapsell"
         )
-        assert env["PG_SERVICE_USER"]["valueFrom"]["secretKeyRef"] == {
-            "name": f"snapsell-db-{name}",
+        assert env["PG_MIGRATOR_USER"]["valueFrom"]["secretKeyRef"] == {
+            "name": "snapsell-db-migrator",
             "key": "username",
         }
+        # Nothing else: no service password, no signing key, no Twilio token.
+        assert set(env) == {
+            "PG_MIGRATOR_USER",
+            "PG_MIGRATOR_PASSWORD",
+            "DATABASE_URL",
+            "PGSSLMODE",
+            "PGSSLROOTCERT",
+        }
         assert env["PGSSLMODE"]["value"] == "verify-full"
-        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-        assert mounts[str(env["PGSSLROOTCERT"]["value"]).rsplit("/", 1)[0]] == "postgres-ca"
+    assert spec["restartPolicy"] == "OnFailure"
+    assert "snapsell.io/database-client" in job["spec"]["template"]["metadata"]["labels"]
+
+
+@pytest.mark.parametrize("name", list(GRPC_SERVICES))
+def test_services_connect_as_their_own_role_and_never_get_the_admin_dsn(
+    docs: list[Manifest], name: str
+) -> None:
+    deployment = find(docs, "Deployment", name)
+    assert "initContainers" not in deployment["spec"]["template"]["spec"]
+    env = env_of(container(deployment, name))
+    assert "DATABASE_URL" not in env
+    assert env["SERVICE_DATABASE_URL"]["value"] == (
+        "postgresql://$(PG_SERVICE_USER):$(PG_SERVICE_PASSWORD)@snapsell-pg-rw:5432/snapsell"
+    )
+    assert env["PG_SERVICE_USER"]["valueFrom"]["secretKeyRef"] == {
+        "name": f"snapsell-db-{name}",
+        "key": "username",
+    }
+    assert env["PGSSLMODE"]["value"] == "verify-full"
+    app = container(deployment, name)
+    mounts = {m["mountPath"]: m["name"] for m in app["volumeMounts"]}
+    assert mounts[str(env["PGSSLROOTCERT"]["value"]).rsplit("/", 1)[0]] == "postgres-ca"
+
+
+def test_grpc_reflection_is_off_in_prod_only(rendered: dict[str, list[Manifest]]) -> None:
+    assert config(rendered["prod"])["GRPC_REFLECTION"] == "false"
+    assert "GRPC_REFLECTION" not in config(rendered["local"])
 
 
 def test_gateway_has_no_database_or_signing_secret(docs: list[Manifest]) -> None:
@@ -123,7 +148,8 @@ def test_env_references_are_defined_before_use(docs: list[Manifest], name: str) 
     # Kubernetes expands $(VAR) only from variables defined earlier in the same container;
     # an unknown reference is passed through literally, which would break the DSN silently.
     spec = find(docs, "Deployment", name)["spec"]["template"]["spec"]
-    for c in [*spec.get("initContainers", []), *spec["containers"]]:
+    job = find(docs, "Job", "snapsell-migrate")["spec"]["template"]["spec"]
+    for c in [*spec.get("initContainers", []), *spec["containers"], *job["containers"]]:
         defined: set[str] = set()
         for entry in c.get("env", []):
             for reference in re.findall(r"\$\(([A-Z_][A-Z0-9_]*)\)", entry.get("value", "")):

@@ -37,7 +37,8 @@ def nats_conf(docs: list[Manifest]) -> str:
 
 def test_cluster_has_one_login_role_per_service_from_its_secret(docs: list[Manifest]) -> None:
     roles = find(docs, "Cluster", "snapsell-pg")["spec"]["managed"]["roles"]
-    assert {r["name"] for r in roles} == {f"snapsell_{s}" for s in SERVICES_WITH_SCHEMAS}
+    service_roles = {f"snapsell_{s}" for s in SERVICES_WITH_SCHEMAS}
+    assert {r["name"] for r in roles} == {*service_roles, "snapsell_migrator"}
     for role in roles:
         service = role["name"].removeprefix("snapsell_")
         assert role["ensure"] == "present"
@@ -46,18 +47,29 @@ def test_cluster_has_one_login_role_per_service_from_its_secret(docs: list[Manif
         assert role["passwordSecret"] == {"name": f"snapsell-db-{service.replace('_', '-')}"}
 
 
+def test_the_migrator_is_a_member_of_each_service_role_and_nothing_more(
+    docs: list[Manifest],
+) -> None:
+    roles = find(docs, "Cluster", "snapsell-pg")["spec"]["managed"]["roles"]
+    migrator = next(r for r in roles if r["name"] == "snapsell_migrator")
+    # The database owner (CREATE on the database) and every service role (schema owner).
+    assert set(migrator["inRoles"]) == {
+        "snapsell",
+        *(f"snapsell_{s}" for s in SERVICES_WITH_SCHEMAS),
+    }
+    for attribute in ("superuser", "createrole", "createdb", "replication", "bypassrls"):
+        assert not migrator.get(attribute), attribute
+
+
 def test_cluster_runs_postgresql_18_with_an_application_database(docs: list[Manifest]) -> None:
     spec = find(docs, "Cluster", "snapsell-pg")["spec"]
-    # infra/migrations use uuidv7(), new in PostgreSQL 18.
-    assert spec["imageCatalogRef"] == {
-        "apiGroup": "postgresql.cnpg.io",
-        "kind": "ClusterImageCatalog",
-        "name": "postgresql",
-        "major": 18,
-    }
-    assert "imageName" not in spec
+    # infra/migrations use uuidv7(), new in PostgreSQL 18; the image is pinned by digest.
+    assert re.fullmatch(
+        r"ghcr\.io/cloudnative-pg/postgresql:18\.[-.\w]+@sha256:[0-9a-f]{64}", spec["imageName"]
+    )
+    assert "imageCatalogRef" not in spec
     assert spec["bootstrap"] == {"initdb": {"database": "snapsell", "owner": "snapsell"}}
-    assert spec["enableSuperuserAccess"] is True  # snapsell-pg-superuser, for migrations
+    assert spec["enableSuperuserAccess"] is False  # the migrations Job uses snapsell_migrator
     assert re.fullmatch(r"\d+[MG]i", spec["storage"]["size"])
 
 
@@ -177,14 +189,17 @@ def test_jetstream_data_lives_on_persistent_volumes(docs: list[Manifest]) -> Non
     assert mounts[claim["metadata"]["name"]] == "/data"
 
 
-def test_nats_image_is_the_version_the_tests_run(docs: list[Manifest]) -> None:
+def test_nats_image_is_the_release_line_the_tests_run(docs: list[Manifest]) -> None:
+    # Pinned by digest; the digest on record may trail the tested patch release (see the
+    # image's comment and docs/OPERATIONS.md, "Images"), never its major.minor line.
     image = container(find(docs, "StatefulSet", "nats"), "nats")["image"]
     version = subprocess.run(
         [nats_server(), "--version"], capture_output=True, text=True, check=True, timeout=30
     ).stdout
-    tested = re.search(r"v(\d+\.\d+\.\d+)", version)
+    tested = re.search(r"v(\d+\.\d+)\.\d+", version)
     assert tested is not None
-    assert image == f"nats:{tested.group(1)}-alpine"
+    line = re.escape(tested.group(1))
+    assert re.fullmatch(rf"nats:{line}(\.\d+)?-alpine@sha256:[0-9a-f]{{64}}", image)
 
 
 def test_nats_keeps_a_quorum_through_disruptions(rendered: dict[str, list[Manifest]]) -> None:

@@ -13,7 +13,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
 
 from infra.auth import JwtVerifier, issue_token
-from infra.grpc_server import GrpcServer
+from infra.config import ConfigError
+from infra.grpc_server import DEFAULT_MAX_CONCURRENT_RPCS, GrpcServer, GrpcServerSettings
 from infra.metrics import start_metrics_server
 from tests.integration.grpc_echo import (
     METRICS_SERVICE,
@@ -158,3 +159,30 @@ async def test_metrics_endpoint_serves_the_rpc_metrics(channel: grpc.aio.Channel
     text = body.decode()
     assert "snapsell_grpc_server_handled_total{" in text
     assert "snapsell_grpc_server_handling_seconds_bucket{" in text
+
+
+def test_server_settings_default_to_reflection_on_and_a_concurrency_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("GRPC_REFLECTION", raising=False)
+    monkeypatch.delenv("GRPC_MAX_CONCURRENT_RPCS", raising=False)
+    assert GrpcServerSettings.from_env() == GrpcServerSettings(
+        reflection=True, max_concurrent_rpcs=DEFAULT_MAX_CONCURRENT_RPCS
+    )
+    monkeypatch.setenv("GRPC_REFLECTION", "false")
+    monkeypatch.setenv("GRPC_MAX_CONCURRENT_RPCS", "50")
+    assert GrpcServerSettings.from_env() == GrpcServerSettings(
+        reflection=False, max_concurrent_rpcs=50
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("GRPC_REFLECTION", "maybe"), ("GRPC_MAX_CONCURRENT_RPCS", "0")],
+)
+def test_malformed_server_settings_fail_at_start(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=name):
+        GrpcServer(0, [SERVICE], host="127.0.0.1")

@@ -22,6 +22,9 @@ from tools.deploy.render import Manifest, RenderError, parse, render
 from tools.deploy.schema import validate_builtin
 
 _SECRET_ROW = re.compile(r"^\|\s*`([a-z0-9][a-z0-9.-]*)`\s*\|", re.MULTILINE)
+_HOLDERS_COLUMN = "Pods that hold it"
+# The overlay the production-only rules (reflection off, mTLS) apply to.
+PRODUCTION_OVERLAY = "prod"
 
 
 @dataclass(frozen=True)
@@ -33,31 +36,64 @@ class OverlayReport:
     problems: tuple[str, ...]
 
 
-def documented_secrets(operations_doc: Path = OPERATIONS_DOC) -> frozenset[str]:
-    """Secret names from the table of the "Secrets" section of docs/OPERATIONS.md."""
+def _secrets_section(operations_doc: Path) -> str:
     text = operations_doc.read_text()
     match = re.search(r"^## Secrets\b(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
     if match is None:
         raise ValueError(f"{operations_doc}: no '## Secrets' section")
-    return frozenset(_SECRET_ROW.findall(match.group(1)))
+    return match.group(1)
+
+
+def documented_secrets(operations_doc: Path = OPERATIONS_DOC) -> frozenset[str]:
+    """Secret names from the table of the "Secrets" section of docs/OPERATIONS.md."""
+    return frozenset(_SECRET_ROW.findall(_secrets_section(operations_doc)))
+
+
+def secret_holders(operations_doc: Path = OPERATIONS_DOC) -> policy.SecretHolders:
+    """Secret -> the workloads named (in backticks) in the table's "Pods that hold it"
+    column: the one declaration of which pod may hold which Secret."""
+    rows = [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in _secrets_section(operations_doc).splitlines()
+        if line.startswith("|")
+    ]
+    header = rows[0] if rows else []
+    if _HOLDERS_COLUMN not in header:
+        raise ValueError(f"{operations_doc}: the Secrets table has no '{_HOLDERS_COLUMN}' column")
+    column = header.index(_HOLDERS_COLUMN)
+    holders: dict[str, frozenset[str]] = {}
+    for row in rows[1:]:
+        name = re.fullmatch(r"`([a-z0-9][a-z0-9.-]*)`", row[0])
+        if name is not None and len(row) > column:
+            holders[name.group(1)] = frozenset(re.findall(r"`([a-z0-9-]+)`", row[column]))
+    return holders
 
 
 def check_documents(
-    overlay: str, docs: Sequence[Manifest], secrets: frozenset[str]
+    overlay: str,
+    docs: Sequence[Manifest],
+    secrets: frozenset[str],
+    holders: policy.SecretHolders | None = None,
 ) -> OverlayReport:
     schema = validate_builtin(docs, KUBERNETES_VERSION)
     problems = [f"schema: {line}" for line in schema.problems]
-    for name, rule in policy.rules(secrets).items():
+    production = overlay == PRODUCTION_OVERLAY
+    for name, rule in policy.rules(secrets, holders, production=production).items():
         problems += [f"{name}: {line}" for line in rule(docs)]
     return OverlayReport(overlay, len(docs), schema.validated, schema.skipped, tuple(problems))
 
 
-def check_overlay(overlay: str, deploy_dir: Path, secrets: frozenset[str]) -> OverlayReport:
+def check_overlay(
+    overlay: str,
+    deploy_dir: Path,
+    secrets: frozenset[str],
+    holders: policy.SecretHolders | None = None,
+) -> OverlayReport:
     try:
         docs = parse(render(overlay_dir(overlay, deploy_dir)))
     except RenderError as error:
         return OverlayReport(overlay, 0, 0, (), (f"render: {error}",))
-    return check_documents(overlay, docs, secrets)
+    return check_documents(overlay, docs, secrets, holders)
 
 
 def run_check(
@@ -67,9 +103,10 @@ def run_check(
     out: TextIO = sys.stdout,
 ) -> int:
     secrets = documented_secrets(operations_doc)
+    holders = secret_holders(operations_doc)
     failed = False
     for overlay in overlays:
-        report = check_overlay(overlay, deploy_dir, secrets)
+        report = check_overlay(overlay, deploy_dir, secrets, holders)
         skipped = ", ".join(report.skipped) or "none"
         print(
             f"deploy-check {overlay}: {report.objects} objects; {report.validated} valid for "
@@ -80,5 +117,8 @@ def run_check(
         for line in report.problems:
             print(f"  FAIL {overlay}: {line}", file=out)
         failed = failed or bool(report.problems)
+    for line in policy.dockerfile_bases_by_digest((deploy_dir / "Dockerfile").read_text()):
+        print(f"  FAIL image: {line}", file=out)
+        failed = True
     print("deploy-check: " + ("FAILED" if failed else "ok"), file=out)
     return 1 if failed else 0

@@ -17,11 +17,6 @@ REQUEST_TIMEOUT = "--request-timeout=5s"
 PREREQUISITES: tuple[tuple[str, list[str], str], ...] = (
     ("Cluster", ["get", "crd", "clusters.postgresql.cnpg.io"], "the CloudNativePG operator"),
     (
-        "Cluster",
-        ["get", "clusterimagecatalog", "postgresql"],
-        "CloudNativePG's official ClusterImageCatalog 'postgresql' (PostgreSQL 18)",
-    ),
-    (
         "ScheduledBackup",
         ["get", "crd", "scheduledbackups.postgresql.cnpg.io"],
         "the CloudNativePG operator",
@@ -30,6 +25,11 @@ PREREQUISITES: tuple[tuple[str, list[str], str], ...] = (
         "ObjectStore",
         ["get", "crd", "objectstores.barmancloud.cnpg.io"],
         "the Barman Cloud plugin for CloudNativePG",
+    ),
+    (
+        "PeerAuthentication",
+        ["get", "crd", "peerauthentications.security.istio.io"],
+        "the Istio service mesh (mutual TLS between the services)",
     ),
 )
 
@@ -87,20 +87,44 @@ def apply(kubectl: str, rendered: Path) -> bool:
     return subprocess.run([kubectl, "apply", "-f", str(rendered)], check=False).returncode == 0
 
 
-def wait_for_rollout(kubectl: str, docs: Sequence[Manifest]) -> bool:
-    """Stores first (the services' migrations wait on PostgreSQL), then every Deployment."""
-    steps: list[list[str]] = []
+def replace_jobs(kubectl: str, docs: Sequence[Manifest]) -> bool:
+    """Delete the previous release's Jobs (the migrations Job): a Job's pod template cannot be
+    changed, so each release applies a new one. A migration interrupted here is rolled back
+    (each runs in its own transaction) and the new Job applies it again."""
+    for doc in docs:
+        if doc.get("kind") != "Job":
+            continue
+        namespace = doc.get("metadata", {}).get("namespace", "default")
+        name = doc.get("metadata", {}).get("name")
+        command = [kubectl, "-n", namespace, "delete", "job", str(name), "--ignore-not-found"]
+        if subprocess.run([*command, "--wait=true"], check=False).returncode != 0:
+            return False
+    return True
+
+
+def rollout_steps(docs: Sequence[Manifest]) -> list[list[str]]:
+    """kubectl arguments to wait on, in order: the stores, then the migrations Job, then every
+    Deployment (whose pods start on the migrated schema)."""
+    stores: list[list[str]] = []
+    jobs: list[list[str]] = []
+    deployments: list[list[str]] = []
     for doc in docs:
         namespace = doc.get("metadata", {}).get("namespace", "default")
         name = doc.get("metadata", {}).get("name")
         if doc.get("kind") == "StatefulSet":
-            steps.insert(0, ["-n", namespace, "rollout", "status", f"statefulset/{name}"])
+            stores.insert(0, ["-n", namespace, "rollout", "status", f"statefulset/{name}"])
         elif doc.get("kind") == "Cluster":
             resource = f"cluster.postgresql.cnpg.io/{name}"
-            steps.insert(0, ["-n", namespace, "wait", "--for=condition=Ready", resource])
+            stores.insert(0, ["-n", namespace, "wait", "--for=condition=Ready", resource])
+        elif doc.get("kind") == "Job":
+            jobs.append(["-n", namespace, "wait", "--for=condition=Complete", f"job/{name}"])
         elif doc.get("kind") == "Deployment":
-            steps.append(["-n", namespace, "rollout", "status", f"deployment/{name}"])
-    for step in steps:
+            deployments.append(["-n", namespace, "rollout", "status", f"deployment/{name}"])
+    return [*stores, *jobs, *deployments]
+
+
+def wait_for_rollout(kubectl: str, docs: Sequence[Manifest]) -> bool:
+    for step in rollout_steps(docs):
         if subprocess.run([kubectl, *step, "--timeout=15m"], check=False).returncode != 0:
             return False
     return True

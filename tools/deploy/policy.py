@@ -10,9 +10,13 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+from tools.deploy.layout import APP_IMAGE
 from tools.deploy.render import Manifest, describe
 
 Rule = Callable[[Sequence[Manifest]], list[str]]
+# Secret name -> the workloads (Deployment, StatefulSet, Job names) whose pods may hold it:
+# the "Pods that hold it" column of docs/OPERATIONS.md's Secrets table.
+SecretHolders = Mapping[str, frozenset[str]]
 
 # Kinds that run pods continuously, and therefore need probes and disruption budgets.
 LONG_RUNNING_KINDS = frozenset({"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet"})
@@ -22,6 +26,11 @@ AUTOSCALED = frozenset({"gateway", "routing", "outbox"})
 INGRESS_SERVICES = frozenset({"gateway"})
 
 _SECRETISH_KEY = re.compile(r"secret", re.IGNORECASE)
+_DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
+_CNPG_CLUSTER = ("postgresql.cnpg.io/", "Cluster")
+# The admin DSN (infra/db.py): only the migrations Job may have it.
+ADMIN_DSN_VARIABLE = "DATABASE_URL"
+MESH_INJECT_LABEL = "sidecar.istio.io/inject"
 _CREDENTIAL_BLOCKS = frozenset({"s3Credentials", "azureCredentials", "googleCredentials"})
 
 
@@ -113,6 +122,63 @@ def referenced_secrets(node: Any) -> set[str]:
     return found
 
 
+def is_app_image(image: str) -> bool:
+    """Our own image (any registry, any tag): `make deploy` sets an immutable tag on it."""
+    repository = image.split("@", 1)[0]
+    if ":" in repository.rsplit("/", 1)[-1]:
+        repository = repository.rsplit(":", 1)[0]
+    return repository == APP_IMAGE or repository.endswith("/" + APP_IMAGE)
+
+
+def is_cnpg_cluster(doc: Manifest) -> bool:
+    return str(doc.get("apiVersion", "")).startswith(_CNPG_CLUSTER[0]) and (
+        doc.get("kind") == _CNPG_CLUSTER[1]
+    )
+
+
+def module_of(container: Mapping[str, Any]) -> str | None:
+    """X for a container running `python -m services.X [...]`."""
+    command = [str(part) for part in container.get("command") or []]
+    if len(command) >= 3 and command[:2] == ["python", "-m"]:
+        if command[2].startswith("services."):
+            return command[2].removeprefix("services.")
+    return None
+
+
+def runs_migrations(container: Mapping[str, Any]) -> bool:
+    command = [str(part) for part in container.get("command") or []]
+    return module_of(container) is not None and command[3:] == ["migrate"]
+
+
+def env_names(container: Mapping[str, Any]) -> set[str]:
+    return {str(entry["name"]) for entry in container.get("env") or []}
+
+
+def env_value(
+    container: Mapping[str, Any], name: str, config_maps: Mapping[str, Mapping[str, str]]
+) -> str | None:
+    """NAME's value as the container sees it: `env` wins over `envFrom` ConfigMaps."""
+    for entry in container.get("env") or []:
+        if entry.get("name") == name and "value" in entry:
+            return str(entry["value"])
+    value = None
+    for source in container.get("envFrom") or []:
+        ref = (source.get("configMapRef") or {}).get("name")
+        if ref in config_maps and name in config_maps[ref]:
+            value = str(config_maps[ref][name])
+    return value
+
+
+def grpc_deployments(docs: Sequence[Manifest]) -> Iterator[tuple[Manifest, Mapping[str, Any]]]:
+    """Deployments and the container of theirs that serves gRPC (it sets GRPC_PORT)."""
+    for doc, spec in workloads(docs):
+        if doc["kind"] != "Deployment":
+            continue
+        for kind, container in containers(spec):
+            if kind == "container" and "GRPC_PORT" in env_names(container):
+                yield doc, container
+
+
 # --- rules -------------------------------------------------------------------------------
 
 
@@ -182,6 +248,26 @@ def images_are_pinned(docs: Sequence[Manifest]) -> list[str]:
     return problems
 
 
+def third_party_images_by_digest(docs: Sequence[Manifest]) -> list[str]:
+    """Every image but our own is pinned by digest, PostgreSQL's (CloudNativePG's imageName,
+    not a catalog someone else updates) included: a tag can be moved to other content."""
+    problems = []
+    for doc, spec in workloads(docs):
+        for kind, container in containers(spec):
+            image = str(container.get("image", ""))
+            if not is_app_image(image) and not _DIGEST.search(image):
+                problems.append(
+                    f"{describe(doc)}: {kind} {container['name']}: "
+                    f"image {image!r} is not pinned by digest"
+                )
+    for doc in docs:
+        if is_cnpg_cluster(doc):
+            image = str(doc["spec"].get("imageName", ""))
+            if not _DIGEST.search(image):
+                problems.append(f"{describe(doc)}: PostgreSQL image is not pinned by digest")
+    return problems
+
+
 def workloads_have_disruption_budgets(docs: Sequence[Manifest]) -> list[str]:
     budgets = [doc for doc in docs if doc.get("kind") == "PodDisruptionBudget"]
     problems = []
@@ -217,6 +303,156 @@ def secrets_are_referenced_not_inlined(documented: frozenset[str]) -> Rule:
         return problems
 
     return rule
+
+
+def dockerfile_bases_by_digest(dockerfile: str) -> list[str]:
+    """The base images a Dockerfile pulls (its `ARG *IMAGE*=` defaults and literal `FROM`s)
+    are pinned by digest."""
+    problems = []
+    for line in dockerfile.splitlines():
+        arg = re.match(r"^ARG\s+(\w*IMAGE\w*)=(\S+)", line)
+        base = re.match(r"^FROM\s+(?:--platform=\S+\s+)?(\S+)", line)
+        image = arg.group(2) if arg else base.group(1) if base else None
+        if image and "$" not in image and not _DIGEST.search(image):
+            problems.append(f"Dockerfile: base image {image!r} is not pinned by digest")
+    return problems
+
+
+def pods_hold_only_their_secrets(holders: SecretHolders) -> Rule:
+    """A pod (init containers, env, volumes) refers only to the Secrets the Secrets table
+    gives it: a service never holds another's password, the migrator's DSN, the Twilio token
+    or a key it does not use."""
+
+    def rule(docs: Sequence[Manifest]) -> list[str]:
+        problems = []
+        for doc, spec in workloads(docs):
+            name = doc["metadata"]["name"]
+            for secret in sorted(referenced_secrets(spec)):
+                if name not in holders.get(secret, frozenset()):
+                    problems.append(
+                        f"{describe(doc)}: holds Secret {secret!r}, which docs/OPERATIONS.md "
+                        f"does not give to {name}"
+                    )
+        return problems
+
+    return rule
+
+
+def no_database_superuser(docs: Sequence[Manifest]) -> list[str]:
+    """CloudNativePG's superuser is off, and only the migrations Job gets an admin DSN."""
+    problems = []
+    superuser_secrets = set()
+    for doc in docs:
+        if is_cnpg_cluster(doc):
+            superuser_secrets.add(f"{doc['metadata']['name']}-superuser")
+            if doc["spec"].get("enableSuperuserAccess") is not False:
+                problems.append(f"{describe(doc)}: enableSuperuserAccess is not false")
+    for doc, spec in workloads(docs):
+        for secret in sorted(referenced_secrets(spec) & superuser_secrets):
+            problems.append(f"{describe(doc)}: holds the superuser Secret {secret!r}")
+        for kind, container in containers(spec):
+            if ADMIN_DSN_VARIABLE in env_names(container) and not (
+                doc["kind"] == "Job" and runs_migrations(container)
+            ):
+                problems.append(
+                    f"{describe(doc)}: {kind} {container['name']}: gets the admin "
+                    f"{ADMIN_DSN_VARIABLE} (only the migrations Job may)"
+                )
+    return problems
+
+
+def migrations_run_in_one_job(docs: Sequence[Manifest]) -> list[str]:
+    """One Job per release runs `python -m services.X migrate` with the admin DSN for every
+    service with a database; no Deployment migrates in an init container."""
+    needed = set()
+    problems = []
+    for doc, spec in workloads(docs):
+        if doc["kind"] == "Job":
+            continue
+        database_client = pod_labels(doc).get("snapsell.io/database-client") == "true"
+        for kind, container in containers(spec):
+            module = module_of(container)
+            if runs_migrations(container):
+                problems.append(
+                    f"{describe(doc)}: {kind} {container['name']}: runs migrations "
+                    "(the migrations Job does)"
+                )
+            elif database_client and kind == "container" and module is not None:
+                needed.add(module)
+    jobs = [
+        (doc, spec)
+        for doc, spec in workloads(docs)
+        if doc["kind"] == "Job" and any(runs_migrations(c) for _k, c in containers(spec))
+    ]
+    if len(jobs) != 1:
+        problems.append(f"Job: {len(jobs)} migrations Jobs (one per release is expected)")
+        return problems
+    job, spec = jobs[0]
+    migrated = set()
+    for kind, container in containers(spec):
+        if runs_migrations(container):
+            migrated.add(module_of(container))
+            if ADMIN_DSN_VARIABLE not in env_names(container):
+                problems.append(
+                    f"{describe(job)}: {kind} {container['name']}: no {ADMIN_DSN_VARIABLE} "
+                    "(the migrator's DSN)"
+                )
+    for module in sorted(needed - migrated):
+        problems.append(f"{describe(job)}: does not run services.{module} migrate")
+    return problems
+
+
+def grpc_reflection_is_off(docs: Sequence[Manifest]) -> list[str]:
+    """Production: no gRPC server lists its API to whoever reaches its port."""
+    config_maps = {
+        doc["metadata"]["name"]: doc.get("data") or {}
+        for doc in docs
+        if doc.get("kind") == "ConfigMap"
+    }
+    problems = []
+    for doc, container in grpc_deployments(docs):
+        if env_value(container, "GRPC_REFLECTION", config_maps) != "false":
+            problems.append(
+                f"{describe(doc)}: container {container['name']}: GRPC_REFLECTION is not false"
+            )
+    return problems
+
+
+def grpc_traffic_is_mutual_tls(docs: Sequence[Manifest]) -> list[str]:
+    """Production: every gRPC server's pods join the mesh (Istio sidecar) and a STRICT
+    PeerAuthentication selects them, so plaintext calls to a gRPC port are refused."""
+    policies = [
+        doc
+        for doc in docs
+        if doc.get("kind") == "PeerAuthentication"
+        and str(doc.get("apiVersion", "")).startswith("security.istio.io/")
+    ]
+    problems = []
+    for doc, container in grpc_deployments(docs):
+        labels = pod_labels(doc)
+        if labels.get(MESH_INJECT_LABEL) != "true":
+            problems.append(f"{describe(doc)}: pods are not in the mesh ({MESH_INJECT_LABEL})")
+        grpc_ports = {
+            int(port["containerPort"])
+            for port in container.get("ports") or []
+            if port.get("name") == "grpc"
+        }
+        strict = [
+            policy
+            for policy in policies
+            if policy["metadata"].get("namespace") == doc["metadata"].get("namespace")
+            and selector_matches((policy["spec"].get("selector") or {}), labels)
+            and (policy["spec"].get("mtls") or {}).get("mode") == "STRICT"
+            and not any(
+                int(port) in grpc_ports and (level or {}).get("mode") != "STRICT"
+                for port, level in (policy["spec"].get("portLevelMtls") or {}).items()
+            )
+        ]
+        if not strict:
+            problems.append(
+                f"{describe(doc)}: no STRICT PeerAuthentication requires mTLS on its gRPC port"
+            )
+    return problems
 
 
 def scaled_services_have_autoscalers(docs: Sequence[Manifest]) -> list[str]:
@@ -289,15 +525,29 @@ def network_is_default_deny(docs: Sequence[Manifest]) -> list[str]:
     return problems
 
 
-def rules(documented_secrets: frozenset[str]) -> dict[str, Rule]:
-    return {
+def rules(
+    documented_secrets: frozenset[str],
+    secret_holders: SecretHolders | None = None,
+    *,
+    production: bool = False,
+) -> dict[str, Rule]:
+    """Every overlay's rules, and with PRODUCTION the production-only ones."""
+    every = {
         "probes": containers_have_probes,
         "resources": containers_have_resources,
         "security context": containers_are_locked_down,
         "image tags": images_are_pinned,
+        "image digests": third_party_images_by_digest,
         "disruption budgets": workloads_have_disruption_budgets,
         "secrets": secrets_are_referenced_not_inlined(documented_secrets),
+        "secret holders": pods_hold_only_their_secrets(secret_holders or {}),
+        "database superuser": no_database_superuser,
+        "migrations": migrations_run_in_one_job,
         "autoscalers": scaled_services_have_autoscalers,
         "ingress": only_the_gateway_is_exposed,
         "network policies": network_is_default_deny,
     }
+    if production:
+        every["grpc reflection"] = grpc_reflection_is_off
+        every["grpc mtls"] = grpc_traffic_is_mutual_tls
+    return every

@@ -137,10 +137,15 @@ def _ship(kubectl: str, release: Release) -> int:
             cluster.deliver_image(engine, release.image, context)
     except ImageError as error:
         return _fail(str(error))
+    if not cluster.replace_jobs(kubectl, release.docs):
+        return _fail("could not delete the previous release's migrations Job")
     if not cluster.apply(kubectl, release.rendered):
         return _fail("kubectl apply failed; see its output above")
     if not cluster.wait_for_rollout(kubectl, release.docs):
-        return _fail("the rollout did not complete; `kubectl rollout undo` rolls a Deployment back")
+        return _fail(
+            "the rollout did not complete (`kubectl -n snapsell logs job/snapsell-migrate "
+            "--all-containers` for the migrations); `kubectl rollout undo` rolls a Deployment back"
+        )
     print(f"deployed {release.image} to {release.environment}")
     return 0
 

@@ -20,6 +20,7 @@ CUSTOM_KINDS: frozenset[tuple[str, str]] = frozenset(
         ("postgresql.cnpg.io/v1", "Cluster"),
         ("postgresql.cnpg.io/v1", "ScheduledBackup"),
         ("barmancloud.cnpg.io/v1", "ObjectStore"),
+        ("security.istio.io/v1", "PeerAuthentication"),
     }
 )
 
