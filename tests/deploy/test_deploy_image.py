@@ -34,10 +34,14 @@ def test_two_stages_from_a_pinned_slim_python() -> None:
     ]
 
 
-def test_builder_installs_the_contracts_and_the_project_into_a_venv() -> None:
+def test_builder_installs_the_contracts_and_the_project_into_a_venv_without_an_index() -> None:
     builder = stages()[0]
-    assert "python -m venv /opt/venv" in builder
-    assert "pip install ./contracts/python ." in builder
+    assert "python3 -m venv /opt/venv" in builder
+    # Only the wheels `make images` downloaded on the host: the `wheels` build context.
+    assert re.findall(r"^COPY --from=(\S+) ", builder, re.MULTILINE) == ["wheels"]
+    installs = re.findall(r"^RUN pip install .*$", builder, re.MULTILINE)
+    assert installs and all("--no-index --find-links /wheels" in line for line in installs)
+    assert installs[-1].endswith(" ./contracts/python .")
 
 
 def test_runtime_takes_only_the_venv_and_runs_as_the_manifests_user(
