@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,6 +102,23 @@ def _temporary_log_dir() -> Path:
     return path
 
 
+def process_env(env: Mapping[str, str], *, port: int, http: bool) -> dict[str, str]:
+    """`env` with what every service process gets: its port, a metrics port, unbuffered output."""
+    port_var = "HTTP_PORT" if http else "GRPC_PORT"
+    return {
+        "METRICS_PORT": str(free_port()),
+        port_var: str(port),
+        **env,
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def log_file(name: str, port: int, log_dir: Path | None) -> Path:
+    log_dir = log_dir or _temporary_log_dir()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return log_dir / f"{name}-{port}.log"
+
+
 def spawn_service(
     name: str,
     env: dict[str, str],
@@ -113,17 +131,8 @@ def spawn_service(
     output goes to `<log_dir>/<name>-<port>.log` (`log_dir` by default: a temporary directory
     removed when this process exits; a failing test quotes the log before that)."""
     port = port or free_port()
-    port_var = "HTTP_PORT" if http else "GRPC_PORT"
-    full_env = {
-        **os.environ,
-        "METRICS_PORT": str(free_port()),
-        port_var: str(port),
-        **env,
-        "PYTHONUNBUFFERED": "1",
-    }
-    log_dir = log_dir or _temporary_log_dir()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{name}-{port}.log"
+    full_env = {**os.environ, **process_env(env, port=port, http=http)}
+    log_path = log_file(name, port, log_dir)
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", f"services.{name}"],
