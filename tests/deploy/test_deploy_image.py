@@ -140,3 +140,17 @@ def test_images_refuse_the_latest_tag() -> None:
     )
     assert result.returncode == 1
     assert "must not be 'latest'" in result.stderr
+
+
+def test_only_images_on_the_official_base_are_pushed() -> None:
+    command = ["images", "--tag", "1.0.0", "--base", "local", "--push"]
+    result = subprocess.run(
+        [sys.executable, "-m", "tools.deploy", *command],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == "make images: only images on the official base are pushed"
