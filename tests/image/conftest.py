@@ -3,6 +3,7 @@ the rendered base manifests that name its commands, and a runner for its contain
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 from collections.abc import Iterator
@@ -12,11 +13,12 @@ import pytest
 from tests.image.containers import BUILDAH, ImageRunner
 from tests.image.manifests import app_containers
 from tools.deploy import images
-from tools.deploy.layout import APP_IMAGE, DEPLOY_DIR
+from tools.deploy.layout import APP_IMAGE, DEPLOY_DIR, REPO_ROOT
 from tools.deploy.render import Manifest, parse, render
 
-# Built over the same tag each run: buildah's layer cache makes a rebuild take seconds.
-REFERENCE = f"{APP_IMAGE}:image-test"
+# Built over the same tag each run (buildah's layer cache makes a rebuild take seconds), one
+# per checkout, as checkouts on one machine share its image store.
+REFERENCE = f"{APP_IMAGE}:image-test-{hashlib.sha256(str(REPO_ROOT).encode()).hexdigest()[:8]}"
 
 
 @pytest.fixture(scope="package")
