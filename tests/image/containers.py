@@ -9,6 +9,7 @@ kubelet stops it: SIGTERM to the service's own process, found by PID under build
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -70,14 +71,11 @@ class ContainerService(RunningService):
                 return pid
         return None
 
-    def _signal_service(self, signum: signal.Signals) -> None:
-        pid = self.service_pid()
-        if pid is not None:
-            os.kill(pid, signum)
-
     def stop(self, timeout_s: float = 15.0) -> int:
         if self.process.poll() is None:
-            self._signal_service(signal.SIGTERM)
+            pid = self.service_pid()
+            if pid is not None:
+                os.kill(pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
@@ -85,8 +83,12 @@ class ContainerService(RunningService):
         return self.process.returncode
 
     def kill(self) -> None:
+        """SIGKILL to every process under buildah, then to buildah: killed alone, it would
+        leave its chroot helper and the service running."""
         if self.process.poll() is None:
-            self._signal_service(signal.SIGKILL)
+            for pid in reversed(_descendants(self.process.pid)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self.process.kill()
             self.process.wait()
 
