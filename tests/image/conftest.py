@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.image.containers import BUILDAH, ImageRunner
-from tests.image.manifests import app_containers
+from tests.image.manifests import app_containers, writable_mounts
 from tools.deploy import images
 from tools.deploy.layout import APP_IMAGE, DEPLOY_DIR, REPO_ROOT
 from tools.deploy.render import Manifest, parse, render
@@ -50,9 +50,17 @@ def manifest_user(manifests: list[Manifest]) -> str:
 
 @pytest.fixture(scope="package")
 def runner(
-    built: images.BuiltImage, manifest_user: str, tmp_path_factory: pytest.TempPathFactory
+    built: images.BuiltImage,
+    manifests: list[Manifest],
+    manifest_user: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ImageRunner]:
-    runner = ImageRunner(built.reference, manifest_user, tmp_path_factory.mktemp("image"))
+    runner = ImageRunner(
+        built.reference,
+        manifest_user,
+        tmp_path_factory.mktemp("image"),
+        writable=writable_mounts(manifests),
+    )
     try:
         yield runner
     finally:

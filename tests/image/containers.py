@@ -1,7 +1,8 @@
 """Processes run from the built image with buildah, which needs no daemon: each in its own
 working container (`buildah run --isolation chroot`, as root), on the host network so it
 reaches the test session's PostgreSQL, NATS and the Twilio sandbox on 127.0.0.1, as the
-manifests' user, with a fresh /tmp (the manifests' emptyDir) as the only writable path.
+manifests' user, with a fresh directory at each path the manifests mount writable (/tmp, an
+emptyDir) as the only writable paths.
 
 buildah answers SIGTERM by killing its child outright, so a service is stopped the way the
 kubelet stops it: SIGTERM to the service's own process, found by PID under buildah's.
@@ -99,6 +100,8 @@ class ImageRunner:
     # "uid:gid", as the manifests' securityContext runs the pods.
     user: str
     work_dir: Path
+    # The paths the manifests mount writable: each container gets its own fresh directory there.
+    writable: Sequence[str] = ("/tmp",)
     # Paths the image leaves writable besides /tmp (world-writable temp dirs of the base),
     # covered read-only, as a read-only root filesystem leaves them.
     read_only: Sequence[str] = ()
@@ -109,8 +112,8 @@ class ImageRunner:
         self.containers.append(container)
         return container
 
-    def _fresh_tmp(self) -> Path:
-        path = Path(tempfile.mkdtemp(prefix="tmp-", dir=self.work_dir))
+    def _fresh_dir(self) -> Path:
+        path = Path(tempfile.mkdtemp(prefix="volume-", dir=self.work_dir))
         uid, gid = (int(part) for part in self.user.split(":"))
         os.chown(path, uid, gid)
         return path
@@ -125,7 +128,7 @@ class ImageRunner:
         options = [
             "--isolation=chroot",
             "--network=host",
-            f"--volume={self._fresh_tmp()}:/tmp",
+            *(f"--volume={self._fresh_dir()}:{path}" for path in self.writable),
             *(f"--volume={empty}:{path}:ro" for path in self.read_only),
             *(f"--env={name}={value}" for name, value in env.items()),
         ]

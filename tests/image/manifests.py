@@ -40,3 +40,16 @@ def service_commands(manifests: list[Manifest]) -> dict[str, list[str]]:
 def migration_commands(manifests: list[Manifest]) -> list[list[str]]:
     [job] = [d for d in manifests if d["kind"] == "Job" and "migrate" in d["metadata"]["name"]]
     return [argv(container) for container in job["spec"]["template"]["spec"]["containers"]]
+
+
+def writable_mounts(manifests: list[Manifest]) -> list[str]:
+    """The paths mounted writable into any container of the app image (the root filesystem is
+    read-only)."""
+    return sorted(
+        {
+            mount["mountPath"]
+            for _, _, container in app_containers(manifests)
+            for mount in container.get("volumeMounts", [])
+            if not mount.get("readOnly", False)
+        }
+    )

@@ -1,7 +1,8 @@
 """The image `make images` builds runs what the manifests say: as their user, with nothing
-writable but /tmp, every command they name present, the migrations Job's commands applying the
-migrations, and every service started with its Deployment's command answering health checks,
-against the session's PostgreSQL and NATS, until a signed webhook comes out at the sandbox."""
+writable but what they mount (/tmp), every command they name present, the migrations Job's
+commands applying the migrations, and every service started with its Deployment's command
+answering health checks, against the session's PostgreSQL and NATS, until a signed webhook
+comes out at the sandbox."""
 
 from __future__ import annotations
 
@@ -28,13 +29,15 @@ from tools.deploy import images
 from tools.deploy.render import Manifest
 from tools.service_process import ROOT
 
-# Run in the image: who it runs as, what its user can write, which build tools it has, and
-# whether each command (argv) a manifest names exists there.
+# Run in the image: who it runs as, what its user can write outside the mounted paths (argv
+# 2), which build tools and build inputs it holds, and whether each command (argv 1) that a
+# manifest names exists there.
 INSPECT = r"""
 import importlib.util, json, os, shutil, sys
+skipped = {"/proc", "/sys", "/dev", *json.loads(sys.argv[2])}
 writable = []
 for root, dirs, files in os.walk("/"):
-    dirs[:] = [d for d in dirs if os.path.join(root, d) not in {"/proc", "/sys", "/dev", "/tmp"}]
+    dirs[:] = [d for d in dirs if os.path.join(root, d) not in skipped]
     for path in (os.path.join(root, name) for name in dirs + files):
         if not os.path.islink(path) and os.access(path, os.W_OK):
             writable.append([path, os.stat(path).st_mode & 0o7777])
@@ -45,7 +48,10 @@ def present(argv):
 print(json.dumps({
     "user": f"{os.getuid()}:{os.getgid()}",
     "writable": writable,
-    "build_tools": [t for t in ("cc", "gcc", "c++", "make", "ld", "as") if shutil.which(t)],
+    "build_tools": [t for t in ("cc", "gcc", "c++", "make", "ld", "as", "pip") if shutil.which(t)],
+    # The wheels, the sources and any package-index settings stay in the build stage or host.
+    "build_inputs": [p for p in ("/wheels", "/src", "/etc/pip.conf", "/etc/xdg/pip")
+                     if os.path.exists(p)],
     "present": [present(argv) for argv in json.loads(sys.argv[1])],
 }))
 """
@@ -58,7 +64,8 @@ SHARED_TEMP_MODE = 0o1777
 def inspected(runner: ImageRunner, manifests: list[Manifest]) -> dict[str, Any]:
     commands = [argv(container) for _, _, container in app_containers(manifests)]
     # As the image's own USER (not the manifests'): the image must default to it.
-    done = runner.run(["python", "-c", INSPECT, json.dumps(commands)], user=False)
+    mounted = json.dumps(list(runner.writable))
+    done = runner.run(["python", "-c", INSPECT, json.dumps(commands), mounted], user=False)
     assert done.returncode == 0, done.stderr
     return {"commands": commands, **json.loads(done.stdout)}
 
@@ -67,11 +74,12 @@ def test_image_stays_within_its_size_budget(built: images.BuiltImage) -> None:
     assert built.size_bytes <= images.SIZE_BUDGET_BYTES, built.summary()
 
 
-def test_image_runs_as_the_manifests_user_without_build_tools(
+def test_image_runs_as_the_manifests_user_without_build_tools_or_inputs(
     inspected: dict[str, Any], manifest_user: str
 ) -> None:
     assert inspected["user"] == manifest_user
     assert inspected["build_tools"] == []
+    assert inspected["build_inputs"] == []
 
 
 def test_nothing_but_temp_directories_is_writable_by_the_user(inspected: dict[str, Any]) -> None:
@@ -127,7 +135,7 @@ async def stack(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[SystemStack]:
     """Every service from the image, each with its Deployment's command and the environment
-    `tools.system` gives it, as the manifests' user, only /tmp writable."""
+    `tools.system` gives it, as the manifests' user, only what they mount writable."""
     commands = service_commands(manifests)
     assert sorted(commands) == sorted(SERVICES)
     runner.read_only = [path for path, _ in inspected["writable"]]
