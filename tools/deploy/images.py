@@ -168,13 +168,14 @@ def default_tag() -> str:
 
 def build(engine: Engine, reference: str, base: str = LOCAL_BASE) -> BuiltImage:
     """Build `reference` on the `official` or the `local` base; what was built."""
+    if base not in (OFFICIAL_BASE, LOCAL_BASE):
+        raise ImageError(f"IMAGE_BASE {base!r} is neither {OFFICIAL_BASE} nor {LOCAL_BASE}")
     try:
         wheelhouse = wheels.ensure_wheels(STATE_DIR / "wheels")
         build_args = {}
         if base == LOCAL_BASE:
+            # The Dockerfile's default is the official base.
             build_args["PYTHON_IMAGE"] = base_image.ensure_base(engine, STATE_DIR)
-        elif base != OFFICIAL_BASE:
-            raise ImageError(f"IMAGE_BASE {base!r} is neither {OFFICIAL_BASE} nor {LOCAL_BASE}")
     except (wheels.WheelsError, base_image.BaseImageError) as error:
         raise ImageError(str(error)) from error
     print(f"building {reference} on the {base} base with {engine.name}")
