@@ -28,6 +28,7 @@ from services.routing.consent import (
 )
 from services.routing.domain import (
     ConsentChange,
+    ConsentLockedError,
     ConsentOutcome,
     ConsentSource,
     ConsentState,
@@ -37,12 +38,12 @@ from services.routing.domain import (
 )
 
 SERVICE_FULL_NAME = routing_pb2.DESCRIPTOR.services_by_name["RoutingService"].full_name
-_TENANT_ROLES = frozenset({"owner", "manager", "staff"})
 # Keyed by full method name, as `infra.auth.AuthInterceptor` wants it.
 ACCESS_POLICY: dict[str, frozenset[str]] = {
     f"/{SERVICE_FULL_NAME}/CheckOptOut": frozenset({"service"}),
     f"/{SERVICE_FULL_NAME}/CheckOptOuts": frozenset({"service"}),
-    f"/{SERVICE_FULL_NAME}/ListOptOuts": _TENANT_ROLES | {"admin"},
+    # Who opted out is personal data: staff answer clients, they do not need the list.
+    f"/{SERVICE_FULL_NAME}/ListOptOuts": frozenset({"owner", "manager", "admin"}),
     f"/{SERVICE_FULL_NAME}/SetConsent": frozenset({"owner", "manager", "admin"}),
 }
 DEFAULT_PAGE_SIZE = 50
@@ -73,6 +74,8 @@ def _rpc(method: Method[Request, Response]) -> Method[Request, Response]:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except PermissionDeniedError as error:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
+        except ConsentLockedError as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         except DATABASE_UNAVAILABLE as error:  # the caller may retry
             log.warning("routing.rpc_unavailable", extra={"fields": {"error": str(error)}})
             await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable, retry")
