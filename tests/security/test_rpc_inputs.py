@@ -74,12 +74,15 @@ def process_of(method: MethodDescriptor) -> str:
 
 
 def string_paths(descriptor: Descriptor, depth: int = 0) -> Iterator[tuple[FieldDescriptor, ...]]:
-    """Every path to a string field of `descriptor` (nested messages, three levels deep)."""
+    """Every path to a string field of `descriptor` (nested messages, three levels deep; maps
+    of text to text, the only maps our contracts have)."""
     for field in descriptor.fields:
         if field.type == FieldDescriptor.TYPE_STRING:
             yield (field,)
         elif field.type == FieldDescriptor.TYPE_MESSAGE and depth < 3:
             if field.message_type.GetOptions().map_entry:
+                entry = field.message_type.fields_by_name
+                assert entry["key"].type == entry["value"].type == FieldDescriptor.TYPE_STRING
                 yield (field,)
             else:
                 for rest in string_paths(field.message_type, depth + 1):
@@ -89,8 +92,7 @@ def string_paths(descriptor: Descriptor, depth: int = 0) -> Iterator[tuple[Field
 def set_text(message: Message, path: tuple[FieldDescriptor, ...], text: str) -> None:
     field, rest = path[0], path[1:]
     if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry:
-        entries = getattr(message, field.name)  # map<string, string>: the only maps we have
-        entries[text] = text
+        getattr(message, field.name)[text] = text
         return
     if not rest:
         if field.is_repeated:
