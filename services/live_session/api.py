@@ -4,7 +4,9 @@ errors to status codes with a one-line message (never a stack trace)."""
 from __future__ import annotations
 
 import functools
+import uuid
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
@@ -14,6 +16,7 @@ from snapsell.live_session.v1 import live_session_pb2, live_session_pb2_grpc
 from infra.auth import PermissionDeniedError, current_principal, tenant_scope
 from infra.db import DATABASE_UNAVAILABLE
 from infra.log import get_logger
+from infra.page_tokens import PageTokens
 from services.live_session import domain
 from services.live_session.events import (
     SIGNAL_KIND_FROM_PROTO,
@@ -32,6 +35,9 @@ ACCESS_POLICY: dict[str, frozenset[str]] = {
     f"/{SERVICE_FULL_NAME}/ListSessions": _TENANT_ROLES | {"admin"},
     f"/{SERVICE_FULL_NAME}/CloseSession": frozenset({"owner", "manager", "admin", "service"}),
 }
+
+# Sorted on (started_at, id), newest first; a token is valid for the tenant it lists.
+SESSION_PAGES = PageTokens("live_session.sessions", (datetime, uuid.UUID))
 
 
 class SessionNotFoundError(Exception):
@@ -63,9 +69,6 @@ def _rpc(method: Method[Request, Response]) -> Method[Request, Response]:
                 "live_session.database_unavailable", extra={"fields": {"error": str(error)}}
             )
             await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable, retry")
-        except Exception:
-            _log.exception("live_session.rpc_failed", extra={"fields": {"method": method.__name__}})
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
         raise AssertionError("unreachable: context.abort raises")
 
     return call
@@ -141,9 +144,12 @@ class LiveSessionApi(live_session_pb2_grpc.LiveSessionServiceServicer):
             if status is None:
                 raise domain.InvalidRequestError(f"unknown status {request.status}")
         limit = domain.page_size(request.page_size)
-        after = domain.PageCursor.decode(request.page_token) if request.page_token else None
+        key = SESSION_PAGES.decode(request.page_token, tenant_id)
+        after = None if key is None else domain.PageCursor(*key)
         page = await self._store.list(tenant_id, status, limit, after)
+        token, cursor = "", page.next_cursor
+        if cursor is not None:
+            token = SESSION_PAGES.encode(tenant_id, cursor.started_at, cursor.session_id)
         return live_session_pb2.ListSessionsResponse(
-            sessions=[session_message(s) for s in page.sessions],
-            next_page_token="" if page.next_cursor is None else page.next_cursor.encode(),
+            sessions=[session_message(s) for s in page.sessions], next_page_token=token
         )

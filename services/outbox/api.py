@@ -3,8 +3,6 @@ errors to status codes with a one-line message (never a stack trace)."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
 import json
 import uuid
@@ -21,6 +19,7 @@ from infra import telemetry
 from infra.auth import PermissionDeniedError, current_principal, tenant_scope
 from infra.db import DATABASE_UNAVAILABLE
 from infra.log import get_logger
+from infra.page_tokens import PageTokens
 from services.outbox import domain, validation
 from services.outbox.admin_store import OutboxAdminStore
 from services.outbox.domain import InvalidMessageError
@@ -47,6 +46,8 @@ ACCESS_POLICY: dict[str, frozenset[str]] = {
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 MAX_IDS_PER_CALL = 500
+# Sorted on (dead_at, id); a token is valid for the tenant it lists.
+DEAD_LETTER_PAGES = PageTokens("outbox.dead_letters", (datetime, uuid.UUID))
 
 _log = get_logger(__name__)
 
@@ -75,9 +76,6 @@ def _rpc(method: Method[Request, Response]) -> Method[Request, Response]:
         except DATABASE_UNAVAILABLE as error:  # the caller may retry
             _log.warning("outbox.database_unavailable", extra={"fields": {"error": str(error)}})
             await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable, retry")
-        except Exception:
-            _log.exception("outbox.rpc_failed", extra={"fields": {"method": method.__name__}})
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
         raise AssertionError("unreachable: context.abort raises")
 
     return call
@@ -109,20 +107,6 @@ def _current_traceparent() -> str | None:
     carrier: dict[str, str] = {}
     telemetry.inject(carrier)
     return carrier.get("traceparent")
-
-
-def encode_page_token(dead_at: datetime, message_id: uuid.UUID) -> str:
-    raw = f"{dead_at.isoformat()}|{message_id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_page_token(token: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        moment, _, message_id = raw.partition("|")
-        return datetime.fromisoformat(moment), uuid.UUID(message_id)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidMessageError("page_token is not one this service issued") from None
 
 
 class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
@@ -223,7 +207,7 @@ class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
         rows = await self._admin.list_dead_letters(
             tenant_id,
             limit=limit + 1,
-            after=decode_page_token(request.page_token) if request.page_token else None,
+            after=DEAD_LETTER_PAGES.decode(request.page_token, tenant_id),
             reason=reason,
             sender=request.sender or None,
             dead_after=(
@@ -233,7 +217,9 @@ class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
             ),
         )
         page, more = rows[:limit], len(rows) > limit
-        token = encode_page_token(page[-1]["dead_at"], page[-1]["id"]) if more else ""
+        token = ""
+        if more:
+            token = DEAD_LETTER_PAGES.encode(tenant_id, page[-1]["dead_at"], page[-1]["id"])
         return outbox_pb2.ListDeadLettersResponse(
             messages=[message_proto(row, []) for row in page], next_page_token=token
         )

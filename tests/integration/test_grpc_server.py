@@ -102,6 +102,17 @@ async def test_stop_turns_not_serving_then_drains_in_flight_calls() -> None:
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+async def test_an_unexpected_error_is_internal_without_its_text(
+    channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await channel.unary_unary(method("Crash"))(b"", metadata=bearer(token()), timeout=2)
+    assert caught.value.code() is grpc.StatusCode.INTERNAL
+    assert caught.value.details() == "internal error"
+    failed = [record for record in caplog.records if record.getMessage() == "rpc.failed"]
+    assert failed and failed[-1].exc_info is not None  # the operator still sees what broke
+
+
 async def test_a_port_already_in_use_is_an_error(echo: GrpcServer) -> None:
     with pytest.raises(RuntimeError):
         GrpcServer(echo.bound_port, [SERVICE], host="127.0.0.1")
@@ -124,7 +135,7 @@ def observed(method_name: str) -> float:
         ("WhoAmI", (), "UNAUTHENTICATED"),
         ("OwnerOnly", bearer(token("staff", "t1")), "PERMISSION_DENIED"),
         ("NotFound", bearer(token()), "NOT_FOUND"),
-        ("Crash", bearer(token()), "UNKNOWN"),
+        ("Crash", bearer(token()), "INTERNAL"),
     ],
 )
 async def test_every_call_is_counted_by_final_code_and_timed(

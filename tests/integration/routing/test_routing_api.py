@@ -181,7 +181,7 @@ async def test_a_tenant_role_cannot_touch_another_tenant(stub, bearer: Bearer) -
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.ListOptOuts(
-            routing_pb2.ListOptOutsRequest(tenant_id="shop-2"), metadata=bearer("staff", "shop-1")
+            routing_pb2.ListOptOutsRequest(tenant_id="shop-2"), metadata=bearer("owner", "shop-1")
         )
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
@@ -229,7 +229,7 @@ async def test_list_opt_outs_pages_through_the_tenants_opt_outs_newest_first(
     while True:
         reply = await stub.ListOptOuts(
             routing_pb2.ListOptOutsRequest(page_size=3, page_token=token),
-            metadata=bearer("staff", "shop-1"),
+            metadata=bearer("manager", "shop-1"),
         )
         pages += 1
         seen += [o.address.value for o in reply.opt_outs]
