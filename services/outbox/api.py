@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import trace
 from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
 
@@ -109,6 +110,13 @@ def _current_traceparent() -> str | None:
     return carrier.get("traceparent")
 
 
+def _timestamp(value: Timestamp, name: str) -> datetime:
+    try:
+        return value.ToDatetime(tzinfo=UTC)
+    except ValueError:  # seconds or nanos outside what a Timestamp may hold
+        raise InvalidMessageError(f"{name} is not a valid timestamp") from None
+
+
 class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
     def __init__(
         self,
@@ -160,7 +168,7 @@ class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
         now = datetime.now(UTC)
         not_before = None
         if request.HasField("not_before"):
-            not_before = request.not_before.ToDatetime(tzinfo=UTC)
+            not_before = _timestamp(request.not_before, "not_before")
             validation.validate_not_before(not_before, now)
         return NewMessage(
             tenant_id=tenant_id,
@@ -211,7 +219,7 @@ class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
             reason=reason,
             sender=request.sender or None,
             dead_after=(
-                request.dead_after.ToDatetime(tzinfo=UTC)
+                _timestamp(request.dead_after, "dead_after")
                 if request.HasField("dead_after")
                 else None
             ),

@@ -24,6 +24,7 @@ import snapsell
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
+from google.protobuf.timestamp_pb2 import Timestamp
 from snapsell.common.v1 import address_pb2
 from snapsell.routing.v1 import routing_pb2
 
@@ -318,4 +319,37 @@ async def test_a_page_token_of_another_tenant_or_list_is_invalid(
         outcome = await caller.call(method, paged_request(method, tenant, opt_outs_token))
         if problem := page_token_problem(outcome):
             problems.append(f"for {tenant}: {problem}")
+    assert not problems, f"{method.name}: " + "; ".join(problems)
+
+
+def timestamp_fields(descriptor: Descriptor) -> list[FieldDescriptor]:
+    return [
+        field
+        for field in descriptor.fields
+        if field.type == FieldDescriptor.TYPE_MESSAGE
+        and field.message_type.full_name == "google.protobuf.Timestamp"
+        and not field.is_repeated
+    ]
+
+
+TIMESTAMPED_RPCS = [method for method in RPCS if timestamp_fields(method.input_type)]
+
+
+@pytest.mark.parametrize("method", TIMESTAMPED_RPCS, ids=rpc_id)
+async def test_a_timestamp_out_of_range_is_invalid(
+    caller: Caller, method: MethodDescriptor
+) -> None:
+    """Seconds past year 9999 or nanos past a second: what a Timestamp may not hold."""
+    problems = []
+    for field in timestamp_fields(method.input_type):
+        for seconds, nanos in ((2**62, 0), (0, 2**30)):
+            request = request_with(method, [])
+            getattr(request, field.name).CopyFrom(Timestamp(seconds=seconds, nanos=nanos))
+            outcome = await caller.call(method, request)
+            if (problem := leak(outcome)) is None and not describe(outcome).startswith(
+                "INVALID_ARGUMENT"
+            ):
+                problem = describe(outcome)
+            if problem:
+                problems.append(f"{field.name}={seconds}s {nanos}ns: {problem}")
     assert not problems, f"{method.name}: " + "; ".join(problems)
