@@ -18,6 +18,7 @@ from pathlib import Path
 
 from prometheus_client import Gauge
 from snapsell.outbox.v1 import outbox_pb2_grpc
+from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
 from infra import jetstream
 from infra.auth import AuthInterceptor, JwtVerifier, ServiceTokenProvider
@@ -130,7 +131,7 @@ async def serve(stop: asyncio.Event) -> None:
             ],
         )
         directory = ChannelDirectory(
-            seller_admin,
+            seller_admin_pb2_grpc.SellerAdminServiceStub(seller_admin),
             ttl_s=config.channel_cache_ttl_s,
             deadline_s=config.channel_directory_timeout_s,
         )

@@ -21,12 +21,13 @@ import contextlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
-from snapsell.seller_admin.v1 import events_pb2, seller_admin_pb2, seller_admin_pb2_grpc
+from snapsell.seller_admin.v1 import events_pb2, seller_admin_pb2
 
 from infra.log import get_logger
 
@@ -86,17 +87,25 @@ def tenant_channels(tenant_id: str, channels: list[seller_admin_pb2.Channel]) ->
     return TenantChannels(tenant_id, accounts)
 
 
+class ChannelLister(Protocol):
+    """seller_admin's `ListChannels` (a `SellerAdminServiceStub`)."""
+
+    def ListChannels(
+        self, request: seller_admin_pb2.ListChannelsRequest, *, timeout: float
+    ) -> Any: ...
+
+
 class ChannelDirectory:
     def __init__(
         self,
-        channel: grpc.aio.Channel,
+        seller_admin: ChannelLister,
         *,
         ttl_s: float,
         deadline_s: float,
         max_tenants: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._stub = seller_admin_pb2_grpc.SellerAdminServiceStub(channel)
+        self._seller_admin = seller_admin
         self._ttl_s = ttl_s
         self._deadline_s = deadline_s
         self._max_tenants = max_tenants
@@ -138,7 +147,7 @@ class ChannelDirectory:
         token = ""
         try:
             while True:
-                reply = await self._stub.ListChannels(
+                reply = await self._seller_admin.ListChannels(
                     seller_admin_pb2.ListChannelsRequest(
                         tenant_id=tenant_id, page_size=LIST_PAGE_SIZE, page_token=token
                     ),
