@@ -30,6 +30,7 @@ from nats.js import JetStreamContext, api
 from snapsell.seller_admin.v1 import events_pb2, seller_admin_pb2
 
 from infra.log import get_logger
+from services.outbox.domain import is_messaging_service_sid
 
 CHANNEL_CHANGES = "seller_admin.v1.channel.>"
 _CHANNEL_EVENTS: Mapping[str, type[events_pb2.ChannelAdded] | type[events_pb2.ChannelRemoved]] = {
@@ -51,7 +52,7 @@ class ChannelDirectoryUnavailableError(Exception):
 
 def sender_key(sender: str) -> str:
     """The form seller_admin lists a sender in: Messaging Service SIDs with lowercase hex."""
-    if sender[:2] == "MG":
+    if is_messaging_service_sid(sender):
         return "MG" + sender[2:].lower()
     return sender
 
@@ -84,6 +85,9 @@ def tenant_channels(tenant_id: str, channels: list[seller_admin_pb2.Channel]) ->
     accounts: dict[str, str] = {}
     for channel in channels:
         accounts[channel.address] = channel.account_sid
+        if channel.alphanumeric_sender_id:
+            # Declared on an SMS number or Messaging Service: SMS under that name, same account.
+            accounts[channel.alphanumeric_sender_id] = channel.account_sid
     return TenantChannels(tenant_id, accounts)
 
 

@@ -33,6 +33,9 @@ VICTIM_ACCOUNT = "AC" + "7" * 32
 VICTIM_WHATSAPP = "whatsapp:+14155238887"
 VICTIM_SMS = "+14155550177"
 VICTIM_SERVICE = "MG" + "7" * 32
+VICTIM_ALPHANUMERIC = "ShopB"
+TENANT_ALPHANUMERIC = "ShopA"
+TENANT_ALPHANUMERIC_NUMBER = "+14155550166"
 _keys = itertools.count()
 
 
@@ -42,8 +45,22 @@ async def stack(admin_dsn: str, nats_url: str, jwt_secret: str) -> AsyncIterator
     try:
         await running.start()
         await running.add_channels(
-            VICTIM, VICTIM_WHATSAPP, VICTIM_SMS, VICTIM_SERVICE, account_sid=VICTIM_ACCOUNT
+            VICTIM, VICTIM_WHATSAPP, VICTIM_SERVICE, account_sid=VICTIM_ACCOUNT
         )
+        admin = running.metadata("admin")
+        for tenant, number, name, account in (
+            (VICTIM, VICTIM_SMS, VICTIM_ALPHANUMERIC, VICTIM_ACCOUNT),
+            (TENANT, TENANT_ALPHANUMERIC_NUMBER, TENANT_ALPHANUMERIC, "AC" + "5" * 32),
+        ):
+            await running.seller_admin_stub().AddChannel(
+                seller_admin_pb2.AddChannelRequest(
+                    tenant_id=tenant,
+                    address=number,
+                    account_sid=account,
+                    alphanumeric_sender_id=name,
+                ),
+                metadata=admin,
+            )
         yield running
     finally:
         await running.stop()
@@ -121,14 +138,29 @@ async def test_a_tenant_sends_from_its_own_channels_with_their_account(
     assert account == "AC" + "5" * 32
 
 
-async def test_an_undeclared_alphanumeric_sender_is_refused(
-    stack: OutboxStack, outbox: RunningService
+@pytest.mark.parametrize("sender", [VICTIM_ALPHANUMERIC, "ShopC", TENANT_ALPHANUMERIC.upper()])
+async def test_an_alphanumeric_sender_the_tenant_has_not_declared_is_refused(
+    stack: OutboxStack, outbox: RunningService, sender: str
 ) -> None:
     code, details, key = await enqueue_as(
-        stack, outbox, stack.metadata("owner", TENANT), sender="SHOPB", recipient=sms(new_phone())
+        stack, outbox, stack.metadata("owner", TENANT), sender=sender, recipient=sms(new_phone())
     )
     assert code is grpc.StatusCode.FAILED_PRECONDITION, details
     assert await stored(stack, key) == 0
+
+
+async def test_a_declared_alphanumeric_sender_is_accepted(
+    stack: OutboxStack, outbox: RunningService
+) -> None:
+    code, details, key = await enqueue_as(
+        stack,
+        outbox,
+        stack.metadata("owner", TENANT),
+        sender=TENANT_ALPHANUMERIC,
+        recipient=sms(new_phone()),
+    )
+    assert code is grpc.StatusCode.OK, details
+    assert await stored(stack, key) == 1
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from services.outbox.channels import (
     ChannelDirectoryUnavailableError,
     SenderNotAChannelError,
     TenantChannels,
+    tenant_channels,
 )
 
 ACCOUNT = "AC" + "a" * 32
@@ -78,6 +79,16 @@ def test_a_channel_sends_with_its_own_account() -> None:
     assert channels.account_for("whatsapp:+14155238886", "AC" + "A" * 32) == ACCOUNT
     # Twilio SIDs' hex is matched whatever its case.
     assert channels.account_for("MG" + "C" * 32, "") == ACCOUNT
+
+
+def test_an_alphanumeric_sender_id_is_the_tenants_only_as_declared() -> None:
+    declared = channel("+14155550100", OTHER_ACCOUNT)
+    declared.alphanumeric_sender_id = "ShopA"
+    channels = tenant_channels("shop", [declared, channel(SERVICE)])
+    assert channels.account_for("ShopA", "") == OTHER_ACCOUNT
+    for undeclared in ("SHOPA", "ShopB", "MG" + "shop"):
+        with pytest.raises(SenderNotAChannelError):
+            channels.account_for(undeclared, "")
 
 
 @pytest.mark.parametrize(
