@@ -18,7 +18,7 @@ from opentelemetry import trace
 from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
 
 from infra import telemetry
-from infra.auth import PermissionDeniedError, Principal, current_principal, tenant_scope
+from infra.auth import PermissionDeniedError, current_principal, tenant_scope
 from infra.db import DATABASE_UNAVAILABLE
 from infra.log import get_logger
 from services.outbox import domain, validation
@@ -50,8 +50,8 @@ ACCESS_POLICY: dict[str, frozenset[str]] = {
     f"/{SERVICE_FULL_NAME}/Redrive": _OPERATORS,
     f"/{SERVICE_FULL_NAME}/Discard": _OPERATORS,
 }
-# Who may enqueue COMPLIANCE messages: routing, the service answering STOP/START/HELP.
-COMPLIANCE_SENDER = Principal(sub="routing", role="service")
+# The one service that may enqueue COMPLIANCE messages: routing, which answers STOP/START/HELP.
+COMPLIANCE_SENDER = "routing"
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 MAX_IDS_PER_CALL = 500
@@ -159,7 +159,9 @@ class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
     ) -> outbox_pb2.EnqueueResponse:
         principal = current_principal()
         tenant_id = _scoped_tenant(request.tenant_id)
-        if request.kind == outbox_pb2.MESSAGE_KIND_COMPLIANCE and principal != COMPLIANCE_SENDER:
+        if request.kind == outbox_pb2.MESSAGE_KIND_COMPLIANCE and (
+            principal.role != "service" or principal.sub != COMPLIANCE_SENDER
+        ):
             # The one kind that reaches opted-out people: only routing's consent replies.
             raise PermissionDeniedError("only routing may enqueue COMPLIANCE messages")
         channels = await self._channels.channels_for(tenant_id, request.sender)
