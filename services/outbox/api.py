@@ -23,6 +23,12 @@ from infra.log import get_logger
 from infra.page_tokens import PageTokens
 from services.outbox import domain, validation
 from services.outbox.admin_store import OutboxAdminStore
+from services.outbox.channels import (
+    ChannelDirectory,
+    ChannelDirectoryUnavailableError,
+    SenderNotAChannelError,
+    TenantChannels,
+)
 from services.outbox.domain import InvalidMessageError
 from services.outbox.events import (
     CHANNEL_FROM_PROTO,
@@ -44,6 +50,8 @@ ACCESS_POLICY: dict[str, frozenset[str]] = {
     f"/{SERVICE_FULL_NAME}/Redrive": _OPERATORS,
     f"/{SERVICE_FULL_NAME}/Discard": _OPERATORS,
 }
+# The one service that may enqueue COMPLIANCE messages: routing, which answers STOP/START/HELP.
+COMPLIANCE_SENDER = "routing"
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 MAX_IDS_PER_CALL = 500
@@ -70,6 +78,10 @@ def _rpc(method: Method[Request, Response]) -> Method[Request, Response]:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except PermissionDeniedError as error:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
+        except SenderNotAChannelError as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        except ChannelDirectoryUnavailableError as error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         except MessageNotFoundError as error:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
         except asyncpg.TransactionRollbackError:
@@ -122,14 +134,14 @@ class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
         self,
         store: OutboxStore,
         admin: OutboxAdminStore,
+        channels: ChannelDirectory,
         *,
-        default_account_sid: str,
         account_sids: frozenset[str],
         max_attempts: int,
     ) -> None:
         self._store = store
         self._admin = admin
-        self._default_account_sid = default_account_sid
+        self._channels = channels
         self._account_sids = account_sids
         self._max_attempts = max_attempts
 
@@ -139,14 +151,19 @@ class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
     ) -> outbox_pb2.EnqueueResponse:
         principal = current_principal()
         tenant_id = _scoped_tenant(request.tenant_id)
-        if request.kind == outbox_pb2.MESSAGE_KIND_COMPLIANCE and principal.role != "service":
+        if request.kind == outbox_pb2.MESSAGE_KIND_COMPLIANCE and (
+            principal.role != "service" or principal.sub != COMPLIANCE_SENDER
+        ):
             # The one kind that reaches opted-out people: only routing's consent replies.
-            raise PermissionDeniedError("only services may enqueue COMPLIANCE messages")
-        message = self._new_message(tenant_id, request)
+            raise PermissionDeniedError("only routing may enqueue COMPLIANCE messages")
+        channels = await self._channels.channels_for(tenant_id, request.sender)
+        message = self._new_message(tenant_id, request, channels)
         message_id, created = await self._store.enqueue(message)
         return outbox_pb2.EnqueueResponse(message_id=str(message_id), created=created)
 
-    def _new_message(self, tenant_id: str, request: outbox_pb2.EnqueueRequest) -> NewMessage:
+    def _new_message(
+        self, tenant_id: str, request: outbox_pb2.EnqueueRequest, channels: TenantChannels
+    ) -> NewMessage:
         validation.validate_key("idempotency_key", request.idempotency_key, required=True)
         validation.validate_key("correlation_id", request.correlation_id, required=False)
         channel = CHANNEL_FROM_PROTO.get(request.recipient.channel)
@@ -163,7 +180,10 @@ class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
         kind = KIND_FROM_PROTO.get(request.kind, domain.MessageKind.CONVERSATIONAL)
         if request.kind not in KIND_FROM_PROTO and request.kind != 0:
             raise InvalidMessageError(f"unknown kind {request.kind}")
-        account_sid = request.account_sid or self._default_account_sid
+        if request.account_sid:
+            validation.validate_account_sid(request.account_sid, self._account_sids)
+        # The sender must be the tenant's, and is sent with its channel's account.
+        account_sid = channels.account_for(request.sender, request.account_sid)
         validation.validate_account_sid(account_sid, self._account_sids)
         now = datetime.now(UTC)
         not_before = None

@@ -27,7 +27,7 @@ RPC_ROLES: Mapping[str, frozenset[str]] = {
     "ListTenants": frozenset({ADMIN}),
     "AddChannel": frozenset({ADMIN}),
     "RemoveChannel": frozenset({ADMIN}),
-    "ListChannels": frozenset({ADMIN, OWNER}),
+    "ListChannels": frozenset({ADMIN, OWNER, SERVICE}),
     "AddSellerPhone": frozenset({ADMIN, OWNER, MANAGER}),
     "RemoveSellerPhone": frozenset({ADMIN, OWNER, MANAGER}),
     "ListSellerPhones": frozenset({ADMIN, OWNER, MANAGER, STAFF}),

@@ -35,6 +35,7 @@ from services.seller_admin.domain import (
     parse_seller_address,
     sender_candidates,
     validate_account_sid,
+    validate_alphanumeric_sender_id,
     validate_display_name,
     validate_tenant_id,
 )
@@ -147,8 +148,11 @@ class SellerAdminServicer(seller_admin_pb2_grpc.SellerAdminServiceServicer):
         tenant_id = scoped_tenant(actor.role, actor.tenant_id, request.tenant_id)
         address = parse_channel_address(request.address)
         account_sid = validate_account_sid(request.account_sid)
+        alphanumeric = validate_alphanumeric_sender_id(request.alphanumeric_sender_id, address.kind)
         async with self._pool.acquire() as conn, conn.transaction():
-            channel, created = await store.add_channel(conn, tenant_id, address, account_sid)
+            channel, created = await store.add_channel(
+                conn, tenant_id, address, account_sid, alphanumeric
+            )
             if created:
                 await audit.channel_changed(conn, actor, channel, added=True)
             elif channel.tenant_id != tenant_id:
@@ -156,6 +160,11 @@ class SellerAdminServicer(seller_admin_pb2_grpc.SellerAdminServiceServicer):
             elif channel.account_sid != account_sid:
                 raise AlreadyExistsError(
                     f"{address.canonical} is registered with account {channel.account_sid}"
+                )
+            elif channel.alphanumeric_sender_id != alphanumeric:
+                raise AlreadyExistsError(
+                    f"{address.canonical} is registered with alphanumeric sender ID"
+                    f" {channel.alphanumeric_sender_id or '(none)'}"
                 )
         if created:
             _log_change(

@@ -2,7 +2,7 @@
 
     python -m services.seller_admin.cli create-tenant --tenant chez-marie --name "Chez Marie"
     python -m services.seller_admin.cli add-channel --tenant chez-marie \\
-        --address whatsapp:+14155238886 [--account-sid AC...]
+        --address whatsapp:+14155238886 [--account-sid AC...] [--alphanumeric-sender "Chez Marie"]
     python -m services.seller_admin.cli add-seller --tenant chez-marie --phone "+33 6 12 34 56 78"
     python -m services.seller_admin.cli add-seller --tenant chez-marie --whatsapp-user-id US.1349...
     python -m services.seller_admin.cli list-sellers --tenant chez-marie
@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     channel.add_argument("--tenant", required=True)
     channel.add_argument("--address", required=True, help="whatsapp:+E164, +E164 or MG... SID")
     channel.add_argument("--account-sid", help="default: TWILIO_ACCOUNT_SID")
+    channel.add_argument(
+        "--alphanumeric-sender",
+        default="",
+        help="SMS numbers and Messaging Services: a sender ID the shop may send SMS under",
+    )
 
     seller = commands.add_parser("add-seller", help="register a seller phone (idempotent)")
     seller.add_argument("--tenant", required=True)
@@ -96,7 +101,10 @@ async def _call(args: argparse.Namespace) -> Message:
                 raise ConfigError("--account-sid or TWILIO_ACCOUNT_SID is required")
             return await stub.AddChannel(
                 pb.AddChannelRequest(
-                    tenant_id=args.tenant, address=args.address, account_sid=account_sid
+                    tenant_id=args.tenant,
+                    address=args.address,
+                    account_sid=account_sid,
+                    alphanumeric_sender_id=args.alphanumeric_sender,
                 )
             )
         if args.command == "add-seller":

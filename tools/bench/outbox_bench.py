@@ -4,7 +4,8 @@
 
 Everything runs as real processes on this machine: PostgreSQL and NATS (embedded unless
 DATABASE_URL / NATS_URL are set), the Twilio sandbox, routing (consent: one CheckOptOuts per
-claimed batch) and the outbox. Three measurements, one run:
+claimed batch), seller_admin (the channels Enqueue checks senders against) and the outbox.
+Three measurements, one run:
 
 1. pgqueuer 1.6 doing the outbox's sends (one `messages.create_async` per job, same client,
    same sandbox, same PostgreSQL) in its own process, at its best: no per-entrypoint
@@ -55,6 +56,7 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from snapsell.common.v1 import address_pb2
 from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
+from snapsell.seller_admin.v1 import seller_admin_pb2, seller_admin_pb2_grpc
 
 from infra.auth import issue_token
 from tools.devstack import EmbeddedNats, EmbeddedPostgres, free_port
@@ -75,6 +77,8 @@ PGQUEUER_CONFIGS = ("10", "25", "50", "100", "25:128", "50:256")
 ACCOUNT_SID = "AC" + "b" * 32
 AUTH_TOKEN = "bench-" + "t" * 26
 SENDER = "+14155550100"
+# The tenant of the latency test's Enqueue calls, SENDER registered as its channel.
+LATENCY_TENANT = "bench-latency"
 ROOT = Path(__file__).resolve().parents[2]
 # Polled while a queue drains: a look for one waiting row (the outbox's due index, pgqueuer's
 # table), never a count of the whole table, and only twice a second, so the polling takes no
@@ -178,8 +182,12 @@ class BenchStack:
         self._exits.callback(self.sandbox.stop)
         self.db = await asyncpg.create_pool(self.admin_dsn, min_size=1, max_size=4)
         self._exits.push_async_callback(self.db.close)
-        for schema in ("outbox", "routing"):
+        for schema in ("outbox", "routing", "seller_admin"):
             await self.db.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        # The outbox checks each Enqueue's sender against seller_admin's channels.
+        _, seller_admin_port = await self._start_service("seller_admin", {})
+        seller_admin_addr = f"127.0.0.1:{seller_admin_port}"
+        await register_channel(seller_admin_addr, LATENCY_TENANT, SENDER)
         routing, routing_port = await self._start_service("routing", {"OUTBOX_ADDR": "127.0.0.1:9"})
         self.routing = routing
         self.routing_addr = f"127.0.0.1:{routing_port}"
@@ -187,6 +195,7 @@ class BenchStack:
             "outbox",
             {
                 "ROUTING_ADDR": f"127.0.0.1:{routing_port}",
+                "SELLER_ADMIN_ADDR": seller_admin_addr,
                 "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
                 "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
                 "TWILIO_API_BASE_URL": self.sandbox.url,
@@ -331,6 +340,25 @@ class BenchStack:
             await asyncio.sleep(0.2)
 
 
+async def register_channel(seller_admin_addr: str, tenant_id: str, address: str) -> None:
+    secret = os.environ["SNAPSELL_JWT_SECRET"]
+    admin = (("authorization", f"Bearer {issue_token(secret, sub='bench', role='admin')}"),)
+    async with grpc.aio.insecure_channel(seller_admin_addr) as channel:
+        stub = seller_admin_pb2_grpc.SellerAdminServiceStub(channel)
+        await stub.CreateTenant(
+            seller_admin_pb2.CreateTenantRequest(tenant_id=tenant_id, display_name=tenant_id),
+            metadata=admin,
+            timeout=10,
+        )
+        await stub.AddChannel(
+            seller_admin_pb2.AddChannelRequest(
+                tenant_id=tenant_id, address=address, account_sid=ACCOUNT_SID
+            ),
+            metadata=admin,
+            timeout=10,
+        )
+
+
 async def enqueue_steadily(stack: BenchStack, rate: float, seconds: float) -> dict[str, float]:
     """Call Enqueue every 1/rate s (each call its own task, so a slow one does not delay the
     next); returns when each call was made, by idempotency key."""
@@ -343,7 +371,7 @@ async def enqueue_steadily(stack: BenchStack, rate: float, seconds: float) -> di
         async def enqueue(i: int) -> None:
             key = f"latency-{i}"
             request = outbox_pb2.EnqueueRequest(
-                tenant_id="bench-latency",
+                tenant_id=LATENCY_TENANT,
                 sender=SENDER,
                 recipient=address_pb2.Address(
                     channel=address_pb2.CHANNEL_SMS, value=f"+337{i:08d}"

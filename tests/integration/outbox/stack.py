@@ -89,41 +89,47 @@ class OutboxStack:
     nats: NatsClient | None = None
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
 
-    async def start(self, *, with_seller_admin: bool = False) -> None:
-        """Sandbox and routing; with seller_admin too when inbound messages must be routed
-        (routing resolves their tenant there), the tenant's WhatsApp channel registered."""
+    async def start(self) -> None:
+        """Sandbox, seller_admin (the channel directory the outbox checks senders against, and
+        where routing resolves an inbound message's tenant) with TENANT's SMS and WhatsApp
+        channels registered, and routing."""
         for service in ("outbox", "routing", "seller_admin"):
             await reset_service_schema(self.admin_dsn, service)
         self.db = await asyncpg.create_pool(self.admin_dsn, min_size=1, max_size=4)
         self.nats = await jetstream.connect(self.nats_url, name="outbox-tests")
         self.sandbox = start_sandbox({ACCOUNT_SID: AUTH_TOKEN})
-        seller_admin_addr = "127.0.0.1:9"  # consent checks and SetConsent need no peer
-        if with_seller_admin:
-            self.seller_admin = await start_service("seller_admin", {"LOG_LEVEL": "WARNING"})
-            seller_admin_addr = self.seller_admin.address
-            await self._register_channel()
+        self.seller_admin = await start_service("seller_admin", {"LOG_LEVEL": "WARNING"})
+        await self.add_channels(TENANT, SMS_SENDER, WHATSAPP_SENDER)
         self.routing = await start_service(
             "routing",
             {
                 "LOG_LEVEL": "WARNING",
-                "SELLER_ADMIN_ADDR": seller_admin_addr,
+                "SELLER_ADMIN_ADDR": self.seller_admin.address,
                 "LIVE_SESSION_ADDR": "127.0.0.1:9",
                 "OUTBOX_ADDR": "127.0.0.1:9",
             },
         )
 
-    async def _register_channel(self) -> None:
+    def seller_admin_stub(self) -> seller_admin_pb2_grpc.SellerAdminServiceStub:
         assert self.seller_admin is not None
+        channel = grpc.aio.insecure_channel(self.seller_admin.address)
+        self._channels.append(channel)
+        return seller_admin_pb2_grpc.SellerAdminServiceStub(channel)
+
+    async def add_channels(
+        self, tenant_id: str, *addresses: str, account_sid: str = ACCOUNT_SID
+    ) -> None:
+        """The tenant (created if new) may send from these addresses (numbers or MG SIDs)."""
         admin = self.metadata("admin")
-        async with grpc.aio.insecure_channel(self.seller_admin.address) as channel:
-            stub = seller_admin_pb2_grpc.SellerAdminServiceStub(channel)
-            await stub.CreateTenant(
-                seller_admin_pb2.CreateTenantRequest(tenant_id=TENANT, display_name="Shop"),
-                metadata=admin,
-            )
+        stub = self.seller_admin_stub()
+        await stub.CreateTenant(
+            seller_admin_pb2.CreateTenantRequest(tenant_id=tenant_id, display_name=tenant_id),
+            metadata=admin,
+        )
+        for address in addresses:
             await stub.AddChannel(
                 seller_admin_pb2.AddChannelRequest(
-                    tenant_id=TENANT, address=WHATSAPP_SENDER, account_sid=ACCOUNT_SID
+                    tenant_id=tenant_id, address=address, account_sid=account_sid
                 ),
                 metadata=admin,
             )
@@ -150,11 +156,13 @@ class OutboxStack:
 
     async def start_outbox(self, **env: str) -> RunningService:
         assert self.sandbox is not None and self.routing is not None
+        assert self.seller_admin is not None
         service = await start_service(
             "outbox",
             {
                 "LOG_LEVEL": "WARNING",
                 "ROUTING_ADDR": self.routing.address,
+                "SELLER_ADMIN_ADDR": self.seller_admin.address,
                 "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
                 "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
                 "TWILIO_API_BASE_URL": self.sandbox.url,
@@ -182,8 +190,12 @@ class OutboxStack:
 
     # --- gRPC ------------------------------------------------------------------------------
 
-    def metadata(self, role: str = "service", tenant_id: str | None = None) -> Any:
-        token = issue_token(self.jwt_secret, sub=f"test-{role}", role=role, tenant_id=tenant_id)
+    def metadata(
+        self, role: str = "service", tenant_id: str | None = None, sub: str | None = None
+    ) -> Any:
+        token = issue_token(
+            self.jwt_secret, sub=sub or f"test-{role}", role=role, tenant_id=tenant_id
+        )
         return (("authorization", f"Bearer {token}"),)
 
     def outbox(self, service: RunningService | None = None) -> outbox_pb2_grpc.OutboxServiceStub:
@@ -205,7 +217,9 @@ class OutboxStack:
             idempotency_key=fields.pop("idempotency_key", f"key-{next(_numbers)}"),
             **fields,
         )
-        reply = await self.outbox().Enqueue(request, metadata=self.metadata(), timeout=10)
+        # COMPLIANCE messages are routing's to send.
+        sub = "routing" if request.kind == outbox_pb2.MESSAGE_KIND_COMPLIANCE else None
+        reply = await self.outbox().Enqueue(request, metadata=self.metadata(sub=sub), timeout=10)
         return reply.message_id
 
     async def enqueue_many(

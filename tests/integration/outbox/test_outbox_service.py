@@ -69,10 +69,15 @@ async def test_a_message_is_sent_once_with_the_status_callback_and_recorded(
 
 async def test_enqueue_is_idempotent_per_tenant_and_key(stack: OutboxStack) -> None:
     phone = new_phone()
+    await stack.add_channels("another-shop", "+14155550101")
     first = await stack.enqueue(recipient=sms(phone), body="once", idempotency_key="stop:SM1")
     again = await stack.enqueue(recipient=sms(phone), body="once", idempotency_key="stop:SM1")
     other_tenant = await stack.enqueue(
-        tenant_id="another-shop", recipient=sms(phone), body="once", idempotency_key="stop:SM1"
+        tenant_id="another-shop",
+        sender="+14155550101",
+        recipient=sms(phone),
+        body="once",
+        idempotency_key="stop:SM1",
     )
     assert first == again != other_tenant
     assert (
@@ -256,10 +261,11 @@ async def test_dead_letters_are_paginated_newest_first_and_can_be_discarded(
     stack: OutboxStack,
 ) -> None:
     tenant = "shop-dead-letters"
+    await stack.add_channels(tenant, "+14155550102")
     phones = [new_phone() for _ in range(5)]
     await stack.set_faults(error_code_for=dict.fromkeys(phones, 21211))
     ids = [
-        await stack.enqueue(tenant_id=tenant, recipient=sms(p), body=f"n{i}")
+        await stack.enqueue(tenant_id=tenant, sender="+14155550102", recipient=sms(p), body=f"n{i}")
         for i, p in enumerate(phones)
     ]
     for message_id in ids:

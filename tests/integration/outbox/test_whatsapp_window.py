@@ -23,7 +23,7 @@ from tests.integration.outbox.stack import (
 async def stack(admin_dsn: str, nats_url: str, jwt_secret: str) -> AsyncIterator[OutboxStack]:
     running = OutboxStack(admin_dsn, nats_url, jwt_secret)
     try:
-        await running.start(with_seller_admin=True)
+        await running.start()
         await running.start_outbox()
         yield running
     finally:

@@ -78,6 +78,7 @@ class Stack:
             {
                 **common,
                 "ROUTING_ADDR": addr["routing"],
+                "SELLER_ADMIN_ADDR": addr["seller_admin"],
                 "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
                 "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
                 "TWILIO_API_BASE_URL": self.sandbox.url,

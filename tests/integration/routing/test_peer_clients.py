@@ -186,9 +186,11 @@ async def test_the_reply_is_a_compliance_message_keyed_by_the_caller(peers) -> N
 async def test_an_invalid_reply_is_rejected_and_an_outage_is_retryable(peers) -> None:
     fake, channel = peers
     replies = GrpcReplySender(channel, deadline_s=2)
-    fake.outbox.status = grpc.StatusCode.INVALID_ARGUMENT
-    with pytest.raises(ReplyRejectedError):
-        await replies.send_compliance_reply("shop-1", inbound("STOP"), "x", "k")
+    # Invalid, or from a sender that is not one of the tenant's channels.
+    for refusal in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+        fake.outbox.status = refusal
+        with pytest.raises(ReplyRejectedError):
+            await replies.send_compliance_reply("shop-1", inbound("STOP"), "x", "k")
     fake.outbox.status = grpc.StatusCode.UNAVAILABLE
     with pytest.raises(PeerUnavailableError):
         await replies.send_compliance_reply("shop-1", inbound("STOP"), "x", "k")

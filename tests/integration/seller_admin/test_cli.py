@@ -46,6 +46,19 @@ async def test_a_shop_is_bootstrapped_from_the_command_line(
     assert code == 0, err
     assert json.loads(out)["channel"]["accountSid"] == ACCOUNT_SID
 
+    code, out, err = await cli(
+        server_address,
+        "add-channel",
+        "--tenant",
+        "cli-shop",
+        "--address",
+        "+14155550124",
+        "--alphanumeric-sender",
+        "Chez CLI",
+    )
+    assert code == 0, err
+    assert json.loads(out)["channel"]["alphanumericSenderId"] == "Chez CLI"
+
     for created in (True, False):
         code, out, err = await cli(
             server_address, "add-seller", "--tenant", "cli-shop", "--phone", "+33 6 55 44 33 22"

@@ -76,6 +76,7 @@ async def test_migrate_applies_every_migration_once(
         "infra/002_events_published_at.sql",
         "seller_admin/001_tenants_channels_seller_phones.sql",
         "seller_admin/002_event_subjects.sql",
+        "seller_admin/003_alphanumeric_sender_ids.sql",
     ]
 
 

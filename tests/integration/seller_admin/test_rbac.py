@@ -44,7 +44,7 @@ RBAC_TABLE: dict[str, dict[str, frozenset[str]]] = {
     "ListTenants": {"admin": BOTH},
     "AddChannel": {"admin": BOTH},
     "RemoveChannel": {"admin": BOTH},
-    "ListChannels": {"admin": BOTH, "owner": frozenset({OWN})},
+    "ListChannels": {"admin": BOTH, "owner": frozenset({OWN}), "service": BOTH},
     "AddSellerPhone": {"admin": BOTH, "owner": frozenset({OWN}), "manager": frozenset({OWN})},
     "RemoveSellerPhone": {
         "admin": BOTH,
