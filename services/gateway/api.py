@@ -14,7 +14,6 @@ X-Forwarded-For when the peer is a trusted proxy (GATEWAY_FORWARDED_ALLOW_IPS).
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import os
 import time
@@ -45,6 +44,12 @@ from twilio.request_validator import (
 from infra.log import get_logger
 from infra.streams import INBOUND_MESSAGE_SUBJECT, INBOUND_STATUS_SUBJECT
 from services.gateway import domain, metrics
+from services.gateway.body_reading import (
+    BodyReader,
+    BodyTimeoutError,
+    BodyTooLargeError,
+    Receive,
+)
 from services.gateway.config import Config
 
 log = get_logger(__name__)
@@ -55,19 +60,10 @@ FORM_TYPE = "application/x-www-form-urlencoded"
 Publish = Callable[[str, bytes, str], Awaitable[None]]
 Ready = Callable[[], Awaitable[bool]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class PublishError(Exception):
     """JetStream did not acknowledge in time; the webhook must not be answered 200."""
-
-
-class BodyTooLargeError(Exception):
-    pass
-
-
-class BodyTimeoutError(Exception):
-    """The client did not send its whole body within the read timeout."""
 
 
 class Answer(NamedTuple):
@@ -141,32 +137,6 @@ _WANTED_HEADERS = frozenset(
 )
 
 
-async def _read_body(receive: Receive, declared: str | None, limit: int, timeout_s: float) -> bytes:
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLargeError
-    try:
-        async with asyncio.timeout(timeout_s):
-            return await _receive_body(receive, limit)
-    except TimeoutError:
-        raise BodyTimeoutError from None
-
-
-async def _receive_body(receive: Receive, limit: int) -> bytes:
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":  # the client went away
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLargeError
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
 class Webhooks:
     """The two webhook endpoints, sharing validation, limits and publishing.
 
@@ -181,6 +151,7 @@ class Webhooks:
         self._default = (
             RequestValidator(config.default_auth_token) if config.default_auth_token else None
         )
+        self._bodies = BodyReader(config.body_read_timeout_s)
         self._base_url = config.public_base_url
         self._base_url_port_variant = _port_variant(config.public_base_url)
         # One counter per endpoint: junk on one never blocks the other.
@@ -204,12 +175,7 @@ class Webhooks:
         headers = Headers.of(scope)
         limits = self._limits[endpoint]
         try:
-            body = await _read_body(
-                receive,
-                headers.content_length,
-                limits.max_body_bytes,
-                self._config.body_read_timeout_s,
-            )
+            body = await self._bodies.read(receive, headers.content_length, limits.max_body_bytes)
         except BodyTooLargeError:
             return "too_large", TOO_LARGE
         except BodyTimeoutError:
@@ -235,7 +201,8 @@ class Webhooks:
             domain.check_signed_form(params)
             if endpoint == "messages":
                 message = domain.message_received(params, received_at)
-                message.idempotency_token = headers.idempotency_token
+                if headers.idempotency_token:
+                    message.idempotency_token = headers.idempotency_token
                 subject, msg_id = INBOUND_MESSAGE_SUBJECT, message.message_sid
             else:
                 status = domain.status_received(params, received_at)
