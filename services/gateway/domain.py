@@ -243,6 +243,3 @@ class WindowCounter:
         count = counts.get(key, 0) + 1
         counts[key] = count
         return count > self._limit
-
-    def over_limit(self, key: str) -> bool:
-        return self._current().get(key, 0) >= self._limit
