@@ -10,6 +10,8 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+from infra.config import ConfigError
+from services.gateway.config import parse_forwarded_allow_ips
 from tools.deploy.layout import APP_IMAGE
 from tools.deploy.render import Manifest, describe
 
@@ -500,6 +502,30 @@ def only_the_gateway_is_exposed(docs: Sequence[Manifest]) -> list[str]:
     return problems
 
 
+def gateway_trusts_only_its_proxies(docs: Sequence[Manifest]) -> list[str]:
+    """Behind the ingress every request comes from the ingress controller: without a trusted
+    proxy range the gateway counts all clients as one (one forger blocks everyone), and with
+    `*` any client picks the address it is counted as."""
+    problems = []
+    for doc, spec in workloads(docs):
+        if doc["metadata"]["name"] not in INGRESS_SERVICES:
+            continue
+        for kind, c in containers(spec):
+            if c["name"] not in INGRESS_SERVICES:
+                continue
+            env = {e["name"]: e.get("value") for e in c.get("env", []) or []}
+            where = f"{describe(doc)}: {kind} {c['name']}"
+            value = env.get("GATEWAY_FORWARDED_ALLOW_IPS")
+            if not value:
+                problems.append(f"{where}: no trusted proxies (GATEWAY_FORWARDED_ALLOW_IPS)")
+                continue
+            try:
+                parse_forwarded_allow_ips(value)
+            except ConfigError as error:
+                problems.append(f"{where}: {error}")
+    return problems
+
+
 def network_is_default_deny(docs: Sequence[Manifest]) -> list[str]:
     policies = [doc for doc in docs if doc.get("kind") == "NetworkPolicy"]
     default_deny = [
@@ -545,6 +571,7 @@ def rules(
         "migrations": migrations_run_in_one_job,
         "autoscalers": scaled_services_have_autoscalers,
         "ingress": only_the_gateway_is_exposed,
+        "trusted proxies": gateway_trusts_only_its_proxies,
         "network policies": network_is_default_deny,
     }
     if production:

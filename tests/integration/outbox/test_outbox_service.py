@@ -17,6 +17,7 @@ from snapsell.outbox.v1 import events_pb2, outbox_pb2
 from infra import jetstream
 from infra.streams import INBOUND_STATUS_SUBJECT, inbound_stream
 from tests.integration.outbox.stack import (
+    ACCOUNT_SID,
     PUBLIC_BASE_URL,
     SMS_SENDER,
     TENANT,
@@ -305,7 +306,9 @@ async def test_status_callbacks_move_a_message_forward_only(stack: OutboxStack) 
     async def callback(status: str) -> None:
         received = Timestamp()
         received.FromDatetime(datetime.now(UTC))
-        event = StatusReceived(message_sid=sid, message_status=status, received_at=received)
+        event = StatusReceived(
+            message_sid=sid, account_sid=ACCOUNT_SID, message_status=status, received_at=received
+        )
         await jetstream.publish(
             js, INBOUND_STATUS_SUBJECT, event.SerializeToString(), msg_id=f"{sid}:{status}"
         )
