@@ -45,9 +45,10 @@ _DIGIT_RUN = re.compile(
 )
 _DIGIT_GROUP = re.compile(r"\d+")
 _ANY_DIGIT = re.compile(r"\d").search
-# A word of a digit run (between spaces and dashes), and the dotted words that are something
-# else than part of a phone number: a decimal number, an IPv4 address, a version.
+# A word of a digit run (between spaces and dashes), and what is something else than a phone
+# number: a date, and dotted words (a decimal number, an IPv4 address, a version).
 _RUN_WORD = re.compile(r"\(?\d+\)?(?:\.\d+)*")
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _NOT_A_PHONE = re.compile(r"\d+\.\d+|\d{1,3}(?:\.\d{1,3}){3}|(?=[\d.]*\d{5})\d+(?:\.\d+)+")
 # Shortest and longest digit counts of a number written without "+" ("00" prefix included).
 _MIN_DIGITS, _MAX_DIGITS = 8, 17
@@ -107,6 +108,8 @@ def _masked_e164(text: str) -> str:
 def _mask_digit_run(text: str) -> str:
     """Mask the phone number in a run of grouped digits, if there is one: the whole run, or
     else the longest run of whole groups that is one (`attempt 3 06 12 34 56 78`)."""
+    if _DATE.fullmatch(text):
+        return text
     groups: list[re.Match[str] | None] = []  # None: a word no phone number goes through
     for word in _RUN_WORD.finditer(text):
         if "." in word.group() and _NOT_A_PHONE.fullmatch(word.group()):
