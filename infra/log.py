@@ -5,9 +5,9 @@
 
 gives `{"ts": ..., "level": "INFO", "service": "routing", "event": "message.routed",
 "logger": ..., "trace_id": ..., "span_id": ..., "tenant_id": ..., "from": "+33******78"}`.
-Redaction runs over the final line, so it also covers messages, field names, nested fields and
-tracebacks: phone numbers and messaging IDs are masked (`mask_phone`), JWTs and the configured
-Twilio tokens and JWT secret are removed.
+Phone numbers and messaging IDs are masked (`mask_phone`) in everything a caller puts in a
+record: the message, field names and nested values, tracebacks. JWTs and the configured Twilio
+tokens and JWT secret are removed from the whole line.
 """
 
 from __future__ import annotations
@@ -52,6 +52,9 @@ _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _NOT_A_PHONE = re.compile(r"\d+\.\d+|\d{1,3}(?:\.\d{1,3}){3}|(?=[\d.]*\d{5})\d+(?:\.\d+)+")
 # Shortest and longest digit counts of a number written without "+" ("00" prefix included).
 _MIN_DIGITS, _MAX_DIGITS = 8, 17
+# A run of more groups than this is masked whole, unsearched: searching it costs parses in
+# proportion to its length, and a list of figures that long is rare in a log line.
+_MAX_RUN_GROUPS = 12
 _JWT = re.compile(r"eyJ[\w-]*\.eyJ[\w-]*\.[\w-]*")
 _CORE_KEYS = frozenset({"ts", "level", "service", "event", "logger", "trace_id", "span_id"})
 # Shorter "secrets" would turn ordinary words into *** all over the logs.
@@ -107,16 +110,21 @@ def _masked_e164(text: str) -> str:
 
 def _mask_digit_run(text: str) -> str:
     """Mask the phone number in a run of grouped digits, if there is one: the whole run, or
-    else the longest run of whole groups that is one (`attempt 3 06 12 34 56 78`)."""
+    else the longest run of whole groups that is one (`attempt 3 06 12 34 56 78`). Groups
+    after the second have two digits or more, as phone numbers are written (`0033 6 12 34 56
+    78`, `1 415 555 0123`; `1 2 3 4` is not one)."""
     if _DATE.fullmatch(text):
         return text
     groups: list[re.Match[str] | None] = []  # None: a word no phone number goes through
     for word in _RUN_WORD.finditer(text):
         if "." in word.group() and _NOT_A_PHONE.fullmatch(word.group()):
             groups.append(None)
-        else:
-            groups.extend(_DIGIT_GROUP.finditer(text, word.start(), word.end()))
-    for size in range(len(groups), 0, -1):
+            continue
+        for group in _DIGIT_GROUP.finditer(text, word.start(), word.end()):
+            groups.append(group if len(groups) < 2 or len(group.group()) > 1 else None)
+    if sum(group is not None for group in groups) > _MAX_RUN_GROUPS:
+        return _masked_digits("".join(_DIGIT_GROUP.findall(text)))
+    for size in range(min(len(groups), _MAX_DIGITS // 2 + 1), 0, -1):
         for start in range(len(groups) - size + 1):
             part = groups[start : start + size]
             if None in part:

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # (as written, as it must appear in a log line)
 PHONE_FORMS = [
     pytest.param("0033612345678", "0033******78", id="international-00"),
+    pytest.param("0033 6 12 34 56 78", "0033******78", id="international-00-grouped"),
     pytest.param("06 12 34 56 78", "06******78", id="national-spaces"),
     pytest.param("06.12.34.56.78", "06******78", id="national-dots"),
     pytest.param("0612345678", "06******78", id="national-bare"),
@@ -95,6 +96,7 @@ NOT_PHONES = [
     pytest.param("127.0.0.1:50051", id="address-and-port"),
     pytest.param("192.168.100.200", id="ipv4"),
     pytest.param("12345678", id="count"),
+    pytest.param("1 2 3 4 5 6 7 8 9 10", id="small-counts"),
     pytest.param("3.14159265358", id="decimal"),
 ]
 

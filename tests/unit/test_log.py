@@ -189,3 +189,10 @@ def test_unknown_phone_region_is_a_configuration_error(
     monkeypatch.setenv("LOG_PHONE_REGIONS", "FR,XX")
     with pytest.raises(ConfigError, match="LOG_PHONE_REGIONS"):
         setup_logging("outbox", stream=io.StringIO())
+
+
+def test_a_long_run_of_figures_is_masked_whole_without_parsing_it() -> None:
+    figures = " ".join(str(n) for n in range(10, 200))
+    parsed_before = log._is_phone_number.cache_info().misses
+    assert mask_phone(f"ids {figures}.") == "ids 10******99."
+    assert log._is_phone_number.cache_info().misses == parsed_before
