@@ -47,7 +47,7 @@ def check_documents(
 ) -> OverlayReport:
     schema = validate_builtin(docs, KUBERNETES_VERSION)
     problems = [f"schema: {line}" for line in schema.problems]
-    for name, rule in policy.rules(secrets).items():
+    for name, rule in policy.rules(secrets, overlay).items():
         problems += [f"{name}: {line}" for line in rule(docs)]
     return OverlayReport(overlay, len(docs), schema.validated, schema.skipped, tuple(problems))
 
