@@ -27,10 +27,10 @@ from snapsell.routing.v1 import routing_pb2, routing_pb2_grpc
 from snapsell.seller_admin.v1 import seller_admin_pb2, seller_admin_pb2_grpc
 
 from infra import jetstream
-from infra.auth import issue_token
 from infra.streams import INBOUND_MESSAGE_SUBJECT, inbound_stream
 from tests.support.db import reset_service_schema
 from tests.support.processes import RunningService, free_port, start_service
+from tools.dev_keys import DevKeys
 from tools.twilio_sandbox.process import SandboxProcess, start_sandbox
 
 ACCOUNT_SID = "AC" + "5" * 32
@@ -80,7 +80,7 @@ async def eventually(
 class OutboxStack:
     admin_dsn: str
     nats_url: str
-    jwt_secret: str
+    token_keys: DevKeys
     sandbox: SandboxProcess | None = None
     routing: RunningService | None = None
     seller_admin: RunningService | None = None
@@ -182,8 +182,11 @@ class OutboxStack:
 
     # --- gRPC ------------------------------------------------------------------------------
 
-    def metadata(self, role: str = "service", tenant_id: str | None = None) -> Any:
-        token = issue_token(self.jwt_secret, sub=f"test-{role}", role=role, tenant_id=tenant_id)
+    def metadata(
+        self, role: str = "service", tenant_id: str | None = None, *, sub: str = "routing"
+    ) -> Any:
+        """A `service` token is routing's (the outbox's real caller) unless `sub` says which."""
+        token = self.token_keys.token(role, tenant_id, sub if role == "service" else f"test-{role}")
         return (("authorization", f"Bearer {token}"),)
 
     def outbox(self, service: RunningService | None = None) -> outbox_pb2_grpc.OutboxServiceStub:
@@ -222,7 +225,7 @@ class OutboxStack:
     async def get(self, message_id: str, tenant_id: str = TENANT) -> outbox_pb2.Message:
         reply = await self.outbox().GetMessage(
             outbox_pb2.GetMessageRequest(tenant_id=tenant_id, message_id=message_id),
-            metadata=self.metadata(),
+            metadata=self.metadata("admin"),
             timeout=10,
         )
         return reply.message
@@ -244,7 +247,7 @@ class OutboxStack:
     ) -> routing_pb2.CheckOptOutResponse:
         return await self.routing_stub().CheckOptOut(
             routing_pb2.CheckOptOutRequest(tenant_id=tenant_id, address=address),
-            metadata=self.metadata(),
+            metadata=self.metadata(sub="outbox"),
             timeout=10,
         )
 
