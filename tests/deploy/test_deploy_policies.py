@@ -154,7 +154,7 @@ def test_secret_references_are_found_in_pods_ingress_and_custom_resources(
     prod = rendered["prod"]
     assert referenced_secrets(find(prod, "Deployment", "gateway")) == {"snapsell-twilio"}
     assert referenced_secrets(find(prod, "Deployment", "routing")) == {
-        "snapsell-jwt",
+        "snapsell-signing-routing",
         "snapsell-db-routing",
         "snapsell-pg-superuser",
         "snapsell-pg-ca",
