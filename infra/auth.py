@@ -189,6 +189,10 @@ class JwtVerifier:
             raise ConfigError("set SNAPSELL_TRUSTED_KEYS_FILE or SNAPSELL_IDP_KEYS_FILE")
         if not 0 < tenant_max_ttl_s <= TENANT_TOKEN_TTL_CAP_S:
             raise ConfigError(f"tenant token lifetime must be 1..{TENANT_TOKEN_TTL_CAP_S} s")
+        if trusted_keys and identity_provider:
+            shared = trusted_keys.keys.keys() & identity_provider.keys.keys.keys()
+            if shared:
+                raise ConfigError(f"key ids {sorted(shared)} are both ours and the IdP's")
         self._audience = audience
         self._trusted = trusted_keys
         self._idp = identity_provider
@@ -225,10 +229,6 @@ class JwtVerifier:
                 maximum=TENANT_TOKEN_TTL_CAP_S,
             ),
         )
-
-    @property
-    def audience(self) -> str:
-        return self._audience
 
     def verify(self, token: str) -> Principal:
         now = self._clock()

@@ -233,6 +233,14 @@ def test_identity_provider_tokens_need_its_issuer_our_audience_and_iat(
     }
 
 
+def test_a_key_id_both_ours_and_the_identity_providers_is_refused(
+    tmp_path: Path, idp: IdentityProvider
+) -> None:
+    trusted = key_file(tmp_path / "trusted.json", new_signing_key("idp-1"))
+    with pytest.raises(ConfigError, match="both ours and the IdP's"):
+        JwtVerifier(audience=AUDIENCE, trusted_keys=trusted, identity_provider=idp)
+
+
 def test_a_rotated_key_set_file_is_reloaded_for_an_unknown_kid(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
