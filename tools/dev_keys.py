@@ -33,7 +33,7 @@ class DevKeys:
         except KeyError:
             raise ValueError(f"no signing key for identity {identity!r}") from None
 
-    def env(self, identity: str | None) -> dict[str, str]:
+    def env(self, identity: str) -> dict[str, str]:
         """A process's key settings: the trusted key set, and its own private key if it signs."""
         env = {"SNAPSELL_TRUSTED_KEYS_FILE": str(self.trusted_keys_file)}
         if identity in self._paths:

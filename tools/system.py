@@ -122,7 +122,7 @@ class SystemStack:
         env = {
             "PATH": "/usr/bin:/bin",
             "SELLER_ADMIN_ADDR": self.address("seller_admin"),
-            "SNAPSELL_SIGNING_KEY_FILE": str(self.keys.directory / "operator.pem"),
+            **self.keys.env("operator"),
             "TWILIO_ACCOUNT_SID": self.account_sid,
         }
         return subprocess.run(
