@@ -8,16 +8,29 @@ RESOURCE_EXHAUSTED instead of queueing without bound).
 Lifecycle: `start()` marks every service SERVING; `stop(grace)` marks them NOT_SERVING first (so
 health-checking clients and probes move away), then stops accepting calls and lets in-flight
 calls finish within `grace` seconds.
+
+Errors: each servicer maps its own errors to status codes. What it does not map is handled here,
+once for every server, by `RpcErrorInterceptor` (always the innermost interceptor):
+- `InvalidInputError` (e.g. a forged page token) -> INVALID_ARGUMENT with its one-line message;
+- a request with a NUL character in any text field -> INVALID_ARGUMENT before the servicer runs
+  (PostgreSQL cannot store NUL in text);
+- any other exception -> INTERNAL "internal error", logged with the exception; the caller never
+  sees its text (a driver message, a stack trace, SQL).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
+import functools
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -54,6 +67,16 @@ DEFAULT_MAX_CONCURRENT_RPCS = 1000
 
 Behavior = Callable[..., Any]
 
+NUL_IN_TEXT = "text fields must not contain NUL characters"
+INTERNAL_ERROR = "internal error"
+
+_log = logging.getLogger(__name__)
+
+
+class InvalidInputError(ValueError):
+    """Client input no RPC can take, whichever service: returned as INVALID_ARGUMENT with this
+    one-line message by `RpcErrorInterceptor`, unless the servicer maps it itself."""
+
 
 @dataclass(frozen=True)
 class GrpcServerSettings:
@@ -79,7 +102,8 @@ class GrpcServer:
 
     Interceptors run in list order; the usual stack is
     `[*telemetry.grpc_server_interceptors(), RpcMetricsInterceptor(service), AuthInterceptor(...)]`
-    (tracing outermost; metrics before auth so refused calls are counted too).
+    (tracing outermost; metrics before auth so refused calls are counted too). The server adds
+    `RpcErrorInterceptor` after them, next to the servicer.
     """
 
     def __init__(
@@ -95,7 +119,7 @@ class GrpcServer:
         settings = settings if settings is not None else GrpcServerSettings.from_env()
         self._service_names = tuple(service_full_names)
         self.server: grpc.aio.Server = grpc.aio.server(
-            interceptors=list(interceptors),
+            interceptors=[*interceptors, RpcErrorInterceptor()],
             options=list(options),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
@@ -163,3 +187,116 @@ def aborting_handler(
         await context.abort(code, details)
 
     return wrap_rpc_handler(handler, lambda _behavior: abort)
+
+
+class _Kind(enum.Enum):
+    TEXT, TEXTS, MESSAGE, MESSAGES, MAP = range(5)
+
+
+def has_nul_text(message: Message) -> bool:
+    """Whether any string field of `message`, nested messages and maps included, contains NUL.
+
+    NUL is encoded as a zero byte, so a serialized message without one has none: that test (in
+    C, ~40 µs for a 1000-check batch) spares the walk of the fields (~4 ms for that batch)."""
+    return b"\0" in message.SerializeToString() and _walk_has_nul(message)
+
+
+def _walk_has_nul(message: Message) -> bool:
+    for name, kind in _text_fields(message.DESCRIPTOR):
+        value = getattr(message, name)
+        if kind is _Kind.TEXT:
+            if "\0" in value:
+                return True
+        elif kind is _Kind.TEXTS:
+            if any("\0" in text for text in value):
+                return True
+        elif kind is _Kind.MESSAGE:
+            if message.HasField(name) and _walk_has_nul(value):
+                return True
+        elif kind is _Kind.MESSAGES:
+            if any(_walk_has_nul(nested) for nested in value):
+                return True
+        elif any(_item_has_nul(key) for key in value) or any(
+            _item_has_nul(item) for item in value.values()
+        ):  # a map
+            return True
+    return False
+
+
+def _item_has_nul(item: object) -> bool:
+    if isinstance(item, str):
+        return "\0" in item
+    return isinstance(item, Message) and _walk_has_nul(item)
+
+
+@functools.cache
+def _text_fields(descriptor: Descriptor) -> tuple[tuple[str, _Kind], ...]:
+    """The fields of a message type that hold text, directly or nested: computed once per type,
+    so a request is checked by reading only those fields."""
+    fields: list[tuple[str, _Kind]] = []
+    for field in descriptor.fields:
+        if field.type == FieldDescriptor.TYPE_STRING:
+            fields.append((field.name, _Kind.TEXTS if field.is_repeated else _Kind.TEXT))
+        elif field.type != FieldDescriptor.TYPE_MESSAGE or not _holds_text(field.message_type):
+            continue
+        elif field.message_type.GetOptions().map_entry:
+            fields.append((field.name, _Kind.MAP))
+        else:
+            fields.append((field.name, _Kind.MESSAGES if field.is_repeated else _Kind.MESSAGE))
+    return tuple(fields)
+
+
+def _holds_text(descriptor: Descriptor, seen: frozenset[str] = frozenset()) -> bool:
+    if descriptor.full_name in seen:  # a recursive type: its text fields are counted once
+        return False
+    seen = seen | {descriptor.full_name}
+    return any(
+        field.type == FieldDescriptor.TYPE_STRING
+        or (field.type == FieldDescriptor.TYPE_MESSAGE and _holds_text(field.message_type, seen))
+        for field in descriptor.fields
+    )
+
+
+class RpcErrorInterceptor(grpc.aio.ServerInterceptor):
+    """The last word on errors for unary calls (every RPC of our contracts): see the module
+    docstring. Streaming handlers (health's Watch, reflection) pass through unchanged."""
+
+    def __init__(self) -> None:
+        # method -> (handler as registered, its guarded copy), built once per method.
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.response_streaming:
+            return handler
+        method: str = handler_call_details.method
+        cached = self._guarded.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        guarded = wrap_rpc_handler(handler, lambda behavior: _guarded(behavior, method))
+        self._guarded[method] = (handler, guarded)
+        return guarded
+
+
+def _guarded(behavior: Behavior, method: str) -> Behavior:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Message) and has_nul_text(request):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, NUL_IN_TEXT)
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise  # the servicer chose its status
+        except InvalidInputError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except Exception as error:
+            _log.exception(
+                "rpc.failed",
+                extra={"fields": {"method": method, "error_type": type(error).__name__}},
+            )
+            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR)
+
+    return call

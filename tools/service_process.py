@@ -23,7 +23,7 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tools.devstack import free_port
+from tools.devstack import free_port, nats_service_env
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 30.0
@@ -102,15 +102,28 @@ def _temporary_log_dir() -> Path:
     return path
 
 
-def process_env(env: Mapping[str, str], *, port: int, http: bool) -> dict[str, str]:
-    """`env` with what every service process gets: its port, a metrics port, unbuffered output."""
+def _own_signing_key(name: str, env: Mapping[str, str]) -> dict[str, str]:
+    """A service started next to a `tools.dev_keys` key set gets its own key (and no other)."""
+    if env.get("SNAPSELL_SIGNING_KEY_FILE") or not env.get("SNAPSELL_TRUSTED_KEYS_FILE"):
+        return {}
+    own = Path(env["SNAPSELL_TRUSTED_KEYS_FILE"]).parent / f"{name}.pem"
+    return {"SNAPSELL_SIGNING_KEY_FILE": str(own)} if own.exists() else {}
+
+
+def process_env(name: str, env: Mapping[str, str], *, port: int, http: bool) -> dict[str, str]:
+    """`env` with what every service process gets: its port, a metrics port, unbuffered output,
+    its own NATS user and signing key (when the stack has them)."""
     port_var = "HTTP_PORT" if http else "GRPC_PORT"
-    return {
+    full_env = {
         "METRICS_PORT": str(free_port()),
         port_var: str(port),
         **env,
         "PYTHONUNBUFFERED": "1",
     }
+    if "NATS_USER" not in env and full_env.get("NATS_URL"):  # its own NATS user
+        full_env |= nats_service_env(full_env["NATS_URL"], name)
+    full_env.update(_own_signing_key(name, full_env))
+    return full_env
 
 
 def log_file(name: str, port: int, log_dir: Path | None) -> Path:
@@ -131,7 +144,7 @@ def spawn_service(
     output goes to `<log_dir>/<name>-<port>.log` (`log_dir` by default: a temporary directory
     removed when this process exits; a failing test quotes the log before that)."""
     port = port or free_port()
-    full_env = {**os.environ, **process_env(env, port=port, http=http)}
+    full_env = {**os.environ, **process_env(name, env, port=port, http=http)}
     log_path = log_file(name, port, log_dir)
     with log_path.open("ab") as log:
         process = subprocess.Popen(

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import uvicorn
 
 from infra import jetstream
-from infra.config import ConfigError, env_str
+from infra.config import ConfigError
 from infra.lifecycle import run_main, tune_garbage_collector
 from infra.log import get_logger
 from infra.streams import inbound_stream
@@ -34,7 +34,6 @@ class _Server(uvicorn.Server):
 
 async def serve(stop: asyncio.Event) -> None:
     config = load_config()
-    forwarded_allow_ips = env_str("GATEWAY_FORWARDED_ALLOW_IPS", "127.0.0.1")
     nc = await jetstream.connect(config.nats_url, name="gateway")
     try:
         js = nc.jetstream()
@@ -53,7 +52,10 @@ async def serve(stop: asyncio.Event) -> None:
                 access_log=False,
                 log_config=None,
                 proxy_headers=True,
-                forwarded_allow_ips=forwarded_allow_ips,
+                forwarded_allow_ips=list(config.forwarded_allow_ips),
+                # Past this many connections (or requests in progress), 503 at once rather
+                # than an ever longer queue; slow bodies are cut by the app (api._read_body).
+                limit_concurrency=config.max_connections,
                 timeout_graceful_shutdown=10,
             )
         )

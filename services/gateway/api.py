@@ -2,9 +2,14 @@
 
 Every webhook is answered only after JetStream acknowledged it (200 with empty TwiML), or
 with a status Twilio understands as "try again" (503) — never 200 for a message that was not
-handed over. Order of checks, cheapest first: size (413), content type (415), source blocked
-for bad signatures (429), signature (403), required parameters (400), sender flood (200 and
+handed over. Order of checks: size (413) and a body read within the timeout (408), content
+type (415), signature (403, or 429 once the source has failed too often: the per-source block
+only ever answers requests that fail the signature, so no traffic from others can make a
+correctly signed webhook fail), repeated or malformed parameters (400), sender flood (200 and
 dropped, so Twilio does not retry spam), publish (200 or 503).
+
+The source of a request is the client address uvicorn reports: the peer, or the address in
+X-Forwarded-For when the peer is a trusted proxy (GATEWAY_FORWARDED_ALLOW_IPS).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
+from urllib.parse import urlparse
 
 from opentelemetry import trace
 from prometheus_client import (
@@ -28,11 +34,22 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Scope
-from twilio.request_validator import RequestValidator, get_signature_algorithm
+from twilio.request_validator import (
+    RequestValidator,
+    add_port,
+    get_signature_algorithm,
+    remove_port,
+)
 
 from infra.log import get_logger
 from infra.streams import INBOUND_MESSAGE_SUBJECT, INBOUND_STATUS_SUBJECT
 from services.gateway import domain, metrics
+from services.gateway.body_reading import (
+    BodyReader,
+    BodyTimeoutError,
+    BodyTooLargeError,
+    Receive,
+)
 from services.gateway.config import Config
 
 log = get_logger(__name__)
@@ -43,15 +60,10 @@ FORM_TYPE = "application/x-www-form-urlencoded"
 Publish = Callable[[str, bytes, str], Awaitable[None]]
 Ready = Callable[[], Awaitable[bool]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class PublishError(Exception):
     """JetStream did not acknowledge in time; the webhook must not be answered 200."""
-
-
-class BodyTooLargeError(Exception):
-    pass
 
 
 class Answer(NamedTuple):
@@ -80,6 +92,12 @@ TOO_LARGE = Answer.text(413, "request body too large")
 NOT_FORM = Answer.text(415, f"expected {FORM_TYPE}")
 SOURCE_BLOCKED = Answer.text(429, "too many invalid signatures")
 MALFORMED = Answer.text(400, "body is not valid form data")
+# Sent before the body was read to its end: the connection cannot carry another request.
+BODY_TIMEOUT = Answer(
+    408,
+    [*Answer.text(408, "request body not received in time").headers, (b"connection", b"close")],
+    b"request body not received in time\n",
+)
 BAD_SIGNATURE = Answer.text(403, "invalid Twilio signature")
 UNAVAILABLE = Answer.text(503, "message bus unavailable, retry later")
 
@@ -91,6 +109,7 @@ class Headers(NamedTuple):
     content_length: str | None
     signature: str | None
     signature_settings: str | None
+    idempotency_token: str
 
     @classmethod
     def of(cls, scope: Scope) -> Headers:
@@ -103,6 +122,7 @@ class Headers(NamedTuple):
             found.get(b"content-length"),
             found.get(b"x-twilio-signature"),
             found.get(b"x-twilio-webhooks-signature-settings"),
+            found.get(b"i-twilio-idempotency-token", ""),
         )
 
 
@@ -112,26 +132,9 @@ _WANTED_HEADERS = frozenset(
         b"content-length",
         b"x-twilio-signature",
         b"x-twilio-webhooks-signature-settings",
+        b"i-twilio-idempotency-token",
     )
 )
-
-
-async def _read_body(receive: Receive, declared: str | None, limit: int) -> bytes:
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLargeError
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":  # the client went away
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLargeError
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 class Webhooks:
@@ -148,9 +151,21 @@ class Webhooks:
         self._default = (
             RequestValidator(config.default_auth_token) if config.default_auth_token else None
         )
-        self._bad_signatures = domain.WindowCounter(
-            config.signature_failures_per_window, config.signature_failure_window_s, clock
-        )
+        self._bodies = BodyReader(config.body_read_timeout_s)
+        self._base_url = config.public_base_url
+        self._base_url_port_variant = _port_variant(config.public_base_url)
+        # One counter per endpoint: junk on one never blocks the other.
+        window_s = config.signature_failure_window_s
+        self._limits = {
+            "messages": _EndpointLimits(
+                config.max_body_bytes,
+                domain.WindowCounter(config.signature_failures_per_window, window_s, clock),
+            ),
+            "status": _EndpointLimits(
+                config.status_max_body_bytes,
+                domain.WindowCounter(config.status_signature_failures_per_window, window_s, clock),
+            ),
+        }
         self._senders = domain.WindowCounter(config.sender_messages_per_minute, 60.0, clock)
 
     def endpoint(self, name: str) -> ASGIApp:
@@ -158,22 +173,24 @@ class Webhooks:
 
     async def process(self, scope: Scope, receive: Receive, endpoint: str) -> tuple[str, Answer]:
         headers = Headers.of(scope)
-        client = scope.get("client")
-        client_ip = client[0] if client else "unknown"
+        limits = self._limits[endpoint]
         try:
-            body = await _read_body(receive, headers.content_length, self._config.max_body_bytes)
+            body = await self._bodies.read(receive, headers.content_length, limits.max_body_bytes)
         except BodyTooLargeError:
             return "too_large", TOO_LARGE
+        except BodyTimeoutError:
+            return "body_timeout", BODY_TIMEOUT
         if headers.content_type.split(";")[0].strip().lower() != FORM_TYPE:
             return "unsupported_media_type", NOT_FORM
-        if self._bad_signatures.over_limit(client_ip):
-            return "source_blocked", SOURCE_BLOCKED
         try:
             params = domain.parse_form(body.decode("utf-8"))
         except UnicodeDecodeError:
             return "malformed", MALFORMED
         if not self._signature_valid(scope, headers, params):
-            self._bad_signatures.hit(client_ip)
+            client = scope.get("client")
+            client_ip = client[0] if client else "unknown"
+            if limits.bad_signatures.hit(client_ip):
+                return "source_blocked", SOURCE_BLOCKED
             log.warning(
                 "webhook.signature_invalid",
                 extra={"fields": {"endpoint": endpoint, "client_ip": client_ip}},
@@ -181,14 +198,17 @@ class Webhooks:
             return "bad_signature", BAD_SIGNATURE
         received_at = time.time_ns()
         try:
+            domain.check_signed_form(params)
             if endpoint == "messages":
                 message = domain.message_received(params, received_at)
+                if headers.idempotency_token:
+                    message.idempotency_token = headers.idempotency_token
                 subject, msg_id = INBOUND_MESSAGE_SUBJECT, message.message_sid
             else:
                 status = domain.status_received(params, received_at)
                 subject = INBOUND_STATUS_SUBJECT
                 msg_id = f"{status.message_sid}:{status.message_status}"
-        except domain.MissingParameterError as error:
+        except domain.ParameterError as error:
             return "bad_request", Answer.text(400, str(error))
         span = trace.get_current_span()
         if span.is_recording():  # ops find a message's trace by the MessageSid Twilio shows
@@ -217,15 +237,37 @@ class Webhooks:
         validator = self._validators.get(params.get("AccountSid", ""), self._default)
         if validator is None:
             return False
-        url = self._config.public_base_url + scope["path"]
+        target = scope["path"]
         if query := scope["query_string"]:
-            url += "?" + query.decode("latin-1")
+            target += "?" + query.decode("latin-1")
         algorithm = get_signature_algorithm(headers.signature_settings)
         try:
-            expected = validator.compute_signature(url, params, algorithm)
+            expected = validator.compute_signature(self._base_url + target, params, algorithm)
+            if hmac.compare_digest(expected.encode(), signature.encode()):
+                return True
+            # Twilio signs some URLs with the default port and some without; the SDK's
+            # validate() accepts both. Tried only when the configured form did not match.
+            if self._base_url_port_variant is None:
+                return False
+            expected = validator.compute_signature(
+                self._base_url_port_variant + target, params, algorithm
+            )
         except ValueError:  # an algorithm this SDK does not know
             return False
         return hmac.compare_digest(expected.encode(), signature.encode())
+
+
+class _EndpointLimits(NamedTuple):
+    max_body_bytes: int
+    bad_signatures: domain.WindowCounter
+
+
+def _port_variant(base_url: str) -> str | None:
+    """The base URL with the scheme's default port added, or removed if it is there (the
+    twilio SDK's own `add_port`/`remove_port`); None when there is no other form."""
+    parsed = urlparse(base_url)
+    variant = remove_port(parsed) if parsed.port else add_port(parsed)
+    return variant if variant != base_url else None
 
 
 class _Endpoint:

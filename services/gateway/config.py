@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -22,6 +23,14 @@ class Config:
     signature_failure_window_s: float
     sender_messages_per_minute: int
     workers: int  # processes sharing the port (services/gateway/workers.py)
+    # Status callbacks have their own body limit and bad-signature counter, so a flood on one
+    # endpoint never blocks the other.
+    status_max_body_bytes: int
+    status_signature_failures_per_window: int
+    # Proxies whose X-Forwarded-For names the client (the key of the per-source limits).
+    forwarded_allow_ips: tuple[str, ...]
+    body_read_timeout_s: float
+    max_connections: int  # per process; past it, uvicorn answers 503
 
 
 def parse_auth_tokens(raw: str | None) -> dict[str, str]:
@@ -35,6 +44,30 @@ def parse_auth_tokens(raw: str | None) -> dict[str, str]:
             raise ConfigError("TWILIO_AUTH_TOKENS must look like AC...=token,AC...=token")
         tokens[sid] = token
     return tokens
+
+
+def parse_forwarded_allow_ips(raw: str) -> tuple[str, ...]:
+    """`10.0.0.0/8,192.168.1.10` -> the networks as given; never `*`, which would let any
+    client choose the address its limits are counted against."""
+    networks = []
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if item == "*":
+            raise ConfigError(
+                "GATEWAY_FORWARDED_ALLOW_IPS must not be *: list the ingress controller's CIDRs"
+            )
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f'GATEWAY_FORWARDED_ALLOW_IPS: "{item}" is not an IP address or CIDR'
+            ) from None
+        networks.append(item)
+    if not networks:
+        raise ConfigError("GATEWAY_FORWARDED_ALLOW_IPS must name at least one address or CIDR")
+    return tuple(networks)
 
 
 def load_config() -> Config:
@@ -68,4 +101,17 @@ def load_config() -> Config:
             "GATEWAY_SENDER_MESSAGES_PER_MINUTE", 60, minimum=1, maximum=10_000_000
         ),
         workers=env_int("GATEWAY_WORKERS", 1, minimum=1, maximum=64),
+        status_max_body_bytes=env_int(
+            "GATEWAY_STATUS_MAX_BODY_BYTES", 16 * 1024, minimum=1024, maximum=1 << 20
+        ),
+        status_signature_failures_per_window=env_int(
+            "GATEWAY_STATUS_SIGNATURE_FAILURES_LIMIT", 20, minimum=1, maximum=1_000_000
+        ),
+        forwarded_allow_ips=parse_forwarded_allow_ips(
+            env_str("GATEWAY_FORWARDED_ALLOW_IPS", "127.0.0.1")
+        ),
+        body_read_timeout_s=env_float(
+            "GATEWAY_BODY_READ_TIMEOUT_SECONDS", 5.0, minimum=0.1, maximum=120
+        ),
+        max_connections=env_int("GATEWAY_MAX_CONNECTIONS", 1024, minimum=1, maximum=1_000_000),
     )

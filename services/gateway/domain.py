@@ -4,6 +4,7 @@ behind its abuse limits. No I/O here."""
 from __future__ import annotations
 
 import codecs
+import re
 from collections.abc import Callable, Mapping, Sequence
 from urllib.parse import unquote_to_bytes
 
@@ -45,8 +46,38 @@ _MESSAGE_KNOWN = {
 _STATUS_KNOWN = {*_STATUS_FIELDS, "From", "To"}
 
 
-class MissingParameterError(ValueError):
+# Twilio's signature covers the URL and then each name and value with no separator, so a
+# value can swallow the parameters after it (`MessageSid=SM…NumMedia0` in place of
+# `MessageSid=SM…&NumMedia=0`) and keep a valid signature, with a MessageSid de-duplication
+# has never seen. Identifiers of a fixed shape close that door.
+SID_FORMATS = {
+    "MessageSid": re.compile(r"(SM|MM)[0-9a-f]{32}"),
+    "SmsSid": re.compile(r"(SM|MM)[0-9a-f]{32}"),
+    "AccountSid": re.compile(r"AC[0-9a-f]{32}"),
+    "MessagingServiceSid": re.compile(r"MG[0-9a-f]{32}"),
+}
+
+
+class ParameterError(ValueError):
+    """A signed webhook's parameters are not what Twilio sends; the message is one line."""
+
+
+class MissingParameterError(ParameterError):
     """A signed webhook lacks a parameter Twilio always sends."""
+
+
+class InvalidParameterError(ParameterError):
+    """A signed webhook has a repeated parameter or an identifier of the wrong shape."""
+
+
+def check_signed_form(params: FormParams) -> None:
+    """Refuse what Twilio never sends: a repeated name, or a SID that is not one."""
+    if repeated := params.repeated():
+        raise InvalidParameterError(f"repeated parameter {', '.join(sorted(repeated))}")
+    for name, pattern in SID_FORMATS.items():
+        value = params.get(name)
+        if value is not None and not pattern.fullmatch(value):
+            raise InvalidParameterError(f"{name} is not a Twilio SID")
 
 
 class FormParams(dict[str, str]):
@@ -64,6 +95,10 @@ class FormParams(dict[str, str]):
     def getall(self, name: str) -> Sequence[str]:
         return (self[name],)
 
+    def repeated(self) -> list[str]:
+        """The names that came more than once."""
+        return []
+
 
 class _RepeatedFormParams(FormParams):
     """Form parameters where some name came more than once (Twilio never repeats one)."""
@@ -76,6 +111,9 @@ class _RepeatedFormParams(FormParams):
 
     def getall(self, name: str) -> Sequence[str]:
         return self.every[name]
+
+    def repeated(self) -> list[str]:
+        return [name for name, values in self.every.items() if len(values) > 1]
 
 
 def _unquote_plus(text: str) -> str:
@@ -205,6 +243,3 @@ class WindowCounter:
         count = counts.get(key, 0) + 1
         counts[key] = count
         return count > self._limit
-
-    def over_limit(self, key: str) -> bool:
-        return self._current().get(key, 0) >= self._limit

@@ -4,16 +4,19 @@ errors to status codes with a one-line message (never a stack trace)."""
 from __future__ import annotations
 
 import functools
+import uuid
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
 import grpc
 from snapsell.live_session.v1 import live_session_pb2, live_session_pb2_grpc
 
-from infra.auth import PermissionDeniedError, current_principal, tenant_scope
+from infra.auth import Access, PermissionDeniedError, current_principal, tenant_scope
 from infra.db import DATABASE_UNAVAILABLE
 from infra.log import get_logger
+from infra.page_tokens import PageTokens
 from services.live_session import domain
 from services.live_session.events import (
     SIGNAL_KIND_FROM_PROTO,
@@ -26,12 +29,16 @@ SERVICE_FULL_NAME = live_session_pb2.DESCRIPTOR.services_by_name["LiveSessionSer
 
 _TENANT_ROLES = frozenset({"owner", "manager", "staff"})
 # Keyed by full method name, as `infra.auth.AuthInterceptor` wants it.
-ACCESS_POLICY: dict[str, frozenset[str]] = {
-    f"/{SERVICE_FULL_NAME}/Touch": frozenset({"service"}),
-    f"/{SERVICE_FULL_NAME}/GetCurrentSession": _TENANT_ROLES | {"admin"},
-    f"/{SERVICE_FULL_NAME}/ListSessions": _TENANT_ROLES | {"admin"},
-    f"/{SERVICE_FULL_NAME}/CloseSession": frozenset({"owner", "manager", "admin", "service"}),
+# Routing touches a tenant's session on every live signal; no service closes one today.
+ACCESS_POLICY: dict[str, Access] = {
+    f"/{SERVICE_FULL_NAME}/Touch": Access(services=frozenset({"routing"})),
+    f"/{SERVICE_FULL_NAME}/GetCurrentSession": Access(roles=_TENANT_ROLES | {"admin"}),
+    f"/{SERVICE_FULL_NAME}/ListSessions": Access(roles=_TENANT_ROLES | {"admin"}),
+    f"/{SERVICE_FULL_NAME}/CloseSession": Access(roles=frozenset({"owner", "manager", "admin"})),
 }
+
+# Sorted on (started_at, id), newest first; a token is valid for the tenant it lists.
+SESSION_PAGES = PageTokens("live_session.sessions", (datetime, uuid.UUID))
 
 
 class SessionNotFoundError(Exception):
@@ -63,9 +70,6 @@ def _rpc(method: Method[Request, Response]) -> Method[Request, Response]:
                 "live_session.database_unavailable", extra={"fields": {"error": str(error)}}
             )
             await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable, retry")
-        except Exception:
-            _log.exception("live_session.rpc_failed", extra={"fields": {"method": method.__name__}})
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
         raise AssertionError("unreachable: context.abort raises")
 
     return call
@@ -141,9 +145,12 @@ class LiveSessionApi(live_session_pb2_grpc.LiveSessionServiceServicer):
             if status is None:
                 raise domain.InvalidRequestError(f"unknown status {request.status}")
         limit = domain.page_size(request.page_size)
-        after = domain.PageCursor.decode(request.page_token) if request.page_token else None
+        key = SESSION_PAGES.decode(request.page_token, tenant_id)
+        after = None if key is None else domain.PageCursor(*key)
         page = await self._store.list(tenant_id, status, limit, after)
+        token, cursor = "", page.next_cursor
+        if cursor is not None:
+            token = SESSION_PAGES.encode(tenant_id, cursor.started_at, cursor.session_id)
         return live_session_pb2.ListSessionsResponse(
-            sessions=[session_message(s) for s in page.sessions],
-            next_page_token="" if page.next_cursor is None else page.next_cursor.encode(),
+            sessions=[session_message(s) for s in page.sessions], next_page_token=token
         )

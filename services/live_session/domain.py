@@ -8,8 +8,6 @@ and idle for another: idle means `last_activity_at <= now - window`.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
 import uuid
 from dataclasses import dataclass
@@ -178,21 +176,6 @@ class PageCursor:
 
     started_at: datetime
     session_id: uuid.UUID
-
-    def encode(self) -> str:
-        micros = epoch_micros(self.started_at)
-        raw = f"{micros}:{self.session_id}".encode()
-        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-    @classmethod
-    def decode(cls, token: str) -> PageCursor:
-        try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-            micros, _, session = raw.partition(":")
-            started_at = _EPOCH + timedelta(microseconds=int(micros))
-            return cls(started_at=started_at, session_id=uuid.UUID(session))
-        except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError):
-            raise InvalidRequestError("page_token is not one this service issued") from None
 
 
 def epoch_micros(moment: datetime) -> int:

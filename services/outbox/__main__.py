@@ -18,11 +18,13 @@ from pathlib import Path
 
 from prometheus_client import Gauge
 from snapsell.outbox.v1 import outbox_pb2_grpc
+from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
 from infra import jetstream
 from infra.auth import AuthInterceptor, JwtVerifier, ServiceTokenProvider
 from infra.db import migrate_service, open_service_database
 from infra.events import EventRelay, wait_any
+from infra.grpc_client import service_channel
 from infra.grpc_server import GrpcServer
 from infra.lifecycle import run_main, tune_garbage_collector
 from infra.log import get_logger
@@ -33,6 +35,7 @@ from infra.telemetry import grpc_server_interceptors
 from infra.twilio_http import make_twilio_client
 from services.outbox.admin_store import OutboxAdminStore
 from services.outbox.api import ACCESS_POLICY, SERVICE_FULL_NAME, OutboxApi
+from services.outbox.channels import ChannelDirectory, follow_channel_changes
 from services.outbox.config import Config, load_config, worker_id
 from services.outbox.consent import BatchConsent, RoutingConsentChecker, routing_channel
 from services.outbox.consumer import STATUS_CONSUMER, StatusCallbackHandler
@@ -99,11 +102,12 @@ async def _until_stop_or_crash(
 
 async def serve(stop: asyncio.Event) -> None:
     config = load_config()
-    verifier = JwtVerifier.from_env()
+    verifier = JwtVerifier.from_env(audience=SERVICE)
     pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
     sender = _twilio_sender(config)
     sender.warm_up()
     routing = routing_channel(config.routing_addr)
+    seller_admin = service_channel(config.seller_admin_addr, audience="seller_admin")
     nats_client = None
     metrics = None
     try:
@@ -111,6 +115,9 @@ async def serve(stop: asyncio.Event) -> None:
         js = nats_client.jetstream()
         await jetstream.ensure_stream(js, events_stream(SERVICE))
         await jetstream.ensure_stream(js, inbound_stream())
+        # Declared identically by every service (infra.streams): the channel follower below
+        # subscribes to it whether or not seller_admin has started yet.
+        await jetstream.ensure_stream(js, events_stream("seller_admin"))
         store = OutboxStore(pool)
         admin = OutboxAdminStore(pool)
         server = GrpcServer(
@@ -123,10 +130,15 @@ async def serve(stop: asyncio.Event) -> None:
                 AuthInterceptor(verifier, ACCESS_POLICY, service=SERVICE),
             ],
         )
+        directory = ChannelDirectory(
+            seller_admin_pb2_grpc.SellerAdminServiceStub(seller_admin),
+            ttl_s=config.channel_cache_ttl_s,
+            deadline_s=config.channel_directory_timeout_s,
+        )
         api = OutboxApi(
             store,
             admin,
-            default_account_sid=config.default_account_sid,
+            directory,
             account_sids=sender.account_sids,
             max_attempts=config.worker.retry.max_attempts,
         )
@@ -147,6 +159,9 @@ async def serve(stop: asyncio.Event) -> None:
                 ),
                 name="status-callbacks",
             ),
+            asyncio.create_task(
+                follow_channel_changes(js, directory, stop), name="channel-follower"
+            ),
             asyncio.create_task(_report_backlog(store, stop), name="backlog"),
             asyncio.create_task(
                 RetentionTask.from_settings(
@@ -159,7 +174,7 @@ async def serve(stop: asyncio.Event) -> None:
         if config.worker.enabled:
             checker = RoutingConsentChecker(
                 routing,
-                ServiceTokenProvider.from_env(sub=SERVICE),
+                ServiceTokenProvider.from_env(SERVICE, audience="routing"),
                 timeout_s=config.worker.consent_timeout_s,
             )
             consent = BatchConsent(checker, max_age_s=config.worker.consent_max_age_s)
@@ -199,6 +214,7 @@ async def serve(stop: asyncio.Event) -> None:
         if metrics is not None:
             metrics.stop()
         await routing.close()
+        await seller_admin.close()
         await sender.close()
         if nats_client is not None:
             await nats_client.close()

@@ -70,7 +70,8 @@ WHERE m.id = target.id
 RETURNING m.id, target.dead_reason AS previous_reason
 """
 _BY_SID = """
-SELECT id, tenant_id, status, twilio_status FROM messages WHERE twilio_sid = $1 FOR UPDATE
+SELECT id, tenant_id, account_sid, status, twilio_status FROM messages
+WHERE twilio_sid = $1 FOR UPDATE
 """
 _ADVANCE = """
 UPDATE messages SET status = $2, twilio_status = $3, updated_at = now(),
@@ -96,6 +97,8 @@ class StoredAttempt:
 class CallbackEffect(StrEnum):
     # No message has this SID (yet: the send's result may not be written).
     UNKNOWN_SID = "unknown_sid"
+    # The callback names another Twilio account than the one the message was sent with.
+    WRONG_ACCOUNT = "wrong_account"
     ADVANCED = "advanced"
     # A duplicate, late or out-of-order callback: the status stays where it is.
     IGNORED = "ignored"
@@ -205,18 +208,22 @@ class OutboxAdminStore:
         twilio_sid: str,
         twilio_status: str,
         *,
+        account_sid: str,
         error_code: int | None,
         error_message: str | None,
         now: datetime,
     ) -> CallbackEffect:
-        """Move the message forward if the callback allows it (see domain.can_apply_callback);
-        the row lock orders concurrent callbacks for one message."""
+        """Move the message forward if the callback allows it (see domain.can_apply_callback)
+        and comes from the account the message was sent with; the row lock orders concurrent
+        callbacks for one message."""
         reported = twilio_status.strip().lower()
         target = status_from_twilio(reported)
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(_BY_SID, twilio_sid)
             if row is None:
                 return CallbackEffect.UNKNOWN_SID
+            if row["account_sid"] != account_sid:
+                return CallbackEffect.WRONG_ACCOUNT
             current = MessageStatus(row["status"])
             if target is None or not can_apply_callback(current, target):
                 if target is current and newer_twilio_status(row["twilio_status"], reported):

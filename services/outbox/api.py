@@ -3,8 +3,6 @@ errors to status codes with a one-line message (never a stack trace)."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
 import json
 import uuid
@@ -14,15 +12,23 @@ from typing import Any, TypeVar
 
 import asyncpg
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import trace
 from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
 
 from infra import telemetry
-from infra.auth import PermissionDeniedError, current_principal, tenant_scope
+from infra.auth import Access, PermissionDeniedError, current_principal, tenant_scope
 from infra.db import DATABASE_UNAVAILABLE
 from infra.log import get_logger
+from infra.page_tokens import PageTokens
 from services.outbox import domain, validation
 from services.outbox.admin_store import OutboxAdminStore
+from services.outbox.channels import (
+    ChannelDirectory,
+    ChannelDirectoryUnavailableError,
+    SenderNotAChannelError,
+    TenantChannels,
+)
 from services.outbox.domain import InvalidMessageError
 from services.outbox.events import (
     CHANNEL_FROM_PROTO,
@@ -37,16 +43,21 @@ SERVICE_FULL_NAME = outbox_pb2.DESCRIPTOR.services_by_name["OutboxService"].full
 
 _TENANT_ROLES = frozenset({"owner", "manager", "staff"})
 _OPERATORS = frozenset({"admin", "owner", "manager"})
-ACCESS_POLICY: dict[str, frozenset[str]] = {
-    f"/{SERVICE_FULL_NAME}/Enqueue": frozenset({"service", "admin", "owner", "manager"}),
-    f"/{SERVICE_FULL_NAME}/GetMessage": _TENANT_ROLES | {"admin", "service"},
-    f"/{SERVICE_FULL_NAME}/ListDeadLetters": _OPERATORS | {"service"},
-    f"/{SERVICE_FULL_NAME}/Redrive": _OPERATORS,
-    f"/{SERVICE_FULL_NAME}/Discard": _OPERATORS,
+# Routing enqueues the replies to STOP/START/HELP; no service reads messages back today.
+ACCESS_POLICY: dict[str, Access] = {
+    f"/{SERVICE_FULL_NAME}/Enqueue": Access(roles=_OPERATORS, services=frozenset({"routing"})),
+    f"/{SERVICE_FULL_NAME}/GetMessage": Access(roles=_TENANT_ROLES | {"admin"}),
+    f"/{SERVICE_FULL_NAME}/ListDeadLetters": Access(roles=_OPERATORS),
+    f"/{SERVICE_FULL_NAME}/Redrive": Access(roles=_OPERATORS),
+    f"/{SERVICE_FULL_NAME}/Discard": Access(roles=_OPERATORS),
 }
+# The one service that may enqueue COMPLIANCE messages: routing, which answers STOP/START/HELP.
+COMPLIANCE_SENDER = "routing"
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 MAX_IDS_PER_CALL = 500
+# Sorted on (dead_at, id); a token is valid for the tenant it lists.
+DEAD_LETTER_PAGES = PageTokens("outbox.dead_letters", (datetime, uuid.UUID))
 
 _log = get_logger(__name__)
 
@@ -68,6 +79,10 @@ def _rpc(method: Method[Request, Response]) -> Method[Request, Response]:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except PermissionDeniedError as error:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
+        except SenderNotAChannelError as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        except ChannelDirectoryUnavailableError as error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         except MessageNotFoundError as error:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
         except asyncpg.TransactionRollbackError:
@@ -75,9 +90,6 @@ def _rpc(method: Method[Request, Response]) -> Method[Request, Response]:
         except DATABASE_UNAVAILABLE as error:  # the caller may retry
             _log.warning("outbox.database_unavailable", extra={"fields": {"error": str(error)}})
             await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable, retry")
-        except Exception:
-            _log.exception("outbox.rpc_failed", extra={"fields": {"method": method.__name__}})
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
         raise AssertionError("unreachable: context.abort raises")
 
     return call
@@ -111,18 +123,11 @@ def _current_traceparent() -> str | None:
     return carrier.get("traceparent")
 
 
-def encode_page_token(dead_at: datetime, message_id: uuid.UUID) -> str:
-    raw = f"{dead_at.isoformat()}|{message_id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_page_token(token: str) -> tuple[datetime, uuid.UUID]:
+def _timestamp(value: Timestamp, name: str) -> datetime:
     try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        moment, _, message_id = raw.partition("|")
-        return datetime.fromisoformat(moment), uuid.UUID(message_id)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidMessageError("page_token is not one this service issued") from None
+        return value.ToDatetime(tzinfo=UTC)
+    except ValueError:  # seconds or nanos outside what a Timestamp may hold
+        raise InvalidMessageError(f"{name} is not a valid timestamp") from None
 
 
 class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
@@ -130,14 +135,14 @@ class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
         self,
         store: OutboxStore,
         admin: OutboxAdminStore,
+        channels: ChannelDirectory,
         *,
-        default_account_sid: str,
         account_sids: frozenset[str],
         max_attempts: int,
     ) -> None:
         self._store = store
         self._admin = admin
-        self._default_account_sid = default_account_sid
+        self._channels = channels
         self._account_sids = account_sids
         self._max_attempts = max_attempts
 
@@ -147,14 +152,19 @@ class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
     ) -> outbox_pb2.EnqueueResponse:
         principal = current_principal()
         tenant_id = _scoped_tenant(request.tenant_id)
-        if request.kind == outbox_pb2.MESSAGE_KIND_COMPLIANCE and principal.role != "service":
+        if request.kind == outbox_pb2.MESSAGE_KIND_COMPLIANCE and (
+            principal.role != "service" or principal.sub != COMPLIANCE_SENDER
+        ):
             # The one kind that reaches opted-out people: only routing's consent replies.
-            raise PermissionDeniedError("only services may enqueue COMPLIANCE messages")
-        message = self._new_message(tenant_id, request)
+            raise PermissionDeniedError("only routing may enqueue COMPLIANCE messages")
+        channels = await self._channels.channels_for(tenant_id, request.sender)
+        message = self._new_message(tenant_id, request, channels)
         message_id, created = await self._store.enqueue(message)
         return outbox_pb2.EnqueueResponse(message_id=str(message_id), created=created)
 
-    def _new_message(self, tenant_id: str, request: outbox_pb2.EnqueueRequest) -> NewMessage:
+    def _new_message(
+        self, tenant_id: str, request: outbox_pb2.EnqueueRequest, channels: TenantChannels
+    ) -> NewMessage:
         validation.validate_key("idempotency_key", request.idempotency_key, required=True)
         validation.validate_key("correlation_id", request.correlation_id, required=False)
         channel = CHANNEL_FROM_PROTO.get(request.recipient.channel)
@@ -171,12 +181,15 @@ class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
         kind = KIND_FROM_PROTO.get(request.kind, domain.MessageKind.CONVERSATIONAL)
         if request.kind not in KIND_FROM_PROTO and request.kind != 0:
             raise InvalidMessageError(f"unknown kind {request.kind}")
-        account_sid = request.account_sid or self._default_account_sid
+        if request.account_sid:
+            validation.validate_account_sid(request.account_sid, self._account_sids)
+        # The sender must be the tenant's, and is sent with its channel's account.
+        account_sid = channels.account_for(request.sender, request.account_sid)
         validation.validate_account_sid(account_sid, self._account_sids)
         now = datetime.now(UTC)
         not_before = None
         if request.HasField("not_before"):
-            not_before = request.not_before.ToDatetime(tzinfo=UTC)
+            not_before = _timestamp(request.not_before, "not_before")
             validation.validate_not_before(not_before, now)
         return NewMessage(
             tenant_id=tenant_id,
@@ -223,17 +236,19 @@ class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
         rows = await self._admin.list_dead_letters(
             tenant_id,
             limit=limit + 1,
-            after=decode_page_token(request.page_token) if request.page_token else None,
+            after=DEAD_LETTER_PAGES.decode(request.page_token, tenant_id),
             reason=reason,
             sender=request.sender or None,
             dead_after=(
-                request.dead_after.ToDatetime(tzinfo=UTC)
+                _timestamp(request.dead_after, "dead_after")
                 if request.HasField("dead_after")
                 else None
             ),
         )
         page, more = rows[:limit], len(rows) > limit
-        token = encode_page_token(page[-1]["dead_at"], page[-1]["id"]) if more else ""
+        token = ""
+        if more:
+            token = DEAD_LETTER_PAGES.encode(tenant_id, page[-1]["dead_at"], page[-1]["id"])
         return outbox_pb2.ListDeadLettersResponse(
             messages=[message_proto(row, []) for row in page], next_page_token=token
         )

@@ -60,9 +60,13 @@ class Config:
     metrics_port: int
     nats_url: str
     routing_addr: str
+    # seller_admin's channel directory: which senders each tenant may send from, cached this
+    # long (its channel events drop an entry sooner), asked with this deadline.
+    seller_admin_addr: str
+    channel_cache_ttl_s: float
+    channel_directory_timeout_s: float
     public_base_url: str
     twilio_api_base_url: str
-    default_account_sid: str
     # Account SID -> auth token; never logged.
     twilio_accounts: dict[str, str] = field(repr=False)
     worker: WorkerConfig
@@ -75,9 +79,8 @@ class Config:
     finished_max_age: timedelta | None
 
 
-def _twilio_accounts() -> tuple[str, dict[str, str]]:
-    default_sid = env_str("TWILIO_ACCOUNT_SID")
-    accounts = {default_sid: env_str("TWILIO_AUTH_TOKEN")}
+def _twilio_accounts() -> dict[str, str]:
+    accounts = {env_str("TWILIO_ACCOUNT_SID"): env_str("TWILIO_AUTH_TOKEN")}
     for entry in (env_optional("TWILIO_AUTH_TOKENS") or "").split(","):
         if not entry.strip():
             continue
@@ -85,7 +88,7 @@ def _twilio_accounts() -> tuple[str, dict[str, str]]:
         if not sep or not sid.startswith("AC") or not token:
             raise ConfigError("TWILIO_AUTH_TOKENS must be AC...=token pairs separated by commas")
         accounts[sid] = token
-    return default_sid, accounts
+    return accounts
 
 
 def _retry_policy() -> RetryPolicy:
@@ -140,18 +143,23 @@ def _worker_config() -> WorkerConfig:
 
 
 def load_config() -> Config:
-    default_sid, accounts = _twilio_accounts()
     return Config(
         grpc_port=env_int("GRPC_PORT", DEFAULT_GRPC_PORT, minimum=0, maximum=65535),
         metrics_port=env_int("METRICS_PORT", DEFAULT_METRICS_PORT, minimum=0, maximum=65535),
         nats_url=env_url("NATS_URL", schemes=("nats", "tls")),
         routing_addr=env_address("ROUTING_ADDR", "127.0.0.1:50051"),
+        seller_admin_addr=env_address("SELLER_ADMIN_ADDR", "127.0.0.1:50054"),
+        channel_cache_ttl_s=env_float(
+            "OUTBOX_CHANNEL_CACHE_TTL_SECONDS", 30.0, minimum=0.0, maximum=3600.0
+        ),
+        channel_directory_timeout_s=env_float(
+            "OUTBOX_CHANNEL_DIRECTORY_TIMEOUT_SECONDS", 2.0, minimum=0.05, maximum=60.0
+        ),
         public_base_url=env_url("PUBLIC_BASE_URL", schemes=("http", "https")),
         twilio_api_base_url=env_url(
             "TWILIO_API_BASE_URL", DEFAULT_TWILIO_API, schemes=("http", "https")
         ),
-        default_account_sid=default_sid,
-        twilio_accounts=accounts,
+        twilio_accounts=_twilio_accounts(),
         worker=_worker_config(),
         status_consumer_concurrency=env_int(
             "OUTBOX_STATUS_CONSUMER_CONCURRENCY", 16, minimum=1, maximum=1024

@@ -2,8 +2,10 @@
 forward. Duplicates and out-of-order callbacks are acked and change nothing.
 
 A callback can overtake the write of its own send's result (Twilio calls back within
-milliseconds): an unknown SID is retried with a delay for a while, then terminated and logged.
-The database being away (a restart, a cut connection) is retried the same way, with a warning.
+milliseconds): an unknown SID is retried with a short delay a few times (about 8 s in all),
+then terminated, logged and counted — a forged or stray SID costs a handful of deliveries, not
+the consumer's 60. A callback naming another account than the message's is terminated at once.
+The database being away (a restart, a cut connection) is retried with a warning.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from prometheus_client import Counter
 from snapsell.gateway.v1.events_pb2 import StatusReceived
 
 from infra.db import DATABASE_UNAVAILABLE
-from infra.jetstream import Ack, ConsumerSpec, Decision, Nak, Term, failure_delay, is_last_delivery
+from infra.jetstream import Ack, ConsumerSpec, Decision, Nak, Term, failure_delay
 from infra.log import get_logger
 from infra.streams import INBOUND_STATUS_SUBJECT
 from services.outbox.admin_store import CallbackEffect
@@ -28,10 +30,12 @@ STATUS_CONSUMER = ConsumerSpec(
     durable="outbox-status-callbacks",
     filter_subject=INBOUND_STATUS_SUBJECT,
     ack_wait_s=30.0,
-    # With the growing delays of `unknown_sid_delay_s`: about five minutes for a send's
-    # result to be recorded before its callback is given up on.
+    # For the database being away; an unknown SID gives up after UNKNOWN_SID_DELIVERIES.
     max_deliver=60,
 )
+# With the growing delays of `unknown_sid_delay_s` (0.25, 0.5, 1, 2, 4 s): about 8 s for a
+# send's result to be recorded before its callback is given up on.
+UNKNOWN_SID_DELIVERIES = 6
 
 CALLBACKS = Counter(
     "snapsell_outbox_status_callbacks_total",
@@ -59,6 +63,7 @@ class StatusLedger(Protocol):
         twilio_sid: str,
         twilio_status: str,
         *,
+        account_sid: str,
         error_code: int | None,
         error_message: str | None,
         now: datetime,
@@ -84,6 +89,7 @@ class StatusCallbackHandler:
             effect = await self._store.apply_status_callback(
                 callback.message_sid,
                 callback.message_status,
+                account_sid=callback.account_sid,
                 error_code=_error_code(callback.error_code),
                 error_message=callback.error_message or None,
                 now=self._now(),
@@ -98,18 +104,25 @@ class StatusCallbackHandler:
             )
             return Nak(delay)
         if effect is CallbackEffect.UNKNOWN_SID:
-            if is_last_delivery(msg, STATUS_CONSUMER):
-                CALLBACKS.labels("unknown_sid").inc()
-                _log.warning(
-                    "outbox.callback_unknown_sid",
-                    extra={
-                        "fields": {
-                            "message_sid": callback.message_sid,
-                            "status": callback.message_status,
-                        }
-                    },
-                )
-                return Term("no outbox message has this SID")
+            if msg.metadata.num_delivered >= UNKNOWN_SID_DELIVERIES:
+                return self._refuse(callback, effect, "no outbox message has this SID")
             return Nak(unknown_sid_delay_s(msg.metadata.num_delivered))
+        if effect is CallbackEffect.WRONG_ACCOUNT:
+            return self._refuse(callback, effect, "the message was sent with another account")
         CALLBACKS.labels(effect.value).inc()
         return Ack()
+
+    @staticmethod
+    def _refuse(callback: StatusReceived, effect: CallbackEffect, reason: str) -> Term:
+        CALLBACKS.labels(effect.value).inc()
+        _log.warning(
+            f"outbox.callback_{effect.value}",
+            extra={
+                "fields": {
+                    "message_sid": callback.message_sid,
+                    "account_sid": callback.account_sid,
+                    "status": callback.message_status,
+                }
+            },
+        )
+        return Term(reason)

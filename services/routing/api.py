@@ -3,12 +3,10 @@ use case, and map errors to status codes with a one-line message (never a stack 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import asyncpg
@@ -16,8 +14,15 @@ import grpc
 from snapsell.common.v1 import address_pb2
 from snapsell.routing.v1 import routing_pb2, routing_pb2_grpc
 
-from infra.auth import PermissionDeniedError, Principal, current_principal, tenant_scope
+from infra.auth import (
+    Access,
+    PermissionDeniedError,
+    Principal,
+    current_principal,
+    tenant_scope,
+)
 from infra.db import DATABASE_UNAVAILABLE
+from infra.page_tokens import PageTokens
 from services.routing import store
 from services.routing.consent import (
     CHANNEL_FROM_PROTO,
@@ -28,6 +33,7 @@ from services.routing.consent import (
 )
 from services.routing.domain import (
     ConsentChange,
+    ConsentLockedError,
     ConsentOutcome,
     ConsentSource,
     ConsentState,
@@ -37,15 +43,18 @@ from services.routing.domain import (
 )
 
 SERVICE_FULL_NAME = routing_pb2.DESCRIPTOR.services_by_name["RoutingService"].full_name
-_TENANT_ROLES = frozenset({"owner", "manager", "staff"})
-# Keyed by full method name, as `infra.auth.AuthInterceptor` wants it.
-ACCESS_POLICY: dict[str, frozenset[str]] = {
-    f"/{SERVICE_FULL_NAME}/CheckOptOut": frozenset({"service"}),
-    f"/{SERVICE_FULL_NAME}/CheckOptOuts": frozenset({"service"}),
-    f"/{SERVICE_FULL_NAME}/ListOptOuts": _TENANT_ROLES | {"admin"},
-    f"/{SERVICE_FULL_NAME}/SetConsent": frozenset({"owner", "manager", "admin"}),
+# Keyed by full method name, as `infra.auth.AuthInterceptor` wants it. Consent checks are asked
+# by the outbox's sender workers before each send.
+ACCESS_POLICY: dict[str, Access] = {
+    f"/{SERVICE_FULL_NAME}/CheckOptOut": Access(services=frozenset({"outbox"})),
+    f"/{SERVICE_FULL_NAME}/CheckOptOuts": Access(services=frozenset({"outbox"})),
+    # Who opted out is personal data: staff answer clients, they do not need the list.
+    f"/{SERVICE_FULL_NAME}/ListOptOuts": Access(roles=frozenset({"owner", "manager", "admin"})),
+    f"/{SERVICE_FULL_NAME}/SetConsent": Access(roles=frozenset({"owner", "manager", "admin"})),
 }
 DEFAULT_PAGE_SIZE = 50
+# Sorted on (opted_out_at, id), newest first; a token is valid for the tenant it lists.
+OPT_OUT_PAGES = PageTokens("routing.opt_outs", (datetime, int))
 # CheckOptOuts: a bound on one statement's work and one reply's size (~50 bytes a result).
 MAX_CHECKS = 1000
 MAX_PAGE_SIZE = 500
@@ -73,6 +82,8 @@ def _rpc(method: Method[Request, Response]) -> Method[Request, Response]:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except PermissionDeniedError as error:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
+        except ConsentLockedError as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         except DATABASE_UNAVAILABLE as error:  # the caller may retry
             log.warning("routing.rpc_unavailable", extra={"fields": {"error": str(error)}})
             await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable, retry")
@@ -115,26 +126,6 @@ def consent_reply(status: store.ConsentStatus) -> routing_pb2.CheckOptOutRespons
     return reply
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
-
-
-def encode_page_token(opted_out_at: datetime, row_id: int) -> str:
-    # Integer microseconds: a float timestamp would round and skip rows sharing a timestamp.
-    micros = (opted_out_at - _EPOCH) // _MICROSECOND
-    return base64.urlsafe_b64encode(f"{micros}:{row_id}".encode()).decode()
-
-
-def decode_page_token(token: str) -> tuple[datetime, int] | None:
-    if not token:
-        return None
-    try:
-        micros, _, row_id = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        return _EPOCH + int(micros) * _MICROSECOND, int(row_id)
-    except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError, OSError):
-        raise InvalidRequestError("page_token is not a token from a previous response") from None
-
-
 def page_size(requested: int) -> int:
     if requested < 0:
         raise InvalidRequestError("page_size must not be negative")
@@ -169,9 +160,8 @@ class RoutingApi(routing_pb2_grpc.RoutingServiceServicer):
     ) -> routing_pb2.ListOptOutsResponse:
         tenant_id = tenant_scope(current_principal(), request.tenant_id)
         limit = page_size(request.page_size)
-        records = await store.list_opt_outs(
-            self._pool, tenant_id, limit=limit + 1, after=decode_page_token(request.page_token)
-        )
+        after = OPT_OUT_PAGES.decode(request.page_token, tenant_id)
+        records = await store.list_opt_outs(self._pool, tenant_id, limit=limit + 1, after=after)
         reply = routing_pb2.ListOptOutsResponse()
         for record in records[:limit]:
             reply.opt_outs.append(
@@ -191,7 +181,7 @@ class RoutingApi(routing_pb2_grpc.RoutingServiceServicer):
             )
         if len(records) > limit:
             last = records[limit - 1]
-            reply.next_page_token = encode_page_token(last.opted_out_at, last.id)
+            reply.next_page_token = OPT_OUT_PAGES.encode(tenant_id, last.opted_out_at, last.id)
         return reply
 
     @_rpc

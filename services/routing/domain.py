@@ -327,6 +327,33 @@ class ConsentChange:
     reason: str = ""
 
 
+class ConsentLockedError(Exception):
+    """An opt-in that may not lift the current opt-out; the message is safe to return."""
+
+
+def check_opt_in_may_lift(opt_out_source: ConsentSource | None, change: ConsentChange) -> None:
+    """Raise `ConsentLockedError` when `change` is an opt-in that may not lift the opt-out
+    recorded with `opt_out_source` (None: no opt-out).
+
+    A person's own STOP (keyword) and an opt-out their carrier reports (Twilio 21610, sent after
+    a STOP to the carrier) are lifted only by that person: their START, a keyword opt-in. Nobody
+    else re-subscribes them, whatever their role, operators (admin) included: a shop keen to
+    message a client must not be able to undo the client's choice. An opt-out an operator set
+    (SetConsent) may be lifted by an operator's opt-in, and that change is audited as any other.
+    """
+    if change.state is not ConsentState.OPTED_IN or opt_out_source is None:
+        return
+    if change.source is ConsentSource.KEYWORD or opt_out_source is ConsentSource.OPERATOR:
+        return
+    raise ConsentLockedError(f"{_LOCKED_BY[opt_out_source]}; only their own START opts them in")
+
+
+_LOCKED_BY = {
+    ConsentSource.KEYWORD: "the contact opted out with a STOP keyword",
+    ConsentSource.CARRIER: "the contact's carrier reported an opt-out",
+}
+
+
 class InvalidAddressError(ValueError):
     """An address that cannot be a recipient; the message is safe to return to a caller."""
 

@@ -6,7 +6,9 @@
 - `ReplySender`: outbox.Enqueue of COMPLIANCE replies, idempotent on the key we derive.
 
 Errors: NOT_FOUND from ResolveSender means "unknown channel" (None). INVALID_ARGUMENT from
-Enqueue is `ReplyRejectedError` (retrying cannot help). Every other failure is
+Enqueue, and FAILED_PRECONDITION (the reply's sender is not a channel of the tenant, e.g. a
+Messaging Service whose numbers were registered one by one), are `ReplyRejectedError`
+(retrying cannot help). Every other failure is
 `PeerUnavailableError`: the inbound message is retried later, which is right for a peer that is
 down or slow (UNAVAILABLE, DEADLINE_EXCEEDED) and also for a misconfiguration (a wrong secret,
 PERMISSION_DENIED) that an operator will fix — nothing is lost meanwhile.
@@ -252,7 +254,10 @@ class GrpcReplySender:
         try:
             reply = await _timed("Enqueue", self._stub.Enqueue(request, timeout=self._deadline_s))
         except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            if error.code() in (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.FAILED_PRECONDITION,
+            ):
                 raise ReplyRejectedError(f"outbox.Enqueue: {error.details()}") from None
             raise _failure("outbox.Enqueue", error) from None
         return reply.message_id

@@ -20,6 +20,7 @@ from services.routing.domain import (
     ConsentSource,
     ConsentState,
     Contact,
+    check_opt_in_may_lift,
 )
 
 
@@ -76,6 +77,10 @@ ON CONFLICT ON CONSTRAINT last_inbound_pkey DO UPDATE
 _NEWEST_CONSENT = """
 SELECT max(effective_at) FROM consent_log
 WHERE tenant_id = $1 AND channel = $2 AND address = $3 AND outcome <> 'stale'
+"""
+
+_OPT_OUT_SOURCE = """
+SELECT source FROM opt_outs WHERE tenant_id = $1 AND channel = $2 AND address = $3
 """
 
 # CheckOptOut and the WhatsApp window: two primary-key probes in one round trip.
@@ -172,10 +177,17 @@ async def apply_consent(conn: asyncpg.Connection, change: ConsentChange) -> Cons
     """Apply one consent expression in the caller's transaction and log it.
 
     Changes for one contact are serialised by a transaction-scoped advisory lock (there may be no
-    row to lock yet), and an expression older than the newest one already applied is STALE."""
+    row to lock yet), and an expression older than the newest one already applied is STALE. An
+    opt-in that may not lift the current opt-out raises `ConsentLockedError` (checked under the
+    lock, so a STOP committed meanwhile is seen)."""
     contact = change.contact
     key = f"{contact.tenant_id}\x1f{contact.channel.value}\x1f{contact.address}"
     await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", key)
+    if change.state is ConsentState.OPTED_IN:
+        source = await conn.fetchval(
+            _OPT_OUT_SOURCE, contact.tenant_id, contact.channel.value, contact.address
+        )
+        check_opt_in_may_lift(None if source is None else ConsentSource(source), change)
     newest = await conn.fetchval(
         _NEWEST_CONSENT,
         contact.tenant_id,

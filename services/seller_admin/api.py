@@ -35,14 +35,15 @@ from services.seller_admin.domain import (
     parse_seller_address,
     sender_candidates,
     validate_account_sid,
+    validate_alphanumeric_sender_id,
     validate_display_name,
     validate_tenant_id,
 )
 from services.seller_admin.paging import (
-    decode_channel_page_token,
-    decode_page_token,
-    encode_channel_page_token,
-    encode_page_token,
+    CHANNEL_PAGES,
+    CHANNELS_START,
+    SELLER_PHONE_PAGES,
+    TENANT_PAGES,
     page_size,
 )
 
@@ -60,7 +61,8 @@ Method = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
 
 
 def rpc(method: Method[Req, Resp]) -> Method[Req, Resp]:
-    """Map every failure of an RPC to a status code and a one-line message."""
+    """Map this service's errors to a status code and a one-line message; anything unexpected
+    is `infra.grpc_server`'s (INTERNAL "internal error", logged)."""
 
     @functools.wraps(method)
     async def call(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
@@ -73,9 +75,6 @@ def rpc(method: Method[Req, Resp]) -> Method[Req, Resp]:
         except DATABASE_UNAVAILABLE as error:  # the caller may retry
             log.warning("database.unavailable", extra={"fields": {"error": str(error)}})
             await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable, retry later")
-        except Exception:
-            log.exception("rpc.failed", extra={"fields": {"method": method.__name__}})
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
         raise AssertionError("context.abort returned")  # pragma: no cover
 
     return call
@@ -127,12 +126,14 @@ class SellerAdminServicer(seller_admin_pb2_grpc.SellerAdminServiceServicer):
         self, request: pb.ListTenantsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListTenantsResponse:
         size = page_size(request.page_size)
-        after = decode_page_token(request.page_token, 1)
+        after = TENANT_PAGES.decode(request.page_token, "")
         async with self._pool.acquire() as conn:
             tenants = await store.list_tenants(
                 conn, after=after[0] if after else "", limit=size + 1
             )
-        next_token = encode_page_token(tenants[size - 1].tenant_id) if len(tenants) > size else ""
+        next_token = ""
+        if len(tenants) > size:
+            next_token = TENANT_PAGES.encode("", tenants[size - 1].tenant_id)
         return pb.ListTenantsResponse(
             tenants=[convert.tenant(t) for t in tenants[:size]], next_page_token=next_token
         )
@@ -147,8 +148,11 @@ class SellerAdminServicer(seller_admin_pb2_grpc.SellerAdminServiceServicer):
         tenant_id = scoped_tenant(actor.role, actor.tenant_id, request.tenant_id)
         address = parse_channel_address(request.address)
         account_sid = validate_account_sid(request.account_sid)
+        alphanumeric = validate_alphanumeric_sender_id(request.alphanumeric_sender_id, address.kind)
         async with self._pool.acquire() as conn, conn.transaction():
-            channel, created = await store.add_channel(conn, tenant_id, address, account_sid)
+            channel, created = await store.add_channel(
+                conn, tenant_id, address, account_sid, alphanumeric
+            )
             if created:
                 await audit.channel_changed(conn, actor, channel, added=True)
             elif channel.tenant_id != tenant_id:
@@ -156,6 +160,11 @@ class SellerAdminServicer(seller_admin_pb2_grpc.SellerAdminServiceServicer):
             elif channel.account_sid != account_sid:
                 raise AlreadyExistsError(
                     f"{address.canonical} is registered with account {channel.account_sid}"
+                )
+            elif channel.alphanumeric_sender_id != alphanumeric:
+                raise AlreadyExistsError(
+                    f"{address.canonical} is registered with alphanumeric sender ID"
+                    f" {channel.alphanumeric_sender_id or '(none)'}"
                 )
         if created:
             _log_change(
@@ -187,12 +196,15 @@ class SellerAdminServicer(seller_admin_pb2_grpc.SellerAdminServiceServicer):
         actor = auth.current_principal()
         tenant_id = scoped_tenant(actor.role, actor.tenant_id, request.tenant_id)
         size = page_size(request.page_size)
-        after = decode_channel_page_token(request.page_token)
+        after = CHANNEL_PAGES.decode(request.page_token, tenant_id) or CHANNELS_START
         async with self._pool.acquire() as conn:
             channels = await store.list_channels(conn, tenant_id, after=after, limit=size + 1)
             if not channels and not request.page_token:
                 await _require_tenant(conn, tenant_id)
-        next_token = encode_channel_page_token(channels[size - 1]) if len(channels) > size else ""
+        next_token = ""
+        if len(channels) > size:
+            last = channels[size - 1]
+            next_token = CHANNEL_PAGES.encode(tenant_id, last.created_at, last.channel_id)
         return pb.ListChannelsResponse(
             channels=[convert.channel(c) for c in channels[:size]], next_page_token=next_token
         )
@@ -246,14 +258,16 @@ class SellerAdminServicer(seller_admin_pb2_grpc.SellerAdminServiceServicer):
         actor = auth.current_principal()
         tenant_id = scoped_tenant(actor.role, actor.tenant_id, request.tenant_id)
         size = page_size(request.page_size)
-        after = decode_page_token(request.page_token, 1)
+        after = SELLER_PHONE_PAGES.decode(request.page_token, tenant_id)
         async with self._pool.acquire() as conn:
             phones = await store.list_seller_phones(
                 conn, tenant_id, after=after[0] if after else "", limit=size + 1
             )
             if not phones and after is None:
                 await _require_tenant(conn, tenant_id)
-        next_token = encode_page_token(phones[size - 1].address.value) if len(phones) > size else ""
+        next_token = ""
+        if len(phones) > size:
+            next_token = SELLER_PHONE_PAGES.encode(tenant_id, phones[size - 1].address.value)
         return pb.ListSellerPhonesResponse(
             seller_phones=[convert.seller_phone(p) for p in phones[:size]],
             next_page_token=next_token,

@@ -60,6 +60,7 @@ def channel(value: Channel) -> pb.Channel:
         address=value.address.canonical,
         account_sid=value.account_sid,
         create_time=timestamp(value.created_at),
+        alphanumeric_sender_id=value.alphanumeric_sender_id or "",
     )
 
 

@@ -248,6 +248,27 @@ def parse_channel_address(raw: str) -> ChannelAddress:
     return ChannelAddress(ChannelKind.SMS, normalize_phone_number(text))
 
 
+# Twilio's alphanumeric sender IDs: 1-11 letters, digits or spaces, at least one letter.
+_ALPHANUMERIC_SENDER_ID = re.compile(r"(?=.*[A-Za-z])[A-Za-z0-9 ]{1,11}")
+
+
+def validate_alphanumeric_sender_id(raw: str, kind: ChannelKind) -> str | None:
+    """None when none is declared; only SMS channels and Messaging Services send under one."""
+    text = raw.strip()
+    if not text:
+        return None
+    if kind is ChannelKind.WHATSAPP:
+        raise InvalidArgumentError(
+            "alphanumeric sender IDs are for SMS numbers and Messaging Services, not WhatsApp"
+        )
+    if not _ALPHANUMERIC_SENDER_ID.fullmatch(text):
+        raise InvalidArgumentError(
+            f"alphanumeric sender ID {quoted(raw)} must be 1-11 letters, digits or spaces,"
+            " with at least one letter"
+        )
+    return text
+
+
 def validate_account_sid(raw: str) -> str:
     text = raw.strip()
     if not _ACCOUNT_SID.fullmatch(text):
@@ -274,6 +295,7 @@ class Channel:
     address: ChannelAddress
     account_sid: str
     created_at: datetime
+    alphanumeric_sender_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

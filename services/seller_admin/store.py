@@ -9,6 +9,7 @@ from datetime import datetime
 import asyncpg
 
 from services.seller_admin.domain import (
+    AlreadyExistsError,
     Channel,
     ChannelAddress,
     ChannelKind,
@@ -26,7 +27,8 @@ _ADD_ATTEMPTS = 3
 
 _TENANT_COLUMNS = "tenant_id, display_name, created_at"
 _CHANNEL_COLUMNS = (
-    "channel_id, tenant_id, kind, address, messaging_service_sid, account_sid, created_at"
+    "channel_id, tenant_id, kind, address, messaging_service_sid, account_sid, created_at,"
+    " alphanumeric_sender_id"
 )
 _SELLER_PHONE_COLUMNS = "seller_phone_id, tenant_id, kind, address, created_at"
 
@@ -48,6 +50,7 @@ def _channel(row: asyncpg.Record) -> Channel:
         address=ChannelAddress(kind, value),
         account_sid=row["account_sid"],
         created_at=row["created_at"],
+        alphanumeric_sender_id=row["alphanumeric_sender_id"],
     )
 
 
@@ -107,17 +110,23 @@ async def list_tenants(conn: asyncpg.Connection, *, after: str, limit: int) -> l
 
 
 async def add_channel(
-    conn: asyncpg.Connection, tenant_id: str, address: ChannelAddress, account_sid: str
+    conn: asyncpg.Connection,
+    tenant_id: str,
+    address: ChannelAddress,
+    account_sid: str,
+    alphanumeric_sender_id: str | None = None,
 ) -> tuple[Channel, bool]:
     """The new channel and True, or the channel already holding this address (possibly of
-    another tenant: the caller decides) and False."""
+    another tenant: the caller decides) and False. AlreadyExistsError when another channel
+    holds the alphanumeric sender ID."""
     is_service = address.kind is ChannelKind.MESSAGING_SERVICE
     for _ in range(_ADD_ATTEMPTS):
         try:
             row = await conn.fetchrow(
                 f"INSERT INTO channels"
-                f" (channel_id, tenant_id, kind, address, messaging_service_sid, account_sid)"
-                f" VALUES ($1, $2, $3, $4, $5, $6)"
+                f" (channel_id, tenant_id, kind, address, messaging_service_sid, account_sid,"
+                f" alphanumeric_sender_id)"
+                f" VALUES ($1, $2, $3, $4, $5, $6, $7)"
                 f" ON CONFLICT DO NOTHING RETURNING {_CHANNEL_COLUMNS}",
                 uuid.uuid4(),
                 tenant_id,
@@ -125,6 +134,7 @@ async def add_channel(
                 None if is_service else address.canonical,
                 address.value if is_service else None,
                 account_sid,
+                alphanumeric_sender_id,
             )
         except asyncpg.ForeignKeyViolationError:
             raise NotFoundError(f"tenant {tenant_id} does not exist") from None
@@ -133,6 +143,13 @@ async def add_channel(
         existing = await find_channel(conn, address)
         if existing is not None:
             return existing, False
+        if alphanumeric_sender_id is not None and await conn.fetchval(
+            "SELECT 1 FROM channels WHERE upper(alphanumeric_sender_id) = upper($1)",
+            alphanumeric_sender_id,
+        ):
+            raise AlreadyExistsError(
+                f"alphanumeric sender ID {alphanumeric_sender_id} belongs to another channel"
+            )
     raise RuntimeError(f"channel {address.canonical} kept changing while being added")
 
 

@@ -20,7 +20,8 @@ from tests.chaos.faults import ChaosWorld
 from tests.chaos.nats_link import NatsLink
 from tests.support.processes import spawn_service
 from tests.support.stack import start_system
-from tools.devstack import EmbeddedNats, EmbeddedPostgres
+from tools.dev_keys import DevKeys
+from tools.devstack import EmbeddedNats, EmbeddedPostgres, nats_service_env
 
 # Quick retries, reconciliations, redeliveries and lease expiries, so the system recovers
 # from each fault within seconds; the per-sender flood limit is lifted (the load writes far
@@ -88,16 +89,17 @@ async def chaos_world(
     chaos_postgres: EmbeddedPostgres,
     chaos_nats: EmbeddedNats,
     nats_links: dict[str, NatsLink],
-    jwt_secret: str,
+    token_keys: DevKeys,
     chaos_dir: Path,
 ) -> AsyncIterator[ChaosWorld]:
     service_env = {name: dict(env) for name, env in FAST_RECOVERY_ENV.items()}
     for service, link in nats_links.items():
-        service_env[service]["NATS_URL"] = link.url
+        # Through the link, as the service's own NATS user.
+        service_env[service] |= nats_service_env(chaos_nats.url, service) | {"NATS_URL": link.url}
     stack = await start_system(
         chaos_postgres.dsn,
         chaos_nats.url,
-        jwt_secret,
+        token_keys,
         chaos_dir / "system",
         service_env=service_env,
         trace=False,

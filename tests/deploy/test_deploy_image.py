@@ -34,14 +34,19 @@ def test_two_stages_from_a_pinned_slim_python() -> None:
     ]
 
 
-def test_builder_installs_the_contracts_and_the_project_into_a_venv_without_an_index() -> None:
+def test_builder_installs_the_runtime_lock_then_our_packages_without_an_index() -> None:
     builder = stages()[0]
     assert "python3 -m venv /opt/venv" in builder
     # Only the wheels `make images` downloaded on the host: the `wheels` build context.
     assert re.findall(r"^COPY --from=(\S+) ", builder, re.MULTILINE) == ["wheels"]
     installs = re.findall(r"^RUN pip install .*$", builder, re.MULTILINE)
-    assert installs and all("--no-index --find-links /wheels" in line for line in installs)
-    assert installs[-1].endswith(" ./contracts/python .")
+    # Every dependency comes from the runtime lock (its text is /wheels/requirements.txt),
+    # checked against its hashes; our two packages bring none of their own.
+    assert [line.removeprefix("RUN ") for line in installs] == [
+        "pip install --no-index --find-links /wheels --require-hashes -r /wheels/requirements.txt",
+        "pip install --no-index --find-links /wheels --no-deps --no-build-isolation"
+        " ./contracts/python .",
+    ]
 
 
 def test_runtime_takes_only_the_venv_and_runs_as_the_manifests_user(
@@ -62,6 +67,7 @@ def test_the_copied_sources_build_wheels_with_all_code_and_migrations(tmp_path: 
     # The same files the builder stage copies, built the way its pip install builds them.
     copied = re.findall(r"^COPY (?!--from)(\S+) ", stages()[0], re.MULTILINE)
     assert set(copied) == {"pyproject.toml", "contracts/python", "infra", "services"}
+    assert re.search(r"^COPY .*\brequirements\.lock\b", stages()[0], re.MULTILINE)
     context = tmp_path / "context"
     for source in copied:
         origin = REPO_ROOT / source

@@ -49,6 +49,8 @@ ALLOWED = [
     (pod("outbox"), POSTGRES, 5432),
     (pod("outbox"), pod("routing"), 50051),
     (pod("outbox"), TWILIO, 443),
+    # The channel directory: which senders each tenant may send from.
+    (pod("outbox"), pod("seller-admin"), 50054),
     (pod("seller-admin"), POSTGRES, 5432),
     (pod("seller-admin"), pod("nats"), 4222),
     (pod("live-session"), POSTGRES, 5432),
@@ -75,7 +77,6 @@ DENIED = [
     (pod("gateway"), TWILIO, 443),
     (pod("routing"), TWILIO, 443),
     (pod("outbox"), PRIVATE_HOST, 443),
-    (pod("outbox"), pod("seller-admin"), 50054),
     (pod("live-session"), pod("outbox"), 50052),
     (pod("seller-admin"), pod("routing"), 50051),
     (pod("nats"), POSTGRES, 5432),

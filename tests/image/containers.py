@@ -118,6 +118,26 @@ class ImageRunner:
         os.chown(path, uid, gid)
         return path
 
+    def _mounted_files(self, env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+        """Files the environment names (`*_FILE`: a signing key, the trusted keys) reach the
+        container as the manifests give them, a read-only mount the pod's user can read: a
+        copy owned by that user, mounted at `/etc/snapsell/<variable>/`."""
+        options, env = [], dict(env)
+        uid, gid = (int(part) for part in self.user.split(":"))
+        for name, value in list(env.items()):
+            host = Path(value)
+            if not name.endswith("_FILE") or not host.is_absolute() or not host.is_file():
+                continue
+            directory = self._fresh_dir()
+            copy = directory / host.name
+            shutil.copyfile(host, copy)
+            os.chown(copy, uid, gid)
+            copy.chmod(0o400)
+            mount = f"/etc/snapsell/{name.lower()}"
+            options.append(f"--volume={directory}:{mount}:ro")
+            env[name] = f"{mount}/{host.name}"
+        return options, env
+
     def command(
         self, argv: Sequence[str], env: Mapping[str, str], *, user: bool = True
     ) -> list[str]:
@@ -125,11 +145,13 @@ class ImageRunner:
         image's own USER instead of the manifests'."""
         empty = self.work_dir / "empty"
         empty.mkdir(exist_ok=True)
+        files, env = self._mounted_files(env)
         options = [
             "--isolation=chroot",
             "--network=host",
             *(f"--volume={self._fresh_dir()}:{path}" for path in self.writable),
             *(f"--volume={empty}:{path}:ro" for path in self.read_only),
+            *files,
             *(f"--env={name}={value}" for name, value in env.items()),
         ]
         if user:
@@ -154,7 +176,7 @@ class ImageRunner:
         def launch(
             name: str, env: dict[str, str], *, port: int, http: bool, log_dir: Path
         ) -> RunningService:
-            full_env = process_env(env, port=port, http=http)
+            full_env = process_env(name, env, port=port, http=http)
             argv = tuple(commands[name])
             log_path = log_file(name, port, log_dir)
             with log_path.open("ab") as log:

@@ -27,6 +27,7 @@ from tests.support.db import reset_service_schema
 from tests.support.stack import DB_SERVICES, SERVICES, SystemStack, start_system
 from tools.deploy import images
 from tools.deploy.render import Manifest
+from tools.dev_keys import DevKeys
 from tools.service_process import ROOT
 
 # Run in the image: who it runs as, what its user can write outside the mounted paths (argv
@@ -124,14 +125,14 @@ async def test_the_migrations_job_commands_apply_every_migration(
         await conn.close()
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="module")
 async def stack(
     runner: ImageRunner,
     inspected: dict[str, Any],
     manifests: list[Manifest],
     admin_dsn: str,
     nats_url: str,
-    jwt_secret: str,
+    token_keys: DevKeys,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[SystemStack]:
     """Every service from the image, each with its Deployment's command and the environment
@@ -142,7 +143,7 @@ async def stack(
     work_dir: Path = tmp_path_factory.mktemp("image-stack")
     started = time.monotonic()
     system = await start_system(
-        admin_dsn, nats_url, jwt_secret, work_dir, trace=False, launch=runner.launcher(commands)
+        admin_dsn, nats_url, token_keys, work_dir, trace=False, launch=runner.launcher(commands)
     )
     print(f"{', '.join(SERVICES)} ready from the image in {time.monotonic() - started:.1f} s")
     try:

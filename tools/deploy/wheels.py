@@ -15,17 +15,13 @@ import platform
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 from tools.deploy.layout import REPO_ROOT
 
-# The pinned set: pyproject.toml's dependencies. With a lock file, this becomes its text
-# (hashes included: pip then checks every wheel, at download and at install).
-REQUIREMENTS_SOURCE = REPO_ROOT / "pyproject.toml"
-# The build backend of the two local packages (contracts/python and the project): installed
-# without an index too, so it is in the wheelhouse.
-BUILD_BACKEND = "setuptools==84.2.1"
+# The pinned set: the runtime lock, hashes included (pip checks every wheel against them, at
+# download and at install). It pins setuptools too, the build backend of our two packages.
+REQUIREMENTS_SOURCE = REPO_ROOT / "requirements.lock"
 PYTHON_VERSION = "3.11"
 # Both bases have glibc 2.36 or newer (Debian 12 and the official slim image on Debian 13):
 # wheels for any manylinux from 2.17 (manylinux2014) to 2.36 run on them.
@@ -38,8 +34,7 @@ class WheelsError(Exception):
 
 
 def pinned_requirements() -> str:
-    dependencies = tomllib.loads(REQUIREMENTS_SOURCE.read_text())["project"]["dependencies"]
-    return "".join(f"{line}\n" for line in dependencies)
+    return REQUIREMENTS_SOURCE.read_text()
 
 
 def _target() -> list[str]:
@@ -57,9 +52,7 @@ def ensure_wheels(directory: Path) -> Path:
     """The wheelhouse for the current pinned set, downloaded into `directory` unless it is
     already there; returns `directory`."""
     requirements = pinned_requirements()
-    digest = hashlib.sha256(
-        "\n".join([requirements, BUILD_BACKEND, *_target()]).encode()
-    ).hexdigest()
+    digest = hashlib.sha256("\n".join([requirements, *_target()]).encode()).hexdigest()
     stamp = directory / STAMP
     if stamp.exists() and stamp.read_text() == digest:
         return directory
@@ -68,11 +61,8 @@ def ensure_wheels(directory: Path) -> Path:
     (directory / "requirements.txt").write_text(requirements)
     print(f"downloading the pinned wheels into {directory}")
     pip = [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(directory)]
-    for arguments in (
-        ["-r", str(directory / "requirements.txt")],
-        ["--no-deps", BUILD_BACKEND],
-    ):
-        if subprocess.run([*pip, *_target(), *arguments], check=False).returncode != 0:
-            raise WheelsError(f"pip download of {' '.join(arguments)} failed")
+    requirements_file = directory / "requirements.txt"
+    if subprocess.run([*pip, *_target(), "-r", str(requirements_file)], check=False).returncode:
+        raise WheelsError(f"pip download of {REQUIREMENTS_SOURCE.name} failed")
     stamp.write_text(digest)
     return directory

@@ -27,10 +27,10 @@ from snapsell.routing.v1 import routing_pb2, routing_pb2_grpc
 from snapsell.seller_admin.v1 import seller_admin_pb2, seller_admin_pb2_grpc
 
 from infra import jetstream
-from infra.auth import issue_token
 from infra.streams import INBOUND_MESSAGE_SUBJECT, inbound_stream
 from tests.support.db import reset_service_schema
 from tests.support.processes import RunningService, free_port, start_service
+from tools.dev_keys import DevKeys
 from tools.twilio_sandbox.process import SandboxProcess, start_sandbox
 
 ACCOUNT_SID = "AC" + "5" * 32
@@ -80,7 +80,7 @@ async def eventually(
 class OutboxStack:
     admin_dsn: str
     nats_url: str
-    jwt_secret: str
+    token_keys: DevKeys
     sandbox: SandboxProcess | None = None
     routing: RunningService | None = None
     seller_admin: RunningService | None = None
@@ -89,41 +89,47 @@ class OutboxStack:
     nats: NatsClient | None = None
     _channels: list[grpc.aio.Channel] = field(default_factory=list)
 
-    async def start(self, *, with_seller_admin: bool = False) -> None:
-        """Sandbox and routing; with seller_admin too when inbound messages must be routed
-        (routing resolves their tenant there), the tenant's WhatsApp channel registered."""
+    async def start(self) -> None:
+        """Sandbox, seller_admin (the channel directory the outbox checks senders against, and
+        where routing resolves an inbound message's tenant) with TENANT's SMS and WhatsApp
+        channels registered, and routing."""
         for service in ("outbox", "routing", "seller_admin"):
             await reset_service_schema(self.admin_dsn, service)
         self.db = await asyncpg.create_pool(self.admin_dsn, min_size=1, max_size=4)
         self.nats = await jetstream.connect(self.nats_url, name="outbox-tests")
         self.sandbox = start_sandbox({ACCOUNT_SID: AUTH_TOKEN})
-        seller_admin_addr = "127.0.0.1:9"  # consent checks and SetConsent need no peer
-        if with_seller_admin:
-            self.seller_admin = await start_service("seller_admin", {"LOG_LEVEL": "WARNING"})
-            seller_admin_addr = self.seller_admin.address
-            await self._register_channel()
+        self.seller_admin = await start_service("seller_admin", {"LOG_LEVEL": "WARNING"})
+        await self.add_channels(TENANT, SMS_SENDER, WHATSAPP_SENDER)
         self.routing = await start_service(
             "routing",
             {
                 "LOG_LEVEL": "WARNING",
-                "SELLER_ADMIN_ADDR": seller_admin_addr,
+                "SELLER_ADMIN_ADDR": self.seller_admin.address,
                 "LIVE_SESSION_ADDR": "127.0.0.1:9",
                 "OUTBOX_ADDR": "127.0.0.1:9",
             },
         )
 
-    async def _register_channel(self) -> None:
+    def seller_admin_stub(self) -> seller_admin_pb2_grpc.SellerAdminServiceStub:
         assert self.seller_admin is not None
+        channel = grpc.aio.insecure_channel(self.seller_admin.address)
+        self._channels.append(channel)
+        return seller_admin_pb2_grpc.SellerAdminServiceStub(channel)
+
+    async def add_channels(
+        self, tenant_id: str, *addresses: str, account_sid: str = ACCOUNT_SID
+    ) -> None:
+        """The tenant (created if new) may send from these addresses (numbers or MG SIDs)."""
         admin = self.metadata("admin")
-        async with grpc.aio.insecure_channel(self.seller_admin.address) as channel:
-            stub = seller_admin_pb2_grpc.SellerAdminServiceStub(channel)
-            await stub.CreateTenant(
-                seller_admin_pb2.CreateTenantRequest(tenant_id=TENANT, display_name="Shop"),
-                metadata=admin,
-            )
+        stub = self.seller_admin_stub()
+        await stub.CreateTenant(
+            seller_admin_pb2.CreateTenantRequest(tenant_id=tenant_id, display_name=tenant_id),
+            metadata=admin,
+        )
+        for address in addresses:
             await stub.AddChannel(
                 seller_admin_pb2.AddChannelRequest(
-                    tenant_id=TENANT, address=WHATSAPP_SENDER, account_sid=ACCOUNT_SID
+                    tenant_id=tenant_id, address=address, account_sid=account_sid
                 ),
                 metadata=admin,
             )
@@ -150,11 +156,13 @@ class OutboxStack:
 
     async def start_outbox(self, **env: str) -> RunningService:
         assert self.sandbox is not None and self.routing is not None
+        assert self.seller_admin is not None
         service = await start_service(
             "outbox",
             {
                 "LOG_LEVEL": "WARNING",
                 "ROUTING_ADDR": self.routing.address,
+                "SELLER_ADMIN_ADDR": self.seller_admin.address,
                 "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
                 "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
                 "TWILIO_API_BASE_URL": self.sandbox.url,
@@ -182,8 +190,11 @@ class OutboxStack:
 
     # --- gRPC ------------------------------------------------------------------------------
 
-    def metadata(self, role: str = "service", tenant_id: str | None = None) -> Any:
-        token = issue_token(self.jwt_secret, sub=f"test-{role}", role=role, tenant_id=tenant_id)
+    def metadata(
+        self, role: str = "service", tenant_id: str | None = None, *, sub: str = "routing"
+    ) -> Any:
+        """A `service` token is routing's (the outbox's real caller) unless `sub` says which."""
+        token = self.token_keys.token(role, tenant_id, sub if role == "service" else f"test-{role}")
         return (("authorization", f"Bearer {token}"),)
 
     def outbox(self, service: RunningService | None = None) -> outbox_pb2_grpc.OutboxServiceStub:
@@ -205,6 +216,7 @@ class OutboxStack:
             idempotency_key=fields.pop("idempotency_key", f"key-{next(_numbers)}"),
             **fields,
         )
+        # As routing, the outbox's one service caller (and the only one of COMPLIANCE messages).
         reply = await self.outbox().Enqueue(request, metadata=self.metadata(), timeout=10)
         return reply.message_id
 
@@ -222,7 +234,7 @@ class OutboxStack:
     async def get(self, message_id: str, tenant_id: str = TENANT) -> outbox_pb2.Message:
         reply = await self.outbox().GetMessage(
             outbox_pb2.GetMessageRequest(tenant_id=tenant_id, message_id=message_id),
-            metadata=self.metadata(),
+            metadata=self.metadata("admin"),
             timeout=10,
         )
         return reply.message
@@ -244,7 +256,7 @@ class OutboxStack:
     ) -> routing_pb2.CheckOptOutResponse:
         return await self.routing_stub().CheckOptOut(
             routing_pb2.CheckOptOutRequest(tenant_id=tenant_id, address=address),
-            metadata=self.metadata(),
+            metadata=self.metadata(sub="outbox"),
             timeout=10,
         )
 

@@ -17,6 +17,7 @@ from snapsell.outbox.v1 import events_pb2, outbox_pb2
 from infra import jetstream
 from infra.streams import INBOUND_STATUS_SUBJECT, inbound_stream
 from tests.integration.outbox.stack import (
+    ACCOUNT_SID,
     PUBLIC_BASE_URL,
     SMS_SENDER,
     TENANT,
@@ -69,10 +70,15 @@ async def test_a_message_is_sent_once_with_the_status_callback_and_recorded(
 
 async def test_enqueue_is_idempotent_per_tenant_and_key(stack: OutboxStack) -> None:
     phone = new_phone()
+    await stack.add_channels("another-shop", "+14155550101")
     first = await stack.enqueue(recipient=sms(phone), body="once", idempotency_key="stop:SM1")
     again = await stack.enqueue(recipient=sms(phone), body="once", idempotency_key="stop:SM1")
     other_tenant = await stack.enqueue(
-        tenant_id="another-shop", recipient=sms(phone), body="once", idempotency_key="stop:SM1"
+        tenant_id="another-shop",
+        sender="+14155550101",
+        recipient=sms(phone),
+        body="once",
+        idempotency_key="stop:SM1",
     )
     assert first == again != other_tenant
     assert (
@@ -256,10 +262,11 @@ async def test_dead_letters_are_paginated_newest_first_and_can_be_discarded(
     stack: OutboxStack,
 ) -> None:
     tenant = "shop-dead-letters"
+    await stack.add_channels(tenant, "+14155550102")
     phones = [new_phone() for _ in range(5)]
     await stack.set_faults(error_code_for=dict.fromkeys(phones, 21211))
     ids = [
-        await stack.enqueue(tenant_id=tenant, recipient=sms(p), body=f"n{i}")
+        await stack.enqueue(tenant_id=tenant, sender="+14155550102", recipient=sms(p), body=f"n{i}")
         for i, p in enumerate(phones)
     ]
     for message_id in ids:
@@ -299,7 +306,9 @@ async def test_status_callbacks_move_a_message_forward_only(stack: OutboxStack) 
     async def callback(status: str) -> None:
         received = Timestamp()
         received.FromDatetime(datetime.now(UTC))
-        event = StatusReceived(message_sid=sid, message_status=status, received_at=received)
+        event = StatusReceived(
+            message_sid=sid, account_sid=ACCOUNT_SID, message_status=status, received_at=received
+        )
         await jetstream.publish(
             js, INBOUND_STATUS_SUBJECT, event.SerializeToString(), msg_id=f"{sid}:{status}"
         )

@@ -18,6 +18,7 @@ async def test_every_message_ends_sent_dead_or_blocked_and_none_is_accepted_twic
     stack: OutboxStack,
 ) -> None:
     started = time.monotonic()
+    await stack.add_channels(TENANT, *SENDERS)
     await stack.start_outbox(OUTBOX_MAX_IN_FLIGHT="64")
     phones = [new_phone() for _ in range(MESSAGES)]
     opted_out = phones[:20]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from tests.integration.outbox.stack import OutboxStack, eventually, new_phone, sms
+from tests.integration.outbox.stack import TENANT, OutboxStack, eventually, new_phone, sms
 
 MESSAGES = 2000
 SENDERS = [f"+1415556{i:04d}" for i in range(8)]
@@ -18,6 +18,7 @@ async def test_a_worker_killed_mid_drain_loses_nothing_and_duplicates_nothing(
 ) -> None:
     # Every send takes a while, so the killed worker has many in flight.
     await stack.set_faults(latency_ms=300)
+    await stack.add_channels(TENANT, *SENDERS)
     # Start both workers before the backlog exists, so they race for it from the first claim.
     settings = {
         "OUTBOX_MAX_IN_FLIGHT": "64",

@@ -11,7 +11,6 @@ import pytest
 from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
 from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
-from infra.auth import issue_token
 from tests.integration.seller_admin.conftest import (
     ACCOUNT_SID,
     OTHER_ACCOUNT_SID,
@@ -21,6 +20,7 @@ from tests.integration.seller_admin.conftest import (
     new_business_number,
     new_mobile,
 )
+from tools.dev_keys import DevKeys
 
 Stub = seller_admin_pb2_grpc.SellerAdminServiceStub
 
@@ -34,8 +34,8 @@ async def failure(call: Awaitable[object]) -> tuple[grpc.StatusCode, str]:
 
 
 @pytest.fixture(scope="module")
-async def shop(stub: Stub, jwt_secret: str) -> str:
-    admin = (("authorization", f"Bearer {issue_token(jwt_secret, sub='ops', role='admin')}"),)
+async def shop(stub: Stub, token_keys: DevKeys) -> str:
+    admin = (("authorization", f"Bearer {token_keys.token('admin', sub='ops')}"),)
     await create_tenant(stub, admin, "valid-shop")
     await create_tenant(stub, admin, "valid-other")
     return "valid-shop"
@@ -257,6 +257,50 @@ async def test_invalid_channels_are_invalid_argument(
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert message in details
+
+
+async def test_an_sms_channel_may_declare_an_alphanumeric_sender_id_of_its_own(
+    stub: Stub, shop: str, admin: Metadata
+) -> None:
+    def request(tenant: str, address: str, name: str) -> pb.AddChannelRequest:
+        return pb.AddChannelRequest(
+            tenant_id=tenant, address=address, account_sid=ACCOUNT_SID, alphanumeric_sender_id=name
+        )
+
+    number = new_business_number()
+    added = await stub.AddChannel(request(shop, number, " Chez Val "), metadata=admin)
+    assert added.channel.alphanumeric_sender_id == "Chez Val"
+    again = await stub.AddChannel(request(shop, number, "Chez Val"), metadata=admin)
+    assert not again.created and again.channel == added.channel
+    listed = await stub.ListChannels(
+        pb.ListChannelsRequest(tenant_id=shop, page_size=500), metadata=admin
+    )
+    assert added.channel in listed.channels
+    refusals = [
+        # Another ID for the same channel.
+        (request(shop, number, "Val"), grpc.StatusCode.ALREADY_EXISTS, "alphanumeric sender ID"),
+        # Another shop wearing this one's name, whatever its case.
+        (
+            request("valid-other", new_business_number(), "CHEZ VAL"),
+            grpc.StatusCode.ALREADY_EXISTS,
+            "belongs to another channel",
+        ),
+        (
+            request(shop, f"whatsapp:{new_business_number()}", "ChezVal"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "not WhatsApp",
+        ),
+        (request(shop, new_business_number(), "1234"), grpc.StatusCode.INVALID_ARGUMENT, "letter"),
+        (
+            request(shop, new_business_number(), "Chez Valentine"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "1-11 letters",
+        ),
+    ]
+    for refused, expected, message in refusals:
+        code, details = await failure(stub.AddChannel(refused, metadata=admin))
+        assert code == expected, details
+        assert message in details and "\n" not in details
 
 
 async def test_seller_phones_page_through_every_entry_once_in_order(

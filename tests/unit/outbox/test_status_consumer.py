@@ -12,7 +12,11 @@ from snapsell.gateway.v1.events_pb2 import StatusReceived
 
 from infra.jetstream import Ack, Nak, Term
 from services.outbox.admin_store import CallbackEffect
-from services.outbox.consumer import STATUS_CONSUMER, StatusCallbackHandler
+from services.outbox.consumer import (
+    STATUS_CONSUMER,
+    UNKNOWN_SID_DELIVERIES,
+    StatusCallbackHandler,
+)
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
@@ -40,6 +44,7 @@ class FakeStore:
         twilio_sid: str,
         twilio_status: str,
         *,
+        account_sid: str,
         error_code: int | None,
         error_message: str | None,
         now: datetime,
@@ -71,8 +76,16 @@ async def test_a_callback_ahead_of_its_send_result_is_retried_then_given_up() ->
     handler = StatusCallbackHandler(FakeStore(CallbackEffect.UNKNOWN_SID), lambda: NOW)
     first = await handler(FakeMsg(callback("sent")))  # type: ignore[arg-type]
     assert isinstance(first, Nak) and first.delay_s < 1
-    last = FakeMsg(callback("sent"), metadata=FakeMetadata(STATUS_CONSUMER.max_deliver))
+    before_last = FakeMsg(callback("sent"), metadata=FakeMetadata(UNKNOWN_SID_DELIVERIES - 1))
+    assert isinstance(await handler(before_last), Nak)  # type: ignore[arg-type]
+    last = FakeMsg(callback("sent"), metadata=FakeMetadata(UNKNOWN_SID_DELIVERIES))
     assert isinstance(await handler(last), Term)  # type: ignore[arg-type]
+    assert UNKNOWN_SID_DELIVERIES < STATUS_CONSUMER.max_deliver
+
+
+async def test_a_callback_from_another_account_is_terminated() -> None:
+    handler = StatusCallbackHandler(FakeStore(CallbackEffect.WRONG_ACCOUNT), lambda: NOW)
+    assert isinstance(await handler(FakeMsg(callback("delivered"))), Term)  # type: ignore[arg-type]
 
 
 async def test_an_undecodable_callback_is_terminated() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given
@@ -16,10 +17,15 @@ from services.routing.domain import (
     OPT_IN_KEYWORDS,
     OPT_OUT_KEYWORDS,
     Channel,
+    ConsentChange,
     ConsentIntent,
     ConsentKeywords,
+    ConsentLockedError,
     ConsentOutcome,
     ConsentReplies,
+    ConsentSource,
+    ConsentState,
+    Contact,
     Decision,
     DecisionKind,
     InboundFacts,
@@ -29,6 +35,7 @@ from services.routing.domain import (
     RulesBook,
     SenderRole,
     TenantRules,
+    check_opt_in_may_lift,
     consent_reply,
     decide,
     normalise_address,
@@ -223,3 +230,36 @@ def test_impossible_addresses_are_refused(channel: Channel, raw: str) -> None:
 def test_default_replies_name_the_keywords_to_use() -> None:
     assert "START" in DEFAULT_OPT_OUT_REPLY
     assert "STOP" in DEFAULT_OPT_IN_REPLY
+
+
+# --- who may lift an opt-out -------------------------------------------------------------------
+
+_KEYWORD, _OPERATOR, _CARRIER = ConsentSource.KEYWORD, ConsentSource.OPERATOR, ConsentSource.CARRIER
+
+
+def _change(state: ConsentState, source: ConsentSource) -> ConsentChange:
+    contact = Contact("shop-1", Channel.WHATSAPP, "+33611111111")
+    return ConsentChange(contact, state, datetime.now(UTC), source, actor="someone")
+
+
+@pytest.mark.parametrize(
+    ("opt_out", "state", "source"),
+    [
+        (None, ConsentState.OPTED_IN, _OPERATOR),
+        (_OPERATOR, ConsentState.OPTED_IN, _OPERATOR),
+        (_KEYWORD, ConsentState.OPTED_IN, _KEYWORD),
+        (_CARRIER, ConsentState.OPTED_IN, _KEYWORD),
+        (_KEYWORD, ConsentState.OPTED_OUT, _OPERATOR),
+        (_CARRIER, ConsentState.OPTED_OUT, _OPERATOR),
+    ],
+)
+def test_opt_outs_that_an_expression_may_lift_or_repeat(
+    opt_out: ConsentSource | None, state: ConsentState, source: ConsentSource
+) -> None:
+    check_opt_in_may_lift(opt_out, _change(state, source))
+
+
+@pytest.mark.parametrize("opt_out", [_KEYWORD, _CARRIER])
+def test_only_the_persons_start_lifts_their_stop_or_carrier_opt_out(opt_out: ConsentSource) -> None:
+    with pytest.raises(ConsentLockedError, match="only their own START"):
+        check_opt_in_may_lift(opt_out, _change(ConsentState.OPTED_IN, _OPERATOR))

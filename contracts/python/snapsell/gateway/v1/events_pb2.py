@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from snapsell.common.v1 import address_pb2 as snapsell_dot_common_dot_v1_dot_address__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n snapsell/gateway/v1/events.proto\x12\x13snapsell.gateway.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a snapsell/common/v1/address.proto\"\xbb\x04\n\x0fMessageReceived\x12\x13\n\x0bmessage_sid\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x63\x63ount_sid\x18\x02 \x01(\t\x12\x1d\n\x15messaging_service_sid\x18\x03 \x01(\t\x12+\n\x06sender\x18\x04 \x01(\x0b\x32\x1b.snapsell.common.v1.Address\x12.\n\trecipient\x18\x05 \x01(\x0b\x32\x1b.snapsell.common.v1.Address\x12\x0c\n\x04\x62ody\x18\x06 \x01(\t\x12)\n\x05media\x18\x07 \x03(\x0b\x32\x1a.snapsell.gateway.v1.Media\x12\x14\n\x0cprofile_name\x18\x08 \x01(\t\x12\r\n\x05wa_id\x18\t \x01(\t\x12\x14\n\x0copt_out_type\x18\n \x01(\t\x12\x16\n\x0e\x62utton_payload\x18\x0b \x01(\t\x12\x13\n\x0b\x62utton_text\x18\x0c \x01(\t\x12/\n\x08location\x18\r \x01(\x0b\x32\x1d.snapsell.gateway.v1.Location\x12/\n\x0breceived_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12K\n\x0cother_params\x18\x0f \x03(\x0b\x32\x35.snapsell.gateway.v1.MessageReceived.OtherParamsEntry\x1a\x32\n\x10OtherParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"*\n\x05Media\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\"O\n\x08Location\x12\x10\n\x08latitude\x18\x01 \x01(\x01\x12\x11\n\tlongitude\x18\x02 \x01(\x01\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05label\x18\x04 \x01(\t\"\x8b\x03\n\x0eStatusReceived\x12\x13\n\x0bmessage_sid\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x63\x63ount_sid\x18\x02 \x01(\t\x12\x16\n\x0emessage_status\x18\x03 \x01(\t\x12\x12\n\nerror_code\x18\x04 \x01(\t\x12\x15\n\rerror_message\x18\x05 \x01(\t\x12+\n\x06sender\x18\x06 \x01(\x0b\x32\x1b.snapsell.common.v1.Address\x12.\n\trecipient\x18\x07 \x01(\x0b\x32\x1b.snapsell.common.v1.Address\x12/\n\x0breceived_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12J\n\x0cother_params\x18\t \x03(\x0b\x32\x34.snapsell.gateway.v1.StatusReceived.OtherParamsEntry\x1a\x32\n\x10OtherParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n snapsell/gateway/v1/events.proto\x12\x13snapsell.gateway.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a snapsell/common/v1/address.proto\"\xd6\x04\n\x0fMessageReceived\x12\x13\n\x0bmessage_sid\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x63\x63ount_sid\x18\x02 \x01(\t\x12\x1d\n\x15messaging_service_sid\x18\x03 \x01(\t\x12+\n\x06sender\x18\x04 \x01(\x0b\x32\x1b.snapsell.common.v1.Address\x12.\n\trecipient\x18\x05 \x01(\x0b\x32\x1b.snapsell.common.v1.Address\x12\x0c\n\x04\x62ody\x18\x06 \x01(\t\x12)\n\x05media\x18\x07 \x03(\x0b\x32\x1a.snapsell.gateway.v1.Media\x12\x14\n\x0cprofile_name\x18\x08 \x01(\t\x12\r\n\x05wa_id\x18\t \x01(\t\x12\x14\n\x0copt_out_type\x18\n \x01(\t\x12\x16\n\x0e\x62utton_payload\x18\x0b \x01(\t\x12\x13\n\x0b\x62utton_text\x18\x0c \x01(\t\x12/\n\x08location\x18\r \x01(\x0b\x32\x1d.snapsell.gateway.v1.Location\x12/\n\x0breceived_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12K\n\x0cother_params\x18\x0f \x03(\x0b\x32\x35.snapsell.gateway.v1.MessageReceived.OtherParamsEntry\x12\x19\n\x11idempotency_token\x18\x10 \x01(\t\x1a\x32\n\x10OtherParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"*\n\x05Media\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\"O\n\x08Location\x12\x10\n\x08latitude\x18\x01 \x01(\x01\x12\x11\n\tlongitude\x18\x02 \x01(\x01\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05label\x18\x04 \x01(\t\"\x8b\x03\n\x0eStatusReceived\x12\x13\n\x0bmessage_sid\x18\x01 \x01(\t\x12\x13\n\x0b\x61\x63\x63ount_sid\x18\x02 \x01(\t\x12\x16\n\x0emessage_status\x18\x03 \x01(\t\x12\x12\n\nerror_code\x18\x04 \x01(\t\x12\x15\n\rerror_message\x18\x05 \x01(\t\x12+\n\x06sender\x18\x06 \x01(\x0b\x32\x1b.snapsell.common.v1.Address\x12.\n\trecipient\x18\x07 \x01(\x0b\x32\x1b.snapsell.common.v1.Address\x12/\n\x0breceived_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12J\n\x0cother_params\x18\t \x03(\x0b\x32\x34.snapsell.gateway.v1.StatusReceived.OtherParamsEntry\x1a\x32\n\x10OtherParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,15 +38,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSRECEIVED_OTHERPARAMSENTRY']._loaded_options = None
   _globals['_STATUSRECEIVED_OTHERPARAMSENTRY']._serialized_options = b'8\001'
   _globals['_MESSAGERECEIVED']._serialized_start=125
-  _globals['_MESSAGERECEIVED']._serialized_end=696
-  _globals['_MESSAGERECEIVED_OTHERPARAMSENTRY']._serialized_start=646
-  _globals['_MESSAGERECEIVED_OTHERPARAMSENTRY']._serialized_end=696
-  _globals['_MEDIA']._serialized_start=698
-  _globals['_MEDIA']._serialized_end=740
-  _globals['_LOCATION']._serialized_start=742
-  _globals['_LOCATION']._serialized_end=821
-  _globals['_STATUSRECEIVED']._serialized_start=824
-  _globals['_STATUSRECEIVED']._serialized_end=1219
-  _globals['_STATUSRECEIVED_OTHERPARAMSENTRY']._serialized_start=646
-  _globals['_STATUSRECEIVED_OTHERPARAMSENTRY']._serialized_end=696
+  _globals['_MESSAGERECEIVED']._serialized_end=723
+  _globals['_MESSAGERECEIVED_OTHERPARAMSENTRY']._serialized_start=673
+  _globals['_MESSAGERECEIVED_OTHERPARAMSENTRY']._serialized_end=723
+  _globals['_MEDIA']._serialized_start=725
+  _globals['_MEDIA']._serialized_end=767
+  _globals['_LOCATION']._serialized_start=769
+  _globals['_LOCATION']._serialized_end=848
+  _globals['_STATUSRECEIVED']._serialized_start=851
+  _globals['_STATUSRECEIVED']._serialized_end=1246
+  _globals['_STATUSRECEIVED_OTHERPARAMSENTRY']._serialized_start=673
+  _globals['_STATUSRECEIVED_OTHERPARAMSENTRY']._serialized_end=723
 # @@protoc_insertion_point(module_scope)

@@ -63,6 +63,7 @@ class MessageReceived(_message.Message):
     LOCATION_FIELD_NUMBER: _builtins.int
     RECEIVED_AT_FIELD_NUMBER: _builtins.int
     OTHER_PARAMS_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_TOKEN_FIELD_NUMBER: _builtins.int
     message_sid: _builtins.str
     account_sid: _builtins.str
     messaging_service_sid: _builtins.str
@@ -73,6 +74,10 @@ class MessageReceived(_message.Message):
     """Twilio's Advanced Opt-Out classification (STOP, START, HELP), empty when absent."""
     button_payload: _builtins.str
     button_text: _builtins.str
+    idempotency_token: _builtins.str
+    """Twilio's I-Twilio-Idempotency-Token header: the same for every retry of one webhook
+    delivery, empty when absent.
+    """
     @_builtins.property
     def sender(self) -> _address_pb2.Address: ...
     @_builtins.property
@@ -105,10 +110,11 @@ class MessageReceived(_message.Message):
         location: Global___Location | None = ...,
         received_at: _timestamp_pb2.Timestamp | None = ...,
         other_params: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        idempotency_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["location", b"location", "received_at", b"received_at", "recipient", b"recipient", "sender", b"sender"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_sid", b"account_sid", "body", b"body", "button_payload", b"button_payload", "button_text", b"button_text", "location", b"location", "media", b"media", "message_sid", b"message_sid", "messaging_service_sid", b"messaging_service_sid", "opt_out_type", b"opt_out_type", "other_params", b"other_params", "profile_name", b"profile_name", "received_at", b"received_at", "recipient", b"recipient", "sender", b"sender", "wa_id", b"wa_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_sid", b"account_sid", "body", b"body", "button_payload", b"button_payload", "button_text", b"button_text", "idempotency_token", b"idempotency_token", "location", b"location", "media", b"media", "message_sid", b"message_sid", "messaging_service_sid", b"messaging_service_sid", "opt_out_type", b"opt_out_type", "other_params", b"other_params", "profile_name", b"profile_name", "received_at", b"received_at", "recipient", b"recipient", "sender", b"sender", "wa_id", b"wa_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -83,8 +83,8 @@ class RoutingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListOptOuts(self, request, context):
-        """The tenant's current opt-outs, newest first. Roles `owner`, `manager`, `staff` (own
-        tenant) and `admin` (any tenant, named in the request).
+        """The tenant's current opt-outs, newest first. Roles `owner`, `manager` (own tenant) and
+        `admin` (any tenant, named in the request).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -93,6 +93,8 @@ class RoutingServiceServicer:
     def SetConsent(self, request, context):
         """Records consent withdrawn or given outside the messaging channel (phone call, shop
         counter). Roles `owner`, `manager` (own tenant) and `admin`. Audited as `OptOutChanged`.
+        An opt-in never lifts the person's own STOP or their carrier's opt-out (only their START
+        does): FAILED_PRECONDITION; it lifts an opt-out set here.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -46,12 +46,14 @@ class RoutingServiceStub:
     at most 1000 checks, each valid, or INVALID_ARGUMENT naming the first bad one.
     """
     ListOptOuts: _grpc.UnaryUnaryMultiCallable[_routing_pb2.ListOptOutsRequest, _routing_pb2.ListOptOutsResponse]
-    """The tenant's current opt-outs, newest first. Roles `owner`, `manager`, `staff` (own
-    tenant) and `admin` (any tenant, named in the request).
+    """The tenant's current opt-outs, newest first. Roles `owner`, `manager` (own tenant) and
+    `admin` (any tenant, named in the request).
     """
     SetConsent: _grpc.UnaryUnaryMultiCallable[_routing_pb2.SetConsentRequest, _routing_pb2.SetConsentResponse]
     """Records consent withdrawn or given outside the messaging channel (phone call, shop
     counter). Roles `owner`, `manager` (own tenant) and `admin`. Audited as `OptOutChanged`.
+    An opt-in never lifts the person's own STOP or their carrier's opt-out (only their START
+    does): FAILED_PRECONDITION; it lifts an opt-out set here.
     """
 
 @_typing.type_check_only
@@ -72,12 +74,14 @@ class RoutingServiceAsyncStub(RoutingServiceStub):
     at most 1000 checks, each valid, or INVALID_ARGUMENT naming the first bad one.
     """
     ListOptOuts: _aio.UnaryUnaryMultiCallable[_routing_pb2.ListOptOutsRequest, _routing_pb2.ListOptOutsResponse]  # type: ignore[assignment]
-    """The tenant's current opt-outs, newest first. Roles `owner`, `manager`, `staff` (own
-    tenant) and `admin` (any tenant, named in the request).
+    """The tenant's current opt-outs, newest first. Roles `owner`, `manager` (own tenant) and
+    `admin` (any tenant, named in the request).
     """
     SetConsent: _aio.UnaryUnaryMultiCallable[_routing_pb2.SetConsentRequest, _routing_pb2.SetConsentResponse]  # type: ignore[assignment]
     """Records consent withdrawn or given outside the messaging channel (phone call, shop
     counter). Roles `owner`, `manager` (own tenant) and `admin`. Audited as `OptOutChanged`.
+    An opt-in never lifts the person's own STOP or their carrier's opt-out (only their START
+    does): FAILED_PRECONDITION; it lifts an opt-out set here.
     """
 
 class RoutingServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -113,8 +117,8 @@ class RoutingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _routing_pb2.ListOptOutsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_routing_pb2.ListOptOutsResponse, _abc.Awaitable[_routing_pb2.ListOptOutsResponse]]:
-        """The tenant's current opt-outs, newest first. Roles `owner`, `manager`, `staff` (own
-        tenant) and `admin` (any tenant, named in the request).
+        """The tenant's current opt-outs, newest first. Roles `owner`, `manager` (own tenant) and
+        `admin` (any tenant, named in the request).
         """
 
     @_abc_1.abstractmethod
@@ -125,6 +129,8 @@ class RoutingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_routing_pb2.SetConsentResponse, _abc.Awaitable[_routing_pb2.SetConsentResponse]]:
         """Records consent withdrawn or given outside the messaging channel (phone call, shop
         counter). Roles `owner`, `manager` (own tenant) and `admin`. Audited as `OptOutChanged`.
+        An opt-in never lifts the person's own STOP or their carrier's opt-out (only their START
+        does): FAILED_PRECONDITION; it lifts an opt-out set here.
         """
 
 def add_RoutingServiceServicer_to_server(servicer: RoutingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

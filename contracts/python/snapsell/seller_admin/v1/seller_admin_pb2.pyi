@@ -124,6 +124,7 @@ class Channel(_message.Message):
     ADDRESS_FIELD_NUMBER: _builtins.int
     ACCOUNT_SID_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    ALPHANUMERIC_SENDER_ID_FIELD_NUMBER: _builtins.int
     channel_id: _builtins.str
     tenant_id: _builtins.str
     kind: Global___ChannelKind.ValueType
@@ -131,6 +132,10 @@ class Channel(_message.Message):
     """Canonical form: `whatsapp:+14155238886`, `+14155238886`, or the `MG...` SID."""
     account_sid: _builtins.str
     """The Twilio account (`AC...`) the address or Messaging Service belongs to."""
+    alphanumeric_sender_id: _builtins.str
+    """SMS and Messaging Service channels only: the alphanumeric sender ID (`ChezMarie`) the tenant
+    may send SMS under, with this channel's account; empty when none is declared.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -142,10 +147,11 @@ class Channel(_message.Message):
         address: _builtins.str = ...,
         account_sid: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        alphanumeric_sender_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_sid", b"account_sid", "address", b"address", "channel_id", b"channel_id", "create_time", b"create_time", "kind", b"kind", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_sid", b"account_sid", "address", b"address", "alphanumeric_sender_id", b"alphanumeric_sender_id", "channel_id", b"channel_id", "create_time", b"create_time", "kind", b"kind", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -325,21 +331,28 @@ class AddChannelRequest(_message.Message):
     TENANT_ID_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     ACCOUNT_SID_FIELD_NUMBER: _builtins.int
+    ALPHANUMERIC_SENDER_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     address: _builtins.str
     """`whatsapp:+14155238886`, `+14155238886` (SMS) or a Messaging Service SID `MG...`."""
     account_sid: _builtins.str
     """The Twilio account SID `AC...` that receives on this address."""
+    alphanumeric_sender_id: _builtins.str
+    """Optional, SMS numbers and Messaging Services only: an alphanumeric sender ID the tenant may
+    send SMS under (1-11 letters, digits or spaces, at least one letter; one channel per ID,
+    whatever its case). Adding the channel again with another ID is ALREADY_EXISTS.
+    """
     def __init__(
         self,
         *,
         tenant_id: _builtins.str = ...,
         address: _builtins.str = ...,
         account_sid: _builtins.str = ...,
+        alphanumeric_sender_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_sid", b"account_sid", "address", b"address", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_sid", b"account_sid", "address", b"address", "alphanumeric_sender_id", b"alphanumeric_sender_id", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

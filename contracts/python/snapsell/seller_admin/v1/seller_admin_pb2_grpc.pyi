@@ -30,7 +30,8 @@ class SellerAdminServiceStub:
     """Tenants (shops), their receiving channels and their seller phones.
 
     Callers authenticate with `authorization: Bearer <JWT>`. Which role may call which RPC:
-    tenants and channels are managed by `admin`; `owner` may list its own channels; seller
+    tenants and channels are managed by `admin`; `owner` may list its own channels, and
+    `service` callers any tenant's (the outbox checks a message's sender against them); seller
     phones are added/removed by `owner`/`manager` of the tenant (or `admin`) and listed by any
     tenant role; `ResolveSender` is for internal `service` callers only.
     Tenant roles always act on the tenant in their token: an empty `tenant_id` means "mine",
@@ -72,7 +73,8 @@ class SellerAdminServiceAsyncStub(SellerAdminServiceStub):
     """Tenants (shops), their receiving channels and their seller phones.
 
     Callers authenticate with `authorization: Bearer <JWT>`. Which role may call which RPC:
-    tenants and channels are managed by `admin`; `owner` may list its own channels; seller
+    tenants and channels are managed by `admin`; `owner` may list its own channels, and
+    `service` callers any tenant's (the outbox checks a message's sender against them); seller
     phones are added/removed by `owner`/`manager` of the tenant (or `admin`) and listed by any
     tenant role; `ResolveSender` is for internal `service` callers only.
     Tenant roles always act on the tenant in their token: an empty `tenant_id` means "mine",
@@ -110,7 +112,8 @@ class SellerAdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Tenants (shops), their receiving channels and their seller phones.
 
     Callers authenticate with `authorization: Bearer <JWT>`. Which role may call which RPC:
-    tenants and channels are managed by `admin`; `owner` may list its own channels; seller
+    tenants and channels are managed by `admin`; `owner` may list its own channels, and
+    `service` callers any tenant's (the outbox checks a message's sender against them); seller
     phones are added/removed by `owner`/`manager` of the tenant (or `admin`) and listed by any
     tenant role; `ResolveSender` is for internal `service` callers only.
     Tenant roles always act on the tenant in their token: an empty `tenant_id` means "mine",
