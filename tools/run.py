@@ -68,6 +68,18 @@ def reachable_host(bind_host: str) -> str:
     return "127.0.0.1" if bind_host in ("0.0.0.0", "::", "") else bind_host
 
 
+def set_listen_addresses(env: dict[str, str]) -> str:
+    """Where every service listens (`BIND_HOST`, loopback unless set: the images default to
+    0.0.0.0 for pods) and where peers reach them, unless set; the bind host."""
+    bind_host = env.setdefault("BIND_HOST", LOCAL_BIND_HOST)
+    host = reachable_host(bind_host)
+    http_port = int(env.setdefault("HTTP_PORT", "8080"))
+    env.setdefault("PUBLIC_BASE_URL", f"http://{host}:{http_port}")
+    for name, port in GRPC_SERVICES.items():
+        env.setdefault(f"{name.upper()}_ADDR", f"{host}:{port}")
+    return bind_host
+
+
 def grpc_serving(host: str, port: int) -> bool:
     with grpc.insecure_channel(f"{host}:{port}") as channel:
         try:
@@ -169,13 +181,9 @@ def main() -> int:
     # One signing key per identity in .state/keys/, created once; each service gets its own.
     keys = DevKeys(STATE / "keys")
     env.setdefault("SNAPSELL_TRUSTED_KEYS_FILE", str(keys.trusted_keys_file))
-    # Every service listens where this prints (the images default to 0.0.0.0 for pods).
-    bind_host = env.setdefault("BIND_HOST", LOCAL_BIND_HOST)
+    bind_host = set_listen_addresses(env)
     host = reachable_host(bind_host)
-    http_port = int(env.setdefault("HTTP_PORT", "8080"))
-    env.setdefault("PUBLIC_BASE_URL", f"http://{host}:{http_port}")
-    for name, port in GRPC_SERVICES.items():
-        env.setdefault(f"{name.upper()}_ADDR", f"{host}:{port}")
+    http_port = int(env["HTTP_PORT"])
 
     stack = Stack()
     with ExitStack() as cleanup:
