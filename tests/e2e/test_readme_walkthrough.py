@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import httpx
-import pytest
 
 from tests.support.stack import SystemStack
 from tools.service_process import ROOT
@@ -162,9 +161,7 @@ def test_the_walkthrough_is_in_the_readme_with_a_separate_client() -> None:
     assert all(step.expected for step in steps), "every command says what to expect"
 
 
-async def test_the_readme_walkthrough_runs_as_written(
-    system: SystemStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+async def test_the_readme_walkthrough_runs_as_written(system: SystemStack, tmp_path: Path) -> None:
     state = local_state(system, tmp_path)
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -174,7 +171,6 @@ async def test_the_readme_walkthrough_runs_as_written(
         "PUBLIC_BASE_URL": system.public_base_url,
     }
     outcomes = Outcomes(system)
-    transcript = []
     for step in walkthrough_steps(README.read_text()):
         outcomes.mark()
         for to in ("whatsapp:+33698765432", "whatsapp:+33612345678"):
@@ -190,9 +186,6 @@ async def test_the_readme_walkthrough_runs_as_written(
             check=False,
         )
         printed = done.stderr + done.stdout
-        transcript.append(f"$ {step.command}\n{printed}")
         assert done.returncode == 0, f"{step.command}\n{printed}"
         for line in step.expected:
             await outcomes.check(line, printed)
-    with capsys.disabled():
-        print("\n--- README walkthrough transcript ---\n" + "\n".join(transcript))
