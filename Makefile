@@ -62,10 +62,10 @@ chaos: $(INSTALLED) ## the fault suite at full size: 5,000 webhooks through kill
 	SNAPSELL_CHAOS_WEBHOOKS=$(CHAOS_WEBHOOKS) SNAPSELL_CHAOS_RATE=$(CHAOS_RATE) $(BIN)/python -m pytest tests/chaos -q -s
 
 run: $(INSTALLED) ## the whole stack in the foreground (Ctrl-C stops it)
-	$(BIN)/python -m tools.run
+	@$(BIN)/python -m tools.run
 
 webhook: $(INSTALLED) ## send a signed sample webhook to the running stack: make webhook BODY=A12 FROM=whatsapp:+336... TO=whatsapp:+1415...
-	$(BIN)/python -m tools.send_webhook $(if $(BODY),--body "$(BODY)") $(if $(FROM),--from "$(FROM)") $(if $(TO),--to "$(TO)")
+	@$(BIN)/python -m tools.send_webhook $(if $(BODY),--body "$(BODY)") $(if $(FROM),--from "$(FROM)") $(if $(TO),--to "$(TO)")
 
 bench: $(INSTALLED) ## every benchmark, several runs each; writes docs/BENCHMARKS.md
 	$(BIN)/python -m tools.bench

@@ -11,11 +11,14 @@
 
 Tokens are signed with the operator's own key (`SNAPSELL_SIGNING_KEY_FILE`, published in the
 services' trusted key set under `SNAPSELL_SIGNING_KEY_ID`, default `operator`) and live at most
-an hour. Every command but `issue-token` calls the service at `SELLER_ADMIN_ADDR` (default
+an hour. Against the local stack nothing needs exporting: when `SNAPSELL_SIGNING_KEY_FILE` or
+`TWILIO_ACCOUNT_SID` is unset, the CLI uses what `make run` keeps in `.state/` (the operator key
+`.state/keys/operator.pem`, the sandbox account of `.state/dev-credentials.json`) and says so in
+one line on stderr; variables that are set always win (`SNAPSELL_STATE_DIR` moves `.state/`).
+Every command but `issue-token` calls the service at `SELLER_ADMIN_ADDR` (default
 127.0.0.1:50054) as `admin`, with a five-minute token, so the changes go through the same
-validation, RBAC and audit trail as any caller's. Results are
-printed as JSON; a refused call prints `error: <CODE>: <message>` and exits 1, a configuration
-problem exits 2.
+validation, RBAC and audit trail as any caller's. Results are printed as JSON; a refused call
+prints `error: <CODE>: <message>` and exits 1, a configuration problem exits 2.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
@@ -38,6 +43,14 @@ from infra.grpc_client import service_channel
 from infra.keys import OPERATOR, SigningKey
 
 _CLI_TOKEN_TTL_S = 300
+_REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+def local_state_dir() -> Path:
+    """Where `make run` keeps the local stack's keys and sandbox account (tools/run.py)."""
+    return Path(os.environ.get("SNAPSELL_STATE_DIR", "").strip() or _REPOSITORY / ".state")
+
+
 # The services a token may be for: each accepts only tokens naming it.
 AUDIENCES = ("live_session", "outbox", "routing", "seller_admin")
 
@@ -98,6 +111,30 @@ def _parser() -> argparse.ArgumentParser:
         help=f"seconds, at most {MAX_TOKEN_TTL_S} (the default)",
     )
     return parser
+
+
+def use_local_stack_credentials(command: str, account_sid_given: bool) -> str | None:
+    """Fill the unset variables from `make run`'s `.state/` (the environment wins); the line that
+    says what was taken, or None when nothing was."""
+    used = []
+    state = local_state_dir()
+    operator_key = state / "keys" / f"{OPERATOR}.pem"
+    if not os.environ.get("SNAPSELL_SIGNING_KEY_FILE", "").strip() and operator_key.exists():
+        os.environ["SNAPSELL_SIGNING_KEY_FILE"] = str(operator_key)
+        used.append(f"operator key {operator_key}")
+    wants_account = command == "add-channel" and not account_sid_given
+    if wants_account and not os.environ.get("TWILIO_ACCOUNT_SID", "").strip():
+        try:
+            credentials = json.loads((state / "dev-credentials.json").read_text())
+            account_sid = str(credentials["TWILIO_ACCOUNT_SID"])
+        except (OSError, ValueError, KeyError):
+            account_sid = ""
+        if account_sid:
+            os.environ["TWILIO_ACCOUNT_SID"] = account_sid
+            used.append(f"Twilio account {account_sid} of {state / 'dev-credentials.json'}")
+    if not used:
+        return None
+    return f"using the local stack's {' and '.join(used)} (make run's; the environment wins)"
 
 
 def _operator_key() -> SigningKey:
@@ -179,6 +216,9 @@ def _print_token(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    local = use_local_stack_credentials(args.command, bool(getattr(args, "account_sid", None)))
+    if local:
+        print(local, file=sys.stderr)
     try:
         if args.command == "issue-token":
             return _print_token(args)
