@@ -31,6 +31,11 @@ PREREQUISITES: tuple[tuple[str, list[str], str], ...] = (
         ["get", "crd", "peerauthentications.security.istio.io"],
         "the Istio service mesh (mutual TLS between the services)",
     ),
+    (
+        "PrometheusRule",
+        ["get", "crd", "prometheusrules.monitoring.coreos.com"],
+        "the Prometheus Operator (the alert rules)",
+    ),
 )
 
 
