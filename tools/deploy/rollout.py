@@ -105,12 +105,22 @@ def deploy(
             f"them in deploy/overlays/{environment} (or IMAGE_REPO for the image):\n{lines}"
         )
     kubectl = kubectl_path()
+    later = (
+        f"nothing was applied. The objects above are in {_shown(release.rendered)}: "
+        "`kubectl apply -f` it once a cluster is reachable, or run `make deploy` again."
+    )
+    where = cluster.target(kubectl)
+    if where is None:
+        return _fail(
+            f"no kubectl context is set ({cluster.kubeconfig_source()}), so no cluster was "
+            "tried (kubectl's fallback, localhost:8080, is where `make run`'s gateway listens); "
+            f"pick one with `kubectl config use-context NAME`; {later}"
+        )
     reason = cluster.unreachable_reason(kubectl)
     if reason is not None:
         return _fail(
-            f"no reachable Kubernetes cluster ({reason}); nothing was applied. The objects "
-            f"above are in {_shown(release.rendered)}: `kubectl apply -f` it once a cluster "
-            "is reachable, or run `make deploy` again."
+            f"no reachable Kubernetes cluster at {where.server} (kubectl context "
+            f"'{where.context}', {cluster.kubeconfig_source()}): {reason}; {later}"
         )
     return _ship(kubectl, release)
 
