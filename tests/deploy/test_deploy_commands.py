@@ -74,6 +74,13 @@ def test_deploy_check_fails_on_a_deliberately_broken_manifest(tmp_path: Path) ->
         "image 'nats:latest' uses the latest tag",
         "FAIL prod: image digests: StatefulSet/nats: container nats: "
         "image 'nats:latest' is not pinned by digest",
+        # An installation made from the template inherits prod's manifests, and their faults.
+        "FAIL installation-template: probes: Deployment/gateway: container gateway: "
+        "no readinessProbe",
+        "FAIL installation-template: image tags: StatefulSet/nats: container nats: "
+        "image 'nats:latest' uses the latest tag",
+        "FAIL installation-template: image digests: StatefulSet/nats: container nats: "
+        "image 'nats:latest' is not pinned by digest",
     ]
     assert result.stdout.splitlines()[-1] == "deploy-check: FAILED"
 
