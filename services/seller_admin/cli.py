@@ -18,6 +18,7 @@ What operators do by hand, each against the service that owns it:
     python -m services.seller_admin.cli set-consent --tenant chez-marie \\
         --address whatsapp:+33612345678 --state opted-out --reason "asked by phone"
     python -m services.seller_admin.cli list-dead-letters --tenant chez-marie      # outbox
+    python -m services.seller_admin.cli get-message --tenant chez-marie MESSAGE_ID
     python -m services.seller_admin.cli redrive --tenant chez-marie MESSAGE_ID...
     python -m services.seller_admin.cli discard --tenant chez-marie --reason "..." MESSAGE_ID...
 
@@ -256,6 +257,9 @@ def _add_operations(commands: argparse._SubParsersAction[argparse.ArgumentParser
     dead.add_argument("--tenant", required=True)
     dead.add_argument("--reason", choices=sorted(_DEAD_REASONS), help="only this reason")
     dead.add_argument("--sender", default="", help="only from this sender, e.g. whatsapp:+1415...")
+    message = add("get-message", "outbox", _get_message, "a message with its attempts")
+    message.add_argument("--tenant", required=True)
+    message.add_argument("message_id", metavar="MESSAGE_ID")
     redrive = add("redrive", "outbox", _redrive, "send dead letters again")
     redrive.add_argument("--tenant", required=True)
     redrive.add_argument("message_ids", nargs="+", metavar="MESSAGE_ID")
@@ -363,6 +367,12 @@ async def _list_dead_letters(args: argparse.Namespace, channel: grpc.aio.Channel
             )
         ),
         "messages",
+    )
+
+
+async def _get_message(args: argparse.Namespace, channel: grpc.aio.Channel) -> Message:
+    return await outbox_pb2_grpc.OutboxServiceStub(channel).GetMessage(
+        outbox_pb2.GetMessageRequest(tenant_id=args.tenant, message_id=args.message_id)
     )
 
 

@@ -94,6 +94,10 @@ async def test_dead_letters_are_listed_redriven_and_discarded(
     )
     assert other["messages"] == []
 
+    message = await ok(system, "get-message", "--tenant", shop.tenant_id, message_id)
+    assert message["message"]["status"] == "MESSAGE_STATUS_DEAD"
+    assert message["message"]["deadReason"] == "DEAD_REASON_OUTSIDE_SESSION_WINDOW"
+
     redriven = await ok(system, "redrive", "--tenant", shop.tenant_id, message_id)
     assert redriven["redrivenMessageIds"] == [message_id]
     # Still outside the window: it dies again, and is given up on for good.
