@@ -42,12 +42,12 @@ class Values:
     backup_path: str = ""
 
 
-# (template text, how a given value replaces it)
+# (the value, its placeholder in the template, what replaces it)
 _REPLACEMENTS = (
-    ("newName: registry.change-me.example/snapsell/messaging", "newName: {image_repo}"),
-    ("https://messaging.change-me.example", "https://{host}"),
-    ("value: messaging.change-me.example", "value: {host}"),
-    ("value: s3://change-me-backup-bucket/snapsell-pg", "value: {backup_path}"),
+    ("image_repo", "newName: registry.change-me.example/snapsell/messaging", "newName: {}"),
+    ("host", "https://messaging.change-me.example", "https://{}"),
+    ("host", "value: messaging.change-me.example", "value: {}"),
+    ("backup_path", "value: s3://change-me-backup-bucket/snapsell-pg", "value: {}"),
 )
 
 
@@ -79,15 +79,10 @@ def create(name: str, values: Values, deploy_dir: Path = DEPLOY_DIR) -> Path:
     shutil.copytree(deploy_dir / INSTALLATION_TEMPLATE, target)
     kustomization = target / "kustomization.yaml"
     text = kustomization.read_text()
-    given = {
-        "host": values.host,
-        "image_repo": values.image_repo,
-        "backup_path": values.backup_path,
-    }
-    for placeholder, replacement in _REPLACEMENTS:
-        field = replacement[replacement.index("{") + 1 : replacement.index("}")]
-        if given[field]:
-            text = text.replace(placeholder, replacement.format(**given))
+    for field, placeholder, replacement in _REPLACEMENTS:
+        value = getattr(values, field)
+        if value:
+            text = text.replace(placeholder, replacement.format(value))
     kustomization.write_text(text)
     return target
 
