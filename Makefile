@@ -40,17 +40,16 @@ protos: $(INSTALLED) ## regenerate the Python stubs from protos/
 contracts-baseline: $(INSTALLED) ## record the current protos as the released baseline for `buf breaking`
 	$(BIN)/buf build -o protos/baseline.binpb
 
-lint: $(INSTALLED) ## ruff lint and format check
+lint: $(INSTALLED) ## ruff lint and format check, import contracts (pyproject.toml)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 format: $(INSTALLED) ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-test: $(INSTALLED) ## the whole test suite (starts embedded PostgreSQL and NATS unless DATABASE_URL / NATS_URL are set)
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+test: lint ## make lint, then the whole test suite (starts embedded PostgreSQL and NATS unless DATABASE_URL / NATS_URL are set)
 	$(BIN)/python -m tools.deploy check
 	$(BIN)/python -m pytest
 
