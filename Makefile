@@ -40,10 +40,11 @@ protos: $(INSTALLED) ## regenerate the Python stubs from protos/
 contracts-baseline: $(INSTALLED) ## record the current protos as the released baseline for `buf breaking`
 	$(BIN)/buf build -o protos/baseline.binpb
 
-lint: $(INSTALLED) ## ruff lint and format check, import contracts (pyproject.toml)
+lint: $(INSTALLED) ## ruff lint and format check, import contracts and mypy --strict (pyproject.toml)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache
+	$(BIN)/mypy
 
 format: $(INSTALLED) ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff check --fix .

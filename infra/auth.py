@@ -255,7 +255,7 @@ class JwtVerifier:
                     return self._idp.keys.keys[kid], self._idp
                 reloaded = [
                     keys.reload_if_changed()
-                    for keys in (self._trusted, self._idp and self._idp.keys)
+                    for keys in (self._trusted, self._idp.keys if self._idp is not None else None)
                     if keys is not None
                 ]
                 if not any(reloaded):
@@ -426,8 +426,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Any],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler: grpc.RpcMethodHandler[Any, Any] | None = await continuation(handler_call_details)
         method: str = handler_call_details.method
         if handler is None or method.startswith(OPEN_METHOD_PREFIXES):
             return handler
@@ -460,14 +460,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def _deny(
         self,
-        handler: grpc.RpcMethodHandler,
+        handler: grpc.RpcMethodHandler[Any, Any],
         method: str,
         code: grpc.StatusCode,
         error: TokenError | PermissionDeniedError,
         principal: Principal | None,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         AUTH_DENIALS.labels(self._service, method, error.reason).inc()
-        fields = {"method": method, "reason": error.reason, "code": code.name, "detail": str(error)}
+        fields: dict[str, str | None] = {
+            "method": method,
+            "reason": error.reason,
+            "code": code.name,
+            "detail": str(error),
+        }
         if principal is not None:
             fields.update(sub=principal.sub, role=principal.role, tenant_id=principal.tenant_id)
         _log.warning("auth.denied", extra={"fields": fields})

@@ -17,11 +17,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TypeAlias
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
+import asyncpg.pool
 
 from infra.config import ConfigError, env_optional
+
+# A connection as the stores take it: `pool.acquire()` yields a proxy of one, not the class.
+Connection: TypeAlias = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 INFRA_MIGRATIONS = Path(__file__).parent / "migrations"
 _IDENTIFIER = re.compile(r"^[a-z][a-z0-9_]{0,40}$")

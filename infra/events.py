@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 from nats.aio.client import Client as NatsClient
 
 from infra import jetstream, telemetry
+from infra.db import Connection
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ _MARK = "UPDATE events SET published_at = now() WHERE id = ANY($1::uuid[])"
 
 
 async def record_event(
-    conn: asyncpg.Connection,
+    conn: Connection,
     *,
     subject: str,
     message: Message,
@@ -61,7 +62,8 @@ async def record_event(
         carrier.get("traceparent"),
     )
     assert row is not None
-    return row["id"]
+    event_id: uuid.UUID = row["id"]
+    return event_id
 
 
 class EventRelay:
@@ -99,7 +101,7 @@ class EventRelay:
                 log.warning("events.relay_failed", extra={"fields": {"error": str(exc)}})
                 await wait_any(stop, timeout_s=self._poll_interval_s)
 
-    async def _relay_until(self, stop: asyncio.Event, listener: asyncpg.Connection) -> None:
+    async def _relay_until(self, stop: asyncio.Event, listener: Connection) -> None:
         while not stop.is_set() and not listener.is_closed():
             if await self.relay_once() == self._batch_size:
                 continue  # more are waiting

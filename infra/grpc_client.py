@@ -69,7 +69,7 @@ class _CallAuth(
         self, details: grpc.aio.ClientCallDetails, unary_response: bool
     ) -> grpc.aio.ClientCallDetails:
         metadata = grpc.aio.Metadata(*(details.metadata or ()))
-        if "authorization" not in metadata:  # a caller may forward an end user's own token
+        if "authorization" not in metadata.keys():  # a caller may forward an end user's own token
             metadata["authorization"] = f"Bearer {self._tokens.token()}"
         timeout = details.timeout
         if timeout is None and unary_response:

@@ -151,27 +151,33 @@ class GrpcServer:
 
 
 def wrap_rpc_handler(
-    handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior], Behavior]
-) -> grpc.RpcMethodHandler:
-    """A copy of `handler` whose behaviour is `wrap(behaviour)`, keeping its streaming shape."""
+    handler: grpc.RpcMethodHandler[Any, Any], wrap: Callable[[Behavior], Behavior]
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A copy of `handler` whose behaviour is `wrap(behaviour)`, keeping its streaming shape.
+
+    grpc sets exactly the behaviour that matches the handler's shape; the others are None."""
     if handler.request_streaming and handler.response_streaming:
+        assert handler.stream_stream is not None
         return grpc.stream_stream_rpc_method_handler(
             wrap(handler.stream_stream),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
     if handler.request_streaming:
+        assert handler.stream_unary is not None
         return grpc.stream_unary_rpc_method_handler(
             wrap(handler.stream_unary),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
     if handler.response_streaming:
+        assert handler.unary_stream is not None
         return grpc.unary_stream_rpc_method_handler(
             wrap(handler.unary_stream),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+    assert handler.unary_unary is not None
     return grpc.unary_unary_rpc_method_handler(
         wrap(handler.unary_unary),
         request_deserializer=handler.request_deserializer,
@@ -180,11 +186,11 @@ def wrap_rpc_handler(
 
 
 def aborting_handler(
-    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str
-) -> grpc.RpcMethodHandler:
+    handler: grpc.RpcMethodHandler[Any, Any], code: grpc.StatusCode, details: str
+) -> grpc.RpcMethodHandler[Any, Any]:
     """A handler of the same shape that ends the call with `code` before the servicer runs."""
 
-    async def abort(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+    async def abort(request_or_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(code, details)
 
     return wrap_rpc_handler(handler, lambda _behavior: abort)
@@ -236,11 +242,16 @@ def _text_fields(descriptor: Descriptor) -> tuple[tuple[str, _Kind], ...]:
     so a request is checked by reading only those fields."""
     fields: list[tuple[str, _Kind]] = []
     for field in descriptor.fields:
+        message_type = field.message_type  # set for every message field, None for the others
         if field.type == FieldDescriptor.TYPE_STRING:
             fields.append((field.name, _Kind.TEXTS if field.is_repeated else _Kind.TEXT))
-        elif field.type != FieldDescriptor.TYPE_MESSAGE or not _holds_text(field.message_type):
+        elif (
+            field.type != FieldDescriptor.TYPE_MESSAGE
+            or message_type is None
+            or not _holds_text(message_type)
+        ):
             continue
-        elif field.message_type.GetOptions().map_entry:
+        elif message_type.GetOptions().map_entry:
             fields.append((field.name, _Kind.MAP))
         else:
             fields.append((field.name, _Kind.MESSAGES if field.is_repeated else _Kind.MESSAGE))
@@ -253,7 +264,11 @@ def _holds_text(descriptor: Descriptor, seen: frozenset[str] = frozenset()) -> b
     seen = seen | {descriptor.full_name}
     return any(
         field.type == FieldDescriptor.TYPE_STRING
-        or (field.type == FieldDescriptor.TYPE_MESSAGE and _holds_text(field.message_type, seen))
+        or (
+            field.type == FieldDescriptor.TYPE_MESSAGE
+            and field.message_type is not None
+            and _holds_text(field.message_type, seen)
+        )
         for field in descriptor.fields
     )
 
@@ -264,14 +279,16 @@ class RpcErrorInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self) -> None:
         # method -> (handler as registered, its guarded copy), built once per method.
-        self._guarded: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._guarded: dict[
+            str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
+        ] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Any],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler: grpc.RpcMethodHandler[Any, Any] | None = await continuation(handler_call_details)
         if handler is None or handler.request_streaming or handler.response_streaming:
             return handler
         method: str = handler_call_details.method
@@ -284,7 +301,7 @@ class RpcErrorInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _guarded(behavior: Behavior, method: str) -> Behavior:
-    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if isinstance(request, Message) and has_nul_text(request):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, NUL_IN_TEXT)
         try:

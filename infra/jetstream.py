@@ -311,7 +311,7 @@ async def ensure_consumer(js: JetStreamContext, spec: ConsumerSpec) -> None:
 
 
 def failure_delay(num_delivered: int, *, cap_s: float = 30.0) -> float:
-    return min(cap_s, 0.5 * 2 ** max(0, num_delivered - 1))
+    return min(cap_s, 0.5 * 2.0 ** max(0, num_delivered - 1))
 
 
 async def run_pull_consumer(

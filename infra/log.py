@@ -126,8 +126,8 @@ def _mask_digit_run(text: str) -> str:
         return _masked_digits("".join(_DIGIT_GROUP.findall(text)))
     for size in range(min(len(groups), _MAX_DIGITS // 2 + 1), 0, -1):
         for start in range(len(groups) - size + 1):
-            part = groups[start : start + size]
-            if None in part:
+            part = [group for group in groups[start : start + size] if group is not None]
+            if len(part) < size:  # a word no phone number goes through
                 continue
             digits = "".join(group.group() for group in part)
             if _MIN_DIGITS <= len(digits) <= _MAX_DIGITS and _is_phone_number(

@@ -93,14 +93,16 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         self._recorders: dict[str, _MethodRecorder] = {}
         # method -> (handler as registered, its timed copy): servicer handlers are the same
         # objects on every call, so the copy is built once instead of per call.
-        self._timed: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._timed: dict[
+            str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
+        ] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Any],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(handler_call_details)
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler: grpc.RpcMethodHandler[Any, Any] | None = await continuation(handler_call_details)
         if handler is None:  # unknown method: no label for arbitrary client-chosen names
             return None
         method: str = handler_call_details.method

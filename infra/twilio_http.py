@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from urllib.parse import urlencode
 
 import aiohttp
+from aiohttp.typedefs import Query
 from twilio.base.exceptions import TwilioException
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.http.response import Response
@@ -32,7 +33,7 @@ from twilio.rest import Client
 TWILIO_API_ORIGIN = "https://api.twilio.com"
 
 
-class TwilioTransportError(TwilioException):
+class TwilioTransportError(TwilioException):  # type: ignore[misc]  # twilio has no types
     """No HTTP response was received from the Twilio API."""
 
 
@@ -86,8 +87,10 @@ def retry_after_s(response: Response | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-class TwilioApiHttpClient(AsyncTwilioHttpClient):
+class TwilioApiHttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]  # twilio has no types
     """aiohttp transport for the SDK: one pooled session, a default timeout, any base URL."""
+
+    session: aiohttp.ClientSession | None  # the SDK's attribute: ours, once created
 
     def __init__(
         self,
@@ -126,7 +129,7 @@ class TwilioApiHttpClient(AsyncTwilioHttpClient):
         self,
         method: str,
         url: str,
-        params: dict[str, object] | None = None,
+        params: Query = None,
         data: dict[str, object] | None = None,
         headers: dict[str, str] | None = None,
         auth: tuple[str, str] | None = None,

@@ -30,7 +30,7 @@ def public_jwk(kid: str, pem: bytes) -> dict[str, str]:
         key = load_pem_private_key(pem, password=None).public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise ValueError(f"{kid}: not a P-256 (ES256) key")
-    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key))
+    jwk: dict[str, str] = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key))
     return jwk | {"kid": kid, "alg": SIGNING_ALGORITHM, "use": "sig"}
 
 

@@ -12,6 +12,7 @@ starting anything. Every listener binds `BIND_HOST`, loopback unless set.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import secrets
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -48,7 +50,8 @@ def dev_credentials() -> dict[str, str]:
     """A stable local Twilio account, created on the first run."""
     path = STATE / "dev-credentials.json"
     if path.exists():
-        return json.loads(path.read_text())
+        stored: dict[str, str] = json.loads(path.read_text())
+        return stored
     credentials = {
         "TWILIO_ACCOUNT_SID": "AC" + secrets.token_hex(16),
         "TWILIO_AUTH_TOKEN": secrets.token_hex(16),
@@ -83,7 +86,8 @@ def set_listen_addresses(env: dict[str, str]) -> str:
 def grpc_serving(host: str, port: int) -> bool:
     with grpc.insecure_channel(f"{host}:{port}") as channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
+            check = health_pb2_grpc.HealthStub(channel).Check  # type: ignore[attr-defined]  # HealthStub's stubs list no RPC
+            reply: health_pb2.HealthCheckResponse = check(
                 health_pb2.HealthCheckRequest(), timeout=1.0
             )
         except grpc.RpcError:
@@ -94,7 +98,8 @@ def grpc_serving(host: str, port: int) -> bool:
 def http_ready(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1.0) as reply:
-            return reply.status == 200
+            status: int = reply.status
+            return status == 200
     except OSError:
         return False
 
@@ -132,12 +137,12 @@ class Stack:
         self.processes[name] = process
         return process
 
-    def wait_ready(self, name: str, probe: object) -> None:
+    def wait_ready(self, name: str, probe: Callable[[], bool]) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.processes[name].poll() is not None:
                 raise RuntimeError(f"{name} exited with {self.processes[name].returncode}")
-            if probe():  # type: ignore[operator]
+            if probe():
                 return
             time.sleep(0.2)
         raise RuntimeError(f"{name} not ready after {READY_TIMEOUT_S:.0f}s")
@@ -234,7 +239,7 @@ def main() -> int:
                 service_env["GRPC_PORT"] = str(port)
                 service_env["METRICS_PORT"] = str(METRICS_PORTS[name])
                 stack.start(name, service_env)
-                stack.wait_ready(name, lambda port=port: grpc_serving(host, port))
+                stack.wait_ready(name, functools.partial(grpc_serving, host, port))
                 metrics = f"{bind_host}:{METRICS_PORTS[name]}"
                 say(f"{name:<14} grpc {bind_host}:{port}  metrics {metrics}")
         except RuntimeError as error:

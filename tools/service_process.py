@@ -81,7 +81,10 @@ class RunningService:
         async with grpc.aio.insecure_channel(self.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                check = stub.Check  # type: ignore[attr-defined]  # HealthStub's stubs list no RPC
+                reply: health_pb2.HealthCheckResponse = await check(
+                    health_pb2.HealthCheckRequest(), timeout=1.0
+                )
             except grpc.aio.AioRpcError:
                 return False
             return reply.status == health_pb2.HealthCheckResponse.SERVING

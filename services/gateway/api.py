@@ -18,7 +18,7 @@ import hmac
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 from urllib.parse import urlparse
 
 from opentelemetry import trace
@@ -33,7 +33,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Scope
+from starlette.types import ASGIApp, Receive, Scope, Send
 from twilio.request_validator import (
     RequestValidator,
     add_port,
@@ -44,12 +44,7 @@ from twilio.request_validator import (
 from infra.log import get_logger, mask_phone
 from infra.streams import INBOUND_MESSAGE_SUBJECT, INBOUND_STATUS_SUBJECT
 from services.gateway import domain, metrics
-from services.gateway.body_reading import (
-    BodyReader,
-    BodyTimeoutError,
-    BodyTooLargeError,
-    Receive,
-)
+from services.gateway.body_reading import BodyReader, BodyTimeoutError, BodyTooLargeError
 from services.gateway.config import Config
 
 log = get_logger(__name__)
@@ -59,7 +54,6 @@ FORM_TYPE = "application/x-www-form-urlencoded"
 
 Publish = Callable[[str, bytes, str], Awaitable[None]]
 Ready = Callable[[], Awaitable[bool]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class PublishError(Exception):

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
-Receive = Callable[[], Awaitable[dict[str, Any]]]
+from starlette.types import Receive
 
 
 class BodyTooLargeError(Exception):

@@ -49,12 +49,14 @@ _log = get_logger(__name__)
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
-Method = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
+Method = Callable[[Any, Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]]
 
 
 def _rpc(method: Method[Request, Response]) -> Method[Request, Response]:
     @functools.wraps(method)
-    async def call(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
+    async def call(
+        self: Any, request: Request, context: grpc.aio.ServicerContext[Request, Response]
+    ) -> Response:
         try:
             return await method(self, request, context)
         except domain.InvalidRequestError as error:
@@ -94,7 +96,11 @@ class LiveSessionApi(live_session_pb2_grpc.LiveSessionServiceServicer):
 
     @_rpc
     async def Touch(
-        self, request: live_session_pb2.TouchRequest, context: grpc.aio.ServicerContext
+        self,
+        request: live_session_pb2.TouchRequest,
+        context: grpc.aio.ServicerContext[
+            live_session_pb2.TouchRequest, live_session_pb2.TouchResponse
+        ],
     ) -> live_session_pb2.TouchResponse:
         tenant_id = domain.tenant_id(request.tenant_id)
         signal_kind = SIGNAL_KIND_FROM_PROTO.get(request.signal_kind)
@@ -112,7 +118,9 @@ class LiveSessionApi(live_session_pb2_grpc.LiveSessionServiceServicer):
     async def GetCurrentSession(
         self,
         request: live_session_pb2.GetCurrentSessionRequest,
-        context: grpc.aio.ServicerContext,
+        context: grpc.aio.ServicerContext[
+            live_session_pb2.GetCurrentSessionRequest, live_session_pb2.GetCurrentSessionResponse
+        ],
     ) -> live_session_pb2.GetCurrentSessionResponse:
         tenant_id = _scoped_tenant(request.tenant_id)
         session = await self._store.current(tenant_id)
@@ -122,7 +130,11 @@ class LiveSessionApi(live_session_pb2_grpc.LiveSessionServiceServicer):
 
     @_rpc
     async def CloseSession(
-        self, request: live_session_pb2.CloseSessionRequest, context: grpc.aio.ServicerContext
+        self,
+        request: live_session_pb2.CloseSessionRequest,
+        context: grpc.aio.ServicerContext[
+            live_session_pb2.CloseSessionRequest, live_session_pb2.CloseSessionResponse
+        ],
     ) -> live_session_pb2.CloseSessionResponse:
         tenant_id = _scoped_tenant(request.tenant_id)
         session_id = domain.session_id(request.session_id)
@@ -136,7 +148,11 @@ class LiveSessionApi(live_session_pb2_grpc.LiveSessionServiceServicer):
 
     @_rpc
     async def ListSessions(
-        self, request: live_session_pb2.ListSessionsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: live_session_pb2.ListSessionsRequest,
+        context: grpc.aio.ServicerContext[
+            live_session_pb2.ListSessionsRequest, live_session_pb2.ListSessionsResponse
+        ],
     ) -> live_session_pb2.ListSessionsResponse:
         tenant_id = _scoped_tenant(request.tenant_id)
         status = None

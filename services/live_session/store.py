@@ -19,6 +19,7 @@ Events are recorded with `infra.events.record_event` in the same transaction as 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
+from infra.db import Connection
 from infra.events import record_event
 from services.live_session import events
 from services.live_session.domain import (
@@ -189,7 +191,7 @@ class SessionStore:
 
     async def _close_stale_and_open(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         tenant_id: str,
         signal_kind: SignalKind,
         correlation_id: str,
@@ -264,7 +266,7 @@ class SessionStore:
             next_cursor = PageCursor(started_at=last.started_at, session_id=last.id)
         return SessionPage(sessions, next_cursor)
 
-    async def close_idle_batch(self, batch: int = 100) -> list[LiveSession]:
+    async def close_idle_batch(self, batch: int = 100) -> builtins.list[LiveSession]:
         """Close up to `batch` sessions idle past the window, with their events, in one
         transaction; rows another sweeper holds are skipped, not waited for."""
         now = self._clock.now()
@@ -294,9 +296,7 @@ class SessionStore:
         return total
 
 
-async def _record_closed(
-    conn: asyncpg.Connection, session: LiveSession, correlation_id: str
-) -> None:
+async def _record_closed(conn: Connection, session: LiveSession, correlation_id: str) -> None:
     await record_event(
         conn,
         subject=events.SESSION_CLOSED_SUBJECT,

@@ -63,7 +63,7 @@ _log = get_logger(__name__)
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
-Method = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
+Method = Callable[[Any, Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]]
 
 
 class MessageNotFoundError(Exception):
@@ -72,7 +72,9 @@ class MessageNotFoundError(Exception):
 
 def _rpc(method: Method[Request, Response]) -> Method[Request, Response]:
     @functools.wraps(method)
-    async def call(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
+    async def call(
+        self: Any, request: Request, context: grpc.aio.ServicerContext[Request, Response]
+    ) -> Response:
         try:
             return await method(self, request, context)
         except InvalidMessageError as error:
@@ -148,7 +150,9 @@ class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
 
     @_rpc
     async def Enqueue(
-        self, request: outbox_pb2.EnqueueRequest, context: grpc.aio.ServicerContext
+        self,
+        request: outbox_pb2.EnqueueRequest,
+        context: grpc.aio.ServicerContext[outbox_pb2.EnqueueRequest, outbox_pb2.EnqueueResponse],
     ) -> outbox_pb2.EnqueueResponse:
         principal = current_principal()
         tenant_id = _scoped_tenant(request.tenant_id)
@@ -210,7 +214,11 @@ class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
 
     @_rpc
     async def GetMessage(
-        self, request: outbox_pb2.GetMessageRequest, context: grpc.aio.ServicerContext
+        self,
+        request: outbox_pb2.GetMessageRequest,
+        context: grpc.aio.ServicerContext[
+            outbox_pb2.GetMessageRequest, outbox_pb2.GetMessageResponse
+        ],
     ) -> outbox_pb2.GetMessageResponse:
         tenant_id = _scoped_tenant(request.tenant_id)
         message_id = _message_id(request.message_id)
@@ -222,7 +230,11 @@ class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
 
     @_rpc
     async def ListDeadLetters(
-        self, request: outbox_pb2.ListDeadLettersRequest, context: grpc.aio.ServicerContext
+        self,
+        request: outbox_pb2.ListDeadLettersRequest,
+        context: grpc.aio.ServicerContext[
+            outbox_pb2.ListDeadLettersRequest, outbox_pb2.ListDeadLettersResponse
+        ],
     ) -> outbox_pb2.ListDeadLettersResponse:
         tenant_id = _scoped_tenant(request.tenant_id)
         if not 0 <= request.page_size <= MAX_PAGE_SIZE:
@@ -255,7 +267,9 @@ class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
 
     @_rpc
     async def Redrive(
-        self, request: outbox_pb2.RedriveRequest, context: grpc.aio.ServicerContext
+        self,
+        request: outbox_pb2.RedriveRequest,
+        context: grpc.aio.ServicerContext[outbox_pb2.RedriveRequest, outbox_pb2.RedriveResponse],
     ) -> outbox_pb2.RedriveResponse:
         principal = current_principal()
         tenant_id = _scoped_tenant(request.tenant_id)
@@ -278,7 +292,9 @@ class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
 
     @_rpc
     async def Discard(
-        self, request: outbox_pb2.DiscardRequest, context: grpc.aio.ServicerContext
+        self,
+        request: outbox_pb2.DiscardRequest,
+        context: grpc.aio.ServicerContext[outbox_pb2.DiscardRequest, outbox_pb2.DiscardResponse],
     ) -> outbox_pb2.DiscardResponse:
         principal = current_principal()
         tenant_id = _scoped_tenant(request.tenant_id)

@@ -47,7 +47,7 @@ _log = get_logger(__name__)
 
 def unknown_sid_delay_s(num_delivered: int) -> float:
     """Short at first (the usual race lasts milliseconds), then every 5 s."""
-    return min(5.0, 0.25 * 2 ** max(0, num_delivered - 1))
+    return min(5.0, 0.25 * 2.0 ** max(0, num_delivered - 1))
 
 
 def _error_code(text: str) -> int | None:

@@ -19,7 +19,7 @@ from services.outbox.consent import ConsentAnswer
 from services.outbox.records import ClaimedMessage
 
 _log = get_logger(__name__)
-_DB_ERRORS = (*DATABASE_UNAVAILABLE, asyncpg.PostgresError)
+_DB_ERRORS: tuple[type[Exception], ...] = (*DATABASE_UNAVAILABLE, asyncpg.PostgresError)
 
 
 @dataclass(slots=True)

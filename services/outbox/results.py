@@ -34,7 +34,10 @@ LEASES_LOST = Counter(
 )
 _RESOLVED = {status: RESOLUTIONS.labels(status.value) for status in MessageStatus}
 # The database is away or busy: the same write will work later.
-_DB_UNAVAILABLE = (*DATABASE_UNAVAILABLE, asyncpg.TransactionRollbackError)
+_DB_UNAVAILABLE: tuple[type[Exception], ...] = (
+    *DATABASE_UNAVAILABLE,
+    asyncpg.TransactionRollbackError,
+)
 _log = get_logger(__name__)
 
 Written = Callable[[Sequence[Resolution], set[uuid.UUID]], None]

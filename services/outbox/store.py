@@ -356,9 +356,12 @@ class OutboxStore:
             return await conn.fetchval(_START_RESEND, message_id, worker_id) is not None
 
 
+_Rows = Sequence[tuple[object, ...]]
+
+
 def _resolution_rows(
     resolutions: Sequence[Resolution],
-) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]], list[tuple[object, ...]]]:
+) -> tuple[_Rows, _Rows, _Rows]:
     """The three arrays `_RESOLVE` unnests (migration 004's row types): messages, attempts,
     events."""
     messages = [

@@ -13,7 +13,7 @@ from infra.log import get_logger
 from services.outbox.store import DUE_CHANNEL
 
 _log = get_logger(__name__)
-_DB_ERRORS = (*DATABASE_UNAVAILABLE, asyncpg.PostgresError)
+_DB_ERRORS: tuple[type[Exception], ...] = (*DATABASE_UNAVAILABLE, asyncpg.PostgresError)
 
 
 class DueWakeups:

@@ -39,7 +39,7 @@ from services.outbox.wakeups import DueWakeups
 IN_FLIGHT = Gauge("snapsell_outbox_sends_in_flight", "Messages being processed by this worker")
 
 _log = get_logger(__name__)
-_DB_ERRORS = (*DATABASE_UNAVAILABLE, asyncpg.PostgresError)
+_DB_ERRORS: tuple[type[Exception], ...] = (*DATABASE_UNAVAILABLE, asyncpg.PostgresError)
 
 
 @dataclass(slots=True)

@@ -68,14 +68,16 @@ class InvalidRequestError(ValueError):
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
-Method = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
+Method = Callable[[Any, Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]]
 
 
 def _rpc(method: Method[Request, Response]) -> Method[Request, Response]:
     """Map domain and infrastructure errors to gRPC status codes."""
 
     @functools.wraps(method)
-    async def call(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
+    async def call(
+        self: Any, request: Request, context: grpc.aio.ServicerContext[Request, Response]
+    ) -> Response:
         try:
             return await method(self, request, context)
         except (InvalidRequestError, InvalidAddressError) as error:
@@ -138,7 +140,11 @@ class RoutingApi(routing_pb2_grpc.RoutingServiceServicer):
 
     @_rpc
     async def CheckOptOut(
-        self, request: routing_pb2.CheckOptOutRequest, context: grpc.aio.ServicerContext
+        self,
+        request: routing_pb2.CheckOptOutRequest,
+        context: grpc.aio.ServicerContext[
+            routing_pb2.CheckOptOutRequest, routing_pb2.CheckOptOutResponse
+        ],
     ) -> routing_pb2.CheckOptOutResponse:
         tenant_id = tenant_scope(current_principal(), request.tenant_id)
         status = await store.consent_status(
@@ -148,7 +154,11 @@ class RoutingApi(routing_pb2_grpc.RoutingServiceServicer):
 
     @_rpc
     async def CheckOptOuts(
-        self, request: routing_pb2.CheckOptOutsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: routing_pb2.CheckOptOutsRequest,
+        context: grpc.aio.ServicerContext[
+            routing_pb2.CheckOptOutsRequest, routing_pb2.CheckOptOutsResponse
+        ],
     ) -> routing_pb2.CheckOptOutsResponse:
         contacts = contacts_from_checks(current_principal(), request.checks)
         statuses = await store.consent_statuses(self._pool, contacts)
@@ -156,7 +166,11 @@ class RoutingApi(routing_pb2_grpc.RoutingServiceServicer):
 
     @_rpc
     async def ListOptOuts(
-        self, request: routing_pb2.ListOptOutsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: routing_pb2.ListOptOutsRequest,
+        context: grpc.aio.ServicerContext[
+            routing_pb2.ListOptOutsRequest, routing_pb2.ListOptOutsResponse
+        ],
     ) -> routing_pb2.ListOptOutsResponse:
         tenant_id = tenant_scope(current_principal(), request.tenant_id)
         limit = page_size(request.page_size)
@@ -186,7 +200,11 @@ class RoutingApi(routing_pb2_grpc.RoutingServiceServicer):
 
     @_rpc
     async def SetConsent(
-        self, request: routing_pb2.SetConsentRequest, context: grpc.aio.ServicerContext
+        self,
+        request: routing_pb2.SetConsentRequest,
+        context: grpc.aio.ServicerContext[
+            routing_pb2.SetConsentRequest, routing_pb2.SetConsentResponse
+        ],
     ) -> routing_pb2.SetConsentResponse:
         principal = current_principal()
         tenant_id = tenant_scope(principal, request.tenant_id)

@@ -7,11 +7,13 @@ the caller's transaction, so the event exists exactly when the change committed.
 
 from __future__ import annotations
 
-import asyncpg
+from datetime import datetime
+
 from google.protobuf.timestamp_pb2 import Timestamp
 from snapsell.common.v1 import address_pb2
 from snapsell.routing.v1 import events_pb2, routing_pb2
 
+from infra.db import Connection
 from infra.events import record_event
 from services.routing import store
 from services.routing.domain import (
@@ -42,13 +44,13 @@ STATE_TO_PROTO = {
 }
 
 
-def timestamp(value: object) -> Timestamp:
+def timestamp(value: datetime) -> Timestamp:
     stamp = Timestamp()
-    stamp.FromDatetime(value)  # type: ignore[arg-type]
+    stamp.FromDatetime(value)
     return stamp
 
 
-async def apply_consent_change(conn: asyncpg.Connection, change: ConsentChange) -> ConsentOutcome:
+async def apply_consent_change(conn: Connection, change: ConsentChange) -> ConsentOutcome:
     """Apply `change` inside the caller's transaction; audit it when the state changed."""
     outcome = await store.apply_consent(conn, change)
     if outcome is ConsentOutcome.CHANGED:

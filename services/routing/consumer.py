@@ -107,7 +107,7 @@ def inbound_consumer_spec(
 
 def retry_delay(num_delivered: int, cap_s: float) -> float:
     """0.5 s, 1 s, 2 s, ... capped: quick when a peer blips, gentle when it is down."""
-    return min(cap_s, 0.5 * 2 ** min(20, max(0, num_delivered - 1)))
+    return min(cap_s, 0.5 * 2.0 ** min(20, max(0, num_delivered - 1)))
 
 
 class InboundConsumer:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import asyncpg
@@ -117,7 +117,7 @@ async def follow_changes(
             await _sleep_unless(stop, 2.0)
 
 
-def _invalidating(invalidate: Callable[[], None]) -> Callable[[Msg], object]:
+def _invalidating(invalidate: Callable[[], None]) -> Callable[[Msg], Awaitable[None]]:
     async def on_event(_msg: Msg) -> None:
         invalidate()
 

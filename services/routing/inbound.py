@@ -33,6 +33,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from snapsell.gateway.v1 import events_pb2 as gateway_events
 from snapsell.routing.v1 import events_pb2, routing_pb2
 
+from infra.db import Connection
 from infra.events import record_event
 from infra.log import mask_phone
 from services.routing import store
@@ -220,7 +221,7 @@ class InboundRouter:
 
     async def _apply_consent(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         message: gateway_events.MessageReceived,
         contact: Contact,
         decision: Decision,
@@ -266,7 +267,7 @@ class InboundRouter:
 
     async def _unroutable(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         message: gateway_events.MessageReceived,
         stream_sequence: int,
         at: datetime,

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
+from infra.db import Connection
 from infra.retention import Purge
 from services.routing.domain import (
     Channel,
@@ -138,11 +139,11 @@ def ledger_purges(max_age: timedelta | None) -> list[Purge]:
     return [] if max_age is None else [Purge("processed_inbound", DELETE_OLD_LEDGER, max_age)]
 
 
-async def is_processed(conn: asyncpg.Pool | asyncpg.Connection, message_sid: str) -> bool:
+async def is_processed(conn: asyncpg.Pool | Connection, message_sid: str) -> bool:
     return bool(await conn.fetchval(_IS_PROCESSED, message_sid))
 
 
-async def claim_inbound(conn: asyncpg.Connection, entry: LedgerEntry) -> bool:
+async def claim_inbound(conn: Connection, entry: LedgerEntry) -> bool:
     """Insert the ledger row; False when the MessageSid was already processed. A concurrent
     transaction claiming the same MessageSid waits here until the first one ends."""
     row = await conn.fetchval(
@@ -160,7 +161,7 @@ async def claim_inbound(conn: asyncpg.Connection, entry: LedgerEntry) -> bool:
 
 
 async def record_last_inbound(
-    conn: asyncpg.Connection, contact: Contact, at: datetime, message_sid: str
+    conn: Connection, contact: Contact, at: datetime, message_sid: str
 ) -> None:
     """Keep the newest receive time: messages may be processed out of order."""
     await conn.execute(
@@ -173,7 +174,7 @@ async def record_last_inbound(
     )
 
 
-async def apply_consent(conn: asyncpg.Connection, change: ConsentChange) -> ConsentOutcome:
+async def apply_consent(conn: Connection, change: ConsentChange) -> ConsentOutcome:
     """Apply one consent expression in the caller's transaction and log it.
 
     Changes for one contact are serialised by a transaction-scoped advisory lock (there may be no
@@ -248,9 +249,7 @@ async def apply_consent(conn: asyncpg.Connection, change: ConsentChange) -> Cons
     return outcome
 
 
-async def consent_status(
-    pool: asyncpg.Pool | asyncpg.Connection, contact: Contact
-) -> ConsentStatus:
+async def consent_status(pool: asyncpg.Pool | Connection, contact: Contact) -> ConsentStatus:
     """The outbox's hot path: two primary-key probes in one round trip."""
     row = await pool.fetchrow(
         _CONSENT_STATUS,
@@ -263,7 +262,7 @@ async def consent_status(
 
 
 async def consent_statuses(
-    pool: asyncpg.Pool | asyncpg.Connection, contacts: Sequence[Contact]
+    pool: asyncpg.Pool | Connection, contacts: Sequence[Contact]
 ) -> list[ConsentStatus]:
     """`consent_status` of every contact, in order, in one round trip and one statement."""
     if not contacts:
@@ -307,17 +306,18 @@ async def list_opt_outs(
     ]
 
 
-async def opted_out_at(conn: asyncpg.Connection, contact: Contact) -> datetime | None:
-    return await conn.fetchval(
+async def opted_out_at(conn: Connection, contact: Contact) -> datetime | None:
+    opted_out: datetime | None = await conn.fetchval(
         "SELECT opted_out_at FROM opt_outs WHERE tenant_id = $1 AND channel = $2 AND address = $3",
         contact.tenant_id,
         contact.channel.value,
         contact.address,
     )
+    return opted_out
 
 
 async def record_failed_inbound(
-    conn: asyncpg.Connection,
+    conn: Connection,
     *,
     stream: str,
     stream_sequence: int,

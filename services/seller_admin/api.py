@@ -19,7 +19,7 @@ from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
 from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
 from infra import auth
-from infra.db import DATABASE_UNAVAILABLE
+from infra.db import DATABASE_UNAVAILABLE, Connection
 from services.seller_admin import audit, convert, store
 from services.seller_admin.access import scoped_tenant
 from services.seller_admin.domain import (
@@ -57,7 +57,7 @@ _STATUS_CODES: dict[type[SellerAdminError], grpc.StatusCode] = {
 }
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-Method = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+Method = Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
 
 
 def rpc(method: Method[Req, Resp]) -> Method[Req, Resp]:
@@ -65,7 +65,7 @@ def rpc(method: Method[Req, Resp]) -> Method[Req, Resp]:
     is `infra.grpc_server`'s (INTERNAL "internal error", logged)."""
 
     @functools.wraps(method)
-    async def call(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+    async def call(self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
         try:
             return await method(self, request, context)
         except SellerAdminError as error:
@@ -92,7 +92,9 @@ class SellerAdminServicer(seller_admin_pb2_grpc.SellerAdminServiceServicer):
 
     @rpc
     async def CreateTenant(
-        self, request: pb.CreateTenantRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.CreateTenantRequest,
+        context: grpc.aio.ServicerContext[pb.CreateTenantRequest, pb.CreateTenantResponse],
     ) -> pb.CreateTenantResponse:
         actor = auth.current_principal()
         requested_id = request.tenant_id.strip()
@@ -112,7 +114,9 @@ class SellerAdminServicer(seller_admin_pb2_grpc.SellerAdminServiceServicer):
 
     @rpc
     async def GetTenant(
-        self, request: pb.GetTenantRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.GetTenantRequest,
+        context: grpc.aio.ServicerContext[pb.GetTenantRequest, pb.GetTenantResponse],
     ) -> pb.GetTenantResponse:
         tenant_id = validate_tenant_id(request.tenant_id)
         async with self._pool.acquire() as conn:
@@ -123,7 +127,9 @@ class SellerAdminServicer(seller_admin_pb2_grpc.SellerAdminServiceServicer):
 
     @rpc
     async def ListTenants(
-        self, request: pb.ListTenantsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.ListTenantsRequest,
+        context: grpc.aio.ServicerContext[pb.ListTenantsRequest, pb.ListTenantsResponse],
     ) -> pb.ListTenantsResponse:
         size = page_size(request.page_size)
         after = TENANT_PAGES.decode(request.page_token, "")
@@ -142,7 +148,9 @@ class SellerAdminServicer(seller_admin_pb2_grpc.SellerAdminServiceServicer):
 
     @rpc
     async def AddChannel(
-        self, request: pb.AddChannelRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.AddChannelRequest,
+        context: grpc.aio.ServicerContext[pb.AddChannelRequest, pb.AddChannelResponse],
     ) -> pb.AddChannelResponse:
         actor = auth.current_principal()
         tenant_id = scoped_tenant(actor.role, actor.tenant_id, request.tenant_id)
@@ -174,7 +182,9 @@ class SellerAdminServicer(seller_admin_pb2_grpc.SellerAdminServiceServicer):
 
     @rpc
     async def RemoveChannel(
-        self, request: pb.RemoveChannelRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.RemoveChannelRequest,
+        context: grpc.aio.ServicerContext[pb.RemoveChannelRequest, pb.RemoveChannelResponse],
     ) -> pb.RemoveChannelResponse:
         actor = auth.current_principal()
         tenant_id = scoped_tenant(actor.role, actor.tenant_id, request.tenant_id)
@@ -191,7 +201,9 @@ class SellerAdminServicer(seller_admin_pb2_grpc.SellerAdminServiceServicer):
 
     @rpc
     async def ListChannels(
-        self, request: pb.ListChannelsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.ListChannelsRequest,
+        context: grpc.aio.ServicerContext[pb.ListChannelsRequest, pb.ListChannelsResponse],
     ) -> pb.ListChannelsResponse:
         actor = auth.current_principal()
         tenant_id = scoped_tenant(actor.role, actor.tenant_id, request.tenant_id)
@@ -213,7 +225,9 @@ class SellerAdminServicer(seller_admin_pb2_grpc.SellerAdminServiceServicer):
 
     @rpc
     async def AddSellerPhone(
-        self, request: pb.AddSellerPhoneRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.AddSellerPhoneRequest,
+        context: grpc.aio.ServicerContext[pb.AddSellerPhoneRequest, pb.AddSellerPhoneResponse],
     ) -> pb.AddSellerPhoneResponse:
         actor = auth.current_principal()
         tenant_id = scoped_tenant(actor.role, actor.tenant_id, request.tenant_id)
@@ -233,7 +247,11 @@ class SellerAdminServicer(seller_admin_pb2_grpc.SellerAdminServiceServicer):
 
     @rpc
     async def RemoveSellerPhone(
-        self, request: pb.RemoveSellerPhoneRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.RemoveSellerPhoneRequest,
+        context: grpc.aio.ServicerContext[
+            pb.RemoveSellerPhoneRequest, pb.RemoveSellerPhoneResponse
+        ],
     ) -> pb.RemoveSellerPhoneResponse:
         actor = auth.current_principal()
         tenant_id = scoped_tenant(actor.role, actor.tenant_id, request.tenant_id)
@@ -253,7 +271,9 @@ class SellerAdminServicer(seller_admin_pb2_grpc.SellerAdminServiceServicer):
 
     @rpc
     async def ListSellerPhones(
-        self, request: pb.ListSellerPhonesRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.ListSellerPhonesRequest,
+        context: grpc.aio.ServicerContext[pb.ListSellerPhonesRequest, pb.ListSellerPhonesResponse],
     ) -> pb.ListSellerPhonesResponse:
         actor = auth.current_principal()
         tenant_id = scoped_tenant(actor.role, actor.tenant_id, request.tenant_id)
@@ -277,7 +297,9 @@ class SellerAdminServicer(seller_admin_pb2_grpc.SellerAdminServiceServicer):
 
     @rpc
     async def ResolveSender(
-        self, request: pb.ResolveSenderRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.ResolveSenderRequest,
+        context: grpc.aio.ServicerContext[pb.ResolveSenderRequest, pb.ResolveSenderResponse],
     ) -> pb.ResolveSenderResponse:
         # The hot path of every inbound message: no transaction, one query.
         recipient = request.recipient
@@ -317,7 +339,7 @@ def _seller_address(
     )
 
 
-async def _require_tenant(conn: asyncpg.Connection, tenant_id: str) -> None:
+async def _require_tenant(conn: Connection, tenant_id: str) -> None:
     """An empty list of an unknown tenant is NOT_FOUND, not an empty page."""
     if not await store.tenant_exists(conn, tenant_id):
         raise NotFoundError(f"tenant {tenant_id} does not exist")

@@ -3,10 +3,10 @@ transaction (so an event exists exactly when its change committed), relayed by i
 
 from __future__ import annotations
 
-import asyncpg
 from snapsell.seller_admin.v1 import events_pb2
 
 from infra.auth import Principal
+from infra.db import Connection
 from infra.events import record_event
 from services.seller_admin import convert
 from services.seller_admin.domain import Channel, SellerPhone, Tenant, mask_address
@@ -23,7 +23,7 @@ def _actor(principal: Principal) -> events_pb2.Actor:
     return events_pb2.Actor(sub=principal.sub, role=principal.role)
 
 
-async def tenant_created(conn: asyncpg.Connection, actor: Principal, tenant: Tenant) -> None:
+async def tenant_created(conn: Connection, actor: Principal, tenant: Tenant) -> None:
     event = events_pb2.TenantCreated(actor=_actor(actor), tenant=convert.tenant(tenant))
     await record_event(
         conn,
@@ -35,7 +35,7 @@ async def tenant_created(conn: asyncpg.Connection, actor: Principal, tenant: Ten
 
 
 async def channel_changed(
-    conn: asyncpg.Connection, actor: Principal, channel: Channel, *, added: bool
+    conn: Connection, actor: Principal, channel: Channel, *, added: bool
 ) -> None:
     event_type = events_pb2.ChannelAdded if added else events_pb2.ChannelRemoved
     event = event_type(actor=_actor(actor), channel=convert.channel(channel))
@@ -49,7 +49,7 @@ async def channel_changed(
 
 
 async def seller_phone_changed(
-    conn: asyncpg.Connection, actor: Principal, phone: SellerPhone, *, added: bool
+    conn: Connection, actor: Principal, phone: SellerPhone, *, added: bool
 ) -> None:
     event_type = events_pb2.SellerPhoneAdded if added else events_pb2.SellerPhoneRemoved
     event = event_type(

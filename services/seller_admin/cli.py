@@ -199,7 +199,7 @@ async def _call(args: argparse.Namespace) -> Message:
 
 
 async def _list_sellers(
-    stub: seller_admin_pb2_grpc.SellerAdminServiceStub, tenant_id: str
+    stub: seller_admin_pb2_grpc.SellerAdminServiceAsyncStub, tenant_id: str
 ) -> pb.ListSellerPhonesResponse:
     everything = pb.ListSellerPhonesResponse()
     page_token = ""

@@ -8,6 +8,7 @@ from datetime import datetime
 
 import asyncpg
 
+from infra.db import Connection
 from services.seller_admin.domain import (
     AlreadyExistsError,
     Channel,
@@ -66,9 +67,7 @@ def _seller_phone(row: asyncpg.Record) -> SellerPhone:
 # --- Tenants ----------------------------------------------------------------------------------
 
 
-async def add_tenant(
-    conn: asyncpg.Connection, tenant_id: str, display_name: str
-) -> tuple[Tenant, bool]:
+async def add_tenant(conn: Connection, tenant_id: str, display_name: str) -> tuple[Tenant, bool]:
     """The tenant and whether this call created it (False: it existed, returned unchanged)."""
     for _ in range(_ADD_ATTEMPTS):
         row = await conn.fetchrow(
@@ -85,18 +84,18 @@ async def add_tenant(
     raise RuntimeError(f"tenant {tenant_id} kept changing while being added")
 
 
-async def get_tenant(conn: asyncpg.Connection, tenant_id: str) -> Tenant | None:
+async def get_tenant(conn: Connection, tenant_id: str) -> Tenant | None:
     row = await conn.fetchrow(
         f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE tenant_id = $1", tenant_id
     )
     return None if row is None else _tenant(row)
 
 
-async def tenant_exists(conn: asyncpg.Connection, tenant_id: str) -> bool:
+async def tenant_exists(conn: Connection, tenant_id: str) -> bool:
     return bool(await conn.fetchval("SELECT 1 FROM tenants WHERE tenant_id = $1", tenant_id))
 
 
-async def list_tenants(conn: asyncpg.Connection, *, after: str, limit: int) -> list[Tenant]:
+async def list_tenants(conn: Connection, *, after: str, limit: int) -> list[Tenant]:
     """Tenants ordered by id, those after `after` ("" for the first page)."""
     rows = await conn.fetch(
         f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE tenant_id > $1 ORDER BY tenant_id LIMIT $2",
@@ -110,7 +109,7 @@ async def list_tenants(conn: asyncpg.Connection, *, after: str, limit: int) -> l
 
 
 async def add_channel(
-    conn: asyncpg.Connection,
+    conn: Connection,
     tenant_id: str,
     address: ChannelAddress,
     account_sid: str,
@@ -153,7 +152,7 @@ async def add_channel(
     raise RuntimeError(f"channel {address.canonical} kept changing while being added")
 
 
-async def find_channel(conn: asyncpg.Connection, address: ChannelAddress) -> Channel | None:
+async def find_channel(conn: Connection, address: ChannelAddress) -> Channel | None:
     row = await conn.fetchrow(
         f"SELECT {_CHANNEL_COLUMNS} FROM channels WHERE address = $1 OR messaging_service_sid = $1",
         address.canonical,
@@ -162,7 +161,7 @@ async def find_channel(conn: asyncpg.Connection, address: ChannelAddress) -> Cha
 
 
 async def remove_channel(
-    conn: asyncpg.Connection, tenant_id: str, address: ChannelAddress
+    conn: Connection, tenant_id: str, address: ChannelAddress
 ) -> Channel | None:
     """The removed channel, None when this tenant has no such channel."""
     row = await conn.fetchrow(
@@ -175,7 +174,7 @@ async def remove_channel(
 
 
 async def list_channels(
-    conn: asyncpg.Connection, tenant_id: str, *, after: tuple[datetime, uuid.UUID], limit: int
+    conn: Connection, tenant_id: str, *, after: tuple[datetime, uuid.UUID], limit: int
 ) -> list[Channel]:
     """A tenant's channels in the order they were added, those after the key `after`."""
     rows = await conn.fetch(
@@ -194,7 +193,7 @@ async def list_channels(
 
 
 async def add_seller_phone(
-    conn: asyncpg.Connection, tenant_id: str, address: SellerAddress
+    conn: Connection, tenant_id: str, address: SellerAddress
 ) -> tuple[SellerPhone, bool]:
     """The entry and whether this call created it."""
     for _ in range(_ADD_ATTEMPTS):
@@ -225,7 +224,7 @@ async def add_seller_phone(
 
 
 async def remove_seller_phone(
-    conn: asyncpg.Connection, tenant_id: str, address: SellerAddress
+    conn: Connection, tenant_id: str, address: SellerAddress
 ) -> SellerPhone | None:
     row = await conn.fetchrow(
         f"DELETE FROM seller_phones WHERE tenant_id = $1 AND address = $2"
@@ -244,7 +243,7 @@ _LIST_SELLER_PHONES = (
 
 
 async def list_seller_phones(
-    conn: asyncpg.Connection, tenant_id: str, *, after: str, limit: int
+    conn: Connection, tenant_id: str, *, after: str, limit: int
 ) -> list[SellerPhone]:
     """A tenant's seller phones ordered by address, those after `after` ("" for the first)."""
     rows = await conn.fetch(_LIST_SELLER_PHONES, tenant_id, after, limit)
@@ -277,7 +276,7 @@ FROM channel
 
 
 async def resolve_sender(
-    conn: asyncpg.Connection | asyncpg.Pool,
+    conn: Connection | asyncpg.Pool,
     *,
     messaging_service_sid: str,
     recipient: str,

@@ -229,13 +229,13 @@ class Bench:
             flip = (number + int(os.environ.get("SNAPSELL_BENCH_RUN", "1"))) % 2 == 0
             for name in reversed(names) if flip else names:
                 contender = self.contenders[name]
-                runs = {
+                round_runs = {
                     c: self.wrk(contender.server.port, self.args.seconds, c)
                     for c in self.args.connections
                 }
-                contender.rounds.append(runs)
+                contender.rounds.append(round_runs)
                 if name.startswith("gateway"):
-                    self.wrk_runs.extend(runs.values())
+                    self.wrk_runs.extend(round_runs.values())
         for name, contender in self.contenders.items():
             runs = contender.fastest
             self.figures[f"{name}_rps"] = round(median(r.ok_rps for r in runs), 1)

@@ -29,13 +29,13 @@ ECHO_SERVICE = "bench.v1.EchoService"
 ECHO_METHOD = f"/{ECHO_SERVICE}/Echo"
 
 
-async def _echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+async def _echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
     return request
 
 
 async def serve_echo(port: int) -> None:
     server = GrpcServer(port, [ECHO_SERVICE], host="127.0.0.1")
-    handler = grpc.unary_unary_rpc_method_handler(_echo)
+    handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(_echo)
     server.server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(ECHO_SERVICE, {"Echo": handler}),)
     )
@@ -111,7 +111,10 @@ class Stack:
                 if self.processes[name].poll() is not None:
                     raise RuntimeError(f"{name} exited; see {self.state / (name + '.log')}")
                 with contextlib.suppress(grpc.aio.AioRpcError):
-                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    check = stub.Check  # type: ignore[attr-defined]  # HealthStub's stubs list no RPC
+                    reply: health_pb2.HealthCheckResponse = await check(
+                        health_pb2.HealthCheckRequest(), timeout=1.0
+                    )
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 await asyncio.sleep(0.2)

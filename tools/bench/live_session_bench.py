@@ -100,7 +100,7 @@ async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, object]:
         grpc.aio.insecure_channel(stack.address("echo")) as echo_channel,
     ):
         stub = LiveSessionServiceStub(touch_channel)
-        echo = echo_channel.unary_unary(ECHO_METHOD)
+        echo: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = echo_channel.unary_unary(ECHO_METHOD)
         # A reply-sized payload, so both sides move about the same bytes per call.
         payload = b"x" * 140
 

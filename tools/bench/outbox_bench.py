@@ -421,7 +421,10 @@ async def _wait_serving(process: subprocess.Popen[bytes], port: int) -> None:
             if process.poll() is not None:
                 raise ServiceExitedError(f"a service exited with {process.returncode}")
             try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                check = stub.Check  # type: ignore[attr-defined]  # HealthStub's stubs list no RPC
+                reply: health_pb2.HealthCheckResponse = await check(
+                    health_pb2.HealthCheckRequest(), timeout=1
+                )
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.aio.AioRpcError:
@@ -483,7 +486,7 @@ async def drain_pgqueuer(
         worker = stack.spawn_pgqueuer_worker(config, in_flight, consent)
         try:
             await stack.wait_line(worker, "pgqueuer ready")
-            payloads = [
+            payloads: list[bytes | None] = [
                 json.dumps({"to": f"+336{i:08d}", "body": f"bench message {i}"}).encode()
                 for i in range(messages)
             ]
@@ -657,7 +660,7 @@ async def compare_with_pgqueuer(
                 print(f"round {number + 1}: pgqueuer {best_config.text}:", theirs[-1], flush=True)
     rates = [(_rate(o), _rate(t)) for o, t in zip(ours, theirs, strict=True)]
     # The outbox's figures (CPU per process included) from its median round.
-    report["outbox_drain"] = sorted(ours, key=_rate)[len(ours) // 2]
+    drain = report["outbox_drain"] = sorted(ours, key=_rate)[len(ours) // 2]
     report["pgqueuer_send_only_best"] = {
         "rate": median(t for _, t in rates),
         "batch_size": best_config.batch,
@@ -669,11 +672,13 @@ async def compare_with_pgqueuer(
     report["pgqueuer_same_work_best"] = {
         key: same_work[key] for key in ("rate", "batch_size", "max_concurrent_tasks")
     }
-    report["ratio_vs_pgqueuer_same_work"] = _rate(report["outbox_drain"]) / _rate(same_work)  # type: ignore[arg-type]
+    report["ratio_vs_pgqueuer_same_work"] = _rate(drain) / _rate(same_work)
 
 
 def _rate(result: dict[str, object]) -> float:
-    return float(result["rate"])  # type: ignore[arg-type]
+    rate = result["rate"]
+    assert isinstance(rate, int | float)
+    return float(rate)
 
 
 def main(argv: list[str]) -> int:

@@ -31,7 +31,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -67,7 +67,7 @@ class Stack:
         self.ports = {name: free_port() for name in PEERS}
         self.metrics_ports = {name: free_port() for name in PEERS}
         self.keys = DevKeys(state / "keys")
-        self._stops: list[object] = []
+        self._stops: list[Callable[[], object]] = []
 
     def start_infra(self) -> tuple[str, str]:
         dsn, url = os.environ.get("DATABASE_URL"), os.environ.get("NATS_URL")
@@ -134,7 +134,10 @@ class Stack:
                 if self.processes[name].poll() is not None:
                     raise RuntimeError(f"{name} exited; see {self.state / (name + '.log')}")
                 with contextlib.suppress(grpc.aio.AioRpcError):
-                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    check = stub.Check  # type: ignore[attr-defined]  # HealthStub's stubs list no RPC
+                    reply: health_pb2.HealthCheckResponse = await check(
+                        health_pb2.HealthCheckRequest(), timeout=1.0
+                    )
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         return
                 await asyncio.sleep(0.2)
@@ -188,7 +191,7 @@ class Stack:
                     process.kill()
                     process.wait()
         for stop in reversed(self._stops):
-            stop()  # type: ignore[operator]
+            stop()
 
     async def set_up_shops(self, count: int, admin_token: str) -> list[str]:
         """Tenants bench-0.. with WhatsApp numbers +3314500000N and one seller each."""

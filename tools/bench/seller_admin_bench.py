@@ -32,12 +32,16 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import grpc
 import uvloop
 from snapsell.common.v1 import address_pb2
 from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
 from snapsell.seller_admin.v1.seller_admin_pb2_grpc import SellerAdminServiceStub
+
+if TYPE_CHECKING:  # the asynchronous stub's type exists only in the stubs
+    from snapsell.seller_admin.v1.seller_admin_pb2_grpc import SellerAdminServiceAsyncStub
 
 from tools.bench.grpc_stack import ECHO_METHOD, Stack, cpu_seconds, median_of, state_dir
 
@@ -63,7 +67,7 @@ def whatsapp(number: str) -> address_pb2.Address:
 
 
 async def seed(
-    stub: SellerAdminServiceStub, admin: Metadata, run_id: str, args: argparse.Namespace
+    stub: SellerAdminServiceAsyncStub, admin: Metadata, run_id: str, args: argparse.Namespace
 ) -> list[tuple[str, str, list[str], str]]:
     """(tenant id, business number, seller numbers, messaging service SID or "") per shop,
     created through the API like any operator would."""
@@ -168,7 +172,7 @@ async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, object]:
             )
             for tenant, _, _, _ in shops
         ]
-        echo = echo_channel.unary_unary(ECHO_METHOD)
+        echo: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = echo_channel.unary_unary(ECHO_METHOD)
         # A request-sized payload: what ResolveSender receives, echoed back.
         payload = resolves[0].SerializeToString()
 

@@ -97,11 +97,16 @@ def ensure_wrk() -> str:
     print("wrk not found; installing the Debian package wrk", file=sys.stderr, flush=True)
     install = ["apt-get", "install", "-y", "-q", "wrk"]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "env": env}
-    if subprocess.run(install, check=False, **quiet).returncode != 0:
+
+    def quiet(command: list[str]) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            command, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+        )
+
+    if quiet(install).returncode != 0:
         # A fresh image often has no package lists yet.
-        subprocess.run(["apt-get", "update", "-q"], check=False, **quiet)
-        done = subprocess.run(install, check=False, **quiet)
+        quiet(["apt-get", "update", "-q"])
+        done = quiet(install)
         if done.returncode != 0:
             tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:]
             raise WrkMissingError(f"could not install wrk with apt-get: {' '.join(tail)}")

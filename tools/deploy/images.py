@@ -87,8 +87,8 @@ class Engine:
         shown = _run(
             [self.executable, "image", "inspect", "--format", "{{.Id}} {{.Size}}", reference]
         )
-        image_id, size = shown.split()
-        return BuiltImage(reference, image_id.removeprefix("sha256:"), int(size))
+        image_id, shown_size = shown.split()
+        return BuiltImage(reference, image_id.removeprefix("sha256:"), int(shown_size))
 
 
 @dataclass(frozen=True)

@@ -41,12 +41,13 @@ _CREDENTIAL_BLOCKS = frozenset({"s3Credentials", "azureCredentials", "googleCred
 
 
 def pod_spec(doc: Manifest) -> Mapping[str, Any] | None:
+    spec: Mapping[str, Any] | None = None
     if doc.get("kind") in LONG_RUNNING_KINDS or doc.get("kind") == "Job":
-        return doc.get("spec", {}).get("template", {}).get("spec")
-    if doc.get("kind") == "CronJob":
+        spec = doc.get("spec", {}).get("template", {}).get("spec")
+    elif doc.get("kind") == "CronJob":
         job = doc.get("spec", {}).get("jobTemplate", {}).get("spec", {})
-        return job.get("template", {}).get("spec")
-    return None
+        spec = job.get("template", {}).get("spec")
+    return spec
 
 
 def pod_labels(doc: Manifest) -> Mapping[str, str]:
@@ -167,7 +168,7 @@ def env_value(
     value = None
     for source in container.get("envFrom") or []:
         ref = (source.get("configMapRef") or {}).get("name")
-        if ref in config_maps and name in config_maps[ref]:
+        if isinstance(ref, str) and ref in config_maps and name in config_maps[ref]:
             value = str(config_maps[ref][name])
     return value
 

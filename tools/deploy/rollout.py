@@ -129,8 +129,8 @@ def deploy(
         f"nothing was applied. The objects above are in {_shown(release.rendered)}: "
         "`kubectl apply -f` it once a cluster is reachable, or run `make deploy` again."
     )
-    where = cluster.target(kubectl)
-    if where is None:
+    target = cluster.target(kubectl)
+    if target is None:
         return _fail(
             f"no kubectl context is set ({cluster.kubeconfig_source()}), so no cluster was "
             "tried (kubectl's fallback, localhost:8080, is where `make run`'s gateway listens); "
@@ -139,8 +139,8 @@ def deploy(
     reason = cluster.unreachable_reason(kubectl)
     if reason is not None:
         return _fail(
-            f"no reachable Kubernetes cluster at {where.server} (kubectl context "
-            f"'{where.context}', {cluster.kubeconfig_source()}): {reason}; {later}"
+            f"no reachable Kubernetes cluster at {target.server} (kubectl context "
+            f"'{target.context}', {cluster.kubeconfig_source()}): {reason}; {later}"
         )
     return _ship(kubectl, release)
 
