@@ -46,7 +46,7 @@ def test_the_tree_keeps_every_contract(tmp_path: Path) -> None:
     _copy_tree(tmp_path)
     result = _lint_imports(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "3 kept, 0 broken" in result.stdout
+    assert "kept, 0 broken" in result.stdout
 
 
 @pytest.mark.parametrize(
