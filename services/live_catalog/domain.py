@@ -279,6 +279,20 @@ def currency(value: str) -> str:
     return code
 
 
+def uuid_of(field_name: str, value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise InvalidRequestError(f"{field_name} must be a UUID") from None
+
+
+def page_size(value: int) -> int:
+    """0 means 50; at most 500."""
+    if value < 0:
+        raise InvalidRequestError("page_size must not be negative")
+    return min(value or 50, 500)
+
+
 def quantity_allowed(quantity: int, limit: int) -> bool:
     return 1 <= quantity <= limit
 

@@ -102,13 +102,17 @@ _LIST_ITEMS = (
     f"SELECT {ITEM_COLUMNS} FROM items WHERE tenant_id = $1 AND session_id = $2 ORDER BY code"
 )
 _LIST_RESERVATIONS = f"""
-SELECT {", ".join("r." + c.strip() for c in RESERVATION_COLUMNS.split(","))}, i.code,
-    CASE WHEN r.status = 'waiting' THEN row_number() OVER (
-        PARTITION BY r.item_id, r.status ORDER BY r.received_at, r.message_sid) ELSE 0 END
-        AS position
-FROM reservations r JOIN items i ON i.id = r.item_id
-WHERE r.tenant_id = $1 AND r.session_id = $2 AND ($3::uuid IS NULL OR r.item_id = $3)
-ORDER BY r.received_at, r.id
+SELECT * FROM (
+    SELECT {", ".join("r." + c.strip() for c in RESERVATION_COLUMNS.split(","))}, i.code,
+        CASE WHEN r.status = 'waiting' THEN row_number() OVER (
+            PARTITION BY r.item_id, r.status ORDER BY r.received_at, r.message_sid) ELSE 0 END
+            AS position
+    FROM reservations r JOIN items i ON i.id = r.item_id
+    WHERE r.tenant_id = $1 AND r.session_id = $2 AND ($3::uuid IS NULL OR r.item_id = $3)
+) listed
+WHERE $4::timestamptz IS NULL OR (received_at, id) > ($4, $5::uuid)
+ORDER BY received_at, id
+LIMIT $6
 """
 _RESERVATION = f"""
 SELECT {", ".join("r." + c.strip() for c in RESERVATION_COLUMNS.split(","))}, i.code
@@ -568,9 +572,23 @@ class CatalogStore:
         ]
 
     async def list_reservations(
-        self, tenant_id: str, session_id: uuid.UUID, item_id: uuid.UUID | None
+        self,
+        tenant_id: str,
+        session_id: uuid.UUID,
+        item_id: uuid.UUID | None,
+        limit: int,
+        after: tuple[datetime, uuid.UUID] | None = None,
     ) -> list[Reservation]:
-        rows = await self._pool.fetch(_LIST_RESERVATIONS, tenant_id, session_id, item_id)
+        """Claim order, `limit` rows after the (received_at, id) of the previous page."""
+        rows = await self._pool.fetch(
+            _LIST_RESERVATIONS,
+            tenant_id,
+            session_id,
+            item_id,
+            None if after is None else after[0],
+            None if after is None else after[1],
+            limit,
+        )
         return [reservation_from_row(r, r["code"], r["position"]) for r in rows]
 
     async def cancel_reservation(
