@@ -376,8 +376,9 @@ class ReservationBook:
         await record_reservation_event(
             conn, events.RESERVATION_RELEASED, released.reservation, correlation_id
         )
-        if freed:
-            released.promoted = await self.promote(conn, item_from_row(after), replies, now)
+        # Freed units serve the waitlist; so does a waiter leaving, when it was the head that
+        # needed more units than were free.
+        released.promoted = await self.promote(conn, item_from_row(after), replies, now)
         return released
 
     async def expire_due_holds(

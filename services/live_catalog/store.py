@@ -1,7 +1,7 @@
 """The live catalog's use cases, each one PostgreSQL transaction (asyncpg, schema `live_catalog`):
-an inbound message (seller command or client claim/cancel, exactly once per MessageSid), the
-RPCs, the hold sweeper and the end-of-live summaries. The reservation SQL itself, and why it is
-safe under concurrency, is in `reservations.py`.
+the RPCs, the hold sweeper and the end-of-live summaries; inbound messages are `inbound.py`'s,
+item changes `items.py`'s, and the reservation SQL, with why it is safe under concurrency,
+`reservations.py`'s.
 """
 
 from __future__ import annotations
@@ -18,85 +18,43 @@ from services.live_catalog import events
 from services.live_catalog.domain import (
     AlreadyExistsError,
     BuyerLine,
-    Cancel,
     Channel,
-    Claim,
-    CloseItem,
     Contact,
     Inbound,
     Item,
-    ItemStatus,
     ItemTotals,
     NotFoundError,
-    PostItem,
     PreconditionError,
     ReleaseReason,
     Replies,
     ReplyRoute,
     Reservation,
     ReservationStatus,
-    SellerHelp,
     SessionTotals,
-    SetStock,
     SettingsBook,
     buyer_summary_lines,
-    format_price,
     seller_summary_lines,
     within_whatsapp_window,
 )
+from services.live_catalog.inbound import InboundCatalog
+from services.live_catalog.items import ItemBook
 from services.live_catalog.reservations import (
-    CODE_IN_A_CLOSED_SESSION,
-    ITEM_BY_CODE,
     ITEM_COLUMNS,
     LOCK_ITEM,
     RESERVATION_COLUMNS,
     ReservationBook,
     item_from_row,
     queue_reply,
-    record_item_event,
     record_reservation_event,
     reservation_from_row,
 )
 
-_LEDGER = """
-INSERT INTO processed_inbound (message_sid, tenant_id, outcome, processed_at)
-VALUES ($1, $2, $3, $4)
-ON CONFLICT ON CONSTRAINT processed_inbound_pkey DO NOTHING
-RETURNING true
-"""
-_OPEN_SESSION = """
-INSERT INTO sessions (id, tenant_id, status, opened_at) VALUES ($1, $2, 'open', $3)
-ON CONFLICT ON CONSTRAINT sessions_pkey DO NOTHING
-"""
 _SESSION = "SELECT * FROM sessions WHERE id = $1 AND tenant_id = $2"
-# The open session opened last; else the last one (a message after the live ended).
 _CURRENT_SESSION = """
 SELECT * FROM sessions WHERE tenant_id = $1
 ORDER BY status = 'open' DESC, opened_at DESC
 LIMIT 1
 """
-_NOTE_SELLER = """
-UPDATE sessions SET seller_channel = $2, seller_value = $3, seller_reply_from = $4,
-    seller_account_sid = $5, seller_last_at = GREATEST(seller_last_at, $6)
-WHERE id = $1
-"""
-_INSERT_ITEM = f"""
-INSERT INTO items (id, tenant_id, session_id, code, title, price_cents, currency, stock,
-    max_per_client, status, created_at, updated_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'open', $10, $10)
-RETURNING {ITEM_COLUMNS}
-"""
-_EDIT_ITEM = f"""
-UPDATE items SET title = $2, price_cents = $3, stock = $4, max_per_client = $5,
-    status = 'open', updated_at = $6
-WHERE id = $1 AND held + confirmed <= $4
-RETURNING {ITEM_COLUMNS}
-"""
-_CLOSE_ITEM = f"""
-UPDATE items SET status = 'closed', updated_at = $2 WHERE id = $1 AND status = 'open'
-RETURNING {ITEM_COLUMNS}
-"""
-_WAITING_OF_ITEM = "SELECT id FROM reservations WHERE item_id = $1 AND status = 'waiting'"
 _GET_ITEM = f"SELECT {ITEM_COLUMNS} FROM items WHERE id = $1 AND tenant_id = $2"
 _LIST_ITEMS = (
     f"SELECT {ITEM_COLUMNS} FROM items WHERE tenant_id = $1 AND session_id = $2 ORDER BY code"
@@ -189,296 +147,22 @@ class CatalogStore:
         self._settings = settings
         self._default_max = default_max_per_client
         self.book = ReservationBook(hold)
+        self._items = ItemBook(self.book, self._replies)
+        self.inbound = InboundCatalog(
+            pool,
+            clock,
+            settings=settings,
+            items=self._items,
+            reservations=self.book,
+            default_max_per_client=default_max_per_client,
+        )
+
+    async def handle_inbound(self, inbound: Inbound) -> str:
+        """See `InboundCatalog.handle_inbound`."""
+        return await self.inbound.handle_inbound(inbound)
 
     def _replies(self, tenant_id: str) -> Replies:
         return self._settings.for_tenant(tenant_id).replies
-
-    # --- inbound messages -------------------------------------------------------------------
-
-    async def handle_inbound(self, inbound: Inbound) -> str:
-        """Apply one routed message and queue its reply; returns the outcome (the reply's name,
-        `ignored` for conversation, `duplicate` for a MessageSid already handled)."""
-        grammar = self._settings.for_tenant(inbound.tenant_id).grammar
-        command = (
-            grammar.parse_seller(inbound.body)
-            if inbound.from_seller
-            else grammar.parse_client(inbound.body)
-        )
-        now = self._clock()
-        async with self._pool.acquire() as conn, conn.transaction():
-            if command is None:
-                await self._session_of(conn, inbound, now)
-                return "ignored"
-            first = await conn.fetchval(
-                _LEDGER, inbound.message_sid, inbound.tenant_id, type(command).__name__, now
-            )
-            if not first:
-                return "duplicate"
-            session = await self._session_of(conn, inbound, now)
-            if isinstance(command, Claim | Cancel):
-                name, values = await self._client_command(conn, inbound, command, session, now)
-            else:
-                name, values = await self._seller_command(conn, inbound, command, session, now)
-            await queue_reply(
-                conn,
-                inbound.tenant_id,
-                f"live_catalog:reply:{inbound.message_sid}",
-                inbound.contact,
-                inbound.route,
-                self._replies(inbound.tenant_id).render(name, **values),
-                inbound.message_sid,
-            )
-            return name
-
-    async def _session_of(
-        self, conn: asyncpg.Connection, inbound: Inbound, now: datetime
-    ) -> asyncpg.Record | None:
-        if inbound.session_id is not None:
-            await conn.execute(_OPEN_SESSION, inbound.session_id, inbound.tenant_id, now)
-            session = await conn.fetchrow(_SESSION, inbound.session_id, inbound.tenant_id)
-        else:
-            session = await conn.fetchrow(_CURRENT_SESSION, inbound.tenant_id)
-        if session is not None and inbound.from_seller:
-            await conn.execute(
-                _NOTE_SELLER,
-                session["id"],
-                inbound.contact.channel.value,
-                inbound.contact.value,
-                inbound.route.sender,
-                inbound.route.account_sid,
-                inbound.received_at,
-            )
-        return session
-
-    async def _client_command(
-        self,
-        conn: asyncpg.Connection,
-        inbound: Inbound,
-        command: Claim | Cancel,
-        session: asyncpg.Record | None,
-        now: datetime,
-    ) -> tuple[str, dict[str, object]]:
-        code = command.code
-        row = None
-        if session is not None:
-            row = await conn.fetchrow(ITEM_BY_CODE, inbound.tenant_id, session["id"], code)
-        if isinstance(command, Cancel):
-            return await self._client_cancel(conn, inbound, row, code, now)
-        if row is None:
-            ended = await conn.fetchval(CODE_IN_A_CLOSED_SESSION, inbound.tenant_id, code)
-            return ("session_ended" if ended else "unknown_code"), {"code": code}
-        assert session is not None
-        item = item_from_row(row)
-        if session["status"] == "closed":
-            return "session_ended", {"code": code}
-        if item.status is ItemStatus.CLOSED:
-            return "item_closed", {"code": code}
-        if command.quantity > item.max_per_client:
-            return "over_limit", {"code": code, "limit": item.max_per_client}
-        claimed = await self.book.claim(
-            conn,
-            item,
-            client=inbound.contact,
-            route=inbound.route,
-            quantity=command.quantity,
-            message_sid=inbound.message_sid,
-            received_at=inbound.received_at,
-            now=now,
-        )
-        return claimed.reply, claimed.values
-
-    async def _client_cancel(
-        self,
-        conn: asyncpg.Connection,
-        inbound: Inbound,
-        row: asyncpg.Record | None,
-        code: str,
-        now: datetime,
-    ) -> tuple[str, dict[str, object]]:
-        values: dict[str, object] = {"code": code}
-        if row is None:
-            return "nothing_to_cancel", values
-        item = item_from_row(await conn.fetchrow(LOCK_ITEM, row["id"], inbound.tenant_id))
-        mine = await conn.fetchrow(
-            "SELECT id, status FROM reservations WHERE item_id = $1 AND client_channel = $2"
-            " AND client_value = $3 AND status <> 'released'",
-            item.id,
-            inbound.contact.channel.value,
-            inbound.contact.value,
-        )
-        if mine is None:
-            return "nothing_to_cancel", values
-        if mine["status"] == ReservationStatus.CONFIRMED.value:
-            return "confirmed_cannot_cancel", values
-        released = await self.book.release(
-            conn,
-            item,
-            mine["id"],
-            ReleaseReason.CANCELLED,
-            self._replies(inbound.tenant_id),
-            now,
-            inbound.message_sid,
-        )
-        assert released is not None  # held or waiting, under the item lock
-        return "cancelled", values
-
-    async def _seller_command(
-        self,
-        conn: asyncpg.Connection,
-        inbound: Inbound,
-        command: PostItem | SetStock | CloseItem | SellerHelp,
-        session: asyncpg.Record | None,
-        now: datetime,
-    ) -> tuple[str, dict[str, object]]:
-        if isinstance(command, SellerHelp):
-            return "seller_help", {}
-        if session is None or session["status"] == "closed":
-            return "seller_no_session", {}
-        tenant_id, correlation = inbound.tenant_id, inbound.message_sid
-        row = await conn.fetchrow(
-            ITEM_BY_CODE + " FOR UPDATE", tenant_id, session["id"], command.code
-        )
-        if isinstance(command, PostItem):
-            if row is None:
-                item = await self._insert_item(
-                    conn,
-                    tenant_id,
-                    session["id"],
-                    code=command.code,
-                    title=command.title,
-                    price_cents=command.price_cents,
-                    currency="EUR",
-                    stock=command.stock,
-                    max_per_client=command.max_per_client or self._default_max,
-                    correlation=correlation,
-                    now=now,
-                )
-                return "seller_posted", _item_values(item)
-            existing = item_from_row(row)
-            try:
-                item, _ = await self._edit_item(
-                    conn,
-                    existing,
-                    title=command.title or existing.title,
-                    price_cents=command.price_cents
-                    if command.price_cents is not None
-                    else existing.price_cents,
-                    stock=command.stock,
-                    max_per_client=command.max_per_client or existing.max_per_client,
-                    correlation=correlation,
-                    now=now,
-                )
-            except PreconditionError:
-                return "seller_stock_refused", _refusal(existing, command.stock)
-            return "seller_updated", _item_values(item)
-        if row is None:
-            return "seller_unknown_code", {"code": command.code}
-        existing = item_from_row(row)
-        if isinstance(command, SetStock):
-            try:
-                item, _ = await self._edit_item(
-                    conn,
-                    existing,
-                    title=existing.title,
-                    price_cents=existing.price_cents,
-                    stock=command.stock,
-                    max_per_client=existing.max_per_client,
-                    correlation=correlation,
-                    now=now,
-                )
-            except PreconditionError:
-                return "seller_stock_refused", _refusal(existing, command.stock)
-            return "seller_stock", _item_values(item)
-        await self._close_item(conn, existing, correlation, now)
-        return "seller_closed", {"code": command.code}
-
-    # --- shared item changes (messages and RPCs) --------------------------------------------
-
-    async def _insert_item(
-        self,
-        conn: asyncpg.Connection,
-        tenant_id: str,
-        session_id: uuid.UUID,
-        *,
-        code: str,
-        title: str,
-        price_cents: int | None,
-        currency: str,
-        stock: int,
-        max_per_client: int,
-        correlation: str,
-        now: datetime,
-    ) -> Item:
-        row = await conn.fetchrow(
-            _INSERT_ITEM,
-            uuid.uuid4(),
-            tenant_id,
-            session_id,
-            code,
-            title,
-            price_cents,
-            currency,
-            stock,
-            max_per_client,
-            now,
-        )
-        item = item_from_row(row)
-        await record_item_event(conn, events.ITEM_POSTED, item, correlation)
-        return item
-
-    async def _edit_item(
-        self,
-        conn: asyncpg.Connection,
-        item: Item,
-        *,
-        title: str,
-        price_cents: int | None,
-        stock: int,
-        max_per_client: int,
-        correlation: str,
-        now: datetime,
-    ) -> tuple[Item, int]:
-        """Edit a locked item; PreconditionError when the stock is below the units taken.
-        A larger stock serves the waitlist; returns the item and how many were promoted."""
-        row = await conn.fetchrow(
-            _EDIT_ITEM, item.id, title, price_cents, stock, max_per_client, now
-        )
-        if row is None:
-            raise PreconditionError(
-                f"stock {stock} is below the {item.held + item.confirmed} unit(s) of {item.code}"
-                " already held or confirmed"
-            )
-        edited = item_from_row(row)
-        await record_item_event(conn, events.ITEM_UPDATED, edited, correlation)
-        promoted = await self.book.promote(conn, edited, self._replies(item.tenant_id), now)
-        if promoted:
-            edited = item_from_row(await conn.fetchrow(_GET_ITEM, item.id, item.tenant_id))
-        elif edited.sold_out and not item.sold_out:
-            await record_item_event(conn, events.ITEM_SOLD_OUT, edited, correlation)
-        return edited, len(promoted)
-
-    async def _close_item(
-        self, conn: asyncpg.Connection, item: Item, correlation: str, now: datetime
-    ) -> tuple[Item, bool]:
-        """Close a locked item and release its waitlist (holds stay until confirmed or lapsed)."""
-        row = await conn.fetchrow(_CLOSE_ITEM, item.id, now)
-        if row is None:
-            return item, False
-        replies = self._replies(item.tenant_id)
-        for waiting in await conn.fetch(_WAITING_OF_ITEM, item.id):
-            await self.book.release(
-                conn,
-                item,
-                waiting["id"],
-                ReleaseReason.ITEM_CLOSED,
-                replies,
-                now,
-                correlation,
-                from_statuses=(ReservationStatus.WAITING,),
-            )
-        closed = item_from_row(await conn.fetchrow(_GET_ITEM, item.id, item.tenant_id))
-        await record_item_event(conn, events.ITEM_CLOSED, closed, correlation)
-        return closed, True
 
     # --- RPCs -------------------------------------------------------------------------------
 
@@ -511,7 +195,7 @@ class CatalogStore:
             if session is None or session["status"] != "open":
                 raise PreconditionError("no live session in progress to post the item in")
             try:
-                return await self._insert_item(
+                return await self._items.insert(
                     conn,
                     tenant_id,
                     session["id"],
@@ -541,7 +225,7 @@ class CatalogStore:
         now = self._clock()
         async with self._pool.acquire() as conn, conn.transaction():
             item = await self._lock_item(conn, tenant_id, item_id)
-            return await self._edit_item(
+            return await self._items.edit(
                 conn,
                 item,
                 title=item.title if title is None else title,
@@ -558,7 +242,7 @@ class CatalogStore:
         now = self._clock()
         async with self._pool.acquire() as conn, conn.transaction():
             item = await self._lock_item(conn, tenant_id, item_id)
-            return await self._close_item(conn, item, correlation, now)
+            return await self._items.close(conn, item, correlation, now)
 
     async def get_item(self, tenant_id: str, item_id: uuid.UUID) -> Item:
         row = await self._pool.fetchrow(_GET_ITEM, item_id, tenant_id)
@@ -788,12 +472,3 @@ def _buyers(
             lines,
         )
     return list(grouped.values())
-
-
-def _item_values(item: Item) -> dict[str, object]:
-    price = format_price(item.price_cents, item.currency) if item.price_cents is not None else ""
-    return {"code": item.code, "title": item.title, "price": price, "stock": item.stock}
-
-
-def _refusal(item: Item, stock: int) -> dict[str, object]:
-    return {"code": item.code, "committed": item.held + item.confirmed, "stock": stock}

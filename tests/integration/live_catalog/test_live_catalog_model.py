@@ -199,7 +199,7 @@ def test_store_follows_the_model(service_dsn: str) -> None:
             run_state_machine_as_test(
                 CatalogMachine,
                 settings=settings(
-                    max_examples=40,
+                    max_examples=100,
                     stateful_step_count=30,
                     deadline=None,
                     database=None,
