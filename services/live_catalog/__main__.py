@@ -42,7 +42,7 @@ from services.live_catalog.consumer import (
     sessions_consumer_spec,
 )
 from services.live_catalog.replies import GrpcReplySender, ReplyDispatcher
-from services.live_catalog.store import CatalogStore
+from services.live_catalog.store import CatalogStore, ledger_purges
 
 SERVICE = "live_catalog"
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -128,7 +128,9 @@ async def serve(stop: asyncio.Event) -> None:
             "session-closed-consumer": lambda: jetstream.run_pull_consumer(
                 js, sessions_spec, sessions.handle, stop=stop, concurrency=4
             ),
-            "retention": lambda: RetentionTask.from_settings(pool, config.retention).run(stop),
+            "retention": lambda: RetentionTask.from_settings(
+                pool, config.retention, ledger_purges(config.ledger_max_age)
+            ).run(stop),
         }
         if not config.consumer_enabled:
             del loops["routed-consumer"], loops["session-closed-consumer"]

@@ -26,7 +26,8 @@ from infra.config import (
     env_optional,
     env_url,
 )
-from infra.retention import RetentionSettings, load_retention_settings
+from infra.retention import RetentionSettings, load_retention_settings, retention_days
+from infra.streams import events_stream
 from services.live_catalog.domain import Grammar, Replies, SettingsBook, TenantSettings
 
 DEFAULT_GRPC_PORT = 50055
@@ -62,6 +63,7 @@ class Config:
     shutdown_grace_s: float
     settings: SettingsBook
     retention: RetentionSettings
+    ledger_max_age: timedelta | None
 
 
 def _content_sid(name: str, value: Any) -> str:
@@ -160,4 +162,11 @@ def load_config() -> Config:
         shutdown_grace_s=env_float("SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0.0, maximum=300.0),
         settings=parse_settings(env_optional("LIVE_CATALOG_TENANT_SETTINGS"), default),
         retention=load_retention_settings(),
+        # Longer than routing's event stream keeps messages: a replay of the stream must still
+        # find every MessageSid it can bring back.
+        ledger_max_age=retention_days(
+            "LIVE_CATALOG_LEDGER_RETENTION_DAYS",
+            30,
+            minimum=int(events_stream("routing").max_age_s // 86400) + 1,
+        ),
     )

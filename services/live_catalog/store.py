@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 import asyncpg
 
 from infra.events import record_event
+from infra.retention import Purge
 from services.live_catalog import events
 from services.live_catalog.domain import (
     AlreadyExistsError,
@@ -120,6 +121,41 @@ FROM reservations r JOIN items i ON i.id = r.item_id
 WHERE r.session_id = $1 AND r.status IN ('held', 'confirmed')
 ORDER BY r.received_at
 """
+
+
+# Retention of the ledger and of sent replies (`infra.retention.RetentionTask`); items,
+# reservations and sessions are the sellers' records and are kept.
+DELETE_OLD_LEDGER = """
+WITH doomed AS MATERIALIZED (
+    SELECT message_sid FROM processed_inbound
+    WHERE processed_at < now() - $1::interval
+    ORDER BY processed_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM processed_inbound WHERE message_sid = ANY (ARRAY (SELECT message_sid FROM doomed))
+"""
+DELETE_OLD_REPLIES = """
+WITH doomed AS MATERIALIZED (
+    SELECT id FROM replies
+    WHERE enqueued_at < now() - $1::interval
+    ORDER BY enqueued_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM replies WHERE id = ANY (ARRAY (SELECT id FROM doomed))
+"""
+
+
+def ledger_purges(max_age: timedelta | None) -> list[Purge]:
+    """The ledger's and the sent replies' purges (none when kept forever). A reply's key must
+    outlive any redelivery of its cause, as the ledger row does."""
+    if max_age is None:
+        return []
+    return [
+        Purge("processed_inbound", DELETE_OLD_LEDGER, max_age),
+        Purge("replies", DELETE_OLD_REPLIES, max_age),
+    ]
 
 
 @dataclass(frozen=True, slots=True)

@@ -103,6 +103,9 @@ CREATE TABLE processed_inbound (
     CONSTRAINT processed_inbound_pkey PRIMARY KEY (message_sid)
 );
 
+-- Retention deletes ledger rows oldest first (`store.ledger_purges`).
+CREATE INDEX processed_inbound_processed_at_idx ON processed_inbound (processed_at);
+
 -- Replies to send, written in the transaction that decided them and handed to the outbox's
 -- Enqueue afterwards (idempotent on the key), so a crash between the two sends once.
 CREATE TABLE replies (
@@ -127,6 +130,8 @@ CREATE TABLE replies (
 );
 
 CREATE INDEX replies_pending ON replies (created_at) WHERE enqueued_at IS NULL;
+-- Retention deletes sent replies oldest first; pending ones are never purged.
+CREATE INDEX replies_enqueued_at_idx ON replies (enqueued_at) WHERE enqueued_at IS NOT NULL;
 
 ALTER TABLE events ADD CONSTRAINT events_subject_known CHECK (subject IN (
     'live_catalog.v1.item.posted',
