@@ -5,20 +5,33 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+# Every dependency, transitive ones included, pinned with the hashes of all its published files
+# (Python 3.11, Linux x86_64): the image installs the runtime lock, make the dev lock.
+LOCK := requirements.lock
+DEV_LOCK := requirements-dev.lock
+# pip and the build backend of our two packages are locked too (they build without isolation).
+LOCK_TOOLS := pip 'setuptools>=68'
+UV_COMPILE = $(BIN)/uv pip compile pyproject.toml contracts/python/pyproject.toml - --quiet \
+	--generate-hashes --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
+	--custom-compile-command "make lock" $(if $(UPGRADE),--upgrade)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv protos contracts-baseline lint format test chaos run webhook bench deploy-check images deploy
+.PHONY: help venv lock protos contracts-baseline lint format test chaos run webhook bench deploy-check images deploy
 
 help: ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-20s %s\n", $$1, $$2}'
 
-$(INSTALLED): pyproject.toml contracts/python/pyproject.toml
+$(INSTALLED): pyproject.toml contracts/python/pyproject.toml $(DEV_LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ./contracts/python -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --require-hashes -r $(DEV_LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e ./contracts/python -e .
 	touch $@
 
-venv: $(INSTALLED) ## create the virtualenv and install pinned dependencies
+venv: $(INSTALLED) ## create the virtualenv and install the locked dependencies
+
+lock: $(INSTALLED) ## regenerate the lock files from pyproject.toml (UPGRADE=1: newest allowed transitive pins)
+	printf '%s\n' $(LOCK_TOOLS) | $(UV_COMPILE) -o $(LOCK)
+	printf '%s\n' $(LOCK_TOOLS) | $(UV_COMPILE) --extra dev -c $(LOCK) -o $(DEV_LOCK)
 
 protos: $(INSTALLED) ## regenerate the Python stubs from protos/
 	$(BIN)/buf format -w

@@ -13,9 +13,11 @@ import asyncio
 import itertools
 import json
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import nats
 import nats.js.errors
@@ -25,14 +27,60 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError
 
 from infra import telemetry
+from infra.config import ConfigError, env_optional
+from infra.nats_users import INBOX_ROOT
 
 log = logging.getLogger(__name__)
 
 MSG_ID = "Nats-Msg-Id"
 
 
-async def connect(url: str, name: str, *, connect_timeout_s: float = 2.0) -> NatsClient:
-    """Connect, retrying the first connection for up to ~30 s, then reconnect forever."""
+@dataclass(frozen=True)
+class NatsCredentials:
+    """This process's NATS identity (`NATS_USER` / `NATS_PASSWORD`, see infra/nats_users.py)
+    and the CA that signs the server's certificate (`NATS_TLS_CA_FILE`, for `tls://` URLs
+    whose server certificate is not signed by a public CA)."""
+
+    user: str | None = None
+    password: str | None = None
+    tls_ca_file: str | None = None
+
+    @classmethod
+    def from_env(cls) -> NatsCredentials:
+        user, password = env_optional("NATS_USER"), env_optional("NATS_PASSWORD")
+        if (user is None) != (password is None):
+            raise ConfigError("NATS_USER and NATS_PASSWORD are set together or not at all")
+        ca_file = env_optional("NATS_TLS_CA_FILE")
+        if ca_file is not None and not Path(ca_file).is_file():
+            raise ConfigError(f"NATS_TLS_CA_FILE: {ca_file} is not a readable file")
+        return cls(user, password, ca_file)
+
+    def options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        if self.user is not None:
+            # Replies and deliveries come to the user's own inbox prefix, the only subjects
+            # its permissions let it subscribe to.
+            options |= {
+                "user": self.user,
+                "password": self.password,
+                "inbox_prefix": f"{INBOX_ROOT}.{self.user}",
+            }
+        if self.tls_ca_file is not None:
+            options["tls"] = ssl.create_default_context(cafile=self.tls_ca_file)
+        return options
+
+
+async def connect(
+    url: str,
+    name: str,
+    *,
+    connect_timeout_s: float = 2.0,
+    credentials: NatsCredentials | None = None,
+) -> NatsClient:
+    """Connect, retrying the first connection for up to ~30 s, then reconnect forever. The
+    credentials default to the environment's (`NatsCredentials.from_env`); without a user,
+    those in the URL (`nats://user:password@host`) are used, if any."""
+    options = (credentials or NatsCredentials.from_env()).options()
     attempts = 0
     while True:
         try:
@@ -43,6 +91,7 @@ async def connect(url: str, name: str, *, connect_timeout_s: float = 2.0) -> Nat
                 reconnect_time_wait=0.5,
                 max_reconnect_attempts=-1,
                 allow_reconnect=True,
+                **options,
             )
         except (OSError, nats.errors.NoServersError, TimeoutError):
             attempts += 1

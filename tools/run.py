@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tools.devstack import EmbeddedNats, EmbeddedPostgres
+from tools.devstack import EmbeddedNats, EmbeddedPostgres, nats_service_env
 from tools.twilio_sandbox.process import start_sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,7 +149,10 @@ def main() -> int:
             nats_server = EmbeddedNats(STATE / "nats", port=int(env.get("NATS_PORT", "54222")))
             env["NATS_URL"] = nats_server.start()
             cleanup.callback(nats_server.stop)
-            say(f"NATS JetStream (embedded) at {env['NATS_URL']}")
+            say(
+                f"NATS JetStream (embedded) at nats://{nats_server.address}"
+                f" (user admin, password in {STATE / 'nats' / 'admin.password'})"
+            )
         real_twilio = (
             env.get("TWILIO_ACCOUNT_SID")
             and env.get("TWILIO_AUTH_TOKEN")
@@ -168,7 +171,7 @@ def main() -> int:
         cleanup.callback(stack.stop)
         try:
             for name in existing_services():
-                service_env = dict(env)
+                service_env = {**env, **nats_service_env(env["NATS_URL"], name)}
                 if name == "gateway":
                     stack.start(name, service_env)
                     stack.wait_ready(

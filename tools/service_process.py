@@ -22,7 +22,7 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tools.devstack import free_port
+from tools.devstack import free_port, nats_service_env
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 30.0
@@ -121,6 +121,8 @@ def spawn_service(
         **env,
         "PYTHONUNBUFFERED": "1",
     }
+    if "NATS_USER" not in env:  # each service connects as its own NATS user
+        full_env |= nats_service_env(full_env.get("NATS_URL", ""), name)
     log_dir = log_dir or _temporary_log_dir()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}-{port}.log"

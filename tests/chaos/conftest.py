@@ -20,7 +20,7 @@ from tests.chaos.faults import ChaosWorld
 from tests.chaos.nats_link import NatsLink
 from tests.support.processes import spawn_service
 from tests.support.stack import start_system
-from tools.devstack import EmbeddedNats, EmbeddedPostgres
+from tools.devstack import EmbeddedNats, EmbeddedPostgres, nats_service_env
 
 # Quick retries, reconciliations, redeliveries and lease expiries, so the system recovers
 # from each fault within seconds; the per-sender flood limit is lifted (the load writes far
@@ -93,7 +93,8 @@ async def chaos_world(
 ) -> AsyncIterator[ChaosWorld]:
     service_env = {name: dict(env) for name, env in FAST_RECOVERY_ENV.items()}
     for service, link in nats_links.items():
-        service_env[service]["NATS_URL"] = link.url
+        # Through the link, as the service's own NATS user.
+        service_env[service] |= nats_service_env(chaos_nats.url, service) | {"NATS_URL": link.url}
     stack = await start_system(
         chaos_postgres.dsn,
         chaos_nats.url,

@@ -34,10 +34,16 @@ def test_two_stages_from_a_pinned_slim_python() -> None:
     ]
 
 
-def test_builder_installs_the_contracts_and_the_project_into_a_venv() -> None:
+def test_builder_installs_the_runtime_lock_then_the_contracts_and_the_project() -> None:
     builder = stages()[0]
     assert "python -m venv /opt/venv" in builder
-    assert "pip install ./contracts/python ." in builder
+    installs = re.findall(r"pip install [^\n\\&]*", builder)
+    # Every dependency comes from the runtime lock, checked against its hashes; our two
+    # packages bring none of their own.
+    assert [line.strip() for line in installs] == [
+        "pip install --require-hashes -r requirements.lock",
+        "pip install --no-deps --no-build-isolation ./contracts/python .",
+    ]
 
 
 def test_runtime_takes_only_the_venv_and_runs_as_the_manifests_user(
@@ -58,6 +64,7 @@ def test_the_copied_sources_build_wheels_with_all_code_and_migrations(tmp_path: 
     # The same files the builder stage copies, built the way its pip install builds them.
     copied = re.findall(r"^COPY (?!--from)(\S+) ", stages()[0], re.MULTILINE)
     assert set(copied) == {"pyproject.toml", "contracts/python", "infra", "services"}
+    assert re.search(r"^COPY .*\brequirements\.lock\b", stages()[0], re.MULTILINE)
     context = tmp_path / "context"
     for source in copied:
         origin = REPO_ROOT / source

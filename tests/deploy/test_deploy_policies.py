@@ -164,8 +164,14 @@ def test_secret_references_are_found_in_pods_ingress_and_custom_resources(
     rendered: dict[str, list[Manifest]],
 ) -> None:
     prod = rendered["prod"]
-    assert referenced_secrets(find(prod, "Deployment", "gateway")) == {"snapsell-twilio"}
+    assert referenced_secrets(find(prod, "Deployment", "gateway")) == {
+        "snapsell-twilio",
+        "snapsell-nats-gateway",
+        "snapsell-nats-tls",
+    }
     assert referenced_secrets(find(prod, "Deployment", "routing")) == {
+        "snapsell-nats-routing",
+        "snapsell-nats-tls",
         "snapsell-jwt",
         "snapsell-db-routing",
         "snapsell-pg-ca",

@@ -3,7 +3,6 @@ no offline schema covers, and the NATS configuration checked by the real nats-se
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 from tools.deploy.render import Manifest
 
 from .manifests import container, find, find_generated, of_kind
+from .nats import check_nats_config
 
 SERVICES_WITH_SCHEMAS = ("seller_admin", "routing", "outbox", "live_session")
 BARMAN_PLUGIN = "barman-cloud.cloudnative-pg.io"
@@ -132,31 +132,16 @@ def test_local_has_no_backups_and_no_synchronous_standby(
 def test_nats_configuration_is_accepted_by_the_tested_server(
     docs: list[Manifest], tmp_path: Path
 ) -> None:
-    conf = tmp_path / "nats.conf"
-    conf.write_text(nats_conf(docs))
-    result = subprocess.run(
-        [nats_server(), "-t", "-c", str(conf)],
-        env={**os.environ, "SERVER_NAME": "nats-0"},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = check_nats_config(docs, tmp_path)
     assert result.returncode == 0, result.stderr
 
 
 def test_a_broken_nats_configuration_is_refused(docs: list[Manifest], tmp_path: Path) -> None:
-    conf = tmp_path / "nats.conf"
-    conf.write_text(nats_conf(docs).replace("sync_interval: always", "sync_interval: alwayz"))
-    result = subprocess.run(
-        [nats_server(), "-t", "-c", str(conf)],
-        env={**os.environ, "SERVER_NAME": "nats-0"},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
+    result = check_nats_config(
+        docs, tmp_path, lambda text: text.replace("sync_interval: always", "sync_interval: alwayz")
     )
     assert result.returncode != 0
+    assert "sync_interval" in result.stderr
 
 
 def test_jetstream_syncs_every_write_to_disk(docs: list[Manifest]) -> None:

@@ -14,11 +14,13 @@ from tests.e2e.harness import Harness
 from tests.support.stack import SystemStack, start_system
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="module")
 async def system(
     admin_dsn: str, nats_url: str, jwt_secret: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[SystemStack]:
-    """Every service its own process, as `make run` starts them, shared by the package."""
+    """Every service its own process, as `make run` starts them, shared by a module's tests.
+    Not wider: other modules start services of their own on the same database and streams, and
+    two outboxes (or two routings) would share the work their tests count."""
     stack = await start_system(
         admin_dsn, nats_url, jwt_secret, tmp_path_factory.mktemp("security"), trace=False
     )
@@ -28,7 +30,7 @@ async def system(
         await stack.stop()
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="module")
 async def harness(system: SystemStack) -> AsyncIterator[Harness]:
     """The end-to-end tests' driver: signed webhooks, gRPC APIs, events, the Twilio sandbox."""
     nats = await jetstream.connect(system.nats_url, name="security-tests")

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
+from infra import log
 from infra.auth import issue_token
 from infra.config import ConfigError
 from infra.log import JsonLineFormatter, configured_secrets, mask_phone, setup_logging
@@ -42,7 +43,7 @@ def formatted(made: logging.LogRecord, secrets: tuple[str, ...] = (TWILIO_TOKEN,
         ("+33 6 12 34 56 78", "+33******78"),
         ("from +447700900123 to +33612345678.", "from +44******23 to +33******78."),
         ("+1234567", "+1234567"),  # too short to be a phone number
-        ("order 33612345678 total +5", "order 33612345678 total +5"),
+        ("order 4521 of 2026-12-07 total +5", "order 4521 of 2026-12-07 total +5"),
     ],
 )
 def test_mask_phone_keeps_the_country_prefix_and_last_two_digits(text: str, masked: str) -> None:
@@ -167,3 +168,31 @@ def test_invalid_log_level_is_a_configuration_error(
     monkeypatch.setenv("LOG_LEVEL", "LOUD")
     with pytest.raises(ConfigError, match="LOG_LEVEL"):
         setup_logging("outbox", stream=io.StringIO())
+
+
+def test_national_numbers_are_read_in_the_configured_regions(
+    root_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(log, "_phone_regions", log.DEFAULT_PHONE_REGIONS)  # restored after
+    uk_mobile = "07911 123456"
+    monkeypatch.setenv("LOG_PHONE_REGIONS", "FR,US")
+    setup_logging("outbox", stream=io.StringIO())
+    assert mask_phone(f"to {uk_mobile}") == f"to {uk_mobile}"
+    monkeypatch.setenv("LOG_PHONE_REGIONS", "fr, gb")
+    setup_logging("outbox", stream=io.StringIO())
+    assert mask_phone(f"to {uk_mobile}") == "to 07******56"
+
+
+def test_unknown_phone_region_is_a_configuration_error(
+    root_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LOG_PHONE_REGIONS", "FR,XX")
+    with pytest.raises(ConfigError, match="LOG_PHONE_REGIONS"):
+        setup_logging("outbox", stream=io.StringIO())
+
+
+def test_a_long_run_of_figures_is_masked_whole_without_parsing_it() -> None:
+    figures = " ".join(str(n) for n in range(10, 200))
+    parsed_before = log._is_phone_number.cache_info().misses
+    assert mask_phone(f"ids {figures}.") == "ids 10******99."
+    assert log._is_phone_number.cache_info().misses == parsed_before

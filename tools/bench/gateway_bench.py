@@ -89,7 +89,7 @@ from tools.bench.webhooks import (
     signed_webhooks,
 )
 from tools.bench.wrk import WrkMissingError, WrkResult, ensure_wrk, run_wrk, write_wrk_inputs
-from tools.devstack import DevstackError, EmbeddedNats, free_port
+from tools.devstack import DevstackError, EmbeddedNats, free_port, nats_service_env
 
 ACCOUNT_SID = "AC" + "b" * 32
 AUTH_TOKEN = "gateway-bench-auth-token"
@@ -204,6 +204,8 @@ class Bench:
         # Every gateway validates signatures against the same public URL, as behind a proxy.
         return {
             "NATS_URL": self.nats_url,
+            # As deployed: its own NATS user (publish permission checked on every message).
+            **nats_service_env(self.nats_url, "gateway"),
             "PUBLIC_BASE_URL": self.public_base,
             "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
             "TWILIO_AUTH_TOKEN": AUTH_TOKEN,

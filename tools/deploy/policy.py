@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from infra.config import ConfigError
+from infra.nats_users import ADMIN_USER, SERVICE_USERS, password_variable, render_authorization
 from services.gateway.config import parse_forwarded_allow_ips
 from tools.deploy.layout import APP_IMAGE
 from tools.deploy.render import Manifest, describe
@@ -551,6 +552,82 @@ def network_is_default_deny(docs: Sequence[Manifest]) -> list[str]:
     return problems
 
 
+def _nats_config(docs: Sequence[Manifest]) -> Mapping[str, str]:
+    """The files of the NATS server's configuration (the generated nats-config ConfigMap)."""
+    for doc in docs:
+        if doc.get("kind") == "ConfigMap" and doc["metadata"]["name"].startswith("nats-config"):
+            return doc.get("data") or {}
+    return {}
+
+
+def _directives(conf: str) -> list[str]:
+    lines = (line.split("#", 1)[0].strip() for line in conf.splitlines())
+    return [line for line in lines if line]
+
+
+def _env(container: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    return {item["name"]: item for item in container.get("env", []) or []}
+
+
+def nats_secret(user: str) -> str:
+    """The Secret holding a NATS user's password (key `password`)."""
+    return "snapsell-nats-" + user.replace("_", "-")
+
+
+def nats_requires_authorization(docs: Sequence[Manifest]) -> list[str]:
+    """The NATS server runs with the users and permissions of infra/nats_users.py, reads every
+    password from its user's Secret, and each service connects as its own user, holding no
+    other NATS password."""
+    files = _nats_config(docs)
+    if "include ./authorization.conf" not in _directives(files.get("nats.conf", "")):
+        return ["ConfigMap/nats-config: nats.conf does not include ./authorization.conf"]
+    problems = []
+    expected = render_authorization(lambda user: "$" + password_variable(user))
+    if files.get("authorization.conf") != expected:
+        problems.append(
+            "ConfigMap/nats-config: authorization.conf differs from infra/nats_users.py "
+            "(python -m infra.nats_users > deploy/base/nats/authorization.conf)"
+        )
+    users = [ADMIN_USER, *SERVICE_USERS]
+    for doc, spec in workloads(docs):
+        name = doc["metadata"]["name"]
+        main = (spec.get("containers") or [{}])[0]
+        env = _env(main)
+        if doc.get("kind") == "StatefulSet" and name == "nats":
+            for user in users:
+                ref = env.get(password_variable(user), {}).get("valueFrom", {})
+                if ref.get("secretKeyRef", {}).get("name") != nats_secret(user):
+                    problems.append(
+                        f"{describe(doc)}: {password_variable(user)} not from {nats_secret(user)}"
+                    )
+            continue
+        user = name.replace("-", "_")
+        if user not in SERVICE_USERS:
+            continue
+        ref = env.get("NATS_PASSWORD", {}).get("valueFrom", {}).get("secretKeyRef", {})
+        if env.get("NATS_USER", {}).get("value") != user or ref.get("name") != nats_secret(user):
+            problems.append(f"{describe(doc)}: does not connect to NATS as user {user}")
+        others = {nats_secret(u) for u in users} - {nats_secret(user)}
+        for secret in sorted(referenced_secrets(doc) & others):
+            problems.append(f"{describe(doc)}: holds another NATS user's Secret {secret}")
+    return problems
+
+
+def nats_uses_tls(docs: Sequence[Manifest]) -> list[str]:
+    """Clients reach NATS over TLS only: a `tls` block in the server's configuration and
+    `tls://` in every service's NATS_URL."""
+    problems = []
+    tls = " ".join(_directives(_nats_config(docs).get("tls.conf", "")))
+    if not re.search(r"tls\s*\{.*cert_file.*key_file", tls):
+        problems.append("ConfigMap/nats-config: tls.conf has no tls block with cert_file, key_file")
+    for doc in docs:
+        if doc.get("kind") == "ConfigMap" and doc["metadata"]["name"].startswith("snapsell-config"):
+            url = (doc.get("data") or {}).get("NATS_URL", "")
+            if not url.startswith("tls://"):
+                problems.append(f"{describe(doc)}: NATS_URL {url!r} is not tls://")
+    return problems
+
+
 def rules(
     documented_secrets: frozenset[str],
     secret_holders: SecretHolders | None = None,
@@ -573,8 +650,10 @@ def rules(
         "ingress": only_the_gateway_is_exposed,
         "trusted proxies": gateway_trusts_only_its_proxies,
         "network policies": network_is_default_deny,
+        "nats authorization": nats_requires_authorization,
     }
     if production:
         every["grpc reflection"] = grpc_reflection_is_off
         every["grpc mtls"] = grpc_traffic_is_mutual_tls
+        every["nats tls"] = nats_uses_tls
     return every
