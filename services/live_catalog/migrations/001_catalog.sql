@@ -19,8 +19,8 @@ CREATE TABLE sessions (
     CONSTRAINT sessions_summarized_only_closed CHECK (summarized_at IS NULL OR status = 'closed')
 );
 
--- A tenant's current session: its most recently opened open one.
-CREATE INDEX sessions_open_by_tenant ON sessions (tenant_id, opened_at DESC) WHERE status = 'open';
+-- A tenant's current session: its most recently opened open one, else its last one.
+CREATE INDEX sessions_by_tenant_open_first ON sessions (tenant_id, (status = 'open') DESC, opened_at DESC);
 
 CREATE TABLE items (
     id             uuid        NOT NULL,
