@@ -1,9 +1,16 @@
-"""JWT authentication and role-based access for gRPC services.
+"""JWT authentication and per-caller access control for gRPC services.
 
-Callers send `authorization: Bearer <JWT>`. Tokens are HS256 with `SNAPSELL_JWT_SECRET`, or
-RS256/ES256 verified with the PEM public key in `SNAPSELL_JWT_PUBLIC_KEY` (an external identity
-provider); both may be configured. The algorithm is pinned by the configured key, never chosen
-by the token. Claims: `sub`, `role`, `exp`, and `tenant_id` for tenant roles.
+Callers send `authorization: Bearer <JWT>`. No key is shared: every identity signs with its own
+ES256 key (`infra.keys`), and verifiers hold the public keys of the identities they trust
+(`SNAPSELL_TRUSTED_KEYS_FILE`). The token's `kid` picks the key, and the key's identity bounds
+what it may sign: a service key only `role=service` tokens whose `sub` is that service, the
+`operator` key only admin and tenant-role tokens. Tokens of an external identity provider are
+verified with its own key set (`SNAPSELL_IDP_KEYS_FILE`) and must carry its `iss` and our
+audience. The algorithm is pinned by the key, never chosen by the token.
+
+Every token must carry `sub`, `role`, `iat`, `exp`, `aud` (our own tokens: the callee service;
+IdP tokens: `SNAPSELL_IDP_AUDIENCE`) and `iss`; `tenant_id` for tenant roles; and live no
+longer than its role's maximum (`exp - iat`).
 
 Errors: `TokenError` (-> UNAUTHENTICATED) and `PermissionDeniedError` (-> PERMISSION_DENIED),
 both with a one-line message safe to return to the caller.
@@ -20,22 +27,28 @@ from typing import Any, Protocol
 
 import grpc
 import jwt
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from prometheus_client import Counter
 
-from infra.config import ConfigError, env_optional
+from infra.config import ConfigError, env_int, env_optional
 from infra.grpc_server import OPEN_METHOD_PREFIXES, aborting_handler
+from infra.keys import OPERATOR, SIGNING_ALGORITHM, KeySetFile, SigningKey, VerificationKey
 from infra.log import service_name
 
 ROLES = frozenset({"admin", "owner", "manager", "staff", "service"})
 TENANT_ROLES = frozenset({"owner", "manager", "staff"})
+HUMAN_ROLES = ROLES - {"service"}
+# `iss` of the tokens our own keys sign (services and operators).
+ISSUER = "snapsell"
 LEEWAY_S = 30
-# RFC 7518 section 3.2: an HS256 key must be at least as long as the hash output.
-MIN_SECRET_BYTES = 32
+# Longest `exp - iat` accepted: a leaked token is worth little for long.
+MAX_TOKEN_TTL_S = 3600
+# Tenant-role tokens may live longer (an IdP session), never beyond this cap.
+TENANT_TOKEN_TTL_CAP_S = 24 * 3600
 _MAX_TOKEN_CHARS = 8192
 _CACHE_SIZE = 4096
+_INTERNAL_ALGORITHMS = frozenset({SIGNING_ALGORITHM})
+_IDP_ALGORITHMS = frozenset({"RS256", "ES256"})
+_REQUIRED_CLAIMS = ["sub", "role", "iat", "exp", "aud", "iss"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,19 +119,15 @@ def _principal_from_claims(claims: Mapping[str, Any]) -> Principal:
     return Principal(sub=sub, role=role, tenant_id=tenant_id)
 
 
-def _public_key_algorithm(pem: str) -> tuple[str, Any]:
-    try:
-        # Tolerate a PEM whose newlines were escaped to fit in one environment variable line.
-        key = load_pem_public_key(pem.replace("\\n", "\n").encode())
-    except (ValueError, UnsupportedAlgorithm):
-        raise ConfigError("SNAPSELL_JWT_PUBLIC_KEY is not a PEM public key") from None
-    if isinstance(key, rsa.RSAPublicKey):
-        if key.key_size < 2048:
-            raise ConfigError("SNAPSELL_JWT_PUBLIC_KEY: RSA keys must be at least 2048 bits")
-        return "RS256", key
-    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
-        return "ES256", key
-    raise ConfigError("SNAPSELL_JWT_PUBLIC_KEY must be an RSA or P-256 EC public key")
+def _check_signer(key: VerificationKey, principal: Principal) -> None:
+    """A service key speaks only for its own service; the operator key never for a service."""
+    if key.identity == OPERATOR:
+        if principal.role == "service":
+            raise TokenError("operator keys may not sign service tokens", "wrong_identity")
+    elif principal.role != "service" or principal.sub != key.identity:
+        raise TokenError(
+            f"key '{key.kid}' may only sign service tokens for '{key.identity}'", "wrong_identity"
+        )
 
 
 _DECODE_ERRORS: tuple[tuple[type[Exception], str, str], ...] = (
@@ -127,48 +136,99 @@ _DECODE_ERRORS: tuple[tuple[type[Exception], str, str], ...] = (
     (jwt.InvalidSignatureError, "token signature invalid", "bad_signature"),
     (jwt.InvalidAlgorithmError, "token algorithm not accepted", "bad_algorithm"),
     (jwt.MissingRequiredClaimError, "token lacks a required claim", "bad_claims"),
-    (jwt.InvalidAudienceError, "token audience not accepted", "bad_claims"),
-    (jwt.InvalidIssuerError, "token issuer not accepted", "bad_claims"),
+    (jwt.InvalidAudienceError, "token audience not accepted", "bad_audience"),
+    (jwt.InvalidIssuerError, "token issuer not accepted", "bad_issuer"),
+    (jwt.InvalidIssuedAtError, "token 'iat' claim must be an integer", "bad_claims"),
     (jwt.DecodeError, "malformed token", "malformed"),
 )
 
 
+@dataclass(frozen=True, slots=True)
+class IdentityProvider:
+    """An external identity provider whose tokens we accept: its key set, `iss`, and the
+    audience it puts in tokens meant for this API."""
+
+    keys: KeySetFile
+    issuer: str
+    audience: str
+
+    @classmethod
+    def from_env(cls) -> IdentityProvider | None:
+        if env_optional("SNAPSELL_JWT_PUBLIC_KEY"):
+            raise ConfigError(
+                "SNAPSELL_JWT_PUBLIC_KEY is no longer read: publish the identity provider's "
+                "keys as a JWKS file in SNAPSELL_IDP_KEYS_FILE"
+            )
+        path = env_optional("SNAPSELL_IDP_KEYS_FILE")
+        issuer = env_optional("SNAPSELL_IDP_ISSUER")
+        audience = env_optional("SNAPSELL_IDP_AUDIENCE")
+        if path is None:
+            if issuer or audience:
+                raise ConfigError("SNAPSELL_IDP_ISSUER/AUDIENCE need SNAPSELL_IDP_KEYS_FILE")
+            return None
+        if not issuer or not audience:
+            raise ConfigError("SNAPSELL_IDP_KEYS_FILE needs SNAPSELL_IDP_ISSUER and _AUDIENCE")
+        keys = KeySetFile(path, setting="SNAPSELL_IDP_KEYS_FILE", algorithms=_IDP_ALGORITHMS)
+        return cls(keys, issuer, audience)
+
+
 class JwtVerifier:
-    """Verifies bearer tokens; results are cached per token string until the token expires."""
+    """Verifies bearer tokens meant for `audience` (this service's name); results are cached per
+    token string until the token expires."""
 
     def __init__(
         self,
         *,
-        secret: str | None = None,
-        public_key_pem: str | None = None,
+        audience: str,
+        trusted_keys: KeySetFile | None = None,
+        identity_provider: IdentityProvider | None = None,
+        tenant_max_ttl_s: int = MAX_TOKEN_TTL_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._keys: dict[str, Any] = {}
-        if secret:
-            if len(secret.encode()) < MIN_SECRET_BYTES:
-                raise ConfigError(f"SNAPSELL_JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes")
-            self._keys["HS256"] = secret
-        if public_key_pem:
-            algorithm, key = _public_key_algorithm(public_key_pem)
-            self._keys[algorithm] = key
-        if not self._keys:
-            raise ConfigError("set SNAPSELL_JWT_SECRET or SNAPSELL_JWT_PUBLIC_KEY")
+        if trusted_keys is None and identity_provider is None:
+            raise ConfigError("set SNAPSELL_TRUSTED_KEYS_FILE or SNAPSELL_IDP_KEYS_FILE")
+        if not 0 < tenant_max_ttl_s <= TENANT_TOKEN_TTL_CAP_S:
+            raise ConfigError(f"tenant token lifetime must be 1..{TENANT_TOKEN_TTL_CAP_S} s")
+        if trusted_keys and identity_provider:
+            shared = trusted_keys.keys.keys() & identity_provider.keys.keys.keys()
+            if shared:
+                raise ConfigError(f"key ids {sorted(shared)} are both ours and the IdP's")
+        self._audience = audience
+        self._trusted = trusted_keys
+        self._idp = identity_provider
+        self._max_ttl_s = {role: MAX_TOKEN_TTL_S for role in ROLES} | {
+            role: tenant_max_ttl_s for role in TENANT_ROLES
+        }
         self._clock = clock
         self._jwt = jwt.PyJWT()
-        # Service tokens are reused for an hour; re-verifying the signature on every call would
-        # be most of the interceptor's cost.
+        # Service tokens are reused for most of an hour; re-verifying the signature on every
+        # call would be most of the interceptor's cost.
         self._cache: dict[str, tuple[Principal, float]] = {}
 
     @classmethod
-    def from_env(cls) -> JwtVerifier:
-        return cls(
-            secret=env_optional("SNAPSELL_JWT_SECRET"),
-            public_key_pem=env_optional("SNAPSELL_JWT_PUBLIC_KEY"),
+    def from_env(cls, audience: str) -> JwtVerifier:
+        if env_optional("SNAPSELL_JWT_SECRET"):
+            raise ConfigError(
+                "SNAPSELL_JWT_SECRET is no longer read: services verify with the public keys "
+                "in SNAPSELL_TRUSTED_KEYS_FILE"
+            )
+        path = env_optional("SNAPSELL_TRUSTED_KEYS_FILE")
+        trusted = (
+            KeySetFile(path, setting="SNAPSELL_TRUSTED_KEYS_FILE", algorithms=_INTERNAL_ALGORITHMS)
+            if path
+            else None
         )
-
-    @property
-    def algorithms(self) -> frozenset[str]:
-        return frozenset(self._keys)
+        return cls(
+            audience=audience,
+            trusted_keys=trusted,
+            identity_provider=IdentityProvider.from_env(),
+            tenant_max_ttl_s=env_int(
+                "SNAPSELL_TENANT_TOKEN_MAX_TTL_S",
+                MAX_TOKEN_TTL_S,
+                minimum=60,
+                maximum=TENANT_TOKEN_TTL_CAP_S,
+            ),
+        )
 
     def verify(self, token: str) -> Principal:
         now = self._clock()
@@ -185,27 +245,52 @@ class JwtVerifier:
         self._cache[token] = (principal, exp)
         return principal
 
+    def _key(self, kid: object) -> tuple[VerificationKey, IdentityProvider | None]:
+        """The key `kid` names and, for an IdP key, its provider; reloads rotated key sets."""
+        if isinstance(kid, str) and kid:
+            for _attempt in range(2):
+                if self._trusted is not None and kid in self._trusted.keys:
+                    return self._trusted.keys[kid], None
+                if self._idp is not None and kid in self._idp.keys.keys:
+                    return self._idp.keys.keys[kid], self._idp
+                reloaded = [
+                    keys.reload_if_changed()
+                    for keys in (self._trusted, self._idp and self._idp.keys)
+                    if keys is not None
+                ]
+                if not any(reloaded):
+                    break
+        raise TokenError("token key id not recognised", "unknown_kid")
+
     def _decode(self, token: str) -> tuple[Principal, float]:
         if not token or len(token) > _MAX_TOKEN_CHARS:
             raise TokenError("malformed token", "malformed")
         try:
-            algorithm = jwt.get_unverified_header(token).get("alg")
-            key = self._keys.get(algorithm) if isinstance(algorithm, str) else None
-            if key is None:
-                raise TokenError("token algorithm not accepted", "bad_algorithm")
+            key, provider = self._key(jwt.get_unverified_header(token).get("kid"))
             claims = self._jwt.decode(
                 token,
-                key,
-                algorithms=[algorithm],
+                key.key,
+                algorithms=[key.algorithm],
+                audience=provider.audience if provider else self._audience,
+                issuer=provider.issuer if provider else ISSUER,
                 leeway=LEEWAY_S,
-                options={"require": ["sub", "role", "exp"]},
+                options={"require": _REQUIRED_CLAIMS},
             )
         except jwt.InvalidTokenError as error:
             for error_type, message, reason in _DECODE_ERRORS:
                 if isinstance(error, error_type):
                     raise TokenError(message, reason) from None
             raise TokenError("invalid token", "invalid") from None
-        return _principal_from_claims(claims), float(claims["exp"])
+        principal = _principal_from_claims(claims)
+        if provider is None:
+            _check_signer(key, principal)
+        elif principal.role == "service":
+            raise TokenError("service tokens come only from service keys", "wrong_identity")
+        exp = float(claims["exp"])
+        if exp - float(claims["iat"]) > self._max_ttl_s[principal.role]:
+            limit = self._max_ttl_s[principal.role]
+            raise TokenError(f"token lifetime exceeds {limit} s for its role", "too_long")
+        return principal, exp
 
 
 def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
@@ -222,28 +307,43 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
 
 
 def issue_token(
-    secret: str,
+    signing_key: SigningKey,
     *,
     sub: str,
     role: str,
+    audience: str | list[str],
     tenant_id: str | None = None,
-    ttl_s: int = 3600,
-    algorithm: str = "HS256",
+    ttl_s: int = MAX_TOKEN_TTL_S,
     now: float | None = None,
 ) -> str:
-    """Mint a token (operator CLI, service callers, tests). `secret` is the HS256 secret, or a
-    PEM private key when `algorithm` is RS256/ES256."""
+    """Mint a token for `audience` (the callee service) signed with `signing_key`: a service's
+    own key for its `service` token, the operator key for admin and tenant-role tokens."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; expected one of {', '.join(sorted(ROLES))}")
     if role in TENANT_ROLES and not tenant_id:
         raise ValueError(f"role {role!r} needs a tenant_id")
-    if algorithm == "HS256" and len(secret.encode()) < MIN_SECRET_BYTES:
-        raise ValueError(f"the HS256 secret must be at least {MIN_SECRET_BYTES} bytes")
+    if signing_key.identity == OPERATOR:
+        if role == "service":
+            raise ValueError("the operator key may not sign service tokens")
+    elif role != "service" or sub != signing_key.identity:
+        raise ValueError(f"the {signing_key.identity!r} key signs only its own service tokens")
     issued_at = int(time.time() if now is None else now)
-    claims: dict[str, Any] = {"sub": sub, "role": role, "iat": issued_at, "exp": issued_at + ttl_s}
+    claims: dict[str, Any] = {
+        "iss": ISSUER,
+        "sub": sub,
+        "aud": audience,
+        "role": role,
+        "iat": issued_at,
+        "exp": issued_at + ttl_s,
+    }
     if role in TENANT_ROLES:
         claims["tenant_id"] = tenant_id
-    return jwt.encode(claims, secret, algorithm=algorithm)
+    return jwt.encode(
+        claims,
+        signing_key.private_key,
+        algorithm=SIGNING_ALGORITHM,
+        headers={"kid": signing_key.kid},
+    )
 
 
 class TokenProvider(Protocol):
@@ -251,60 +351,73 @@ class TokenProvider(Protocol):
 
 
 class ServiceTokenProvider:
-    """A `service`-role token for calls to other services, renewed well before it expires."""
+    """This service's token for calls to one peer (`audience`), renewed well before it
+    expires."""
 
     def __init__(
         self,
-        secret: str,
-        sub: str,
+        signing_key: SigningKey,
+        audience: str,
         *,
-        ttl_s: int = 3600,
+        ttl_s: int = MAX_TOKEN_TTL_S,
         renew_before_s: int = 300,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if renew_before_s >= ttl_s:
             raise ValueError("renew_before_s must be shorter than ttl_s")
-        self._secret, self._sub = secret, sub
+        self._key, self._audience = signing_key, audience
         self._ttl_s, self._renew_before_s = ttl_s, renew_before_s
         self._clock = clock
         self._token = ""
         self._renew_at = 0.0
 
     @classmethod
-    def from_env(cls, sub: str) -> ServiceTokenProvider:
-        secret = env_optional("SNAPSELL_JWT_SECRET")
-        if not secret:
-            raise ConfigError("SNAPSELL_JWT_SECRET is required to call other services")
-        if len(secret.encode()) < MIN_SECRET_BYTES:
-            raise ConfigError(f"SNAPSELL_JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes")
-        return cls(secret, sub)
+    def from_env(cls, identity: str, audience: str) -> ServiceTokenProvider:
+        return cls(SigningKey.from_env(identity), audience)
 
     def token(self) -> str:
         now = self._clock()
         if now >= self._renew_at:
             self._token = issue_token(
-                self._secret, sub=self._sub, role="service", ttl_s=self._ttl_s, now=now
+                self._key,
+                sub=self._key.identity,
+                role="service",
+                audience=self._audience,
+                ttl_s=self._ttl_s,
+                now=now,
             )
             self._renew_at = now + self._ttl_s - self._renew_before_s
         return self._token
 
 
-Policy = Mapping[str, frozenset[str]]
+@dataclass(frozen=True, slots=True)
+class Access:
+    """Who may call one RPC: human roles (admin and tenant roles) and, by name, the services."""
+
+    roles: frozenset[str] = frozenset()
+    services: frozenset[str] = frozenset()
+
+
+Policy = Mapping[str, Access]
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticates every call and checks the caller's role against `policy`, keyed by full
-    method name (`/snapsell.x.v1.XService/Method`). Health and reflection are open; a method
-    missing from the policy is refused (fail closed)."""
+    """Authenticates every call and checks the caller against `policy`, keyed by full method
+    name (`/snapsell.x.v1.XService/Method`): a human role must be among the method's roles, a
+    service among its services. Health and reflection are open; a method missing from the
+    policy is refused (fail closed)."""
 
     def __init__(
         self, verifier: JwtVerifier, policy: Policy, *, service: str | None = None
     ) -> None:
-        for method, roles in policy.items():
+        for method, access in policy.items():
             if not method.startswith("/") or method.count("/") != 2:
                 raise ValueError(f"policy key {method!r} is not a full method name")
-            if not roles <= ROLES:
-                raise ValueError(f"policy for {method} names unknown roles {set(roles - ROLES)}")
+            if not isinstance(access, Access):
+                raise ValueError(f"policy for {method} must be an Access")
+            if not access.roles <= HUMAN_ROLES:
+                unknown = set(access.roles - HUMAN_ROLES)
+                raise ValueError(f"policy for {method} names unknown roles {unknown}")
         self._verifier = verifier
         self._policy = dict(policy)
         self._service = service or service_name()
@@ -323,10 +436,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             principal = self._verifier.verify(
                 bearer_token(handler_call_details.invocation_metadata)
             )
-            roles = self._policy.get(method)
-            if roles is None:
+            access = self._policy.get(method)
+            if access is None:
                 raise PermissionDeniedError("method has no access policy", "no_policy")
-            if principal.role not in roles:
+            if principal.role == "service":
+                if principal.sub not in access.services:
+                    name = method.rsplit("/", 1)[-1]
+                    raise PermissionDeniedError(
+                        f"service '{principal.sub}' may not call {name}", "caller"
+                    )
+            elif principal.role not in access.roles:
                 name = method.rsplit("/", 1)[-1]
                 raise PermissionDeniedError(f"role '{principal.role}' may not call {name}", "role")
         except TokenError as error:

@@ -2,7 +2,8 @@
 
 Every channel retries calls that fail with UNAVAILABLE (the peer restarting or not up yet; the
 request was not processed), keeps connections alive, sends a `service`-role bearer token and,
-when tracing is on, the caller's trace context. Unary calls get `DEFAULT_DEADLINE_S` unless the
+when tracing is on, the caller's trace context. The token names the peer as its audience:
+a token for one service is refused by every other. Unary calls get `DEFAULT_DEADLINE_S` unless the
 caller passes its own `timeout`.
 """
 
@@ -101,17 +102,23 @@ class _CallAuth(
 def service_channel(
     addr: str,
     *,
+    audience: str | None = None,
     token_provider: TokenProvider | None = None,
     default_timeout_s: float | None = DEFAULT_DEADLINE_S,
     options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.aio.Channel:
     """An insecure (in-cluster) channel to `addr` ("host:port").
 
-    Without `token_provider`, tokens are minted from `SNAPSELL_JWT_SECRET` with `sub` = this
-    process's service name (see `infra.log.setup_logging`); ConfigError when the secret is unset.
+    Without `token_provider`, this process's service (see `infra.log.setup_logging`) signs its
+    own tokens for `audience`, the peer's service name, with the key in
+    `SNAPSELL_SIGNING_KEY_FILE`; ConfigError when it is unset.
     `options` are added to, and override, `CHANNEL_OPTIONS`.
     """
-    provider = token_provider or ServiceTokenProvider.from_env(sub=service_name())
+    if token_provider is None:
+        if not audience:
+            raise ValueError("service_channel needs the peer's service name as audience")
+        token_provider = ServiceTokenProvider.from_env(service_name(), audience)
+    provider = token_provider
     merged = dict(CHANNEL_OPTIONS) | dict(options)
     interceptors: list[grpc.aio.ClientInterceptor] = [
         *grpc_client_interceptors(),

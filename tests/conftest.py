@@ -4,14 +4,13 @@ once for the run (or taken from DATABASE_URL / NATS_URL) and stopped by PID at t
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from infra.auth import issue_token
+from tools.dev_keys import IDENTITIES, DevKeys
 from tools.devstack import EmbeddedNats, EmbeddedPostgres
 
 
@@ -62,18 +61,21 @@ def nats_url(state_dir: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def jwt_secret() -> Iterator[str]:
-    secret = os.environ.get("SNAPSELL_JWT_SECRET") or secrets.token_urlsafe(32)
-    previous = os.environ.get("SNAPSELL_JWT_SECRET")
-    os.environ["SNAPSELL_JWT_SECRET"] = secret
-    yield secret
+def token_keys(state_dir: Path) -> Iterator[DevKeys]:
+    """This session's signing keys: one per service identity, the operator's, and a `test`
+    service that no access policy names (`make_token("service")`: a service allowed nothing).
+    In-process verifiers find the trusted key set through the environment, as services do."""
+    keys = DevKeys(state_dir / "keys", (*IDENTITIES, "test"))
+    previous = os.environ.get("SNAPSELL_TRUSTED_KEYS_FILE")
+    os.environ["SNAPSELL_TRUSTED_KEYS_FILE"] = str(keys.trusted_keys_file)
+    yield keys
     if previous is None:
-        os.environ.pop("SNAPSELL_JWT_SECRET", None)
+        os.environ.pop("SNAPSELL_TRUSTED_KEYS_FILE", None)
 
 
 @pytest.fixture
-def make_token(jwt_secret: str) -> Callable[..., str]:
-    def make(role: str, tenant_id: str | None = None, sub: str = "test") -> str:
-        return issue_token(jwt_secret, sub=sub, role=role, tenant_id=tenant_id)
-
-    return make
+def make_token(token_keys: DevKeys) -> Callable[..., str]:
+    """`make_token(role, tenant_id=None, sub="test", audience=None)`: a `service` token is signed
+    by the key of the service `sub` names; other roles by the operator key. Without `audience`
+    the token is good for every service."""
+    return token_keys.token

@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tools.dev_keys import DevKeys
 from tools.devstack import EmbeddedNats, EmbeddedPostgres, nats_service_env
 from tools.twilio_sandbox.process import start_sandbox
 
@@ -40,14 +41,13 @@ def say(line: str) -> None:
 
 
 def dev_credentials() -> dict[str, str]:
-    """A stable local Twilio account and JWT secret, created on the first run."""
+    """A stable local Twilio account, created on the first run."""
     path = STATE / "dev-credentials.json"
     if path.exists():
         return json.loads(path.read_text())
     credentials = {
         "TWILIO_ACCOUNT_SID": "AC" + secrets.token_hex(16),
         "TWILIO_AUTH_TOKEN": secrets.token_hex(16),
-        "SNAPSELL_JWT_SECRET": secrets.token_urlsafe(32),
     }
     path.write_text(json.dumps(credentials, indent=2))
     path.chmod(0o600)
@@ -132,7 +132,9 @@ def main() -> int:
     signal.signal(signal.SIGINT, request_stop)
     env = dict(os.environ)
     credentials = dev_credentials()
-    env.setdefault("SNAPSELL_JWT_SECRET", credentials["SNAPSELL_JWT_SECRET"])
+    # One signing key per identity in .state/keys/, created once; each service gets its own.
+    keys = DevKeys(STATE / "keys")
+    env.setdefault("SNAPSELL_TRUSTED_KEYS_FILE", str(keys.trusted_keys_file))
     http_port = int(env.setdefault("HTTP_PORT", "8080"))
     env.setdefault("PUBLIC_BASE_URL", f"http://127.0.0.1:{http_port}")
     for name, port in GRPC_SERVICES.items():
@@ -172,6 +174,9 @@ def main() -> int:
         try:
             for name in existing_services():
                 service_env = {**env, **nats_service_env(env["NATS_URL"], name)}
+                if name != "gateway":
+                    own_key = keys.env(name)["SNAPSELL_SIGNING_KEY_FILE"]
+                    service_env.setdefault("SNAPSELL_SIGNING_KEY_FILE", own_key)
                 if name == "gateway":
                     stack.start(name, service_env)
                     stack.wait_ready(

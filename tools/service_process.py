@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,6 +102,14 @@ def _temporary_log_dir() -> Path:
     return path
 
 
+def _own_signing_key(name: str, env: Mapping[str, str]) -> dict[str, str]:
+    """A service started next to a `tools.dev_keys` key set gets its own key (and no other)."""
+    if env.get("SNAPSELL_SIGNING_KEY_FILE") or not env.get("SNAPSELL_TRUSTED_KEYS_FILE"):
+        return {}
+    own = Path(env["SNAPSELL_TRUSTED_KEYS_FILE"]).parent / f"{name}.pem"
+    return {"SNAPSELL_SIGNING_KEY_FILE": str(own)} if own.exists() else {}
+
+
 def spawn_service(
     name: str,
     env: dict[str, str],
@@ -123,6 +132,7 @@ def spawn_service(
     }
     if "NATS_USER" not in env:  # each service connects as its own NATS user
         full_env |= nats_service_env(full_env.get("NATS_URL", ""), name)
+    full_env.update(_own_signing_key(name, full_env))
     log_dir = log_dir or _temporary_log_dir()
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}-{port}.log"

@@ -26,6 +26,7 @@ import asyncpg
 import httpx
 
 from infra.db import service_role
+from tools.dev_keys import DevKeys
 from tools.devstack import EmbeddedNats, EmbeddedPostgres, free_port
 from tools.service_process import ROOT, RunningService, spawn_service
 from tools.twilio_sandbox.process import SandboxProcess, start_sandbox
@@ -68,7 +69,7 @@ async def reset_service_schema(admin_dsn: str, service: str) -> None:
 class SystemStack:
     admin_dsn: str
     nats_url: str
-    jwt_secret: str
+    keys: DevKeys
     work_dir: Path
     account_sid: str
     auth_token: str
@@ -121,7 +122,7 @@ class SystemStack:
         env = {
             "PATH": "/usr/bin:/bin",
             "SELLER_ADMIN_ADDR": self.address("seller_admin"),
-            "SNAPSELL_JWT_SECRET": self.jwt_secret,
+            **self.keys.env("operator"),
             "TWILIO_ACCOUNT_SID": self.account_sid,
         }
         return subprocess.run(
@@ -147,7 +148,7 @@ def _service_env(stack: SystemStack, name: str, trace: bool) -> dict[str, str]:
     env = {
         "DATABASE_URL": stack.admin_dsn,
         "NATS_URL": stack.nats_url,
-        "SNAPSELL_JWT_SECRET": stack.jwt_secret,
+        **stack.keys.env(name),
         "LOG_LEVEL": "INFO",
         "OTEL_EXPORTER_OTLP_ENDPOINT": "",
         "SNAPSELL_TRACE_FILE": str(stack.trace_file(name)) if trace else "",
@@ -167,7 +168,7 @@ def _service_env(stack: SystemStack, name: str, trace: bool) -> dict[str, str]:
 async def start_system(
     admin_dsn: str,
     nats_url: str,
-    jwt_secret: str,
+    keys: DevKeys,
     work_dir: Path,
     *,
     env: Mapping[str, str] | None = None,
@@ -182,7 +183,7 @@ async def start_system(
     stack = SystemStack(
         admin_dsn=admin_dsn,
         nats_url=nats_url,
-        jwt_secret=jwt_secret,
+        keys=keys,
         work_dir=work_dir,
         account_sid="AC" + secrets.token_hex(16),
         # Random, so a log scan can look for this exact value.

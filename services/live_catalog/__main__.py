@@ -68,8 +68,8 @@ async def sweep_holds(store: CatalogStore, interval_s: float, stop: asyncio.Even
 
 async def serve(stop: asyncio.Event) -> None:
     config = load_config()
-    verifier = JwtVerifier.from_env()
-    outbox = service_channel(config.outbox_addr)
+    verifier = JwtVerifier.from_env(audience=SERVICE)
+    outbox = service_channel(config.outbox_addr, audience="outbox")
     pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
     nats_client = None
     metrics = None

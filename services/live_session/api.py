@@ -13,7 +13,7 @@ import asyncpg
 import grpc
 from snapsell.live_session.v1 import live_session_pb2, live_session_pb2_grpc
 
-from infra.auth import PermissionDeniedError, current_principal, tenant_scope
+from infra.auth import Access, PermissionDeniedError, current_principal, tenant_scope
 from infra.db import DATABASE_UNAVAILABLE
 from infra.log import get_logger
 from infra.page_tokens import PageTokens
@@ -29,11 +29,12 @@ SERVICE_FULL_NAME = live_session_pb2.DESCRIPTOR.services_by_name["LiveSessionSer
 
 _TENANT_ROLES = frozenset({"owner", "manager", "staff"})
 # Keyed by full method name, as `infra.auth.AuthInterceptor` wants it.
-ACCESS_POLICY: dict[str, frozenset[str]] = {
-    f"/{SERVICE_FULL_NAME}/Touch": frozenset({"service"}),
-    f"/{SERVICE_FULL_NAME}/GetCurrentSession": _TENANT_ROLES | {"admin"},
-    f"/{SERVICE_FULL_NAME}/ListSessions": _TENANT_ROLES | {"admin"},
-    f"/{SERVICE_FULL_NAME}/CloseSession": frozenset({"owner", "manager", "admin", "service"}),
+# Routing touches a tenant's session on every live signal; no service closes one today.
+ACCESS_POLICY: dict[str, Access] = {
+    f"/{SERVICE_FULL_NAME}/Touch": Access(services=frozenset({"routing"})),
+    f"/{SERVICE_FULL_NAME}/GetCurrentSession": Access(roles=_TENANT_ROLES | {"admin"}),
+    f"/{SERVICE_FULL_NAME}/ListSessions": Access(roles=_TENANT_ROLES | {"admin"}),
+    f"/{SERVICE_FULL_NAME}/CloseSession": Access(roles=frozenset({"owner", "manager", "admin"})),
 }
 
 # Sorted on (started_at, id), newest first; a token is valid for the tenant it lists.

@@ -102,12 +102,12 @@ async def _until_stop_or_crash(
 
 async def serve(stop: asyncio.Event) -> None:
     config = load_config()
-    verifier = JwtVerifier.from_env()
+    verifier = JwtVerifier.from_env(audience=SERVICE)
     pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
     sender = _twilio_sender(config)
     sender.warm_up()
     routing = routing_channel(config.routing_addr)
-    seller_admin = service_channel(config.seller_admin_addr)
+    seller_admin = service_channel(config.seller_admin_addr, audience="seller_admin")
     nats_client = None
     metrics = None
     try:
@@ -174,7 +174,7 @@ async def serve(stop: asyncio.Event) -> None:
         if config.worker.enabled:
             checker = RoutingConsentChecker(
                 routing,
-                ServiceTokenProvider.from_env(sub=SERVICE),
+                ServiceTokenProvider.from_env(SERVICE, audience="routing"),
                 timeout_s=config.worker.consent_timeout_s,
             )
             consent = BatchConsent(checker, max_age_s=config.worker.consent_max_age_s)

@@ -17,7 +17,7 @@ from opentelemetry import trace
 from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
 
 from infra import telemetry
-from infra.auth import PermissionDeniedError, current_principal, tenant_scope
+from infra.auth import Access, PermissionDeniedError, current_principal, tenant_scope
 from infra.db import DATABASE_UNAVAILABLE
 from infra.log import get_logger
 from infra.page_tokens import PageTokens
@@ -43,12 +43,16 @@ SERVICE_FULL_NAME = outbox_pb2.DESCRIPTOR.services_by_name["OutboxService"].full
 
 _TENANT_ROLES = frozenset({"owner", "manager", "staff"})
 _OPERATORS = frozenset({"admin", "owner", "manager"})
-ACCESS_POLICY: dict[str, frozenset[str]] = {
-    f"/{SERVICE_FULL_NAME}/Enqueue": frozenset({"service", "admin", "owner", "manager"}),
-    f"/{SERVICE_FULL_NAME}/GetMessage": _TENANT_ROLES | {"admin", "service"},
-    f"/{SERVICE_FULL_NAME}/ListDeadLetters": _OPERATORS | {"service"},
-    f"/{SERVICE_FULL_NAME}/Redrive": _OPERATORS,
-    f"/{SERVICE_FULL_NAME}/Discard": _OPERATORS,
+# Routing enqueues the replies to STOP/START/HELP, live_catalog its answers to claims and the
+# end-of-live summaries; no service reads messages back today.
+ACCESS_POLICY: dict[str, Access] = {
+    f"/{SERVICE_FULL_NAME}/Enqueue": Access(
+        roles=_OPERATORS, services=frozenset({"routing", "live_catalog"})
+    ),
+    f"/{SERVICE_FULL_NAME}/GetMessage": Access(roles=_TENANT_ROLES | {"admin"}),
+    f"/{SERVICE_FULL_NAME}/ListDeadLetters": Access(roles=_OPERATORS),
+    f"/{SERVICE_FULL_NAME}/Redrive": Access(roles=_OPERATORS),
+    f"/{SERVICE_FULL_NAME}/Discard": Access(roles=_OPERATORS),
 }
 # The one service that may enqueue COMPLIANCE messages: routing, which answers STOP/START/HELP.
 COMPLIANCE_SENDER = "routing"

@@ -51,11 +51,11 @@ _log = get_logger(__name__)
 
 async def serve(stop: asyncio.Event) -> None:
     config = load_config()
-    verifier = JwtVerifier.from_env()
+    verifier = JwtVerifier.from_env(audience=SERVICE)
     channels = [
-        service_channel(config.seller_admin_addr),
-        service_channel(config.live_session_addr),
-        service_channel(config.outbox_addr),
+        service_channel(config.seller_admin_addr, audience="seller_admin"),
+        service_channel(config.live_session_addr, audience="live_session"),
+        service_channel(config.outbox_addr, audience="outbox"),
     ]
     pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
     nats_client = None

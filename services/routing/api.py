@@ -14,7 +14,13 @@ import grpc
 from snapsell.common.v1 import address_pb2
 from snapsell.routing.v1 import routing_pb2, routing_pb2_grpc
 
-from infra.auth import PermissionDeniedError, Principal, current_principal, tenant_scope
+from infra.auth import (
+    Access,
+    PermissionDeniedError,
+    Principal,
+    current_principal,
+    tenant_scope,
+)
 from infra.db import DATABASE_UNAVAILABLE
 from infra.page_tokens import PageTokens
 from services.routing import store
@@ -37,13 +43,14 @@ from services.routing.domain import (
 )
 
 SERVICE_FULL_NAME = routing_pb2.DESCRIPTOR.services_by_name["RoutingService"].full_name
-# Keyed by full method name, as `infra.auth.AuthInterceptor` wants it.
-ACCESS_POLICY: dict[str, frozenset[str]] = {
-    f"/{SERVICE_FULL_NAME}/CheckOptOut": frozenset({"service"}),
-    f"/{SERVICE_FULL_NAME}/CheckOptOuts": frozenset({"service"}),
+# Keyed by full method name, as `infra.auth.AuthInterceptor` wants it. Consent checks are asked
+# by the outbox's sender workers before each send.
+ACCESS_POLICY: dict[str, Access] = {
+    f"/{SERVICE_FULL_NAME}/CheckOptOut": Access(services=frozenset({"outbox"})),
+    f"/{SERVICE_FULL_NAME}/CheckOptOuts": Access(services=frozenset({"outbox"})),
     # Who opted out is personal data: staff answer clients, they do not need the list.
-    f"/{SERVICE_FULL_NAME}/ListOptOuts": frozenset({"owner", "manager", "admin"}),
-    f"/{SERVICE_FULL_NAME}/SetConsent": frozenset({"owner", "manager", "admin"}),
+    f"/{SERVICE_FULL_NAME}/ListOptOuts": Access(roles=frozenset({"owner", "manager", "admin"})),
+    f"/{SERVICE_FULL_NAME}/SetConsent": Access(roles=frozenset({"owner", "manager", "admin"})),
 }
 DEFAULT_PAGE_SIZE = 50
 # Sorted on (opted_out_at, id), newest first; a token is valid for the tenant it lists.

@@ -38,7 +38,7 @@ _log = get_logger(__name__)
 
 async def serve(stop: asyncio.Event) -> None:
     config = load_config()
-    verifier = JwtVerifier.from_env()
+    verifier = JwtVerifier.from_env(audience=SERVICE)
     pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
     nats_client = None
     metrics = None

@@ -1,11 +1,12 @@
-"""Access control of SellerAdminService as data: which roles may call each RPC, and which
-tenant a caller acts on. `infra.auth.AuthInterceptor` enforces `auth_policy()` before the
+"""Access control of SellerAdminService as data: which roles and services may call each RPC,
+and which tenant a caller acts on. `infra.auth.AuthInterceptor` enforces `auth_policy()` before the
 servicer runs; the servicer calls `scoped_tenant` for every tenant-scoped request."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+from infra.auth import Access
 from services.seller_admin.domain import (
     InvalidArgumentError,
     PermissionDeniedError,
@@ -19,7 +20,7 @@ TENANT_ROLES = frozenset({OWNER, MANAGER, STAFF})
 # Roles not bound to one tenant: they must name the tenant they act on.
 PLATFORM_ROLES = frozenset({ADMIN, SERVICE})
 
-# Which roles may call each RPC. Every RPC of the service must appear here: the auth
+# Which human roles may call each RPC. Every RPC of the service must appear here: the auth
 # interceptor denies anything absent, and a test fails when the proto and this table differ.
 RPC_ROLES: Mapping[str, frozenset[str]] = {
     "CreateTenant": frozenset({ADMIN}),
@@ -27,11 +28,17 @@ RPC_ROLES: Mapping[str, frozenset[str]] = {
     "ListTenants": frozenset({ADMIN}),
     "AddChannel": frozenset({ADMIN}),
     "RemoveChannel": frozenset({ADMIN}),
-    "ListChannels": frozenset({ADMIN, OWNER, SERVICE}),
+    "ListChannels": frozenset({ADMIN, OWNER}),
     "AddSellerPhone": frozenset({ADMIN, OWNER, MANAGER}),
     "RemoveSellerPhone": frozenset({ADMIN, OWNER, MANAGER}),
     "ListSellerPhones": frozenset({ADMIN, OWNER, MANAGER, STAFF}),
-    "ResolveSender": frozenset({SERVICE}),
+    "ResolveSender": frozenset(),
+}
+# Which services may call each RPC (by identity): routing resolves every inbound sender; the
+# outbox checks that a message's sender is a channel of its tenant.
+RPC_SERVICES: Mapping[str, frozenset[str]] = {
+    "ResolveSender": frozenset({"routing"}),
+    "ListChannels": frozenset({"outbox"}),
 }
 
 
@@ -40,8 +47,11 @@ def method_path(rpc: str) -> str:
     return f"/{SERVICE_FULL_NAME}/{rpc}"
 
 
-def auth_policy() -> dict[str, frozenset[str]]:
-    return {method_path(rpc): roles for rpc, roles in RPC_ROLES.items()}
+def auth_policy() -> dict[str, Access]:
+    return {
+        method_path(rpc): Access(roles=roles, services=RPC_SERVICES.get(rpc, frozenset()))
+        for rpc, roles in RPC_ROLES.items()
+    }
 
 
 def scoped_tenant(role: str, token_tenant_id: str | None, requested_tenant_id: str) -> str:

@@ -6,11 +6,14 @@
     python -m services.seller_admin.cli add-seller --tenant chez-marie --phone "+33 6 12 34 56 78"
     python -m services.seller_admin.cli add-seller --tenant chez-marie --whatsapp-user-id US.1349...
     python -m services.seller_admin.cli list-sellers --tenant chez-marie
-    python -m services.seller_admin.cli issue-token --role owner --tenant chez-marie [--sub marie]
+    python -m services.seller_admin.cli issue-token --role owner --tenant chez-marie \\
+        --audience routing [--audience outbox] [--sub marie] [--ttl 900]
 
-Every command but `issue-token` calls the service at `SELLER_ADMIN_ADDR` (default
-127.0.0.1:50054) as `admin`, with a short-lived token signed with `SNAPSELL_JWT_SECRET`, so the
-changes go through the same validation, RBAC and audit trail as any caller's. Results are
+Tokens are signed with the operator's own key (`SNAPSELL_SIGNING_KEY_FILE`, published in the
+services' trusted key set under `SNAPSELL_SIGNING_KEY_ID`, default `operator`) and live at most
+an hour. Every command but `issue-token` calls the service at `SELLER_ADMIN_ADDR` (default
+127.0.0.1:50054) as `admin`, with a five-minute token, so the changes go through the same
+validation, RBAC and audit trail as any caller's. Results are
 printed as JSON; a refused call prints `error: <CODE>: <message>` and exits 1, a configuration
 problem exits 2.
 """
@@ -29,11 +32,14 @@ from google.protobuf.message import Message
 from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
 from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
-from infra.auth import ROLES, issue_token
-from infra.config import ConfigError, env_address, env_optional, env_str
+from infra.auth import HUMAN_ROLES, MAX_TOKEN_TTL_S, issue_token
+from infra.config import ConfigError, env_address, env_optional
 from infra.grpc_client import service_channel
+from infra.keys import OPERATOR, SigningKey
 
 _CLI_TOKEN_TTL_S = 300
+# The services a token may be for: each accepts only tokens naming it.
+AUDIENCES = ("live_session", "outbox", "routing", "seller_admin")
 
 
 class _StaticToken:
@@ -75,20 +81,38 @@ def _parser() -> argparse.ArgumentParser:
     sellers.add_argument("--tenant", required=True)
 
     token = commands.add_parser("issue-token", help="print a JWT for a role (and tenant)")
-    token.add_argument("--role", required=True, choices=sorted(ROLES))
+    token.add_argument("--role", required=True, choices=sorted(HUMAN_ROLES))
     token.add_argument("--tenant", help="required for owner, manager and staff")
     token.add_argument("--sub", default="operator-cli")
-    token.add_argument("--ttl", type=int, default=3600, help="seconds (default 3600)")
+    token.add_argument(
+        "--audience",
+        action="append",
+        required=True,
+        choices=AUDIENCES,
+        help="a service the token is for (repeat for several)",
+    )
+    token.add_argument(
+        "--ttl",
+        type=int,
+        default=MAX_TOKEN_TTL_S,
+        help=f"seconds, at most {MAX_TOKEN_TTL_S} (the default)",
+    )
     return parser
 
 
-def _secret() -> str:
-    return env_str("SNAPSELL_JWT_SECRET")
+def _operator_key() -> SigningKey:
+    return SigningKey.from_env(OPERATOR)
 
 
 async def _call(args: argparse.Namespace) -> Message:
     address = env_address("SELLER_ADMIN_ADDR", "127.0.0.1:50054")
-    admin_token = issue_token(_secret(), sub=args.actor, role="admin", ttl_s=_CLI_TOKEN_TTL_S)
+    admin_token = issue_token(
+        _operator_key(),
+        sub=args.actor,
+        role="admin",
+        audience="seller_admin",
+        ttl_s=_CLI_TOKEN_TTL_S,
+    )
     async with service_channel(address, token_provider=_StaticToken(admin_token)) as channel:
         stub = seller_admin_pb2_grpc.SellerAdminServiceStub(channel)
         if args.command == "create-tenant":
@@ -133,9 +157,18 @@ async def _list_sellers(
 
 
 def _print_token(args: argparse.Namespace) -> int:
+    if not 0 < args.ttl <= MAX_TOKEN_TTL_S:
+        print(f"error: --ttl must be between 1 and {MAX_TOKEN_TTL_S} seconds", file=sys.stderr)
+        return 2
+    audience = sorted(set(args.audience))
     try:
         token = issue_token(
-            _secret(), sub=args.sub, role=args.role, tenant_id=args.tenant, ttl_s=args.ttl
+            _operator_key(),
+            sub=args.sub,
+            role=args.role,
+            tenant_id=args.tenant,
+            audience=audience[0] if len(audience) == 1 else audience,
+            ttl_s=args.ttl,
         )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """The seller_admin process's configuration, read once from the environment, failing fast.
 
-The database DSNs (`DATABASE_URL`, `SERVICE_DATABASE_URL`) are read by `infra.db` and the JWT
-keys (`SNAPSELL_JWT_SECRET`, `SNAPSELL_JWT_PUBLIC_KEY`) by `infra.auth.JwtVerifier.from_env`.
+The database DSNs (`DATABASE_URL`, `SERVICE_DATABASE_URL`) are read by `infra.db` and the
+trusted token keys (`SNAPSELL_TRUSTED_KEYS_FILE`, `SNAPSELL_IDP_*`) by
+`infra.auth.JwtVerifier.from_env`.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The load driver's gRPC calls (outbox Enqueue / GetMessage, routing CheckOptOut) as a client
-service makes them: with a service token, and retried through outages. An Enqueue is retried
+"""The load driver's gRPC calls as their real callers make them: outbox Enqueue with routing's
+service token, GetMessage with an operator's, routing CheckOptOut with the outbox's; each
+retried through outages. An Enqueue is retried
 with the same idempotency key, so one whose answer was lost still makes one message."""
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from snapsell.common.v1 import address_pb2
 from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
 from snapsell.routing.v1 import routing_pb2, routing_pb2_grpc
 
+from infra.auth import ServiceTokenProvider
 from infra.grpc_client import service_channel
+from tools.dev_keys import DevKeys
 
 T = TypeVar("T")
 
@@ -39,9 +42,16 @@ def whatsapp(phone: str) -> address_pb2.Address:
 
 
 class DriverCalls:
-    def __init__(self, outbox_addr: str, routing_addr: str, *, deadline_s: float) -> None:
-        self._outbox_channel = service_channel(outbox_addr)
-        self._routing_channel = service_channel(routing_addr)
+    def __init__(
+        self, outbox_addr: str, routing_addr: str, keys: DevKeys, *, deadline_s: float
+    ) -> None:
+        as_routing = ServiceTokenProvider(keys.key("routing"), "outbox")
+        as_outbox = ServiceTokenProvider(keys.key("outbox"), "routing")
+        self._operator = (
+            ("authorization", f"Bearer {keys.token('admin', sub='chaos', audience='outbox')}"),
+        )
+        self._outbox_channel = service_channel(outbox_addr, token_provider=as_routing)
+        self._routing_channel = service_channel(routing_addr, token_provider=as_outbox)
         self._outbox = outbox_pb2_grpc.OutboxServiceStub(self._outbox_channel)
         self._routing = routing_pb2_grpc.RoutingServiceStub(self._routing_channel)
         self._deadline = time.monotonic() + deadline_s
@@ -69,7 +79,10 @@ class DriverCalls:
     async def status(self, tenant_id: str, message_id: str) -> int:
         request = outbox_pb2.GetMessageRequest(tenant_id=tenant_id, message_id=message_id)
         reply = await self._retried(
-            "GetMessage", lambda: self._outbox.GetMessage(request, timeout=CALL_TIMEOUT_S)
+            "GetMessage",
+            lambda: self._outbox.GetMessage(
+                request, metadata=self._operator, timeout=CALL_TIMEOUT_S
+            ),
         )
         return int(reply.message.status)
 

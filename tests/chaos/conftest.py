@@ -20,6 +20,7 @@ from tests.chaos.faults import ChaosWorld
 from tests.chaos.nats_link import NatsLink
 from tests.support.processes import spawn_service
 from tests.support.stack import start_system
+from tools.dev_keys import DevKeys
 from tools.devstack import EmbeddedNats, EmbeddedPostgres, nats_service_env
 
 # Quick retries, reconciliations, redeliveries and lease expiries, so the system recovers
@@ -88,7 +89,7 @@ async def chaos_world(
     chaos_postgres: EmbeddedPostgres,
     chaos_nats: EmbeddedNats,
     nats_links: dict[str, NatsLink],
-    jwt_secret: str,
+    token_keys: DevKeys,
     chaos_dir: Path,
 ) -> AsyncIterator[ChaosWorld]:
     service_env = {name: dict(env) for name, env in FAST_RECOVERY_ENV.items()}
@@ -98,7 +99,7 @@ async def chaos_world(
     stack = await start_system(
         chaos_postgres.dsn,
         chaos_nats.url,
-        jwt_secret,
+        token_keys,
         chaos_dir / "system",
         service_env=service_env,
         trace=False,

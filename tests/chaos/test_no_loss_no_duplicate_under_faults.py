@@ -46,7 +46,9 @@ async def test_every_message_is_handled_once_and_consent_holds_through_faults(
         concurrency=WEBHOOK_CONCURRENCY,
         deadline_s=deadline_s,
     )
-    calls = DriverCalls(stack.address("outbox"), stack.address("routing"), deadline_s=deadline_s)
+    calls = DriverCalls(
+        stack.address("outbox"), stack.address("routing"), stack.keys, deadline_s=deadline_s
+    )
     load = Load(stack.account_sid, poster, calls, shops, size, rate=rate)
     unreachable = {"error_code_for": {load.unreachable.phone: UNREACHABLE_ERROR_CODE}}
     try:

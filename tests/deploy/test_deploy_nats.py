@@ -18,7 +18,8 @@ def test_nats_authorization_holds_for_every_overlay(docs: list[Manifest]) -> Non
 
 
 def test_prod_reaches_nats_over_tls_and_local_is_told_apart(rendered) -> None:
-    assert "nats tls" in rules(frozenset(), "prod")
+    assert "nats tls" in rules(frozenset(), production=True)
+    assert "nats tls" not in rules(frozenset())
     assert nats_uses_tls(rendered["prod"]) == []
     assert len(nats_uses_tls(rendered["local"])) == 2  # no tls block, a nats:// URL
 

@@ -172,7 +172,7 @@ def test_secret_references_are_found_in_pods_ingress_and_custom_resources(
     assert referenced_secrets(find(prod, "Deployment", "routing")) == {
         "snapsell-nats-routing",
         "snapsell-nats-tls",
-        "snapsell-jwt",
+        "snapsell-signing-routing",
         "snapsell-db-routing",
         "snapsell-pg-ca",
     }

@@ -130,8 +130,35 @@ def test_gateway_has_no_database_or_signing_secret(docs: list[Manifest]) -> None
     deployment = find(docs, "Deployment", "gateway")
     assert "initContainers" not in deployment["spec"]["template"]["spec"]
     env = env_of(container(deployment, "gateway"))
-    assert not {"DATABASE_URL", "SERVICE_DATABASE_URL", "SNAPSELL_JWT_SECRET"} & env.keys()
+    assert not {"DATABASE_URL", "SERVICE_DATABASE_URL", "SNAPSELL_SIGNING_KEY_FILE"} & env.keys()
     assert {"TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN", "TWILIO_AUTH_TOKENS"} <= env.keys()
+
+
+@pytest.mark.parametrize("name", list(GRPC_SERVICES))
+def test_each_service_mounts_only_its_own_signing_key_and_the_trusted_keys(
+    docs: list[Manifest], name: str
+) -> None:
+    pod = find(docs, "Deployment", name)["spec"]["template"]["spec"]
+    signing = {
+        v["secret"]["secretName"]
+        for v in pod["volumes"]
+        if v.get("secret", {}).get("secretName", "").startswith("snapsell-signing-")
+    }
+    assert signing == {f"snapsell-signing-{name}"}
+    assert {v["name"]: v.get("configMap") for v in pod["volumes"]}["trusted-keys"] == {
+        "name": "snapsell-trusted-keys"
+    }
+    app = container(find(docs, "Deployment", name), name)
+    env = env_of(app)
+    mounts = {m["name"]: m["mountPath"] for m in app["volumeMounts"]}
+    assert env["SNAPSELL_SIGNING_KEY_FILE"]["value"] == f"{mounts['signing-key']}/key.pem"
+    trusted = f"{mounts['trusted-keys']}/trusted-keys.json"
+    assert env["SNAPSELL_TRUSTED_KEYS_FILE"]["value"] == trusted
+    assert "SNAPSELL_JWT_SECRET" not in env
+    for init in pod.get("initContainers", []):
+        names = {m["name"] for m in init.get("volumeMounts", [])}
+        assert "signing-key" not in names
+        assert not {"SNAPSELL_JWT_SECRET", "SNAPSELL_SIGNING_KEY_FILE"} & env_of(init).keys()
 
 
 def test_only_gateway_and_outbox_hold_twilio_credentials(docs: list[Manifest]) -> None:

@@ -20,6 +20,7 @@ from tests.e2e.harness import (
     shop_from_api,
 )
 from tests.support.stack import SystemStack, start_system
+from tools.dev_keys import DevKeys
 
 # Short enough for the sweeper test: the window's minimum, swept every second.
 LIVE_WINDOW_S = 60.0
@@ -40,10 +41,10 @@ FAST_ENV = {
 
 @pytest.fixture(scope="package")
 async def system(
-    admin_dsn: str, nats_url: str, jwt_secret: str, tmp_path_factory: pytest.TempPathFactory
+    admin_dsn: str, nats_url: str, token_keys: DevKeys, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[SystemStack]:
     work_dir: Path = tmp_path_factory.mktemp("e2e")
-    stack = await start_system(admin_dsn, nats_url, jwt_secret, work_dir, service_env=FAST_ENV)
+    stack = await start_system(admin_dsn, nats_url, token_keys, work_dir, service_env=FAST_ENV)
     try:
         yield stack
     finally:
@@ -74,7 +75,12 @@ def shop_from_cli(stack: SystemStack, name: str) -> Shop:
     _cli_json(stack, "create-tenant", "--tenant", tenant, "--name", name.title())
     _cli_json(stack, "add-channel", "--tenant", tenant, "--address", f"whatsapp:{number}")
     _cli_json(stack, "add-seller", "--tenant", tenant, "--phone", seller)
-    issued = stack.cli("issue-token", "--role", "owner", "--tenant", tenant, "--sub", "owner")
+    audiences = [
+        arg for name in ("routing", "outbox", "live_session") for arg in ("--audience", name)
+    ]
+    issued = stack.cli(
+        "issue-token", "--role", "owner", "--tenant", tenant, "--sub", "owner", *audiences
+    )
     assert issued.returncode == 0, issued.stderr
     return Shop(tenant, number, seller, issued.stdout.strip())
 

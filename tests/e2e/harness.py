@@ -23,7 +23,6 @@ from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
 from snapsell.routing.v1 import routing_pb2, routing_pb2_grpc
 from snapsell.seller_admin.v1 import seller_admin_pb2, seller_admin_pb2_grpc
 
-from infra.auth import issue_token
 from tests.support.stack import SystemStack
 from tests.support.twilio import sign, whatsapp_params
 
@@ -291,7 +290,7 @@ async def shop_from_api(stack: SystemStack, name: str) -> Shop:
     """What the dashboard backend does, with an admin token, over seller_admin's gRPC API."""
     tenant = f"{name}-{secrets.token_hex(3)}"
     number, seller = new_business_number(), new_mobile()
-    admin = (("authorization", f"Bearer {issue_token(stack.jwt_secret, sub='e2e', role='admin')}"),)
+    admin = (("authorization", f"Bearer {stack.keys.token('admin', sub='e2e')}"),)
     async with grpc.aio.insecure_channel(stack.address("seller_admin")) as channel:
         stub = seller_admin_pb2_grpc.SellerAdminServiceStub(channel)
         await stub.CreateTenant(
@@ -311,5 +310,5 @@ async def shop_from_api(stack: SystemStack, name: str) -> Shop:
             metadata=admin,
             timeout=10,
         )
-    owner = issue_token(stack.jwt_secret, sub="owner", role="owner", tenant_id=tenant)
+    owner = stack.keys.token("owner", tenant, "owner")
     return Shop(tenant, number, seller, owner)

@@ -19,6 +19,7 @@ from snapsell.routing.v1 import routing_pb2, routing_pb2_grpc
 from snapsell.seller_admin.v1 import seller_admin_pb2, seller_admin_pb2_grpc
 
 from infra.auth import issue_token
+from infra.keys import new_signing_key
 from tests.e2e.harness import Harness, Shop, eventually, issued_phones, new_mobile
 from tests.support.processes import ROOT
 from tests.support.stack import SERVICES, SystemStack
@@ -198,7 +199,9 @@ def _family_name(metric: str) -> str:
 
 async def _refused_call(stack: SystemStack, service: str) -> None:
     """One call with a JWT signed by someone else, which the service must refuse and count."""
-    forged = issue_token("not-the-secret-" + "x" * 32, sub="intruder", role="admin")
+    forged = issue_token(
+        new_signing_key("operator"), sub="intruder", role="admin", audience=service
+    )
     metadata = (("authorization", f"Bearer {forged}"),)
     calls = {
         "routing": lambda ch: routing_pb2_grpc.RoutingServiceStub(ch).ListOptOuts(
@@ -284,7 +287,8 @@ def _log_lines(stack: SystemStack) -> dict[str, list[str]]:
 async def test_logs_are_json_with_trace_ids_and_leak_no_phone_token_or_jwt(
     system: SystemStack, harness: Harness, cli_shop: Shop
 ) -> None:
-    secrets = {"Twilio auth token": system.auth_token, "JWT secret": system.jwt_secret}
+    signing_key = system.keys.key("outbox").private_pem().decode().splitlines()[1]
+    secrets = {"Twilio auth token": system.auth_token, "signing key": signing_key}
     phones = {phone.removeprefix("+") for phone in issued_phones()}
     logs = _log_lines(system)
     for service, lines in logs.items():

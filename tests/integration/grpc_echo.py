@@ -4,38 +4,66 @@ production interceptors, for the infra gRPC tests."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
+import shutil
 import socket
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import grpc
 
-from infra.auth import ROLES, AuthInterceptor, JwtVerifier, current_principal
+from infra.auth import HUMAN_ROLES, Access, AuthInterceptor, JwtVerifier, current_principal
 from infra.grpc_server import GrpcServer
+from infra.keys import KeySetFile
 from infra.metrics import RpcMetricsInterceptor
+from tools.dev_keys import IDENTITIES, DevKeys
 
 SERVICE = "test.v1.EchoService"
 METRICS_SERVICE = "echo-test"
+# The audience echo servers accept, and the keys their callers sign with (`routing` is the
+# service allowed in POLICY).
+AUDIENCE = "echo"
+_KEYS_DIR = Path(tempfile.mkdtemp(prefix="echo-keys-"))
+atexit.register(shutil.rmtree, _KEYS_DIR, ignore_errors=True)
+KEYS = DevKeys(_KEYS_DIR, (*IDENTITIES, "gateway"))
 
 
 def method(name: str) -> str:
     return f"/{SERVICE}/{name}"
 
 
+_ROUTING = frozenset({"routing"})
 POLICY = {
-    method("WhoAmI"): ROLES,
-    method("OwnerOnly"): frozenset({"owner", "admin"}),
-    method("StreamGen"): frozenset({"staff", "owner"}),
-    method("StreamWrite"): frozenset({"staff", "owner"}),
-    method("Collect"): frozenset({"service"}),
-    method("Slow"): frozenset({"service"}),
-    method("NotFound"): ROLES,
-    method("Crash"): ROLES,
+    method("WhoAmI"): Access(roles=HUMAN_ROLES, services=_ROUTING),
+    method("OwnerOnly"): Access(roles=frozenset({"owner", "admin"})),
+    method("StreamGen"): Access(roles=frozenset({"staff", "owner"})),
+    method("StreamWrite"): Access(roles=frozenset({"staff", "owner"})),
+    method("Collect"): Access(services=_ROUTING),
+    method("Slow"): Access(services=_ROUTING),
+    method("NotFound"): Access(roles=HUMAN_ROLES, services=_ROUTING),
+    method("Crash"): Access(roles=HUMAN_ROLES, services=_ROUTING),
     # "Unlisted" is served but deliberately absent: the interceptor must refuse it.
 }
+
+
+def echo_verifier() -> JwtVerifier:
+    """A verifier of tokens for AUDIENCE that trusts KEYS."""
+    trusted = KeySetFile(
+        str(KEYS.trusted_keys_file), setting="echo keys", algorithms=frozenset({"ES256"})
+    )
+    return JwtVerifier(audience=AUDIENCE, trusted_keys=trusted)
+
+
+def echo_token(role: str = "service", tenant_id: str | None = None, sub: str | None = None) -> str:
+    """A token for the echo server: a `service` token is `sub`'s own (routing's by default),
+    others the operator's."""
+    who = sub or ("routing" if role == "service" else "tester")
+    return KEYS.token(role, tenant_id, who, audience=AUDIENCE)
 
 
 def _whoami(context: grpc.aio.ServicerContext) -> bytes:

@@ -13,36 +13,45 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from prometheus_client import REGISTRY
 
-from infra.auth import JwtVerifier, issue_token
+from infra.auth import IdentityProvider, JwtVerifier, issue_token
 from infra.grpc_server import GrpcServer
-from tests.integration.grpc_echo import METRICS_SERVICE, bearer, echo_server, method, running
+from infra.keys import KeySetFile, new_signing_key
+from tests.integration.grpc_echo import (
+    AUDIENCE,
+    KEYS,
+    METRICS_SERVICE,
+    bearer,
+    echo_server,
+    echo_token,
+    method,
+    running,
+)
 
-SECRET = "grpc-auth-test-secret-0123456789abcdef-xyz"
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 OTHER_RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-def pem(key: rsa.RSAPrivateKey, *, public: bool) -> str:
-    if public:
-        return (
-            key.public_key()
-            .public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-            .decode()
-        )
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
+IDP_ISSUER = "https://idp.example.test/"
+IDP_AUDIENCE = "snapsell-api"
 
 
 @pytest.fixture(scope="module")
-async def echo() -> AsyncIterator[GrpcServer]:
-    verifier = JwtVerifier(secret=SECRET, public_key_pem=pem(RSA_KEY, public=True))
+async def echo(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[GrpcServer]:
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(RSA_KEY.public_key()))
+    idp_keys = tmp_path_factory.mktemp("idp") / "keys.json"
+    idp_keys.write_text(json.dumps({"keys": [jwk | {"kid": "idp-1", "alg": "RS256"}]}))
+    verifier = JwtVerifier(
+        audience=AUDIENCE,
+        trusted_keys=KeySetFile(
+            str(KEYS.trusted_keys_file), setting="keys", algorithms=frozenset({"ES256"})
+        ),
+        identity_provider=IdentityProvider(
+            KeySetFile(str(idp_keys), setting="idp", algorithms=frozenset({"RS256"})),
+            IDP_ISSUER,
+            IDP_AUDIENCE,
+        ),
+    )
     async with running(echo_server(verifier)) as server:
         yield server
 
@@ -53,8 +62,29 @@ async def channel(echo: GrpcServer) -> AsyncIterator[grpc.aio.Channel]:
         yield channel
 
 
-def hs(role: str, tenant_id: str | None = None, **kwargs: object) -> str:
-    return issue_token(SECRET, sub=f"{role}-user", role=role, tenant_id=tenant_id, **kwargs)
+def hs(role: str, tenant_id: str | None = None, ttl_s: int = 600, now: float | None = None) -> str:
+    """A token of ours for the echo server: routing's for `service`, else the operator's."""
+    if role == "service":
+        return echo_token("service")
+    operator = KEYS.key("operator")
+    return issue_token(
+        operator,
+        sub=f"{role}-user",
+        role=role,
+        tenant_id=tenant_id,
+        audience=AUDIENCE,
+        ttl_s=ttl_s,
+        now=now,
+    )
+
+
+def signed(key_id: str, claims: dict) -> str:
+    """Claims of our choosing, signed with a genuine key of ours."""
+    now = int(time.time())
+    body = {"iss": "snapsell", "aud": AUDIENCE, "iat": now, "exp": now + 60} | claims
+    body = {name: value for name, value in body.items() if value is not None}
+    key = KEYS.key(key_id).private_key
+    return jwt.encode(body, key, algorithm="ES256", headers={"kid": key_id})
 
 
 def alg_none_admin() -> str:
@@ -62,20 +92,45 @@ def alg_none_admin() -> str:
         return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
 
     claims = {"sub": "eve", "role": "admin", "exp": int(time.time()) + 600}
-    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}."
+    return f"{part({'alg': 'none', 'typ': 'JWT', 'kid': 'operator'})}.{part(claims)}."
+
+
+def idp_token(key: rsa.RSAPrivateKey = RSA_KEY, **overrides: object) -> str:
+    now = int(time.time())
+    claims = {
+        "iss": IDP_ISSUER,
+        "aud": IDP_AUDIENCE,
+        "sub": "idp-user",
+        "role": "owner",
+        "tenant_id": "t7",
+        "iat": now,
+        "exp": now + 600,
+    } | overrides
+    claims = {k: v for k, v in claims.items() if v is not None}
+    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": "idp-1"})
 
 
 TOKENS: dict[str, Callable[[], str]] = {
     "expired": lambda: hs("admin", ttl_s=60, now=time.time() - 600),
-    "forged": lambda: issue_token("not-the-server-secret-0123456789abcdef", sub="e", role="admin"),
+    "forged": lambda: issue_token(
+        new_signing_key("operator"), sub="e", role="admin", audience=AUDIENCE
+    ),
     "alg-none": alg_none_admin,
     "malformed": lambda: "not.a.jwt",
-    "rs256-other-key": lambda: issue_token(
-        pem(OTHER_RSA_KEY, public=False), sub="e", role="admin", algorithm="RS256"
+    "for-another-service": lambda: signed("operator", {"sub": "e", "role": "admin", "aud": "x"}),
+    "no-audience": lambda: signed("operator", {"sub": "e", "role": "admin", "aud": None}),
+    "over-an-hour": lambda: hs("admin", ttl_s=3601),
+    "unknown-kid": lambda: issue_token(
+        new_signing_key("intruder"), sub="intruder", role="service", audience=AUDIENCE
     ),
-    "tenant-role-without-tenant": lambda: jwt.encode(
-        {"sub": "o", "role": "owner", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256"
+    "service-key-as-admin": lambda: signed("routing", {"sub": "routing", "role": "admin"}),
+    "service-key-as-another-service": lambda: signed(
+        "routing", {"sub": "outbox", "role": "service"}
     ),
+    "idp-rs256-other-key": lambda: idp_token(OTHER_RSA_KEY),
+    "idp-wrong-issuer": lambda: idp_token(iss="https://evil.test/"),
+    "idp-no-audience": lambda: idp_token(aud=None),
+    "tenant-role-without-tenant": lambda: signed("operator", {"sub": "o", "role": "owner"}),
 }
 
 
@@ -130,11 +185,17 @@ async def test_roles_are_checked_against_the_method_policy(
 async def test_rs256_token_from_an_external_provider_is_accepted(
     channel: grpc.aio.Channel,
 ) -> None:
-    token = issue_token(
-        pem(RSA_KEY, public=False), sub="idp-user", role="owner", tenant_id="t7", algorithm="RS256"
-    )
-    reply = await channel.unary_unary(method("OwnerOnly"))(b"", metadata=bearer(token), timeout=2)
-    assert json.loads(reply)["sub"] == "idp-user"
+    for token in (idp_token(), idp_token(aud=["another-api", IDP_AUDIENCE])):
+        reply = await channel.unary_unary(method("OwnerOnly"))(b"", metadata=bearer(token))
+        assert json.loads(reply)["sub"] == "idp-user"
+
+
+async def test_a_service_outside_the_methods_callers_is_denied(
+    channel: grpc.aio.Channel,
+) -> None:
+    code, details = await call(channel, "WhoAmI", echo_token("service", sub="outbox"))
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    assert details == "service 'outbox' may not call WhoAmI"
 
 
 async def test_servicer_sees_the_callers_principal(channel: grpc.aio.Channel) -> None:
@@ -147,7 +208,7 @@ async def test_servicer_sees_the_callers_principal(channel: grpc.aio.Channel) ->
 
 async def test_concurrent_callers_each_see_their_own_principal(channel: grpc.aio.Channel) -> None:
     who_am_i = channel.unary_unary(method("WhoAmI"))
-    tokens = [issue_token(SECRET, sub=f"u{i}", role="staff", tenant_id=f"t{i}") for i in range(60)]
+    tokens = [echo_token("staff", f"t{i}", f"u{i}") for i in range(60)]
     replies = await asyncio.gather(*(who_am_i(b"", metadata=bearer(t), timeout=5) for t in tokens))
     assert [(json.loads(r)["sub"], json.loads(r)["tenant_id"]) for r in replies] == [
         (f"u{i}", f"t{i}") for i in range(60)
@@ -174,7 +235,7 @@ async def test_client_streaming_handler_is_guarded_and_sees_the_principal(
 ) -> None:
     collect = channel.stream_unary(method("Collect"))
     reply = await collect(iter([b"a", b"b"]), metadata=bearer(hs("service")), timeout=2)
-    assert reply == b"a|b|service-user"
+    assert reply == b"a|b|routing"
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await collect(iter([b"a"]), metadata=bearer(hs("owner", "t1")), timeout=2)
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED

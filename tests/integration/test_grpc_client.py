@@ -11,55 +11,85 @@ import grpc
 import pytest
 
 from infra import log
-from infra.auth import JwtVerifier, ServiceTokenProvider, issue_token
+from infra.auth import ServiceTokenProvider
 from infra.config import ConfigError
 from infra.grpc_client import service_channel
 from infra.grpc_server import GrpcServer
-from tests.integration.grpc_echo import bearer, echo_server, free_port, method, running
-
-SECRET = "grpc-client-test-secret-0123456789abcdef"
+from tests.integration.grpc_echo import (
+    AUDIENCE,
+    KEYS,
+    bearer,
+    echo_server,
+    echo_verifier,
+    free_port,
+    method,
+    running,
+)
 
 
 @pytest.fixture(scope="module")
 async def echo() -> AsyncIterator[GrpcServer]:
-    async with running(echo_server(JwtVerifier(secret=SECRET))) as server:
+    async with running(echo_server(echo_verifier())) as server:
         yield server
 
 
 async def test_calls_carry_a_service_token_for_the_caller(echo: GrpcServer) -> None:
-    provider = ServiceTokenProvider(SECRET, "routing")
+    provider = ServiceTokenProvider(KEYS.key("routing"), AUDIENCE)
     async with service_channel(f"127.0.0.1:{echo.bound_port}", token_provider=provider) as channel:
         body = json.loads(await channel.unary_unary(method("WhoAmI"))(b""))
     assert (body["sub"], body["role"], body["tenant_id"]) == ("routing", "service", None)
 
 
+async def test_a_token_for_another_service_is_refused(echo: GrpcServer) -> None:
+    provider = ServiceTokenProvider(KEYS.key("routing"), "outbox")
+    async with service_channel(f"127.0.0.1:{echo.bound_port}", token_provider=provider) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await channel.unary_unary(method("WhoAmI"))(b"")
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 async def test_default_token_comes_from_the_environment_and_the_service_name(
     echo: GrpcServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("SNAPSELL_JWT_SECRET", SECRET)
-    async with service_channel(f"127.0.0.1:{echo.bound_port}") as channel:
+    monkeypatch.setattr(log, "_service", "routing")
+    monkeypatch.setenv(
+        "SNAPSELL_SIGNING_KEY_FILE", KEYS.env("routing")["SNAPSELL_SIGNING_KEY_FILE"]
+    )
+    async with service_channel(f"127.0.0.1:{echo.bound_port}", audience=AUDIENCE) as channel:
         body = json.loads(await channel.unary_unary(method("WhoAmI"))(b""))
     assert (body["sub"], body["role"]) == (log.service_name(), "service")
 
 
-def test_channel_without_a_secret_is_a_configuration_error(
+def test_channel_without_a_signing_key_is_a_configuration_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.delenv("SNAPSELL_JWT_SECRET", raising=False)
-    with pytest.raises(ConfigError, match="SNAPSELL_JWT_SECRET"):
-        service_channel("127.0.0.1:1")
+    monkeypatch.delenv("SNAPSELL_SIGNING_KEY_FILE", raising=False)
+    with pytest.raises(ConfigError, match="SNAPSELL_SIGNING_KEY_FILE"):
+        service_channel("127.0.0.1:1", audience="outbox")
+
+
+def test_a_signing_key_published_under_another_identity_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(log, "_service", "routing")
+    monkeypatch.setenv(
+        "SNAPSELL_SIGNING_KEY_FILE", KEYS.env("routing")["SNAPSELL_SIGNING_KEY_FILE"]
+    )
+    monkeypatch.setenv("SNAPSELL_SIGNING_KEY_ID", "outbox.2")
+    with pytest.raises(ConfigError, match="does not name 'routing'"):
+        service_channel("127.0.0.1:1", audience="outbox")
 
 
 async def test_a_token_given_by_the_caller_is_kept(echo: GrpcServer) -> None:
-    provider = ServiceTokenProvider(SECRET, "gateway")
-    owner = issue_token(SECRET, sub="olga", role="owner", tenant_id="t1")
+    provider = ServiceTokenProvider(KEYS.key("gateway"), AUDIENCE)
+    owner = KEYS.token("owner", "t1", "olga", audience=AUDIENCE)
     async with service_channel(f"127.0.0.1:{echo.bound_port}", token_provider=provider) as channel:
         body = json.loads(await channel.unary_unary(method("WhoAmI"))(b"", metadata=bearer(owner)))
     assert (body["sub"], body["role"]) == ("olga", "owner")
 
 
 async def test_unary_calls_get_the_default_deadline(echo: GrpcServer) -> None:
-    provider = ServiceTokenProvider(SECRET, "routing")
+    provider = ServiceTokenProvider(KEYS.key("routing"), AUDIENCE)
     address = f"127.0.0.1:{echo.bound_port}"
     async with service_channel(address, token_provider=provider, default_timeout_s=0.2) as channel:
         started = time.monotonic()
@@ -72,13 +102,13 @@ async def test_unary_calls_get_the_default_deadline(echo: GrpcServer) -> None:
 async def call_while_server_starts_late(options: tuple = ()) -> bytes:
     """Call a port with nothing behind it; a server comes up there 0.3 s later."""
     port = free_port()
-    provider = ServiceTokenProvider(SECRET, "routing")
+    provider = ServiceTokenProvider(KEYS.key("routing"), AUDIENCE)
     async with service_channel(
         f"127.0.0.1:{port}", token_provider=provider, options=options
     ) as channel:
         pending = asyncio.ensure_future(channel.unary_unary(method("WhoAmI"))(b""))
         await asyncio.sleep(0.3)
-        async with running(echo_server(JwtVerifier(secret=SECRET), port=port)):
+        async with running(echo_server(echo_verifier(), port=port)):
             return await pending
 
 

@@ -12,7 +12,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
 
-from infra.auth import JwtVerifier, issue_token
 from infra.config import ConfigError
 from infra.grpc_server import DEFAULT_MAX_CONCURRENT_RPCS, GrpcServer, GrpcServerSettings
 from infra.metrics import start_metrics_server
@@ -21,18 +20,19 @@ from tests.integration.grpc_echo import (
     SERVICE,
     bearer,
     echo_server,
+    echo_token,
+    echo_verifier,
     method,
     running,
 )
 
-SECRET = "grpc-server-test-secret-0123456789abcdef"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @pytest.fixture(scope="module")
 async def echo() -> AsyncIterator[GrpcServer]:
-    async with running(echo_server(JwtVerifier(secret=SECRET))) as server:
+    async with running(echo_server(echo_verifier())) as server:
         yield server
 
 
@@ -43,7 +43,7 @@ async def channel(echo: GrpcServer) -> AsyncIterator[grpc.aio.Channel]:
 
 
 def token(role: str = "service", tenant_id: str | None = None) -> str:
-    return issue_token(SECRET, sub="tester", role=role, tenant_id=tenant_id)
+    return echo_token(role, tenant_id)
 
 
 async def check(channel: grpc.aio.Channel, service: str) -> int:
@@ -77,7 +77,7 @@ async def test_unknown_method_is_unimplemented(channel: grpc.aio.Channel) -> Non
 
 
 async def test_stop_turns_not_serving_then_drains_in_flight_calls() -> None:
-    server = echo_server(JwtVerifier(secret=SECRET))
+    server = echo_server(echo_verifier())
     await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.bound_port}") as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SECRET = "lifecycle-test-secret-0123456789abcdef"
 
 
 def start(tmp_path: Path, body: str, **env: str) -> subprocess.Popen[str]:
@@ -94,34 +93,34 @@ def test_crash_is_logged_and_exits_1(tmp_path: Path) -> None:
 
 
 TRACED_CALL = """
-import json, sys
-from infra.auth import JwtVerifier
+import json, os, sys
 from infra.grpc_client import service_channel
 from infra.telemetry import grpc_server_interceptors
-from tests.integration.grpc_echo import echo_server, method, running
+from tests.integration.grpc_echo import AUDIENCE, KEYS, echo_server, echo_verifier, method, running
+
+os.environ.update(KEYS.env("routing"))
 
 async def main(stop):
     tracing = tuple(grpc_server_interceptors())
-    server = echo_server(JwtVerifier.from_env(), extra_interceptors=tracing)
+    server = echo_server(echo_verifier(), extra_interceptors=tracing)
     async with running(server):
-        async with service_channel(f"127.0.0.1:{server.bound_port}") as channel:
+        address = f"127.0.0.1:{server.bound_port}"
+        async with service_channel(address, audience=AUDIENCE) as channel:
             reply = await channel.unary_unary(method("WhoAmI"))(b"")
     print(reply.decode(), file=sys.stderr)
 
-run_main(main, service="tracer")
+run_main(main, service="routing")
 """
 
 
 def test_trace_context_crosses_a_grpc_call_into_the_span_file(tmp_path: Path) -> None:
     trace_file = tmp_path / "spans.jsonl"
-    process = start(
-        tmp_path, TRACED_CALL, SNAPSELL_TRACE_FILE=str(trace_file), SNAPSELL_JWT_SECRET=SECRET
-    )
+    process = start(tmp_path, TRACED_CALL, SNAPSELL_TRACE_FILE=str(trace_file))
     code, _, stderr = finish(process)
     assert code == 0, stderr
     # gRPC's C core may log to stderr too (e.g. a GOAWAY at shutdown): take the reply line.
     reply = json.loads(next(line for line in stderr.splitlines() if line.startswith("{")))
-    assert (reply["sub"], reply["role"], reply["has_traceparent"]) == ("tracer", "service", True)
+    assert (reply["sub"], reply["role"], reply["has_traceparent"]) == ("routing", "service", True)
 
     spans = [json.loads(line) for line in trace_file.read_text().splitlines()]
     [client] = [s for s in spans if s["kind"] == "CLIENT"]
@@ -129,11 +128,11 @@ def test_trace_context_crosses_a_grpc_call_into_the_span_file(tmp_path: Path) ->
     assert server["trace_id"] == client["trace_id"]
     assert server["parent_id"] == client["span_id"]
     assert server["name"] == client["name"] == "/test.v1.EchoService/WhoAmI"
-    assert {client["service"], server["service"]} == {"tracer"}
+    assert {client["service"], server["service"]} == {"routing"}
 
 
 def test_without_an_exporter_nothing_is_traced(tmp_path: Path) -> None:
-    process = start(tmp_path, TRACED_CALL, SNAPSELL_JWT_SECRET=SECRET)
+    process = start(tmp_path, TRACED_CALL)
     code, _, stderr = finish(process)
     assert code == 0, stderr
     assert json.loads(stderr)["has_traceparent"] is False

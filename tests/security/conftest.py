@@ -12,17 +12,18 @@ import pytest
 from infra import jetstream
 from tests.e2e.harness import Harness
 from tests.support.stack import SystemStack, start_system
+from tools.dev_keys import DevKeys
 
 
 @pytest.fixture(scope="module")
 async def system(
-    admin_dsn: str, nats_url: str, jwt_secret: str, tmp_path_factory: pytest.TempPathFactory
+    admin_dsn: str, nats_url: str, token_keys: DevKeys, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[SystemStack]:
     """Every service its own process, as `make run` starts them, shared by a module's tests.
     Not wider: other modules start services of their own on the same database and streams, and
     two outboxes (or two routings) would share the work their tests count."""
     stack = await start_system(
-        admin_dsn, nats_url, jwt_secret, tmp_path_factory.mktemp("security"), trace=False
+        admin_dsn, nats_url, token_keys, tmp_path_factory.mktemp("security"), trace=False
     )
     try:
         yield stack

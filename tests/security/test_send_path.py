@@ -27,6 +27,7 @@ from tests.integration.outbox.stack import (
     whatsapp,
 )
 from tests.support.processes import RunningService
+from tools.dev_keys import DevKeys
 
 VICTIM = "shop-victim"
 VICTIM_ACCOUNT = "AC" + "7" * 32
@@ -40,8 +41,8 @@ _keys = itertools.count()
 
 
 @pytest.fixture(scope="module")
-async def stack(admin_dsn: str, nats_url: str, jwt_secret: str) -> AsyncIterator[OutboxStack]:
-    running = OutboxStack(admin_dsn, nats_url, jwt_secret)
+async def stack(admin_dsn: str, nats_url: str, token_keys: DevKeys) -> AsyncIterator[OutboxStack]:
+    running = OutboxStack(admin_dsn, nats_url, token_keys)
     try:
         await running.start()
         await running.add_channels(

@@ -26,13 +26,14 @@ from tests.integration.outbox.stack import (
     sms,
 )
 from tests.support.processes import RunningService
+from tools.dev_keys import DevKeys
 
 OTHER_ACCOUNT_SID = "AC" + "6" * 32
 
 
 @pytest.fixture(scope="module")
-async def stack(admin_dsn: str, nats_url: str, jwt_secret: str) -> AsyncIterator[OutboxStack]:
-    running = OutboxStack(admin_dsn, nats_url, jwt_secret)
+async def stack(admin_dsn: str, nats_url: str, token_keys: DevKeys) -> AsyncIterator[OutboxStack]:
+    running = OutboxStack(admin_dsn, nats_url, token_keys)
     try:
         await running.start()
         yield running

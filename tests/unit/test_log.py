@@ -16,10 +16,11 @@ from opentelemetry.sdk.trace import TracerProvider
 from infra import log
 from infra.auth import issue_token
 from infra.config import ConfigError
+from infra.keys import new_signing_key
 from infra.log import JsonLineFormatter, configured_secrets, mask_phone, setup_logging
 
 TWILIO_TOKEN = "0123456789abcdef0123456789abcdef"
-JWT = issue_token("log-test-secret-0123456789abcdef-xyz", sub="a", role="admin")
+JWT = issue_token(new_signing_key("operator"), sub="a", role="admin", audience="outbox")
 
 
 def record(message: str, *args: object, fields: dict | None = None) -> logging.LogRecord:

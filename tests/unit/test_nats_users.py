@@ -6,6 +6,7 @@ from __future__ import annotations
 from infra.nats_users import SERVICE_USERS, Durable, publish_allow, subscribe_allow
 from infra.streams import events_stream, inbound_stream
 from services.live_catalog.consumer import routed_consumer_spec, sessions_consumer_spec
+from services.outbox.channels import CHANNEL_CHANGES
 from services.outbox.consumer import STATUS_CONSUMER
 from services.routing.consumer import inbound_consumer_spec
 from services.routing.event_consumers import SELLER_ADMIN_CHANGES, carrier_consumer_spec
@@ -39,7 +40,10 @@ def test_the_durables_are_the_services_consumers() -> None:
             assert f"$JS.ACK.{spec.stream}.{spec.durable}.>" in publish_allow(user)
 
 
-def test_routing_follows_seller_admin_events() -> None:
+def test_routing_and_outbox_follow_seller_admin_events() -> None:
     assert SELLER_ADMIN_CHANGES.startswith("seller_admin.v1.")
-    assert SERVICE_USERS["routing"].follows == (events_stream("seller_admin").name,)
-    assert not any(user.follows for name, user in SERVICE_USERS.items() if name != "routing")
+    assert CHANNEL_CHANGES.startswith("seller_admin.v1.")
+    followers = {name for name, user in SERVICE_USERS.items() if user.follows}
+    assert followers == {"routing", "outbox"}
+    for name in followers:
+        assert SERVICE_USERS[name].follows == (events_stream("seller_admin").name,)

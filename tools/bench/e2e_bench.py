@@ -40,8 +40,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import secrets
 import shutil
 import sys
 import tempfile
@@ -71,6 +69,7 @@ from tools.bench.webhooks import (
     raw_request,
     signed_webhooks,
 )
+from tools.dev_keys import DevKeys
 from tools.devstack import DevstackError
 from tools.system import SystemStack, infrastructure, start_system
 from tools.twilio_sandbox.process import SandboxStartError
@@ -254,14 +253,13 @@ async def configure_sandbox(stack: SystemStack) -> None:
 
 
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    secret = os.environ.get("SNAPSELL_JWT_SECRET") or secrets.token_urlsafe(32)
     service_env = {"outbox": {"OUTBOX_RATE_LIMIT_PER_SENDER": f"{args.sender_rate:g}"}}
     with infrastructure(workdir) as (dsn, nats_url):
         say("starting the stack")
         stack = await start_system(
             dsn,
             nats_url,
-            secret,
+            DevKeys(workdir / "keys"),
             workdir,
             env={"LOG_LEVEL": "WARNING"},
             service_env=service_env,

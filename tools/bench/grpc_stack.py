@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
 import signal
 import statistics
 import subprocess
@@ -22,6 +21,7 @@ import uvloop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from infra.grpc_server import GrpcServer
+from tools.dev_keys import DevKeys
 from tools.devstack import EmbeddedNats, EmbeddedPostgres, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,7 +57,7 @@ class Stack:
         self.state = state
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.ports = {service: free_port(), "echo": free_port()}
-        self.jwt_secret = secrets.token_urlsafe(32)
+        self.keys = DevKeys(state / "keys")
         self._stops: list[Callable[[], None]] = []
 
     def _infra(self) -> tuple[str, str]:
@@ -78,7 +78,7 @@ class Stack:
             **os.environ,
             "DATABASE_URL": dsn,
             "NATS_URL": nats_url,
-            "SNAPSELL_JWT_SECRET": self.jwt_secret,
+            **self.keys.env(self.service),
             "LOG_LEVEL": "WARNING",
             "GRPC_PORT": str(self.ports[self.service]),
             "METRICS_PORT": str(free_port()),

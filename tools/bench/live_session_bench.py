@@ -31,7 +31,6 @@ import uvloop
 from snapsell.live_session.v1 import live_session_pb2 as pb
 from snapsell.live_session.v1.live_session_pb2_grpc import LiveSessionServiceStub
 
-from infra.auth import issue_token
 from tools.bench.grpc_stack import ECHO_METHOD, Stack, cpu_seconds, median_of, state_dir
 
 TARGET_RATIO = 0.4
@@ -85,7 +84,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 
 
 async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, object]:
-    token = issue_token(stack.jwt_secret, sub="bench", role="service")
+    token = stack.keys.token("service", sub="routing", audience="live_session")
     metadata = (("authorization", f"Bearer {token}"),)
     run_id = uuid.uuid4().hex[:6]
     requests = [

@@ -37,7 +37,6 @@ import argparse
 import asyncio
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -58,7 +57,7 @@ from snapsell.common.v1 import address_pb2
 from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
 from snapsell.seller_admin.v1 import seller_admin_pb2, seller_admin_pb2_grpc
 
-from infra.auth import issue_token
+from tools.dev_keys import DevKeys
 from tools.devstack import EmbeddedNats, EmbeddedPostgres, free_port
 from tools.twilio_sandbox.process import SandboxProcess, start_sandbox
 
@@ -166,6 +165,7 @@ class BenchStack:
         self.db: asyncpg.Pool | None = None
         self._logs = Path(tempfile.mkdtemp(prefix="outbox-bench-"))
         self._exits.callback(shutil.rmtree, self._logs, ignore_errors=True)  # runs last
+        self.keys = DevKeys(self._logs / "keys")
 
     async def start(self) -> None:
         if not self.admin_dsn:
@@ -187,7 +187,7 @@ class BenchStack:
         # The outbox checks each Enqueue's sender against seller_admin's channels.
         _, seller_admin_port = await self._start_service("seller_admin", {})
         seller_admin_addr = f"127.0.0.1:{seller_admin_port}"
-        await register_channel(seller_admin_addr, LATENCY_TENANT, SENDER)
+        await register_channel(self.keys, seller_admin_addr, LATENCY_TENANT, SENDER)
         routing, routing_port = await self._start_service("routing", {"OUTBOX_ADDR": "127.0.0.1:9"})
         self.routing = routing
         self.routing_addr = f"127.0.0.1:{routing_port}"
@@ -241,6 +241,7 @@ class BenchStack:
             "SELLER_ADMIN_ADDR": "127.0.0.1:9",
             "LIVE_SESSION_ADDR": "127.0.0.1:9",
             **env,
+            **self.keys.env(name),
         }
         log = (self._logs / f"{name}.log").open("ab")
         return subprocess.Popen(
@@ -259,7 +260,11 @@ class BenchStack:
         command = [sys.executable, "-m", "tools.bench.outbox_bench", "pgqueuer-worker"]
         routing = self.routing_addr if consent else ""
         args = [self.admin_dsn, self.sandbox.url, config.text, str(in_flight), routing]
-        return subprocess.Popen([*command, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        # It asks routing for consent as the outbox does, with the outbox's key.
+        env = {**os.environ, **self.keys.env("outbox")}
+        return subprocess.Popen(
+            [*command, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+        )
 
     @staticmethod
     async def wait_line(process: subprocess.Popen[str], text: str) -> None:
@@ -340,9 +345,11 @@ class BenchStack:
             await asyncio.sleep(0.2)
 
 
-async def register_channel(seller_admin_addr: str, tenant_id: str, address: str) -> None:
-    secret = os.environ["SNAPSELL_JWT_SECRET"]
-    admin = (("authorization", f"Bearer {issue_token(secret, sub='bench', role='admin')}"),)
+async def register_channel(
+    keys: DevKeys, seller_admin_addr: str, tenant_id: str, address: str
+) -> None:
+    token = keys.token("admin", sub="bench", audience="seller_admin")
+    admin = (("authorization", f"Bearer {token}"),)
     async with grpc.aio.insecure_channel(seller_admin_addr) as channel:
         stub = seller_admin_pb2_grpc.SellerAdminServiceStub(channel)
         await stub.CreateTenant(
@@ -362,8 +369,8 @@ async def register_channel(seller_admin_addr: str, tenant_id: str, address: str)
 async def enqueue_steadily(stack: BenchStack, rate: float, seconds: float) -> dict[str, float]:
     """Call Enqueue every 1/rate s (each call its own task, so a slow one does not delay the
     next); returns when each call was made, by idempotency key."""
-    secret = os.environ["SNAPSELL_JWT_SECRET"]
-    metadata = (("authorization", f"Bearer {issue_token(secret, sub='bench', role='service')}"),)
+    token = stack.keys.token("service", sub="routing", audience="outbox")
+    metadata = (("authorization", f"Bearer {token}"),)
     called_at: dict[str, float] = {}
     async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.outbox_port}") as channel:
         stub = outbox_pb2_grpc.OutboxServiceStub(channel)
@@ -569,7 +576,7 @@ async def pgqueuer_worker(
     if routing_addr:
         checker = RoutingConsentChecker(
             routing_channel(routing_addr),
-            ServiceTokenProvider.from_env(sub="pgqueuer-bench"),
+            ServiceTokenProvider.from_env("outbox", audience="routing"),
             timeout_s=5.0,
         )
         consent = CoalescedConsent(checker)
@@ -694,7 +701,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--skip-pgqueuer", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
-    os.environ.setdefault("SNAPSELL_JWT_SECRET", secrets.token_urlsafe(32))
     os.environ.setdefault("TMPDIR", tempfile.gettempdir())
     report = asyncio.run(run(args))
     if args.json:

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -46,7 +45,7 @@ from snapsell.routing.v1 import events_pb2
 from snapsell.seller_admin.v1 import seller_admin_pb2, seller_admin_pb2_grpc
 
 from infra import jetstream
-from infra.auth import issue_token
+from tools.dev_keys import DevKeys
 from tools.devstack import EmbeddedNats, EmbeddedPostgres, free_port
 from tools.twilio_sandbox.process import start_sandbox
 
@@ -67,6 +66,7 @@ class Stack:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.ports = {name: free_port() for name in PEERS}
         self.metrics_ports = {name: free_port() for name in PEERS}
+        self.keys = DevKeys(state / "keys")
         self._stops: list[object] = []
 
     def start_infra(self) -> tuple[str, str]:
@@ -110,7 +110,7 @@ class Stack:
                 "GRPC_PORT": str(self.ports[name]),
                 "METRICS_PORT": str(self.metrics_ports[name]),
             }
-            self.processes[name] = self._spawn(name, env)
+            self.processes[name] = self._spawn(name, env | self.keys.env(name))
         for name in PEERS:
             await self._wait_serving(name)
         return nats_url
@@ -277,9 +277,10 @@ async def publish(js: JetStreamContext, message: gateway_events.MessageReceived)
     )
 
 
-async def measure(args: argparse.Namespace, stack: Stack, secret: str) -> dict[str, object]:
+async def measure(args: argparse.Namespace, stack: Stack) -> dict[str, object]:
     nats_url = await stack.start()
-    shops = await stack.set_up_shops(args.tenants, issue_token(secret, sub="bench", role="admin"))
+    admin = stack.keys.token("admin", sub="bench", audience="seller_admin")
+    shops = await stack.set_up_shops(args.tenants, admin)
     nats = await jetstream.connect(nats_url, name="routing-bench")
     js = nats.jetstream()
     watcher = RoutedWatcher()
@@ -345,12 +346,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--clients", type=int, default=1000, help="distinct clients per shop")
     args = parser.parse_args(argv)
-    secret = os.environ.get("SNAPSELL_JWT_SECRET") or secrets.token_urlsafe(32)
-    os.environ["SNAPSELL_JWT_SECRET"] = secret
     workdir = Path(tempfile.mkdtemp(prefix="routing-bench-"))
     stack = Stack(workdir, args.concurrency)
     try:
-        result = asyncio.run(measure(args, stack, secret))
+        result = asyncio.run(measure(args, stack))
     finally:
         stack.stop()
     shutil.rmtree(workdir, ignore_errors=True)  # kept when the run failed: its logs are there

@@ -39,8 +39,9 @@ from snapsell.common.v1 import address_pb2
 from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
 from snapsell.seller_admin.v1.seller_admin_pb2_grpc import SellerAdminServiceStub
 
-from infra.auth import issue_token
 from tools.bench.grpc_stack import ECHO_METHOD, Stack, cpu_seconds, median_of, state_dir
+
+AUDIENCE = "seller_admin"
 
 ACCOUNT_SID = "AC" + "be" * 16
 TARGET_RATIO = 0.4
@@ -141,9 +142,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 
 
 async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, object]:
-    secret = stack.jwt_secret
-    admin = bearer(issue_token(secret, sub="bench-admin", role="admin"))
-    service = bearer(issue_token(secret, sub="bench-routing", role="service"))
+    keys = stack.keys
+    admin = bearer(keys.token("admin", sub="bench-admin", audience=AUDIENCE))
+    service = bearer(keys.token("service", sub="routing", audience=AUDIENCE))
     async with (
         grpc.aio.insecure_channel(stack.address("seller_admin")) as channel,
         grpc.aio.insecure_channel(stack.address("echo")) as echo_channel,
@@ -163,7 +164,7 @@ async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, object]:
         lists = [
             (
                 pb.ListSellerPhonesRequest(page_size=args.sellers),
-                bearer(issue_token(secret, sub="bench-staff", role="staff", tenant_id=tenant)),
+                bearer(keys.token("staff", tenant, "bench-staff", audience=AUDIENCE)),
             )
             for tenant, _, _, _ in shops
         ]

@@ -23,6 +23,7 @@ from tests.integration.live_catalog.test_live_catalog_process import (
 )
 from tests.support.db import reset_service_schema
 from tests.support.processes import restart, start_service
+from tools.dev_keys import DevKeys
 
 SERVICE = "live_catalog"
 CLIENT = "+33633000001"
@@ -67,7 +68,7 @@ async def js(nats_url: str) -> AsyncIterator[JetStreamContext]:
 
 
 async def test_sigkill_after_the_outbox_accepted_a_reply_sends_it_once(
-    admin_dsn: str, nats_url: str, jwt_secret: str, outbox, js
+    admin_dsn: str, nats_url: str, token_keys: DevKeys, outbox, js
 ) -> None:
     stalling, port = outbox
     await reset_service_schema(admin_dsn, SERVICE)

@@ -27,8 +27,11 @@ from snapsell.routing.v1 import events_pb2 as routing_events
 from snapsell.routing.v1 import routing_pb2
 
 from infra import jetstream
+from infra.auth import AuthInterceptor, JwtVerifier
+from services.outbox.api import ACCESS_POLICY as OUTBOX_POLICY
 from tests.support.db import reset_service_schema
 from tests.support.processes import ROOT, RunningService, spawn_service, start_service
+from tools.dev_keys import DevKeys
 
 SERVICE = "live_catalog"
 SHOP = "+14155238886"
@@ -58,8 +61,10 @@ class RecordingOutbox(outbox_pb2_grpc.OutboxServiceServicer):
 
 
 @pytest.fixture(scope="module")
-async def outbox() -> AsyncIterator[tuple[RecordingOutbox, int]]:
-    server = grpc.aio.server()
+async def outbox(token_keys: DevKeys) -> AsyncIterator[tuple[RecordingOutbox, int]]:
+    # The outbox's own authentication and access policy: the catalog must call as itself.
+    auth = AuthInterceptor(JwtVerifier.from_env(audience="outbox"), OUTBOX_POLICY, service="outbox")
+    server = grpc.aio.server(interceptors=[auth])
     recording = RecordingOutbox()
     outbox_pb2_grpc.add_OutboxServiceServicer_to_server(recording, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -70,7 +75,7 @@ async def outbox() -> AsyncIterator[tuple[RecordingOutbox, int]]:
 
 @pytest.fixture(scope="module")
 async def service(
-    admin_dsn: str, nats_url: str, jwt_secret: str, outbox: tuple[RecordingOutbox, int]
+    admin_dsn: str, nats_url: str, token_keys: DevKeys, outbox: tuple[RecordingOutbox, int]
 ) -> AsyncIterator[RunningService]:
     await reset_service_schema(admin_dsn, SERVICE)
     running = await start_service(
@@ -101,7 +106,7 @@ async def stub(service: RunningService) -> AsyncIterator[LiveCatalogServiceStub]
 @pytest.fixture
 def bearer(make_token: Callable[..., str]) -> Callable[..., tuple[tuple[str, str], ...]]:
     def metadata(role: str, tenant_id: str | None = None) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {make_token(role, tenant_id)}"),)
+        return (("authorization", f"Bearer {make_token(role, tenant_id, 'test', SERVICE)}"),)
 
     return metadata
 
@@ -290,7 +295,7 @@ async def test_rpcs_follow_the_access_rules(service, stub, bearer, js, outbox) -
 
 
 async def test_a_bad_hold_time_stops_the_process_with_one_line(
-    admin_dsn, nats_url, jwt_secret
+    admin_dsn, nats_url, token_keys
 ) -> None:
     env = {"DATABASE_URL": admin_dsn, "NATS_URL": nats_url, "LIVE_CATALOG_HOLD_MINUTES": "0"}
     process = spawn_service(SERVICE, env)

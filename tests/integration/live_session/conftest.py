@@ -21,6 +21,7 @@ from services.live_session.domain import ManualClock
 from services.live_session.store import SessionStore
 from services.live_session.touch_batcher import TouchBatcher
 from tests.support.db import reset_service_schema
+from tools.dev_keys import DevKeys
 
 SERVICE = "live_session"
 MIGRATIONS = Path(__file__).resolve().parents[3] / "services" / "live_session" / "migrations"
@@ -58,14 +59,14 @@ def store(pool: asyncpg.Pool, clock: ManualClock, clean_tables: None) -> Session
 
 
 @pytest.fixture
-async def channel(store: SessionStore, jwt_secret: str) -> AsyncIterator[grpc.aio.Channel]:
+async def channel(store: SessionStore, token_keys: DevKeys) -> AsyncIterator[grpc.aio.Channel]:
     """A client channel to an in-process server serving `store` over a real socket."""
     server = GrpcServer(
         0,
         [SERVICE_FULL_NAME],
         [
             RpcMetricsInterceptor(SERVICE),
-            AuthInterceptor(JwtVerifier(secret=jwt_secret), ACCESS_POLICY, service=SERVICE),
+            AuthInterceptor(JwtVerifier.from_env(audience=SERVICE), ACCESS_POLICY, service=SERVICE),
         ],
         host="127.0.0.1",
     )
@@ -87,7 +88,9 @@ def stub(channel: grpc.aio.Channel) -> live_session_pb2_grpc.LiveSessionServiceS
 def bearer(make_token: Callable[..., str]) -> Callable[..., tuple[tuple[str, str], ...]]:
     """Call metadata carrying a token for `role` (and `tenant_id` for tenant roles)."""
 
-    def metadata(role: str, tenant_id: str | None = None) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {make_token(role, tenant_id)}"),)
+    def metadata(
+        role: str, tenant_id: str | None = None, sub: str = "test"
+    ) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {make_token(role, tenant_id, sub, SERVICE)}"),)
 
     return metadata

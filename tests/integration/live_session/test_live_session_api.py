@@ -24,6 +24,7 @@ from services.live_session.api import ACCESS_POLICY, SERVICE_FULL_NAME, LiveSess
 from services.live_session.domain import ManualClock
 from services.live_session.store import SessionStore
 from tests.integration.live_session.conftest import WINDOW
+from tools.dev_keys import DevKeys
 
 Bearer = Callable[..., tuple[tuple[str, str], ...]]
 SELLER = pb.SIGNAL_KIND_SELLER_MESSAGE
@@ -31,7 +32,7 @@ SELLER = pb.SIGNAL_KIND_SELLER_MESSAGE
 
 async def touch(stub: LiveSessionServiceStub, bearer: Bearer, tenant: str) -> pb.TouchResponse:
     request = pb.TouchRequest(tenant_id=tenant, signal_kind=SELLER, correlation_id="SM1")
-    return await stub.Touch(request, metadata=bearer("service"))
+    return await stub.Touch(request, metadata=bearer("service", sub="routing"))
 
 
 async def status_of(call: Awaitable[object]) -> grpc.StatusCode:
@@ -96,18 +97,21 @@ async def test_close_session_is_idempotent(stub, bearer, clock: ManualClock) -> 
     assert again.session == first.session
 
 
-async def test_service_and_admin_close_sessions_of_the_tenant_they_name(stub, bearer) -> None:
+async def test_admin_closes_sessions_of_the_tenant_it_names_and_no_service_may(
+    stub, bearer
+) -> None:
     a = await touch(stub, bearer, "shop-a")
-    b = await touch(stub, bearer, "shop-b")
-    by_service = await stub.CloseSession(
-        pb.CloseSessionRequest(tenant_id="shop-a", session_id=a.session.session_id),
-        metadata=bearer("service"),
-    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CloseSession(
+            pb.CloseSessionRequest(tenant_id="shop-a", session_id=a.session.session_id),
+            metadata=bearer("service", sub="routing"),
+        )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     by_admin = await stub.CloseSession(
-        pb.CloseSessionRequest(tenant_id="shop-b", session_id=b.session.session_id),
+        pb.CloseSessionRequest(tenant_id="shop-a", session_id=a.session.session_id),
         metadata=bearer("admin"),
     )
-    assert by_service.closed_now and by_admin.closed_now
+    assert by_admin.closed_now
 
 
 async def test_list_sessions_pages_with_tokens_and_filters(
@@ -153,7 +157,7 @@ async def test_list_sessions_pages_with_tokens_and_filters(
 )
 async def test_touch_rejects_invalid_requests(stub, bearer, request_, message) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.Touch(request_, metadata=bearer("service"))
+        await stub.Touch(request_, metadata=bearer("service", sub="routing"))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in (caught.value.details() or "")
     assert "\n" not in (caught.value.details() or "")
@@ -223,7 +227,7 @@ async def test_calls_without_a_valid_token_are_unauthenticated(stub) -> None:
 
 
 async def test_a_database_outage_is_unavailable_with_a_one_line_message(
-    service_dsn: str, clock: ManualClock, jwt_secret: str, bearer
+    service_dsn: str, clock: ManualClock, token_keys: DevKeys, bearer
 ) -> None:
     closed_pool = await create_pool(service_dsn, "live_session", min_size=1, max_size=1)
     await closed_pool.close()
@@ -231,7 +235,7 @@ async def test_a_database_outage_is_unavailable_with_a_one_line_message(
     server = GrpcServer(
         0,
         [SERVICE_FULL_NAME],
-        [AuthInterceptor(JwtVerifier(secret=jwt_secret), ACCESS_POLICY)],
+        [AuthInterceptor(JwtVerifier.from_env(audience="live_session"), ACCESS_POLICY)],
         host="127.0.0.1",
     )
     add_LiveSessionServiceServicer_to_server(LiveSessionApi(store, store), server.server)

@@ -23,6 +23,7 @@ from snapsell.live_session.v1.live_session_pb2_grpc import LiveSessionServiceStu
 from infra import jetstream
 from tests.support.db import reset_service_schema
 from tests.support.processes import ROOT, RunningService, free_port, spawn_service, start_service
+from tools.dev_keys import DevKeys
 
 SERVICE = "live_session"
 STREAM = "LIVE_SESSION_EVENTS"
@@ -30,7 +31,9 @@ SELLER = pb.SIGNAL_KIND_SELLER_MESSAGE
 
 
 @pytest.fixture(scope="module")
-async def service(admin_dsn: str, nats_url: str, jwt_secret: str) -> AsyncIterator[RunningService]:
+async def service(
+    admin_dsn: str, nats_url: str, token_keys: DevKeys
+) -> AsyncIterator[RunningService]:
     await reset_service_schema(admin_dsn, SERVICE)
     running = await start_service(
         SERVICE,
@@ -67,7 +70,7 @@ async def js(nats_url: str) -> AsyncIterator[JetStreamContext]:
 
 @pytest.fixture
 def service_metadata(make_token: Callable[..., str]) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {make_token('service')}"),)
+    return (("authorization", f"Bearer {make_token('service', sub='routing')}"),)
 
 
 async def find_event(
@@ -159,7 +162,7 @@ async def test_the_process_sweeper_closes_idle_sessions_and_relays_closed_events
 
 
 async def test_a_bad_window_stops_the_process_with_one_line(
-    admin_dsn, nats_url, jwt_secret
+    admin_dsn, nats_url, token_keys
 ) -> None:
     # Every rejected value is covered by the config unit tests; this proves the process exits.
     window = {"LIVE_SESSION_INACTIVITY_WINDOW_MINUTES": "0"}
@@ -191,7 +194,7 @@ async def test_migrate_subcommand_provisions_and_exits_0(admin_dsn, admin_conn) 
     )
 
 
-async def test_sigterm_stops_the_process_cleanly(admin_dsn, nats_url, jwt_secret) -> None:
+async def test_sigterm_stops_the_process_cleanly(admin_dsn, nats_url, token_keys) -> None:
     running = await start_service(
         SERVICE, {"DATABASE_URL": admin_dsn, "NATS_URL": nats_url}, port=free_port()
     )

@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tests.integration.outbox.stack import OutboxStack
+from tools.dev_keys import DevKeys
 
 
 @pytest.fixture(scope="module")
-async def stack(admin_dsn: str, nats_url: str, jwt_secret: str) -> AsyncIterator[OutboxStack]:
-    running = OutboxStack(admin_dsn, nats_url, jwt_secret)
+async def stack(admin_dsn: str, nats_url: str, token_keys: DevKeys) -> AsyncIterator[OutboxStack]:
+    running = OutboxStack(admin_dsn, nats_url, token_keys)
     try:
         await running.start()
         yield running

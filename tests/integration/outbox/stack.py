@@ -27,10 +27,10 @@ from snapsell.routing.v1 import routing_pb2, routing_pb2_grpc
 from snapsell.seller_admin.v1 import seller_admin_pb2, seller_admin_pb2_grpc
 
 from infra import jetstream
-from infra.auth import issue_token
 from infra.streams import INBOUND_MESSAGE_SUBJECT, inbound_stream
 from tests.support.db import reset_service_schema
 from tests.support.processes import RunningService, free_port, start_service
+from tools.dev_keys import DevKeys
 from tools.twilio_sandbox.process import SandboxProcess, start_sandbox
 
 ACCOUNT_SID = "AC" + "5" * 32
@@ -80,7 +80,7 @@ async def eventually(
 class OutboxStack:
     admin_dsn: str
     nats_url: str
-    jwt_secret: str
+    token_keys: DevKeys
     sandbox: SandboxProcess | None = None
     routing: RunningService | None = None
     seller_admin: RunningService | None = None
@@ -191,11 +191,10 @@ class OutboxStack:
     # --- gRPC ------------------------------------------------------------------------------
 
     def metadata(
-        self, role: str = "service", tenant_id: str | None = None, sub: str | None = None
+        self, role: str = "service", tenant_id: str | None = None, *, sub: str = "routing"
     ) -> Any:
-        token = issue_token(
-            self.jwt_secret, sub=sub or f"test-{role}", role=role, tenant_id=tenant_id
-        )
+        """A `service` token is routing's (the outbox's real caller) unless `sub` says which."""
+        token = self.token_keys.token(role, tenant_id, sub if role == "service" else f"test-{role}")
         return (("authorization", f"Bearer {token}"),)
 
     def outbox(self, service: RunningService | None = None) -> outbox_pb2_grpc.OutboxServiceStub:
@@ -217,9 +216,8 @@ class OutboxStack:
             idempotency_key=fields.pop("idempotency_key", f"key-{next(_numbers)}"),
             **fields,
         )
-        # COMPLIANCE messages are routing's to send.
-        sub = "routing" if request.kind == outbox_pb2.MESSAGE_KIND_COMPLIANCE else None
-        reply = await self.outbox().Enqueue(request, metadata=self.metadata(sub=sub), timeout=10)
+        # As routing, the outbox's one service caller (and the only one of COMPLIANCE messages).
+        reply = await self.outbox().Enqueue(request, metadata=self.metadata(), timeout=10)
         return reply.message_id
 
     async def enqueue_many(
@@ -236,7 +234,7 @@ class OutboxStack:
     async def get(self, message_id: str, tenant_id: str = TENANT) -> outbox_pb2.Message:
         reply = await self.outbox().GetMessage(
             outbox_pb2.GetMessageRequest(tenant_id=tenant_id, message_id=message_id),
-            metadata=self.metadata(),
+            metadata=self.metadata("admin"),
             timeout=10,
         )
         return reply.message
@@ -258,7 +256,7 @@ class OutboxStack:
     ) -> routing_pb2.CheckOptOutResponse:
         return await self.routing_stub().CheckOptOut(
             routing_pb2.CheckOptOutRequest(tenant_id=tenant_id, address=address),
-            metadata=self.metadata(),
+            metadata=self.metadata(sub="outbox"),
             timeout=10,
         )
 

@@ -30,6 +30,7 @@ from tests.integration.data_hygiene import (
     wait_until_zero,
 )
 from tests.support.db import reset_service_schema
+from tools.dev_keys import DevKeys
 
 SERVICE = "outbox"
 MIGRATIONS = Path(__file__).resolve().parents[3] / "services" / "outbox" / "migrations"
@@ -409,7 +410,7 @@ def test_finished_messages_kept_forever_have_no_purge() -> None:
 
 
 async def test_the_process_purges_old_finished_messages_and_published_events(
-    admin_dsn: str, nats_url: str, jwt_secret: str
+    admin_dsn: str, nats_url: str, token_keys: DevKeys
 ) -> None:
     env = {
         "OUTBOX_FINISHED_RETENTION_DAYS": "2",

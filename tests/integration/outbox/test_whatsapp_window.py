@@ -17,11 +17,12 @@ from tests.integration.outbox.stack import (
     new_phone,
     whatsapp,
 )
+from tools.dev_keys import DevKeys
 
 
 @pytest.fixture(scope="module")
-async def stack(admin_dsn: str, nats_url: str, jwt_secret: str) -> AsyncIterator[OutboxStack]:
-    running = OutboxStack(admin_dsn, nats_url, jwt_secret)
+async def stack(admin_dsn: str, nats_url: str, token_keys: DevKeys) -> AsyncIterator[OutboxStack]:
+    running = OutboxStack(admin_dsn, nats_url, token_keys)
     try:
         await running.start()
         await running.start_outbox()

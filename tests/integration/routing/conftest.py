@@ -17,6 +17,7 @@ from infra.grpc_server import GrpcServer
 from infra.metrics import RpcMetricsInterceptor
 from services.routing.api import ACCESS_POLICY, SERVICE_FULL_NAME, RoutingApi
 from tests.support.db import reset_service_schema
+from tools.dev_keys import DevKeys
 
 SERVICE = "routing"
 MIGRATIONS = Path(__file__).resolve().parents[3] / "services" / "routing" / "migrations"
@@ -45,14 +46,14 @@ async def clean(pool: asyncpg.Pool) -> asyncpg.Pool:
 
 @pytest.fixture
 async def stub(
-    clean: asyncpg.Pool, jwt_secret: str
+    clean: asyncpg.Pool, token_keys: DevKeys
 ) -> AsyncIterator[routing_pb2_grpc.RoutingServiceStub]:
     server = GrpcServer(
         0,
         [SERVICE_FULL_NAME],
         [
             RpcMetricsInterceptor(SERVICE),
-            AuthInterceptor(JwtVerifier(secret=jwt_secret), ACCESS_POLICY, service=SERVICE),
+            AuthInterceptor(JwtVerifier.from_env(audience=SERVICE), ACCESS_POLICY, service=SERVICE),
         ],
         host="127.0.0.1",
     )
@@ -68,6 +69,6 @@ def bearer(make_token: Callable[..., str]) -> Callable[..., tuple[tuple[str, str
     def metadata(
         role: str, tenant_id: str | None = None, sub: str = "test"
     ) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {make_token(role, tenant_id, sub)}"),)
+        return (("authorization", f"Bearer {make_token(role, tenant_id, sub, SERVICE)}"),)
 
     return metadata

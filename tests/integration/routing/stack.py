@@ -18,10 +18,10 @@ from snapsell.gateway.v1 import events_pb2 as gateway_events
 from snapsell.seller_admin.v1 import seller_admin_pb2, seller_admin_pb2_grpc
 
 from infra import jetstream
-from infra.auth import issue_token
 from tests.integration.routing.fakes import SELLER, SHOP_NUMBER
 from tests.support.db import reset_service_schema
 from tests.support.processes import RunningService, free_port, restart, start_service
+from tools.dev_keys import DevKeys
 from tools.twilio_sandbox.process import SandboxProcess, start_sandbox
 
 ACCOUNT_SID = "AC" + "1" * 32
@@ -35,7 +35,7 @@ SERVICES = ("seller_admin", "live_session", "outbox", "routing")
 class Stack:
     admin_dsn: str
     nats: NatsClient
-    jwt_secret: str
+    token_keys: DevKeys
     sandbox: SandboxProcess | None = None
     running: dict[str, RunningService] = field(default_factory=dict)
     db: asyncpg.Pool | None = None
@@ -99,7 +99,7 @@ class Stack:
             await self.db.close()
 
     def token(self, role: str, tenant_id: str | None = None) -> tuple[tuple[str, str], ...]:
-        token = issue_token(self.jwt_secret, sub="test", role=role, tenant_id=tenant_id)
+        token = self.token_keys.token(role, tenant_id)
         return (("authorization", f"Bearer {token}"),)
 
     async def set_up_shop(self) -> None:

@@ -22,6 +22,7 @@ from tests.integration.data_hygiene import (
     wait_until_zero,
 )
 from tests.integration.routing.conftest import SERVICE, TABLES
+from tools.dev_keys import DevKeys
 
 TENANTS = 1_000
 LEDGER_ROWS = 50_000
@@ -223,7 +224,7 @@ def test_a_ledger_kept_forever_has_no_purge() -> None:
 
 
 async def test_the_process_purges_the_old_ledger_and_published_events(
-    admin_dsn: str, nats_url: str, jwt_secret: str
+    admin_dsn: str, nats_url: str, token_keys: DevKeys
 ) -> None:
     env = {"ROUTING_LEDGER_RETENTION_DAYS": "8", "ROUTING_CONSUMER_ENABLED": "false"}
     async with process_with_fast_retention(admin_dsn, nats_url, SERVICE, env) as conn:

@@ -24,6 +24,7 @@ from services.routing.peers import (
     reply_sender_address,
 )
 from tests.integration.routing.fakes import SELLER, SHOP_NUMBER, inbound
+from tools.dev_keys import DevKeys
 
 
 class SellerAdmin(seller_admin_pb2_grpc.SellerAdminServiceServicer):
@@ -87,11 +88,12 @@ class Peers:
 
 
 @pytest.fixture
-async def peers(jwt_secret: str) -> AsyncIterator[tuple[Peers, grpc.aio.Channel]]:
+async def peers(token_keys: DevKeys) -> AsyncIterator[tuple[Peers, grpc.aio.Channel]]:
     peers = Peers()
     await peers.server.start()
     channel = service_channel(
-        f"127.0.0.1:{peers.port}", token_provider=ServiceTokenProvider(jwt_secret, "routing")
+        f"127.0.0.1:{peers.port}",
+        token_provider=ServiceTokenProvider(token_keys.key("routing"), "seller_admin"),
     )
     yield peers, channel
     await channel.close()
@@ -139,9 +141,10 @@ async def test_other_resolve_failures_are_worth_retrying(peers, status) -> None:
         await CachedSenderDirectory(channel, ttl_s=60, deadline_s=2).resolve(inbound("A12"))
 
 
-async def test_a_peer_that_is_not_listening_is_unavailable(jwt_secret: str) -> None:
+async def test_a_peer_that_is_not_listening_is_unavailable(token_keys: DevKeys) -> None:
     channel = service_channel(
-        "127.0.0.1:9", token_provider=ServiceTokenProvider(jwt_secret, "routing")
+        "127.0.0.1:9",
+        token_provider=ServiceTokenProvider(token_keys.key("routing"), "seller_admin"),
     )
     try:
         with pytest.raises(PeerUnavailableError):

@@ -30,7 +30,7 @@ async def set_consent(
 ) -> routing_pb2.SetConsentResponse:
     return await stub.SetConsent(
         routing_pb2.SetConsentRequest(address=whatsapp(value), state=state, reason="by phone"),
-        metadata=bearer(role, tenant, sub="alice"),
+        metadata=bearer(role, tenant, sub="outbox" if role == "service" else "alice"),
     )
 
 
@@ -39,7 +39,7 @@ async def check(
 ) -> routing_pb2.CheckOptOutResponse:
     return await stub.CheckOptOut(
         routing_pb2.CheckOptOutRequest(tenant_id=tenant, address=whatsapp(value)),
-        metadata=bearer("service"),
+        metadata=bearer("service", sub="outbox"),
     )
 
 
@@ -97,14 +97,16 @@ async def test_batch_check_answers_every_address_in_the_order_asked(stub, bearer
         ("shop-1", address_pb2.Address(channel=address_pb2.CHANNEL_SMS, value="+33611111111")),
         ("shop-1", whatsapp("+33611111111")),
     ]
-    reply = await stub.CheckOptOuts(checks(*asked), metadata=bearer("service"))
+    reply = await stub.CheckOptOuts(checks(*asked), metadata=bearer("service", sub="outbox"))
     assert [r.opted_out for r in reply.results] == [False, True, True, False, False, True]
     single = await check(stub, bearer, "+33611111111")
     assert reply.results[1] == single and reply.results[5] == single
 
 
 async def test_an_empty_batch_check_has_no_results(stub, bearer: Bearer) -> None:
-    reply = await stub.CheckOptOuts(routing_pb2.CheckOptOutsRequest(), metadata=bearer("service"))
+    reply = await stub.CheckOptOuts(
+        routing_pb2.CheckOptOutsRequest(), metadata=bearer("service", sub="outbox")
+    )
     assert list(reply.results) == []
 
 
@@ -121,7 +123,7 @@ async def test_a_bad_check_in_a_batch_is_named(
 ) -> None:
     good = ("shop-1", whatsapp("+33611111111"))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.CheckOptOuts(checks(good, bad, good), metadata=bearer("service"))
+        await stub.CheckOptOuts(checks(good, bad, good), metadata=bearer("service", sub="outbox"))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     details = caught.value.details() or ""
     assert message in details and details.startswith("checks[1]") and "\n" not in details
@@ -129,10 +131,14 @@ async def test_a_bad_check_in_a_batch_is_named(
 
 async def test_a_batch_over_the_limit_is_refused(stub, bearer: Bearer) -> None:
     one = ("shop-1", whatsapp("+33611111111"))
-    reply = await stub.CheckOptOuts(checks(*[one] * MAX_CHECKS), metadata=bearer("service"))
+    reply = await stub.CheckOptOuts(
+        checks(*[one] * MAX_CHECKS), metadata=bearer("service", sub="outbox")
+    )
     assert len(reply.results) == MAX_CHECKS
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.CheckOptOuts(checks(*[one] * (MAX_CHECKS + 1)), metadata=bearer("service"))
+        await stub.CheckOptOuts(
+            checks(*[one] * (MAX_CHECKS + 1)), metadata=bearer("service", sub="outbox")
+        )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.details() == f"at most {MAX_CHECKS} checks per call, got {MAX_CHECKS + 1}"
 

@@ -14,6 +14,7 @@ from snapsell.routing.v1 import events_pb2
 
 from tests.integration.routing.fakes import SELLER, inbound
 from tests.integration.routing.stack import TENANT, Stack, eventually, nats_connection
+from tools.dev_keys import DevKeys
 
 _numbers = itertools.count(1)
 
@@ -24,9 +25,9 @@ def new_client() -> str:
 
 
 @pytest.fixture(scope="module")
-async def stack(admin_dsn: str, nats_url: str, jwt_secret: str) -> AsyncIterator[Stack]:
+async def stack(admin_dsn: str, nats_url: str, token_keys: DevKeys) -> AsyncIterator[Stack]:
     async with nats_connection(nats_url) as nats:
-        stack = Stack(admin_dsn, nats, jwt_secret)
+        stack = Stack(admin_dsn, nats, token_keys)
         try:
             await stack.start()
             yield stack

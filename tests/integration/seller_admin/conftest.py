@@ -26,6 +26,7 @@ from infra.streams import events_stream
 from services.seller_admin.access import SERVICE_FULL_NAME, auth_policy
 from services.seller_admin.api import SellerAdminServicer
 from tests.support.db import reset_service_schema
+from tools.dev_keys import DevKeys
 
 SERVICE = "seller_admin"
 MIGRATIONS = Path(__file__).resolve().parents[3] / "services" / "seller_admin" / "migrations"
@@ -90,13 +91,13 @@ async def relay(pool: asyncpg.Pool, nats_client: NatsClient) -> AsyncIterator[No
 
 
 @pytest.fixture(scope="module")
-async def server_address(pool: asyncpg.Pool, jwt_secret: str) -> AsyncIterator[str]:
+async def server_address(pool: asyncpg.Pool, token_keys: DevKeys) -> AsyncIterator[str]:
     server = GrpcServer(
         0,
         [SERVICE_FULL_NAME],
         [
             RpcMetricsInterceptor(SERVICE),
-            AuthInterceptor(JwtVerifier(secret=jwt_secret), auth_policy(), service=SERVICE),
+            AuthInterceptor(JwtVerifier.from_env(audience=SERVICE), auth_policy(), service=SERVICE),
         ],
         host="127.0.0.1",
     )
@@ -119,7 +120,7 @@ def bearer(make_token: Callable[..., str]) -> Callable[..., Metadata]:
     """Call metadata carrying a token for `role` (and `tenant_id` for tenant roles)."""
 
     def metadata(role: str, tenant_id: str | None = None, sub: str = "test") -> Metadata:
-        return (("authorization", f"Bearer {make_token(role, tenant_id, sub)}"),)
+        return (("authorization", f"Bearer {make_token(role, tenant_id, sub, SERVICE)}"),)
 
     return metadata
 

@@ -12,9 +12,10 @@ from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
 from tests.integration.seller_admin.conftest import ACCOUNT_SID
 from tests.support.processes import ROOT
+from tools.dev_keys import DevKeys
 
 
-async def cli(server_address: str, *args: str) -> tuple[int, str, str]:
+async def cli(token_keys: DevKeys, server_address: str, *args: str) -> tuple[int, str, str]:
     # A real child process; asyncio's so the in-process server keeps serving meanwhile.
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -22,7 +23,12 @@ async def cli(server_address: str, *args: str) -> tuple[int, str, str]:
         "services.seller_admin.cli",
         *args,
         cwd=ROOT,
-        env={**os.environ, "SELLER_ADMIN_ADDR": server_address, "TWILIO_ACCOUNT_SID": ACCOUNT_SID},
+        env={
+            **os.environ,
+            **token_keys.env("operator"),
+            "SELLER_ADMIN_ADDR": server_address,
+            "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
+        },
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -32,16 +38,22 @@ async def cli(server_address: str, *args: str) -> tuple[int, str, str]:
 
 
 async def test_a_shop_is_bootstrapped_from_the_command_line(
-    server_address: str, stub: seller_admin_pb2_grpc.SellerAdminServiceStub
+    server_address: str, stub: seller_admin_pb2_grpc.SellerAdminServiceStub, token_keys: DevKeys
 ) -> None:
     code, out, err = await cli(
-        server_address, "create-tenant", "--tenant", "cli-shop", "--name", "Chez CLI"
+        token_keys, server_address, "create-tenant", "--tenant", "cli-shop", "--name", "Chez CLI"
     )
     assert code == 0, err
     assert json.loads(out)["created"] is True
 
     code, out, err = await cli(
-        server_address, "add-channel", "--tenant", "cli-shop", "--address", "whatsapp:+14155550123"
+        token_keys,
+        server_address,
+        "add-channel",
+        "--tenant",
+        "cli-shop",
+        "--address",
+        "whatsapp:+14155550123",
     )
     assert code == 0, err
     assert json.loads(out)["channel"]["accountSid"] == ACCOUNT_SID
@@ -61,14 +73,28 @@ async def test_a_shop_is_bootstrapped_from_the_command_line(
 
     for created in (True, False):
         code, out, err = await cli(
-            server_address, "add-seller", "--tenant", "cli-shop", "--phone", "+33 6 55 44 33 22"
+            token_keys,
+            server_address,
+            "add-seller",
+            "--tenant",
+            "cli-shop",
+            "--phone",
+            "+33 6 55 44 33 22",
         )
         assert code == 0, err
         reply = json.loads(out)
         assert (reply["created"], reply["sellerPhone"]["address"]) == (created, "+33655443322")
 
     code, out, err = await cli(
-        server_address, "issue-token", "--role", "staff", "--tenant", "cli-shop"
+        token_keys,
+        server_address,
+        "issue-token",
+        "--role",
+        "staff",
+        "--tenant",
+        "cli-shop",
+        "--audience",
+        "seller_admin",
     )
     assert code == 0, err
     listed = await stub.ListSellerPhones(
@@ -76,17 +102,42 @@ async def test_a_shop_is_bootstrapped_from_the_command_line(
     )
     assert [p.address for p in listed.seller_phones] == ["+33655443322"]
 
-    code, out, err = await cli(server_address, "list-sellers", "--tenant", "cli-shop")
+    code, out, err = await cli(token_keys, server_address, "list-sellers", "--tenant", "cli-shop")
     assert code == 0, err
     assert [p["address"] for p in json.loads(out)["sellerPhones"]] == ["+33655443322"]
 
 
-async def test_refusals_are_one_line_errors(server_address: str) -> None:
+async def test_refusals_are_one_line_errors(server_address: str, token_keys: DevKeys) -> None:
     code, _, err = await cli(
-        server_address, "add-seller", "--tenant", "cli-nowhere", "--phone", "0612345678"
+        token_keys, server_address, "add-seller", "--tenant", "cli-nowhere", "--phone", "0612345678"
     )
     assert code == 1
     assert err.startswith("error: INVALID_ARGUMENT: phone number")
     assert err.count("\n") == 1
-    code, _, err = await cli(server_address, "issue-token", "--role", "owner")
+    code, _, err = await cli(
+        token_keys, server_address, "issue-token", "--role", "owner", "--audience", "routing"
+    )
     assert code == 2 and "needs a tenant_id" in err
+
+
+async def test_issued_tokens_are_short_lived_and_never_service_tokens(
+    server_address: str, token_keys: DevKeys
+) -> None:
+    code, _, err = await cli(
+        token_keys,
+        server_address,
+        "issue-token",
+        "--role",
+        "admin",
+        "--audience",
+        "outbox",
+        "--ttl",
+        "3601",
+    )
+    assert code == 2 and "--ttl must be between 1 and 3600" in err
+    code, _, err = await cli(
+        token_keys, server_address, "issue-token", "--role", "service", "--audience", "outbox"
+    )
+    assert code == 2 and "invalid choice" in err
+    code, _, err = await cli(token_keys, server_address, "issue-token", "--role", "admin")
+    assert code == 2 and "--audience" in err

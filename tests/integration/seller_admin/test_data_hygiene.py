@@ -21,6 +21,7 @@ from tests.integration.data_hygiene import (
     recorded_subjects,
 )
 from tests.integration.seller_admin.conftest import ACCOUNT_SID, SERVICE
+from tools.dev_keys import DevKeys
 
 TENANTS = 10_000
 SELLERS_PER_TENANT = 5
@@ -137,6 +138,6 @@ async def test_retention_purges_published_events_older_than_the_window(
 
 
 async def test_the_process_purges_old_published_events(
-    admin_dsn: str, nats_url: str, jwt_secret: str
+    admin_dsn: str, nats_url: str, token_keys: DevKeys
 ) -> None:
     await assert_process_purges_old_events(admin_dsn, nats_url, SERVICE, audit.TENANT_CREATED)

@@ -16,18 +16,19 @@ from infra.grpc_server import GrpcServer
 from services.seller_admin.access import SERVICE_FULL_NAME, auth_policy
 from services.seller_admin.api import SellerAdminServicer
 from tests.integration.seller_admin.conftest import ACCOUNT_SID, SERVICE, Metadata
+from tools.dev_keys import DevKeys
 
 
 @pytest.fixture
 async def stub_without_database(
-    service_dsn: str, jwt_secret: str
+    service_dsn: str, token_keys: DevKeys
 ) -> AsyncIterator[seller_admin_pb2_grpc.SellerAdminServiceStub]:
     pool = await create_pool(service_dsn, SERVICE, min_size=1, max_size=2)
     await pool.close()  # the database "went away"
     server = GrpcServer(
         0,
         [SERVICE_FULL_NAME],
-        [AuthInterceptor(JwtVerifier(secret=jwt_secret), auth_policy(), service=SERVICE)],
+        [AuthInterceptor(JwtVerifier.from_env(audience=SERVICE), auth_policy(), service=SERVICE)],
         host="127.0.0.1",
     )
     seller_admin_pb2_grpc.add_SellerAdminServiceServicer_to_server(
@@ -52,7 +53,7 @@ async def test_calls_are_unavailable_with_a_one_line_message(
                 sender=address_pb2.Address(channel=address_pb2.CHANNEL_SMS, value="+3361"),
                 account_sid=ACCOUNT_SID,
             ),
-            metadata=bearer("service"),
+            metadata=bearer("service", sub="routing"),
         ),
     ]
     for call in calls:

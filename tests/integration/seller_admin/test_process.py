@@ -21,11 +21,11 @@ from snapsell.seller_admin.v1 import events_pb2, seller_admin_pb2_grpc
 from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
 
 from infra import jetstream
-from infra.auth import issue_token
 from infra.db import service_dsn
 from tests.integration.seller_admin.conftest import ACCOUNT_SID, SERVICE
 from tests.support.db import reset_service_schema
 from tests.support.processes import ROOT, RunningService, start_service
+from tools.dev_keys import DevKeys
 
 SELLER_NUMBER = "+33677889900"
 
@@ -42,9 +42,9 @@ def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
 
 
 @pytest.fixture(scope="module")
-async def env(admin_dsn: str, nats_url: str, jwt_secret: str) -> dict[str, str]:
+async def env(admin_dsn: str, nats_url: str, token_keys: DevKeys) -> dict[str, str]:
     await reset_service_schema(admin_dsn, SERVICE)
-    return {"DATABASE_URL": admin_dsn, "NATS_URL": nats_url, "SNAPSELL_JWT_SECRET": jwt_secret}
+    return {"DATABASE_URL": admin_dsn, "NATS_URL": nats_url}
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +56,9 @@ async def process(env: dict[str, str]) -> AsyncIterator[RunningService]:
     service.stop()
 
 
-def token(jwt_secret: str, role: str, tenant_id: str | None = None) -> tuple[tuple[str, str]]:
-    value = issue_token(jwt_secret, sub=f"proc-{role}", role=role, tenant_id=tenant_id)
+def token(token_keys: DevKeys, role: str, tenant_id: str | None = None) -> tuple[tuple[str, str]]:
+    sub = "routing" if role == "service" else f"proc-{role}"
+    value = token_keys.token(role, tenant_id, sub, audience=SERVICE)
     return (("authorization", f"Bearer {value}"),)
 
 
@@ -81,7 +82,7 @@ async def test_migrate_applies_every_migration_once(
 
 
 async def test_the_process_serves_health_reflection_and_the_api(
-    process: RunningService, jwt_secret: str, nats_url: str
+    process: RunningService, token_keys: DevKeys, nats_url: str
 ) -> None:
     async with grpc.aio.insecure_channel(process.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -98,7 +99,7 @@ async def test_the_process_serves_health_reflection_and_the_api(
         assert "snapsell.seller_admin.v1.SellerAdminService" in names
 
         stub = seller_admin_pb2_grpc.SellerAdminServiceStub(channel)
-        admin = token(jwt_secret, "admin")
+        admin = token(token_keys, "admin")
         await stub.CreateTenant(
             pb.CreateTenantRequest(tenant_id="proc-shop", display_name="Proc"), metadata=admin
         )
@@ -110,7 +111,7 @@ async def test_the_process_serves_health_reflection_and_the_api(
         )
         await stub.AddSellerPhone(
             pb.AddSellerPhoneRequest(phone_number=SELLER_NUMBER),
-            metadata=token(jwt_secret, "owner", "proc-shop"),
+            metadata=token(token_keys, "owner", "proc-shop"),
         )
         resolved = await stub.ResolveSender(
             pb.ResolveSenderRequest(
@@ -122,7 +123,7 @@ async def test_the_process_serves_health_reflection_and_the_api(
                 ),
                 account_sid=ACCOUNT_SID,
             ),
-            metadata=token(jwt_secret, "service"),
+            metadata=token(token_keys, "service"),
         )
         assert (resolved.tenant_id, resolved.sender_role) == ("proc-shop", pb.SENDER_ROLE_SELLER)
         with pytest.raises(grpc.aio.AioRpcError) as denied:
@@ -162,7 +163,7 @@ async def test_the_process_serves_health_reflection_and_the_api(
 
     logs = process.logs()
     assert SELLER_NUMBER not in logs
-    assert jwt_secret not in logs
+    assert "PRIVATE KEY" not in logs
 
 
 async def test_sigterm_stops_the_process_cleanly(env: dict[str, str]) -> None:

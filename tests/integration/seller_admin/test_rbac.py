@@ -19,6 +19,7 @@ from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
 from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
 from infra.auth import issue_token
+from infra.keys import new_signing_key
 from tests.integration.seller_admin.conftest import (
     ACCOUNT_SID,
     Metadata,
@@ -28,6 +29,7 @@ from tests.integration.seller_admin.conftest import (
     new_business_number,
     new_mobile,
 )
+from tools.dev_keys import DevKeys
 
 Stub = seller_admin_pb2_grpc.SellerAdminServiceStub
 
@@ -205,8 +207,8 @@ CALLS: dict[str, Call] = {
 
 
 @pytest.fixture(scope="module")
-async def tenants(stub: Stub, jwt_secret: str) -> dict[str, pb.Channel]:
-    admin = (("authorization", f"Bearer {issue_token(jwt_secret, sub='ops', role='admin')}"),)
+async def tenants(stub: Stub, token_keys: DevKeys) -> dict[str, pb.Channel]:
+    admin = (("authorization", f"Bearer {token_keys.token('admin', sub='ops')}"),)
     channels = {}
     for tenant_id in (TENANT_A, TENANT_B):
         await create_tenant(stub, admin, tenant_id)
@@ -217,16 +219,17 @@ async def tenants(stub: Stub, jwt_secret: str) -> dict[str, pb.Channel]:
     return channels
 
 
-def caller_metadata(caller: str, jwt_secret: str) -> Metadata:
+def caller_metadata(caller: str, token_keys: DevKeys) -> Metadata:
     if caller in ROLES:
         tenant_id = TENANT_A if caller in ("owner", "manager", "staff") else None
-        token = issue_token(jwt_secret, sub=f"rbac-{caller}", role=caller, tenant_id=tenant_id)
+        sub = "routing" if caller == "service" else f"rbac-{caller}"
+        token = token_keys.token(caller, tenant_id, sub, audience="seller_admin")
     elif caller == "no_token":
         return ()
     elif caller == "expired":
-        token = issue_token(jwt_secret, sub="rbac", role="admin", ttl_s=-300)
+        token = token_keys.token("admin", sub="rbac", audience="seller_admin", ttl_s=-300)
     elif caller == "forged":
-        token = issue_token("another-secret-" + "x" * 32, sub="rbac", role="admin")
+        token = issue_token(new_signing_key("operator"), sub="rbac", role="admin", audience="x")
     elif caller == "alg_none":
         claims = {"sub": "rbac", "role": "admin", "exp": int(time.time()) + 600}
         token = jwt.encode(claims, None, algorithm="none")
@@ -242,7 +245,7 @@ async def test_rbac(
     scope: str,
     stub: Stub,
     tenants: dict[str, pb.Channel],
-    jwt_secret: str,
+    token_keys: DevKeys,
     admin: Metadata,
 ) -> None:
     fx = Fixture(stub, admin, tenants)
@@ -250,7 +253,7 @@ async def test_rbac(
     request, check = await CALLS[rpc](fx, target)
     method = getattr(stub, rpc)
     try:
-        reply = await method(request, metadata=caller_metadata(caller, jwt_secret))
+        reply = await method(request, metadata=caller_metadata(caller, token_keys))
     except grpc.aio.AioRpcError as error:
         code, details = error.code(), error.details() or ""
         reply = None

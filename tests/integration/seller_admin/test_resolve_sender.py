@@ -11,7 +11,6 @@ from snapsell.common.v1 import address_pb2
 from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
 from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
-from infra.auth import issue_token
 from tests.integration.seller_admin.conftest import (
     ACCOUNT_SID,
     OTHER_ACCOUNT_SID,
@@ -22,6 +21,7 @@ from tests.integration.seller_admin.conftest import (
     new_business_number,
     new_mobile,
 )
+from tools.dev_keys import DevKeys
 
 Stub = seller_admin_pb2_grpc.SellerAdminServiceStub
 WHATSAPP, SMS = address_pb2.CHANNEL_WHATSAPP, address_pb2.CHANNEL_SMS
@@ -36,8 +36,8 @@ def new_messaging_service_sid() -> str:
 
 
 @pytest.fixture(scope="module")
-async def admin_token(jwt_secret: str) -> Metadata:
-    return (("authorization", f"Bearer {issue_token(jwt_secret, sub='ops', role='admin')}"),)
+async def admin_token(token_keys: DevKeys) -> Metadata:
+    return (("authorization", f"Bearer {token_keys.token('admin', sub='ops')}"),)
 
 
 @pytest.fixture(scope="module")

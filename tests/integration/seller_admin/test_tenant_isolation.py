@@ -11,7 +11,6 @@ from snapsell.common.v1 import address_pb2
 from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
 from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
-from infra.auth import issue_token
 from tests.integration.seller_admin.conftest import (
     ACCOUNT_SID,
     Metadata,
@@ -21,6 +20,7 @@ from tests.integration.seller_admin.conftest import (
     new_business_number,
     new_mobile,
 )
+from tools.dev_keys import DevKeys
 
 Stub = seller_admin_pb2_grpc.SellerAdminServiceStub
 A, B = "iso-a", "iso-b"
@@ -34,8 +34,8 @@ class Shops:
 
 
 @pytest.fixture(scope="module")
-async def shops(stub: Stub, jwt_secret: str) -> Shops:
-    admin = (("authorization", f"Bearer {issue_token(jwt_secret, sub='ops', role='admin')}"),)
+async def shops(stub: Stub, token_keys: DevKeys) -> Shops:
+    admin = (("authorization", f"Bearer {token_keys.token('admin', sub='ops')}"),)
     await create_tenant(stub, admin, A)
     await create_tenant(stub, admin, B)
     return Shops(
@@ -137,7 +137,7 @@ async def test_a_seller_of_a_writing_to_b_is_a_client_of_b(
                 ),
                 account_sid=ACCOUNT_SID,
             ),
-            metadata=bearer("service"),
+            metadata=bearer("service", sub="routing"),
         )
 
     to_b = await resolve(b_channel)

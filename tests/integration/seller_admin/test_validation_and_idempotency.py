@@ -11,7 +11,6 @@ import pytest
 from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
 from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
-from infra.auth import issue_token
 from tests.integration.seller_admin.conftest import (
     ACCOUNT_SID,
     OTHER_ACCOUNT_SID,
@@ -21,6 +20,7 @@ from tests.integration.seller_admin.conftest import (
     new_business_number,
     new_mobile,
 )
+from tools.dev_keys import DevKeys
 
 Stub = seller_admin_pb2_grpc.SellerAdminServiceStub
 
@@ -34,8 +34,8 @@ async def failure(call: Awaitable[object]) -> tuple[grpc.StatusCode, str]:
 
 
 @pytest.fixture(scope="module")
-async def shop(stub: Stub, jwt_secret: str) -> str:
-    admin = (("authorization", f"Bearer {issue_token(jwt_secret, sub='ops', role='admin')}"),)
+async def shop(stub: Stub, token_keys: DevKeys) -> str:
+    admin = (("authorization", f"Bearer {token_keys.token('admin', sub='ops')}"),)
     await create_tenant(stub, admin, "valid-shop")
     await create_tenant(stub, admin, "valid-other")
     return "valid-shop"

@@ -12,6 +12,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from infra.auth import ServiceTokenProvider
+from infra.keys import new_signing_key
 from services.outbox.consent import (
     MAX_CHECKS_PER_CALL,
     BatchConsent,
@@ -32,13 +33,16 @@ def recipient(value: str, tenant: str = "shop") -> Recipient:
     return (tenant, Channel.SMS, value)
 
 
+OUTBOX_KEY = new_signing_key("outbox")
+
+
 class ChunkRecorder(RoutingConsentChecker):
     """The real checker with routing's answer replaced: opted out when the number is odd."""
 
     def __init__(self, fail: bool = False) -> None:
         super().__init__(
             grpc.aio.insecure_channel("127.0.0.1:9"),
-            ServiceTokenProvider("s" * 32, "outbox"),
+            ServiceTokenProvider(OUTBOX_KEY, "routing"),
             timeout_s=1.0,
         )
         self.calls: list[list[Recipient]] = []
@@ -70,7 +74,7 @@ async def test_a_batch_over_routings_limit_is_split_into_calls_within_it() -> No
 async def test_routing_unreachable_is_consent_unavailable() -> None:
     checker = RoutingConsentChecker(
         grpc.aio.insecure_channel("127.0.0.1:9"),
-        ServiceTokenProvider("s" * 32, "outbox"),
+        ServiceTokenProvider(OUTBOX_KEY, "routing"),
         timeout_s=0.3,
     )
     with pytest.raises(ConsentUnavailableError, match="CheckOptOuts"):

@@ -38,13 +38,14 @@ def test_access_table_lists_exactly_the_rpcs_of_the_proto() -> None:
 
 
 def test_policy_names_only_known_roles_and_full_method_paths() -> None:
-    for path, roles in auth_policy().items():
+    for path, access in auth_policy().items():
         assert path.startswith(f"/{SERVICE_FULL_NAME}/")
-        assert roles and roles <= ROLES
+        assert (access.roles or access.services) and access.roles <= ROLES - {"service"}
 
 
-def test_resolve_sender_is_for_services_only_and_tenants_for_admins_only() -> None:
-    assert RPC_ROLES["ResolveSender"] == {"service"}
+def test_resolve_sender_is_for_routing_only_and_tenants_for_admins_only() -> None:
+    resolve = auth_policy()[f"/{SERVICE_FULL_NAME}/ResolveSender"]
+    assert (resolve.roles, resolve.services) == (set(), {"routing"})
     for rpc in ("CreateTenant", "GetTenant", "ListTenants", "AddChannel", "RemoveChannel"):
         assert RPC_ROLES[rpc] == {"admin"}
 
