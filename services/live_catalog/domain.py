@@ -293,14 +293,6 @@ def page_size(value: int) -> int:
     return min(value or 50, 500)
 
 
-def quantity_allowed(quantity: int, limit: int) -> bool:
-    return 1 <= quantity <= limit
-
-
-def hold_expiry(now: datetime, hold: timedelta) -> datetime:
-    return now + hold
-
-
 def within_whatsapp_window(last_inbound: datetime, now: datetime) -> bool:
     return now - last_inbound < WHATSAPP_WINDOW
 

@@ -10,6 +10,8 @@ from datetime import timedelta
 import asyncpg
 import pytest
 
+from infra.db import create_pool
+from services.live_catalog.domain import SettingsBook
 from services.live_catalog.store import CatalogStore
 from tests.integration.live_catalog.conftest import HOLD, ManualClock, inbound
 
@@ -128,3 +130,56 @@ async def test_the_same_message_sid_delivered_concurrently_claims_once(
         await pool.fetchval("SELECT count(*) FROM replies WHERE correlation_id = 'SMconcurrent'")
         == 1
     )
+
+
+async def test_five_replicas_share_1000_claims_on_stock_10_without_oversell(
+    store: CatalogStore,
+    pool: asyncpg.Pool,
+    service_dsn: str,
+    clock: ManualClock,
+    tenant,
+    session_id,
+) -> None:
+    await store.handle_inbound(
+        inbound("A12 Robe 25€ x10", tenant=tenant, session=session_id, seller=True)
+    )
+    # Five consumer replicas: each its own store and connection pool, as five processes.
+    pools = [
+        await create_pool(service_dsn, "live_catalog", min_size=1, max_size=6) for _ in range(5)
+    ]
+    try:
+        replicas = [
+            CatalogStore(p, clock, hold=HOLD, settings=SettingsBook(), default_max_per_client=1)
+            for p in pools
+        ]
+        claims = [
+            inbound(
+                "A12",
+                tenant=tenant,
+                session=session_id,
+                sender=f"+3362{i:07d}",
+                at=clock.now + timedelta(milliseconds=i),
+            )
+            for i in range(1000)
+        ]
+        order = random.Random(11).sample(range(1000), 1000)
+        outcomes = await asyncio.gather(
+            *(replicas[n % 5].handle_inbound(claims[i]) for n, i in enumerate(order))
+        )
+    finally:
+        for p in pools:
+            await p.close()
+
+    assert (outcomes.count("held"), outcomes.count("waiting")) == (10, 990)
+    item = await pool.fetchrow("SELECT stock, held, confirmed, waiting FROM items")
+    assert dict(item) == {"stock": 10, "held": 10, "confirmed": 0, "waiting": 990}
+    waitlist = await pool.fetch(
+        "SELECT client_value FROM reservations WHERE status = 'waiting'"
+        " ORDER BY received_at, message_sid"
+    )
+    holders = {
+        row["client_value"]
+        for row in await pool.fetch("SELECT client_value FROM reservations WHERE status = 'held'")
+    }
+    by_arrival = [c.contact.value for c in claims if c.contact.value not in holders]
+    assert [row["client_value"] for row in waitlist] == by_arrival
