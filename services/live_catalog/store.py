@@ -437,7 +437,8 @@ class CatalogStore:
                 )
                 sent += 1
             totals = await _totals(conn, tenant_id, session_id, now)
-            seller = session["seller_value"] is not None
+            # A live without items (chat only) needs no summary for the seller.
+            seller = session["seller_value"] is not None and bool(totals.items)
             if seller:
                 await queue_reply(
                     conn,

@@ -206,3 +206,19 @@ async def test_a_buyer_outside_the_whatsapp_window_gets_the_template(
         )
         == "HX" + "a" * 32
     )
+
+
+async def test_a_live_without_items_sends_the_seller_no_summary(
+    store, pool, clock: ManualClock, tenant, session_id
+) -> None:
+    await post(store, tenant, session_id, "Bonjour à tous !")
+    summarized = await store.summarize_session(
+        tenant,
+        session_id,
+        started_at=clock.now,
+        closed_at=clock.now,
+        content_sid="",
+        correlation="",
+    )
+    assert summarized is not None and not summarized.seller_summary
+    assert await replies_to(pool, "+33600000001") == []
