@@ -323,8 +323,8 @@ class Replies:
     )
     promoted: str = "{code} est à vous ! Il vous est réservé pendant {hold_minutes} min."
     expired: str = "Votre réservation de {code} a expiré."
-    seller_posted: str = "{code} publié : {title} {price}, stock {stock}."
-    seller_updated: str = "{code} modifié : {title} {price}, stock {stock}."
+    seller_posted: str = "{code} publié : {details}, stock {stock}."
+    seller_updated: str = "{code} modifié : {details}, stock {stock}."
     seller_stock: str = "Stock de {code} : {stock}."
     seller_stock_refused: str = (
         "Stock de {code} inchangé : {committed} unité(s) déjà réservée(s) ou vendue(s), "

@@ -282,8 +282,10 @@ class InboundCatalog:
 
 
 def _item_values(item: Item) -> dict[str, object]:
+    """`details` is the title and the price, whichever were given: `Robe 25 €`."""
     price = format_price(item.price_cents, item.currency) if item.price_cents is not None else ""
-    return {"code": item.code, "title": item.title, "price": price, "stock": item.stock}
+    details = " ".join(part for part in (item.title, price) if part)
+    return {"code": item.code, "details": details, "stock": item.stock}
 
 
 def _refusal(item: Item, stock: int) -> dict[str, object]:

@@ -260,7 +260,11 @@ class ReservationBook:
         received_at: datetime,
         now: datetime,
     ) -> Claimed:
-        values: dict[str, object] = {"code": item.code, "title": item.title, "quantity": quantity}
+        values: dict[str, object] = {
+            "code": item.code,
+            "title": item.title or item.code,
+            "quantity": quantity,
+        }
         existing = await conn.fetchrow(
             _LIVE_RESERVATION_OF, item.id, client.channel.value, client.value
         )

@@ -246,6 +246,9 @@ async def test_rpcs_follow_the_access_rules(service, stub, bearer, js, outbox) -
             pb.GetItemRequest(tenant_id="someone-else", item_id=item.item_id), metadata=staff
         )
     assert other_tenant.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await stub.GetItem(pb.GetItemRequest(item_id=str(uuid.uuid4())), metadata=staff)
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.aio.AioRpcError) as bad:
         await stub.GetItem(pb.GetItemRequest(item_id="not-a-uuid"), metadata=staff)
     assert (bad.value.code(), bad.value.details()) == (

@@ -81,6 +81,15 @@ async def test_client_mistakes_get_a_clear_reply(store, pool, tenant, session_id
     assert await replies_to(pool, "+335") == [reply]
 
 
+async def test_an_item_posted_with_a_price_only_is_answered_with_its_code(
+    store, pool, tenant, session_id
+) -> None:
+    await post(store, tenant, session_id, "C7 19,90€ x2")
+    assert (await replies_to(pool, "+33600000001"))[-1] == "C7 publié : 19,90 €, stock 2."
+    await store.handle_inbound(inbound("C7", tenant=tenant, session=session_id, sender="+3"))
+    assert await replies_to(pool, "+3") == ["C7 est réservé pour vous (1 x C7) pendant 30 min."]
+
+
 async def test_a_second_claim_by_the_same_client_is_told_it_already_has_one(
     store, pool, tenant, session_id
 ) -> None:
