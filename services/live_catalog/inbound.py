@@ -48,9 +48,9 @@ _OPEN_SESSION = """
 INSERT INTO sessions (id, tenant_id, status, opened_at) VALUES ($1, $2, 'open', $3)
 ON CONFLICT ON CONSTRAINT sessions_pkey DO NOTHING
 """
-_SESSION = "SELECT * FROM sessions WHERE id = $1 AND tenant_id = $2"
+SESSION_BY_ID = "SELECT * FROM sessions WHERE id = $1 AND tenant_id = $2"
 # The open session opened last; else the last one (a message after the live ended).
-_CURRENT_SESSION = """
+CURRENT_SESSION = """
 SELECT * FROM sessions WHERE tenant_id = $1
 ORDER BY status = 'open' DESC, opened_at DESC
 LIMIT 1
@@ -123,9 +123,9 @@ class InboundCatalog:
     ) -> asyncpg.Record | None:
         if inbound.session_id is not None:
             await conn.execute(_OPEN_SESSION, inbound.session_id, inbound.tenant_id, now)
-            session = await conn.fetchrow(_SESSION, inbound.session_id, inbound.tenant_id)
+            session = await conn.fetchrow(SESSION_BY_ID, inbound.session_id, inbound.tenant_id)
         else:
-            session = await conn.fetchrow(_CURRENT_SESSION, inbound.tenant_id)
+            session = await conn.fetchrow(CURRENT_SESSION, inbound.tenant_id)
         if session is not None and inbound.from_seller:
             await conn.execute(
                 _NOTE_SELLER,

@@ -37,7 +37,7 @@ from services.live_catalog.domain import (
     seller_summary_lines,
     within_whatsapp_window,
 )
-from services.live_catalog.inbound import InboundCatalog
+from services.live_catalog.inbound import CURRENT_SESSION, SESSION_BY_ID, InboundCatalog
 from services.live_catalog.items import ItemBook
 from services.live_catalog.reservations import (
     ITEM_COLUMNS,
@@ -50,12 +50,6 @@ from services.live_catalog.reservations import (
     reservation_from_row,
 )
 
-_SESSION = "SELECT * FROM sessions WHERE id = $1 AND tenant_id = $2"
-_CURRENT_SESSION = """
-SELECT * FROM sessions WHERE tenant_id = $1
-ORDER BY status = 'open' DESC, opened_at DESC
-LIMIT 1
-"""
 _GET_ITEM = f"SELECT {ITEM_COLUMNS} FROM items WHERE id = $1 AND tenant_id = $2"
 _LIST_ITEMS = (
     f"SELECT {ITEM_COLUMNS} FROM items WHERE tenant_id = $1 AND session_id = $2 ORDER BY code"
@@ -203,7 +197,7 @@ class CatalogStore:
     # --- RPCs -------------------------------------------------------------------------------
 
     async def current_session_id(self, tenant_id: str) -> uuid.UUID:
-        row = await self._pool.fetchrow(_CURRENT_SESSION, tenant_id)
+        row = await self._pool.fetchrow(CURRENT_SESSION, tenant_id)
         if row is None or row["status"] != "open":
             raise PreconditionError(f"tenant {tenant_id!r} has no live session in progress")
         return row["id"]
@@ -224,9 +218,9 @@ class CatalogStore:
         now = self._clock()
         async with self._pool.acquire() as conn, conn.transaction():
             session = (
-                await conn.fetchrow(_CURRENT_SESSION, tenant_id)
+                await conn.fetchrow(CURRENT_SESSION, tenant_id)
                 if session_id is None
-                else await conn.fetchrow(_SESSION, session_id, tenant_id)
+                else await conn.fetchrow(SESSION_BY_ID, session_id, tenant_id)
             )
             if session is None or session["status"] != "open":
                 raise PreconditionError("no live session in progress to post the item in")
@@ -390,7 +384,7 @@ class CatalogStore:
 
     async def session_totals(self, tenant_id: str, session_id: uuid.UUID) -> SessionTotals:
         async with self._pool.acquire() as conn:
-            session = await conn.fetchrow(_SESSION, session_id, tenant_id)
+            session = await conn.fetchrow(SESSION_BY_ID, session_id, tenant_id)
             if session is None:
                 raise NotFoundError(f"tenant {tenant_id!r} has no live session {session_id}")
             return await _totals(conn, tenant_id, session_id, session["summarized_at"])
