@@ -6,6 +6,7 @@ item changes `items.py`'s, and the reservation SQL, with why it is safe under co
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -425,7 +426,9 @@ class CatalogStore:
                         skipped += 1
                         continue
                     template = content_sid
-                key = f"live_catalog:summary:{session_id}:{contact.channel.value}:{contact.value}"
+                # The client hashed: keys travel to logs and events, phone numbers must not.
+                client = hashlib.sha256(f"{contact.channel}:{contact.value}".encode()).hexdigest()
+                key = f"live_catalog:summary:{session_id}:{client[:24]}"
                 await queue_reply(
                     conn, tenant_id, key, contact, route, body, correlation, content_sid=template
                 )
