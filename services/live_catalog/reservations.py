@@ -260,6 +260,9 @@ class ReservationBook:
         received_at: datetime,
         now: datetime,
     ) -> Claimed:
+        """A client's claim of `quantity` units (the caller checked the item is open and the
+        per-client limit): held, waiting, or a reply saying why neither. The item row is
+        locked by the claim UPDATE until the caller's transaction ends."""
         values: dict[str, object] = {
             "code": item.code,
             "title": item.title or item.code,
