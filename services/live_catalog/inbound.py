@@ -255,6 +255,7 @@ class InboundCatalog:
                     max_per_client=command.max_per_client or existing.max_per_client,
                     correlation=correlation,
                     now=now,
+                    reopen=True,
                 )
             except PreconditionError:
                 return "seller_stock_refused", _refusal(existing, command.stock)

@@ -32,7 +32,7 @@ RETURNING {ITEM_COLUMNS}
 """
 _EDIT_ITEM = f"""
 UPDATE items SET title = $2, price_cents = $3, stock = $4, max_per_client = $5,
-    status = 'open', updated_at = $6
+    status = CASE WHEN $7 THEN 'open' ELSE status END, updated_at = $6
 WHERE id = $1 AND held + confirmed <= $4
 RETURNING {ITEM_COLUMNS}
 """
@@ -94,11 +94,13 @@ class ItemBook:
         max_per_client: int,
         correlation: str,
         now: datetime,
+        reopen: bool = False,
     ) -> tuple[Item, int]:
-        """Edit a locked item; PreconditionError when the stock is below the units taken.
-        A larger stock serves the waitlist; returns the item and how many were promoted."""
+        """Edit a locked item (and open it again if closed, when `reopen`: a seller posting
+        the code anew); PreconditionError when the stock is below the units taken. A larger
+        stock serves the waitlist; returns the item and how many were promoted."""
         row = await conn.fetchrow(
-            _EDIT_ITEM, item.id, title, price_cents, stock, max_per_client, now
+            _EDIT_ITEM, item.id, title, price_cents, stock, max_per_client, now, reopen
         )
         if row is None:
             raise PreconditionError(

@@ -231,3 +231,20 @@ async def test_a_live_without_items_sends_the_seller_no_summary(
     )
     assert summarized is not None and not summarized.seller_summary
     assert await replies_to(pool, "+33600000001") == []
+
+
+async def test_a_closed_item_reopens_when_the_seller_posts_it_again_not_on_an_rpc_edit(
+    store, pool, tenant, session_id
+) -> None:
+    await post(store, tenant, session_id, "A12 Robe 25€ x1")
+    assert await post(store, tenant, session_id, "A12 fin") == "seller_closed"
+    item_id = await pool.fetchval("SELECT id FROM items")
+    edited, _ = await store.update_item(
+        tenant, item_id, title=None, price_cents=None, stock=3, max_per_client=None, correlation=""
+    )
+    assert (edited.status.value, edited.stock) == ("closed", 3)
+    assert await store.handle_inbound(inbound("A12", tenant=tenant, session=session_id)) == (
+        "item_closed"
+    )
+    assert await post(store, tenant, session_id, "A12 Robe 25€ x2") == "seller_updated"
+    assert await store.handle_inbound(inbound("A12", tenant=tenant, session=session_id)) == "held"
