@@ -74,8 +74,8 @@ deploy-check: $(INSTALLED) ## render every overlay, validate offline (Kubernetes
 	$(BIN)/python -m tools.deploy check
 	$(BIN)/python -m pytest tests/deploy -q
 
-images: $(INSTALLED) ## build the image: make images [IMAGE_TAG=...] [IMAGE_REPO=...] [PUSH=1] (needs docker, podman or buildah)
-	$(BIN)/python -m tools.deploy images --tag "$(IMAGE_TAG)" --repo "$(IMAGE_REPO)" $(if $(PUSH),--push)
+images: $(INSTALLED) ## build the image: make images [IMAGE_TAG=...] [IMAGE_REPO=...] [IMAGE_BASE=local|official] [PUSH=1] (docker, podman or buildah)
+	$(BIN)/python -m tools.deploy images --tag "$(IMAGE_TAG)" --repo "$(IMAGE_REPO)" --base "$(IMAGE_BASE)" $(if $(PUSH),--push)
 
 deploy: $(INSTALLED) ## deploy to Kubernetes: make deploy ENV=local|prod IMAGE_TAG=... [IMAGE_REPO=...]
 	$(BIN)/python -m tools.deploy deploy --env "$(ENV)" --image-tag "$(IMAGE_TAG)" --image-repo "$(IMAGE_REPO)"

@@ -110,6 +110,28 @@ def _own_signing_key(name: str, env: Mapping[str, str]) -> dict[str, str]:
     return {"SNAPSELL_SIGNING_KEY_FILE": str(own)} if own.exists() else {}
 
 
+def process_env(name: str, env: Mapping[str, str], *, port: int, http: bool) -> dict[str, str]:
+    """`env` with what every service process gets: its port, a metrics port, unbuffered output,
+    its own NATS user and signing key (when the stack has them)."""
+    port_var = "HTTP_PORT" if http else "GRPC_PORT"
+    full_env = {
+        "METRICS_PORT": str(free_port()),
+        port_var: str(port),
+        **env,
+        "PYTHONUNBUFFERED": "1",
+    }
+    if "NATS_USER" not in env and full_env.get("NATS_URL"):  # its own NATS user
+        full_env |= nats_service_env(full_env["NATS_URL"], name)
+    full_env.update(_own_signing_key(name, full_env))
+    return full_env
+
+
+def log_file(name: str, port: int, log_dir: Path | None) -> Path:
+    log_dir = log_dir or _temporary_log_dir()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return log_dir / f"{name}-{port}.log"
+
+
 def spawn_service(
     name: str,
     env: dict[str, str],
@@ -122,20 +144,8 @@ def spawn_service(
     output goes to `<log_dir>/<name>-<port>.log` (`log_dir` by default: a temporary directory
     removed when this process exits; a failing test quotes the log before that)."""
     port = port or free_port()
-    port_var = "HTTP_PORT" if http else "GRPC_PORT"
-    full_env = {
-        **os.environ,
-        "METRICS_PORT": str(free_port()),
-        port_var: str(port),
-        **env,
-        "PYTHONUNBUFFERED": "1",
-    }
-    if "NATS_USER" not in env:  # each service connects as its own NATS user
-        full_env |= nats_service_env(full_env.get("NATS_URL", ""), name)
-    full_env.update(_own_signing_key(name, full_env))
-    log_dir = log_dir or _temporary_log_dir()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{name}-{port}.log"
+    full_env = {**os.environ, **process_env(name, env, port=port, http=http)}
+    log_path = log_file(name, port, log_dir)
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", f"services.{name}"],

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 import httpx
@@ -34,6 +34,15 @@ from tools.twilio_sandbox.process import SandboxProcess, start_sandbox
 DB_SERVICES = ("seller_admin", "live_session", "routing", "outbox")
 # In `make run`'s order (callees before callers); here they all start at once.
 SERVICES = (*DB_SERVICES, "gateway")
+
+
+class Launch(Protocol):
+    """Starts one service process (`spawn_service` by default; the image test runs the same
+    environment in a container)."""
+
+    def __call__(
+        self, name: str, env: dict[str, str], *, port: int, http: bool, log_dir: Path
+    ) -> RunningService: ...
 
 
 @contextlib.contextmanager
@@ -174,10 +183,12 @@ async def start_system(
     env: Mapping[str, str] | None = None,
     service_env: Mapping[str, Mapping[str, str]] | None = None,
     trace: bool = True,
+    launch: Launch = spawn_service,
 ) -> SystemStack:
     """Start everything and wait until every service is ready; on failure stop what started.
 
-    `env` is added to every service's environment, `service_env[name]` to one service's.
+    `env` is added to every service's environment, `service_env[name]` to one service's;
+    `launch` starts each service process.
     """
     (work_dir / "traces").mkdir(parents=True, exist_ok=True)
     stack = SystemStack(
@@ -206,7 +217,7 @@ async def start_system(
             is_gateway = name == "gateway"
             # Started together: each process waits for its peers by itself (gRPC retries,
             # JetStream redelivery), exactly as in a cluster where pods start in any order.
-            stack.services[name] = spawn_service(
+            stack.services[name] = launch(
                 name,
                 process_env,
                 port=stack.gateway_port if is_gateway else ports[name],

@@ -11,21 +11,26 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from infra.auth import JwtVerifier, issue_token
-from tests.integration.grpc_echo import SERVICE, bearer, echo_server, method, running
-
-SECRET = "grpc-exposure-test-secret-0123456789abcdef"
+from tests.integration.grpc_echo import (
+    SERVICE,
+    bearer,
+    echo_server,
+    echo_token,
+    echo_verifier,
+    method,
+    running,
+)
 
 
 def token() -> str:
-    return issue_token(SECRET, sub="tester", role="service")
+    return echo_token()
 
 
 async def test_reflection_off_serves_no_reflection_service_but_keeps_health(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("GRPC_REFLECTION", "false")
-    async with running(echo_server(JwtVerifier(secret=SECRET))) as server:
+    async with running(echo_server(echo_verifier())) as server:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.bound_port}") as channel:
             stub = reflection_pb2_grpc.ServerReflectionStub(channel)
             request = reflection_pb2.ServerReflectionRequest(list_services="")
@@ -42,7 +47,7 @@ async def test_calls_past_the_concurrency_cap_are_refused_with_resource_exhauste
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("GRPC_MAX_CONCURRENT_RPCS", "2")
-    async with running(echo_server(JwtVerifier(secret=SECRET))) as server:
+    async with running(echo_server(echo_verifier())) as server:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.bound_port}") as channel:
             slow = channel.unary_unary(method("Slow"))
             held = [

@@ -163,7 +163,7 @@ class Caller:
         self._stack = stack
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._tokens = [make_token("admin", sub="security-admin")] + [
-            make_token("service", sub=name) for name in (*DB_SERVICES, "gateway")
+            make_token("service", sub=name) for name in DB_SERVICES
         ]
 
     async def close(self) -> None:

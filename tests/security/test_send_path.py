@@ -118,8 +118,8 @@ async def test_a_tenant_cannot_send_from_another_tenants_channel_or_account(
     assert code is grpc.StatusCode.FAILED_PRECONDITION, details
     assert f"of tenant {TENANT}" in details and "\n" not in details
     assert await stored(stack, key) == 0
-    # The same sender is refused to a service acting for TENANT too (e.g. live_catalog).
-    code, _, key = await enqueue_as(stack, outbox, stack.metadata(sub="live_catalog"), **fields)
+    # The same sender is refused to routing acting for TENANT too.
+    code, _, key = await enqueue_as(stack, outbox, stack.metadata(sub="routing"), **fields)
     assert code is grpc.StatusCode.FAILED_PRECONDITION
     assert await stored(stack, key) == 0
 

@@ -1,7 +1,7 @@
 """Command line behind the deploy make targets.
 
     python -m tools.deploy check                          # make deploy-check
-    python -m tools.deploy images [--tag T] [--repo R] [--push]   # make images
+    python -m tools.deploy images [--tag T] [--repo R] [--base B] [--push]   # make images
     python -m tools.deploy deploy --env local|prod [--image-tag T] [--image-repo R]
     python -m tools.deploy render --env local|prod [--image-tag T] [--image-repo R]
 
@@ -31,6 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     build = commands.add_parser("images", help="build the application image")
     build.add_argument("--tag", default="", help="default: the git revision")
     build.add_argument("--repo", default="", help=f"default: {APP_IMAGE}")
+    build.add_argument(
+        "--base",
+        default="",
+        help=f"{images.OFFICIAL_BASE} or {images.LOCAL_BASE}; default: "
+        f"{images.OFFICIAL_BASE} with --push, else {images.LOCAL_BASE}",
+    )
     build.add_argument("--push", action="store_true")
 
     for name, text in (("deploy", "build, ship and apply an overlay"), ("render", "print it")):
@@ -42,19 +48,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _images(tag: str, repo: str, push: bool) -> int:
+def _images(tag: str, repo: str, base: str, push: bool) -> int:
     try:
         reference = f"{repo or APP_IMAGE}:{images.check_tag(tag or images.default_tag())}"
+        base = base or (images.OFFICIAL_BASE if push else images.LOCAL_BASE)
+        if push and base != images.OFFICIAL_BASE:
+            # What a registry receives is what production runs: the pinned official base.
+            raise images.ImageError(f"only images on the {images.OFFICIAL_BASE} base are pushed")
         engine = images.detect_engine()
         if engine is None:
             raise images.ImageError(images.NO_ENGINE)
-        images.build(engine, reference)
+        built = images.build(engine, reference, base)
+        print(built.summary())
         if push:
             images.push(engine, reference)
     except images.ImageError as error:
         print(f"make images: {error}", file=sys.stderr)
         return 1
-    print(f"built {reference}")
     return 0
 
 
@@ -63,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         return run_check(args.deploy_dir, args.operations_doc)
     if args.command == "images":
-        return _images(args.tag, args.repo, args.push)
+        return _images(args.tag, args.repo, args.base, args.push)
     run = rollout.deploy if args.command == "deploy" else rollout.render_only
     return run(args.env, args.image_tag or None, args.image_repo or None, args.render_dir)
 

@@ -11,6 +11,8 @@ DOCKERFILE = DEPLOY_DIR / "Dockerfile"
 OPERATIONS_DOC = REPO_ROOT / "docs" / "OPERATIONS.md"
 # Rendered manifests land here (git-ignored), so what `make deploy` applies can be read.
 RENDER_DIR = REPO_ROOT / "build" / "deploy"
+# What image builds cache between runs (git-ignored): the local base, the downloaded wheels.
+STATE_DIR = REPO_ROOT / ".state" / "images"
 
 OVERLAYS: tuple[str, ...] = ("local", "prod")
 

@@ -59,6 +59,7 @@ async def test_a_shop_is_bootstrapped_from_the_command_line(
     assert json.loads(out)["channel"]["accountSid"] == ACCOUNT_SID
 
     code, out, err = await cli(
+        token_keys,
         server_address,
         "add-channel",
         "--tenant",

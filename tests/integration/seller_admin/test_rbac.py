@@ -46,7 +46,8 @@ RBAC_TABLE: dict[str, dict[str, frozenset[str]]] = {
     "ListTenants": {"admin": BOTH},
     "AddChannel": {"admin": BOTH},
     "RemoveChannel": {"admin": BOTH},
-    "ListChannels": {"admin": BOTH, "owner": frozenset({OWN}), "service": BOTH},
+    # The service caller here is routing; only the outbox may list a tenant's channels.
+    "ListChannels": {"admin": BOTH, "owner": frozenset({OWN})},
     "AddSellerPhone": {"admin": BOTH, "owner": frozenset({OWN}), "manager": frozenset({OWN})},
     "RemoveSellerPhone": {
         "admin": BOTH,
