@@ -72,7 +72,12 @@ async def test_sigkill_after_the_outbox_accepted_a_reply_sends_it_once(
 ) -> None:
     stalling, port = outbox
     await reset_service_schema(admin_dsn, SERVICE)
-    env = {"DATABASE_URL": admin_dsn, "NATS_URL": nats_url, "OUTBOX_ADDR": f"127.0.0.1:{port}"}
+    env = {
+        "DATABASE_URL": admin_dsn,
+        "NATS_URL": nats_url,
+        "OUTBOX_ADDR": f"127.0.0.1:{port}",
+        **token_keys.env(SERVICE),  # its own signing key, to call the outbox as live_catalog
+    }
     running = await start_service(SERVICE, env)
     tenant, session = f"crash-{uuid.uuid4().hex[:8]}", str(uuid.uuid4())
     try:

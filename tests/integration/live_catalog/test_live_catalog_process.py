@@ -84,6 +84,8 @@ async def service(
             "DATABASE_URL": admin_dsn,
             "NATS_URL": nats_url,
             "OUTBOX_ADDR": f"127.0.0.1:{outbox[1]}",
+            # Its own signing key, to call the outbox as live_catalog.
+            **token_keys.env(SERVICE),
         },
     )
     yield running
