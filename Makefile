@@ -16,7 +16,7 @@ UV_COMPILE = $(BIN)/uv pip compile pyproject.toml contracts/python/pyproject.tom
 	--custom-compile-command "make lock" $(if $(UPGRADE),--upgrade)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv lock protos contracts-baseline lint format test chaos run webhook bench deploy-check images deploy
+.PHONY: help venv lock protos contracts-baseline lint format test chaos run webhook bench deploy-check images deploy-init deploy
 
 help: ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-20s %s\n", $$1, $$2}'
@@ -62,10 +62,10 @@ chaos: $(INSTALLED) ## the fault suite at full size: 5,000 webhooks through kill
 	SNAPSELL_CHAOS_WEBHOOKS=$(CHAOS_WEBHOOKS) SNAPSELL_CHAOS_RATE=$(CHAOS_RATE) $(BIN)/python -m pytest tests/chaos -q -s
 
 run: $(INSTALLED) ## the whole stack in the foreground (Ctrl-C stops it)
-	$(BIN)/python -m tools.run
+	@$(BIN)/python -m tools.run
 
 webhook: $(INSTALLED) ## send a signed sample webhook to the running stack: make webhook BODY=A12 FROM=whatsapp:+336... TO=whatsapp:+1415...
-	$(BIN)/python -m tools.send_webhook $(if $(BODY),--body "$(BODY)") $(if $(FROM),--from "$(FROM)") $(if $(TO),--to "$(TO)")
+	@$(BIN)/python -m tools.send_webhook $(if $(BODY),--body "$(BODY)") $(if $(FROM),--from "$(FROM)") $(if $(TO),--to "$(TO)")
 
 bench: $(INSTALLED) ## every benchmark, several runs each; writes docs/BENCHMARKS.md
 	$(BIN)/python -m tools.bench
@@ -77,5 +77,8 @@ deploy-check: $(INSTALLED) ## render every overlay, validate offline (Kubernetes
 images: $(INSTALLED) ## build the image: make images [IMAGE_TAG=...] [IMAGE_REPO=...] [IMAGE_BASE=local|official] [PUSH=1] (docker, podman or buildah)
 	$(BIN)/python -m tools.deploy images --tag "$(IMAGE_TAG)" --repo "$(IMAGE_REPO)" --base "$(IMAGE_BASE)" $(if $(PUSH),--push)
 
-deploy: $(INSTALLED) ## deploy to Kubernetes: make deploy ENV=local|prod IMAGE_TAG=... [IMAGE_REPO=...]
+deploy-init: $(INSTALLED) ## this installation's values, outside tracked files: make deploy-init NAME=... [HOST=...] [IMAGE_REPO=...] [BACKUP_PATH=s3://...]
+	$(BIN)/python -m tools.deploy init --name "$(NAME)" --host "$(HOST)" --image-repo "$(IMAGE_REPO)" --backup-path "$(BACKUP_PATH)"
+
+deploy: $(INSTALLED) ## deploy to Kubernetes: make deploy ENV=local|prod|<installation> IMAGE_TAG=... [IMAGE_REPO=...]
 	$(BIN)/python -m tools.deploy deploy --env "$(ENV)" --image-tag "$(IMAGE_TAG)" --image-repo "$(IMAGE_REPO)"

@@ -6,8 +6,13 @@ malformed value raises `ConfigError`, which `infra.lifecycle.run_main` prints an
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from urllib.parse import urlsplit
+
+# Where a process listens unless BIND_HOST says otherwise: every interface, as a pod needs;
+# `make run` sets loopback.
+DEFAULT_BIND_HOST = "0.0.0.0"
 
 
 class ConfigError(Exception):
@@ -84,4 +89,14 @@ def env_address(name: str, default: str) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ConfigError(f"{name} must be host:port, got {value!r}")
+    return value
+
+
+def env_bind_host() -> str:
+    """`BIND_HOST`: the IP address every listener of the process binds (gRPC, metrics, HTTP)."""
+    value = env_str("BIND_HOST", DEFAULT_BIND_HOST)
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(f"BIND_HOST must be an IP address, got {value!r}") from None
     return value

@@ -34,7 +34,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from infra.config import env_bool, env_int
+from infra.config import env_bind_host, env_bool, env_int
 
 # Paths that never need a token: probes and tooling (grpcurl, grpc_health_probe) must work
 # without credentials, and they reveal nothing tenant-specific.
@@ -112,7 +112,7 @@ class GrpcServer:
         service_full_names: Sequence[str],
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         *,
-        host: str = "0.0.0.0",
+        host: str | None = None,
         options: Sequence[tuple[str, Any]] = SERVER_OPTIONS,
         settings: GrpcServerSettings | None = None,
     ) -> None:
@@ -129,6 +129,7 @@ class GrpcServer:
             reflection.enable_server_reflection(
                 (*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
             )
+        host = host if host is not None else env_bind_host()
         self.bound_port: int = self.server.add_insecure_port(f"{host}:{port}")
         self._stopped = False
 

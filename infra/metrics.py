@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 from prometheus_client import Counter, Histogram, start_http_server
 
+from infra.config import env_bind_host
 from infra.grpc_server import Behavior, wrap_rpc_handler
 
 RPC_HANDLED = Counter(
@@ -37,9 +38,10 @@ class MetricsServer:
     stop: Callable[[], None]
 
 
-def start_metrics_server(port: int, *, host: str = "0.0.0.0") -> MetricsServer:
-    """Serve `/metrics` on a background thread; `port=0` picks a free port (see `.port`)."""
-    httpd, thread = start_http_server(port, addr=host)
+def start_metrics_server(port: int, *, host: str | None = None) -> MetricsServer:
+    """Serve `/metrics` on a background thread; `port=0` picks a free port (see `.port`); on
+    `BIND_HOST` unless `host` is given."""
+    httpd, thread = start_http_server(port, addr=host if host is not None else env_bind_host())
 
     def stop() -> None:
         httpd.shutdown()

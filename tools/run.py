@@ -3,12 +3,15 @@
 Starts embedded PostgreSQL and NATS JetStream unless DATABASE_URL / NATS_URL are set, the
 Twilio sandbox unless real Twilio credentials are configured (TWILIO_ACCOUNT_SID and
 TWILIO_AUTH_TOKEN without TWILIO_API_BASE_URL), then every service as its own process
-(each applies its migrations at start). State persists in `.state/`. Ctrl-C or SIGTERM stops
-everything, services first; if any service dies, the rest are stopped too.
+(each applies its migrations at start). State persists in `.state/` (`SNAPSELL_STATE_DIR`).
+Ctrl-C or SIGTERM stops everything, services first; if any service dies, the rest are stopped
+too. One `make run` per state directory: a second one says which PID runs and exits before
+starting anything. Every listener binds `BIND_HOST`, loopback unless set.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -28,8 +31,9 @@ from tools.devstack import EmbeddedNats, EmbeddedPostgres, nats_service_env
 from tools.twilio_sandbox.process import start_sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
-STATE = ROOT / ".state"
+STATE = Path(os.environ.get("SNAPSELL_STATE_DIR", "").strip() or ROOT / ".state")
 READY_TIMEOUT_S = 60.0
+LOCAL_BIND_HOST = "127.0.0.1"
 
 # Started in this order: callees before their callers.
 GRPC_SERVICES = {"seller_admin": 50054, "live_session": 50053, "routing": 50051, "outbox": 50052}
@@ -59,8 +63,25 @@ def existing_services() -> list[str]:
     return [n for n in names if (ROOT / "services" / n / "__main__.py").exists()]
 
 
-def grpc_serving(port: int) -> bool:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+def reachable_host(bind_host: str) -> str:
+    """Where this machine reaches a listener bound to `bind_host` (a wildcard: loopback)."""
+    return "127.0.0.1" if bind_host in ("0.0.0.0", "::", "") else bind_host
+
+
+def set_listen_addresses(env: dict[str, str]) -> str:
+    """Where every service listens (`BIND_HOST`, loopback unless set: the images default to
+    0.0.0.0 for pods) and where peers reach them, unless set; the bind host."""
+    bind_host = env.setdefault("BIND_HOST", LOCAL_BIND_HOST)
+    host = reachable_host(bind_host)
+    http_port = int(env.setdefault("HTTP_PORT", "8080"))
+    env.setdefault("PUBLIC_BASE_URL", f"http://{host}:{http_port}")
+    for name, port in GRPC_SERVICES.items():
+        env.setdefault(f"{name.upper()}_ADDR", f"{host}:{port}")
+    return bind_host
+
+
+def grpc_serving(host: str, port: int) -> bool:
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=1.0
@@ -76,6 +97,26 @@ def http_ready(url: str) -> bool:
             return reply.status == 200
     except OSError:
         return False
+
+
+class AlreadyRunningError(RuntimeError):
+    """Another `make run` holds this state directory."""
+
+
+def hold_run_lock(state: Path) -> int:
+    """Lock `state/run.pid` for this process's lifetime and write our PID in it; the file
+    descriptor to keep open. The kernel drops the lock when the process ends, however it ends,
+    so a file left behind by a crash is stale and simply taken over."""
+    fd = os.open(state / "run.pid", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise AlreadyRunningError(f"make run is already running (PID {holder})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 class Stack:
@@ -121,7 +162,12 @@ class Stack:
 
 
 def main() -> int:
-    STATE.mkdir(exist_ok=True)
+    STATE.mkdir(parents=True, exist_ok=True)
+    try:
+        hold_run_lock(STATE)
+    except AlreadyRunningError as error:
+        print(error, file=sys.stderr)
+        return 1
     stop_requested = False
 
     def request_stop(*_: object) -> None:
@@ -135,10 +181,9 @@ def main() -> int:
     # One signing key per identity in .state/keys/, created once; each service gets its own.
     keys = DevKeys(STATE / "keys")
     env.setdefault("SNAPSELL_TRUSTED_KEYS_FILE", str(keys.trusted_keys_file))
-    http_port = int(env.setdefault("HTTP_PORT", "8080"))
-    env.setdefault("PUBLIC_BASE_URL", f"http://127.0.0.1:{http_port}")
-    for name, port in GRPC_SERVICES.items():
-        env.setdefault(f"{name.upper()}_ADDR", f"127.0.0.1:{port}")
+    bind_host = set_listen_addresses(env)
+    host = reachable_host(bind_host)
+    http_port = int(env["HTTP_PORT"])
 
     stack = Stack()
     with ExitStack() as cleanup:
@@ -179,11 +224,9 @@ def main() -> int:
                     service_env.setdefault("SNAPSELL_SIGNING_KEY_FILE", own_key)
                 if name == "gateway":
                     stack.start(name, service_env)
-                    stack.wait_ready(
-                        name, lambda: http_ready(f"http://127.0.0.1:{http_port}/readyz")
-                    )
+                    stack.wait_ready(name, lambda: http_ready(f"http://{host}:{http_port}/readyz"))
                     say(
-                        f"gateway        http://127.0.0.1:{http_port}"
+                        f"gateway        http://{bind_host}:{http_port}"
                         f"  (public {env['PUBLIC_BASE_URL']})"
                     )
                     continue
@@ -191,8 +234,9 @@ def main() -> int:
                 service_env["GRPC_PORT"] = str(port)
                 service_env["METRICS_PORT"] = str(METRICS_PORTS[name])
                 stack.start(name, service_env)
-                stack.wait_ready(name, lambda port=port: grpc_serving(port))
-                say(f"{name:<14} grpc 127.0.0.1:{port}  metrics :{METRICS_PORTS[name]}")
+                stack.wait_ready(name, lambda port=port: grpc_serving(host, port))
+                metrics = f"{bind_host}:{METRICS_PORTS[name]}"
+                say(f"{name:<14} grpc {bind_host}:{port}  metrics {metrics}")
         except RuntimeError as error:
             say(f"failed to start: {error}")
             return 1

@@ -2,8 +2,10 @@
 
     python -m tools.send_webhook --body A12 --from whatsapp:+33612345678 --to whatsapp:+14155238886
 
-Signs with TWILIO_AUTH_TOKEN (or the local account `make run` created in .state/) for
-PUBLIC_BASE_URL (default http://127.0.0.1:8080) and prints the gateway's answer.
+Signs with TWILIO_AUTH_TOKEN (or the local account `make run` created in .state/, or in
+SNAPSELL_STATE_DIR) for PUBLIC_BASE_URL (default http://127.0.0.1:8080) and prints the
+MessageSid it sent and the gateway's answer. A gateway that does not answer is one line on
+stderr and exit status 1, never a traceback.
 """
 
 from __future__ import annotations
@@ -20,8 +22,14 @@ from urllib.parse import urlencode
 
 from twilio.request_validator import RequestValidator
 
-CREDENTIALS = Path(__file__).resolve().parent.parent / ".state" / "dev-credentials.json"
+ROOT = Path(__file__).resolve().parent.parent
 PATH = "/webhooks/twilio/messages"
+
+
+def local_credentials() -> dict[str, str]:
+    state = Path(os.environ.get("SNAPSELL_STATE_DIR", "").strip() or ROOT / ".state")
+    path = state / "dev-credentials.json"
+    return dict(json.loads(path.read_text())) if path.exists() else {}
 
 
 def main(argv: list[str]) -> int:
@@ -33,13 +41,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--gateway", default=None, help="where to POST (default: public URL)")
     args = parser.parse_args(argv)
 
-    local = json.loads(CREDENTIALS.read_text()) if CREDENTIALS.exists() else {}
+    local = local_credentials()
     account_sid = os.environ.get("TWILIO_ACCOUNT_SID") or local.get("TWILIO_ACCOUNT_SID", "")
     token = os.environ.get("TWILIO_AUTH_TOKEN") or local.get("TWILIO_AUTH_TOKEN")
     if not token:
         print("send_webhook: set TWILIO_AUTH_TOKEN or run `make run` once", file=sys.stderr)
         return 2
-    public = os.environ.get("PUBLIC_BASE_URL", "http://127.0.0.1:8080").rstrip("/") + PATH
+    base_url = os.environ.get("PUBLIC_BASE_URL", "http://127.0.0.1:8080").rstrip("/")
+    public = base_url + PATH
     params = {
         "MessageSid": args.message_sid,
         "SmsMessageSid": args.message_sid,
@@ -50,19 +59,26 @@ def main(argv: list[str]) -> int:
         "NumMedia": "0",
         "ApiVersion": "2010-04-01",
     }
+    target = args.gateway.rstrip("/") if args.gateway else base_url
     request = urllib.request.Request(
-        (args.gateway.rstrip("/") + PATH) if args.gateway else public,
+        target + PATH,
         data=urlencode(params).encode(),
         headers={
             "Content-Type": "application/x-www-form-urlencoded",
             "X-Twilio-Signature": RequestValidator(token).compute_signature(public, params),
         },
     )
+    print(f"MessageSid {args.message_sid}")
+    # No proxies: an http_proxy in the environment must not intercept the local gateway.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with urllib.request.urlopen(request, timeout=10) as reply:
+        with opener.open(request, timeout=10) as reply:
             print(reply.status, reply.read().decode())
     except urllib.error.HTTPError as error:
         print(error.code, error.read().decode().strip())
+        return 1
+    except (urllib.error.URLError, OSError):
+        print(f"gateway not reachable at {target} — is `make run` up?", file=sys.stderr)
         return 1
     return 0
 

@@ -110,9 +110,17 @@ def _own_signing_key(name: str, env: Mapping[str, str]) -> dict[str, str]:
     return {"SNAPSELL_SIGNING_KEY_FILE": str(own)} if own.exists() else {}
 
 
-def process_env(name: str, env: Mapping[str, str], *, port: int, http: bool) -> dict[str, str]:
+def process_env(
+    name: str,
+    env: Mapping[str, str],
+    *,
+    port: int,
+    http: bool,
+    inherited: Mapping[str, str] | None = None,
+) -> dict[str, str]:
     """`env` with what every service process gets: its port, a metrics port, unbuffered output,
-    its own NATS user and signing key (when the stack has them)."""
+    its own NATS user and signing key (when the stack has them, in `env` or in the `inherited`
+    environment the process also gets)."""
     port_var = "HTTP_PORT" if http else "GRPC_PORT"
     full_env = {
         "METRICS_PORT": str(free_port()),
@@ -120,9 +128,10 @@ def process_env(name: str, env: Mapping[str, str], *, port: int, http: bool) -> 
         **env,
         "PYTHONUNBUFFERED": "1",
     }
-    if "NATS_USER" not in env and full_env.get("NATS_URL"):  # its own NATS user
-        full_env |= nats_service_env(full_env["NATS_URL"], name)
-    full_env.update(_own_signing_key(name, full_env))
+    seen = {**(inherited or {}), **full_env}
+    if "NATS_USER" not in env and seen.get("NATS_URL"):  # its own NATS user
+        full_env |= nats_service_env(seen["NATS_URL"], name)
+    full_env.update(_own_signing_key(name, seen))
     return full_env
 
 
@@ -144,7 +153,10 @@ def spawn_service(
     output goes to `<log_dir>/<name>-<port>.log` (`log_dir` by default: a temporary directory
     removed when this process exits; a failing test quotes the log before that)."""
     port = port or free_port()
-    full_env = {**os.environ, **process_env(name, env, port=port, http=http)}
+    full_env = {
+        **os.environ,
+        **process_env(name, env, port=port, http=http, inherited=os.environ),
+    }
     log_path = log_file(name, port, log_dir)
     with log_path.open("ab") as log:
         process = subprocess.Popen(

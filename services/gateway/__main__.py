@@ -45,7 +45,7 @@ async def serve(stop: asyncio.Event) -> None:
         server = _Server(
             uvicorn.Config(
                 app,
-                host="0.0.0.0",
+                host=config.bind_host,
                 port=config.http_port,
                 http="httptools",
                 lifespan="off",
@@ -60,7 +60,7 @@ async def serve(stop: asyncio.Event) -> None:
             )
         )
         tune_garbage_collector()
-        sockets = [_shared_socket(config.http_port)] if is_worker() else None
+        sockets = [_shared_socket(config.bind_host, config.http_port)] if is_worker() else None
         serving = asyncio.create_task(server.serve(sockets=sockets))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -71,12 +71,13 @@ async def serve(stop: asyncio.Event) -> None:
         await nc.drain()
 
 
-def _shared_socket(port: int) -> socket.socket:
+def _shared_socket(host: str, port: int) -> socket.socket:
     """A listening address several workers bind at once; the kernel spreads connections."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(("0.0.0.0", port))
+    sock.bind((host, port))
     return sock
 
 

@@ -41,7 +41,7 @@ from twilio.request_validator import (
     remove_port,
 )
 
-from infra.log import get_logger
+from infra.log import get_logger, mask_phone
 from infra.streams import INBOUND_MESSAGE_SUBJECT, INBOUND_STATUS_SUBJECT
 from services.gateway import domain, metrics
 from services.gateway.body_reading import (
@@ -191,9 +191,18 @@ class Webhooks:
             client_ip = client[0] if client else "unknown"
             if limits.bad_signatures.hit(client_ip):
                 return "source_blocked", SOURCE_BLOCKED
+            # The usual cause is a PUBLIC_BASE_URL other than the URL Twilio was given: say
+            # which URL the signature was checked against (path only: no query values).
             log.warning(
                 "webhook.signature_invalid",
-                extra={"fields": {"endpoint": endpoint, "client_ip": client_ip}},
+                extra={
+                    "fields": {
+                        "endpoint": endpoint,
+                        "client_ip": client_ip,
+                        "checked_url": self._base_url + scope["path"],
+                        "hint": "signed for another URL? PUBLIC_BASE_URL must be what Twilio calls",
+                    }
+                },
             )
             return "bad_signature", BAD_SIGNATURE
         received_at = time.time_ns()
@@ -209,6 +218,18 @@ class Webhooks:
                 subject = INBOUND_STATUS_SUBJECT
                 msg_id = f"{status.message_sid}:{status.message_status}"
         except domain.ParameterError as error:
+            # Signed, so not noise: say why nothing was published (phone numbers masked).
+            log.warning(
+                "webhook.refused",
+                extra={
+                    "fields": {
+                        "endpoint": endpoint,
+                        "message_sid": params.get("MessageSid", ""),
+                        "from": mask_phone(params.get("From", "")),
+                        "error": str(error),
+                    }
+                },
+            )
             return "bad_request", Answer.text(400, str(error))
         span = trace.get_current_span()
         if span.is_recording():  # ops find a message's trace by the MessageSid Twilio shows

@@ -6,7 +6,16 @@ import ipaddress
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from infra.config import ConfigError, env_float, env_int, env_optional, env_str, env_url
+from infra.config import (
+    DEFAULT_BIND_HOST,
+    ConfigError,
+    env_bind_host,
+    env_float,
+    env_int,
+    env_optional,
+    env_str,
+    env_url,
+)
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,7 @@ class Config:
     forwarded_allow_ips: tuple[str, ...]
     body_read_timeout_s: float
     max_connections: int  # per process; past it, uvicorn answers 503
+    bind_host: str = DEFAULT_BIND_HOST
 
 
 def parse_auth_tokens(raw: str | None) -> dict[str, str]:
@@ -114,4 +124,5 @@ def load_config() -> Config:
             "GATEWAY_BODY_READ_TIMEOUT_SECONDS", 5.0, minimum=0.1, maximum=120
         ),
         max_connections=env_int("GATEWAY_MAX_CONNECTIONS", 1024, minimum=1, maximum=1_000_000),
+        bind_host=env_bind_host(),
     )

@@ -58,6 +58,13 @@ SID_FORMATS = {
 }
 
 
+# A phone number without its `+` and country code (`whatsapp:0699887766`): Twilio always sends
+# E.164, so this sender was not written by Twilio and cannot be keyed for consent or matched to a
+# seller. Up to six digits is an SMS short code, which is kept; a WhatsApp user ID has letters.
+_NATIONAL_NUMBER = re.compile(r"[\d\s().-]*\d[\d\s().-]*")
+_SHORT_CODE_MAX_DIGITS = 6
+
+
 class ParameterError(ValueError):
     """A signed webhook's parameters are not what Twilio sends; the message is one line."""
 
@@ -155,6 +162,17 @@ def _fill_address(address: Address, raw: str) -> None:
         address.channel, address.value = channel, rest.strip()
 
 
+def _check_sender(address: Address) -> None:
+    """Refuse a phone-number sender that is not E.164 (see `_NATIONAL_NUMBER`)."""
+    value = address.value
+    if (
+        address.channel != Channel.CHANNEL_MESSENGER
+        and _NATIONAL_NUMBER.fullmatch(value)
+        and sum(c.isdigit() for c in value) > _SHORT_CODE_MAX_DIGITS
+    ):
+        raise InvalidParameterError("From is not an E.164 phone number (+ and country code)")
+
+
 def _require(params: Mapping[str, str], *names: str) -> None:
     missing = [name for name in names if not params.get(name)]
     if missing:
@@ -177,6 +195,7 @@ def message_received(params: Mapping[str, str], received_at_ns: int) -> MessageR
     _require(params, "MessageSid", "From", "To")
     message = MessageReceived()
     _fill_address(message.sender, params["From"])
+    _check_sender(message.sender)
     _fill_address(message.recipient, params["To"])
     message.received_at.FromNanoseconds(received_at_ns)
     other, has_media = message.other_params, False

@@ -8,6 +8,7 @@ batch got, or a new one when that grew too old meanwhile (see consent.BatchConse
 
 from __future__ import annotations
 
+import logging
 import random
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -57,6 +58,8 @@ _RESULT_COUNTERS = {c: SEND_RESULTS.labels(c.value) for c in ErrorClass}
 _ACCEPTED = SEND_RESULTS.labels("accepted")
 
 _WINDOW_MESSAGE = "free-form WhatsApp message and no inbound message in the last 24 hours"
+
+_log = logging.getLogger(__name__)
 
 
 class TwilioGateway(Protocol):
@@ -180,6 +183,18 @@ class MessageDelivery:
             window=self._window,
         )
         if decision is PreSendDecision.BLOCK_OPTED_OUT:
+            # The decision a shop asks about ("why did my client get nothing?"), in one line.
+            _log.info(
+                "outbox.blocked_opted_out",
+                extra={
+                    "fields": {
+                        "message_id": str(message.id),
+                        "tenant_id": message.tenant_id,
+                        "to": message.to,
+                        "opted_out_since": str(consent.opted_out_at),
+                    }
+                },
+            )
             return outcomes.blocked(
                 message,
                 opted_out_since=consent.opted_out_at,

@@ -25,6 +25,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from opentelemetry import trace
 from prometheus_client import Counter, Gauge, Histogram
+from snapsell.common.v1 import address_pb2
 from snapsell.gateway.v1 import events_pb2 as gateway_events
 from snapsell.routing.v1 import events_pb2
 
@@ -32,17 +33,24 @@ from infra import jetstream, telemetry
 from infra.db import DATABASE_UNAVAILABLE
 from infra.events import record_event
 from infra.jetstream import Ack, ConsumerSpec, Nak, Term
+from infra.log import mask_phone
 from services.routing import store
 from services.routing.consent import timestamp
 from services.routing.inbound import (
     MESSAGE_UNROUTABLE,
     InboundRouter,
     InvalidInboundError,
+    Routed,
+    RouteOutcome,
     received_at,
 )
 from services.routing.peers import PeerUnavailableError
 
 log = logging.getLogger(__name__)
+_ADDRESS_PREFIXES = {
+    address_pb2.CHANNEL_WHATSAPP: "whatsapp:",
+    address_pb2.CHANNEL_MESSENGER: "messenger:",
+}
 tracer = trace.get_tracer(__name__)
 
 INBOUND_DURABLE = "routing"
@@ -158,19 +166,9 @@ class InboundConsumer:
         INBOUND_HANDLED.labels(routed.outcome.value).inc()
         if routed.outcome.value != "duplicate":
             INBOUND_LAG.observe(max(0.0, (self._clock() - received_at(message)).total_seconds()))
-        # One line per message, so ops can follow a MessageSid through the system.
         log.info(
             "routing.inbound_handled",
-            extra={
-                "fields": {
-                    "message_sid": message.message_sid,
-                    "tenant_id": routed.tenant_id,
-                    "outcome": routed.outcome.value,
-                    "decision": routed.decision.kind.value if routed.decision else None,
-                    "live_session_id": routed.touched.session_id if routed.touched else None,
-                    "delivery": msg.metadata.num_delivered,
-                }
-            },
+            extra={"fields": handled_fields(message, routed, msg.metadata.num_delivered)},
         )
         return Ack()
 
@@ -266,3 +264,34 @@ async def track_consumer_lag(
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+def address_text(address: address_pb2.Address) -> str:
+    """An address as Twilio writes it: `whatsapp:+1415...`, `messenger:...`, or a bare number."""
+    prefix = _ADDRESS_PREFIXES.get(address.channel, "")
+    return f"{prefix}{address.value}"
+
+
+def handled_fields(
+    message: gateway_events.MessageReceived, routed: Routed, delivery: int
+) -> dict[str, object]:
+    """The one line per message that explains what routing decided, so ops can follow a
+    MessageSid through the system: who sent it (seller or client), the decision and the live
+    signal it was; an unroutable one says which `To` no channel owns (masked by the log)."""
+    decision = routed.decision
+    fields: dict[str, object] = {
+        "message_sid": message.message_sid,
+        "tenant_id": routed.tenant_id,
+        "outcome": routed.outcome.value,
+        "sender_role": routed.sender_role.value if routed.sender_role else None,
+        "decision": decision.kind.value if decision else None,
+        "signal": decision.live_signal.value if decision and decision.live_signal else None,
+        "keyword": decision.keyword if decision and decision.keyword else None,
+        "live_session_id": routed.touched.session_id if routed.touched else None,
+        "delivery": delivery,
+    }
+    if routed.outcome is RouteOutcome.UNROUTABLE:
+        to = mask_phone(address_text(message.recipient))
+        fields["to"] = to
+        fields["hint"] = f"no channel for {to}; add one with add-channel"
+    return fields

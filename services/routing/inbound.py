@@ -130,6 +130,7 @@ class Routed:
     tenant_id: str | None = None
     touched: Touched | None = None
     reply_message_id: str | None = None
+    sender_role: SenderRole | None = None
 
 
 class InboundRouter:
@@ -213,7 +214,9 @@ class InboundRouter:
                     aggregate_id=message.message_sid,
                     tenant_id=sender.tenant_id,
                 )
-        return Routed(RouteOutcome.ROUTED, decision, sender.tenant_id, touched, reply_id)
+        return Routed(
+            RouteOutcome.ROUTED, decision, sender.tenant_id, touched, reply_id, sender.role
+        )
 
     async def _apply_consent(
         self,

@@ -9,26 +9,50 @@
     python -m services.seller_admin.cli issue-token --role owner --tenant chez-marie \\
         --audience routing [--audience outbox] [--sub marie] [--ttl 900]
 
+What operators do by hand, each against the service that owns it:
+
+    python -m services.seller_admin.cli list-tenants
+    python -m services.seller_admin.cli list-channels --tenant chez-marie
+    python -m services.seller_admin.cli remove-seller --tenant chez-marie --phone +33612345678
+    python -m services.seller_admin.cli list-opt-outs --tenant chez-marie          # routing
+    python -m services.seller_admin.cli set-consent --tenant chez-marie \\
+        --address whatsapp:+33612345678 --state opted-out --reason "asked by phone"
+    python -m services.seller_admin.cli list-dead-letters --tenant chez-marie      # outbox
+    python -m services.seller_admin.cli get-message --tenant chez-marie MESSAGE_ID
+    python -m services.seller_admin.cli redrive --tenant chez-marie MESSAGE_ID...
+    python -m services.seller_admin.cli discard --tenant chez-marie --reason "..." MESSAGE_ID...
+
 Tokens are signed with the operator's own key (`SNAPSELL_SIGNING_KEY_FILE`, published in the
 services' trusted key set under `SNAPSELL_SIGNING_KEY_ID`, default `operator`) and live at most
-an hour. Every command but `issue-token` calls the service at `SELLER_ADMIN_ADDR` (default
-127.0.0.1:50054) as `admin`, with a five-minute token, so the changes go through the same
-validation, RBAC and audit trail as any caller's. Results are
-printed as JSON; a refused call prints `error: <CODE>: <message>` and exits 1, a configuration
-problem exits 2.
+an hour. Against the local stack nothing needs exporting: when `SNAPSELL_SIGNING_KEY_FILE` or
+`TWILIO_ACCOUNT_SID` is unset, the CLI uses what `make run` keeps in `.state/` (the operator key
+`.state/keys/operator.pem`, the sandbox account of `.state/dev-credentials.json`) and says so in
+one line on stderr; variables that are set always win (`SNAPSELL_STATE_DIR` moves `.state/`).
+Every command but `issue-token` calls its service (seller_admin at `SELLER_ADMIN_ADDR`,
+default 127.0.0.1:50054; routing at `ROUTING_ADDR`, 127.0.0.1:50051; outbox at `OUTBOX_ADDR`,
+127.0.0.1:50052) as `admin`, with a five-minute token, so the changes go through the same
+validation, RBAC and audit trail as any caller's. Results are printed as JSON; a refused call
+prints `error: <CODE>: <message>` and exits 1, a configuration problem exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from snapsell.common.v1 import address_pb2
+from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
+from snapsell.routing.v1 import routing_pb2, routing_pb2_grpc
 from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
 from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
@@ -38,6 +62,14 @@ from infra.grpc_client import service_channel
 from infra.keys import OPERATOR, SigningKey
 
 _CLI_TOKEN_TTL_S = 300
+_REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+def local_state_dir() -> Path:
+    """Where `make run` keeps the local stack's keys and sandbox account (tools/run.py)."""
+    return Path(os.environ.get("SNAPSELL_STATE_DIR", "").strip() or _REPOSITORY / ".state")
+
+
 # The services a token may be for: each accepts only tokens naming it.
 AUDIENCES = ("live_session", "outbox", "routing", "seller_admin")
 
@@ -97,7 +129,32 @@ def _parser() -> argparse.ArgumentParser:
         default=MAX_TOKEN_TTL_S,
         help=f"seconds, at most {MAX_TOKEN_TTL_S} (the default)",
     )
+    _add_operations(commands)
     return parser
+
+
+def use_local_stack_credentials(command: str, account_sid_given: bool) -> str | None:
+    """Fill the unset variables from `make run`'s `.state/` (the environment wins); the line that
+    says what was taken, or None when nothing was."""
+    used = []
+    state = local_state_dir()
+    operator_key = state / "keys" / f"{OPERATOR}.pem"
+    if not os.environ.get("SNAPSELL_SIGNING_KEY_FILE", "").strip() and operator_key.exists():
+        os.environ["SNAPSELL_SIGNING_KEY_FILE"] = str(operator_key)
+        used.append(f"operator key {operator_key}")
+    wants_account = command == "add-channel" and not account_sid_given
+    if wants_account and not os.environ.get("TWILIO_ACCOUNT_SID", "").strip():
+        try:
+            credentials = json.loads((state / "dev-credentials.json").read_text())
+            account_sid = str(credentials["TWILIO_ACCOUNT_SID"])
+        except (OSError, ValueError, KeyError):
+            account_sid = ""
+        if account_sid:
+            os.environ["TWILIO_ACCOUNT_SID"] = account_sid
+            used.append(f"Twilio account {account_sid} of {state / 'dev-credentials.json'}")
+    if not used:
+        return None
+    return f"using the local stack's {' and '.join(used)} (make run's; the environment wins)"
 
 
 def _operator_key() -> SigningKey:
@@ -177,12 +234,209 @@ def _print_token(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- What operators do by hand: each command calls the service that owns the data, as `admin`,
+# with a token for that service alone.
+
+# The address setting and its `make run` default of each service the commands call.
+_SERVICE_ADDRESSES = {
+    "seller_admin": ("SELLER_ADMIN_ADDR", "127.0.0.1:50054"),
+    "routing": ("ROUTING_ADDR", "127.0.0.1:50051"),
+    "outbox": ("OUTBOX_ADDR", "127.0.0.1:50052"),
+}
+# `--address` prefixes; a bare `+E164` is an SMS number.
+_ADDRESS_CHANNELS = {
+    "whatsapp": address_pb2.CHANNEL_WHATSAPP,
+    "messenger": address_pb2.CHANNEL_MESSENGER,
+    "sms": address_pb2.CHANNEL_SMS,
+}
+_CONSENT_STATES = {
+    "opted-out": routing_pb2.CONSENT_STATE_OPTED_OUT,
+    "opted-in": routing_pb2.CONSENT_STATE_OPTED_IN,
+}
+_DEAD_REASONS = {
+    "outside-session-window": outbox_pb2.DEAD_REASON_OUTSIDE_SESSION_WINDOW,
+    "permanent-error": outbox_pb2.DEAD_REASON_PERMANENT_ERROR,
+    "attempts-exhausted": outbox_pb2.DEAD_REASON_ATTEMPTS_EXHAUSTED,
+    "outcome-unknown": outbox_pb2.DEAD_REASON_OUTCOME_UNKNOWN,
+}
+_PAGE_SIZE = 500
+
+Operation = Callable[[argparse.Namespace, grpc.aio.Channel], Awaitable[Message]]
+
+
+def _add_operations(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    def add(name: str, service: str, operation: Operation, text: str) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=f"{text} ({service})")
+        command.set_defaults(operation=functools.partial(_operate, service, operation))
+        return command
+
+    add("list-tenants", "seller_admin", _list_tenants, "list every tenant")
+    add("list-channels", "seller_admin", _list_channels, "list a tenant's channels").add_argument(
+        "--tenant", required=True
+    )
+    remove = add("remove-seller", "seller_admin", _remove_seller, "remove a seller phone")
+    remove.add_argument("--tenant", required=True)
+    who = remove.add_mutually_exclusive_group(required=True)
+    who.add_argument("--phone", help="as registered, e.g. '+33612345678'")
+    who.add_argument("--whatsapp-user-id")
+
+    opt_outs = add("list-opt-outs", "routing", _list_opt_outs, "list who opted out")
+    opt_outs.add_argument("--tenant", required=True)
+    consent = add("set-consent", "routing", _set_consent, "record consent given or withdrawn")
+    consent.add_argument("--tenant", required=True)
+    consent.add_argument(
+        "--address", required=True, help="whatsapp:+E164, messenger:ID, or +E164 (SMS)"
+    )
+    consent.add_argument("--state", required=True, choices=sorted(_CONSENT_STATES))
+    consent.add_argument("--reason", default="", help="kept in the audit trail")
+
+    dead = add("list-dead-letters", "outbox", _list_dead_letters, "list undeliverable messages")
+    dead.add_argument("--tenant", required=True)
+    dead.add_argument("--reason", choices=sorted(_DEAD_REASONS), help="only this reason")
+    dead.add_argument("--sender", default="", help="only from this sender, e.g. whatsapp:+1415...")
+    message = add("get-message", "outbox", _get_message, "a message with its attempts")
+    message.add_argument("--tenant", required=True)
+    message.add_argument("message_id", metavar="MESSAGE_ID")
+    redrive = add("redrive", "outbox", _redrive, "send dead letters again")
+    redrive.add_argument("--tenant", required=True)
+    redrive.add_argument("message_ids", nargs="+", metavar="MESSAGE_ID")
+    discard = add("discard", "outbox", _discard, "give up on dead letters for good")
+    discard.add_argument("--tenant", required=True)
+    discard.add_argument("--reason", required=True, help="kept in the audit trail")
+    discard.add_argument("message_ids", nargs="+", metavar="MESSAGE_ID")
+
+
+async def _operate(service: str, operation: Operation, args: argparse.Namespace) -> Message:
+    address = env_address(*_SERVICE_ADDRESSES[service])
+    admin_token = issue_token(
+        _operator_key(), sub=args.actor, role="admin", audience=service, ttl_s=_CLI_TOKEN_TTL_S
+    )
+    async with service_channel(address, token_provider=_StaticToken(admin_token)) as channel:
+        return await operation(args, channel)
+
+
+async def _every_page(fetch: Callable[[str], Awaitable[Any]], field: str) -> Message:
+    """Every page of a paginated list, as one response."""
+    everything: Message | None = None
+    page_token = ""
+    while True:
+        page = await fetch(page_token)
+        if everything is None:
+            everything = type(page)()
+        getattr(everything, field).extend(getattr(page, field))
+        page_token = page.next_page_token
+        if not page_token:
+            return everything
+
+
+async def _list_tenants(args: argparse.Namespace, channel: grpc.aio.Channel) -> Message:
+    stub = seller_admin_pb2_grpc.SellerAdminServiceStub(channel)
+    return await _every_page(
+        lambda token: stub.ListTenants(
+            pb.ListTenantsRequest(page_size=_PAGE_SIZE, page_token=token)
+        ),
+        "tenants",
+    )
+
+
+async def _list_channels(args: argparse.Namespace, channel: grpc.aio.Channel) -> Message:
+    stub = seller_admin_pb2_grpc.SellerAdminServiceStub(channel)
+    return await _every_page(
+        lambda token: stub.ListChannels(
+            pb.ListChannelsRequest(tenant_id=args.tenant, page_size=_PAGE_SIZE, page_token=token)
+        ),
+        "channels",
+    )
+
+
+async def _remove_seller(args: argparse.Namespace, channel: grpc.aio.Channel) -> Message:
+    request = pb.RemoveSellerPhoneRequest(tenant_id=args.tenant)
+    if args.phone is not None:
+        request.phone_number = args.phone
+    else:
+        request.whatsapp_user_id = args.whatsapp_user_id
+    return await seller_admin_pb2_grpc.SellerAdminServiceStub(channel).RemoveSellerPhone(request)
+
+
+async def _list_opt_outs(args: argparse.Namespace, channel: grpc.aio.Channel) -> Message:
+    stub = routing_pb2_grpc.RoutingServiceStub(channel)
+    return await _every_page(
+        lambda token: stub.ListOptOuts(
+            routing_pb2.ListOptOutsRequest(
+                tenant_id=args.tenant, page_size=_PAGE_SIZE, page_token=token
+            )
+        ),
+        "opt_outs",
+    )
+
+
+def _address(raw: str) -> address_pb2.Address:
+    prefix, colon, value = raw.strip().partition(":")
+    if not colon:
+        return address_pb2.Address(channel=address_pb2.CHANNEL_SMS, value=raw.strip())
+    if prefix.lower() not in _ADDRESS_CHANNELS:
+        known = ", ".join(f"{name}:" for name in sorted(_ADDRESS_CHANNELS))
+        raise ConfigError(f"--address {raw!r} must start with one of {known} or be +E164")
+    return address_pb2.Address(channel=_ADDRESS_CHANNELS[prefix.lower()], value=value)
+
+
+async def _set_consent(args: argparse.Namespace, channel: grpc.aio.Channel) -> Message:
+    return await routing_pb2_grpc.RoutingServiceStub(channel).SetConsent(
+        routing_pb2.SetConsentRequest(
+            tenant_id=args.tenant,
+            address=_address(args.address),
+            state=_CONSENT_STATES[args.state],
+            reason=args.reason,
+        )
+    )
+
+
+async def _list_dead_letters(args: argparse.Namespace, channel: grpc.aio.Channel) -> Message:
+    stub = outbox_pb2_grpc.OutboxServiceStub(channel)
+    return await _every_page(
+        lambda token: stub.ListDeadLetters(
+            outbox_pb2.ListDeadLettersRequest(
+                tenant_id=args.tenant,
+                page_size=_PAGE_SIZE,
+                page_token=token,
+                reason=_DEAD_REASONS.get(args.reason or "", outbox_pb2.DEAD_REASON_UNSPECIFIED),
+                sender=args.sender,
+            )
+        ),
+        "messages",
+    )
+
+
+async def _get_message(args: argparse.Namespace, channel: grpc.aio.Channel) -> Message:
+    return await outbox_pb2_grpc.OutboxServiceStub(channel).GetMessage(
+        outbox_pb2.GetMessageRequest(tenant_id=args.tenant, message_id=args.message_id)
+    )
+
+
+async def _redrive(args: argparse.Namespace, channel: grpc.aio.Channel) -> Message:
+    return await outbox_pb2_grpc.OutboxServiceStub(channel).Redrive(
+        outbox_pb2.RedriveRequest(tenant_id=args.tenant, message_ids=args.message_ids)
+    )
+
+
+async def _discard(args: argparse.Namespace, channel: grpc.aio.Channel) -> Message:
+    return await outbox_pb2_grpc.OutboxServiceStub(channel).Discard(
+        outbox_pb2.DiscardRequest(
+            tenant_id=args.tenant, message_ids=args.message_ids, reason=args.reason
+        )
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    local = use_local_stack_credentials(args.command, bool(getattr(args, "account_sid", None)))
+    if local:
+        print(local, file=sys.stderr)
     try:
         if args.command == "issue-token":
             return _print_token(args)
-        reply = asyncio.run(_call(args))
+        operation = getattr(args, "operation", None)
+        reply = asyncio.run(operation(args) if operation else _call(args))
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -74,6 +74,13 @@ def test_deploy_check_fails_on_a_deliberately_broken_manifest(tmp_path: Path) ->
         "image 'nats:latest' uses the latest tag",
         "FAIL prod: image digests: StatefulSet/nats: container nats: "
         "image 'nats:latest' is not pinned by digest",
+        # An installation made from the template inherits prod's manifests, and their faults.
+        "FAIL installation-template: probes: Deployment/gateway: container gateway: "
+        "no readinessProbe",
+        "FAIL installation-template: image tags: StatefulSet/nats: container nats: "
+        "image 'nats:latest' uses the latest tag",
+        "FAIL installation-template: image digests: StatefulSet/nats: container nats: "
+        "image 'nats:latest' is not pinned by digest",
     ]
     assert result.stdout.splitlines()[-1] == "deploy-check: FAILED"
 
@@ -94,7 +101,10 @@ def test_deploy_without_a_cluster_shows_what_it_would_apply_and_fails(
     )
 
     assert result.returncode == 1
-    assert result.stderr.startswith("make deploy: no reachable Kubernetes cluster (")
+    assert result.stderr.startswith(
+        "make deploy: no reachable Kubernetes cluster at https://127.0.0.1:9 "
+        f"(kubectl context 'gone', KUBECONFIG={no_cluster['KUBECONFIG']}): "
+    )
     assert "nothing was applied" in result.stderr
     rendered = render_dir / "local.yaml"
     docs = parse(rendered.read_text())
@@ -109,6 +119,23 @@ def test_deploy_without_a_cluster_shows_what_it_would_apply_and_fails(
         for c in d["spec"]["template"]["spec"]["containers"]
     }
     assert images == {"snapsell/messaging:1.2.3"}
+
+
+def test_without_a_kubectl_context_deploy_names_the_missing_context_and_tries_nothing(
+    tmp_path: Path,
+) -> None:
+    empty = tmp_path / "kubeconfig"
+    empty.write_text("")
+    # HOME too: kubectl would otherwise read ~/.kube/config when KUBECONFIG names nothing usable.
+    env = {**os.environ, "KUBECONFIG": str(empty), "HOME": str(tmp_path)}
+    result = run_tool(
+        "deploy", "--env", "local", "--image-tag", "1.2.3", "--render-dir", str(tmp_path), env=env
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"make deploy: no kubectl context is set (KUBECONFIG={empty})")
+    assert "localhost:8080" in result.stderr and "NotFound" not in result.stderr
+    assert "kubectl config use-context NAME" in result.stderr
+    assert result.stderr.count("\n") == 1
 
 
 def test_prod_requires_an_image_tag(no_cluster: dict[str, str], tmp_path: Path) -> None:

@@ -4,6 +4,9 @@
     python -m tools.deploy images [--tag T] [--repo R] [--base B] [--push]   # make images
     python -m tools.deploy deploy --env local|prod [--image-tag T] [--image-repo R]
     python -m tools.deploy render --env local|prod [--image-tag T] [--image-repo R]
+    python -m tools.deploy init --name N [--host H] [--image-repo R] [--backup-path P]
+
+`--env` also takes an installation made by `init` (deploy/installations/N, git-ignored).
 
 Exit status: 0 done, 1 failed or not possible here (message on stderr), 2 bad usage.
 Empty option values count as absent, so make can pass unset variables through.
@@ -15,9 +18,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from tools.deploy import images, rollout
+from tools.deploy import images, installation, rollout
 from tools.deploy.check import run_check
-from tools.deploy.layout import APP_IMAGE, DEPLOY_DIR, OPERATIONS_DOC, RENDER_DIR
+from tools.deploy.layout import APP_IMAGE, DEPLOY_DIR, OPERATIONS_DOC, PLACEHOLDER_MARK, RENDER_DIR
+from tools.deploy.render import RenderError, render
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,7 +49,34 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--image-tag", default="", help="required for prod")
         command.add_argument("--image-repo", default="", help="default: the overlay's")
         command.add_argument("--render-dir", type=Path, default=RENDER_DIR)
+
+    init = commands.add_parser("init", help="make deploy/installations/NAME from the template")
+    init.add_argument("--name", default="", help="the installation, e.g. eu-prod")
+    init.add_argument("--host", default="", help="public host of the webhooks (PUBLIC_BASE_URL)")
+    init.add_argument("--image-repo", default="", help="where the application image is pushed")
+    init.add_argument("--backup-path", default="", help="s3://bucket/prefix of the backups")
+    init.add_argument("--deploy-dir", type=Path, default=DEPLOY_DIR)
     return parser
+
+
+def _init(args: argparse.Namespace) -> int:
+    values = installation.Values(args.host, args.image_repo, args.backup_path)
+    try:
+        made = installation.create(args.name, values, args.deploy_dir)
+    except installation.InstallationError as error:
+        print(f"make deploy-init: {error}", file=sys.stderr)
+        return 1
+    shown = installation.shown(made)
+    print(f"wrote {shown}/kustomization.yaml (git-ignored)")
+    try:
+        left = installation.placeholder_sources(render(made), made)
+    except RenderError as error:
+        print(f"make deploy-init: {error}", file=sys.stderr)
+        return 1
+    for line in left:
+        print(f"  still '{PLACEHOLDER_MARK}': {line}")
+    print(f"then: make deploy ENV={args.name} IMAGE_TAG=...")
+    return 0
 
 
 def _images(tag: str, repo: str, base: str, push: bool) -> int:
@@ -74,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_check(args.deploy_dir, args.operations_doc)
     if args.command == "images":
         return _images(args.tag, args.repo, args.base, args.push)
+    if args.command == "init":
+        return _init(args)
     run = rollout.deploy if args.command == "deploy" else rollout.render_only
     return run(args.env, args.image_tag or None, args.image_repo or None, args.render_dir)
 

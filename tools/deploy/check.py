@@ -4,18 +4,22 @@ Kubernetes schemas, and apply the deployment policies. Needs no cluster and no n
 from __future__ import annotations
 
 import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
-from tools.deploy import policy
+from tools.deploy import installation, policy
 from tools.deploy.layout import (
     DEPLOY_DIR,
+    INSTALLATIONS,
     KUBERNETES_VERSION,
     OPERATIONS_DOC,
     OVERLAYS,
+    PLACEHOLDER_MARK,
     overlay_dir,
 )
 from tools.deploy.render import Manifest, RenderError, parse, render
@@ -25,6 +29,7 @@ _SECRET_ROW = re.compile(r"^\|\s*`([a-z0-9][a-z0-9.-]*)`\s*\|", re.MULTILINE)
 _HOLDERS_COLUMN = "Pods that hold it"
 # The overlay the production-only rules (reflection off, mTLS) apply to.
 PRODUCTION_OVERLAY = "prod"
+TEMPLATE_REPORT = "installation-template"
 
 
 @dataclass(frozen=True)
@@ -74,10 +79,11 @@ def check_documents(
     docs: Sequence[Manifest],
     secrets: frozenset[str],
     holders: policy.SecretHolders | None = None,
+    production: bool | None = None,
 ) -> OverlayReport:
     schema = validate_builtin(docs, KUBERNETES_VERSION)
     problems = [f"schema: {line}" for line in schema.problems]
-    production = overlay == PRODUCTION_OVERLAY
+    production = overlay == PRODUCTION_OVERLAY if production is None else production
     for name, rule in policy.rules(secrets, holders, production=production).items():
         problems += [f"{name}: {line}" for line in rule(docs)]
     return OverlayReport(overlay, len(docs), schema.validated, schema.skipped, tuple(problems))
@@ -94,6 +100,33 @@ def check_overlay(
     except RenderError as error:
         return OverlayReport(overlay, 0, 0, (), (f"render: {error}",))
     return check_documents(overlay, docs, secrets, holders)
+
+
+# What `make deploy-init` is given when deploy-check tries the template.
+_EXAMPLE_VALUES = installation.Values(
+    host="messaging.example.com",
+    image_repo="registry.example.com/snapsell/messaging",
+    backup_path="s3://example-backups/snapsell-pg",
+)
+
+
+def check_template(
+    deploy_dir: Path, secrets: frozenset[str], holders: policy.SecretHolders | None = None
+) -> OverlayReport:
+    """An installation made from the template with every value given: it renders, passes the
+    production rules, and leaves no placeholder (the template covers every one of prod's)."""
+    with tempfile.TemporaryDirectory(prefix="snapsell-template-") as tmp:
+        copy = Path(tmp) / "deploy"
+        shutil.copytree(deploy_dir, copy, ignore=shutil.ignore_patterns(INSTALLATIONS))
+        try:
+            made = installation.create("template-check", _EXAMPLE_VALUES, copy)
+            stream = render(made)
+        except (installation.InstallationError, RenderError) as error:
+            return OverlayReport(TEMPLATE_REPORT, 0, 0, (), (f"render: {error}",))
+        report = check_documents(TEMPLATE_REPORT, parse(stream), secrets, holders, production=True)
+        left = [line for line in stream.splitlines() if PLACEHOLDER_MARK in line]
+    problems = [f"placeholder not covered by the template: {line.strip()}" for line in left]
+    return replace(report, problems=report.problems + tuple(problems))
 
 
 def run_check(
@@ -117,6 +150,11 @@ def run_check(
         for line in report.problems:
             print(f"  FAIL {overlay}: {line}", file=out)
         failed = failed or bool(report.problems)
+    report = check_template(deploy_dir, secrets, holders)
+    print(f"deploy-check {TEMPLATE_REPORT}: {report.objects} objects (as prod)", file=out)
+    for line in report.problems:
+        print(f"  FAIL {TEMPLATE_REPORT}: {line}", file=out)
+    failed = failed or bool(report.problems)
     for line in policy.dockerfile_bases_by_digest((deploy_dir / "Dockerfile").read_text()):
         print(f"  FAIL image: {line}", file=out)
         failed = True

@@ -3,9 +3,11 @@ the operators the manifests need, apply, and wait for the rollout."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from tools.deploy.images import Engine, ImageError, push
@@ -31,6 +33,11 @@ PREREQUISITES: tuple[tuple[str, list[str], str], ...] = (
         ["get", "crd", "peerauthentications.security.istio.io"],
         "the Istio service mesh (mutual TLS between the services)",
     ),
+    (
+        "PrometheusRule",
+        ["get", "crd", "prometheusrules.monitoring.coreos.com"],
+        "the Prometheus Operator (the alert rules)",
+    ),
 )
 
 
@@ -55,6 +62,34 @@ def unreachable_reason(kubectl: str) -> str | None:
 def current_context(kubectl: str) -> str:
     result = _kubectl(kubectl, "config", "current-context")
     return result.stdout.strip() if result.returncode == 0 else ""
+
+
+@dataclass(frozen=True)
+class Target:
+    """The cluster kubectl talks to: its current context and that context's API server."""
+
+    context: str
+    server: str
+
+
+def target(kubectl: str) -> Target | None:
+    """None without a current context: kubectl would then try http://localhost:8080, which on
+    a developer's machine is the gateway of `make run`, and report its 404 as NotFound."""
+    context = current_context(kubectl)
+    if not context:
+        return None
+    jsonpath = "jsonpath={.clusters[0].cluster.server}"
+    result = _kubectl(kubectl, "config", "view", "--minify", "-o", jsonpath)
+    return Target(context, result.stdout.strip() or "(no server set)")
+
+
+def kubeconfig_source() -> str:
+    """Where kubectl reads its configuration from, as the user would name it."""
+    return (
+        f"KUBECONFIG={os.environ['KUBECONFIG']}"
+        if os.environ.get("KUBECONFIG")
+        else "~/.kube/config"
+    )
 
 
 def missing_prerequisites(kubectl: str, docs: Sequence[Manifest]) -> list[str]:

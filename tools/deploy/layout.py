@@ -26,5 +26,10 @@ KUBERNETES_VERSION = "1.32.0"
 PLACEHOLDER_MARK = "change-me"
 
 
+# The per-installation overlays (git-ignored) and the tracked template they are made from.
+INSTALLATIONS = "installations"
+INSTALLATION_TEMPLATE = "installation-template"
+
+
 def overlay_dir(name: str, deploy_dir: Path = DEPLOY_DIR) -> Path:
     return deploy_dir / "overlays" / name

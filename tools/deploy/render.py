@@ -67,12 +67,19 @@ def render_with_image(overlay: Path, repository: str, tag: str) -> str:
 
 
 def overlay_image_name(overlay: Path) -> str:
-    """The application image's repository after OVERLAY's own `images` rewrite."""
+    """The application image's repository after the `images` rewrites of OVERLAY and of the
+    overlays it builds on (an installation renames what prod named)."""
     kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text()) or {}
+    name = APP_IMAGE
+    for resource in kustomization.get("resources", []):
+        if (overlay / str(resource) / "kustomization.yaml").is_file():
+            name = overlay_image_name(overlay / str(resource))
+            if name != APP_IMAGE:
+                break
     for entry in kustomization.get("images", []):
-        if entry.get("name") == APP_IMAGE:
-            return str(entry.get("newName", APP_IMAGE))
-    return APP_IMAGE
+        if entry.get("name") == name:
+            return str(entry.get("newName", name))
+    return name
 
 
 def parse(stream: str) -> list[Manifest]:

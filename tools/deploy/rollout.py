@@ -9,7 +9,8 @@ from pathlib import Path
 
 from tools.deploy import cluster
 from tools.deploy.images import ImageError, build, check_tag, default_tag, detect_engine
-from tools.deploy.layout import OVERLAYS, PLACEHOLDER_MARK, RENDER_DIR, REPO_ROOT, overlay_dir
+from tools.deploy.installation import environment_dir, placeholder_sources
+from tools.deploy.layout import DEPLOY_DIR, OVERLAYS, PLACEHOLDER_MARK, RENDER_DIR, REPO_ROOT
 from tools.deploy.render import (
     Manifest,
     RenderError,
@@ -33,6 +34,7 @@ class Release:
     rendered: Path
     stream: str
     docs: tuple[Manifest, ...]
+    directory: Path
 
     @property
     def image(self) -> str:
@@ -40,22 +42,31 @@ class Release:
 
 
 def plan(
-    environment: str, tag: str | None, repository: str | None, render_dir: Path = RENDER_DIR
+    environment: str,
+    tag: str | None,
+    repository: str | None,
+    render_dir: Path = RENDER_DIR,
+    deploy_dir: Path = DEPLOY_DIR,
 ) -> Release:
-    """Render ENVIRONMENT's overlay with the image to deploy and write it to RENDER_DIR."""
-    if environment not in OVERLAYS:
-        raise DeployError(f"ENV must be one of {', '.join(OVERLAYS)} (got {environment!r})")
+    """Render ENVIRONMENT's overlay (or installation) with the image to deploy and write it to
+    RENDER_DIR."""
+    overlay = environment_dir(environment, deploy_dir)
+    if overlay is None:
+        raise DeployError(
+            f"ENV must be one of {', '.join(OVERLAYS)} or an installation made by "
+            f"`make deploy-init NAME=...` (got {environment!r})"
+        )
     if not tag:
-        if environment == "prod":
+        if environment != "local":
             raise DeployError(
-                "IMAGE_TAG is required for prod: the immutable tag of an image already built"
+                f"IMAGE_TAG is required for {environment}: the immutable tag of an image "
+                "already built"
             )
         tag = default_tag()
     try:
         check_tag(tag)
     except ImageError as error:
         raise DeployError(str(error)) from error
-    overlay = overlay_dir(environment)
     repository = repository or overlay_image_name(overlay)
     try:
         stream = render_with_image(overlay, repository, tag)
@@ -64,7 +75,7 @@ def plan(
     render_dir.mkdir(parents=True, exist_ok=True)
     rendered = render_dir / f"{environment}.yaml"
     rendered.write_text(stream)
-    return Release(environment, repository, tag, rendered, stream, tuple(parse(stream)))
+    return Release(environment, repository, tag, rendered, stream, tuple(parse(stream)), overlay)
 
 
 def placeholders(stream: str) -> list[str]:
@@ -91,26 +102,45 @@ def deploy(
     tag: str | None,
     repository: str | None,
     render_dir: Path = RENDER_DIR,
+    deploy_dir: Path = DEPLOY_DIR,
 ) -> int:
     try:
-        release = plan(environment, tag, repository, render_dir)
+        release = plan(environment, tag, repository, render_dir, deploy_dir)
     except DeployError as error:
         return _fail(str(error))
     show(release)
-    left = placeholders(release.stream)
+    left = placeholder_sources(release.stream, release.directory)
     if left:
         lines = "\n".join(f"  {line}" for line in left)
+        where = (
+            "set them in the files named"
+            if environment not in OVERLAYS
+            else "keep this installation's values out of the repository: "
+            "`make deploy-init NAME=<name> HOST=... IMAGE_REPO=... BACKUP_PATH=...` writes "
+            "deploy/installations/<name>/ (git-ignored) from deploy/installation-template, "
+            "then `make deploy ENV=<name>`"
+        )
         return _fail(
-            f"installation-specific values still hold '{PLACEHOLDER_MARK}' placeholders; set "
-            f"them in deploy/overlays/{environment} (or IMAGE_REPO for the image):\n{lines}"
+            f"installation-specific values still hold '{PLACEHOLDER_MARK}' placeholders "
+            f"(IMAGE_REPO replaces the image's); {where}:\n{lines}"
         )
     kubectl = kubectl_path()
+    later = (
+        f"nothing was applied. The objects above are in {_shown(release.rendered)}: "
+        "`kubectl apply -f` it once a cluster is reachable, or run `make deploy` again."
+    )
+    where = cluster.target(kubectl)
+    if where is None:
+        return _fail(
+            f"no kubectl context is set ({cluster.kubeconfig_source()}), so no cluster was "
+            "tried (kubectl's fallback, localhost:8080, is where `make run`'s gateway listens); "
+            f"pick one with `kubectl config use-context NAME`; {later}"
+        )
     reason = cluster.unreachable_reason(kubectl)
     if reason is not None:
         return _fail(
-            f"no reachable Kubernetes cluster ({reason}); nothing was applied. The objects "
-            f"above are in {_shown(release.rendered)}: `kubectl apply -f` it once a cluster "
-            "is reachable, or run `make deploy` again."
+            f"no reachable Kubernetes cluster at {where.server} (kubectl context "
+            f"'{where.context}', {cluster.kubeconfig_source()}): {reason}; {later}"
         )
     return _ship(kubectl, release)
 

@@ -21,6 +21,7 @@ CUSTOM_KINDS: frozenset[tuple[str, str]] = frozenset(
         ("postgresql.cnpg.io/v1", "ScheduledBackup"),
         ("barmancloud.cnpg.io/v1", "ObjectStore"),
         ("security.istio.io/v1", "PeerAuthentication"),
+        ("monitoring.coreos.com/v1", "PrometheusRule"),
     }
 )
 

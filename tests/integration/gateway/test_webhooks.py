@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from urllib.parse import urlencode
 
@@ -174,6 +175,39 @@ async def test_signed_body_without_a_required_parameter_is_refused_with_400(
     assert reply.status_code == 400
     assert missing in reply.text
     assert await last_seq(js) == before
+
+
+async def logged(gateway, event: str) -> list[dict]:
+    """The gateway's log lines for `event`, once there is one (it writes them as it goes)."""
+    for _ in range(100):
+        lines = [json.loads(line) for line in gateway.logs().splitlines() if event in line]
+        if lines:
+            return lines
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {event} line in the gateway's log")
+
+
+async def test_a_sender_without_plus_and_country_code_is_refused_with_a_masked_log_line(
+    gateway, http, js
+) -> None:
+    before = await last_seq(js)
+    params = whatsapp_params(From="whatsapp:0699887766", WaId="")
+    reply = await post(http, MESSAGES, params)
+    assert reply.status_code == 400
+    assert reply.text.strip() == "From is not an E.164 phone number (+ and country code)"
+    assert await last_seq(js) == before
+    lines = await logged(gateway, "webhook.refused")
+    [line] = [line for line in lines if line["message_sid"] == params["MessageSid"]]
+    assert line["from"] == "whatsapp:06******66"
+    assert "0699887766" not in gateway.logs()
+
+
+async def test_a_signature_failure_says_which_url_was_checked(gateway, http) -> None:
+    params = whatsapp_params()
+    reply = await post(http, MESSAGES, params, signature="bm90IGEgc2lnbmF0dXJl")
+    assert reply.status_code == 403
+    lines = await logged(gateway, "webhook.signature_invalid")
+    assert lines[-1]["checked_url"] == "https://hooks.example.com/snapsell" + MESSAGES
 
 
 async def test_sender_over_its_rate_gets_empty_twiml_and_is_dropped(http, js) -> None:

@@ -63,6 +63,16 @@ async def count(pool: asyncpg.Pool, table: str) -> int:
     return await pool.fetchval(f"SELECT count(*) FROM {table}")
 
 
+async def test_the_opt_out_row_and_event_hold_the_keyword_as_matched_not_as_typed(
+    router: InboundRouter, clean: asyncpg.Pool
+) -> None:
+    # The contract (OptOut.keyword, OptOutChanged.keyword) says "as matched": `Stop !` is STOP.
+    await router.route(inbound("Stop !"), stream_sequence=1)
+    assert await clean.fetchval("SELECT keyword FROM opt_outs") == "STOP"
+    [payload] = await events(clean, "routing.v1.opt_out.recorded")
+    assert events_pb2.OptOutChanged.FromString(payload).keyword == "STOP"
+
+
 async def test_stop_records_one_opt_out_one_event_and_one_confirmation(
     router: InboundRouter, clean: asyncpg.Pool, replies: FakeReplies, sessions: FakeSessions
 ) -> None:

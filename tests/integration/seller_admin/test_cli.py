@@ -6,10 +6,12 @@ import asyncio
 import json
 import os
 import sys
+from pathlib import Path
 
 from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
 from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
+from infra.keys import OPERATOR
 from tests.integration.seller_admin.conftest import ACCOUNT_SID
 from tests.support.processes import ROOT
 from tools.dev_keys import DevKeys
@@ -142,3 +144,67 @@ async def test_issued_tokens_are_short_lived_and_never_service_tokens(
     assert code == 2 and "invalid choice" in err
     code, _, err = await cli(token_keys, server_address, "issue-token", "--role", "admin")
     assert code == 2 and "--audience" in err
+
+
+async def _cli_with(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.seller_admin.cli",
+        *args,
+        cwd=ROOT,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_local_stack_credentials_fill_only_what_the_environment_leaves_unset(
+    server_address: str, token_keys: DevKeys, tmp_path: Path
+) -> None:
+    # A state directory as `make run` leaves it, but with an operator key no service trusts:
+    # used only when SNAPSELL_SIGNING_KEY_FILE is unset.
+    state = tmp_path / ".state"
+    untrusted = DevKeys(state / "keys", (OPERATOR,))
+    (state / "dev-credentials.json").write_text(json.dumps({"TWILIO_ACCOUNT_SID": ACCOUNT_SID}))
+    base = {"SNAPSELL_STATE_DIR": str(state), "SELLER_ADMIN_ADDR": server_address}
+    add_channel = ("add-channel", "--tenant", "cli-local", "--address", "whatsapp:+14155550199")
+
+    code, _, err = await _cli_with(
+        {**base, **token_keys.env(OPERATOR)},
+        "create-tenant",
+        "--tenant",
+        "cli-local",
+        "--name",
+        "Local",
+    )
+    assert (code, err) == (0, "")  # everything given: nothing taken from the state, nothing said
+
+    code, out, err = await _cli_with({**base, **token_keys.env(OPERATOR)}, *add_channel)
+    assert code == 0, err
+    assert json.loads(out)["channel"]["accountSid"] == ACCOUNT_SID
+    assert err == (
+        f"using the local stack's Twilio account {ACCOUNT_SID} of {state}/dev-credentials.json"
+        " (make run's; the environment wins)\n"
+    )
+
+    code, _, err = await _cli_with(base, "list-sellers", "--tenant", "cli-local")
+    assert err.splitlines()[0] == (
+        f"using the local stack's operator key {untrusted.directory}/operator.pem"
+        " (make run's; the environment wins)"
+    )
+    assert code == 1 and "UNAUTHENTICATED" in err  # that key really was the one used
+
+    code, _, err = await _cli_with(
+        {**base, "SNAPSELL_STATE_DIR": str(tmp_path / "none")},
+        "list-sellers",
+        "--tenant",
+        "cli-local",
+    )
+    assert (code, err) == (
+        2,
+        "error: SNAPSELL_SIGNING_KEY_FILE is required to sign as 'operator'\n",
+    )

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from snapsell.common.v1.address_pb2 import Channel
 
 from services.gateway.domain import (
+    InvalidParameterError,
     MissingParameterError,
     WindowCounter,
     message_received,
@@ -37,6 +38,23 @@ def test_address_prefix_gives_channel_and_value_is_kept_as_given(raw, channel, v
     message = message_received({"MessageSid": "SM1", "From": raw, "To": raw}, NOW_NS)
     for address in (message.sender, message.recipient):
         assert (address.channel, address.value) == (channel, value)
+
+
+@pytest.mark.parametrize(
+    "sender", ["whatsapp:0699887766", "whatsapp:33 6 99 88 77 66", "0699887766", "(415) 555-0123"]
+)
+def test_a_phone_number_sender_without_plus_and_country_code_is_refused(sender: str) -> None:
+    params = {"MessageSid": "SM1", "From": sender, "To": "whatsapp:+14155238886"}
+    with pytest.raises(InvalidParameterError, match=r"From is not an E\.164 phone number"):
+        message_received(params, NOW_NS)
+
+
+@pytest.mark.parametrize(
+    "sender", ["whatsapp:+33699887766", "whatsapp:US.13491208655302741918", "12345", "AlphaShop"]
+)
+def test_e164_senders_short_codes_and_user_ids_are_accepted(sender: str) -> None:
+    params = {"MessageSid": "SM1", "From": sender, "To": "whatsapp:+14155238886"}
+    assert message_received(params, NOW_NS).sender.value == sender.removeprefix("whatsapp:")
 
 
 def test_message_keeps_every_unknown_parameter_and_all_media() -> None:

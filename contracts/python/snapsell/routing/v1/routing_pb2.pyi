@@ -206,7 +206,9 @@ class OptOut(_message.Message):
     carrier; empty for SetConsent.
     """
     keyword: _builtins.str
-    """The keyword as the person typed it (trimmed), empty when not from a keyword."""
+    """The keyword as matched: normalised, upper case, without accents (`Stop` and `stop !` are
+    STOP, `Arrêt` is ARRET); empty when not from a keyword.
+    """
     actor: _builtins.str
     """The `sub` of the operator (SetConsent) or the service that recorded it."""
     reason: _builtins.str
