@@ -101,7 +101,14 @@ async def test_opt_in_by_the_shop_cannot_lift_a_carrier_opt_out(
         (
             await http.post(f"{harness.stack.sandbox_url}/_sandbox/faults", json=faults)
         ).raise_for_status()
-    await harness.send(shop, client, "bonjour")  # opens WhatsApp's 24-hour window
+    sid = await harness.send(shop, client, "bonjour")  # opens WhatsApp's 24-hour window
+    # Once routing has it: the outbox reads the window from routing before it sends.
+    await harness.wait_event(
+        "ROUTING_EVENTS",
+        "routing.v1.message.routed",
+        routing_events.MessageRouted,
+        lambda event: event.message.message_sid == sid,
+    )
     await harness.enqueue(shop, client, "Votre robe est prête")
     await opted_out_by(stub, shop, client, routing_pb2.CONSENT_SOURCE_CARRIER)
 
