@@ -68,6 +68,15 @@ USERS: tuple[NatsUser, ...] = (
     ),
     NatsUser("live_session", publishes=("live_session.v1.>",), declares=("LIVE_SESSION_EVENTS",)),
     NatsUser("seller_admin", publishes=("seller_admin.v1.>",), declares=("SELLER_ADMIN_EVENTS",)),
+    NatsUser(
+        "live_catalog",
+        publishes=("live_catalog.v1.>",),
+        declares=("LIVE_CATALOG_EVENTS", "ROUTING_EVENTS", "LIVE_SESSION_EVENTS"),
+        durables=(
+            Durable("ROUTING_EVENTS", "live-catalog"),
+            Durable("LIVE_SESSION_EVENTS", "live-catalog-sessions"),
+        ),
+    ),
 )
 
 SERVICE_USERS: Mapping[str, NatsUser] = {user.name: user for user in USERS}

@@ -43,9 +43,12 @@ SERVICE_FULL_NAME = outbox_pb2.DESCRIPTOR.services_by_name["OutboxService"].full
 
 _TENANT_ROLES = frozenset({"owner", "manager", "staff"})
 _OPERATORS = frozenset({"admin", "owner", "manager"})
-# Routing enqueues the replies to STOP/START/HELP; no service reads messages back today.
+# Routing enqueues the replies to STOP/START/HELP, live_catalog its answers to claims and the
+# end-of-live summaries; no service reads messages back today.
 ACCESS_POLICY: dict[str, Access] = {
-    f"/{SERVICE_FULL_NAME}/Enqueue": Access(roles=_OPERATORS, services=frozenset({"routing"})),
+    f"/{SERVICE_FULL_NAME}/Enqueue": Access(
+        roles=_OPERATORS, services=frozenset({"routing", "live_catalog"})
+    ),
     f"/{SERVICE_FULL_NAME}/GetMessage": Access(roles=_TENANT_ROLES | {"admin"}),
     f"/{SERVICE_FULL_NAME}/ListDeadLetters": Access(roles=_OPERATORS),
     f"/{SERVICE_FULL_NAME}/Redrive": Access(roles=_OPERATORS),

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from infra.nats_users import SERVICE_USERS, Durable, publish_allow, subscribe_allow
 from infra.streams import events_stream, inbound_stream
+from services.live_catalog.consumer import routed_consumer_spec, sessions_consumer_spec
 from services.outbox.channels import CHANNEL_CHANGES
 from services.outbox.consumer import STATUS_CONSUMER
 from services.routing.consumer import inbound_consumer_spec
 from services.routing.event_consumers import SELLER_ADMIN_CHANGES, carrier_consumer_spec
 
-SERVICES = ("gateway", "routing", "outbox", "live_session", "seller_admin")
+SERVICES = ("gateway", "routing", "outbox", "live_session", "seller_admin", "live_catalog")
 
 
 def test_every_service_has_a_user_that_publishes_only_its_own_events() -> None:
@@ -27,6 +28,10 @@ def test_the_durables_are_the_services_consumers() -> None:
     expected = {
         "routing": {routing_inbound, carrier_consumer_spec()},
         "outbox": {STATUS_CONSUMER},
+        "live_catalog": {
+            routed_consumer_spec(ack_wait_s=30, max_deliver=5, max_ack_pending=10),
+            sessions_consumer_spec(max_deliver=5),
+        },
     }
     for name, user in SERVICE_USERS.items():
         specs = expected.get(name, set())

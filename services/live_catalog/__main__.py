@@ -1,0 +1,197 @@
+"""Composition root of the live_catalog service.
+
+    python -m services.live_catalog           # consume, serve gRPC, sweep holds, send replies
+    python -m services.live_catalog migrate   # provision role + schema, apply migrations, exit
+
+Serves until SIGTERM: then health goes NOT_SERVING, the consumers stop fetching and finish (and
+ack) the messages in hand, in-flight RPCs drain, the sweeper, the reply dispatcher and the event
+relay end their batch, connections close. A SIGKILL at any point loses nothing: unacked
+messages come back after AckWait and the ledger makes a second processing a no-op; replies
+committed but not yet enqueued are sent by the next dispatcher round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from snapsell.live_catalog.v1 import live_catalog_pb2_grpc
+
+from infra import jetstream
+from infra.auth import AuthInterceptor, JwtVerifier
+from infra.db import migrate_service, open_service_database
+from infra.events import EventRelay
+from infra.grpc_client import service_channel
+from infra.grpc_server import GrpcServer
+from infra.lifecycle import run_main
+from infra.log import get_logger
+from infra.metrics import RpcMetricsInterceptor, start_metrics_server
+from infra.retention import RetentionTask
+from infra.streams import events_stream
+from infra.telemetry import grpc_server_interceptors
+from services.live_catalog.api import ACCESS_POLICY, SERVICE_FULL_NAME, LiveCatalogApi
+from services.live_catalog.config import load_config
+from services.live_catalog.consumer import (
+    RoutedConsumer,
+    SessionClosedConsumer,
+    routed_consumer_spec,
+    sessions_consumer_spec,
+)
+from services.live_catalog.replies import GrpcReplySender, ReplyDispatcher
+from services.live_catalog.store import CatalogStore, ledger_purges
+
+SERVICE = "live_catalog"
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+_log = get_logger(__name__)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def sweep_holds(store: CatalogStore, interval_s: float, stop: asyncio.Event) -> None:
+    """Release lapsed holds and serve the waitlists, batch after batch, every `interval_s`."""
+    while not stop.is_set():
+        try:
+            while not stop.is_set() and (await store.expire_holds())[0]:
+                pass
+        except Exception as error:
+            _log.warning("live_catalog.sweep_failed", extra={"fields": {"error": str(error)}})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval_s)
+
+
+async def serve(stop: asyncio.Event) -> None:
+    config = load_config()
+    verifier = JwtVerifier.from_env(audience=SERVICE)
+    outbox = service_channel(config.outbox_addr, audience="outbox")
+    pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
+    nats_client = None
+    metrics = None
+    try:
+        nats_client = await jetstream.connect(config.nats_url, name=SERVICE)
+        js = nats_client.jetstream()
+        # Declared identically by every service (infra.streams), so creating them here is safe
+        # whichever process starts first.
+        for context in (SERVICE, "routing", "live_session"):
+            await jetstream.ensure_stream(js, events_stream(context))
+        store = CatalogStore(
+            pool,
+            _now,
+            hold=config.hold,
+            settings=config.settings,
+            default_max_per_client=config.default_max_per_client,
+        )
+        dispatcher = ReplyDispatcher(
+            pool, GrpcReplySender(outbox, deadline_s=config.peer_deadline_s)
+        )
+        routed_spec = routed_consumer_spec(
+            ack_wait_s=config.ack_wait_s,
+            max_deliver=config.max_deliver,
+            max_ack_pending=max(1000, config.concurrency * 4),
+        )
+        sessions_spec = sessions_consumer_spec(max_deliver=config.max_deliver)
+        routed = RoutedConsumer(store, routed_spec, dispatcher.wake)
+        sessions = SessionClosedConsumer(
+            store,
+            sessions_spec,
+            lambda tenant_id: config.settings.for_tenant(tenant_id).summary_content_sid,
+            dispatcher.wake,
+        )
+        server = GrpcServer(
+            config.grpc_port,
+            [SERVICE_FULL_NAME],
+            [
+                # Metrics first, so calls refused by auth are counted too.
+                RpcMetricsInterceptor(SERVICE),
+                *grpc_server_interceptors(),
+                AuthInterceptor(verifier, ACCESS_POLICY, service=SERVICE),
+            ],
+        )
+        live_catalog_pb2_grpc.add_LiveCatalogServiceServicer_to_server(
+            LiveCatalogApi(store), server.server
+        )
+        metrics = start_metrics_server(config.metrics_port)
+        await server.start()
+        loops: dict[str, Callable[[], Awaitable[None]]] = {
+            "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
+            "reply-dispatcher": lambda: dispatcher.run(stop),
+            "hold-sweeper": lambda: sweep_holds(store, config.sweep_interval_s, stop),
+            "routed-consumer": lambda: jetstream.run_pull_consumer(
+                js, routed_spec, routed.handle, stop=stop, concurrency=config.concurrency
+            ),
+            "session-closed-consumer": lambda: jetstream.run_pull_consumer(
+                js, sessions_spec, sessions.handle, stop=stop, concurrency=4
+            ),
+            "retention": lambda: RetentionTask.from_settings(
+                pool, config.retention, ledger_purges(config.ledger_max_age)
+            ).run(stop),
+        }
+        if not config.consumer_enabled:
+            del loops["routed-consumer"], loops["session-closed-consumer"]
+        background = [
+            asyncio.create_task(_supervised(name, loop, stop), name=name)
+            for name, loop in loops.items()
+        ]
+        _log.info(
+            "live_catalog.serving",
+            extra={
+                "fields": {
+                    "grpc_port": server.bound_port,
+                    "metrics_port": metrics.port,
+                    "consumer_enabled": config.consumer_enabled,
+                    "hold_minutes": config.hold.total_seconds() / 60,
+                }
+            },
+        )
+        await stop.wait()
+        await server.stop(config.shutdown_grace_s)
+        _, pending = await asyncio.wait(background, timeout=config.shutdown_grace_s)
+        for task in pending:  # e.g. a relay stuck on an unreachable NATS
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+    finally:
+        if metrics is not None:
+            metrics.stop()
+        if nats_client is not None:
+            await nats_client.close()
+        await outbox.close()
+        await pool.close()
+
+
+async def _supervised(
+    name: str, loop: Callable[[], Awaitable[None]], stop: asyncio.Event, *, pause_s: float = 1.0
+) -> None:
+    """Run `loop` until `stop`; if it dies (e.g. NATS answering errors while it restarts), log
+    and start it again: a process without its consumer would look alive but do nothing."""
+    while not stop.is_set():
+        try:
+            await loop()
+        except Exception:
+            _log.exception("live_catalog.loop_crashed", extra={"fields": {"loop": name}})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=pause_s)
+
+
+async def migrate(_stop: asyncio.Event) -> None:
+    await migrate_service(SERVICE, MIGRATIONS)
+    _log.info("live_catalog.migrated")
+
+
+def main(argv: list[str]) -> None:
+    if argv == ["migrate"]:
+        run_main(migrate, service=SERVICE)
+    elif not argv:
+        run_main(serve, service=SERVICE)
+    else:
+        print(f"usage: python -m services.{SERVICE} [migrate]", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,220 @@
+"""The catalog's JetStream consumers; handlers return `Ack`/`Nak`/`Term` as plain values.
+
+- `routing.v1.message.routed` (stream ROUTING_EVENTS, durable `live-catalog`): each routed
+  live signal or conversation message is handed to `CatalogStore.handle_inbound`, exactly once
+  per MessageSid thanks to its ledger; consent and help messages are routing's, not ours.
+- `live_session.v1.session.closed` (stream LIVE_SESSION_EVENTS, durable
+  `live-catalog-sessions`): the end-of-live summaries, once per session.
+
+The database unreachable, or a concurrent claim of the same client (the unique index on live
+reservations refused the second one) -> Nak with a delay growing per delivery; on the last
+delivery the message is logged and terminated. An undecodable payload is terminated at once.
+After each commit the reply dispatcher is woken.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from datetime import UTC
+
+import asyncpg
+from google.protobuf.message import DecodeError
+from nats.aio.msg import Msg
+from prometheus_client import Counter
+from snapsell.live_session.v1 import events_pb2 as session_events
+from snapsell.routing.v1 import events_pb2 as routing_events
+from snapsell.routing.v1 import routing_pb2
+
+from infra import jetstream
+from infra.db import DATABASE_UNAVAILABLE
+from infra.jetstream import Ack, ConsumerSpec, Nak, Term
+from services.live_catalog.domain import Contact, Inbound, ReplyRoute
+from services.live_catalog.events import CHANNEL_FROM_PROTO
+from services.live_catalog.store import CatalogStore
+
+log = logging.getLogger(__name__)
+
+ROUTED_SUBJECT = "routing.v1.message.routed"
+ROUTED_DURABLE = "live-catalog"
+SESSION_CLOSED_SUBJECT = "live_session.v1.session.closed"
+SESSIONS_DURABLE = "live-catalog-sessions"
+
+HANDLED = Counter(
+    "snapsell_live_catalog_inbound_handled_total",
+    "Routed messages handled by the catalog, by outcome (the reply given, ignored, duplicate)",
+    ["outcome"],
+)
+
+_OURS = frozenset(
+    {routing_events.ROUTING_DECISION_LIVE_SIGNAL, routing_events.ROUTING_DECISION_CONVERSATION}
+)
+_RETRYABLE: tuple[type[BaseException], ...] = (
+    *DATABASE_UNAVAILABLE,
+    asyncpg.UniqueViolationError,
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+)
+_PREFIX = {"whatsapp": "whatsapp:", "messenger": "messenger:"}
+
+
+def routed_consumer_spec(
+    *, ack_wait_s: float, max_deliver: int, max_ack_pending: int
+) -> ConsumerSpec:
+    return ConsumerSpec(
+        stream="ROUTING_EVENTS",
+        durable=ROUTED_DURABLE,
+        filter_subject=ROUTED_SUBJECT,
+        ack_wait_s=ack_wait_s,
+        max_deliver=max_deliver,
+        max_ack_pending=max_ack_pending,
+    )
+
+
+def sessions_consumer_spec(*, max_deliver: int) -> ConsumerSpec:
+    return ConsumerSpec(
+        stream="LIVE_SESSION_EVENTS",
+        durable=SESSIONS_DURABLE,
+        filter_subject=SESSION_CLOSED_SUBJECT,
+        ack_wait_s=60.0,
+        max_deliver=max_deliver,
+    )
+
+
+def inbound_of(routed: routing_events.MessageRouted) -> Inbound | None:
+    """The catalog's view of a routed message; None when it is not the catalog's."""
+    message = routed.message
+    channel = CHANNEL_FROM_PROTO.get(message.sender.channel)
+    if routed.decision not in _OURS or channel is None or not routed.tenant_id:
+        return None
+    if routed.sender_role not in (routing_pb2.SENDER_ROLE_SELLER, routing_pb2.SENDER_ROLE_CLIENT):
+        return None
+    if not message.message_sid or not message.HasField("received_at"):
+        return None
+    session_id = None
+    if routed.live_session_id:
+        try:
+            session_id = uuid.UUID(routed.live_session_id)
+        except ValueError:
+            return None
+    # Answer from where the message came: its Messaging Service, else the business address.
+    business = CHANNEL_FROM_PROTO.get(message.recipient.channel)
+    prefix = _PREFIX.get(business.value, "") if business is not None else ""
+    sender = message.messaging_service_sid or prefix + message.recipient.value
+    return Inbound(
+        message_sid=message.message_sid,
+        tenant_id=routed.tenant_id,
+        from_seller=routed.sender_role == routing_pb2.SENDER_ROLE_SELLER,
+        session_id=session_id,
+        body=message.body,
+        received_at=message.received_at.ToDatetime(tzinfo=UTC),
+        contact=Contact(channel, message.sender.value),
+        route=ReplyRoute(sender, message.account_sid),
+    )
+
+
+class RoutedConsumer:
+    def __init__(
+        self, store: CatalogStore, spec: ConsumerSpec, on_commit: Callable[[], None]
+    ) -> None:
+        self._store = store
+        self._spec = spec
+        self._on_commit = on_commit
+
+    async def handle(self, msg: Msg) -> jetstream.Decision:
+        try:
+            routed = routing_events.MessageRouted.FromString(msg.data)
+        except DecodeError:
+            HANDLED.labels("undecodable").inc()
+            return Term("not a MessageRouted")
+        inbound = inbound_of(routed)
+        if inbound is None:
+            HANDLED.labels("not_ours").inc()
+            return Ack()
+        try:
+            outcome = await self._store.handle_inbound(inbound)
+        except _RETRYABLE as error:
+            return _retry_or_give_up(msg, self._spec, inbound.message_sid, error)
+        HANDLED.labels(outcome).inc()
+        log.info(
+            "live_catalog.inbound_handled",
+            extra={
+                "fields": {
+                    "message_sid": inbound.message_sid,
+                    "tenant_id": inbound.tenant_id,
+                    "outcome": outcome,
+                    "delivery": msg.metadata.num_delivered,
+                }
+            },
+        )
+        self._on_commit()
+        return Ack()
+
+
+class SessionClosedConsumer:
+    def __init__(
+        self,
+        store: CatalogStore,
+        spec: ConsumerSpec,
+        content_sid_for: Callable[[str], str],
+        on_commit: Callable[[], None],
+    ) -> None:
+        self._store = store
+        self._spec = spec
+        self._content_sid_for = content_sid_for
+        self._on_commit = on_commit
+
+    async def handle(self, msg: Msg) -> jetstream.Decision:
+        try:
+            closed = session_events.LiveSessionClosed.FromString(msg.data)
+            session_id = uuid.UUID(closed.session_id)
+        except (DecodeError, ValueError):
+            return Term("not a LiveSessionClosed")
+        if not closed.tenant_id or not closed.HasField("closed_at"):
+            return Term("LiveSessionClosed without tenant_id or closed_at")
+        try:
+            summarized = await self._store.summarize_session(
+                closed.tenant_id,
+                session_id,
+                started_at=closed.started_at.ToDatetime(tzinfo=UTC),
+                closed_at=closed.closed_at.ToDatetime(tzinfo=UTC),
+                content_sid=self._content_sid_for(closed.tenant_id),
+                correlation=closed.correlation_id,
+            )
+        except _RETRYABLE as error:
+            return _retry_or_give_up(msg, self._spec, closed.session_id, error)
+        if summarized is not None:
+            log.info(
+                "live_catalog.session_summarized",
+                extra={
+                    "fields": {
+                        "tenant_id": closed.tenant_id,
+                        "session_id": closed.session_id,
+                        "buyer_summaries": summarized.buyer_summaries,
+                        "buyers_skipped_outside_window": summarized.buyers_skipped,
+                        "seller_summary": summarized.seller_summary,
+                    }
+                },
+            )
+            self._on_commit()
+        return Ack()
+
+
+def _retry_or_give_up(
+    msg: Msg, spec: ConsumerSpec, key: str, error: BaseException
+) -> jetstream.Decision:
+    if jetstream.is_last_delivery(msg, spec):
+        HANDLED.labels("deliveries_exhausted").inc()
+        log.error(
+            "live_catalog.given_up",
+            extra={"fields": {"key": key, "error": str(error) or type(error).__name__}},
+        )
+        return Term("deliveries exhausted")
+    HANDLED.labels("retry").inc()
+    delay = jetstream.failure_delay(msg.metadata.num_delivered)
+    log.warning(
+        "live_catalog.retry",
+        extra={"fields": {"key": key, "retry_in_s": delay, "error": str(error)}},
+    )
+    return Nak(delay)
