@@ -60,12 +60,14 @@ _log = get_logger(__name__)
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
-Method = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
+Method = Callable[[Any, Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]]
 
 
 def _rpc(method: Method[Request, Response]) -> Method[Request, Response]:
     @functools.wraps(method)
-    async def call(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
+    async def call(
+        self: Any, request: Request, context: grpc.aio.ServicerContext[Request, Response]
+    ) -> Response:
         try:
             return await method(self, request, context)
         except tuple(error for error, _ in ERROR_STATUS) as error:
@@ -106,7 +108,9 @@ class LiveCatalogApi(live_catalog_pb2_grpc.LiveCatalogServiceServicer):
 
     @_rpc
     async def PostItem(
-        self, request: pb.PostItemRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.PostItemRequest,
+        context: grpc.aio.ServicerContext[pb.PostItemRequest, pb.PostItemResponse],
     ) -> pb.PostItemResponse:
         tenant_id = _tenant(request.tenant_id)
         item = await self._store.post_item(
@@ -126,7 +130,9 @@ class LiveCatalogApi(live_catalog_pb2_grpc.LiveCatalogServiceServicer):
 
     @_rpc
     async def UpdateItem(
-        self, request: pb.UpdateItemRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.UpdateItemRequest,
+        context: grpc.aio.ServicerContext[pb.UpdateItemRequest, pb.UpdateItemResponse],
     ) -> pb.UpdateItemResponse:
         tenant_id = _tenant(request.tenant_id)
         has = request.HasField
@@ -145,7 +151,9 @@ class LiveCatalogApi(live_catalog_pb2_grpc.LiveCatalogServiceServicer):
 
     @_rpc
     async def CloseItem(
-        self, request: pb.CloseItemRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.CloseItemRequest,
+        context: grpc.aio.ServicerContext[pb.CloseItemRequest, pb.CloseItemResponse],
     ) -> pb.CloseItemResponse:
         tenant_id = _tenant(request.tenant_id)
         item, closed_now = await self._store.close_item(
@@ -155,7 +163,9 @@ class LiveCatalogApi(live_catalog_pb2_grpc.LiveCatalogServiceServicer):
 
     @_rpc
     async def GetItem(
-        self, request: pb.GetItemRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.GetItemRequest,
+        context: grpc.aio.ServicerContext[pb.GetItemRequest, pb.GetItemResponse],
     ) -> pb.GetItemResponse:
         tenant_id = _tenant(request.tenant_id)
         item = await self._store.get_item(tenant_id, domain.uuid_of("item_id", request.item_id))
@@ -163,7 +173,9 @@ class LiveCatalogApi(live_catalog_pb2_grpc.LiveCatalogServiceServicer):
 
     @_rpc
     async def ListItems(
-        self, request: pb.ListItemsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.ListItemsRequest,
+        context: grpc.aio.ServicerContext[pb.ListItemsRequest, pb.ListItemsResponse],
     ) -> pb.ListItemsResponse:
         tenant_id = _tenant(request.tenant_id)
         session_id = await self._session(tenant_id, request.session_id)
@@ -172,7 +184,9 @@ class LiveCatalogApi(live_catalog_pb2_grpc.LiveCatalogServiceServicer):
 
     @_rpc
     async def ListReservations(
-        self, request: pb.ListReservationsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.ListReservationsRequest,
+        context: grpc.aio.ServicerContext[pb.ListReservationsRequest, pb.ListReservationsResponse],
     ) -> pb.ListReservationsResponse:
         tenant_id = _tenant(request.tenant_id)
         session_id = domain.uuid_of("session_id", request.session_id)
@@ -197,7 +211,11 @@ class LiveCatalogApi(live_catalog_pb2_grpc.LiveCatalogServiceServicer):
 
     @_rpc
     async def CancelReservation(
-        self, request: pb.CancelReservationRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.CancelReservationRequest,
+        context: grpc.aio.ServicerContext[
+            pb.CancelReservationRequest, pb.CancelReservationResponse
+        ],
     ) -> pb.CancelReservationResponse:
         tenant_id = _tenant(request.tenant_id)
         reservation, promoted = await self._store.cancel_reservation(
@@ -209,7 +227,11 @@ class LiveCatalogApi(live_catalog_pb2_grpc.LiveCatalogServiceServicer):
 
     @_rpc
     async def ConfirmReservation(
-        self, request: pb.ConfirmReservationRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.ConfirmReservationRequest,
+        context: grpc.aio.ServicerContext[
+            pb.ConfirmReservationRequest, pb.ConfirmReservationResponse
+        ],
     ) -> pb.ConfirmReservationResponse:
         tenant_id = _tenant(request.tenant_id)
         reservation = await self._store.confirm_reservation(
@@ -219,7 +241,11 @@ class LiveCatalogApi(live_catalog_pb2_grpc.LiveCatalogServiceServicer):
 
     @_rpc
     async def GetSessionSummary(
-        self, request: pb.GetSessionSummaryRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.GetSessionSummaryRequest,
+        context: grpc.aio.ServicerContext[
+            pb.GetSessionSummaryRequest, pb.GetSessionSummaryResponse
+        ],
     ) -> pb.GetSessionSummaryResponse:
         tenant_id = _tenant(request.tenant_id)
         totals = await self._store.session_totals(

@@ -11,6 +11,7 @@ from datetime import datetime
 
 import asyncpg
 
+from infra.db import Connection
 from services.live_catalog.domain import (
     Cancel,
     Claim,
@@ -119,7 +120,7 @@ class InboundCatalog:
             return name
 
     async def _session_of(
-        self, conn: asyncpg.Connection, inbound: Inbound, now: datetime
+        self, conn: Connection, inbound: Inbound, now: datetime
     ) -> asyncpg.Record | None:
         if inbound.session_id is not None:
             await conn.execute(_OPEN_SESSION, inbound.session_id, inbound.tenant_id, now)
@@ -140,7 +141,7 @@ class InboundCatalog:
 
     async def _client_command(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         inbound: Inbound,
         command: Claim | Cancel,
         session: asyncpg.Record | None,
@@ -177,7 +178,7 @@ class InboundCatalog:
 
     async def _client_cancel(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         inbound: Inbound,
         row: asyncpg.Record | None,
         code: str,
@@ -212,7 +213,7 @@ class InboundCatalog:
 
     async def _seller_command(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         inbound: Inbound,
         command: PostItem | SetStock | CloseItem | SellerHelp,
         session: asyncpg.Record | None,

@@ -7,8 +7,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime
 
-import asyncpg
-
+from infra.db import Connection
 from services.live_catalog import events
 from services.live_catalog.domain import (
     Item,
@@ -53,7 +52,7 @@ class ItemBook:
 
     async def insert(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         tenant_id: str,
         session_id: uuid.UUID,
         *,
@@ -85,7 +84,7 @@ class ItemBook:
 
     async def edit(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         item: Item,
         *,
         title: str,
@@ -119,7 +118,7 @@ class ItemBook:
         return edited, len(promoted)
 
     async def close(
-        self, conn: asyncpg.Connection, item: Item, correlation: str, now: datetime
+        self, conn: Connection, item: Item, correlation: str, now: datetime
     ) -> tuple[Item, bool]:
         """Close a locked item and release its waitlist (holds stay until confirmed or lapsed)."""
         row = await conn.fetchrow(_CLOSE_ITEM, item.id, now)

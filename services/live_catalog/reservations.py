@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
+from infra.db import Connection
 from infra.events import record_event
 from services.live_catalog import events
 from services.live_catalog.domain import (
@@ -152,7 +153,9 @@ ON CONFLICT ON CONSTRAINT replies_key_unique DO NOTHING
 """
 
 
-def item_from_row(row: asyncpg.Record) -> Item:
+def item_from_row(row: asyncpg.Record | None) -> Item:
+    # Callers pass the row their transaction just wrote or holds locked: it exists.
+    assert row is not None, "item row missing inside its own transaction"
     return Item(
         id=row["id"],
         tenant_id=row["tenant_id"],
@@ -212,7 +215,7 @@ class Released:
 
 
 async def queue_reply(
-    conn: asyncpg.Connection,
+    conn: Connection,
     tenant_id: str,
     key: str,
     contact: Contact,
@@ -250,7 +253,7 @@ class ReservationBook:
 
     async def claim(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         item: Item,
         *,
         client: Contact,
@@ -322,7 +325,7 @@ class ReservationBook:
         return Claimed("waiting", {**values, "position": position}, reservation)
 
     async def promote(
-        self, conn: asyncpg.Connection, item: Item, replies: Replies, now: datetime
+        self, conn: Connection, item: Item, replies: Replies, now: datetime
     ) -> list[Reservation]:
         """Give free units to the head of the waitlist, in received_at order, while they fit.
         The caller holds the item row's lock."""
@@ -354,7 +357,7 @@ class ReservationBook:
 
     async def release(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         item: Item,
         reservation_id: uuid.UUID,
         reason: ReleaseReason,
@@ -390,7 +393,7 @@ class ReservationBook:
 
     async def expire_due_holds(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         replies_for: Callable[[str], Replies],
         now: datetime,
         batch: int,
@@ -423,9 +426,7 @@ class ReservationBook:
         return released, promoted
 
 
-async def record_item_event(
-    conn: asyncpg.Connection, subject: str, item: Item, correlation: str
-) -> None:
+async def record_item_event(conn: Connection, subject: str, item: Item, correlation: str) -> None:
     await record_event(
         conn,
         subject=subject,
@@ -436,7 +437,7 @@ async def record_item_event(
 
 
 async def record_reservation_event(
-    conn: asyncpg.Connection, subject: str, reservation: Reservation, correlation: str
+    conn: Connection, subject: str, reservation: Reservation, correlation: str
 ) -> None:
     await record_event(
         conn,

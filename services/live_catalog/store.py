@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
+from infra.db import Connection
 from infra.events import record_event
 from infra.retention import Purge
 from services.live_catalog import events
@@ -201,7 +202,8 @@ class CatalogStore:
         row = await self._pool.fetchrow(CURRENT_SESSION, tenant_id)
         if row is None or row["status"] != "open":
             raise PreconditionError(f"tenant {tenant_id!r} has no live session in progress")
-        return row["id"]
+        session_id: uuid.UUID = row["id"]
+        return session_id
 
     async def post_item(
         self,
@@ -326,6 +328,7 @@ class CatalogStore:
             row = await conn.fetchrow(
                 "SELECT reply_from, account_sid FROM reservations WHERE id = $1", reservation_id
             )
+            assert row is not None, "reservation released in this transaction is gone"
             await queue_reply(
                 conn,
                 tenant_id,
@@ -357,16 +360,14 @@ class CatalogStore:
             )
             return confirmed
 
-    async def _lock_item(
-        self, conn: asyncpg.Connection, tenant_id: str, item_id: uuid.UUID
-    ) -> Item:
+    async def _lock_item(self, conn: Connection, tenant_id: str, item_id: uuid.UUID) -> Item:
         row = await conn.fetchrow(LOCK_ITEM, item_id, tenant_id)
         if row is None:
             raise NotFoundError(f"tenant {tenant_id!r} has no item {item_id}")
         return item_from_row(row)
 
     async def _reservation(
-        self, conn: asyncpg.Connection, tenant_id: str, reservation_id: uuid.UUID
+        self, conn: Connection, tenant_id: str, reservation_id: uuid.UUID
     ) -> Reservation:
         row = await conn.fetchrow(_RESERVATION, reservation_id, tenant_id)
         if row is None:
@@ -458,7 +459,7 @@ class CatalogStore:
 
 
 async def _totals(
-    conn: asyncpg.Connection, tenant_id: str, session_id: uuid.UUID, at: datetime | None
+    conn: Connection, tenant_id: str, session_id: uuid.UUID, at: datetime | None
 ) -> SessionTotals:
     rows = await conn.fetch(_TOTALS, tenant_id, session_id)
     buyers = await conn.fetchval(
