@@ -38,8 +38,20 @@ READY_TIMEOUT_S = 60.0
 LOCAL_BIND_HOST = "127.0.0.1"
 
 # Started in this order: callees before their callers.
-GRPC_SERVICES = {"seller_admin": 50054, "live_session": 50053, "routing": 50051, "outbox": 50052}
-METRICS_PORTS = {"routing": 9101, "outbox": 9102, "live_session": 9103, "seller_admin": 9104}
+GRPC_SERVICES = {
+    "seller_admin": 50054,
+    "live_session": 50053,
+    "routing": 50051,
+    "outbox": 50052,
+    "live_catalog": 50055,
+}
+METRICS_PORTS = {
+    "routing": 9101,
+    "outbox": 9102,
+    "live_session": 9103,
+    "seller_admin": 9104,
+    "live_catalog": 9105,
+}
 
 
 def say(line: str) -> None:

@@ -1,6 +1,6 @@
 """The whole system as `make run` starts it, for end-to-end tests and benchmarks: the Twilio
-sandbox, seller_admin, live_session, routing, outbox and the gateway, each its own process on
-free ports, against a PostgreSQL and a NATS JetStream (`infrastructure()` provides them).
+sandbox, seller_admin, live_session, routing, outbox, live_catalog and the gateway, each its own
+process on free ports, against a PostgreSQL and a NATS JetStream (`infrastructure()` provides them).
 
 Every database service starts on a fresh schema (`reset_service_schema`), so a test module or a
 benchmark run sees only its own tenants and messages. Each process logs to its own file under
@@ -31,7 +31,7 @@ from tools.devstack import EmbeddedNats, EmbeddedPostgres, free_port
 from tools.service_process import ROOT, RunningService, spawn_service
 from tools.twilio_sandbox.process import SandboxProcess, start_sandbox
 
-DB_SERVICES = ("seller_admin", "live_session", "routing", "outbox")
+DB_SERVICES = ("seller_admin", "live_session", "routing", "outbox", "live_catalog")
 # In `make run`'s order (callees before callers); here they all start at once.
 SERVICES = (*DB_SERVICES, "gateway")
 

@@ -1,0 +1,47 @@
+"""A live sale through the real front door: the seller posts an item by WhatsApp, clients claim
+it by its code, and every answer reaches them through the outbox and the Twilio sandbox. No RPC
+links routing to the catalog: the catalog consumes routing's MessageRouted events."""
+
+from __future__ import annotations
+
+from tests.e2e.harness import Harness, Shop, eventually, new_mobile, shop_from_api
+from tests.support.stack import SystemStack
+
+
+async def replies_to(harness: Harness, phone: str, count: int) -> list[str]:
+    """The bodies the sandbox accepted for `phone`, once there are `count` of them."""
+
+    async def enough() -> list[str] | None:
+        bodies = [str(m["body"]) for m in await harness.sandbox_sent(f"whatsapp:{phone}")]
+        return bodies if len(bodies) >= count else None
+
+    return list(await eventually(enough))
+
+
+async def test_two_claims_hold_the_stock_the_third_waits_and_is_promoted_on_a_cancel(
+    harness: Harness, system: SystemStack
+) -> None:
+    shop: Shop = await shop_from_api(system, "live-sale")
+    first, second, third = new_mobile(), new_mobile(), new_mobile()
+
+    await harness.send(shop, shop.seller, "A12 Robe 25€ x2")
+    [posted] = await replies_to(harness, shop.seller, 1)
+    assert posted.startswith("A12 publié") and "stock 2" in posted
+
+    for client in (first, second, third):
+        await harness.send(shop, client, "A12")
+        # One at a time: the gateway's received_at orders the claims.
+        await replies_to(harness, client, 1)
+    [held_first] = await replies_to(harness, first, 1)
+    [held_second] = await replies_to(harness, second, 1)
+    [waiting] = await replies_to(harness, third, 1)
+    assert held_first.startswith("A12 est réservé pour vous")
+    assert held_second.startswith("A12 est réservé pour vous")
+    assert "n°1 sur la liste d'attente" in waiting
+
+    await harness.send(shop, first, "ANNULER A12")
+    cancelled = (await replies_to(harness, first, 2))[1]
+    assert cancelled == "Votre réservation de A12 est annulée."
+    promoted = (await replies_to(harness, third, 2))[1]
+    assert promoted.startswith("A12 est à vous")
+    assert len(await harness.sandbox_sent(f"whatsapp:{second}")) == 1
