@@ -15,6 +15,7 @@ import importlib
 import json
 import pkgutil
 import re
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -267,6 +268,8 @@ def paged_request(method: MethodDescriptor, tenant_id: str, page_token: str) -> 
     request = GetMessageClass(method.input_type)(page_token=page_token)
     if "tenant_id" in method.input_type.fields_by_name:
         request.tenant_id = tenant_id
+    if "session_id" in method.input_type.fields_by_name:  # a list within one live session
+        request.session_id = str(uuid.uuid4())
     return request
 
 
