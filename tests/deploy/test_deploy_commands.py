@@ -215,5 +215,5 @@ def test_rollout_waits_for_the_stores_then_the_migrations_then_the_services(
     migrations = steps.index("wait --for=condition=Complete job/snapsell-migrate")
     stores = [i for i, step in enumerate(steps) if "statefulset/" in step or "cluster." in step]
     services = [i for i, step in enumerate(steps) if "deployment/" in step]
-    assert len(stores) == 2 and len(services) == 5
+    assert len(stores) == 2 and len(services) == 6
     assert max(stores) < migrations < min(services)

@@ -186,7 +186,14 @@ def test_secret_references_are_found_in_pods_ingress_and_custom_resources(
     }
     assert referenced_secrets(find(prod, "Cluster", "snapsell-pg")) == {
         f"snapsell-db-{name}"
-        for name in ("seller-admin", "routing", "outbox", "live-session", "migrator")
+        for name in (
+            "seller-admin",
+            "routing",
+            "outbox",
+            "live-session",
+            "live-catalog",
+            "migrator",
+        )
     }
 
 

@@ -181,7 +181,7 @@ def test_reflection_left_on_in_prod_is_reported(rendered: dict[str, list[Manifes
     del find_generated(prod, "ConfigMap", "snapsell-config-")["data"]["GRPC_REFLECTION"]
     assert grpc_reflection_is_off(prod) == [
         f"Deployment/{name}: container {name}: GRPC_REFLECTION is not false"
-        for name in ("live-session", "outbox", "routing", "seller-admin")
+        for name in ("live-catalog", "live-session", "outbox", "routing", "seller-admin")
     ]
 
 

@@ -20,6 +20,7 @@ GRPC_SERVICES = {
     "outbox": ("outbox", 50052, 9102),
     "live-session": ("live_session", 50053, 9103),
     "seller-admin": ("seller_admin", 50054, 9104),
+    "live-catalog": ("live_catalog", 50055, 9105),
 }
 ALL_SERVICES = ("gateway", *GRPC_SERVICES)
 

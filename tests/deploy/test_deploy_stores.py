@@ -16,7 +16,7 @@ from tools.deploy.render import Manifest
 from .manifests import container, find, find_generated, of_kind
 from .nats import check_nats_config
 
-SERVICES_WITH_SCHEMAS = ("seller_admin", "routing", "outbox", "live_session")
+SERVICES_WITH_SCHEMAS = ("seller_admin", "routing", "outbox", "live_session", "live_catalog")
 BARMAN_PLUGIN = "barman-cloud.cloudnative-pg.io"
 
 

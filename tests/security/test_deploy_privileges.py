@@ -14,7 +14,7 @@ import pytest
 from tools.deploy.layout import overlay_dir
 from tools.deploy.render import Manifest, parse, render
 
-GRPC_SERVICES = ("routing", "outbox", "live-session", "seller-admin")
+GRPC_SERVICES = ("routing", "outbox", "live-session", "seller-admin", "live-catalog")
 DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
 
 
