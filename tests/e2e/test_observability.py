@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from snapsell.live_catalog.v1 import live_catalog_pb2, live_catalog_pb2_grpc
 from snapsell.live_session.v1 import live_session_pb2, live_session_pb2_grpc
 from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
 from snapsell.routing.v1 import events_pb2 as routing_events
@@ -66,8 +67,13 @@ EXPORTED_METRICS: dict[str, tuple[str, ...]] = {
         "snapsell_live_session_idle_closed_total",
     ),
     "seller_admin": RPC_METRICS,
+    "live_catalog": (
+        *RPC_METRICS,
+        "snapsell_live_catalog_inbound_handled_total",
+        "snapsell_live_catalog_replies_total",
+    ),
 }
-GRPC_SERVICES = ("routing", "outbox", "live_session", "seller_admin")
+GRPC_SERVICES = ("routing", "outbox", "live_session", "seller_admin", "live_catalog")
 
 # --- tracing -------------------------------------------------------------------------------
 
@@ -218,6 +224,9 @@ async def _refused_call(stack: SystemStack, service: str) -> None:
         ),
         "seller_admin": lambda ch: seller_admin_pb2_grpc.SellerAdminServiceStub(ch).ListTenants(
             seller_admin_pb2.ListTenantsRequest(), metadata=metadata, timeout=5
+        ),
+        "live_catalog": lambda ch: live_catalog_pb2_grpc.LiveCatalogServiceStub(ch).ListItems(
+            live_catalog_pb2.ListItemsRequest(tenant_id="x"), metadata=metadata, timeout=5
         ),
     }
     async with grpc.aio.insecure_channel(stack.address(service)) as channel:
