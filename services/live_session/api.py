@@ -88,6 +88,8 @@ class Toucher(Protocol):
         self, tenant_id: str, signal_kind: domain.SignalKind, correlation_id: str
     ) -> TouchResult: ...
 
+    async def extend(self, tenant_id: str) -> domain.LiveSession | None: ...
+
 
 class LiveSessionApi(live_session_pb2_grpc.LiveSessionServiceServicer):
     def __init__(self, store: SessionStore, toucher: Toucher) -> None:
@@ -109,6 +111,11 @@ class LiveSessionApi(live_session_pb2_grpc.LiveSessionServiceServicer):
                 "signal_kind must be SIGNAL_KIND_SELLER_MESSAGE or SIGNAL_KIND_CLIENT_ITEM_CODE"
             )
         correlation_id = domain.correlation_id(request.correlation_id)
+        if request.existing_only:
+            session = await self._toucher.extend(tenant_id)
+            if session is None:
+                return live_session_pb2.TouchResponse()
+            return live_session_pb2.TouchResponse(session=session_message(session))
         result = await self._toucher.touch(tenant_id, signal_kind, correlation_id)
         return live_session_pb2.TouchResponse(
             session=session_message(result.session), created=result.created

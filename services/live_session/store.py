@@ -169,6 +169,10 @@ class SessionStore:
             return TouchResult(bumped[tenant_id], created=False)
         return await self.open_session(tenant_id, signal_kind, correlation_id)
 
+    async def extend(self, tenant_id: str) -> LiveSession | None:
+        """The tenant's current session, bumped; None when it has none (never opens one)."""
+        return (await self.bump_current([tenant_id])).get(tenant_id)
+
     async def bump_current(self, tenant_ids: Sequence[str]) -> dict[str, LiveSession]:
         """Bump the last activity of each tenant's current session, all in one statement;
         tenants without a current session are absent from the result."""

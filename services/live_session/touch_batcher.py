@@ -6,7 +6,9 @@ bumps every named tenant's current session in one statement (one round trip and 
 instead of one per call), and answers each caller. Tenants without a current session then go
 through `SessionStore.open_session`, once per tenant however many of its callers were waiting,
 so they all get the same session and only one is told it created it; those opens run beside
-later flushes rather than holding them up.
+later flushes rather than holding them up. A call that may only extend (`extend`, a client's
+item code) shares the bump; without a current session it gets None and never causes an open,
+though when a caller of the same batch opens one, it gets that session too.
 
 A flush starts as soon as a call arrives and none is running, so an idle service adds no
 delay; under load, the next batch forms while a flush runs. One flush at a time was measured
@@ -20,18 +22,21 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
-from services.live_session.domain import SignalKind
+from services.live_session.domain import LiveSession, SignalKind
 from services.live_session.store import SessionStore, TouchResult
 
 
 @dataclass
 class _Waiters:
-    """The callers waiting on one tenant; the first one's signal is the one that opens."""
+    """The callers waiting on one tenant; the first opening caller's signal is the one that
+    opens. `extenders` only take a session that exists (or that an opening caller opens)."""
 
-    signal_kind: SignalKind
-    correlation_id: str
+    signal_kind: SignalKind | None = None
+    correlation_id: str = ""
     futures: list[asyncio.Future[TouchResult]] = field(default_factory=list)
+    extenders: list[asyncio.Future[LiveSession | None]] = field(default_factory=list)
 
 
 class TouchBatcher:
@@ -49,14 +54,30 @@ class TouchBatcher:
         self, tenant_id: str, signal_kind: SignalKind, correlation_id: str
     ) -> TouchResult:
         future: asyncio.Future[TouchResult] = asyncio.get_running_loop().create_future()
-        waiters = self._pending.get(tenant_id)
-        if waiters is None:
-            waiters = self._pending[tenant_id] = _Waiters(signal_kind, correlation_id)
+        waiters = self._waiters(tenant_id)
+        if waiters.signal_kind is None:
+            waiters.signal_kind, waiters.correlation_id = signal_kind, correlation_id
         waiters.futures.append(future)
-        if len(self._flushes) < self._max_in_flight:
-            self._start_flush()
+        self._maybe_flush()
         # A caller that gives up (deadline) cancels only its own future, not the shared flush.
         return await future
+
+    async def extend(self, tenant_id: str) -> LiveSession | None:
+        """The tenant's current session, bumped; None when it has none (never opens one)."""
+        future: asyncio.Future[LiveSession | None] = asyncio.get_running_loop().create_future()
+        self._waiters(tenant_id).extenders.append(future)
+        self._maybe_flush()
+        return await future
+
+    def _waiters(self, tenant_id: str) -> _Waiters:
+        waiters = self._pending.get(tenant_id)
+        if waiters is None:
+            waiters = self._pending[tenant_id] = _Waiters()
+        return waiters
+
+    def _maybe_flush(self) -> None:
+        if len(self._flushes) < self._max_in_flight:
+            self._start_flush()
 
     def _start_flush(self) -> None:
         task = asyncio.create_task(self._flush())
@@ -95,15 +116,16 @@ class TouchBatcher:
             if session is not None:
                 _answer(waiters, TouchResult(session, created=False))
                 continue
-            task = asyncio.create_task(self._open(tenant_id, waiters))
+            if waiters.signal_kind is None:  # only extenders: nothing to open
+                _answer_extenders(waiters, None)
+                continue
+            task = asyncio.create_task(self._open(tenant_id, waiters.signal_kind, waiters))
             self._opens.add(task)  # a reference, so the task is not collected mid-way
             task.add_done_callback(self._opens.discard)
 
-    async def _open(self, tenant_id: str, waiters: _Waiters) -> None:
+    async def _open(self, tenant_id: str, signal_kind: SignalKind, waiters: _Waiters) -> None:
         try:
-            result = await self._store.open_session(
-                tenant_id, waiters.signal_kind, waiters.correlation_id
-            )
+            result = await self._store.open_session(tenant_id, signal_kind, waiters.correlation_id)
         except asyncio.CancelledError:
             _cancel(waiters)
             raise
@@ -120,14 +142,25 @@ def _answer(waiters: _Waiters, result: TouchResult) -> None:
         if not future.done():
             future.set_result(result)
             result = reused
+    _answer_extenders(waiters, result.session)
+
+
+def _answer_extenders(waiters: _Waiters, session: LiveSession | None) -> None:
+    for extender in waiters.extenders:
+        if not extender.done():
+            extender.set_result(session)
+
+
+def _all(waiters: _Waiters) -> list[asyncio.Future[Any]]:
+    return [*waiters.futures, *waiters.extenders]
 
 
 def _fail(waiters: _Waiters, error: Exception) -> None:
-    for future in waiters.futures:
+    for future in _all(waiters):
         if not future.done():
             future.set_exception(error)
 
 
 def _cancel(waiters: _Waiters) -> None:
-    for future in waiters.futures:
+    for future in _all(waiters):
         future.cancel()

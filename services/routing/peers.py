@@ -70,7 +70,10 @@ class SenderDirectory(Protocol):
 class LiveSessions(Protocol):
     async def touch(
         self, tenant_id: str, signal: LiveSignalKind, correlation_id: str
-    ) -> Touched: ...
+    ) -> Touched | None:
+        """A seller's message opens a session when none is active; a client's item code only
+        extends an active one (None when there is none)."""
+        ...
 
 
 class ReplySender(Protocol):
@@ -184,37 +187,49 @@ class GrpcLiveSessions:
     live signals of that tenant wait for its answer instead of queueing behind it on the same
     session row. live_session returns one session to concurrent Touches anyway, and the
     activity time it records is then at most one call's latency older. Only the call that was
-    made can report `created`, and live_session's events carry that call's correlation id."""
+    made can report `created`, and live_session's events carry that call's correlation id.
+    A client's item code is sent with `existing_only` (it never opens a session) and so is
+    coalesced only with other item codes, never with a seller's message that may open one."""
 
     def __init__(self, channel: grpc.aio.Channel, *, deadline_s: float) -> None:
         self._stub = live_session_pb2_grpc.LiveSessionServiceStub(channel)
         self._deadline_s = deadline_s
-        self._in_flight: dict[str, asyncio.Future[Touched]] = {}
+        self._in_flight: dict[tuple[str, bool], asyncio.Future[Touched | None]] = {}
 
-    async def touch(self, tenant_id: str, signal: LiveSignalKind, correlation_id: str) -> Touched:
-        call = self._in_flight.get(tenant_id)
+    async def touch(
+        self, tenant_id: str, signal: LiveSignalKind, correlation_id: str
+    ) -> Touched | None:
+        key = (tenant_id, signal is LiveSignalKind.ITEM_CODE)
+        call = self._in_flight.get(key)
         if call is not None:
             touched = await asyncio.shield(call)
-            return Touched(touched.session_id, created=False)
+            return None if touched is None else Touched(touched.session_id, created=False)
         call = asyncio.ensure_future(self._touch(tenant_id, signal, correlation_id))
-        self._in_flight[tenant_id] = call
-        call.add_done_callback(lambda done: self._settled(tenant_id, done))
+        self._in_flight[key] = call
+        call.add_done_callback(lambda done: self._settled(key, done))
         return await asyncio.shield(call)
 
-    def _settled(self, tenant_id: str, call: asyncio.Future[Touched]) -> None:
-        if self._in_flight.get(tenant_id) is call:
-            del self._in_flight[tenant_id]
+    def _settled(self, key: tuple[str, bool], call: asyncio.Future[Touched | None]) -> None:
+        if self._in_flight.get(key) is call:
+            del self._in_flight[key]
         if not call.cancelled():
             call.exception()  # retrieved here too, in case every waiter was cancelled
 
-    async def _touch(self, tenant_id: str, signal: LiveSignalKind, correlation_id: str) -> Touched:
+    async def _touch(
+        self, tenant_id: str, signal: LiveSignalKind, correlation_id: str
+    ) -> Touched | None:
         request = live_session_pb2.TouchRequest(
-            tenant_id=tenant_id, signal_kind=_SIGNAL_TO_PROTO[signal], correlation_id=correlation_id
+            tenant_id=tenant_id,
+            signal_kind=_SIGNAL_TO_PROTO[signal],
+            correlation_id=correlation_id,
+            existing_only=signal is LiveSignalKind.ITEM_CODE,
         )
         try:
             reply = await _timed("Touch", self._stub.Touch(request, timeout=self._deadline_s))
         except grpc.aio.AioRpcError as error:
             raise _failure("live_session.Touch", error) from None
+        if not reply.HasField("session"):
+            return None
         return Touched(reply.session.session_id, reply.created)
 
 

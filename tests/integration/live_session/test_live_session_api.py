@@ -52,6 +52,24 @@ async def test_touch_opens_then_reuses_the_session(stub, bearer) -> None:
     assert first.session.close_reason == pb.CLOSE_REASON_UNSPECIFIED
 
 
+async def test_touch_existing_only_never_opens_a_session(stub, bearer, pool) -> None:
+    routing = bearer("service", sub="routing")
+    request = pb.TouchRequest(
+        tenant_id="shop-1",
+        signal_kind=pb.SIGNAL_KIND_CLIENT_ITEM_CODE,
+        correlation_id="SM1",
+        existing_only=True,
+    )
+    alone = await stub.Touch(request, metadata=routing)
+    assert not alone.HasField("session") and not alone.created
+    assert await pool.fetchval("SELECT count(*) FROM sessions") == 0
+
+    opened = await touch(stub, bearer, "shop-1")
+    extended = await stub.Touch(request, metadata=routing)
+    assert extended.session.session_id == opened.session.session_id
+    assert not extended.created
+
+
 async def test_200_concurrent_touches_over_20_tenants_give_one_session_each(
     stub, bearer, pool: asyncpg.Pool
 ) -> None:

@@ -81,6 +81,55 @@ async def test_a_batch_mixing_current_stale_and_new_tenants(
     assert await pool.fetchval("SELECT count(*) FROM sessions WHERE status = 'active'") == 3
 
 
+async def test_an_extend_alone_opens_nothing_and_extends_an_active_session(
+    pool: asyncpg.Pool, clock: ManualClock, clean_tables: None
+) -> None:
+    store = SessionStore(pool, clock, WINDOW)
+    batcher = TouchBatcher(store)
+
+    assert await batcher.extend("shop-1") is None
+    assert await pool.fetchval("SELECT count(*) FROM sessions") == 0
+    assert await pool.fetchval("SELECT count(*) FROM events") == 0
+
+    opened = await batcher.touch("shop-1", SELLER, "SM1")
+    clock.advance(timedelta(minutes=1))
+    extended = await batcher.extend("shop-1")
+    assert extended is not None and extended.id == opened.session.id
+    assert extended.last_activity_at == clock.now()
+
+    clock.advance(WINDOW * 2)  # idle past the window: ended, and an extend never reopens it
+    assert await batcher.extend("shop-1") is None
+    assert await pool.fetchval("SELECT count(*) FROM sessions") == 1
+    assert await pool.fetchval("SELECT count(*) FROM events") == 1
+
+
+async def test_a_batch_mixing_extends_and_touches(
+    pool: asyncpg.Pool, clock: ManualClock, clean_tables: None
+) -> None:
+    store = CountingStore(pool, clock)
+    batcher = TouchBatcher(store)
+    current = await store.touch("current", SELLER, "")
+    clock.advance(timedelta(minutes=1))
+    store.bump_batches.clear()
+
+    extends = [batcher.extend(t) for t in ("current", "idle", "opening") for _ in range(5)]
+    touches = [batcher.touch("opening", SELLER, f"SM{i}") for i in range(3)]
+    *extended, t1, t2, t3 = await asyncio.gather(*extends, *touches)
+
+    assert len(store.bump_batches) == 1  # one statement for the whole mixed batch
+    on_current, on_idle, on_opening = extended[:5], extended[5:10], extended[10:]
+    assert all(s is not None and s.id == current.session.id for s in on_current)
+    assert all(s is not None and s.last_activity_at == clock.now() for s in on_current)
+    assert on_idle == [None] * 5  # nobody of that tenant may open one
+    assert [t1.created, t2.created, t3.created].count(True) == 1
+    assert {t1.session.id, t2.session.id, t3.session.id} == {
+        s.id for s in on_opening if s is not None
+    }
+    assert len([s for s in on_opening if s is not None]) == 5
+    tenants = await pool.fetch("SELECT tenant_id FROM sessions WHERE status = 'active'")
+    assert sorted(row["tenant_id"] for row in tenants) == ["current", "opening"]
+
+
 async def test_a_database_failure_reaches_every_waiting_caller(
     service_dsn: str, clock: ManualClock
 ) -> None:
@@ -89,7 +138,9 @@ async def test_a_database_failure_reaches_every_waiting_caller(
     batcher = TouchBatcher(SessionStore(closed_pool, clock, WINDOW))
 
     results = await asyncio.gather(
-        *(batcher.touch(f"shop-{i % 3}", SELLER, "") for i in range(9)), return_exceptions=True
+        *(batcher.touch(f"shop-{i % 3}", SELLER, "") for i in range(9)),
+        *(batcher.extend(f"shop-{i % 3}") for i in range(6)),
+        return_exceptions=True,
     )
 
     assert all(isinstance(result, asyncpg.InterfaceError) for result in results)

@@ -73,15 +73,26 @@ class FakeSenders:
 
 
 class FakeSessions:
+    """live_session.Touch: a seller's message opens a tenant's session, an item code only
+    extends one (as `existing_only` does)."""
+
     def __init__(self) -> None:
         self.down = False
         self.touches: list[tuple[str, LiveSignalKind, str]] = []
+        self.active: set[str] = set()
 
-    async def touch(self, tenant_id: str, signal: LiveSignalKind, correlation_id: str) -> Touched:
+    async def touch(
+        self, tenant_id: str, signal: LiveSignalKind, correlation_id: str
+    ) -> Touched | None:
         if self.down:
             raise PeerUnavailableError("live_session.Touch: UNAVAILABLE")
         self.touches.append((tenant_id, signal, correlation_id))
-        return Touched(f"session-{tenant_id}", created=len(self.touches) == 1)
+        if tenant_id in self.active:
+            return Touched(f"session-{tenant_id}", created=False)
+        if signal is LiveSignalKind.ITEM_CODE:
+            return None
+        self.active.add(tenant_id)
+        return Touched(f"session-{tenant_id}", created=True)
 
 
 class FakeReplies:

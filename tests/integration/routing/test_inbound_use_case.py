@@ -147,18 +147,37 @@ async def test_help_enqueues_the_help_text(router: InboundRouter, replies: FakeR
     assert replies.messages == {("shop-1", f"{message.message_sid}:consent"): DEFAULT_HELP_REPLY}
 
 
-async def test_a_client_item_code_touches_the_live_session(
+async def test_a_client_item_code_alone_opens_no_live_session(
     router: InboundRouter, clean: asyncpg.Pool, sessions: FakeSessions
 ) -> None:
     message = inbound("A12")
     routed = await router.route(message, stream_sequence=1)
     assert sessions.touches == [("shop-1", LiveSignalKind.ITEM_CODE, message.message_sid)]
-    assert routed.touched is not None
+    assert routed.touched is None
+    assert sessions.active == set()
+    stored = await clean.fetchval(
+        "SELECT live_session_id FROM processed_inbound WHERE message_sid = $1", message.message_sid
+    )
+    assert stored is None
+    [payload] = await events(clean, "routing.v1.message.routed")
+    assert events_pb2.MessageRouted.FromString(payload).live_session_id == ""
+
+
+async def test_a_client_item_code_extends_the_session_a_seller_opened(
+    router: InboundRouter, clean: asyncpg.Pool, sessions: FakeSessions
+) -> None:
+    seller = inbound("Nouveau : robe, code A12", sender=SELLER)
+    opening = await router.route(seller, stream_sequence=1)
+    assert opening.touched is not None and opening.touched.created
+    message = inbound("A12")
+    routed = await router.route(message, stream_sequence=2)
+    assert sessions.touches[-1] == ("shop-1", LiveSignalKind.ITEM_CODE, message.message_sid)
+    assert routed.touched is not None and not routed.touched.created
     stored = await clean.fetchval(
         "SELECT live_session_id FROM processed_inbound WHERE message_sid = $1", message.message_sid
     )
     assert stored == routed.touched.session_id
-    [payload] = await events(clean, "routing.v1.message.routed")
+    _, payload = await events(clean, "routing.v1.message.routed")
     assert events_pb2.MessageRouted.FromString(payload).live_session_id == stored
 
 

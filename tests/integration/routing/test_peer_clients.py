@@ -53,10 +53,13 @@ class LiveSession(live_session_pb2_grpc.LiveSessionServiceServicer):
     def __init__(self) -> None:
         self.requests: list[live_session_pb2.TouchRequest] = []
         self.release = asyncio.Event()
+        self.active = True
 
     async def Touch(self, request, context):  # type: ignore[no-untyped-def]
         self.requests.append(request)
         await self.release.wait()
+        if request.existing_only and not self.active:
+            return live_session_pb2.TouchResponse()
         session = live_session_pb2.LiveSession(session_id="s-1", tenant_id=request.tenant_id)
         return live_session_pb2.TouchResponse(session=session, created=len(self.requests) == 1)
 
@@ -168,8 +171,25 @@ async def test_concurrent_touches_of_one_tenant_share_one_call(peers) -> None:
     assert [t.created for t in touched].count(True) == 1
     request = fake.live_session.requests[0]
     assert request.signal_kind == live_session_pb2.SIGNAL_KIND_CLIENT_ITEM_CODE
+    assert request.existing_only
     await sessions.touch("shop-1", LiveSignalKind.SELLER_MESSAGE, "SM-next")
     assert len(fake.live_session.requests) == 2  # a later signal makes its own call
+    assert not fake.live_session.requests[1].existing_only
+
+
+async def test_an_item_code_never_waits_on_a_seller_touch_nor_opens_a_session(peers) -> None:
+    fake, channel = peers
+    fake.live_session.active = False
+    sessions = GrpcLiveSessions(channel, deadline_s=2)
+    seller = asyncio.create_task(sessions.touch("shop-1", LiveSignalKind.SELLER_MESSAGE, "SM1"))
+    client = asyncio.create_task(sessions.touch("shop-1", LiveSignalKind.ITEM_CODE, "SM2"))
+    await asyncio.sleep(0.2)
+    fake.live_session.release.set()
+    opened, extended = await asyncio.gather(seller, client)
+    # Not coalesced: each made its own call, and only the seller's may open a session.
+    assert sorted(r.existing_only for r in fake.live_session.requests) == [False, True]
+    assert opened is not None and opened.session_id == "s-1"
+    assert extended is None
 
 
 async def test_the_reply_is_a_compliance_message_keyed_by_the_caller(peers) -> None:

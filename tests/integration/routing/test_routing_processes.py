@@ -155,13 +155,22 @@ async def test_help_enqueues_the_help_reply(stack: Stack) -> None:
     assert isinstance(body, str) and "STOP" in body
 
 
-async def test_salut_touches_no_session_and_a_client_code_does(stack: Stack) -> None:
-    last_activity = "SELECT max(last_activity_at) FROM live_session.sessions WHERE tenant_id = $1"
-    before = await stack.fetchval(last_activity, TENANT)
+async def test_salut_touches_no_session_and_a_client_code_only_extends_one(stack: Stack) -> None:
+    active = "SELECT count(*) FROM live_session.sessions WHERE tenant_id = $1 AND status = 'active'"
+    await stack.fetchval(  # end whatever live an earlier test left open
+        "UPDATE live_session.sessions SET status = 'closed', closed_at = now(),"
+        " close_reason = 'manual' WHERE tenant_id = $1 AND status = 'active' RETURNING 1",
+        TENANT,
+    )
     salut = inbound("salut", sender=new_client())
-    await stack.publish(salut)
-    await stack.wait_processed([salut.message_sid])
-    assert await stack.fetchval(last_activity, TENANT) == before
+    early = inbound("A12", sender=new_client())
+    for message in (salut, early):
+        await stack.publish(message)
+    await stack.wait_processed([salut.message_sid, early.message_sid])
+    assert await count(stack, active, TENANT) == 0  # a client's code opens no live
+    seller = inbound("Robe rouge T38, 25 euros, code A12", sender=SELLER)
+    await stack.publish(seller)
+    await stack.wait_processed([seller.message_sid])
     code = inbound("A12", sender=new_client())
     await stack.publish(code)
     await stack.wait_processed([code.message_sid])
@@ -181,6 +190,10 @@ async def test_salut_touches_no_session_and_a_client_code_does(stack: Stack) -> 
     [event] = await relayed(stack, [code.message_sid])
     assert event.live_session_id == session_id
     assert event.decision == events_pb2.ROUTING_DECISION_LIVE_SIGNAL
+    [event] = await relayed(stack, [seller.message_sid])
+    assert event.live_session_id == session_id
+    [event] = await relayed(stack, [early.message_sid])
+    assert event.decision == events_pb2.ROUTING_DECISION_LIVE_SIGNAL and not event.live_session_id
     [event] = await relayed(stack, [salut.message_sid])
     assert event.decision == events_pb2.ROUTING_DECISION_CONVERSATION and not event.live_session_id
 

@@ -25,37 +25,37 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+snapsell/live_session/v1/live_session.proto\x12\x18snapsell.live_session.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbf\x02\n\x0bLiveSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x37\n\x06status\x18\x03 \x01(\x0e\x32\'.snapsell.live_session.v1.SessionStatus\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10last_activity_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tclosed_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12;\n\x0c\x63lose_reason\x18\x07 \x01(\x0e\x32%.snapsell.live_session.v1.CloseReason\"t\n\x0cTouchRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x39\n\x0bsignal_kind\x18\x02 \x01(\x0e\x32$.snapsell.live_session.v1.SignalKind\x12\x16\n\x0e\x63orrelation_id\x18\x03 \x01(\t\"X\n\rTouchResponse\x12\x36\n\x07session\x18\x01 \x01(\x0b\x32%.snapsell.live_session.v1.LiveSession\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"-\n\x18GetCurrentSessionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"S\n\x19GetCurrentSessionResponse\x12\x36\n\x07session\x18\x01 \x01(\x0b\x32%.snapsell.live_session.v1.LiveSession\"T\n\x13\x43loseSessionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\x03 \x01(\t\"b\n\x14\x43loseSessionResponse\x12\x36\n\x07session\x18\x01 \x01(\x0b\x32%.snapsell.live_session.v1.LiveSession\x12\x12\n\nclosed_now\x18\x02 \x01(\x08\"\x88\x01\n\x13ListSessionsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x37\n\x06status\x18\x02 \x01(\x0e\x32\'.snapsell.live_session.v1.SessionStatus\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"h\n\x14ListSessionsResponse\x12\x37\n\x08sessions\x18\x01 \x03(\x0b\x32%.snapsell.live_session.v1.LiveSession\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*e\n\rSessionStatus\x12\x1e\n\x1aSESSION_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15SESSION_STATUS_ACTIVE\x10\x01\x12\x19\n\x15SESSION_STATUS_CLOSED\x10\x02*[\n\x0b\x43loseReason\x12\x1c\n\x18\x43LOSE_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43LOSE_REASON_IDLE\x10\x01\x12\x17\n\x13\x43LOSE_REASON_MANUAL\x10\x02*k\n\nSignalKind\x12\x1b\n\x17SIGNAL_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1aSIGNAL_KIND_SELLER_MESSAGE\x10\x01\x12 \n\x1cSIGNAL_KIND_CLIENT_ITEM_CODE\x10\x02\x32\xca\x03\n\x12LiveSessionService\x12X\n\x05Touch\x12&.snapsell.live_session.v1.TouchRequest\x1a\'.snapsell.live_session.v1.TouchResponse\x12|\n\x11GetCurrentSession\x12\x32.snapsell.live_session.v1.GetCurrentSessionRequest\x1a\x33.snapsell.live_session.v1.GetCurrentSessionResponse\x12m\n\x0c\x43loseSession\x12-.snapsell.live_session.v1.CloseSessionRequest\x1a..snapsell.live_session.v1.CloseSessionResponse\x12m\n\x0cListSessions\x12-.snapsell.live_session.v1.ListSessionsRequest\x1a..snapsell.live_session.v1.ListSessionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+snapsell/live_session/v1/live_session.proto\x12\x18snapsell.live_session.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbf\x02\n\x0bLiveSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x37\n\x06status\x18\x03 \x01(\x0e\x32\'.snapsell.live_session.v1.SessionStatus\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10last_activity_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tclosed_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12;\n\x0c\x63lose_reason\x18\x07 \x01(\x0e\x32%.snapsell.live_session.v1.CloseReason\"\x8b\x01\n\x0cTouchRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x39\n\x0bsignal_kind\x18\x02 \x01(\x0e\x32$.snapsell.live_session.v1.SignalKind\x12\x16\n\x0e\x63orrelation_id\x18\x03 \x01(\t\x12\x15\n\rexisting_only\x18\x04 \x01(\x08\"X\n\rTouchResponse\x12\x36\n\x07session\x18\x01 \x01(\x0b\x32%.snapsell.live_session.v1.LiveSession\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"-\n\x18GetCurrentSessionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"S\n\x19GetCurrentSessionResponse\x12\x36\n\x07session\x18\x01 \x01(\x0b\x32%.snapsell.live_session.v1.LiveSession\"T\n\x13\x43loseSessionRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\x03 \x01(\t\"b\n\x14\x43loseSessionResponse\x12\x36\n\x07session\x18\x01 \x01(\x0b\x32%.snapsell.live_session.v1.LiveSession\x12\x12\n\nclosed_now\x18\x02 \x01(\x08\"\x88\x01\n\x13ListSessionsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x37\n\x06status\x18\x02 \x01(\x0e\x32\'.snapsell.live_session.v1.SessionStatus\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"h\n\x14ListSessionsResponse\x12\x37\n\x08sessions\x18\x01 \x03(\x0b\x32%.snapsell.live_session.v1.LiveSession\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*e\n\rSessionStatus\x12\x1e\n\x1aSESSION_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15SESSION_STATUS_ACTIVE\x10\x01\x12\x19\n\x15SESSION_STATUS_CLOSED\x10\x02*[\n\x0b\x43loseReason\x12\x1c\n\x18\x43LOSE_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43LOSE_REASON_IDLE\x10\x01\x12\x17\n\x13\x43LOSE_REASON_MANUAL\x10\x02*k\n\nSignalKind\x12\x1b\n\x17SIGNAL_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1aSIGNAL_KIND_SELLER_MESSAGE\x10\x01\x12 \n\x1cSIGNAL_KIND_CLIENT_ITEM_CODE\x10\x02\x32\xca\x03\n\x12LiveSessionService\x12X\n\x05Touch\x12&.snapsell.live_session.v1.TouchRequest\x1a\'.snapsell.live_session.v1.TouchResponse\x12|\n\x11GetCurrentSession\x12\x32.snapsell.live_session.v1.GetCurrentSessionRequest\x1a\x33.snapsell.live_session.v1.GetCurrentSessionResponse\x12m\n\x0c\x43loseSession\x12-.snapsell.live_session.v1.CloseSessionRequest\x1a..snapsell.live_session.v1.CloseSessionResponse\x12m\n\x0cListSessions\x12-.snapsell.live_session.v1.ListSessionsRequest\x1a..snapsell.live_session.v1.ListSessionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'snapsell.live_session.v1.live_session_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SESSIONSTATUS']._serialized_start=1199
-  _globals['_SESSIONSTATUS']._serialized_end=1300
-  _globals['_CLOSEREASON']._serialized_start=1302
-  _globals['_CLOSEREASON']._serialized_end=1393
-  _globals['_SIGNALKIND']._serialized_start=1395
-  _globals['_SIGNALKIND']._serialized_end=1502
+  _globals['_SESSIONSTATUS']._serialized_start=1223
+  _globals['_SESSIONSTATUS']._serialized_end=1324
+  _globals['_CLOSEREASON']._serialized_start=1326
+  _globals['_CLOSEREASON']._serialized_end=1417
+  _globals['_SIGNALKIND']._serialized_start=1419
+  _globals['_SIGNALKIND']._serialized_end=1526
   _globals['_LIVESESSION']._serialized_start=107
   _globals['_LIVESESSION']._serialized_end=426
-  _globals['_TOUCHREQUEST']._serialized_start=428
-  _globals['_TOUCHREQUEST']._serialized_end=544
-  _globals['_TOUCHRESPONSE']._serialized_start=546
-  _globals['_TOUCHRESPONSE']._serialized_end=634
-  _globals['_GETCURRENTSESSIONREQUEST']._serialized_start=636
-  _globals['_GETCURRENTSESSIONREQUEST']._serialized_end=681
-  _globals['_GETCURRENTSESSIONRESPONSE']._serialized_start=683
-  _globals['_GETCURRENTSESSIONRESPONSE']._serialized_end=766
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=768
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=852
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=854
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=952
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=955
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=1091
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1093
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1197
-  _globals['_LIVESESSIONSERVICE']._serialized_start=1505
-  _globals['_LIVESESSIONSERVICE']._serialized_end=1963
+  _globals['_TOUCHREQUEST']._serialized_start=429
+  _globals['_TOUCHREQUEST']._serialized_end=568
+  _globals['_TOUCHRESPONSE']._serialized_start=570
+  _globals['_TOUCHRESPONSE']._serialized_end=658
+  _globals['_GETCURRENTSESSIONREQUEST']._serialized_start=660
+  _globals['_GETCURRENTSESSIONREQUEST']._serialized_end=705
+  _globals['_GETCURRENTSESSIONRESPONSE']._serialized_start=707
+  _globals['_GETCURRENTSESSIONRESPONSE']._serialized_end=790
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=792
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=876
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=878
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=976
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=979
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=1115
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1117
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1221
+  _globals['_LIVESESSIONSERVICE']._serialized_start=1529
+  _globals['_LIVESESSIONSERVICE']._serialized_end=1987
 # @@protoc_insertion_point(module_scope)

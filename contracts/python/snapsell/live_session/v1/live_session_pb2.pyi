@@ -135,21 +135,27 @@ class TouchRequest(_message.Message):
     TENANT_ID_FIELD_NUMBER: _builtins.int
     SIGNAL_KIND_FIELD_NUMBER: _builtins.int
     CORRELATION_ID_FIELD_NUMBER: _builtins.int
+    EXISTING_ONLY_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     signal_kind: Global___SignalKind.ValueType
     """Required (not SIGNAL_KIND_UNSPECIFIED)."""
     correlation_id: _builtins.str
     """Carried into the events this call records (e.g. the inbound MessageSid); at most 256 characters."""
+    existing_only: _builtins.bool
+    """Only extend the tenant's active session; never open one. Routing sets it for a client's
+    item code, so only a seller's message starts a live.
+    """
     def __init__(
         self,
         *,
         tenant_id: _builtins.str = ...,
         signal_kind: Global___SignalKind.ValueType = ...,
         correlation_id: _builtins.str = ...,
+        existing_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "signal_kind", b"signal_kind", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "existing_only", b"existing_only", "signal_kind", b"signal_kind", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -164,7 +170,9 @@ class TouchResponse(_message.Message):
     created: _builtins.bool
     """True when this call opened the session."""
     @_builtins.property
-    def session(self) -> Global___LiveSession: ...
+    def session(self) -> Global___LiveSession:
+        """Absent when existing_only was set and the tenant had no active session."""
+
     def __init__(
         self,
         *,
