@@ -29,7 +29,8 @@ SERVICE_FULL_NAME = live_session_pb2.DESCRIPTOR.services_by_name["LiveSessionSer
 
 _TENANT_ROLES = frozenset({"owner", "manager", "staff"})
 # Keyed by full method name, as `infra.auth.AuthInterceptor` wants it.
-# Routing touches a tenant's session on every live signal; no service closes one today.
+# Routing touches a tenant's session on every live signal (a client's item code only extends
+# an active one); no service closes one today.
 ACCESS_POLICY: dict[str, Access] = {
     f"/{SERVICE_FULL_NAME}/Touch": Access(services=frozenset({"routing"})),
     f"/{SERVICE_FULL_NAME}/GetCurrentSession": Access(roles=_TENANT_ROLES | {"admin"}),

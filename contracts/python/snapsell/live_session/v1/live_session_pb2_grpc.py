@@ -69,7 +69,8 @@ class LiveSessionServiceServicer:
         """Returns the tenant's current session and bumps its last activity; opens a new session when
         none is active within the inactivity window (an active session idle past the window is
         closed with reason IDLE in the same transaction). Concurrent calls for one tenant all
-        return the same session. Role `service` only.
+        return the same session. With `existing_only` it never opens one: it bumps the current
+        session or answers without one. Role `service` only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -40,7 +40,8 @@ class LiveSessionServiceStub:
     """Returns the tenant's current session and bumps its last activity; opens a new session when
     none is active within the inactivity window (an active session idle past the window is
     closed with reason IDLE in the same transaction). Concurrent calls for one tenant all
-    return the same session. Role `service` only.
+    return the same session. With `existing_only` it never opens one: it bumps the current
+    session or answers without one. Role `service` only.
     """
     GetCurrentSession: _grpc.UnaryUnaryMultiCallable[_live_session_pb2.GetCurrentSessionRequest, _live_session_pb2.GetCurrentSessionResponse]
     """The tenant's current session: active and not idle past the window. NOT_FOUND when none."""
@@ -63,7 +64,8 @@ class LiveSessionServiceAsyncStub(LiveSessionServiceStub):
     """Returns the tenant's current session and bumps its last activity; opens a new session when
     none is active within the inactivity window (an active session idle past the window is
     closed with reason IDLE in the same transaction). Concurrent calls for one tenant all
-    return the same session. Role `service` only.
+    return the same session. With `existing_only` it never opens one: it bumps the current
+    session or answers without one. Role `service` only.
     """
     GetCurrentSession: _aio.UnaryUnaryMultiCallable[_live_session_pb2.GetCurrentSessionRequest, _live_session_pb2.GetCurrentSessionResponse]  # type: ignore[assignment]
     """The tenant's current session: active and not idle past the window. NOT_FOUND when none."""
@@ -89,7 +91,8 @@ class LiveSessionServiceServicer(metaclass=_abc_1.ABCMeta):
         """Returns the tenant's current session and bumps its last activity; opens a new session when
         none is active within the inactivity window (an active session idle past the window is
         closed with reason IDLE in the same transaction). Concurrent calls for one tenant all
-        return the same session. Role `service` only.
+        return the same session. With `existing_only` it never opens one: it bumps the current
+        session or answers without one. Role `service` only.
         """
 
     @_abc_1.abstractmethod
