@@ -218,6 +218,14 @@ class Harness:
             raise
         return reply.session
 
+    async def close_session(self, shop: Shop, session_id: str) -> None:
+        stub = live_session_pb2_grpc.LiveSessionServiceStub(self._channel("live_session"))
+        await stub.CloseSession(
+            live_session_pb2.CloseSessionRequest(tenant_id=shop.tenant_id, session_id=session_id),
+            metadata=shop.metadata,
+            timeout=10,
+        )
+
     async def sessions(self, shop: Shop) -> Sequence[live_session_pb2.LiveSession]:
         stub = live_session_pb2_grpc.LiveSessionServiceStub(self._channel("live_session"))
         reply = await stub.ListSessions(

@@ -45,3 +45,27 @@ async def test_two_claims_hold_the_stock_the_third_waits_and_is_promoted_on_a_ca
     promoted = (await replies_to(harness, third, 2))[1]
     assert promoted.startswith("A12 est à vous")
     assert len(await harness.sandbox_sent(f"whatsapp:{second}")) == 1
+
+
+async def test_a_code_before_or_after_a_live_is_answered_and_opens_no_live(
+    harness: Harness, system: SystemStack
+) -> None:
+    shop: Shop = await shop_from_api(system, "no-live-yet")
+    early, late = new_mobile(), new_mobile()
+
+    await harness.send(shop, early, "A12")
+    [unknown] = await replies_to(harness, early, 1)
+    assert unknown.startswith("Code A12 inconnu")
+    assert await harness.sessions(shop) == []  # only a seller's message starts a live
+
+    await harness.send(shop, shop.seller, "A12 Robe 25€ x1")
+    await replies_to(harness, shop.seller, 1)
+    live = await harness.current_session(shop)
+    assert live is not None
+    await harness.close_session(shop, live.session_id)
+
+    await harness.send(shop, late, "A12")
+    [ended] = await replies_to(harness, late, 1)
+    assert ended.startswith("Ce live est terminé")
+    assert await harness.current_session(shop) is None
+    assert [s.session_id for s in await harness.sessions(shop)] == [live.session_id]
