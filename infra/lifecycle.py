@@ -12,6 +12,7 @@ allocates heavily calls `tune_garbage_collector()` once started.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import signal
 import sys
@@ -80,3 +81,23 @@ def run_main(main: Callable[[asyncio.Event], Awaitable[None]], *, service: str) 
     except Exception:
         _log.exception("service.crashed")
         sys.exit(1)
+
+
+async def supervised(
+    service: str,
+    name: str,
+    loop: Callable[[], Awaitable[None]],
+    stop: asyncio.Event,
+    *,
+    pause_s: float = 1.0,
+) -> None:
+    """Run `loop` until `stop`; if it dies (e.g. NATS answering errors while it restarts), log
+    `<service>.loop_crashed` and start it again: a process without its consumer would look alive
+    but do nothing."""
+    while not stop.is_set():
+        try:
+            await loop()
+        except Exception:
+            _log.exception(f"{service}.loop_crashed", extra={"fields": {"loop": name}})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=pause_s)

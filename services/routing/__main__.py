@@ -12,7 +12,6 @@ ledger makes their second processing a no-op when the first one committed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -25,7 +24,7 @@ from infra.db import migrate_service, open_service_database
 from infra.events import EventRelay
 from infra.grpc_client import service_channel
 from infra.grpc_server import GrpcServer
-from infra.lifecycle import run_main
+from infra.lifecycle import run_main, supervised
 from infra.log import get_logger
 from infra.metrics import RpcMetricsInterceptor, start_metrics_server
 from infra.retention import RetentionTask
@@ -121,7 +120,7 @@ async def serve(stop: asyncio.Event) -> None:
         if not config.consumer_enabled:
             del loops["inbound-consumer"], loops["lag-tracker"]
         background = [
-            asyncio.create_task(_supervised(name, loop, stop), name=name)
+            asyncio.create_task(supervised(SERVICE, name, loop, stop), name=name)
             for name, loop in loops.items()
         ]
         _log.info(
@@ -150,20 +149,6 @@ async def serve(stop: asyncio.Event) -> None:
         for channel in channels:
             await channel.close()
         await pool.close()
-
-
-async def _supervised(
-    name: str, loop: Callable[[], Awaitable[None]], stop: asyncio.Event, *, pause_s: float = 1.0
-) -> None:
-    """Run `loop` until `stop`; if it dies (e.g. NATS answering errors while it restarts), log
-    and start it again: a routing process without its consumer would look alive but do nothing."""
-    while not stop.is_set():
-        try:
-            await loop()
-        except Exception:
-            _log.exception("routing.loop_crashed", extra={"fields": {"loop": name}})
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=pause_s)
 
 
 async def migrate(_stop: asyncio.Event) -> None:
