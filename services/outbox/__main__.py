@@ -36,13 +36,13 @@ from infra.twilio_http import make_twilio_client
 from services.outbox.admin_store import OutboxAdminStore
 from services.outbox.api import ACCESS_POLICY, SERVICE_FULL_NAME, OutboxApi
 from services.outbox.channels import ChannelDirectory, follow_channel_changes
+from services.outbox.clients import BatchConsent, RoutingConsentChecker, routing_channel
 from services.outbox.config import Config, load_config, worker_id
-from services.outbox.consent import BatchConsent, RoutingConsentChecker, routing_channel
 from services.outbox.consumer import STATUS_CONSUMER, StatusCallbackHandler
-from services.outbox.delivery import MessageDelivery, utc_now
-from services.outbox.sender import TwilioSender, status_callback_url
+from services.outbox.sending.pipeline import SenderWorker
+from services.outbox.sending.send import MessageDelivery, utc_now
+from services.outbox.sending.twilio_api import TwilioSender, status_callback_url
 from services.outbox.store import OutboxStore, finished_message_purges
-from services.outbox.worker import SenderWorker
 
 SERVICE = "outbox"
 MIGRATIONS = Path(__file__).parent / "migrations"

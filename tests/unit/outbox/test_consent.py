@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 
 from infra.auth import ServiceTokenProvider
 from infra.keys import new_signing_key
-from services.outbox.consent import (
+from services.outbox.clients import (
     MAX_CHECKS_PER_CALL,
     BatchConsent,
     ConsentUnavailableError,

@@ -8,10 +8,10 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 
-from services.outbox.consent import ConsentAnswer
+from services.outbox.clients import ConsentAnswer
 from services.outbox.domain import Consent
-from services.outbox.held import Held, refresh_consent
 from services.outbox.records import ClaimedMessage
+from services.outbox.sending.leases import Held, refresh_consent
 from tests.unit.outbox.builders import claimed
 
 MAX_AGE_S = 0.2

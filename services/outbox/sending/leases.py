@@ -15,7 +15,7 @@ import asyncpg
 from infra.db import DATABASE_UNAVAILABLE
 from infra.events import wait_any
 from infra.log import get_logger
-from services.outbox.consent import ConsentAnswer
+from services.outbox.clients import ConsentAnswer
 from services.outbox.records import ClaimedMessage
 
 _log = get_logger(__name__)

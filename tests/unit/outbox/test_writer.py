@@ -12,7 +12,7 @@ import pytest
 
 from services.outbox.domain import MessageStatus
 from services.outbox.records import Resolution
-from services.outbox.results import ResultWriter
+from services.outbox.sending.writer import ResultWriter
 
 
 class InterruptedStore:

@@ -29,8 +29,8 @@ from services.outbox.domain import (
     classify_http_error,
     is_messaging_service_sid,
 )
-from services.outbox.reconciliation import TwilioMessageView
 from services.outbox.records import ClaimedMessage
+from services.outbox.sending.reconcile import TwilioMessageView
 
 STATUS_CALLBACK_PATH = "/webhooks/twilio/status"
 _LIST_PAGE_SIZE = 50

@@ -26,15 +26,15 @@ from prometheus_client import Gauge
 from infra.db import DATABASE_UNAVAILABLE
 from infra.events import wait_any
 from infra.log import get_logger
+from services.outbox.clients import ConsentAnswer
 from services.outbox.config import WorkerConfig
-from services.outbox.consent import ConsentAnswer
-from services.outbox.delivery import LeaseLostError, MessageDelivery, utc_now
 from services.outbox.domain import FairQueue, MessageStatus, TokenBucket
-from services.outbox.held import Held, refresh_consent, renew_leases
 from services.outbox.records import ClaimedMessage, Resolution
-from services.outbox.results import LEASES_LOST, ResultWriter
+from services.outbox.sending.leases import Held, refresh_consent, renew_leases
+from services.outbox.sending.send import LeaseLostError, MessageDelivery, utc_now
+from services.outbox.sending.wakeups import DueWakeups
+from services.outbox.sending.writer import LEASES_LOST, ResultWriter
 from services.outbox.store import OutboxStore
-from services.outbox.wakeups import DueWakeups
 
 IN_FLIGHT = Gauge("snapsell_outbox_sends_in_flight", "Messages being processed by this worker")
 
