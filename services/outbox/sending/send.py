@@ -4,6 +4,7 @@ WhatsApp window, send, and turn what happened into a `Resolution` for the batch 
 Order matters: reconciliation comes first (a message Twilio already has must not be sent
 again, whatever else changed), consent comes right before the send: the answer its claimed
 batch got, or a new one when that grew too old meanwhile (see consent.BatchConsent).
+What each end records is built by `resolutions.py`.
 """
 
 from __future__ import annotations
@@ -21,19 +22,22 @@ from opentelemetry.trace import Link, SpanKind
 from prometheus_client import Counter, Histogram
 
 from infra import telemetry
-from services.outbox.clients import BatchConsent, ConsentAnswer, ConsentUnavailableError
+from services.outbox.clients import ConsentUnavailableError
 from services.outbox.config import WorkerConfig
 from services.outbox.domain import (
     AttemptOutcome,
+    AttemptRecord,
+    ClaimedMessage,
     DeadReason,
     ErrorClass,
     PreSendDecision,
+    Resolution,
     SendAccepted,
     SendResult,
     decide_before_send,
 )
-from services.outbox.records import AttemptRecord, ClaimedMessage, Resolution
 from services.outbox.sending import resolutions
+from services.outbox.sending.consent import BatchConsent, ConsentAnswer
 from services.outbox.sending.reconcile import ExpectedSend, TwilioMessageView, find_reconciled_send
 from services.outbox.sending.twilio_api import ReconciliationError
 
@@ -63,7 +67,7 @@ _log = logging.getLogger(__name__)
 
 
 class TwilioGateway(Protocol):
-    """What delivery needs of Twilio (see sender.TwilioSender)."""
+    """What delivery needs of Twilio (see twilio_api.TwilioSender)."""
 
     async def send(self, message: ClaimedMessage) -> SendResult: ...
 
