@@ -1,11 +1,13 @@
 """What Prometheus scrapes from the outbox process: the time from Enqueue to Twilio's
-acceptance by tenant class and kind, and the due messages waiting for a sender."""
+acceptance by tenant class and kind, and the due messages waiting for a sender (the count
+KEDA's query in the prod overlay reads too)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import httpx
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.outbox.stack import (
@@ -18,6 +20,7 @@ from tests.integration.outbox.stack import (
     sms,
 )
 from tests.support.processes import RunningService
+from tools.deploy.layout import overlay_dir
 
 LATENCY = "snapsell_outbox_enqueue_to_accepted_seconds"
 
@@ -71,9 +74,21 @@ async def test_due_messages_waiting_are_counted_with_the_age_of_the_oldest(
         metrics = await scrape_until(idle, lambda m: ("snapsell_queue_depth", queue) in m)
         assert metrics[("snapsell_queue_depth", queue)] == 3
         assert 60 <= metrics[("snapsell_queue_oldest_age_seconds", queue)] < 120
+        assert await stack.db.fetchval(keda_outbox_query()) == 3
     finally:
         idle.stop()
         await stack.db.execute("DELETE FROM outbox.messages WHERE tenant_id = 'backlog-shop'")
+
+
+def keda_outbox_query() -> str:
+    autoscaling = overlay_dir("prod") / "autoscaling.yaml"
+    [outbox] = [
+        doc
+        for doc in yaml.safe_load_all(autoscaling.read_text())
+        if doc["kind"] == "ScaledObject" and doc["metadata"]["name"] == "outbox"
+    ]
+    [trigger] = outbox["spec"]["triggers"]
+    return str(trigger["metadata"]["query"])
 
 
 async def test_a_sent_message_is_timed_from_enqueue_by_tenant_class_and_kind(
