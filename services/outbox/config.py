@@ -18,6 +18,7 @@ from infra.config import (
 )
 from infra.retention import RetentionSettings, load_retention_settings, retention_days
 from services.outbox.domain import RetryPolicy
+from services.outbox.metrics import TenantClasses
 
 DEFAULT_GRPC_PORT = 50052
 DEFAULT_METRICS_PORT = 9102
@@ -52,6 +53,8 @@ class WorkerConfig:
     # in batches at half this age, and a send that finds its answer older asks again alone.
     consent_max_age_s: float
     whatsapp_window_s: float
+    # Metric labels only (services/outbox/metrics.py): which class each tenant is in.
+    tenant_classes: TenantClasses = field(default_factory=TenantClasses)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +142,7 @@ def _worker_config() -> WorkerConfig:
         whatsapp_window_s=env_float(
             "OUTBOX_WHATSAPP_WINDOW_SECONDS", 86_400.0, minimum=1.0, maximum=30 * 86_400.0
         ),
+        tenant_classes=TenantClasses.parse(env_str("OUTBOX_TENANT_CLASSES", "")),
     )
 
 
