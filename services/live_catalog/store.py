@@ -195,6 +195,10 @@ class CatalogStore:
         """See `InboundCatalog.handle_inbound`."""
         return await self.inbound.handle_inbound(inbound)
 
+    async def handle_batch(self, inbounds: Sequence[Inbound]) -> list[str | Exception]:
+        """See `InboundCatalog.handle_batch`."""
+        return await self.inbound.handle_batch(inbounds)
+
     def _replies(self, tenant_id: str) -> Replies:
         return self._settings.for_tenant(tenant_id).replies
 
