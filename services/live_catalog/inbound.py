@@ -12,6 +12,7 @@ from datetime import datetime
 import asyncpg
 
 from infra.db import Connection
+from infra.log import get_logger
 from services.live_catalog.domain import (
     Cancel,
     Claim,
@@ -63,6 +64,9 @@ WHERE id = $1
 """
 
 
+_log = get_logger(__name__)
+
+
 def _arrival(inbound: Inbound) -> tuple[datetime, str]:
     return inbound.received_at, inbound.message_sid
 
@@ -111,9 +115,13 @@ class InboundCatalog:
                 for i in order:
                     outcomes[i] = await self._apply(conn, inbounds[i], now)
             return outcomes
-        except Exception:
+        except Exception as error:
             if len(inbounds) == 1:
                 raise
+            _log.warning(
+                "live_catalog.batch_failed",
+                extra={"fields": {"messages": len(inbounds), "error": str(error) or repr(error)}},
+            )
         for i in order:
             try:
                 outcomes[i] = await self.handle_inbound(inbounds[i])

@@ -270,6 +270,15 @@ class ClaimsBench:
         self.figures["claim_to_sandbox_p99_ms"] = phases.figures[prefix + "p99_ms"]
         self.figures["claims_webhook_rps"] = phases.figures[prefix + "webhook_rps"]
         self.figures["claims_unanswered"] = summary.unrouted + summary.non200
+        # Where the unanswered ones were at the cut: not routed yet, or not decided yet.
+        sid_prefix = phases.prefix(1)
+        for stage in ("routing", "live_catalog"):
+            self.figures[f"cut_{stage}_handled"] = await self.db.fetchval(
+                f"SELECT count(*) FROM {stage}.processed_inbound WHERE left(message_sid, 12) = $1",
+                sid_prefix,
+            )
+        # The burst starts on an idle system.
+        await phases.settle(1, summary)
         self.notes += phases.notes
 
     async def burst(self, item_id: uuid.UUID) -> None:
@@ -447,6 +456,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=100.0, help="claims/s in the latency phase")
     parser.add_argument("--seconds", type=float, default=10.0, help="latency phase length")
     parser.add_argument("--drain-seconds", type=float, default=15.0, help="reply wait")
+    parser.add_argument("--settle-seconds", type=float, default=120.0, help="backlog wait")
     parser.add_argument("--connections", type=int, default=32, help="keep-alive connections")
     parser.add_argument("--burst", type=int, default=1000, help="claims in the burst")
     parser.add_argument("--concurrency", type=int, default=32, help="claims in flight (peer run)")
