@@ -181,9 +181,10 @@ def fault_plan(world: ChaosWorld) -> list[Fault]:
         ("cut routing's NATS connection", lambda: world.cut_nats_link("routing")),
         ("SIGKILL outbox (API + worker)", lambda: world.kill_outbox_holding_leases(spare=False)),
         (
-            "pg_terminate_backend routing + outbox",
-            lambda: world.terminate_sessions("routing", "outbox"),
+            "pg_terminate_backend routing + outbox + live_catalog",
+            lambda: world.terminate_sessions("routing", "outbox", "live_catalog"),
         ),
+        ("SIGKILL live_catalog", lambda: world.kill_and_restart("live_catalog")),
         ("SIGKILL gateway", lambda: world.kill_and_restart("gateway")),
         ("SIGKILL nats-server", world.crash_nats),
         ("PostgreSQL immediate stop", world.crash_postgres),

@@ -75,7 +75,8 @@ async def test_every_message_is_handled_once_and_consent_holds_through_faults(
     db = await asyncpg.connect(world.postgres.dsn)
     nats = await jetstream.connect(world.nats.url, name="chaos-audit")
     try:
-        settle_s = await wait_until_settled(db, list(tally.accepted))
+        claims = [sid for sid in load.claims if sid in tally.accepted]
+        settle_s = await wait_until_settled(db, list(tally.accepted), claims)
         settled = "never" if settle_s is None else f"{settle_s:.0f}"
         records = await read_records(db, nats.jetstream(), stack.sandbox_url, world.processes())
     finally:
