@@ -65,9 +65,9 @@ class LoadSize:
     plain_enqueues: int
 
     @classmethod
-    def from_env(cls) -> LoadSize:
-        """SNAPSELL_CHAOS_WEBHOOKS webhooks (`make chaos` asks for 5,000)."""
-        return cls.for_webhooks(int(os.environ.get("SNAPSELL_CHAOS_WEBHOOKS", DEFAULT_WEBHOOKS)))
+    def from_env(cls, default: str = DEFAULT_WEBHOOKS) -> LoadSize:
+        """SNAPSELL_CHAOS_WEBHOOKS webhooks (`make chaos` asks for 5,000), else `default`."""
+        return cls.for_webhooks(int(os.environ.get("SNAPSELL_CHAOS_WEBHOOKS", default)))
 
     @classmethod
     def for_webhooks(cls, webhooks: int) -> LoadSize:
