@@ -80,9 +80,9 @@ class LoadSize:
         return self.webhooks - self.stoppers - 2 * self.togglers - 1
 
 
-def rate_from_env() -> float:
-    """SNAPSELL_CHAOS_RATE: webhooks per second, held steady while the faults strike."""
-    return float(os.environ.get("SNAPSELL_CHAOS_RATE", DEFAULT_RATE))
+def rate_from_env(variable: str = "SNAPSELL_CHAOS_RATE", default: str = DEFAULT_RATE) -> float:
+    """Webhooks per second, held steady while the faults strike."""
+    return float(os.environ.get(variable, default))
 
 
 @dataclass(frozen=True)
