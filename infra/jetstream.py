@@ -28,7 +28,7 @@ from nats.js.errors import BadRequestError
 
 from infra import telemetry
 from infra.backlog import QUEUE_DEPTH, InFlight
-from infra.config import ConfigError, env_optional
+from infra.config import ConfigError, env_optional, url_list
 from infra.nats_users import INBOX_ROOT
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,9 @@ async def connect(
     connect_timeout_s: float = 2.0,
     credentials: NatsCredentials | None = None,
 ) -> NatsClient:
-    """Connect, retrying the first connection for up to ~30 s, then reconnect forever. The
+    """Connect, retrying the first connection for up to ~30 s, then reconnect forever. `url`
+    may list a cluster's servers, separated by commas: the client connects to one and moves to
+    another when it fails (the servers do not advertise each other to clients). The
     credentials default to the environment's (`NatsCredentials.from_env`); without a user,
     those in the URL (`nats://user:password@host`) are used, if any."""
     options = (credentials or NatsCredentials.from_env()).options()
@@ -86,7 +88,7 @@ async def connect(
     while True:
         try:
             return await nats.connect(
-                url,
+                url_list(url),
                 name=name,
                 connect_timeout=connect_timeout_s,
                 reconnect_time_wait=0.5,

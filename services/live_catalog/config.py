@@ -24,7 +24,7 @@ from infra.config import (
     env_float,
     env_int,
     env_optional,
-    env_url,
+    env_url_list,
 )
 from infra.retention import RetentionSettings, load_retention_settings, retention_days
 from infra.streams import events_stream
@@ -140,7 +140,7 @@ def load_config() -> Config:
     return Config(
         grpc_port=env_int("GRPC_PORT", DEFAULT_GRPC_PORT, minimum=0, maximum=65535),
         metrics_port=env_int("METRICS_PORT", DEFAULT_METRICS_PORT, minimum=0, maximum=65535),
-        nats_url=env_url("NATS_URL", schemes=("nats", "tls")),
+        nats_url=env_url_list("NATS_URL", schemes=("nats", "tls")),
         outbox_addr=env_address("OUTBOX_ADDR", "127.0.0.1:50052"),
         consumer_enabled=env_bool("LIVE_CATALOG_CONSUMER_ENABLED", True),
         concurrency=concurrency,

@@ -15,6 +15,7 @@ from infra.config import (
     env_optional,
     env_str,
     env_url,
+    env_url_list,
 )
 from infra.retention import RetentionSettings, load_retention_settings, retention_days
 from services.outbox.domain import RetryPolicy
@@ -150,7 +151,7 @@ def load_config() -> Config:
     return Config(
         grpc_port=env_int("GRPC_PORT", DEFAULT_GRPC_PORT, minimum=0, maximum=65535),
         metrics_port=env_int("METRICS_PORT", DEFAULT_METRICS_PORT, minimum=0, maximum=65535),
-        nats_url=env_url("NATS_URL", schemes=("nats", "tls")),
+        nats_url=env_url_list("NATS_URL", schemes=("nats", "tls")),
         routing_addr=env_address("ROUTING_ADDR", "127.0.0.1:50051"),
         seller_admin_addr=env_address("SELLER_ADMIN_ADDR", "127.0.0.1:50054"),
         channel_cache_ttl_s=env_float(

@@ -67,9 +67,9 @@ class LoadSize:
     plain_enqueues: int
 
     @classmethod
-    def from_env(cls) -> LoadSize:
-        """SNAPSELL_CHAOS_WEBHOOKS webhooks (`make chaos` asks for 5,000)."""
-        return cls.for_webhooks(int(os.environ.get("SNAPSELL_CHAOS_WEBHOOKS", DEFAULT_WEBHOOKS)))
+    def from_env(cls, default: str = DEFAULT_WEBHOOKS) -> LoadSize:
+        """SNAPSELL_CHAOS_WEBHOOKS webhooks (`make chaos` asks for 5,000), else `default`."""
+        return cls.for_webhooks(int(os.environ.get("SNAPSELL_CHAOS_WEBHOOKS", default)))
 
     @classmethod
     def for_webhooks(cls, webhooks: int) -> LoadSize:
@@ -82,9 +82,9 @@ class LoadSize:
         return self.webhooks - self.stoppers - 2 * self.togglers - 1
 
 
-def rate_from_env() -> float:
-    """SNAPSELL_CHAOS_RATE: webhooks per second, held steady while the faults strike."""
-    return float(os.environ.get("SNAPSELL_CHAOS_RATE", DEFAULT_RATE))
+def rate_from_env(variable: str = "SNAPSELL_CHAOS_RATE", default: str = DEFAULT_RATE) -> float:
+    """Webhooks per second, held steady while the faults strike."""
+    return float(os.environ.get(variable, default))
 
 
 @dataclass(frozen=True)
