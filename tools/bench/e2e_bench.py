@@ -30,6 +30,8 @@ Figures, per rate N (`rN_`): `webhook_rps` achieved post rate; `send_rps` replie
 gateway, JetStream, routing and its peers); `answer_p99_ms` the gateway's answer time;
 `non200` webhooks not answered 200; `pending` replies not sent at the cut; `send_failed`
 replies dead or blocked. Then `<service>_peak_rss_mb` over the run (`tools.bench.rss`),
+`rN_cpu_ms_per_msg_<process>` (CPU of each service's process tree, PostgreSQL's and NATS's
+when embedded, and their `total`, over the phase's load and drain, per reply sent),
 `loadgen_cpu_pct` (the load generator at the top rate), `loadgen_lag_p99_ms` (its worst
 lateness), `sandbox_duplicates` and `sandbox_check_ok`.
 Prints one JSON line last (shape in `tools.bench.__main__`); exit 1 when the stack failed.
@@ -59,7 +61,7 @@ from tools.bench.e2e_figures import (
     summarise_phase,
 )
 from tools.bench.open_loop import OpenLoopResult, run_open_loop
-from tools.bench.rss import PeakRss
+from tools.bench.rss import PeakRss, tree_cpu_seconds
 from tools.bench.webhooks import (
     BUSINESS_NUMBER,
     WEBHOOK_PATH,
@@ -102,8 +104,16 @@ def say(line: str) -> None:
 class Phases:
     """Drives the load phases against a running stack and keeps what they measured."""
 
-    def __init__(self, args: argparse.Namespace, stack: SystemStack, db: asyncpg.Pool) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        stack: SystemStack,
+        db: asyncpg.Pool,
+        infra_pids: dict[str, int],
+    ) -> None:
         self.args, self.stack, self.db = args, stack, db
+        # Every process whose CPU a phase accounts for: the services, PostgreSQL, NATS.
+        self.cpu_roots = {name: s.pid for name, s in stack.services.items()} | infra_pids
         self.nonce = new_nonce()
         self.clients: dict[str, str] = {}  # MessageSid -> the client's address, whole run
         self.sids: dict[int, list[str]] = {}  # batch -> its MessageSids in posting order
@@ -168,9 +178,11 @@ class Phases:
     async def measure(self, batch: int, rate: float) -> PhaseSummary:
         # The two clocks of a latency: the load generator's (monotonic) and the outbox's (wall).
         wall_minus_monotonic = time.time() - time.monotonic()
+        cpu_before = self.cpu_seconds()
         result = await self.post(batch, rate, self.args.seconds)
         answered = sum(1 for status in result.statuses.values() if status == 200)
         await self.wait_finished(batch, answered, self.args.drain_seconds)
+        cpu_used = {name: s - cpu_before.get(name, 0.0) for name, s in self.cpu_seconds().items()}
         rows = await self.db.fetch(_OUTBOUND, self.prefix(batch))
         outbound = {
             r["correlation_id"]: Outbound(r["status"], r["enqueued"], r["sent"]) for r in rows
@@ -183,6 +195,7 @@ class Phases:
         }
         summary = summarise_phase(rate, posted_at, result.statuses, outbound)
         self.figures |= summary.figures(result.achieved_rate, result.percentile(99))
+        self.figures |= cpu_figures(f"r{rate:g}_", cpu_used, summary.sent)
         self.lags_ms.append(result.release_lag_p99_ms)
         self.loadgen_cpu_pct.append(100 * result.client_cpu_s / (result.send_span_s or 1.0))
         self.notes.extend(f"{rate:g}/s webhooks: {failure}" for failure in result.failures[:3])
@@ -202,6 +215,9 @@ class Phases:
                 f"p50/p99 are over the {summary.sent} that arrived, so they understate"
             )
         return summary
+
+    def cpu_seconds(self) -> dict[str, float]:
+        return {name: tree_cpu_seconds(pid) for name, pid in self.cpu_roots.items()}
 
     async def settle(self, batch: int, summary: PhaseSummary) -> None:
         """Let a phase's backlog clear so that the next phase starts on an idle system."""
@@ -234,6 +250,18 @@ class Phases:
             )
 
 
+def cpu_figures(prefix: str, cpu_s: dict[str, float], sent: int) -> dict[str, float]:
+    """CPU ms per reply sent, per process and in all, over a phase (load and drain)."""
+    per_message = {
+        f"{prefix}cpu_ms_per_msg_{name}": round(1000 * seconds / max(1, sent), 3)
+        for name, seconds in sorted(cpu_s.items())
+    }
+    per_message[f"{prefix}cpu_ms_per_msg_total"] = round(
+        1000 * sum(cpu_s.values()) / max(1, sent), 3
+    )
+    return per_message
+
+
 async def set_up_shop(stack: SystemStack) -> None:
     """The shop an operator would create (README): a tenant and its WhatsApp number."""
     number = f"whatsapp:{BUSINESS_NUMBER}"
@@ -254,7 +282,8 @@ async def configure_sandbox(stack: SystemStack) -> None:
 
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     service_env = {"outbox": {"OUTBOX_RATE_LIMIT_PER_SENDER": f"{args.sender_rate:g}"}}
-    with infrastructure(workdir) as (dsn, nats_url):
+    with infrastructure(workdir) as servers:
+        dsn, nats_url = servers.dsn, servers.nats_url
         say("starting the stack")
         stack = await start_system(
             dsn,
@@ -267,7 +296,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         )
         try:
             async with asyncpg.create_pool(dsn, min_size=1, max_size=2) as db:
-                phases = Phases(args, stack, db)
+                phases = Phases(args, stack, db, servers.pids)
                 await measure_all(args, phases)
         finally:
             await stack.stop()
