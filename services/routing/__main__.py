@@ -84,7 +84,7 @@ async def serve(stop: asyncio.Event) -> None:
         inbound_spec = inbound_consumer_spec(
             ack_wait_s=config.ack_wait_s,
             max_deliver=config.max_deliver,
-            max_ack_pending=max(1000, config.concurrency * 4),
+            max_ack_pending=max(1000, config.concurrency * config.batch_size * 2),
         )
         inbound = InboundConsumer(
             router, pool, inbound_spec, retry_delay_cap_s=config.retry_delay_cap_s
@@ -105,8 +105,13 @@ async def serve(stop: asyncio.Event) -> None:
         await server.start()
         loops: dict[str, Callable[[], Awaitable[None]]] = {
             "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
-            "inbound-consumer": lambda: jetstream.run_pull_consumer(
-                js, inbound_spec, inbound.handle, stop=stop, concurrency=config.concurrency
+            "inbound-consumer": lambda: jetstream.run_batch_consumer(
+                js,
+                inbound_spec,
+                inbound.handle_batch,
+                stop=stop,
+                batch_size=config.batch_size,
+                batches_in_flight=config.concurrency,
             ),
             "carrier-opt-out-consumer": lambda: jetstream.run_pull_consumer(
                 js, carrier_consumer_spec(), carrier.handle, stop=stop, concurrency=4
@@ -131,6 +136,7 @@ async def serve(stop: asyncio.Event) -> None:
                     "metrics_port": metrics.port,
                     "consumer_enabled": config.consumer_enabled,
                     "concurrency": config.concurrency,
+                    "batch_size": config.batch_size,
                     "max_deliver": config.max_deliver,
                 }
             },

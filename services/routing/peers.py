@@ -3,12 +3,13 @@
 - `SenderDirectory`: seller_admin.ResolveSender, cached for a short TTL and flushed whenever
   seller_admin publishes an event (a channel or seller phone changed).
 - `LiveSessions`: live_session.Touch.
-- `ReplySender`: outbox.Enqueue of COMPLIANCE replies, idempotent on the key we derive.
+- `ReplySender`: outbox.EnqueueMany of a batch's COMPLIANCE replies, each idempotent on the
+  key we derive.
 
-Errors: NOT_FOUND from ResolveSender means "unknown channel" (None). INVALID_ARGUMENT from
-Enqueue, and FAILED_PRECONDITION (the reply's sender is not a channel of the tenant, e.g. a
-Messaging Service whose numbers were registered one by one), are `ReplyRejectedError`
-(retrying cannot help). Every other failure is
+Errors: NOT_FOUND from ResolveSender means "unknown channel" (None). A reply refused with
+INVALID_ARGUMENT, or FAILED_PRECONDITION (the reply's sender is not a channel of the tenant,
+e.g. a Messaging Service whose numbers were registered one by one), is a `ReplyRejectedError`
+for that reply alone (retrying cannot help). Every other failure is
 `PeerUnavailableError`: the inbound message is retried later, which is right for a peer that is
 down or slow (UNAVAILABLE, DEADLINE_EXCEEDED) and also for a misconfiguration (a wrong secret,
 PERMISSION_DENIED) that an operator will fix — nothing is lost meanwhile.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -76,14 +77,21 @@ class LiveSessions(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class ComplianceReply:
+    tenant_id: str
+    inbound: gateway_events.MessageReceived
+    body: str
+    idempotency_key: str
+
+
 class ReplySender(Protocol):
-    async def send_compliance_reply(
-        self,
-        tenant_id: str,
-        inbound: gateway_events.MessageReceived,
-        body: str,
-        idempotency_key: str,
-    ) -> str: ...
+    async def send_compliance_replies(
+        self, replies: Sequence[ComplianceReply]
+    ) -> list[str | ReplyRejectedError]:
+        """Each reply's outbox message id, or why the outbox refused that one; raises
+        `PeerUnavailableError` when the outbox could not answer for all of them."""
+        ...
 
 
 async def _timed(method: str, call: Awaitable[T]) -> T:
@@ -244,35 +252,50 @@ def reply_sender_address(inbound: gateway_events.MessageReceived) -> str:
     return _PREFIX.get(inbound.recipient.channel, "") + inbound.recipient.value
 
 
+_REJECTED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION})
+
+
 class GrpcReplySender:
     def __init__(self, channel: grpc.aio.Channel, *, deadline_s: float) -> None:
         self._stub = outbox_pb2_grpc.OutboxServiceStub(channel)
         self._deadline_s = deadline_s
 
-    async def send_compliance_reply(
-        self,
-        tenant_id: str,
-        inbound: gateway_events.MessageReceived,
-        body: str,
-        idempotency_key: str,
-    ) -> str:
-        request = outbox_pb2.EnqueueRequest(
-            tenant_id=tenant_id,
-            sender=reply_sender_address(inbound),
-            recipient=inbound.sender,
-            body=body,
-            kind=outbox_pb2.MESSAGE_KIND_COMPLIANCE,
-            idempotency_key=idempotency_key,
-            correlation_id=inbound.message_sid,
-            account_sid=inbound.account_sid,
+    async def send_compliance_replies(
+        self, replies: Sequence[ComplianceReply]
+    ) -> list[str | ReplyRejectedError]:
+        request = outbox_pb2.EnqueueManyRequest(
+            requests=[
+                outbox_pb2.EnqueueRequest(
+                    tenant_id=reply.tenant_id,
+                    sender=reply_sender_address(reply.inbound),
+                    recipient=reply.inbound.sender,
+                    body=reply.body,
+                    kind=outbox_pb2.MESSAGE_KIND_COMPLIANCE,
+                    idempotency_key=reply.idempotency_key,
+                    correlation_id=reply.inbound.message_sid,
+                    account_sid=reply.inbound.account_sid,
+                )
+                for reply in replies
+            ]
         )
         try:
-            reply = await _timed("Enqueue", self._stub.Enqueue(request, timeout=self._deadline_s))
+            answer = await _timed(
+                "EnqueueMany", self._stub.EnqueueMany(request, timeout=self._deadline_s)
+            )
         except grpc.aio.AioRpcError as error:
-            if error.code() in (
-                grpc.StatusCode.INVALID_ARGUMENT,
-                grpc.StatusCode.FAILED_PRECONDITION,
-            ):
-                raise ReplyRejectedError(f"outbox.Enqueue: {error.details()}") from None
-            raise _failure("outbox.Enqueue", error) from None
-        return reply.message_id
+            raise _failure("outbox.EnqueueMany", error) from None
+        if len(answer.results) != len(replies):
+            raise PeerUnavailableError("outbox.EnqueueMany: not one result per request")
+        outcomes: list[str | ReplyRejectedError] = []
+        for result in answer.results:
+            code = _CODES.get(result.code, grpc.StatusCode.UNKNOWN)
+            if code is grpc.StatusCode.OK:
+                outcomes.append(result.message_id)
+            elif code in _REJECTED:
+                outcomes.append(ReplyRejectedError(f"outbox.EnqueueMany: {result.error}"))
+            else:  # e.g. PERMISSION_DENIED: a misconfiguration an operator will fix
+                raise PeerUnavailableError(f"outbox.EnqueueMany: {code.name}: {result.error}")
+        return outcomes
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}

@@ -17,6 +17,7 @@ from infra.grpc_client import service_channel
 from services.routing.domain import LiveSignalKind, SenderRole
 from services.routing.peers import (
     CachedSenderDirectory,
+    ComplianceReply,
     GrpcLiveSessions,
     GrpcReplySender,
     PeerUnavailableError,
@@ -67,13 +68,21 @@ class LiveSession(live_session_pb2_grpc.LiveSessionServiceServicer):
 class Outbox(outbox_pb2_grpc.OutboxServiceServicer):
     def __init__(self) -> None:
         self.requests: list[outbox_pb2.EnqueueRequest] = []
-        self.status: grpc.StatusCode | None = None
+        self.status: grpc.StatusCode | None = None  # the whole call fails
+        self.refused: grpc.StatusCode | None = None  # the second request is refused
 
-    async def Enqueue(self, request, context):  # type: ignore[no-untyped-def]
+    async def EnqueueMany(self, request, context):  # type: ignore[no-untyped-def]
         if self.status is not None:
-            await context.abort(self.status, "body is too long")
-        self.requests.append(request)
-        return outbox_pb2.EnqueueResponse(message_id="m-1", created=True)
+            await context.abort(self.status, "scripted failure")
+        results = []
+        for index, one in enumerate(request.requests):
+            if index == 1 and self.refused is not None:
+                code = self.refused.value[0]
+                results.append(outbox_pb2.EnqueueResult(code=code, error="body is too long"))
+                continue
+            self.requests.append(one)
+            results.append(outbox_pb2.EnqueueResult(message_id=f"m-{len(self.requests)}"))
+        return outbox_pb2.EnqueueManyResponse(results=results)
 
 
 class Peers:
@@ -194,29 +203,42 @@ async def test_an_item_code_never_waits_on_a_seller_touch_nor_opens_a_session(pe
 
 async def test_the_reply_is_a_compliance_message_keyed_by_the_caller(peers) -> None:
     fake, channel = peers
-    message = inbound("STOP")
+    message, other = inbound("STOP"), inbound("HELP")
     replies = GrpcReplySender(channel, deadline_s=2)
-    assert await replies.send_compliance_reply("shop-1", message, "Bye", "SM1:consent") == "m-1"
-    [request] = fake.outbox.requests
+    answers = await replies.send_compliance_replies(
+        [
+            ComplianceReply("shop-1", message, "Bye", "SM1:consent"),
+            ComplianceReply("shop-1", other, "Help", "SM2:consent"),
+        ]
+    )
+    assert answers == ["m-1", "m-2"]  # one call, each reply's id in order
+    request, second = fake.outbox.requests
     assert request.kind == outbox_pb2.MESSAGE_KIND_COMPLIANCE
     assert request.idempotency_key == "SM1:consent"
     assert request.sender == f"whatsapp:{SHOP_NUMBER}"
     assert request.recipient == message.sender
     assert request.correlation_id == message.message_sid
     assert request.body == "Bye"
+    assert (second.idempotency_key, second.recipient) == ("SM2:consent", other.sender)
 
 
-async def test_an_invalid_reply_is_rejected_and_an_outage_is_retryable(peers) -> None:
+async def test_an_invalid_reply_is_rejected_alone_and_an_outage_is_retryable(peers) -> None:
     fake, channel = peers
     replies = GrpcReplySender(channel, deadline_s=2)
+    batch = [ComplianceReply("shop-1", inbound("STOP"), "x", f"k{n}") for n in range(3)]
     # Invalid, or from a sender that is not one of the tenant's channels.
     for refusal in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
-        fake.outbox.status = refusal
-        with pytest.raises(ReplyRejectedError):
-            await replies.send_compliance_reply("shop-1", inbound("STOP"), "x", "k")
+        fake.outbox.refused = refusal
+        first, refused, third = await replies.send_compliance_replies(batch)
+        assert isinstance(refused, ReplyRejectedError)
+        assert isinstance(first, str) and isinstance(third, str)
+    fake.outbox.refused = grpc.StatusCode.PERMISSION_DENIED  # a misconfiguration: retry later
+    with pytest.raises(PeerUnavailableError):
+        await replies.send_compliance_replies(batch)
+    fake.outbox.refused = None
     fake.outbox.status = grpc.StatusCode.UNAVAILABLE
     with pytest.raises(PeerUnavailableError):
-        await replies.send_compliance_reply("shop-1", inbound("STOP"), "x", "k")
+        await replies.send_compliance_replies(batch)
 
 
 def test_replies_go_out_through_the_messaging_service_when_there_is_one() -> None:
