@@ -168,8 +168,8 @@ class InboundConsumer:
             span.set_attribute("messaging.message.id", decoded[0][1].message_sid)
             with INBOUND_HANDLING.time():
                 outcomes = await self._router.route_batch(deliveries)
-        for (index, message), outcome in zip(decoded, outcomes, strict=True):
-            decisions[index] = await self._settle(msgs[index], message, outcome)
+            for (index, message), outcome in zip(decoded, outcomes, strict=True):
+                decisions[index] = await self._settle(msgs[index], message, outcome)
         return decisions
 
     async def _settle(
