@@ -40,7 +40,7 @@ from services.routing.event_consumers import (
     follow_changes,
 )
 from services.routing.inbound import InboundRouter
-from services.routing.peers import CachedSenderDirectory, GrpcLiveSessions, GrpcReplySender
+from services.routing.peers import ChannelSenderDirectory, GrpcLiveSessions, GrpcReplySender
 
 SERVICE = "routing"
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -71,7 +71,7 @@ async def serve(stop: asyncio.Event) -> None:
             events_stream("seller_admin"),
         ):
             await jetstream.ensure_stream(js, spec)
-        senders = CachedSenderDirectory(
+        senders = ChannelSenderDirectory(
             channels[0], ttl_s=config.sender_cache_ttl_s, deadline_s=config.peer_deadline_s
         )
         router = InboundRouter(

@@ -1,7 +1,9 @@
 """Routing's calls to other services, behind small Protocols the use case depends on.
 
-- `SenderDirectory`: seller_admin.ResolveSender, cached for a short TTL and flushed whenever
-  seller_admin publishes an event (a channel or seller phone changed).
+- `SenderDirectory`: whether a message comes from a seller or a client of which tenant,
+  decided locally from a cache by receiving channel filled from seller_admin (ResolveSender,
+  ListSellerPhones), flushed whenever seller_admin publishes an event (a channel or seller
+  phone changed) and expired after a short TTL.
 - `LiveSessions`: live_session.Touch.
 - `ReplySender`: outbox.EnqueueMany of a batch's COMPLIANCE replies, each idempotent on the
   key we derive.
@@ -31,6 +33,7 @@ from snapsell.live_session.v1 import live_session_pb2, live_session_pb2_grpc
 from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
 from snapsell.seller_admin.v1 import seller_admin_pb2, seller_admin_pb2_grpc
 
+from infra.cache import LoadingCache
 from services.routing.domain import LiveSignalKind, SenderRole
 
 PEER_CALL_SECONDS = Histogram(
@@ -110,15 +113,30 @@ def _failure(peer: str, error: grpc.aio.AioRpcError) -> PeerUnavailableError:
     return PeerUnavailableError(f"{peer}: {error.code().name}: {error.details() or ''}".strip())
 
 
-_ROLE_FROM_PROTO = {
-    seller_admin_pb2.SENDER_ROLE_SELLER: SenderRole.SELLER,
-    seller_admin_pb2.SENDER_ROLE_CLIENT: SenderRole.CLIENT,
-}
+@dataclass(frozen=True, slots=True)
+class ChannelSenders:
+    """Who writes to one receiving channel: the tenant it belongs to and that tenant's sellers
+    (their numbers and WhatsApp user IDs, as seller_admin matches them)."""
+
+    tenant_id: str
+    sellers: frozenset[str]
+
+    def role_of(self, message: gateway_events.MessageReceived) -> SenderRole:
+        """As seller_admin's ResolveSender decides: the sender's `From` value, or its WaId (a
+        WaId of digits is the phone number without its `+`), is one of the sellers'."""
+        wa_id = message.wa_id
+        candidates = (message.sender.value, f"+{wa_id}" if wa_id.isdigit() else wa_id)
+        if any(candidate and candidate in self.sellers for candidate in candidates):
+            return SenderRole.SELLER
+        return SenderRole.CLIENT
 
 
-class CachedSenderDirectory:
-    """ResolveSender with a TTL cache. Unknown channels are not cached, so a channel added a
-    second ago routes at once; `invalidate()` is called on every seller_admin event."""
+class ChannelSenderDirectory:
+    """Who sent an inbound message, decided here from a cache by receiving channel (recipient,
+    account, Messaging Service) of its tenant and seller addresses. A channel's entry is loaded
+    from seller_admin on a miss (ResolveSender for the tenant, then its ListSellerPhones) and
+    kept until `invalidate()` (called on every seller_admin event) or the TTL; unknown
+    channels are never kept, so a channel added a second ago routes at once."""
 
     def __init__(
         self,
@@ -126,43 +144,37 @@ class CachedSenderDirectory:
         *,
         ttl_s: float,
         deadline_s: float,
-        max_entries: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._stub = seller_admin_pb2_grpc.SellerAdminServiceStub(channel)
-        self._ttl_s = ttl_s
         self._deadline_s = deadline_s
-        self._max_entries = max_entries
-        self._clock = clock
-        self._cache: dict[tuple[object, ...], tuple[Sender, float]] = {}
-        self._generation = 0
+        self._channels: LoadingCache[tuple[object, ...], ChannelSenders] = LoadingCache(
+            ttl_s=ttl_s, clock=clock
+        )
 
     def invalidate(self) -> None:
-        self._cache.clear()
-        # A lookup that started before the flush must not write its (maybe stale) answer back.
-        self._generation += 1
+        self._channels.invalidate_all()
 
     async def resolve(self, message: gateway_events.MessageReceived) -> Sender | None:
         key = (
             message.recipient.channel,
             message.recipient.value,
-            message.sender.channel,
-            message.sender.value,
             message.account_sid,
             message.messaging_service_sid,
-            message.wa_id,
         )
-        now = self._clock()
-        cached = self._cache.get(key)
-        if cached is not None and cached[1] > now:
-            return cached[0]
-        generation = self._generation
+        senders = self._channels.cached(key)
+        if senders is None:
+            senders = await self._channels.get(key, lambda: self._load(message))
+        if senders is None:
+            return None
+        return Sender(senders.tenant_id, senders.role_of(message))
+
+    async def _load(self, message: gateway_events.MessageReceived) -> ChannelSenders | None:
         request = seller_admin_pb2.ResolveSenderRequest(
             recipient=message.recipient,
             sender=message.sender,
             account_sid=message.account_sid,
             messaging_service_sid=message.messaging_service_sid,
-            # Twilio's WaId: lets a seller registered by WhatsApp user ID be recognised.
             sender_whatsapp_user_id=message.wa_id,
         )
         try:
@@ -173,15 +185,28 @@ class CachedSenderDirectory:
             if error.code() == grpc.StatusCode.NOT_FOUND:
                 return None
             raise _failure("seller_admin.ResolveSender", error) from None
-        role = _ROLE_FROM_PROTO.get(reply.sender_role)
-        if role is None or not reply.tenant_id:
+        if not reply.tenant_id:
             raise PeerUnavailableError("seller_admin.ResolveSender: incomplete answer")
-        sender = Sender(reply.tenant_id, role)
-        if generation == self._generation:
-            if len(self._cache) >= self._max_entries:
-                self._cache.clear()
-            self._cache[key] = (sender, now + self._ttl_s)
-        return sender
+        sellers: set[str] = set()
+        token = ""
+        while True:
+            page_request = seller_admin_pb2.ListSellerPhonesRequest(
+                tenant_id=reply.tenant_id, page_size=_SELLER_PAGE_SIZE, page_token=token
+            )
+            try:
+                page = await _timed(
+                    "ListSellerPhones",
+                    self._stub.ListSellerPhones(page_request, timeout=self._deadline_s),
+                )
+            except grpc.aio.AioRpcError as error:
+                raise _failure("seller_admin.ListSellerPhones", error) from None
+            sellers.update(phone.address for phone in page.seller_phones)
+            token = page.next_page_token
+            if not token:
+                return ChannelSenders(reply.tenant_id, frozenset(sellers))
+
+
+_SELLER_PAGE_SIZE = 500
 
 
 _SIGNAL_TO_PROTO = {
