@@ -24,7 +24,7 @@ from infra.db import migrate_service, open_service_database
 from infra.events import EventRelay
 from infra.grpc_client import service_channel
 from infra.grpc_server import GrpcServer
-from infra.lifecycle import run_main, supervised
+from infra.lifecycle import run_main, supervised, tune_garbage_collector
 from infra.log import get_logger
 from infra.metrics import RpcMetricsInterceptor, start_metrics_server
 from infra.retention import RetentionTask
@@ -103,6 +103,7 @@ async def serve(stop: asyncio.Event) -> None:
         routing_pb2_grpc.add_RoutingServiceServicer_to_server(RoutingApi(pool), server.server)
         metrics = start_metrics_server(config.metrics_port)
         await server.start()
+        tune_garbage_collector()
         loops: dict[str, Callable[[], Awaitable[None]]] = {
             "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
             "inbound-consumer": lambda: jetstream.run_batch_consumer(
