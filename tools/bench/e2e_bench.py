@@ -1,6 +1,7 @@
 """End-to-end benchmark: signed webhook -> gateway -> routing -> outbox -> Twilio sandbox.
 
     python -m tools.bench.e2e_bench [--rates 100,300,1000] [--seconds 10] [--drain-seconds 15]
+                                    [--log-level INFO]
 
 The whole system as separate processes (`tools.system`, as `make run` starts it): embedded
 PostgreSQL and NATS JetStream in a temp dir (unless DATABASE_URL / NATS_URL are set; the
@@ -290,7 +291,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             nats_url,
             DevKeys(workdir / "keys"),
             workdir,
-            env={"LOG_LEVEL": "WARNING"},
+            env={"LOG_LEVEL": args.log_level},
             service_env=service_env,
             trace=False,
         )
@@ -341,6 +342,7 @@ def report(args: argparse.Namespace, phases: Phases) -> dict[str, Any]:
         "shops": "1 (operator CLI)",
         "outbox_rate_limit_per_sender": args.sender_rate,
         "sandbox": "no latency, no faults, no status callbacks",
+        "log_level": args.log_level,
         "latency": "webhook released -> outbox records the sandbox's 201 (sent_at)",
         "warmup": f"{WARMUP_RATE * WARMUP_SECONDS:g} webhooks at {WARMUP_RATE:g}/s, not measured",
     }
@@ -360,6 +362,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--settle-seconds", type=float, default=30.0, help="backlog wait")
     parser.add_argument("--connections", type=int, default=64, help="keep-alive connections")
     parser.add_argument("--sender-rate", type=float, default=2000.0, help="outbox limit/sender")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        help="the services' LOG_LEVEL (default INFO, production's: deploy/base)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (service logs)")
     args = parser.parse_args(argv)
     if not args.rates or min(args.rates) <= 0 or args.seconds <= 0:
