@@ -4,7 +4,8 @@ publishing with de-duplication ids and trace context, and a durable pull-consume
 A consumer handler returns a decision — `Ack()`, `Nak(delay_s)` or `Term(reason)` — and the
 loop carries it out, so handlers never touch the message's acknowledgement themselves. An
 exception escaping a handler is logged and answered with a delayed Nak that grows with the
-delivery count.
+delivery count. `run_pull_consumer` hands messages over one by one; `run_batch_consumer`
+hands over what one fetch brought, for a handler that does one unit of work per batch.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import itertools
 import json
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -281,6 +282,7 @@ class Term:
 
 Decision = Ack | Nak | Term
 Handler = Callable[[Msg], Awaitable[Decision]]
+BatchHandler = Callable[[Sequence[Msg]], Awaitable[Sequence[Decision]]]
 
 
 @dataclass(frozen=True)
@@ -334,27 +336,91 @@ async def run_pull_consumer(
     """Fetch and handle messages until `stop` is set, with at most `concurrency` in flight.
     In-flight handlers finish (and ack) before this returns. The consumer's backlog is
     exported meanwhile (infra.backlog)."""
+
+    async def handle(msgs: Sequence[Msg]) -> None:
+        for msg in msgs:
+            await _settle(msg, await _decide(handler, msg))
+
+    await _run_fetch_loop(
+        js,
+        spec,
+        handle,
+        stop=stop,
+        fetch_size=lambda running: concurrency - running,
+        fetch_timeout_s=fetch_timeout_s,
+        one_task_per_message=True,
+    )
+
+
+async def run_batch_consumer(
+    js: JetStreamContext,
+    spec: ConsumerSpec,
+    handler: BatchHandler,
+    *,
+    stop: asyncio.Event,
+    batch_size: int,
+    batches_in_flight: int = 2,
+    fetch_timeout_s: float = 1.0,
+) -> None:
+    """Fetch and handle messages until `stop` is set, each fetch's messages (at most
+    `batch_size`: those available, no waiting for more) as one batch, with at most
+    `batches_in_flight` batches being handled. The handler returns one decision per message,
+    in order. In-flight batches finish (and ack) before this returns."""
+
+    async def handle(msgs: Sequence[Msg]) -> None:
+        try:
+            decisions = await handler(msgs)
+        except Exception:
+            log.exception("jetstream.handler_failed", extra={"fields": {"subject": spec.durable}})
+            decisions = [Nak(failure_delay(msg.metadata.num_delivered)) for msg in msgs]
+        for msg, decision in zip(msgs, decisions, strict=True):
+            await _settle(msg, decision)
+
+    await _run_fetch_loop(
+        js,
+        spec,
+        handle,
+        stop=stop,
+        fetch_size=lambda running: batch_size if running < batches_in_flight else 0,
+        fetch_timeout_s=fetch_timeout_s,
+        one_task_per_message=False,
+    )
+
+
+async def _run_fetch_loop(
+    js: JetStreamContext,
+    spec: ConsumerSpec,
+    handle: Callable[[Sequence[Msg]], Coroutine[Any, Any, None]],
+    *,
+    stop: asyncio.Event,
+    fetch_size: Callable[[int], int],
+    fetch_timeout_s: float,
+    one_task_per_message: bool,
+) -> None:
+    """Fetch while `fetch_size(tasks running)` is positive, else wait for a task to end; each
+    fetch's messages are handled by one task, or one task each. Meanwhile the consumer's
+    backlog is exported: its depth as the server counts it, the age of the oldest message held."""
     await ensure_consumer(js, spec)
     subscription = await js.pull_subscribe_bind(spec.durable, stream=spec.stream)
     running: set[asyncio.Task[None]] = set()
     in_flight = InFlight(spec.queue)
     depth = asyncio.create_task(_report_depth(js, spec), name=f"{spec.queue} depth")
 
-    async def handle(msg: Msg) -> None:
-        with in_flight.holding(msg.metadata.timestamp.timestamp()):
-            await _settle(msg, await _decide(handler, msg))
+    async def hold(msgs: Sequence[Msg]) -> None:
+        with in_flight.holding(min(msg.metadata.timestamp.timestamp() for msg in msgs)):
+            await handle(msgs)
 
     try:
         while not stop.is_set():
-            free = concurrency - len(running)
+            size = fetch_size(len(running))
             # Below zero too: a fetch may return more than it asked for (nats-py hands over
             # whatever its queue holds, e.g. answers to an earlier pull that arrived late
             # after a reconnect), and a fetch of less than one message raises ValueError.
-            if free <= 0:
+            if size <= 0:
                 await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 continue
             try:
-                msgs = await subscription.fetch(free, timeout=fetch_timeout_s)
+                msgs = await subscription.fetch(size, timeout=fetch_timeout_s)
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
             except (nats.errors.Error, nats.js.errors.Error) as exc:
@@ -362,8 +428,8 @@ async def run_pull_consumer(
                 log.warning("jetstream.fetch_failed", extra={"fields": {"error": str(exc)}})
                 await asyncio.sleep(fetch_timeout_s)
                 continue
-            for msg in msgs:
-                task = asyncio.create_task(handle(msg))
+            for work in [[msg] for msg in msgs] if one_task_per_message else [msgs]:
+                task = asyncio.create_task(hold(work))
                 running.add(task)
                 task.add_done_callback(running.discard)
     finally:

@@ -5,8 +5,8 @@
 
 `run_main` sets up JSON logging and tracing, runs `serve` on uvloop with an Event that SIGTERM
 or SIGINT sets (a second signal cancels `serve`), and exits 2 with one line on stderr when the
-configuration is wrong, 1 when `serve` crashes, 0 after a clean stop. A service whose hot path
-allocates heavily calls `tune_garbage_collector()` once started.
+configuration is wrong, 1 when `serve` crashes, 0 after a clean stop. Every service calls
+`tune_garbage_collector()` once started.
 """
 
 from __future__ import annotations

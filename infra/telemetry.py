@@ -10,8 +10,11 @@ With neither, the API's no-op provider stays in place and no interceptor is inst
 
 When on, asyncpg queries are spans too, inside the trace of the work that runs them. A query
 with no parent span (a poll, a sweep, the event relay) is not recorded: every background loop
-would otherwise start a one-span trace each second. `OTEL_TRACES_SAMPLER`, when set, replaces
-that rule with the SDK's standard samplers.
+would otherwise start a one-span trace each second. Of the other traces, the share
+`SNAPSELL_TRACE_SAMPLE_RATIO` (0 to 1, default 1: all) is recorded, chosen by trace id, and
+the services a trace reaches follow the decision its first one made (production sets 0.1:
+deploy/base). `OTEL_TRACES_SAMPLER`, when set, replaces these rules with the SDK's standard
+samplers.
 """
 
 from __future__ import annotations
@@ -33,16 +36,16 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 from opentelemetry.sdk.trace.sampling import (
-    ALWAYS_ON,
     Decision,
     ParentBased,
     Sampler,
     SamplingResult,
+    TraceIdRatioBased,
 )
 from opentelemetry.trace import Link, SpanKind, Status
 from opentelemetry.util.types import Attributes
 
-from infra.config import env_optional
+from infra.config import env_float, env_optional
 from infra.log import mask_phone
 
 _provider: TracerProvider | None = None
@@ -159,7 +162,11 @@ _DB_SYSTEM_KEYS = ("db.system", "db.system.name")  # older and current semantic 
 
 
 class NoRootQuerySpans(Sampler):
-    """Root sampler: drops database spans that have no parent; records everything else."""
+    """Root sampler: drops database spans that have no parent; records `ratio` of the other
+    traces (by trace id)."""
+
+    def __init__(self, ratio: float = 1.0) -> None:
+        self._others = TraceIdRatioBased(ratio)
 
     def should_sample(
         self,
@@ -173,12 +180,12 @@ class NoRootQuerySpans(Sampler):
     ) -> SamplingResult:
         if kind is SpanKind.CLIENT and attributes and any(k in attributes for k in _DB_SYSTEM_KEYS):
             return SamplingResult(Decision.DROP)
-        return ALWAYS_ON.should_sample(
+        return self._others.should_sample(
             parent_context, trace_id, name, kind, attributes, links, trace_state
         )
 
     def get_description(self) -> str:
-        return "NoRootQuerySpans"
+        return f"NoRootQuerySpans({self._others.rate})"
 
 
 def setup_tracing(service: str) -> TracerProvider | None:
@@ -191,7 +198,8 @@ def setup_tracing(service: str) -> TracerProvider | None:
     trace_file = env_optional("SNAPSELL_TRACE_FILE")
     if not endpoint and not trace_file:
         return None
-    sampler = None if env_optional("OTEL_TRACES_SAMPLER") else ParentBased(NoRootQuerySpans())
+    ratio = env_float("SNAPSELL_TRACE_SAMPLE_RATIO", 1.0, minimum=0.0, maximum=1.0)
+    sampler = None if env_optional("OTEL_TRACES_SAMPLER") else ParentBased(NoRootQuerySpans(ratio))
     provider = TracerProvider(resource=Resource.create({"service.name": service}), sampler=sampler)
     if endpoint:
         # Imported only when used: the exporter pulls in a second gRPC stack and protobufs.

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import asyncpg
 import httpx
@@ -45,21 +45,31 @@ class Launch(Protocol):
     ) -> RunningService: ...
 
 
+class Infrastructure(NamedTuple):
+    dsn: str
+    nats_url: str
+    # The embedded servers' PIDs ("postgres", "nats"), for their CPU figures; none when external.
+    pids: dict[str, int]
+
+
 @contextlib.contextmanager
-def infrastructure(state_dir: Path) -> Iterator[tuple[str, str]]:
-    """(admin DSN, NATS URL): DATABASE_URL / NATS_URL when set, else an embedded PostgreSQL and
-    NATS JetStream with their state under `state_dir`, stopped (and the cluster removed) on exit."""
+def infrastructure(state_dir: Path) -> Iterator[Infrastructure]:
+    """DATABASE_URL / NATS_URL when set, else an embedded PostgreSQL and NATS JetStream with
+    their state under `state_dir`, stopped (and the cluster removed) on exit."""
     with contextlib.ExitStack() as stops:
         dsn, nats_url = os.environ.get("DATABASE_URL"), os.environ.get("NATS_URL")
+        pids: dict[str, int] = {}
         if not dsn:
             postgres = EmbeddedPostgres(state_dir / "postgres")
             stops.callback(postgres.destroy)
             dsn = postgres.start()
+            pids["postgres"] = postgres.pid or 0
         if not nats_url:
             nats = EmbeddedNats(state_dir / "nats")
             stops.callback(nats.stop)
             nats_url = nats.start()
-        yield dsn, nats_url
+            pids["nats"] = nats.pid or 0
+        yield Infrastructure(dsn, nats_url, {name: pid for name, pid in pids.items() if pid})
 
 
 async def reset_service_schema(admin_dsn: str, service: str) -> None:

@@ -27,7 +27,7 @@ from infra.db import migrate_service, open_service_database
 from infra.events import EventRelay
 from infra.grpc_client import service_channel
 from infra.grpc_server import GrpcServer
-from infra.lifecycle import run_main, supervised
+from infra.lifecycle import run_main, supervised, tune_garbage_collector
 from infra.log import get_logger
 from infra.metrics import RpcMetricsInterceptor, start_metrics_server
 from infra.retention import RetentionTask
@@ -118,6 +118,7 @@ async def serve(stop: asyncio.Event) -> None:
         )
         metrics = start_metrics_server(config.metrics_port)
         await server.start()
+        tune_garbage_collector()
         loops: dict[str, Callable[[], Awaitable[None]]] = {
             "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
             "reply-dispatcher": lambda: dispatcher.run(stop),

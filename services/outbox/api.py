@@ -47,6 +47,9 @@ ACCESS_POLICY: dict[str, Access] = {
     f"/{SERVICE_FULL_NAME}/Enqueue": Access(
         roles=_OPERATORS, services=frozenset({"routing", "live_catalog"})
     ),
+    f"/{SERVICE_FULL_NAME}/EnqueueMany": Access(
+        roles=_OPERATORS, services=frozenset({"routing", "live_catalog"})
+    ),
     f"/{SERVICE_FULL_NAME}/GetMessage": Access(roles=_TENANT_ROLES | {"admin"}),
     f"/{SERVICE_FULL_NAME}/ListDeadLetters": Access(roles=_OPERATORS),
     f"/{SERVICE_FULL_NAME}/Redrive": Access(roles=_OPERATORS),
@@ -57,6 +60,13 @@ COMPLIANCE_SENDER = "routing"
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 MAX_IDS_PER_CALL = 500
+MAX_ENQUEUES_PER_CALL = 500
+# What one request of an EnqueueMany may be refused for alone (the others are still stored).
+_REFUSALS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (InvalidMessageError, grpc.StatusCode.INVALID_ARGUMENT),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+    (SenderNotAChannelError, grpc.StatusCode.FAILED_PRECONDITION),
+)
 # Sorted on (dead_at, id); a token is valid for the tenant it lists.
 DEAD_LETTER_PAGES = PageTokens("outbox.dead_letters", (datetime, uuid.UUID))
 
@@ -155,6 +165,35 @@ class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
         request: outbox_pb2.EnqueueRequest,
         context: grpc.aio.ServicerContext[outbox_pb2.EnqueueRequest, outbox_pb2.EnqueueResponse],
     ) -> outbox_pb2.EnqueueResponse:
+        message = await self._checked_message(request)
+        message_id, created = await self._store.enqueue(message)
+        return outbox_pb2.EnqueueResponse(message_id=str(message_id), created=created)
+
+    @_rpc
+    async def EnqueueMany(
+        self,
+        request: outbox_pb2.EnqueueManyRequest,
+        context: grpc.aio.ServicerContext[
+            outbox_pb2.EnqueueManyRequest, outbox_pb2.EnqueueManyResponse
+        ],
+    ) -> outbox_pb2.EnqueueManyResponse:
+        if len(request.requests) > MAX_ENQUEUES_PER_CALL:
+            raise InvalidMessageError(f"at most {MAX_ENQUEUES_PER_CALL} requests per call")
+        results = [outbox_pb2.EnqueueResult() for _ in request.requests]
+        accepted: list[tuple[outbox_pb2.EnqueueResult, NewMessage]] = []
+        for one, result in zip(request.requests, results, strict=True):
+            try:
+                accepted.append((result, await self._checked_message(one)))
+            except tuple(error for error, _ in _REFUSALS) as error:
+                code = next(code for kind, code in _REFUSALS if isinstance(error, kind))
+                result.code, result.error = code.value[0], str(error)
+        stored = await self._store.enqueue_many([message for _, message in accepted])
+        for (result, _), (message_id, created) in zip(accepted, stored, strict=True):
+            result.message_id, result.created = str(message_id), created
+        return outbox_pb2.EnqueueManyResponse(results=results)
+
+    async def _checked_message(self, request: outbox_pb2.EnqueueRequest) -> NewMessage:
+        """The message to store for one Enqueue request, after every check."""
         principal = current_principal()
         tenant_id = _scoped_tenant(request.tenant_id)
         if request.kind == outbox_pb2.MESSAGE_KIND_COMPLIANCE and (
@@ -163,9 +202,7 @@ class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
             # The one kind that reaches opted-out people: only routing's consent replies.
             raise PermissionDeniedError("only routing may enqueue COMPLIANCE messages")
         channels = await self._channels.channels_for(tenant_id, request.sender)
-        message = self._new_message(tenant_id, request, channels)
-        message_id, created = await self._store.enqueue(message)
-        return outbox_pb2.EnqueueResponse(message_id=str(message_id), created=created)
+        return self._new_message(tenant_id, request, channels)
 
     def _new_message(
         self, tenant_id: str, request: outbox_pb2.EnqueueRequest, channels: TenantChannels

@@ -53,6 +53,38 @@ FROM inserted
 
 _EXISTING = "SELECT id FROM messages WHERE tenant_id = $1 AND idempotency_key = $2"
 
+# `_ENQUEUE` for many messages in one statement, in the order given (callers sort them, so
+# that two concurrent batches take their unique-key locks in the same order).
+_ENQUEUE_MANY = """
+WITH inserted AS (
+    INSERT INTO messages (
+        tenant_id, idempotency_key, correlation_id, kind, account_sid, sender,
+        recipient_channel, recipient, body, content_sid, content_variables,
+        next_attempt_at, max_attempts, traceparent)
+    SELECT m.tenant_id, m.idempotency_key, m.correlation_id, m.kind, m.account_sid, m.sender,
+        m.recipient_channel, m.recipient, m.body, m.content_sid, m.content_variables,
+        coalesce(m.not_before, now()), m.max_attempts, m.traceparent
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
+                $12::timestamptz[], $13::int[], $14::text[]) WITH ORDINALITY
+        AS m(tenant_id, idempotency_key, correlation_id, kind, account_sid, sender,
+             recipient_channel, recipient, body, content_sid, content_variables,
+             not_before, max_attempts, traceparent, n)
+    ORDER BY m.n
+    ON CONFLICT ON CONSTRAINT messages_tenant_idempotency_key_key DO NOTHING
+    RETURNING id, tenant_id, idempotency_key, next_attempt_at
+)
+SELECT id, tenant_id, idempotency_key,
+       CASE WHEN next_attempt_at <= now() THEN pg_notify('outbox_due', '') END
+FROM inserted
+"""
+
+_EXISTING_MANY = """
+SELECT m.id, m.tenant_id, m.idempotency_key
+FROM unnest($1::text[], $2::text[]) AS k(tenant_id, idempotency_key)
+JOIN messages m ON m.tenant_id = k.tenant_id AND m.idempotency_key = k.idempotency_key
+"""
+
 # One statement: pick due rows (skipping those another worker holds), take the lease, and
 # record a lease that ran out as an attempt whose outcome must be reconciled. A `sending` row
 # is due when its lease expired: `next_attempt_at` doubles as the lease expiry for the index.
@@ -311,6 +343,52 @@ class OutboxStore:
         if existing is None:  # the conflicting row was deleted meanwhile; vanishingly rare
             raise asyncpg.SerializationError("idempotency key conflict, retry")
         return existing, False
+
+    async def enqueue_many(self, messages: Sequence[NewMessage]) -> list[tuple[uuid.UUID, bool]]:
+        """`enqueue` of each message, in order, in one transaction: (message id, created). A
+        key repeated within `messages` is created once; its repeats return the same id."""
+        if not messages:
+            return []
+        keys = [(m.tenant_id, m.idempotency_key) for m in messages]
+        order = sorted(range(len(messages)), key=keys.__getitem__)
+        rows = [messages[i] for i in order]
+        async with self.pool.acquire() as conn, conn.transaction():
+            inserted = await conn.fetch(
+                _ENQUEUE_MANY,
+                [m.tenant_id for m in rows],
+                [m.idempotency_key for m in rows],
+                [m.correlation_id for m in rows],
+                [m.kind.value for m in rows],
+                [m.account_sid for m in rows],
+                [m.sender for m in rows],
+                [m.recipient_channel.value for m in rows],
+                [m.recipient for m in rows],
+                [m.body for m in rows],
+                [m.content_sid for m in rows],
+                [m.content_variables for m in rows],
+                [m.not_before for m in rows],
+                [m.max_attempts for m in rows],
+                [m.traceparent for m in rows],
+            )
+            created = {(r["tenant_id"], r["idempotency_key"]): r["id"] for r in inserted}
+            missing = sorted(set(keys) - created.keys())
+            existing: dict[tuple[str, str], uuid.UUID] = {}
+            if missing:
+                found = await conn.fetch(
+                    _EXISTING_MANY, [k[0] for k in missing], [k[1] for k in missing]
+                )
+                existing = {(r["tenant_id"], r["idempotency_key"]): r["id"] for r in found}
+        results: list[tuple[uuid.UUID, bool]] = []
+        first_of: set[tuple[str, str]] = set()
+        for key in keys:
+            if key in created:
+                results.append((created[key], key not in first_of))
+                first_of.add(key)
+            elif key in existing:
+                results.append((existing[key], False))
+            else:  # the conflicting row was deleted meanwhile; vanishingly rare
+                raise asyncpg.SerializationError("idempotency key conflict, retry")
+        return results
 
     async def claim_due_messages(
         self,

@@ -24,7 +24,7 @@ from infra.db import migrate_service, open_service_database
 from infra.events import EventRelay
 from infra.grpc_client import service_channel
 from infra.grpc_server import GrpcServer
-from infra.lifecycle import run_main, supervised
+from infra.lifecycle import run_main, supervised, tune_garbage_collector
 from infra.log import get_logger
 from infra.metrics import RpcMetricsInterceptor, start_metrics_server
 from infra.retention import RetentionTask
@@ -40,7 +40,7 @@ from services.routing.event_consumers import (
     follow_changes,
 )
 from services.routing.inbound import InboundRouter
-from services.routing.peers import CachedSenderDirectory, GrpcLiveSessions, GrpcReplySender
+from services.routing.peers import ChannelSenderDirectory, GrpcLiveSessions, GrpcReplySender
 
 SERVICE = "routing"
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -71,7 +71,7 @@ async def serve(stop: asyncio.Event) -> None:
             events_stream("seller_admin"),
         ):
             await jetstream.ensure_stream(js, spec)
-        senders = CachedSenderDirectory(
+        senders = ChannelSenderDirectory(
             channels[0], ttl_s=config.sender_cache_ttl_s, deadline_s=config.peer_deadline_s
         )
         router = InboundRouter(
@@ -84,7 +84,7 @@ async def serve(stop: asyncio.Event) -> None:
         inbound_spec = inbound_consumer_spec(
             ack_wait_s=config.ack_wait_s,
             max_deliver=config.max_deliver,
-            max_ack_pending=max(1000, config.concurrency * 4),
+            max_ack_pending=max(1000, config.concurrency * config.batch_size * 2),
         )
         inbound = InboundConsumer(
             router, pool, inbound_spec, retry_delay_cap_s=config.retry_delay_cap_s
@@ -103,10 +103,16 @@ async def serve(stop: asyncio.Event) -> None:
         routing_pb2_grpc.add_RoutingServiceServicer_to_server(RoutingApi(pool), server.server)
         metrics = start_metrics_server(config.metrics_port)
         await server.start()
+        tune_garbage_collector()
         loops: dict[str, Callable[[], Awaitable[None]]] = {
             "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
-            "inbound-consumer": lambda: jetstream.run_pull_consumer(
-                js, inbound_spec, inbound.handle, stop=stop, concurrency=config.concurrency
+            "inbound-consumer": lambda: jetstream.run_batch_consumer(
+                js,
+                inbound_spec,
+                inbound.handle_batch,
+                stop=stop,
+                batch_size=config.batch_size,
+                batches_in_flight=config.concurrency,
             ),
             "carrier-opt-out-consumer": lambda: jetstream.run_pull_consumer(
                 js, carrier_consumer_spec(), carrier.handle, stop=stop, concurrency=4
@@ -130,6 +136,7 @@ async def serve(stop: asyncio.Event) -> None:
                     "metrics_port": metrics.port,
                     "consumer_enabled": config.consumer_enabled,
                     "concurrency": config.concurrency,
+                    "batch_size": config.batch_size,
                     "max_deliver": config.max_deliver,
                 }
             },

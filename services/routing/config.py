@@ -67,10 +67,12 @@ class Config:
     seller_admin_addr: str
     live_session_addr: str
     outbox_addr: str
-    # Inbound consumer: handlers in flight, JetStream AckWait / MaxDeliver, and the cap of the
-    # growing delay before a message whose peer failed is tried again.
+    # Inbound consumer: batches being routed at once and messages per batch at most, JetStream
+    # AckWait / MaxDeliver, and the cap of the growing delay before a message whose peer failed
+    # is tried again.
     consumer_enabled: bool
     concurrency: int
+    batch_size: int
     ack_wait_s: float
     max_deliver: int
     retry_delay_cap_s: float
@@ -176,7 +178,7 @@ def load_rules() -> RulesBook:
 
 
 def load_config() -> Config:
-    concurrency = env_int("ROUTING_CONCURRENCY", 32, minimum=1, maximum=512)
+    concurrency = env_int("ROUTING_CONCURRENCY", 4, minimum=1, maximum=512)
     return Config(
         grpc_port=env_int("GRPC_PORT", DEFAULT_GRPC_PORT, minimum=0, maximum=65535),
         metrics_port=env_int("METRICS_PORT", DEFAULT_METRICS_PORT, minimum=0, maximum=65535),
@@ -188,6 +190,7 @@ def load_config() -> Config:
         # not take inbound messages from the shared stream).
         consumer_enabled=env_bool("ROUTING_CONSUMER_ENABLED", True),
         concurrency=concurrency,
+        batch_size=env_int("ROUTING_BATCH_SIZE", 100, minimum=1, maximum=500),
         ack_wait_s=env_float("ROUTING_ACK_WAIT_SECONDS", 30.0, minimum=5.0, maximum=600.0),
         # 120 deliveries with delays growing to 30 s: a peer may be down for about an hour
         # before a message is recorded as dead.
@@ -199,7 +202,7 @@ def load_config() -> Config:
         sender_cache_ttl_s=env_float(
             "ROUTING_SENDER_CACHE_TTL_SECONDS", 30.0, minimum=0.0, maximum=3600.0
         ),
-        # Each handler holds a connection for its whole transaction; leave room for the API.
+        # Each batch holds a connection for its whole transaction; leave room for the API.
         db_pool_size=env_int("ROUTING_DB_POOL_SIZE", concurrency + 8, minimum=2, maximum=600),
         shutdown_grace_s=env_float("SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0.0, maximum=300.0),
         rules=load_rules(),

@@ -1,7 +1,9 @@
-"""The inbound JetStream consumer: Twilio messages from the gateway, one routing each.
+"""The inbound JetStream consumer: Twilio messages from the gateway, routed in batches.
 
-Inbound (`INBOUND`, `gateway.v1.message.received`, durable `routing`): each stream message is
-decoded and handed to `InboundRouter.route`; the loop acks only after that committed.
+Inbound (`INBOUND`, `gateway.v1.message.received`, durable `routing`): what one fetch brought
+(at most `ROUTING_BATCH_SIZE` messages) is decoded and handed to `InboundRouter.route_batch`;
+the loop acks each message only after its batch committed. Each message is then settled on
+its own outcome:
 - a peer down or slow, or the database unreachable -> Nak with a delay growing per delivery;
 - undecodable / unusable payload -> recorded in `failed_inbound` + `routing.v1.message.unroutable`,
   then Term (retrying cannot fix it);
@@ -14,7 +16,7 @@ decoded and handed to `InboundRouter.route`; the loop acks only after that commi
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import asyncpg
@@ -35,6 +37,7 @@ from services.routing import store
 from services.routing.consent import timestamp
 from services.routing.inbound import (
     MESSAGE_UNROUTABLE,
+    Delivery,
     InboundRouter,
     InvalidInboundError,
     Routed,
@@ -64,7 +67,7 @@ INBOUND_LAG = Histogram(
 )
 INBOUND_HANDLING = Histogram(
     "snapsell_routing_inbound_handling_seconds",
-    "Time to handle one inbound stream message (decode, peers, transaction)",
+    "Time to route one batch of inbound stream messages (peers, transaction)",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
 INBOUND_REDELIVERIES = Counter(
@@ -115,49 +118,74 @@ class InboundConsumer:
         self._retry_delay_cap_s = retry_delay_cap_s
         self._clock = clock
 
-    async def handle(self, msg: Msg) -> jetstream.Decision:
-        metadata = msg.metadata
-        if metadata.num_delivered > 1:
-            INBOUND_REDELIVERIES.inc()
+    async def handle_batch(self, msgs: Sequence[Msg]) -> list[jetstream.Decision]:
+        """One decision per message, in order."""
+        decisions: list[jetstream.Decision] = [Ack()] * len(msgs)
+        decoded: list[tuple[int, gateway_events.MessageReceived]] = []
+        for index, msg in enumerate(msgs):
+            if msg.metadata.num_delivered > 1:
+                INBOUND_REDELIVERIES.inc()
+            try:
+                decoded.append((index, gateway_events.MessageReceived.FromString(msg.data)))
+            except DecodeError as error:
+                detail = f"not a MessageReceived: {error}"
+                decisions[index] = await self._give_up(msg, None, "undecodable", detail)
+        if not decoded:
+            return decisions
+        deliveries = [
+            Delivery(
+                message,
+                msgs[index].metadata.sequence.stream,
+                redelivered=msgs[index].metadata.num_delivered > 1,
+            )
+            for index, message in decoded
+        ]
+        # One span per batch: a child of its first message's trace, linked to the others'.
+        contexts = [telemetry.extract(msgs[index].headers) for index, _ in decoded]
+        links = [
+            trace.Link(span_context)
+            for context in contexts[1:]
+            if (span_context := trace.get_current_span(context).get_span_context()).is_valid
+        ]
         with tracer.start_as_current_span(
             "routing.route_inbound",
-            context=telemetry.extract(msg.headers),
+            context=contexts[0],
             kind=trace.SpanKind.CONSUMER,
+            links=links,
         ) as span:
-            span.set_attribute("messaging.message.id", (msg.headers or {}).get("Nats-Msg-Id", ""))
+            span.set_attribute("messaging.batch.message_count", len(deliveries))
+            span.set_attribute("messaging.message.id", decoded[0][1].message_sid)
             with INBOUND_HANDLING.time():
-                decision = await self._handle(msg)
-            span.set_attribute("routing.settlement", type(decision).__name__.lower())
-            return decision
+                outcomes = await self._router.route_batch(deliveries)
+            for (index, message), outcome in zip(decoded, outcomes, strict=True):
+                decisions[index] = await self._settle(msgs[index], message, outcome)
+        return decisions
 
-    async def _handle(self, msg: Msg) -> jetstream.Decision:
-        try:
-            message = gateway_events.MessageReceived.FromString(msg.data)
-        except DecodeError as error:
-            return await self._give_up(msg, None, "undecodable", f"not a MessageReceived: {error}")
-        try:
-            routed = await self._router.route(
-                message,
-                stream_sequence=msg.metadata.sequence.stream,
-                redelivered=msg.metadata.num_delivered > 1,
+    async def _settle(
+        self, msg: Msg, message: gateway_events.MessageReceived, outcome: Routed | Exception
+    ) -> jetstream.Decision:
+        if isinstance(outcome, InvalidInboundError):
+            return await self._give_up(msg, message, "undecodable", str(outcome))
+        if isinstance(outcome, _RETRYABLE):
+            return await self._retry_or_give_up(
+                msg, message, str(outcome) or type(outcome).__name__
             )
-        except InvalidInboundError as error:
-            return await self._give_up(msg, message, "undecodable", str(error))
-        except _RETRYABLE as error:
-            return await self._retry_or_give_up(msg, message, str(error) or type(error).__name__)
-        except Exception as error:
+        if isinstance(outcome, Exception):
             # A bug or an unexpected database error: retry (it may be transient), and on the
             # last delivery record it rather than lose it.
-            log.exception(
-                "routing.inbound_failed", extra={"fields": {"message_sid": message.message_sid}}
+            log.error(
+                "routing.inbound_failed",
+                exc_info=outcome,
+                extra={"fields": {"message_sid": message.message_sid}},
             )
-            return await self._retry_or_give_up(msg, message, f"{type(error).__name__}: {error}")
-        INBOUND_HANDLED.labels(routed.outcome.value).inc()
-        if routed.outcome.value != "duplicate":
+            reason = f"{type(outcome).__name__}: {outcome}"
+            return await self._retry_or_give_up(msg, message, reason)
+        INBOUND_HANDLED.labels(outcome.outcome.value).inc()
+        if outcome.outcome.value != "duplicate":
             INBOUND_LAG.observe(max(0.0, (self._clock() - received_at(message)).total_seconds()))
         log.info(
             "routing.inbound_handled",
-            extra={"fields": handled_fields(message, routed, msg.metadata.num_delivered)},
+            extra={"fields": handled_fields(message, outcome, msg.metadata.num_delivered)},
         )
         return Ack()
 

@@ -1,14 +1,17 @@
 """Routing's calls to other services, behind small Protocols the use case depends on.
 
-- `SenderDirectory`: seller_admin.ResolveSender, cached for a short TTL and flushed whenever
-  seller_admin publishes an event (a channel or seller phone changed).
+- `SenderDirectory`: whether a message comes from a seller or a client of which tenant,
+  decided locally from a cache by receiving channel filled from seller_admin (ResolveSender,
+  ListSellerPhones), flushed whenever seller_admin publishes an event (a channel or seller
+  phone changed) and expired after a short TTL.
 - `LiveSessions`: live_session.Touch.
-- `ReplySender`: outbox.Enqueue of COMPLIANCE replies, idempotent on the key we derive.
+- `ReplySender`: outbox.EnqueueMany of a batch's COMPLIANCE replies, each idempotent on the
+  key we derive.
 
-Errors: NOT_FOUND from ResolveSender means "unknown channel" (None). INVALID_ARGUMENT from
-Enqueue, and FAILED_PRECONDITION (the reply's sender is not a channel of the tenant, e.g. a
-Messaging Service whose numbers were registered one by one), are `ReplyRejectedError`
-(retrying cannot help). Every other failure is
+Errors: NOT_FOUND from ResolveSender means "unknown channel" (None). A reply refused with
+INVALID_ARGUMENT, or FAILED_PRECONDITION (the reply's sender is not a channel of the tenant,
+e.g. a Messaging Service whose numbers were registered one by one), is a `ReplyRejectedError`
+for that reply alone (retrying cannot help). Every other failure is
 `PeerUnavailableError`: the inbound message is retried later, which is right for a peer that is
 down or slow (UNAVAILABLE, DEADLINE_EXCEEDED) and also for a misconfiguration (a wrong secret,
 PERMISSION_DENIED) that an operator will fix — nothing is lost meanwhile.
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -30,6 +33,7 @@ from snapsell.live_session.v1 import live_session_pb2, live_session_pb2_grpc
 from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
 from snapsell.seller_admin.v1 import seller_admin_pb2, seller_admin_pb2_grpc
 
+from infra.cache import LoadingCache
 from services.routing.domain import LiveSignalKind, SenderRole
 
 PEER_CALL_SECONDS = Histogram(
@@ -76,14 +80,21 @@ class LiveSessions(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class ComplianceReply:
+    tenant_id: str
+    inbound: gateway_events.MessageReceived
+    body: str
+    idempotency_key: str
+
+
 class ReplySender(Protocol):
-    async def send_compliance_reply(
-        self,
-        tenant_id: str,
-        inbound: gateway_events.MessageReceived,
-        body: str,
-        idempotency_key: str,
-    ) -> str: ...
+    async def send_compliance_replies(
+        self, replies: Sequence[ComplianceReply]
+    ) -> list[str | ReplyRejectedError]:
+        """Each reply's outbox message id, or why the outbox refused that one; raises
+        `PeerUnavailableError` when the outbox could not answer for all of them."""
+        ...
 
 
 async def _timed(method: str, call: Awaitable[T]) -> T:
@@ -102,15 +113,30 @@ def _failure(peer: str, error: grpc.aio.AioRpcError) -> PeerUnavailableError:
     return PeerUnavailableError(f"{peer}: {error.code().name}: {error.details() or ''}".strip())
 
 
-_ROLE_FROM_PROTO = {
-    seller_admin_pb2.SENDER_ROLE_SELLER: SenderRole.SELLER,
-    seller_admin_pb2.SENDER_ROLE_CLIENT: SenderRole.CLIENT,
-}
+@dataclass(frozen=True, slots=True)
+class ChannelSenders:
+    """Who writes to one receiving channel: the tenant it belongs to and that tenant's sellers
+    (their numbers and WhatsApp user IDs, as seller_admin matches them)."""
+
+    tenant_id: str
+    sellers: frozenset[str]
+
+    def role_of(self, message: gateway_events.MessageReceived) -> SenderRole:
+        """As seller_admin's ResolveSender decides: the sender's `From` value, or its WaId (a
+        WaId of digits is the phone number without its `+`), is one of the sellers'."""
+        wa_id = message.wa_id
+        candidates = (message.sender.value, f"+{wa_id}" if wa_id.isdigit() else wa_id)
+        if any(candidate and candidate in self.sellers for candidate in candidates):
+            return SenderRole.SELLER
+        return SenderRole.CLIENT
 
 
-class CachedSenderDirectory:
-    """ResolveSender with a TTL cache. Unknown channels are not cached, so a channel added a
-    second ago routes at once; `invalidate()` is called on every seller_admin event."""
+class ChannelSenderDirectory:
+    """Who sent an inbound message, decided here from a cache by receiving channel (recipient,
+    account, Messaging Service) of its tenant and seller addresses. A channel's entry is loaded
+    from seller_admin on a miss (ResolveSender for the tenant, then its ListSellerPhones) and
+    kept until `invalidate()` (called on every seller_admin event) or the TTL; unknown
+    channels are never kept, so a channel added a second ago routes at once."""
 
     def __init__(
         self,
@@ -118,43 +144,37 @@ class CachedSenderDirectory:
         *,
         ttl_s: float,
         deadline_s: float,
-        max_entries: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._stub = seller_admin_pb2_grpc.SellerAdminServiceStub(channel)
-        self._ttl_s = ttl_s
         self._deadline_s = deadline_s
-        self._max_entries = max_entries
-        self._clock = clock
-        self._cache: dict[tuple[object, ...], tuple[Sender, float]] = {}
-        self._generation = 0
+        self._channels: LoadingCache[tuple[object, ...], ChannelSenders] = LoadingCache(
+            ttl_s=ttl_s, clock=clock
+        )
 
     def invalidate(self) -> None:
-        self._cache.clear()
-        # A lookup that started before the flush must not write its (maybe stale) answer back.
-        self._generation += 1
+        self._channels.invalidate_all()
 
     async def resolve(self, message: gateway_events.MessageReceived) -> Sender | None:
         key = (
             message.recipient.channel,
             message.recipient.value,
-            message.sender.channel,
-            message.sender.value,
             message.account_sid,
             message.messaging_service_sid,
-            message.wa_id,
         )
-        now = self._clock()
-        cached = self._cache.get(key)
-        if cached is not None and cached[1] > now:
-            return cached[0]
-        generation = self._generation
+        senders = self._channels.cached(key)
+        if senders is None:
+            senders = await self._channels.get(key, lambda: self._load(message))
+        if senders is None:
+            return None
+        return Sender(senders.tenant_id, senders.role_of(message))
+
+    async def _load(self, message: gateway_events.MessageReceived) -> ChannelSenders | None:
         request = seller_admin_pb2.ResolveSenderRequest(
             recipient=message.recipient,
             sender=message.sender,
             account_sid=message.account_sid,
             messaging_service_sid=message.messaging_service_sid,
-            # Twilio's WaId: lets a seller registered by WhatsApp user ID be recognised.
             sender_whatsapp_user_id=message.wa_id,
         )
         try:
@@ -165,15 +185,28 @@ class CachedSenderDirectory:
             if error.code() == grpc.StatusCode.NOT_FOUND:
                 return None
             raise _failure("seller_admin.ResolveSender", error) from None
-        role = _ROLE_FROM_PROTO.get(reply.sender_role)
-        if role is None or not reply.tenant_id:
+        if not reply.tenant_id:
             raise PeerUnavailableError("seller_admin.ResolveSender: incomplete answer")
-        sender = Sender(reply.tenant_id, role)
-        if generation == self._generation:
-            if len(self._cache) >= self._max_entries:
-                self._cache.clear()
-            self._cache[key] = (sender, now + self._ttl_s)
-        return sender
+        sellers: set[str] = set()
+        token = ""
+        while True:
+            page_request = seller_admin_pb2.ListSellerPhonesRequest(
+                tenant_id=reply.tenant_id, page_size=_SELLER_PAGE_SIZE, page_token=token
+            )
+            try:
+                page = await _timed(
+                    "ListSellerPhones",
+                    self._stub.ListSellerPhones(page_request, timeout=self._deadline_s),
+                )
+            except grpc.aio.AioRpcError as error:
+                raise _failure("seller_admin.ListSellerPhones", error) from None
+            sellers.update(phone.address for phone in page.seller_phones)
+            token = page.next_page_token
+            if not token:
+                return ChannelSenders(reply.tenant_id, frozenset(sellers))
+
+
+_SELLER_PAGE_SIZE = 500
 
 
 _SIGNAL_TO_PROTO = {
@@ -244,35 +277,50 @@ def reply_sender_address(inbound: gateway_events.MessageReceived) -> str:
     return _PREFIX.get(inbound.recipient.channel, "") + inbound.recipient.value
 
 
+_REJECTED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION})
+
+
 class GrpcReplySender:
     def __init__(self, channel: grpc.aio.Channel, *, deadline_s: float) -> None:
         self._stub = outbox_pb2_grpc.OutboxServiceStub(channel)
         self._deadline_s = deadline_s
 
-    async def send_compliance_reply(
-        self,
-        tenant_id: str,
-        inbound: gateway_events.MessageReceived,
-        body: str,
-        idempotency_key: str,
-    ) -> str:
-        request = outbox_pb2.EnqueueRequest(
-            tenant_id=tenant_id,
-            sender=reply_sender_address(inbound),
-            recipient=inbound.sender,
-            body=body,
-            kind=outbox_pb2.MESSAGE_KIND_COMPLIANCE,
-            idempotency_key=idempotency_key,
-            correlation_id=inbound.message_sid,
-            account_sid=inbound.account_sid,
+    async def send_compliance_replies(
+        self, replies: Sequence[ComplianceReply]
+    ) -> list[str | ReplyRejectedError]:
+        request = outbox_pb2.EnqueueManyRequest(
+            requests=[
+                outbox_pb2.EnqueueRequest(
+                    tenant_id=reply.tenant_id,
+                    sender=reply_sender_address(reply.inbound),
+                    recipient=reply.inbound.sender,
+                    body=reply.body,
+                    kind=outbox_pb2.MESSAGE_KIND_COMPLIANCE,
+                    idempotency_key=reply.idempotency_key,
+                    correlation_id=reply.inbound.message_sid,
+                    account_sid=reply.inbound.account_sid,
+                )
+                for reply in replies
+            ]
         )
         try:
-            reply = await _timed("Enqueue", self._stub.Enqueue(request, timeout=self._deadline_s))
+            answer = await _timed(
+                "EnqueueMany", self._stub.EnqueueMany(request, timeout=self._deadline_s)
+            )
         except grpc.aio.AioRpcError as error:
-            if error.code() in (
-                grpc.StatusCode.INVALID_ARGUMENT,
-                grpc.StatusCode.FAILED_PRECONDITION,
-            ):
-                raise ReplyRejectedError(f"outbox.Enqueue: {error.details()}") from None
-            raise _failure("outbox.Enqueue", error) from None
-        return reply.message_id
+            raise _failure("outbox.EnqueueMany", error) from None
+        if len(answer.results) != len(replies):
+            raise PeerUnavailableError("outbox.EnqueueMany: not one result per request")
+        outcomes: list[str | ReplyRejectedError] = []
+        for result in answer.results:
+            code = _CODES.get(result.code, grpc.StatusCode.UNKNOWN)
+            if code is grpc.StatusCode.OK:
+                outcomes.append(result.message_id)
+            elif code in _REJECTED:
+                outcomes.append(ReplyRejectedError(f"outbox.EnqueueMany: {result.error}"))
+            else:  # e.g. PERMISSION_DENIED: a misconfiguration an operator will fix
+                raise PeerUnavailableError(f"outbox.EnqueueMany: {code.name}: {result.error}")
+        return outcomes
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}

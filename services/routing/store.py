@@ -57,19 +57,28 @@ class ConsentStatus:
 
 # The hot statements, as module constants so tests/integration/routing/test_data_hygiene.py
 # checks the plans of exactly these (each on its index, at a realistic table size).
-_IS_PROCESSED = "SELECT 1 FROM processed_inbound WHERE message_sid = $1"
+_PROCESSED_AMONG = "SELECT message_sid FROM processed_inbound WHERE message_sid = ANY($1::text[])"
 
-_CLAIM_INBOUND = """
+_CLAIM_INBOUND_MANY = """
 INSERT INTO processed_inbound (message_sid, outcome, stream_sequence, received_at,
                                tenant_id, sender_role, decision, live_session_id)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+SELECT e.message_sid, e.outcome, e.stream_sequence, e.received_at, e.tenant_id,
+       e.sender_role, e.decision, e.live_session_id
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamptz[], $5::text[], $6::text[],
+            $7::text[], $8::text[]) WITH ORDINALITY
+    AS e(message_sid, outcome, stream_sequence, received_at, tenant_id, sender_role, decision,
+         live_session_id, n)
+ORDER BY e.n
 ON CONFLICT ON CONSTRAINT processed_inbound_pkey DO NOTHING
-RETURNING 1
+RETURNING message_sid
 """
 
-_RECORD_LAST_INBOUND = """
+_RECORD_LAST_INBOUND_MANY = """
 INSERT INTO last_inbound AS l (tenant_id, channel, address, last_inbound_at, message_sid)
-VALUES ($1, $2, $3, $4, $5)
+SELECT c.tenant_id, c.channel, c.address, c.last_inbound_at, c.message_sid
+FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[]) WITH ORDINALITY
+    AS c(tenant_id, channel, address, last_inbound_at, message_sid, n)
+ORDER BY c.n
 ON CONFLICT ON CONSTRAINT last_inbound_pkey DO UPDATE
     SET last_inbound_at = excluded.last_inbound_at, message_sid = excluded.message_sid
     WHERE l.last_inbound_at < excluded.last_inbound_at
@@ -139,38 +148,58 @@ def ledger_purges(max_age: timedelta | None) -> list[Purge]:
     return [] if max_age is None else [Purge("processed_inbound", DELETE_OLD_LEDGER, max_age)]
 
 
-async def is_processed(conn: asyncpg.Pool | Connection, message_sid: str) -> bool:
-    return bool(await conn.fetchval(_IS_PROCESSED, message_sid))
+async def processed_among(conn: asyncpg.Pool | Connection, message_sids: Sequence[str]) -> set[str]:
+    """Which of these MessageSids are already in the ledger."""
+    rows = await conn.fetch(_PROCESSED_AMONG, list(message_sids))
+    return {row["message_sid"] for row in rows}
 
 
-async def claim_inbound(conn: Connection, entry: LedgerEntry) -> bool:
-    """Insert the ledger row; False when the MessageSid was already processed. A concurrent
-    transaction claiming the same MessageSid waits here until the first one ends."""
-    row = await conn.fetchval(
-        _CLAIM_INBOUND,
-        entry.message_sid,
-        entry.outcome,
-        entry.stream_sequence,
-        entry.received_at,
-        entry.tenant_id,
-        entry.sender_role,
-        entry.decision,
-        entry.live_session_id,
+async def claim_inbound_many(conn: Connection, entries: Sequence[LedgerEntry]) -> set[str]:
+    """Insert the ledger rows, in MessageSid order, in one statement: the MessageSids claimed
+    now (the others were processed already). A concurrent transaction claiming one of them
+    waits on its row until the first one ends."""
+    rows = sorted(entries, key=lambda e: e.message_sid)
+    claimed = await conn.fetch(
+        _CLAIM_INBOUND_MANY,
+        [e.message_sid for e in rows],
+        [e.outcome for e in rows],
+        [e.stream_sequence for e in rows],
+        [e.received_at for e in rows],
+        [e.tenant_id for e in rows],
+        [e.sender_role for e in rows],
+        [e.decision for e in rows],
+        [e.live_session_id for e in rows],
     )
-    return row is not None
+    return {row["message_sid"] for row in claimed}
 
 
-async def record_last_inbound(
-    conn: Connection, contact: Contact, at: datetime, message_sid: str
-) -> None:
-    """Keep the newest receive time: messages may be processed out of order."""
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """One message's contribution to a contact's last inbound time."""
+
+    contact: Contact
+    at: datetime
+    message_sid: str
+
+
+async def record_last_inbound_many(conn: Connection, inbound: Sequence[Inbound]) -> None:
+    """Keep each contact's newest receive time (messages may be processed out of order), in
+    one statement: the newest of `inbound` per contact, in key order."""
+    newest: dict[tuple[str, str, str], Inbound] = {}
+    for one in inbound:
+        key = (one.contact.tenant_id, one.contact.channel.value, one.contact.address)
+        if key not in newest or newest[key].at < one.at:
+            newest[key] = one
+    if not newest:
+        return
+    keys = sorted(newest)
     await conn.execute(
-        _RECORD_LAST_INBOUND,
-        contact.tenant_id,
-        contact.channel.value,
-        contact.address,
-        at,
-        message_sid,
+        _RECORD_LAST_INBOUND_MANY,
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+        [k[2] for k in keys],
+        [newest[k].at for k in keys],
+        [newest[k].message_sid for k in keys],
     )
 
 

@@ -20,7 +20,7 @@ from infra.auth import AuthInterceptor, JwtVerifier
 from infra.db import migrate_service, open_service_database
 from infra.events import EventRelay
 from infra.grpc_server import GrpcServer
-from infra.lifecycle import run_main
+from infra.lifecycle import run_main, tune_garbage_collector
 from infra.log import get_logger
 from infra.metrics import RpcMetricsInterceptor, start_metrics_server
 from infra.retention import RetentionTask
@@ -69,6 +69,7 @@ async def serve(stop: asyncio.Event) -> None:
             ),
         ]
         await server.start()
+        tune_garbage_collector()
         _log.info(
             "seller_admin.serving",
             extra={"fields": {"grpc_port": server.bound_port, "metrics_port": metrics.port}},

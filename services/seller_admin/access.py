@@ -34,10 +34,12 @@ RPC_ROLES: Mapping[str, frozenset[str]] = {
     "ListSellerPhones": frozenset({ADMIN, OWNER, MANAGER, STAFF}),
     "ResolveSender": frozenset(),
 }
-# Which services may call each RPC (by identity): routing resolves every inbound sender; the
-# outbox checks that a message's sender is a channel of its tenant.
+# Which services may call each RPC (by identity): routing resolves the channel of inbound
+# messages and keeps its tenant's seller phones to tell sellers from clients; the outbox checks
+# that a message's sender is a channel of its tenant.
 RPC_SERVICES: Mapping[str, frozenset[str]] = {
     "ResolveSender": frozenset({"routing"}),
+    "ListSellerPhones": frozenset({"routing"}),
     "ListChannels": frozenset({"outbox"}),
 }
 

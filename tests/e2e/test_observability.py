@@ -140,13 +140,13 @@ async def test_one_trace_follows_a_stop_from_the_webhook_to_the_twilio_send(
     assert consumer["parent_id"] == webhook["span_id"]  # carried by the NATS traceparent header
     for peer, method in (
         ("seller_admin", "/snapsell.seller_admin.v1.SellerAdminService/ResolveSender"),
-        ("outbox", "/snapsell.outbox.v1.OutboxService/Enqueue"),
+        ("outbox", "/snapsell.outbox.v1.OutboxService/EnqueueMany"),
     ):
         client = _one(spans, "routing", method, "CLIENT")
         server = _one(spans, peer, method, "SERVER")
         assert _is_descendant(spans, client, consumer["span_id"])
         assert server["parent_id"] == client["span_id"]  # carried by gRPC metadata
-    enqueue = _one(spans, "outbox", "/snapsell.outbox.v1.OutboxService/Enqueue", "SERVER")
+    enqueue = _one(spans, "outbox", "/snapsell.outbox.v1.OutboxService/EnqueueMany", "SERVER")
     send = _one(spans, "outbox", "outbox.send", "PRODUCER")
     # The send happens later, in a worker: it joins the trace through the stored traceparent.
     assert send["parent_id"] == enqueue["span_id"]

@@ -9,10 +9,13 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import ParentBased
 
 from infra import telemetry
 from infra.telemetry import (
     JsonLinesSpanExporter,
+    NoRootQuerySpans,
     extract,
     grpc_client_interceptors,
     grpc_server_interceptors,
@@ -65,3 +68,29 @@ def test_no_interceptors_when_tracing_is_off(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(telemetry, "_provider", None)
     assert not tracing_enabled()
     assert grpc_server_interceptors() == [] and grpc_client_interceptors() == []
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 1.0])
+def test_a_share_of_traces_is_recorded_and_their_children_follow_while_root_queries_never_are(
+    tmp_path: Path, ratio: float
+) -> None:
+    path = tmp_path / "spans.jsonl"
+    provider = TracerProvider(
+        sampler=ParentBased(NoRootQuerySpans(ratio)), id_generator=RandomIdGenerator()
+    )
+    provider.add_span_processor(SimpleSpanProcessor(JsonLinesSpanExporter(str(path), "routing")))
+    tracer = provider.get_tracer("test")
+    for _ in range(2000):
+        with tracer.start_as_current_span("route"):
+            with tracer.start_as_current_span("query", kind=trace.SpanKind.CLIENT):
+                pass
+        with tracer.start_as_current_span(
+            "poll", kind=trace.SpanKind.CLIENT, attributes={"db.system": "postgresql"}
+        ):
+            pass
+    provider.shutdown()
+    spans = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    roots = [s for s in spans if s["name"] == "route"]
+    assert not [s for s in spans if s["name"] == "poll"]
+    assert len([s for s in spans if s["name"] == "query"]) == len(roots)  # children follow
+    assert abs(len(roots) - 2000 * ratio) <= 2000 * 0.03

@@ -209,8 +209,14 @@ async def handle_concurrently(
 
 
 class ClaimsBench:
-    def __init__(self, args: argparse.Namespace, stack: SystemStack, db: asyncpg.Pool) -> None:
-        self.args, self.stack, self.db = args, stack, db
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        stack: SystemStack,
+        db: asyncpg.Pool,
+        infra_pids: dict[str, int],
+    ) -> None:
+        self.args, self.stack, self.db, self.infra_pids = args, stack, db, infra_pids
         self.figures: dict[str, float] = {}
         self.notes: list[str] = []
         self.nonce = new_nonce()
@@ -259,7 +265,7 @@ class ClaimsBench:
         raise RuntimeError(f"the catalog never got item {code} posted by the seller")
 
     async def latency(self) -> None:
-        phases = Phases(self.args, self.stack, self.db, body="A1")
+        phases = Phases(self.args, self.stack, self.db, self.infra_pids, body="A1")
         say("warm-up")
         await phases.warm_up()
         say(f"{self.args.rate:g} claims/s for {self.args.seconds:g} s")
@@ -396,7 +402,8 @@ class ClaimsBench:
 
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     service_env = {"outbox": {"OUTBOX_RATE_LIMIT_PER_SENDER": "2000"}}
-    with infrastructure(workdir) as (dsn, nats_url):
+    with infrastructure(workdir) as servers:
+        dsn, nats_url = servers.dsn, servers.nats_url
         say("starting the stack")
         stack = await start_system(
             dsn,
@@ -408,7 +415,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             trace=False,
         )
         async with asyncpg.create_pool(dsn, min_size=1, max_size=4) as db:
-            bench = ClaimsBench(args, stack, db)
+            bench = ClaimsBench(args, stack, db, servers.pids)
             try:
                 await configure_sandbox(stack)
                 await bench.set_up_shop()

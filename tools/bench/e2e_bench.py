@@ -1,6 +1,7 @@
 """End-to-end benchmark: signed webhook -> gateway -> routing -> outbox -> Twilio sandbox.
 
     python -m tools.bench.e2e_bench [--rates 100,300,1000] [--seconds 10] [--drain-seconds 15]
+                                    [--log-level INFO]
 
 The whole system as separate processes (`tools.system`, as `make run` starts it): embedded
 PostgreSQL and NATS JetStream in a temp dir (unless DATABASE_URL / NATS_URL are set; the
@@ -30,6 +31,8 @@ Figures, per rate N (`rN_`): `webhook_rps` achieved post rate; `send_rps` replie
 gateway, JetStream, routing and its peers); `answer_p99_ms` the gateway's answer time;
 `non200` webhooks not answered 200; `pending` replies not sent at the cut; `send_failed`
 replies dead or blocked. Then `<service>_peak_rss_mb` over the run (`tools.bench.rss`),
+`rN_cpu_ms_per_msg_<process>` (CPU of each service's process tree, PostgreSQL's and NATS's
+when embedded, and their `total`, over the phase's load and drain, per reply sent),
 `loadgen_cpu_pct` (the load generator at the top rate), `loadgen_lag_p99_ms` (its worst
 lateness), `sandbox_duplicates` and `sandbox_check_ok`.
 Prints one JSON line last (shape in `tools.bench.__main__`); exit 1 when the stack failed.
@@ -60,7 +63,7 @@ from tools.bench.e2e_figures import (
     summarise_phase,
 )
 from tools.bench.open_loop import OpenLoopResult, run_open_loop
-from tools.bench.rss import PeakRss
+from tools.bench.rss import PeakRss, tree_cpu_seconds
 from tools.bench.webhooks import (
     BUSINESS_NUMBER,
     WEBHOOK_PATH,
@@ -108,10 +111,13 @@ class Phases:
         args: argparse.Namespace,
         stack: SystemStack,
         db: asyncpg.Pool,
+        infra_pids: dict[str, int],
         *,
         body: str = KEYWORD,
     ) -> None:
         self.args, self.stack, self.db, self.body = args, stack, db, body
+        # Every process whose CPU a phase accounts for: the services, PostgreSQL, NATS.
+        self.cpu_roots = {name: s.pid for name, s in stack.services.items()} | infra_pids
         self.nonce = new_nonce()
         self.clients: dict[str, str] = {}  # MessageSid -> the client's address, whole run
         self.sids: dict[int, list[str]] = {}  # batch -> its MessageSids in posting order
@@ -176,9 +182,11 @@ class Phases:
     async def measure(self, batch: int, rate: float) -> PhaseSummary:
         # The two clocks of a latency: the load generator's (monotonic) and the outbox's (wall).
         wall_minus_monotonic = time.time() - time.monotonic()
+        cpu_before = self.cpu_seconds()
         result = await self.post(batch, rate, self.args.seconds)
         answered = sum(1 for status in result.statuses.values() if status == 200)
         await self.wait_finished(batch, answered, self.args.drain_seconds)
+        cpu_used = {name: s - cpu_before.get(name, 0.0) for name, s in self.cpu_seconds().items()}
         rows = await self.db.fetch(_OUTBOUND, self.prefix(batch))
         outbound = {
             r["correlation_id"]: Outbound(r["status"], r["enqueued"], r["sent"]) for r in rows
@@ -191,6 +199,7 @@ class Phases:
         }
         summary = summarise_phase(rate, posted_at, result.statuses, outbound)
         self.figures |= summary.figures(result.achieved_rate, result.percentile(99))
+        self.figures |= cpu_figures(f"r{rate:g}_", cpu_used, summary.sent)
         self.lags_ms.append(result.release_lag_p99_ms)
         self.loadgen_cpu_pct.append(100 * result.client_cpu_s / (result.send_span_s or 1.0))
         self.notes.extend(f"{rate:g}/s webhooks: {failure}" for failure in result.failures[:3])
@@ -210,6 +219,9 @@ class Phases:
                 f"p50/p99 are over the {summary.sent} that arrived, so they understate"
             )
         return summary
+
+    def cpu_seconds(self) -> dict[str, float]:
+        return {name: tree_cpu_seconds(pid) for name, pid in self.cpu_roots.items()}
 
     async def settle(self, batch: int, summary: PhaseSummary) -> None:
         """Let a phase's backlog clear so that the next phase starts on an idle system."""
@@ -242,6 +254,18 @@ class Phases:
             )
 
 
+def cpu_figures(prefix: str, cpu_s: dict[str, float], sent: int) -> dict[str, float]:
+    """CPU ms per reply sent, per process and in all, over a phase (load and drain)."""
+    per_message = {
+        f"{prefix}cpu_ms_per_msg_{name}": round(1000 * seconds / max(1, sent), 3)
+        for name, seconds in sorted(cpu_s.items())
+    }
+    per_message[f"{prefix}cpu_ms_per_msg_total"] = round(
+        1000 * sum(cpu_s.values()) / max(1, sent), 3
+    )
+    return per_message
+
+
 async def set_up_shop(stack: SystemStack) -> None:
     """The shop an operator would create (README): a tenant and its WhatsApp number."""
     number = f"whatsapp:{BUSINESS_NUMBER}"
@@ -262,20 +286,21 @@ async def configure_sandbox(stack: SystemStack) -> None:
 
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     service_env = {"outbox": {"OUTBOX_RATE_LIMIT_PER_SENDER": f"{args.sender_rate:g}"}}
-    with infrastructure(workdir) as (dsn, nats_url):
+    with infrastructure(workdir) as servers:
+        dsn, nats_url = servers.dsn, servers.nats_url
         say("starting the stack")
         stack = await start_system(
             dsn,
             nats_url,
             DevKeys(workdir / "keys"),
             workdir,
-            env={"LOG_LEVEL": "WARNING"},
+            env={"LOG_LEVEL": args.log_level},
             service_env=service_env,
             trace=False,
         )
         try:
             async with asyncpg.create_pool(dsn, min_size=1, max_size=2) as db:
-                phases = Phases(args, stack, db)
+                phases = Phases(args, stack, db, servers.pids)
                 await measure_all(args, phases)
         finally:
             await stack.stop()
@@ -320,6 +345,7 @@ def report(args: argparse.Namespace, phases: Phases) -> dict[str, Any]:
         "shops": "1 (operator CLI)",
         "outbox_rate_limit_per_sender": args.sender_rate,
         "sandbox": "no latency, no faults, no status callbacks",
+        "log_level": args.log_level,
         "latency": "webhook released -> outbox records the sandbox's 201 (sent_at)",
         "warmup": f"{WARMUP_RATE * WARMUP_SECONDS:g} webhooks at {WARMUP_RATE:g}/s, not measured",
     }
@@ -339,6 +365,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--settle-seconds", type=float, default=30.0, help="backlog wait")
     parser.add_argument("--connections", type=int, default=64, help="keep-alive connections")
     parser.add_argument("--sender-rate", type=float, default=2000.0, help="outbox limit/sender")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        help="the services' LOG_LEVEL (default INFO, production's: deploy/base)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (service logs)")
     args = parser.parse_args(argv)
     if not args.rates or min(args.rates) <= 0 or args.seconds <= 0:

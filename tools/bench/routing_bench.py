@@ -154,7 +154,8 @@ class Stack:
         return None
 
     def routing_breakdown(self) -> dict[str, float]:
-        """Mean handling time and mean peer-call latencies from routing's /metrics (ms)."""
+        """Mean time to route a batch and mean peer-call latencies from routing's /metrics
+        (ms)."""
         url = f"http://127.0.0.1:{self.metrics_ports['routing']}/metrics"
         with urllib.request.urlopen(url, timeout=5) as reply:
             text = reply.read().decode()
@@ -163,10 +164,10 @@ class Stack:
         for line in text.splitlines():
             name, _, value = line.rpartition(" ")
             for metric, key in (
-                ("snapsell_routing_inbound_handling_seconds", "handling"),
+                ("snapsell_routing_inbound_handling_seconds", "batch_handling"),
                 ('snapsell_routing_peer_call_seconds{code="OK",method="ResolveSender"}', "resolve"),
                 ('snapsell_routing_peer_call_seconds{code="OK",method="Touch"}', "touch"),
-                ('snapsell_routing_peer_call_seconds{code="OK",method="Enqueue"}', "enqueue"),
+                ('snapsell_routing_peer_call_seconds{code="OK",method="EnqueueMany"}', "enqueue"),
             ):
                 base, _, labels = metric.partition("{")
                 labels = "{" + labels if labels else ""
@@ -346,7 +347,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rate", type=float, default=300.0)
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--tenants", type=int, default=10)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=4, help="batches routed at once")
     parser.add_argument("--clients", type=int, default=1000, help="distinct clients per shop")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="routing-bench-"))

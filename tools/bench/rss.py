@@ -1,4 +1,5 @@
-"""Peak resident memory of a process and its descendants, read from /proc (Linux only).
+"""Peak resident memory, and CPU time, of a process and its descendants, read from /proc
+(Linux only).
 
 A service may run as one process or fork workers, so the figure is the whole tree's: a
 background thread sums `VmRSS` over the tree every `interval_s`, and keeps the largest sum. The
@@ -52,6 +53,25 @@ def process_tree(root: int) -> list[int]:
         tree.append(pid)
         todo.extend(children.get(pid, ()))
     return tree
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU time of `root` and every descendant alive now, with what each of them
+    has reaped of its exited children (a PostgreSQL backend that ended is in the postmaster's
+    figure): the difference of two readings is the tree's CPU between them."""
+    ticks = 0
+    for pid in process_tree(root):
+        try:
+            stat = (_PROC / str(pid) / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        # utime, stime, cutime, cstime: fields 14-17 of proc(5), 12-15 after the name.
+        ticks += sum(int(value) for value in fields[11:15])
+    return ticks / _CLOCK_TICKS
 
 
 class PeakRss:

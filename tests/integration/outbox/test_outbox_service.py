@@ -90,6 +90,29 @@ async def test_enqueue_is_idempotent_per_tenant_and_key(stack: OutboxStack) -> N
     assert len(await stack.sandbox_messages(to=phone)) == 2
 
 
+async def test_enqueue_many_stores_each_valid_request_and_refuses_the_invalid_alone(
+    stack: OutboxStack,
+) -> None:
+    phone, other = new_phone(), new_phone()
+    first = await stack.enqueue(recipient=sms(phone), body="once", idempotency_key="many:1")
+    requests = [
+        outbox_pb2.EnqueueRequest(
+            tenant_id=TENANT, sender=SMS_SENDER, recipient=sms(to), body="hi", idempotency_key=key
+        )
+        for to, key in ((phone, "many:1"), ("+3361234", "many:2"), (other, "many:3"))
+    ]
+    reply = await stack.outbox().EnqueueMany(
+        outbox_pb2.EnqueueManyRequest(requests=requests), metadata=stack.metadata(), timeout=10
+    )
+    again, refused, created = reply.results
+    assert (again.code, again.message_id, again.created) == (0, first, False)
+    assert refused.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and not refused.message_id
+    assert "is not an E.164 phone number" in refused.error
+    assert created.code == 0 and created.created
+    await stack.wait_status(created.message_id, "sent")
+    assert len(await stack.sandbox_messages(to=other)) == 1
+
+
 @pytest.mark.parametrize(
     ("fields", "reason"),
     [

@@ -92,6 +92,27 @@ async def test_enqueue_twice_with_one_key_stores_one_message_and_notifies_once(
     assert notified == [DUE_CHANNEL]
 
 
+async def test_enqueue_many_stores_each_key_once_and_answers_in_the_order_asked(
+    store: OutboxStore, pool: asyncpg.Pool
+) -> None:
+    existing, _ = await store.enqueue(new(2))
+    later = datetime.now(UTC) + timedelta(hours=1)
+    batch = [
+        new(3),
+        new(2),
+        new(1, tenant="shop-b"),
+        new(3, body="again"),
+        new(4, not_before=later),
+    ]
+    answers = await store.enqueue_many(batch)
+    ids = [message_id for message_id, _ in answers]
+    assert [created for _, created in answers] == [True, False, True, False, True]
+    assert ids[1] == existing and ids[3] == ids[0] and len(set(ids)) == 4
+    assert await pool.fetchval("SELECT count(*) FROM messages") == 4
+    assert await pool.fetchval("SELECT body FROM messages WHERE id = $1", ids[0]) == "message 3"
+    assert await store.enqueue_many([]) == []
+
+
 async def test_a_message_scheduled_for_later_is_not_claimed_before_its_time(
     store: OutboxStore,
 ) -> None:

@@ -4,6 +4,7 @@ routing's peers (seller_admin, live_session, outbox) for the use-case tests."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -11,7 +12,13 @@ from snapsell.common.v1 import address_pb2
 from snapsell.gateway.v1 import events_pb2 as gateway_events
 
 from services.routing.domain import LiveSignalKind, SenderRole
-from services.routing.peers import PeerUnavailableError, ReplyRejectedError, Sender, Touched
+from services.routing.peers import (
+    ComplianceReply,
+    PeerUnavailableError,
+    ReplyRejectedError,
+    Sender,
+    Touched,
+)
 
 SHOP_NUMBER = "+14155238886"
 SELLER = "+33600000001"
@@ -96,7 +103,8 @@ class FakeSessions:
 
 
 class FakeReplies:
-    """outbox.Enqueue, idempotent on (tenant, key) like the real one."""
+    """outbox.EnqueueMany, idempotent on (tenant, key) like the real one; `calls` counts
+    calls, not replies."""
 
     def __init__(self) -> None:
         self.messages: dict[tuple[str, str], str] = {}
@@ -104,17 +112,17 @@ class FakeReplies:
         self.reject = False
         self.down = False
 
-    async def send_compliance_reply(
-        self,
-        tenant_id: str,
-        inbound: gateway_events.MessageReceived,
-        body: str,
-        idempotency_key: str,
-    ) -> str:
+    async def send_compliance_replies(
+        self, replies: Sequence[ComplianceReply]
+    ) -> list[str | ReplyRejectedError]:
         self.calls += 1
         if self.down:
-            raise PeerUnavailableError("outbox.Enqueue: UNAVAILABLE")
-        if self.reject:
-            raise ReplyRejectedError("outbox.Enqueue: recipient is not valid")
-        self.messages.setdefault((tenant_id, idempotency_key), body)
-        return f"out-{idempotency_key}"
+            raise PeerUnavailableError("outbox.EnqueueMany: UNAVAILABLE")
+        answers: list[str | ReplyRejectedError] = []
+        for reply in replies:
+            if self.reject:
+                answers.append(ReplyRejectedError("outbox.EnqueueMany: recipient is not valid"))
+                continue
+            self.messages.setdefault((reply.tenant_id, reply.idempotency_key), reply.body)
+            answers.append(f"out-{reply.idempotency_key}")
+        return answers

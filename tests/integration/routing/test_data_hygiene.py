@@ -114,7 +114,7 @@ async def loaded(pool: asyncpg.Pool) -> asyncpg.Pool:
 
 
 async def test_ledger_lookup_by_message_sid_uses_the_primary_key(loaded: asyncpg.Pool) -> None:
-    plan = await explain(loaded, store._IS_PROCESSED, sid(31_337))
+    plan = await explain(loaded, store._PROCESSED_AMONG, [sid(31_337), sid(7)])
     assert_uses_index(plan, "processed_inbound_pkey", big_tables=BIG_TABLES)
 
 
@@ -123,15 +123,15 @@ async def test_ledger_insert_checks_the_message_sid_on_the_primary_key(
 ) -> None:
     plan = await explain(
         loaded,
-        store._CLAIM_INBOUND,
-        sid(LEDGER_ROWS + 1),
-        "routed",
-        LEDGER_ROWS + 1,
-        NOW,
-        "shop-7",
-        "client",
-        "live_signal",
-        "0190f7f2-0000-7000-8000-000000000001",
+        store._CLAIM_INBOUND_MANY,
+        [sid(LEDGER_ROWS + 1), sid(LEDGER_ROWS + 2)],
+        ["routed", "unroutable"],
+        [LEDGER_ROWS + 1, LEDGER_ROWS + 2],
+        [NOW, NOW],
+        ["shop-7", None],
+        ["client", None],
+        ["live_signal", None],
+        ["0190f7f2-0000-7000-8000-000000000001", None],
     )
     assert_uses_index(plan, "processed_inbound_pkey", big_tables=BIG_TABLES)
 
@@ -164,7 +164,13 @@ async def test_batch_consent_check_probes_the_primary_keys(
 
 async def test_last_inbound_upsert_uses_its_primary_key(loaded: asyncpg.Pool) -> None:
     plan = await explain(
-        loaded, store._RECORD_LAST_INBOUND, "shop-42", "whatsapp", "+33600000042", NOW, sid(9)
+        loaded,
+        store._RECORD_LAST_INBOUND_MANY,
+        ["shop-42", "shop-43"],
+        ["whatsapp", "whatsapp"],
+        ["+33600000042", "+33600000043"],
+        [NOW, NOW],
+        [sid(9), sid(10)],
     )
     assert_uses_index(plan, "last_inbound_pkey", big_tables=BIG_TABLES)
 

@@ -66,12 +66,18 @@ class Running:
         )
         self.consumer = InboundConsumer(router, pool, self.spec, retry_delay_cap_s=0.2)
         self.stop = asyncio.Event()
+        self.batch_size = 16
 
     async def start(self) -> None:
         await jetstream.ensure_consumer(self.js, self.spec)
         self.task = asyncio.create_task(
-            jetstream.run_pull_consumer(
-                self.js, self.spec, self.consumer.handle, stop=self.stop, concurrency=8
+            jetstream.run_batch_consumer(
+                self.js,
+                self.spec,
+                self.consumer.handle_batch,
+                stop=self.stop,
+                batch_size=self.batch_size,
+                batches_in_flight=2,
             )
         )
 

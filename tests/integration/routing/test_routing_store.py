@@ -36,10 +36,9 @@ async def apply(pool: asyncpg.Pool, consent: ConsentChange) -> ConsentOutcome:
 
 async def test_a_message_sid_is_claimed_once(clean: asyncpg.Pool) -> None:
     async with clean.acquire() as conn:
-        assert await store.claim_inbound(conn, entry("SM1"))
-        assert not await store.claim_inbound(conn, entry("SM1"))
-    assert await store.is_processed(clean, "SM1")
-    assert not await store.is_processed(clean, "SM2")
+        assert await store.claim_inbound_many(conn, [entry("SM1")]) == {"SM1"}
+        assert await store.claim_inbound_many(conn, [entry("SM1"), entry("SM3")]) == {"SM3"}
+    assert await store.processed_among(clean, ["SM1", "SM2", "SM3"]) == {"SM1", "SM3"}
 
 
 async def test_a_concurrent_claim_waits_for_the_first_and_then_sees_a_duplicate(
@@ -50,14 +49,14 @@ async def test_a_concurrent_claim_waits_for_the_first_and_then_sees_a_duplicate(
     try:
         tx1 = first.transaction()
         await tx1.start()
-        assert await store.claim_inbound(first, entry("SM-race"))
+        assert await store.claim_inbound_many(first, [entry("SM-race")]) == {"SM-race"}
         tx2 = second.transaction()
         await tx2.start()
-        waiting = asyncio.create_task(store.claim_inbound(second, entry("SM-race")))
+        waiting = asyncio.create_task(store.claim_inbound_many(second, [entry("SM-race")]))
         await asyncio.sleep(0.2)
         assert not waiting.done()  # blocked on the first transaction's row
         await tx1.commit()
-        assert await waiting is False
+        assert await waiting == set()
         await tx2.rollback()
     finally:
         await clean.release(first)
@@ -70,9 +69,9 @@ async def test_a_rolled_back_claim_leaves_the_message_to_be_processed_again(
     async with clean.acquire() as conn:
         tx = conn.transaction()
         await tx.start()
-        assert await store.claim_inbound(conn, entry("SM-crash"))
+        assert await store.claim_inbound_many(conn, [entry("SM-crash")]) == {"SM-crash"}
         await tx.rollback()
-        assert await store.claim_inbound(conn, entry("SM-crash"))
+        assert await store.claim_inbound_many(conn, [entry("SM-crash")]) == {"SM-crash"}
 
 
 async def test_opt_out_is_recorded_once_and_opt_in_removes_it(clean: asyncpg.Pool) -> None:
@@ -122,15 +121,19 @@ async def test_consent_is_per_tenant_and_per_channel(clean: asyncpg.Pool) -> Non
 
 async def test_last_inbound_keeps_the_newest_time(clean: asyncpg.Pool) -> None:
     async with clean.acquire() as conn:
-        await store.record_last_inbound(conn, CONTACT, T0 + timedelta(minutes=5), "SM2")
-        await store.record_last_inbound(conn, CONTACT, T0, "SM1")
+        await store.record_last_inbound_many(
+            conn, [store.Inbound(CONTACT, T0 + timedelta(minutes=5), "SM2")]
+        )
+        await store.record_last_inbound_many(conn, [store.Inbound(CONTACT, T0, "SM1")])
     assert (await store.consent_status(clean, CONTACT)).last_inbound_at == T0 + timedelta(minutes=5)
 
 
 async def test_batch_statuses_answer_each_contact_in_the_order_asked(clean: asyncpg.Pool) -> None:
     await apply(clean, change(ConsentState.OPTED_OUT, T0))
     async with clean.acquire() as conn:
-        await store.record_last_inbound(conn, CONTACT, T0 + timedelta(minutes=5), "SM1")
+        await store.record_last_inbound_many(
+            conn, [store.Inbound(CONTACT, T0 + timedelta(minutes=5), "SM1")]
+        )
     other_tenant = Contact("shop-2", CONTACT.channel, CONTACT.address)
     other_channel = Contact(CONTACT.tenant_id, Channel.SMS, CONTACT.address)
     asked = [other_tenant, CONTACT, other_channel, CONTACT]

@@ -17,8 +17,8 @@ class _FailingRouter:
     def __init__(self, error: Exception) -> None:
         self._error = error
 
-    async def route(self, *_: object, **__: object) -> None:
-        raise self._error
+    async def route_batch(self, deliveries: list[object]) -> list[Exception]:
+        return [self._error for _ in deliveries]
 
 
 def _delivery(number: int) -> Msg:
@@ -45,7 +45,7 @@ def _consumer(error: Exception) -> InboundConsumer:
 async def test_a_lost_database_link_is_retried_without_an_error_log(
     error: Exception, caplog: pytest.LogCaptureFixture
 ) -> None:
-    decision = await _consumer(error).handle(_delivery(1))
+    [decision] = await _consumer(error).handle_batch([_delivery(1)])
     assert isinstance(decision, Nak)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
@@ -53,6 +53,6 @@ async def test_a_lost_database_link_is_retried_without_an_error_log(
 async def test_an_unexpected_failure_is_retried_and_reported(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    decision = await _consumer(KeyError("bug")).handle(_delivery(1))
+    [decision] = await _consumer(KeyError("bug")).handle_batch([_delivery(1)])
     assert isinstance(decision, Nak)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]

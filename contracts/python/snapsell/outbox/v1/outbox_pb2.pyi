@@ -302,6 +302,79 @@ class EnqueueResponse(_message.Message):
 Global___EnqueueResponse: _TypeAlias = EnqueueResponse  # noqa: Y015
 
 @_typing.final
+class EnqueueManyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnqueueRequest]: ...
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___EnqueueRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnqueueManyRequest: _TypeAlias = EnqueueManyRequest  # noqa: Y015
+
+@_typing.final
+class EnqueueManyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnqueueResult]:
+        """One per request, in the requests' order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___EnqueueResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnqueueManyResponse: _TypeAlias = EnqueueManyResponse  # noqa: Y015
+
+@_typing.final
+class EnqueueResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The gRPC status code `Enqueue` would have answered (0, OK: stored or found by its key)."""
+    error: _builtins.str
+    """Why it was refused (empty when OK)."""
+    message_id: _builtins.str
+    created: _builtins.bool
+    """False when the idempotency key was already used (or repeated earlier in this request)."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        error: _builtins.str = ...,
+        message_id: _builtins.str = ...,
+        created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "created", b"created", "error", b"error", "message_id", b"message_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnqueueResult: _TypeAlias = EnqueueResult  # noqa: Y015
+
+@_typing.final
 class GetMessageRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -42,6 +42,11 @@ class OutboxServiceStub:
                 request_serializer=snapsell_dot_outbox_dot_v1_dot_outbox__pb2.EnqueueRequest.SerializeToString,
                 response_deserializer=snapsell_dot_outbox_dot_v1_dot_outbox__pb2.EnqueueResponse.FromString,
                 _registered_method=True)
+        self.EnqueueMany = channel.unary_unary(
+                '/snapsell.outbox.v1.OutboxService/EnqueueMany',
+                request_serializer=snapsell_dot_outbox_dot_v1_dot_outbox__pb2.EnqueueManyRequest.SerializeToString,
+                response_deserializer=snapsell_dot_outbox_dot_v1_dot_outbox__pb2.EnqueueManyResponse.FromString,
+                _registered_method=True)
         self.GetMessage = channel.unary_unary(
                 '/snapsell.outbox.v1.OutboxService/GetMessage',
                 request_serializer=snapsell_dot_outbox_dot_v1_dot_outbox__pb2.GetMessageRequest.SerializeToString,
@@ -73,6 +78,17 @@ class OutboxServiceServicer:
     def Enqueue(self, request, context):
         """Store a message for sending. Idempotent on (tenant_id, idempotency_key): the same key
         returns the first message's id and writes nothing. Roles: service, admin, owner, manager.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnqueueMany(self, request, context):
+        """Store up to 500 messages in one call and one database round trip, each exactly as
+        `Enqueue` would (same checks, idempotency and roles). Each request has its own result, in
+        order: one `Enqueue` would refuse is refused alone, the others are stored. The call itself
+        fails only as a whole (UNAVAILABLE, INVALID_ARGUMENT for too many requests, ...), and then
+        stores nothing. Roles: service, admin, owner, manager.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,6 +129,11 @@ def add_OutboxServiceServicer_to_server(servicer, server):
                     servicer.Enqueue,
                     request_deserializer=snapsell_dot_outbox_dot_v1_dot_outbox__pb2.EnqueueRequest.FromString,
                     response_serializer=snapsell_dot_outbox_dot_v1_dot_outbox__pb2.EnqueueResponse.SerializeToString,
+            ),
+            'EnqueueMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnqueueMany,
+                    request_deserializer=snapsell_dot_outbox_dot_v1_dot_outbox__pb2.EnqueueManyRequest.FromString,
+                    response_serializer=snapsell_dot_outbox_dot_v1_dot_outbox__pb2.EnqueueManyResponse.SerializeToString,
             ),
             'GetMessage': grpc.unary_unary_rpc_method_handler(
                     servicer.GetMessage,
@@ -165,6 +186,33 @@ class OutboxService:
             '/snapsell.outbox.v1.OutboxService/Enqueue',
             snapsell_dot_outbox_dot_v1_dot_outbox__pb2.EnqueueRequest.SerializeToString,
             snapsell_dot_outbox_dot_v1_dot_outbox__pb2.EnqueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnqueueMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snapsell.outbox.v1.OutboxService/EnqueueMany',
+            snapsell_dot_outbox_dot_v1_dot_outbox__pb2.EnqueueManyRequest.SerializeToString,
+            snapsell_dot_outbox_dot_v1_dot_outbox__pb2.EnqueueManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

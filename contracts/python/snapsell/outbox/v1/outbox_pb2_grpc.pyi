@@ -40,6 +40,13 @@ class OutboxServiceStub:
     """Store a message for sending. Idempotent on (tenant_id, idempotency_key): the same key
     returns the first message's id and writes nothing. Roles: service, admin, owner, manager.
     """
+    EnqueueMany: _grpc.UnaryUnaryMultiCallable[_outbox_pb2.EnqueueManyRequest, _outbox_pb2.EnqueueManyResponse]
+    """Store up to 500 messages in one call and one database round trip, each exactly as
+    `Enqueue` would (same checks, idempotency and roles). Each request has its own result, in
+    order: one `Enqueue` would refuse is refused alone, the others are stored. The call itself
+    fails only as a whole (UNAVAILABLE, INVALID_ARGUMENT for too many requests, ...), and then
+    stores nothing. Roles: service, admin, owner, manager.
+    """
     GetMessage: _grpc.UnaryUnaryMultiCallable[_outbox_pb2.GetMessageRequest, _outbox_pb2.GetMessageResponse]
     """A message with its status and attempt history. Roles: any (tenant roles: own tenant)."""
     ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_outbox_pb2.ListDeadLettersRequest, _outbox_pb2.ListDeadLettersResponse]
@@ -60,6 +67,13 @@ class OutboxServiceAsyncStub(OutboxServiceStub):
     Enqueue: _aio.UnaryUnaryMultiCallable[_outbox_pb2.EnqueueRequest, _outbox_pb2.EnqueueResponse]  # type: ignore[assignment]
     """Store a message for sending. Idempotent on (tenant_id, idempotency_key): the same key
     returns the first message's id and writes nothing. Roles: service, admin, owner, manager.
+    """
+    EnqueueMany: _aio.UnaryUnaryMultiCallable[_outbox_pb2.EnqueueManyRequest, _outbox_pb2.EnqueueManyResponse]  # type: ignore[assignment]
+    """Store up to 500 messages in one call and one database round trip, each exactly as
+    `Enqueue` would (same checks, idempotency and roles). Each request has its own result, in
+    order: one `Enqueue` would refuse is refused alone, the others are stored. The call itself
+    fails only as a whole (UNAVAILABLE, INVALID_ARGUMENT for too many requests, ...), and then
+    stores nothing. Roles: service, admin, owner, manager.
     """
     GetMessage: _aio.UnaryUnaryMultiCallable[_outbox_pb2.GetMessageRequest, _outbox_pb2.GetMessageResponse]  # type: ignore[assignment]
     """A message with its status and attempt history. Roles: any (tenant roles: own tenant)."""
@@ -84,6 +98,19 @@ class OutboxServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_outbox_pb2.EnqueueResponse, _abc.Awaitable[_outbox_pb2.EnqueueResponse]]:
         """Store a message for sending. Idempotent on (tenant_id, idempotency_key): the same key
         returns the first message's id and writes nothing. Roles: service, admin, owner, manager.
+        """
+
+    @_abc_1.abstractmethod
+    def EnqueueMany(
+        self,
+        request: _outbox_pb2.EnqueueManyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_outbox_pb2.EnqueueManyResponse, _abc.Awaitable[_outbox_pb2.EnqueueManyResponse]]:
+        """Store up to 500 messages in one call and one database round trip, each exactly as
+        `Enqueue` would (same checks, idempotency and roles). Each request has its own result, in
+        order: one `Enqueue` would refuse is refused alone, the others are stored. The call itself
+        fails only as a whole (UNAVAILABLE, INVALID_ARGUMENT for too many requests, ...), and then
+        stores nothing. Roles: service, admin, owner, manager.
         """
 
     @_abc_1.abstractmethod
