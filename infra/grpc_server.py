@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from infra.config import env_bind_host, env_bool, env_int
+from infra.log import get_logger
 
 # Paths that never need a token: probes and tooling (grpcurl, grpc_health_probe) must work
 # without credentials, and they reveal nothing tenant-specific.
@@ -70,7 +70,7 @@ Behavior = Callable[..., Any]
 NUL_IN_TEXT = "text fields must not contain NUL characters"
 INTERNAL_ERROR = "internal error"
 
-_log = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 
 class InvalidInputError(ValueError):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import logging
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -28,9 +27,10 @@ from nats.js.errors import BadRequestError
 
 from infra import telemetry
 from infra.config import ConfigError, env_optional
+from infra.log import get_logger
 from infra.nats_users import INBOX_ROOT
 
-log = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 MSG_ID = "Nats-Msg-Id"
 
@@ -347,7 +347,7 @@ async def run_pull_consumer(
                 continue
             except (nats.errors.Error, nats.js.errors.Error) as exc:
                 # NATS restarting, the consumer briefly missing: wait and fetch again.
-                log.warning("jetstream.fetch_failed", extra={"fields": {"error": str(exc)}})
+                _log.warning("jetstream.fetch_failed", extra={"fields": {"error": str(exc)}})
                 await asyncio.sleep(fetch_timeout_s)
                 continue
             for msg in msgs:
@@ -364,7 +364,7 @@ async def _decide(handler: Handler, msg: Msg) -> Decision:
     try:
         return await handler(msg)
     except Exception:
-        log.exception("jetstream.handler_failed", extra={"fields": {"subject": msg.subject}})
+        _log.exception("jetstream.handler_failed", extra={"fields": {"subject": msg.subject}})
         return Nak(failure_delay(msg.metadata.num_delivered))
 
 
@@ -378,4 +378,4 @@ async def _settle(msg: Msg, decision: Decision) -> None:
             await msg.term()
     except Exception as exc:
         # Unacknowledged messages are redelivered after AckWait; handlers are idempotent.
-        log.warning("jetstream.settle_failed", extra={"fields": {"error": str(exc)}})
+        _log.warning("jetstream.settle_failed", extra={"fields": {"error": str(exc)}})

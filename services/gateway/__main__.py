@@ -18,10 +18,10 @@ from infra.streams import inbound_stream
 from infra.telemetry import tracing_enabled
 from services.gateway.api import create_app
 from services.gateway.config import load_config
+from services.gateway.processes import is_worker, run_workers
 from services.gateway.publisher import JetStreamPublisher
-from services.gateway.workers import is_worker, run_workers
 
-log = get_logger(__name__)
+_log = get_logger(__name__)
 
 
 class _Server(uvicorn.Server):

@@ -30,8 +30,8 @@ from services.live_session.api import ACCESS_POLICY, SERVICE_FULL_NAME, LiveSess
 from services.live_session.config import load_config
 from services.live_session.domain import SystemClock
 from services.live_session.store import SessionStore
+from services.live_session.sweeper import IdleSweeper
 from services.live_session.touch_batcher import TouchBatcher
-from services.live_session.worker import IdleSweeper
 
 SERVICE = "live_session"
 MIGRATIONS = Path(__file__).parent / "migrations"

@@ -32,6 +32,7 @@ from infra.streams import events_stream, inbound_stream
 from infra.telemetry import grpc_server_interceptors
 from services.routing import store
 from services.routing.api import ACCESS_POLICY, SERVICE_FULL_NAME, RoutingApi
+from services.routing.clients import CachedSenderDirectory, GrpcLiveSessions, GrpcReplySender
 from services.routing.config import load_config
 from services.routing.consumer import InboundConsumer, inbound_consumer_spec, track_consumer_lag
 from services.routing.event_consumers import (
@@ -40,7 +41,6 @@ from services.routing.event_consumers import (
     follow_changes,
 )
 from services.routing.inbound import InboundRouter
-from services.routing.peers import CachedSenderDirectory, GrpcLiveSessions, GrpcReplySender
 
 SERVICE = "routing"
 MIGRATIONS = Path(__file__).parent / "migrations"

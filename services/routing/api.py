@@ -4,7 +4,6 @@ use case, and map errors to status codes with a one-line message (never a stack 
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -22,6 +21,7 @@ from infra.auth import (
     tenant_scope,
 )
 from infra.db import DATABASE_UNAVAILABLE
+from infra.log import get_logger
 from infra.page_tokens import PageTokens
 from services.routing import store
 from services.routing.consent import (
@@ -59,7 +59,7 @@ OPT_OUT_PAGES = PageTokens("routing.opt_outs", (datetime, int))
 MAX_CHECKS = 1000
 MAX_PAGE_SIZE = 500
 
-log = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 
 class InvalidRequestError(ValueError):
@@ -87,7 +87,7 @@ def _rpc(method: Method[Request, Response]) -> Method[Request, Response]:
         except ConsentLockedError as error:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         except DATABASE_UNAVAILABLE as error:  # the caller may retry
-            log.warning("routing.rpc_unavailable", extra={"fields": {"error": str(error)}})
+            _log.warning("routing.rpc_unavailable", extra={"fields": {"error": str(error)}})
             await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable, retry")
         raise AssertionError("unreachable")  # context.abort raises
 
@@ -228,7 +228,7 @@ class RoutingApi(routing_pb2_grpc.RoutingServiceServicer):
         async with self._pool.acquire() as conn, conn.transaction():
             outcome = await apply_consent_change(conn, change)
             since = await store.opted_out_at(conn, change.contact)
-        log.info(
+        _log.info(
             "routing.consent_set",
             extra={
                 "fields": {

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -33,8 +32,9 @@ from infra import jetstream, telemetry
 from infra.db import DATABASE_UNAVAILABLE
 from infra.events import record_event
 from infra.jetstream import Ack, ConsumerSpec, Nak, Term
-from infra.log import mask_phone
+from infra.log import get_logger, mask_phone
 from services.routing import store
+from services.routing.clients import PeerUnavailableError
 from services.routing.consent import timestamp
 from services.routing.inbound import (
     MESSAGE_UNROUTABLE,
@@ -44,9 +44,8 @@ from services.routing.inbound import (
     RouteOutcome,
     received_at,
 )
-from services.routing.peers import PeerUnavailableError
 
-log = logging.getLogger(__name__)
+_log = get_logger(__name__)
 _ADDRESS_PREFIXES = {
     address_pb2.CHANNEL_WHATSAPP: "whatsapp:",
     address_pb2.CHANNEL_MESSENGER: "messenger:",
@@ -159,14 +158,14 @@ class InboundConsumer:
         except Exception as error:
             # A bug or an unexpected database error: retry (it may be transient), and on the
             # last delivery record it rather than lose it.
-            log.exception(
+            _log.exception(
                 "routing.inbound_failed", extra={"fields": {"message_sid": message.message_sid}}
             )
             return await self._retry_or_give_up(msg, message, f"{type(error).__name__}: {error}")
         INBOUND_HANDLED.labels(routed.outcome.value).inc()
         if routed.outcome.value != "duplicate":
             INBOUND_LAG.observe(max(0.0, (self._clock() - received_at(message)).total_seconds()))
-        log.info(
+        _log.info(
             "routing.inbound_handled",
             extra={"fields": handled_fields(message, routed, msg.metadata.num_delivered)},
         )
@@ -179,7 +178,7 @@ class InboundConsumer:
             return await self._give_up(msg, message, "deliveries_exhausted", reason)
         INBOUND_HANDLED.labels("retry").inc()
         delay = retry_delay(msg.metadata.num_delivered, self._retry_delay_cap_s)
-        log.warning(
+        _log.warning(
             "routing.inbound_retry",
             extra={
                 "fields": {
@@ -232,7 +231,7 @@ class InboundConsumer:
                     aggregate_id=message_sid or f"{metadata.stream}:{metadata.sequence.stream}",
                 )
         INBOUND_HANDLED.labels(reason).inc()
-        log.error(
+        _log.error(
             "routing.inbound_given_up",
             extra={
                 "fields": {
@@ -257,7 +256,7 @@ async def track_consumer_lag(
             CONSUMER_PENDING.set(info.num_pending or 0)
             CONSUMER_ACK_PENDING.set(info.num_ack_pending or 0)
         except Exception as error:
-            log.debug("routing.consumer_info_failed", extra={"fields": {"error": str(error)}})
+            _log.debug("routing.consumer_info_failed", extra={"fields": {"error": str(error)}})
         await _sleep_unless(stop, every_s)
 
 

@@ -23,7 +23,6 @@ after the call but before the commit makes the message come back and the call ha
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -35,8 +34,15 @@ from snapsell.routing.v1 import events_pb2, routing_pb2
 
 from infra.db import Connection
 from infra.events import record_event
-from infra.log import mask_phone
+from infra.log import get_logger, mask_phone
 from services.routing import store
+from services.routing.clients import (
+    LiveSessions,
+    ReplyRejectedError,
+    ReplySender,
+    SenderDirectory,
+    Touched,
+)
 from services.routing.consent import CHANNEL_FROM_PROTO, apply_consent_change
 from services.routing.domain import (
     ConsentChange,
@@ -55,15 +61,8 @@ from services.routing.domain import (
     decide,
     normalise_address,
 )
-from services.routing.peers import (
-    LiveSessions,
-    ReplyRejectedError,
-    ReplySender,
-    SenderDirectory,
-    Touched,
-)
 
-log = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 MESSAGE_ROUTED = "routing.v1.message.routed"
 MESSAGE_UNROUTABLE = "routing.v1.message.unroutable"
@@ -252,7 +251,7 @@ class InboundRouter:
         except ReplyRejectedError as error:
             # The consent change itself must still be recorded; a reply the outbox calls invalid
             # will not become valid by retrying.
-            log.error(
+            _log.error(
                 "routing.reply_rejected",
                 extra={
                     "fields": {

@@ -27,7 +27,7 @@ from infra.retention import RetentionTask
 from infra.streams import events_stream
 from infra.telemetry import grpc_server_interceptors
 from services.seller_admin.access import SERVICE_FULL_NAME, auth_policy
-from services.seller_admin.api import SellerAdminServicer
+from services.seller_admin.api import SellerAdminApi
 from services.seller_admin.config import load_config
 
 SERVICE = "seller_admin"
@@ -57,7 +57,7 @@ async def serve(stop: asyncio.Event) -> None:
             ],
         )
         seller_admin_pb2_grpc.add_SellerAdminServiceServicer_to_server(
-            SellerAdminServicer(pool), server.server
+            SellerAdminApi(pool), server.server
         )
         metrics = start_metrics_server(config.metrics_port)
         background = [

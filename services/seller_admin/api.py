@@ -9,7 +9,6 @@ Errors become a status code with a one-line message, never a stack trace.
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -20,6 +19,7 @@ from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
 from infra import auth
 from infra.db import DATABASE_UNAVAILABLE, Connection
+from infra.log import get_logger
 from services.seller_admin import audit, convert, store
 from services.seller_admin.access import scoped_tenant
 from services.seller_admin.domain import (
@@ -47,7 +47,7 @@ from services.seller_admin.paging import (
     page_size,
 )
 
-log = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 _STATUS_CODES: dict[type[SellerAdminError], grpc.StatusCode] = {
     InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -73,7 +73,7 @@ def rpc(method: Method[Req, Resp]) -> Method[Req, Resp]:
         except auth.PermissionDeniedError as error:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
         except DATABASE_UNAVAILABLE as error:  # the caller may retry
-            log.warning("database.unavailable", extra={"fields": {"error": str(error)}})
+            _log.warning("database.unavailable", extra={"fields": {"error": str(error)}})
             await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable, retry later")
         raise AssertionError("context.abort returned")  # pragma: no cover
 
@@ -81,10 +81,10 @@ def rpc(method: Method[Req, Resp]) -> Method[Req, Resp]:
 
 
 def _log_change(event: str, **fields: str) -> None:
-    log.info(event, extra={"fields": fields})
+    _log.info(event, extra={"fields": fields})
 
 
-class SellerAdminServicer(seller_admin_pb2_grpc.SellerAdminServiceServicer):
+class SellerAdminApi(seller_admin_pb2_grpc.SellerAdminServiceServicer):
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
