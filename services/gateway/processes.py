@@ -118,6 +118,6 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def run_workers(count: int) -> None:
+def run_workers(count: int) -> int:
     setup_logging("gateway")
-    sys.exit(Supervisor(count).run())
+    return Supervisor(count).run()

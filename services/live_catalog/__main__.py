@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,15 +22,16 @@ from snapsell.live_catalog.v1 import live_catalog_pb2_grpc
 
 from infra import jetstream
 from infra.auth import AuthInterceptor, JwtVerifier
-from infra.db import migrate_service, open_service_database
+from infra.db import open_service_database
+from infra.entrypoint import run_service
 from infra.events import EventRelay
 from infra.grpc_client import service_channel
 from infra.grpc_server import GrpcServer
-from infra.lifecycle import run_main, supervised
 from infra.log import get_logger
 from infra.metrics import RpcMetricsInterceptor, start_metrics_server
 from infra.retention import RetentionTask
 from infra.streams import events_stream
+from infra.supervisor import BackgroundTasks, Task
 from infra.telemetry import grpc_server_interceptors
 from services.live_catalog.api import ACCESS_POLICY, SERVICE_FULL_NAME, LiveCatalogApi
 from services.live_catalog.config import load_config
@@ -118,7 +118,7 @@ async def serve(stop: asyncio.Event) -> None:
         )
         metrics = start_metrics_server(config.metrics_port)
         await server.start()
-        loops: dict[str, Callable[[], Awaitable[None]]] = {
+        loops: dict[str, Task] = {
             "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
             "reply-dispatcher": lambda: dispatcher.run(stop),
             "hold-sweeper": lambda: sweep_holds(store, config.sweep_interval_s, stop),
@@ -134,10 +134,8 @@ async def serve(stop: asyncio.Event) -> None:
         }
         if not config.consumer_enabled:
             del loops["routed-consumer"], loops["session-closed-consumer"]
-        background = [
-            asyncio.create_task(supervised(SERVICE, name, loop, stop), name=name)
-            for name, loop in loops.items()
-        ]
+        background = BackgroundTasks(SERVICE, loops, stop, on_health=server.set_serving)
+        background.start()
         _log.info(
             "live_catalog.serving",
             extra={
@@ -151,10 +149,7 @@ async def serve(stop: asyncio.Event) -> None:
         )
         await stop.wait()
         await server.stop(config.shutdown_grace_s)
-        _, pending = await asyncio.wait(background, timeout=config.shutdown_grace_s)
-        for task in pending:  # e.g. a relay stuck on an unreachable NATS
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        await background.stop(config.shutdown_grace_s)
     finally:
         if metrics is not None:
             metrics.stop()
@@ -164,19 +159,8 @@ async def serve(stop: asyncio.Event) -> None:
         await pool.close()
 
 
-async def migrate(_stop: asyncio.Event) -> None:
-    await migrate_service(SERVICE, MIGRATIONS)
-    _log.info("live_catalog.migrated")
-
-
 def main(argv: list[str]) -> None:
-    if argv == ["migrate"]:
-        run_main(migrate, service=SERVICE)
-    elif not argv:
-        run_main(serve, service=SERVICE)
-    else:
-        print(f"usage: python -m services.{SERVICE} [migrate]", file=sys.stderr)
-        sys.exit(2)
+    run_service(SERVICE, argv, serve=serve, migrations=MIGRATIONS)
 
 
 if __name__ == "__main__":

@@ -29,13 +29,13 @@ from snapsell.gateway.v1 import events_pb2 as gateway_events
 from snapsell.routing.v1 import events_pb2
 
 from infra import jetstream, telemetry
+from infra.convert import timestamp
 from infra.db import DATABASE_UNAVAILABLE
 from infra.events import record_event
 from infra.jetstream import Ack, ConsumerSpec, Nak, Term
 from infra.log import get_logger, mask_phone
 from services.routing import store
 from services.routing.clients import PeerUnavailableError
-from services.routing.consent import timestamp
 from services.routing.inbound import (
     MESSAGE_UNROUTABLE,
     InboundRouter,

@@ -60,4 +60,4 @@ async def test_calls_are_unavailable_with_a_one_line_message(
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert caught.value.details() == "database unavailable, retry later"
+        assert caught.value.details() == "database unavailable, retry"
