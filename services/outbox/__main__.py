@@ -36,16 +36,17 @@ from infra.streams import events_stream, inbound_stream
 from infra.supervisor import BackgroundTasks, Task
 from infra.telemetry import grpc_server_interceptors
 from infra.twilio_http import make_twilio_client
-from services.outbox.admin_store import OutboxAdminStore
 from services.outbox.api import ACCESS_POLICY, SERVICE_FULL_NAME, OutboxApi
 from services.outbox.channels import ChannelDirectory, follow_channel_changes
+from services.outbox.clients import RoutingConsentChecker, routing_channel
 from services.outbox.config import Config, load_config, worker_id
-from services.outbox.consent import BatchConsent, RoutingConsentChecker, routing_channel
 from services.outbox.consumer import STATUS_CONSUMER, StatusCallbackHandler
-from services.outbox.delivery import MessageDelivery, utc_now
-from services.outbox.sender import TwilioSender, status_callback_url
-from services.outbox.store import OutboxStore, finished_message_purges
-from services.outbox.worker import SenderWorker
+from services.outbox.sending.consent import BatchConsent
+from services.outbox.sending.pipeline import SendingPipeline
+from services.outbox.sending.send import MessageDelivery, utc_now
+from services.outbox.sending.twilio_api import TwilioSender, status_callback_url
+from services.outbox.status_callbacks import StatusCallbacks
+from services.outbox.store import OutboxAdminStore, OutboxStore, finished_message_purges
 
 SERVICE = "outbox"
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -127,7 +128,7 @@ async def serve(stop: asyncio.Event) -> None:
         )
         outbox_pb2_grpc.add_OutboxServiceServicer_to_server(api, server.server)
         metrics = start_metrics_server(config.metrics_port)
-        callbacks = StatusCallbackHandler(admin, lambda: datetime.now(UTC))
+        callbacks = StatusCallbackHandler(StatusCallbacks(pool), lambda: datetime.now(UTC))
         tasks: dict[str, Task] = {
             "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
             "status-callbacks": lambda: jetstream.run_pull_consumer(
@@ -154,8 +155,8 @@ async def serve(stop: asyncio.Event) -> None:
             delivery = MessageDelivery(
                 store, sender, consent, config.worker, this_worker, now=utc_now
             )
-            # A new sender each start: one that crashed released what it held on the way out.
-            tasks["sender-worker"] = lambda: SenderWorker(
+            # A new pipeline each start: one that crashed released what it held on the way out.
+            tasks["sender-worker"] = lambda: SendingPipeline(
                 store, delivery, config.worker, this_worker
             ).run(stop)
         await server.start()

@@ -22,22 +22,20 @@ from infra.db import DATABASE_UNAVAILABLE
 from infra.log import get_logger
 from infra.page_tokens import PageTokens
 from services.outbox import domain, validation
-from services.outbox.admin_store import OutboxAdminStore
 from services.outbox.channels import (
     ChannelDirectory,
     ChannelDirectoryUnavailableError,
     SenderNotAChannelError,
     TenantChannels,
 )
-from services.outbox.domain import InvalidMessageError
-from services.outbox.events import (
+from services.outbox.convert import (
     CHANNEL_FROM_PROTO,
     DEAD_REASON_FROM_PROTO,
     KIND_FROM_PROTO,
     message_proto,
 )
-from services.outbox.records import NewMessage
-from services.outbox.store import OutboxStore
+from services.outbox.domain import InvalidMessageError, NewMessage
+from services.outbox.store import OutboxAdminStore, OutboxStore
 
 SERVICE_FULL_NAME = outbox_pb2.DESCRIPTOR.services_by_name["OutboxService"].full_name
 

@@ -1,5 +1,6 @@
-"""Twilio status callbacks (`StatusReceived`, published by the gateway) driving each message
-forward. Duplicates and out-of-order callbacks are acked and change nothing.
+"""The JetStream consumer of Twilio status callbacks (`StatusReceived`, published by the
+gateway): each is decoded and handed to `status_callbacks.StatusCallbacks`, and what that did
+decides the ack. Duplicates and out-of-order callbacks are acked and change nothing.
 
 A callback can overtake the write of its own send's result (Twilio calls back within
 milliseconds): an unknown SID is retried with a short delay a few times (about 8 s in all),
@@ -23,7 +24,7 @@ from infra.db import DATABASE_UNAVAILABLE
 from infra.jetstream import Ack, ConsumerSpec, Decision, Nak, Term, failure_delay
 from infra.log import get_logger
 from infra.streams import INBOUND_STATUS_SUBJECT
-from services.outbox.admin_store import CallbackEffect
+from services.outbox.status_callbacks import CallbackEffect
 
 STATUS_CONSUMER = ConsumerSpec(
     stream="INBOUND",
@@ -56,9 +57,9 @@ def _error_code(text: str) -> int | None:
 
 
 class StatusLedger(Protocol):
-    """Where callbacks are applied (see admin_store.OutboxAdminStore)."""
+    """Where callbacks are applied (see status_callbacks.StatusCallbacks)."""
 
-    async def apply_status_callback(
+    async def apply(
         self,
         twilio_sid: str,
         twilio_status: str,
@@ -71,8 +72,8 @@ class StatusLedger(Protocol):
 
 
 class StatusCallbackHandler:
-    def __init__(self, store: StatusLedger, now: Callable[[], datetime]) -> None:
-        self._store = store
+    def __init__(self, callbacks: StatusLedger, now: Callable[[], datetime]) -> None:
+        self._callbacks = callbacks
         self._now = now
 
     async def __call__(self, msg: Msg) -> Decision:
@@ -86,7 +87,7 @@ class StatusCallbackHandler:
             CALLBACKS.labels("incomplete").inc()
             return Term("StatusReceived without message_sid or message_status")
         try:
-            effect = await self._store.apply_status_callback(
+            effect = await self._callbacks.apply(
                 callback.message_sid,
                 callback.message_status,
                 account_sid=callback.account_sid,

@@ -1,7 +1,8 @@
-"""Pure rules of the outbox (no I/O): message states and their forward-only moves, what to do
-before a send (consent, WhatsApp's 24-hour window), how Twilio's answers are classified, when
-to retry, how an unknown outcome is settled from Twilio's message list, and the per-sender
-token bucket with its fair queue across tenants.
+"""Pure rules and value types of the outbox (no I/O): message states and their forward-only
+moves, what to do before a send (consent, WhatsApp's 24-hour window), how Twilio's answers are
+classified, when to retry, the per-sender token bucket with its fair queue across tenants, and
+the records the service stores and reads (a new message, a claimed one, how a claim ended as a
+`Resolution` with its attempts and events, an attempt read back).
 
 Errors: `InvalidMessageError` (a request that can never be valid; one line for the caller;
 raised by `validation.py`).
@@ -11,9 +12,10 @@ from __future__ import annotations
 
 import enum
 import re
+import uuid
 from collections import deque
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Generic, TypeVar
 
@@ -342,3 +344,114 @@ class FairQueue(Generic[Key, Item]):
         self._turns.clear()
         self._size = 0
         return items
+
+
+# --- records: a new message, a claimed one, how a claim ended, an attempt read back ---------
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    tenant_id: str
+    idempotency_key: str
+    correlation_id: str
+    kind: MessageKind
+    account_sid: str
+    sender: str
+    recipient_channel: Channel
+    recipient: str
+    body: str | None
+    content_sid: str | None
+    content_variables: str | None
+    not_before: datetime | None
+    max_attempts: int
+    traceparent: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedMessage:
+    id: uuid.UUID
+    tenant_id: str
+    correlation_id: str
+    kind: MessageKind
+    account_sid: str
+    sender: str
+    channel: Channel
+    recipient: str
+    body: str | None
+    content_sid: str | None
+    content_variables: str | None
+    # Attempts made before this claim (a lease that ran out counts as one).
+    attempt_count: int
+    max_attempts: int
+    reconcile_failures: int
+    claimed_at: datetime
+    reconcile_since: datetime | None
+    traceparent: str | None
+    lease_expired: bool
+
+    @property
+    def to(self) -> str:
+        return twilio_address(self.channel, self.recipient)
+
+    @property
+    def sender_key(self) -> str:
+        return f"{self.account_sid}/{self.sender}"
+
+    @property
+    def is_template(self) -> bool:
+        return self.content_sid is not None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    outcome: AttemptOutcome
+    started_at: datetime
+    finished_at: datetime
+    http_status: int | None = None
+    error_code: int | None = None
+    error_message: str | None = None
+    twilio_sid: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingEvent:
+    subject: str
+    payload: bytes
+    traceparent: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """How one claim ended: the message's next state and what to record with it."""
+
+    message_id: uuid.UUID
+    tenant_id: str
+    # SENT, PENDING (retry later), DEAD or BLOCKED.
+    status: MessageStatus
+    attempts: tuple[AttemptRecord, ...] = ()
+    attempt_increment: int = 0
+    reconcile_failure_increment: int = 0
+    next_attempt_at: datetime | None = None
+    # Stored as is: None clears it.
+    reconcile_since: datetime | None = None
+    twilio_sid: str | None = None
+    twilio_status: str | None = None
+    sent_at: datetime | None = None
+    dead_reason: DeadReason | None = None
+    error_code: int | None = None
+    error_message: str | None = None
+    events: tuple[PendingEvent, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class StoredAttempt:
+    """One attempt as read back for the API (`store.OutboxAdminStore.get_message`)."""
+
+    outcome: str
+    started_at: datetime
+    finished_at: datetime
+    http_status: int | None
+    error_code: int | None
+    error_message: str | None
+    twilio_sid: str | None
+    worker_id: str

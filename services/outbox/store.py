@@ -1,8 +1,13 @@
-"""All SQL of the sender side of the outbox: enqueue, claim under a lease, renew and release
-leases, write send results in batches (status, attempts and events in one statement), the
-look-ups reconciliation needs, and the purge of finished messages. The operator side (reads,
-dead letters, status callbacks) is in `admin_store.py`.
+"""All SQL of the outbox.
 
+- `OutboxStore`, the sending side: enqueue, claim under a lease, renew and release leases,
+  write send results in batches (status, attempts and events in one statement), the look-ups
+  reconciliation needs, the backlog, and the purge of finished messages.
+- `OutboxAdminStore`, the operator side: one message with its attempts, dead letters
+  (keyset-paginated), Redrive and Discard (audited).
+- The statements status callbacks run in their transaction (`status_callbacks.py` decides).
+
+Every change records its event in the same transaction.
 Wake-ups: an enqueue that is due now NOTIFYs `outbox_due` at commit; workers LISTEN on it.
 """
 
@@ -10,13 +15,24 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import asyncpg
 
+from infra.db import Connection
+from infra.events import record_event
 from infra.retention import Purge
-from services.outbox.domain import Channel, MessageKind
-from services.outbox.records import ClaimedMessage, NewMessage, Resolution
+from services.outbox import events
+from services.outbox.domain import (
+    Channel,
+    ClaimedMessage,
+    DeadReason,
+    MessageKind,
+    MessageStatus,
+    NewMessage,
+    Resolution,
+    StoredAttempt,
+)
 
 DUE_CHANNEL = "outbox_due"
 
@@ -401,3 +417,193 @@ def _resolution_rows(
         for e in r.events
     ]
     return messages, attempts, events
+
+
+# --- the operator side --------------------------------------------------------------------
+
+_MESSAGE_COLUMNS = """
+    id, tenant_id, idempotency_key, correlation_id, kind, account_sid, sender,
+    recipient_channel, recipient, body, content_sid, content_variables, status, twilio_status,
+    twilio_sid, attempt_count, max_attempts, dead_reason, last_error_code, last_error_message,
+    created_at, updated_at, next_attempt_at, sent_at, dead_at
+"""
+
+_GET = f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = $1 AND tenant_id = $2"
+_ATTEMPTS = """
+SELECT outcome, started_at, finished_at, http_status, error_code, error_message, twilio_sid,
+    worker_id
+FROM attempts WHERE message_id = $1 ORDER BY finished_at, id
+"""
+_DEAD_LETTERS = f"""
+SELECT {_MESSAGE_COLUMNS} FROM messages
+WHERE tenant_id = $1 AND status = 'dead'
+  AND ($2::timestamptz IS NULL OR (dead_at, id) < ($2, $3::uuid))
+  AND ($4::text IS NULL OR dead_reason = $4)
+  AND ($5::text IS NULL OR sender = $5)
+  AND ($6::timestamptz IS NULL OR dead_at >= $6)
+ORDER BY dead_at DESC, id DESC
+LIMIT $7
+"""
+_REDRIVE = """
+WITH target AS (
+    SELECT id, dead_reason FROM messages
+    WHERE id = ANY ($1::uuid[]) AND tenant_id = $2 AND status = 'dead'
+    FOR UPDATE
+)
+UPDATE messages m SET
+    status = 'pending', attempt_count = 0, reconcile_failures = 0, max_attempts = $3,
+    dead_reason = NULL, dead_at = NULL, next_attempt_at = now(), updated_at = now()
+FROM target
+WHERE m.id = target.id
+RETURNING m.id, target.dead_reason AS previous_reason
+"""
+_DISCARD = """
+WITH target AS (
+    SELECT id, dead_reason FROM messages
+    WHERE id = ANY ($1::uuid[]) AND tenant_id = $2 AND status = 'dead'
+    FOR UPDATE
+)
+UPDATE messages m SET status = 'discarded', updated_at = now()
+FROM target
+WHERE m.id = target.id
+RETURNING m.id, target.dead_reason AS previous_reason
+"""
+
+
+class OutboxAdminStore:
+    """The operator side's statements over one pool."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def get_message(
+        self, tenant_id: str, message_id: uuid.UUID
+    ) -> tuple[asyncpg.Record, list[StoredAttempt]] | None:
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow(_GET, message_id, tenant_id)
+            if row is None:
+                return None
+            attempts = await conn.fetch(_ATTEMPTS, message_id)
+        return row, [StoredAttempt(**dict(a)) for a in attempts]
+
+    async def list_dead_letters(
+        self,
+        tenant_id: str,
+        *,
+        limit: int,
+        after: tuple[datetime, uuid.UUID] | None,
+        reason: DeadReason | None,
+        sender: str | None,
+        dead_after: datetime | None,
+    ) -> list[asyncpg.Record]:
+        after_at, after_id = after if after else (None, None)
+        async with self._pool.acquire() as conn:
+            return await conn.fetch(
+                _DEAD_LETTERS,
+                tenant_id,
+                after_at,
+                after_id,
+                reason.value if reason else None,
+                sender,
+                dead_after,
+                limit,
+            )
+
+    async def redrive(
+        self,
+        tenant_id: str,
+        message_ids: Sequence[uuid.UUID],
+        *,
+        actor: str,
+        max_attempts: int,
+        now: datetime,
+    ) -> list[uuid.UUID]:
+        """Dead letters back to pending with a fresh attempt budget; returns those moved.
+        A message whose last outcome is unknown keeps `reconcile_since`: Twilio is asked
+        before it is sent again."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(_REDRIVE, list(message_ids), tenant_id, max_attempts)
+            for row in rows:
+                event = events.message_redriven(
+                    message_id=row["id"],
+                    tenant_id=tenant_id,
+                    previous_reason=DeadReason(row["previous_reason"]),
+                    actor=actor,
+                    at=now,
+                )
+                await record_event(
+                    conn,
+                    subject=events.REDRIVEN_SUBJECT,
+                    message=event,
+                    aggregate_id=str(row["id"]),
+                    tenant_id=tenant_id,
+                )
+            if rows:
+                await conn.execute("SELECT pg_notify('outbox_due', '')")
+        return [row["id"] for row in rows]
+
+    async def discard(
+        self,
+        tenant_id: str,
+        message_ids: Sequence[uuid.UUID],
+        *,
+        actor: str,
+        reason: str,
+        now: datetime,
+    ) -> list[uuid.UUID]:
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(_DISCARD, list(message_ids), tenant_id)
+            for row in rows:
+                event = events.message_discarded(
+                    message_id=row["id"],
+                    tenant_id=tenant_id,
+                    previous_reason=DeadReason(row["previous_reason"]),
+                    actor=actor,
+                    reason=reason,
+                    at=now,
+                )
+                await record_event(
+                    conn,
+                    subject=events.DISCARDED_SUBJECT,
+                    message=event,
+                    aggregate_id=str(row["id"]),
+                    tenant_id=tenant_id,
+                )
+        return [row["id"] for row in rows]
+
+
+# --- status callbacks: the statements `status_callbacks.StatusCallbacks` runs in its transaction
+
+_BY_SID = """
+SELECT id, tenant_id, account_sid, status, twilio_status FROM messages
+WHERE twilio_sid = $1 FOR UPDATE
+"""
+_ADVANCE = """
+UPDATE messages SET status = $2, twilio_status = $3, updated_at = now(),
+    last_error_code = coalesce($4, last_error_code),
+    last_error_message = coalesce($5, last_error_message)
+WHERE id = $1
+"""
+_TWILIO_STATUS_ONLY = "UPDATE messages SET twilio_status = $2, updated_at = now() WHERE id = $1"
+
+
+async def lock_message_by_twilio_sid(conn: Connection, twilio_sid: str) -> asyncpg.Record | None:
+    """The message Twilio knows by this SID, locked until the transaction ends (the row lock
+    orders concurrent callbacks for one message)."""
+    return await conn.fetchrow(_BY_SID, twilio_sid)
+
+
+async def advance_status(
+    conn: Connection,
+    message_id: uuid.UUID,
+    status: MessageStatus,
+    twilio_status: str,
+    error_code: int | None,
+    error_message: str | None,
+) -> None:
+    await conn.execute(_ADVANCE, message_id, status.value, twilio_status, error_code, error_message)
+
+
+async def record_twilio_status(conn: Connection, message_id: uuid.UUID, twilio_status: str) -> None:
+    """Twilio's own status only: the message's status stays where it is."""
+    await conn.execute(_TWILIO_STATUS_ONLY, message_id, twilio_status)

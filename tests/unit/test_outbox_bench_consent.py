@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from services.outbox.consent import ConsentUnavailableError, Recipient
+from services.outbox.clients import ConsentUnavailableError, Recipient
 from services.outbox.domain import Channel, Consent
 from tools.bench.outbox_bench import CoalescedConsent
 

@@ -62,7 +62,7 @@ from tools.devstack import EmbeddedNats, EmbeddedPostgres, free_port
 from tools.twilio_sandbox.process import SandboxProcess, start_sandbox
 
 if TYPE_CHECKING:
-    from services.outbox.consent import ConsentChecker, Recipient
+    from services.outbox.clients import ConsentChecker, Recipient
     from services.outbox.domain import Consent
 
 PGQUEUER_ENTRYPOINT = "twilio_send"
@@ -572,7 +572,7 @@ async def pgqueuer_worker(
     from infra.auth import ServiceTokenProvider
     from infra.lifecycle import tune_garbage_collector
     from infra.twilio_http import make_twilio_client
-    from services.outbox.consent import RoutingConsentChecker, routing_channel
+    from services.outbox.clients import RoutingConsentChecker, routing_channel
     from services.outbox.domain import Channel
 
     consent = None

@@ -15,9 +15,14 @@ import pytest
 
 from infra.db import create_pool, migrate_service
 from infra.retention import RetentionSettings, RetentionTask
-from services.outbox import admin_store, events, store
-from services.outbox.domain import AttemptOutcome, MessageStatus
-from services.outbox.records import AttemptRecord, PendingEvent, Resolution
+from services.outbox import events, store
+from services.outbox.domain import (
+    AttemptOutcome,
+    AttemptRecord,
+    MessageStatus,
+    PendingEvent,
+    Resolution,
+)
 from tests.integration.data_hygiene import (
     assert_subject_accepted,
     assert_uses_index,
@@ -270,13 +275,13 @@ async def test_list_dead_letters_pages_on_the_dead_letters_index(
 ) -> None:
     dead_at, message_id = after or (None, None)
     plan = await explain(
-        loaded, admin_store._DEAD_LETTERS, "shop-big", dead_at, message_id, None, None, None, 51
+        loaded, store._DEAD_LETTERS, "shop-big", dead_at, message_id, None, None, None, 51
     )
     assert_uses_index(plan, "messages_dead_letters_idx", big_tables=BIG_TABLES)
 
 
 async def test_status_callback_finds_the_message_by_twilio_sid(loaded: asyncpg.Pool) -> None:
-    plan = await explain(loaded, admin_store._BY_SID, DELIVERED_SID)
+    plan = await explain(loaded, store._BY_SID, DELIVERED_SID)
     assert_uses_index(plan, "messages_twilio_sid_key", big_tables=BIG_TABLES)
 
 
@@ -294,25 +299,23 @@ async def test_a_status_callback_advances_its_message_by_primary_key(
     loaded: asyncpg.Pool, delivered: asyncpg.Record
 ) -> None:
     plan = await explain(
-        loaded, admin_store._ADVANCE, delivered["id"], "delivered", "delivered", None, None
+        loaded, store._ADVANCE, delivered["id"], "delivered", "delivered", None, None
     )
     assert_uses_index(plan, "messages_pkey", big_tables=BIG_TABLES)
-    plan = await explain(loaded, admin_store._TWILIO_STATUS_ONLY, delivered["id"], "read")
+    plan = await explain(loaded, store._TWILIO_STATUS_ONLY, delivered["id"], "read")
     assert_uses_index(plan, "messages_pkey", big_tables=BIG_TABLES)
 
 
 async def test_get_message_reads_it_and_its_attempts_on_their_indexes(
     loaded: asyncpg.Pool, delivered: asyncpg.Record
 ) -> None:
-    plan = await explain(loaded, admin_store._GET, delivered["id"], delivered["tenant_id"])
+    plan = await explain(loaded, store._GET, delivered["id"], delivered["tenant_id"])
     assert_uses_index(plan, "messages_pkey", big_tables=BIG_TABLES)
-    plan = await explain(loaded, admin_store._ATTEMPTS, delivered["id"])
+    plan = await explain(loaded, store._ATTEMPTS, delivered["id"])
     assert_uses_index(plan, "attempts_message_id_idx", big_tables=BIG_TABLES)
 
 
-@pytest.mark.parametrize(
-    ("sql", "extra"), [(admin_store._REDRIVE, (5,)), (admin_store._DISCARD, ())]
-)
+@pytest.mark.parametrize(("sql", "extra"), [(store._REDRIVE, (5,)), (store._DISCARD, ())])
 async def test_redrive_and_discard_find_dead_letters_by_primary_key(
     loaded: asyncpg.Pool, sql: str, extra: tuple[object, ...]
 ) -> None:

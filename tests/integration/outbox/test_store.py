@@ -18,11 +18,14 @@ import pytest
 from infra.db import create_pool, migrate_service
 from services.outbox.domain import (
     AttemptOutcome,
+    AttemptRecord,
     Channel,
     MessageKind,
     MessageStatus,
+    NewMessage,
+    PendingEvent,
+    Resolution,
 )
-from services.outbox.records import AttemptRecord, NewMessage, PendingEvent, Resolution
 from services.outbox.store import DUE_CHANNEL, OutboxStore
 from tests.support.db import reset_service_schema
 

@@ -6,8 +6,7 @@ import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from services.outbox.domain import Channel, MessageKind
-from services.outbox.records import ClaimedMessage
+from services.outbox.domain import Channel, ClaimedMessage, MessageKind
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 

@@ -13,15 +13,14 @@ from prometheus_client import REGISTRY
 
 from infra.auth import ServiceTokenProvider
 from infra.keys import new_signing_key
-from services.outbox.consent import (
+from services.outbox.clients import (
     MAX_CHECKS_PER_CALL,
-    BatchConsent,
     ConsentUnavailableError,
     Recipient,
     RoutingConsentChecker,
 )
-from services.outbox.domain import Channel, Consent
-from services.outbox.records import ClaimedMessage
+from services.outbox.domain import Channel, ClaimedMessage, Consent
+from services.outbox.sending.consent import BatchConsent
 from tests.unit.outbox import builders
 
 ALICE, BOB = "+33611111111", "+33622222222"

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.outbox.events import timestamp
+from services.outbox.convert import timestamp
 
 
 @pytest.mark.parametrize(

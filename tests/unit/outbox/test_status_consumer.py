@@ -11,12 +11,12 @@ import pytest
 from snapsell.gateway.v1.events_pb2 import StatusReceived
 
 from infra.jetstream import Ack, Nak, Term
-from services.outbox.admin_store import CallbackEffect
 from services.outbox.consumer import (
     STATUS_CONSUMER,
     UNKNOWN_SID_DELIVERIES,
     StatusCallbackHandler,
 )
+from services.outbox.status_callbacks import CallbackEffect
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
@@ -33,13 +33,13 @@ class FakeMsg:
     metadata: FakeMetadata = field(default_factory=FakeMetadata)
 
 
-class FakeStore:
+class FakeCallbacks:
     def __init__(self, effect: CallbackEffect, failure: Exception | None = None) -> None:
         self.effect = effect
         self.failure = failure
         self.applied: list[tuple[str, str, int | None]] = []
 
-    async def apply_status_callback(
+    async def apply(
         self,
         twilio_sid: str,
         twilio_status: str,
@@ -61,19 +61,19 @@ def callback(status: str, error_code: str = "") -> bytes:
 
 
 async def test_a_callback_is_applied_and_acked() -> None:
-    store = FakeStore(CallbackEffect.ADVANCED)
-    handler = StatusCallbackHandler(store, lambda: NOW)
+    callbacks = FakeCallbacks(CallbackEffect.ADVANCED)
+    handler = StatusCallbackHandler(callbacks, lambda: NOW)
     assert await handler(FakeMsg(callback("undelivered", "30008"))) == Ack()  # type: ignore[arg-type]
-    assert store.applied == [("SM1", "undelivered", 30008)]
+    assert callbacks.applied == [("SM1", "undelivered", 30008)]
 
 
 async def test_a_duplicate_or_late_callback_is_acked_without_effect() -> None:
-    handler = StatusCallbackHandler(FakeStore(CallbackEffect.IGNORED), lambda: NOW)
+    handler = StatusCallbackHandler(FakeCallbacks(CallbackEffect.IGNORED), lambda: NOW)
     assert await handler(FakeMsg(callback("delivered"))) == Ack()  # type: ignore[arg-type]
 
 
 async def test_a_callback_ahead_of_its_send_result_is_retried_then_given_up() -> None:
-    handler = StatusCallbackHandler(FakeStore(CallbackEffect.UNKNOWN_SID), lambda: NOW)
+    handler = StatusCallbackHandler(FakeCallbacks(CallbackEffect.UNKNOWN_SID), lambda: NOW)
     first = await handler(FakeMsg(callback("sent")))  # type: ignore[arg-type]
     assert isinstance(first, Nak) and first.delay_s < 1
     before_last = FakeMsg(callback("sent"), metadata=FakeMetadata(UNKNOWN_SID_DELIVERIES - 1))
@@ -84,12 +84,12 @@ async def test_a_callback_ahead_of_its_send_result_is_retried_then_given_up() ->
 
 
 async def test_a_callback_from_another_account_is_terminated() -> None:
-    handler = StatusCallbackHandler(FakeStore(CallbackEffect.WRONG_ACCOUNT), lambda: NOW)
+    handler = StatusCallbackHandler(FakeCallbacks(CallbackEffect.WRONG_ACCOUNT), lambda: NOW)
     assert isinstance(await handler(FakeMsg(callback("delivered"))), Term)  # type: ignore[arg-type]
 
 
 async def test_an_undecodable_callback_is_terminated() -> None:
-    handler = StatusCallbackHandler(FakeStore(CallbackEffect.ADVANCED), lambda: NOW)
+    handler = StatusCallbackHandler(FakeCallbacks(CallbackEffect.ADVANCED), lambda: NOW)
     assert isinstance(await handler(FakeMsg(b"\xff\xff not protobuf")), Term)  # type: ignore[arg-type]
 
 
@@ -103,6 +103,6 @@ async def test_an_undecodable_callback_is_terminated() -> None:
     ],
 )
 async def test_a_callback_is_retried_while_the_database_is_away(failure: Exception) -> None:
-    handler = StatusCallbackHandler(FakeStore(CallbackEffect.ADVANCED, failure), lambda: NOW)
+    handler = StatusCallbackHandler(FakeCallbacks(CallbackEffect.ADVANCED, failure), lambda: NOW)
     decision = await handler(FakeMsg(callback("delivered"), metadata=FakeMetadata(3)))  # type: ignore[arg-type]
     assert decision == Nak(2.0)

@@ -4,6 +4,7 @@ WhatsApp window, send, and turn what happened into a `Resolution` for the batch 
 Order matters: reconciliation comes first (a message Twilio already has must not be sent
 again, whatever else changed), consent comes right before the send: the answer its claimed
 batch got, or a new one when that grew too old meanwhile (see consent.BatchConsent).
+What each end records is built by `resolutions.py`.
 """
 
 from __future__ import annotations
@@ -21,21 +22,24 @@ from opentelemetry.trace import Link, SpanKind
 from prometheus_client import Counter, Histogram
 
 from infra import telemetry
-from services.outbox import outcomes
+from services.outbox.clients import ConsentUnavailableError
 from services.outbox.config import WorkerConfig
-from services.outbox.consent import BatchConsent, ConsentAnswer, ConsentUnavailableError
 from services.outbox.domain import (
     AttemptOutcome,
+    AttemptRecord,
+    ClaimedMessage,
     DeadReason,
     ErrorClass,
     PreSendDecision,
+    Resolution,
     SendAccepted,
     SendResult,
     decide_before_send,
 )
-from services.outbox.reconciliation import ExpectedSend, TwilioMessageView, find_reconciled_send
-from services.outbox.records import AttemptRecord, ClaimedMessage, Resolution
-from services.outbox.sender import ReconciliationError
+from services.outbox.sending import resolutions
+from services.outbox.sending.consent import BatchConsent, ConsentAnswer
+from services.outbox.sending.reconcile import ExpectedSend, TwilioMessageView, find_reconciled_send
+from services.outbox.sending.twilio_api import ReconciliationError
 
 SEND_RESULTS = Counter(
     "snapsell_outbox_send_results_total", "Twilio send attempts by result class", ["result"]
@@ -63,7 +67,7 @@ _log = logging.getLogger(__name__)
 
 
 class TwilioGateway(Protocol):
-    """What delivery needs of Twilio (see sender.TwilioSender)."""
+    """What delivery needs of Twilio (see twilio_api.TwilioSender)."""
 
     async def send(self, message: ClaimedMessage) -> SendResult: ...
 
@@ -172,7 +176,7 @@ class MessageDelivery:
         except ConsentUnavailableError:
             CONSENT_UNAVAILABLE.inc()
             due_at = self._now() + timedelta(seconds=self._config.consent_retry_s)
-            return outcomes.later(message, due_at=due_at, attempts=prior)
+            return resolutions.later(message, due_at=due_at, attempts=prior)
         now = self._now()
         decision = decide_before_send(
             kind=message.kind,
@@ -195,7 +199,7 @@ class MessageDelivery:
                     }
                 },
             )
-            return outcomes.blocked(
+            return resolutions.blocked(
                 message,
                 opted_out_since=consent.opted_out_at,
                 at=now,
@@ -220,7 +224,7 @@ class MessageDelivery:
                 result.http_status,
                 twilio_sid=result.twilio_sid,
             )
-            return outcomes.sent(
+            return resolutions.sent(
                 message,
                 twilio_sid=result.twilio_sid,
                 twilio_status=result.twilio_status,
@@ -231,10 +235,10 @@ class MessageDelivery:
                 traceparent=_event_traceparent(message),
             )
         _RESULT_COUNTERS[result.error_class].inc()
-        return outcomes.after_failure(
+        return resolutions.after_failure(
             message,
             result,
-            (*prior, outcomes.failed_attempt(result, started, finished)),
+            (*prior, resolutions.failed_attempt(result, started, finished)),
             retry=self._config.retry,
             reconcile_delay_s=self._config.reconcile_delay_s,
             now=finished,
@@ -259,7 +263,7 @@ class MessageDelivery:
                 self._now(),
                 error_message=f"could not list Twilio messages: {error}"[:300],
             )
-            return outcomes.reconcile_failed(
+            return resolutions.reconcile_failed(
                 message,
                 str(error),
                 attempt,
@@ -274,7 +278,7 @@ class MessageDelivery:
             # An identical message is mid-send; its Twilio SID must be recorded first.
             RECONCILIATIONS.labels("postponed").inc()
             due_at = self._now() + timedelta(seconds=self._config.reconcile_delay_s)
-            return outcomes.later(message, due_at=due_at, keep_reconcile=True)
+            return resolutions.later(message, due_at=due_at, keep_reconcile=True)
         expected = ExpectedSend(
             to=message.to, sender=message.sender, body=message.body, since=since
         )
@@ -289,7 +293,7 @@ class MessageDelivery:
                 twilio_sid=found.sid,
                 error_message=f"matched 1 of {len(candidates)} listed by to, from, body, date",
             )
-            return outcomes.sent(
+            return resolutions.sent(
                 message,
                 twilio_sid=found.sid,
                 twilio_status="queued",
@@ -317,7 +321,7 @@ class MessageDelivery:
         error_message: str | None,
     ) -> Resolution:
         """Dead before any send of this claim (no attempt used)."""
-        return outcomes.dead(
+        return resolutions.dead(
             message,
             reason=reason,
             attempts=attempts,

@@ -14,8 +14,7 @@ from prometheus_client import Counter
 
 from infra.db import DATABASE_UNAVAILABLE
 from infra.log import get_logger
-from services.outbox.domain import MessageStatus
-from services.outbox.records import Resolution
+from services.outbox.domain import MessageStatus, Resolution
 from services.outbox.store import OutboxStore
 
 RESOLUTIONS = Counter(

@@ -1,12 +1,12 @@
-"""Sender workers: claim due messages in batches, check the batch's consent in one call, feed
+"""The sending pipeline: claim due messages in batches, check the batch's consent in one call, feed
 the messages through per-sender lanes (token bucket, round-robin across tenants) to a bounded
 pool of sends, and write the results back in batches. Safe with any number of processes: a
-row is held by one worker under a lease.
+row is held by one process (a "worker" in the `lease_owner` column) under a lease.
 
 Wake-ups: LISTEN `outbox_due` (an enqueue NOTIFYs at commit), a timer at the earliest retry
 this worker scheduled, and a poll every `poll_interval_s` (<= 1 s) in case a NOTIFY is missed.
-Leases are renewed and consent answers kept fresh while a message is held (`held.py`); a
-lease this worker lost is never written over.
+Leases are renewed (`leases.py`) and consent answers kept fresh (`consent.refresh_consent`)
+while a message is held; a lease this worker lost is never written over.
 On stop: no more claims, claimed-but-unsent messages are released at once, in-flight sends
 finish and their results are written.
 """
@@ -27,14 +27,13 @@ from infra.db import DATABASE_UNAVAILABLE
 from infra.events import wait_any
 from infra.log import get_logger
 from services.outbox.config import WorkerConfig
-from services.outbox.consent import ConsentAnswer
-from services.outbox.delivery import LeaseLostError, MessageDelivery, utc_now
-from services.outbox.domain import FairQueue, MessageStatus, TokenBucket
-from services.outbox.held import Held, refresh_consent, renew_leases
-from services.outbox.records import ClaimedMessage, Resolution
-from services.outbox.results import LEASES_LOST, ResultWriter
+from services.outbox.domain import ClaimedMessage, FairQueue, MessageStatus, Resolution, TokenBucket
+from services.outbox.sending.consent import ConsentAnswer, refresh_consent
+from services.outbox.sending.leases import Held, renew_leases
+from services.outbox.sending.send import LeaseLostError, MessageDelivery, utc_now
+from services.outbox.sending.wakeups import DueWakeups
+from services.outbox.sending.writer import LEASES_LOST, ResultWriter
 from services.outbox.store import OutboxStore
-from services.outbox.wakeups import DueWakeups
 
 IN_FLIGHT = Gauge("snapsell_outbox_sends_in_flight", "Messages being processed by this worker")
 
@@ -51,7 +50,7 @@ class _Lane:
     task: asyncio.Task[None] | None = None
 
 
-class SenderWorker:
+class SendingPipeline:
     def __init__(
         self,
         store: OutboxStore,

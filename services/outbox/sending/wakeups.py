@@ -1,4 +1,4 @@
-"""When a sender worker claims again, besides its poll: at once when an enqueue commits (LISTEN
+"""When the sending pipeline claims again, besides its poll: at once when an enqueue commits (LISTEN
 `outbox_due`; the enqueue NOTIFYs), and when the earliest retry it scheduled is due."""
 
 from __future__ import annotations

@@ -10,9 +10,8 @@ from collections.abc import Sequence
 import asyncpg
 import pytest
 
-from services.outbox.domain import MessageStatus
-from services.outbox.records import Resolution
-from services.outbox.results import ResultWriter
+from services.outbox.domain import MessageStatus, Resolution
+from services.outbox.sending.writer import ResultWriter
 
 
 class InterruptedStore:

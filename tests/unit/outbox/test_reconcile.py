@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from services.outbox.reconciliation import ExpectedSend, TwilioMessageView, find_reconciled_send
+from services.outbox.sending.reconcile import ExpectedSend, TwilioMessageView, find_reconciled_send
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 

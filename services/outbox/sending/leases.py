@@ -1,12 +1,13 @@
-"""What a sender worker holds between claim and result: its claimed messages, whose leases it
-keeps alive and whose consent answers it keeps fresh while they wait for a send slot."""
+"""What the sending pipeline holds between claim and result: its claimed messages, whose leases
+it keeps alive (a lease another worker took over marks its message lost), and their consent
+answers (kept fresh by `consent.refresh_consent`) while they wait for a send slot."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 import uuid
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -15,8 +16,8 @@ import asyncpg
 from infra.db import DATABASE_UNAVAILABLE
 from infra.events import wait_any
 from infra.log import get_logger
-from services.outbox.consent import ConsentAnswer
-from services.outbox.records import ClaimedMessage
+from services.outbox.domain import ClaimedMessage
+from services.outbox.sending.consent import ConsentAnswer
 
 _log = get_logger(__name__)
 _DB_ERRORS: tuple[type[Exception], ...] = (*DATABASE_UNAVAILABLE, asyncpg.PostgresError)
@@ -35,12 +36,6 @@ class LeaseStore(Protocol):
     async def renew_leases(
         self, worker_id: str, ids: Sequence[uuid.UUID], lease_s: float
     ) -> set[uuid.UUID]: ...
-
-
-class ConsentSource(Protocol):
-    async def check_consent(
-        self, messages: Sequence[ClaimedMessage]
-    ) -> Mapping[uuid.UUID, ConsentAnswer]: ...
 
 
 async def renew_leases(
@@ -72,34 +67,3 @@ async def renew_leases(
                 entry.renewed_at = now
             else:
                 entry.lost = True
-
-
-async def refresh_consent(
-    held: MutableMapping[uuid.UUID, Held],
-    consent: ConsentSource,
-    max_age_s: float,
-    batch: int,
-    stop: asyncio.Event,
-) -> None:
-    """Ask again, in batches, for the consent of messages still waiting for a slot once their
-    answer is half `max_age_s` old: when sends fall behind (a rate limit, a busy machine) the
-    answers stay fresh without one call per message at send time."""
-    while not stop.is_set():
-        await wait_any(stop, timeout_s=max_age_s / 4)
-        now = time.monotonic()
-        aged = [
-            h
-            for h in held.values()
-            if not h.started
-            and not h.lost
-            and h.consent is not None
-            and now - h.consent.asked_at > max_age_s / 2
-        ]
-        try:
-            for start in range(0, len(aged), batch):
-                chunk = aged[start : start + batch]
-                answers = await consent.check_consent([h.message for h in chunk])
-                for entry in chunk:
-                    entry.consent = answers.get(entry.message.id, entry.consent)
-        except Exception:  # a bug must not stop the refresh; each send then asks on its own
-            _log.exception("outbox.consent_refresh_crashed")

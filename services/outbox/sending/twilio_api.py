@@ -1,4 +1,4 @@
-"""Twilio for the sender workers: one send, classified into the domain's results, and the
+"""Twilio for the sending pipeline: one send, classified into the domain's results, and the
 recent messages to one recipient that reconciliation compares against.
 
 Every answer becomes a `SendAccepted` or a `SendFailure`; no exception escapes `send`.
@@ -22,6 +22,7 @@ from infra.twilio_http import (
     retry_after_s,
 )
 from services.outbox.domain import (
+    ClaimedMessage,
     ErrorClass,
     SendAccepted,
     SendFailure,
@@ -29,8 +30,7 @@ from services.outbox.domain import (
     classify_http_error,
     is_messaging_service_sid,
 )
-from services.outbox.reconciliation import TwilioMessageView
-from services.outbox.records import ClaimedMessage
+from services.outbox.sending.reconcile import TwilioMessageView
 
 STATUS_CALLBACK_PATH = "/webhooks/twilio/status"
 _LIST_PAGE_SIZE = 50

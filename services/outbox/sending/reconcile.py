@@ -1,6 +1,6 @@
 """Settling an unknown outcome from Twilio's own record (pure): which listed Twilio message,
-if any, an unconfirmed attempt created. See `delivery.py` for when this runs and what the
-worker does with the answer."""
+if any, an unconfirmed attempt created. See `send.py` for when this runs and what the
+pipeline does with the answer."""
 
 from __future__ import annotations
 

@@ -10,17 +10,12 @@ from datetime import datetime, timedelta
 
 from snapsell.outbox.v1 import events_pb2
 
+from services.outbox.clients import ConsentUnavailableError, Recipient
 from services.outbox.config import WorkerConfig
-from services.outbox.consent import (
-    BatchConsent,
-    ConsentAnswer,
-    ConsentUnavailableError,
-    Recipient,
-)
-from services.outbox.delivery import MessageDelivery
 from services.outbox.domain import (
     AttemptOutcome,
     Channel,
+    ClaimedMessage,
     Consent,
     DeadReason,
     ErrorClass,
@@ -37,9 +32,10 @@ from services.outbox.events import (
     RECIPIENT_UNSUBSCRIBED_SUBJECT,
     SENT_SUBJECT,
 )
-from services.outbox.reconciliation import TwilioMessageView
-from services.outbox.records import ClaimedMessage
-from services.outbox.sender import ReconciliationError
+from services.outbox.sending.consent import BatchConsent, ConsentAnswer
+from services.outbox.sending.reconcile import TwilioMessageView
+from services.outbox.sending.send import MessageDelivery
+from services.outbox.sending.twilio_api import ReconciliationError
 from tests.unit.outbox.builders import NOW, claimed
 
 CONFIG = WorkerConfig(

@@ -1,5 +1,7 @@
 """What to record when a claim ends (pure): the message's next state as a `Resolution`, with
-its attempt rows and events. `delivery.py` decides which of these happened."""
+its attempt rows and events. After a failed send, `after_failure` decides between a retry, a
+dead letter and a reconciliation; `send.py` decides which of these ends happened, and
+`writer.py` writes them."""
 
 from __future__ import annotations
 
@@ -9,13 +11,15 @@ from services.outbox import events
 from services.outbox.domain import (
     UNSUBSCRIBED_ERROR_CODE,
     AttemptOutcome,
+    AttemptRecord,
+    ClaimedMessage,
     DeadReason,
     ErrorClass,
     MessageStatus,
+    Resolution,
     RetryPolicy,
     SendFailure,
 )
-from services.outbox.records import AttemptRecord, ClaimedMessage, Resolution
 
 _ATTEMPT_OUTCOME = {
     ErrorClass.RETRYABLE: AttemptOutcome.RETRYABLE_ERROR,

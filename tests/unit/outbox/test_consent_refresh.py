@@ -8,10 +8,9 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 
-from services.outbox.consent import ConsentAnswer
-from services.outbox.domain import Consent
-from services.outbox.held import Held, refresh_consent
-from services.outbox.records import ClaimedMessage
+from services.outbox.domain import ClaimedMessage, Consent
+from services.outbox.sending.consent import ConsentAnswer, refresh_consent
+from services.outbox.sending.leases import Held
 from tests.unit.outbox.builders import claimed
 
 MAX_AGE_S = 0.2
