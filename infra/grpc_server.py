@@ -5,10 +5,11 @@ production overlay turns it off so the API is not listed to anyone who can reach
 `GRPC_MAX_CONCURRENT_RPCS` (calls in progress at once; further calls are refused at once with
 RESOURCE_EXHAUSTED instead of queueing without bound).
 
-Lifecycle: `start()` marks every service SERVING; `set_serving(False)` marks them NOT_SERVING
-while the process cannot do its work (a background task down); `stop(grace)` marks them
-NOT_SERVING first (so health-checking clients and probes move away), then stops accepting calls
-and lets in-flight calls finish within `grace` seconds.
+Lifecycle: `start()` marks the server ("", the liveness probe's) and every service (the
+readiness probe's) SERVING; `set_serving(False)` marks the services NOT_SERVING while the process
+cannot do its work (a background task down); `stop(grace)` marks all NOT_SERVING first (so
+health-checking clients and probes move away), then stops accepting calls and lets in-flight
+calls finish within `grace` seconds.
 
 Errors: each service has one table from its error types to status codes (`ERROR_STATUS` in its
 api.py) and decorates its RPC methods with `map_errors(ERROR_STATUS)`. The table is looked up
@@ -215,11 +216,13 @@ class GrpcServer:
 
     async def start(self) -> None:
         await self.server.start()
+        await self._health.set(health.OVERALL_HEALTH, health_pb2.HealthCheckResponse.SERVING)
         await self.set_serving(True)
 
     async def set_serving(self, serving: bool) -> None:
-        """Health of the server and of each of its services: SERVING or NOT_SERVING (e.g.
-        while a background task is down, see `infra.supervisor`). No effect once stopping."""
+        """Readiness: the health of each of the server's services, SERVING or NOT_SERVING (e.g.
+        while a background task is down, see `infra.supervisor`). The overall health ("") is
+        liveness and stays SERVING until `stop`. No effect once stopping."""
         if self._stopped:
             return
         status = (
@@ -227,7 +230,7 @@ class GrpcServer:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for name in (health.OVERALL_HEALTH, *self._service_names):
+        for name in self._service_names:
             await self._health.set(name, status)
 
     async def stop(self, grace: float = 5.0, *, unready_delay_s: float = 0.0) -> None:

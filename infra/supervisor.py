@@ -106,6 +106,7 @@ class BackgroundTasks:
         return frozenset(self._down)
 
     def start(self) -> None:
+        TASKS_DOWN.labels(self._service).set(0)
         self._running = [
             asyncio.create_task(self._supervise(name, task), name=name)
             for name, task in self._tasks.items()

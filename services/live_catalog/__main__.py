@@ -13,7 +13,6 @@ committed but not yet enqueued are sent by the next dispatcher round.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +42,7 @@ from services.live_catalog.consumer import (
 )
 from services.live_catalog.replies import GrpcReplySender, ReplyDispatcher
 from services.live_catalog.store import CatalogStore, ledger_purges
+from services.live_catalog.sweeper import sweep_holds
 
 SERVICE = "live_catalog"
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -52,18 +52,6 @@ _log = get_logger(__name__)
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-async def sweep_holds(store: CatalogStore, interval_s: float, stop: asyncio.Event) -> None:
-    """Release lapsed holds and serve the waitlists, batch after batch, every `interval_s`."""
-    while not stop.is_set():
-        try:
-            while not stop.is_set() and (await store.expire_holds())[0]:
-                pass
-        except Exception as error:
-            _log.warning("live_catalog.sweep_failed", extra={"fields": {"error": str(error)}})
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=interval_s)
 
 
 async def serve(stop: asyncio.Event) -> None:

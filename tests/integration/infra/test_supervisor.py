@@ -73,12 +73,12 @@ async def test_a_crashed_task_restarts_and_the_service_is_unready_until_it_is_st
     )
     tasks.start()
     await until(lambda: "consumer" in tasks.down)
-    assert await status(health) == NOT_SERVING
+    # Unready (the service's health), yet alive (the server's): no liveness restart.
     assert await status(health, SERVICE_NAME) == NOT_SERVING
-    await until(lambda: flaky.starts == 3)
-    assert await status(health) == NOT_SERVING  # restarted, not yet stable
-    await until(lambda: not tasks.down)
     assert await status(health) == SERVING
+    await until(lambda: flaky.starts == 3)
+    assert await status(health, SERVICE_NAME) == NOT_SERVING  # restarted, not yet stable
+    await until(lambda: not tasks.down)
     assert await status(health, SERVICE_NAME) == SERVING
     await tasks.stop(1.0)
     assert flaky.starts == 3
@@ -124,7 +124,7 @@ async def test_a_task_that_keeps_crashing_stops_the_process_which_then_fails(
     await asyncio.wait_for(stop.wait(), timeout=5)
     assert time.monotonic() - started >= policy.give_up_after_s
     assert broken.starts > 3
-    assert await status(health) == NOT_SERVING
+    assert await status(health, SERVICE_NAME) == NOT_SERVING
     with pytest.raises(BackgroundTaskFailed, match="consumer"):
         await tasks.stop(1.0)
 
