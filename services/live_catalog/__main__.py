@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from infra.log import get_logger
 from infra.metrics import RpcMetricsInterceptor, start_metrics_server
 from infra.retention import RetentionTask
 from infra.streams import events_stream
-from infra.supervisor import BackgroundTasks, Task
+from infra.supervisor import BackgroundTasks
 from infra.telemetry import grpc_server_interceptors
 from services.live_catalog.api import ACCESS_POLICY, SERVICE_FULL_NAME, LiveCatalogApi
 from services.live_catalog.config import load_config
@@ -106,7 +107,7 @@ async def serve(stop: asyncio.Event) -> None:
         )
         metrics = start_metrics_server(config.metrics_port)
         await server.start()
-        loops: dict[str, Task] = {
+        loops: dict[str, Callable[[], Awaitable[None]]] = {
             "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
             "reply-dispatcher": lambda: dispatcher.run(stop),
             "hold-sweeper": lambda: sweep_holds(store, config.sweep_interval_s, stop),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from snapsell.routing.v1 import routing_pb2_grpc
@@ -28,7 +29,7 @@ from infra.log import get_logger
 from infra.metrics import RpcMetricsInterceptor, start_metrics_server
 from infra.retention import RetentionTask
 from infra.streams import events_stream, inbound_stream
-from infra.supervisor import BackgroundTasks, Task
+from infra.supervisor import BackgroundTasks
 from infra.telemetry import grpc_server_interceptors
 from services.routing import store
 from services.routing.api import ACCESS_POLICY, SERVICE_FULL_NAME, RoutingApi
@@ -103,7 +104,7 @@ async def serve(stop: asyncio.Event) -> None:
         routing_pb2_grpc.add_RoutingServiceServicer_to_server(RoutingApi(pool), server.server)
         metrics = start_metrics_server(config.metrics_port)
         await server.start()
-        loops: dict[str, Task] = {
+        loops: dict[str, Callable[[], Awaitable[None]]] = {
             "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
             "inbound-consumer": lambda: jetstream.run_pull_consumer(
                 js, inbound_spec, inbound.handle, stop=stop, concurrency=config.concurrency
