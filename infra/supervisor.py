@@ -130,15 +130,15 @@ class BackgroundTasks:
         streak_started = 0.0
         while not self._stop.is_set():
             attempt = asyncio.ensure_future(task())
-            if crashes:
-                done, _ = await asyncio.wait({attempt}, timeout=policy.stable_s)
-                if not done:
-                    crashes = 0
-                    await self._mark(name, down=False)
             error: BaseException | None = None
             try:
+                if crashes:
+                    done, _ = await asyncio.wait({attempt}, timeout=policy.stable_s)
+                    if not done:
+                        crashes = 0
+                        await self._mark(name, down=False)
                 await attempt
-            except asyncio.CancelledError:
+            except asyncio.CancelledError:  # stop() past its grace
                 attempt.cancel()
                 raise
             except Exception as exc:
