@@ -17,8 +17,8 @@ from infra.streams import inbound_stream
 from infra.telemetry import tracing_enabled
 from services.gateway.api import create_app
 from services.gateway.config import load_config
+from services.gateway.events import JetStreamPublisher
 from services.gateway.processes import is_worker, run_workers
-from services.gateway.publisher import JetStreamPublisher
 
 SERVICE = "gateway"
 
