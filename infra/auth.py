@@ -19,7 +19,6 @@ both with a one-line message safe to return to the caller.
 from __future__ import annotations
 
 import contextvars
-import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from prometheus_client import Counter
 from infra.config import ConfigError, env_int, env_optional
 from infra.grpc_server import OPEN_METHOD_PREFIXES, aborting_handler
 from infra.keys import OPERATOR, SIGNING_ALGORITHM, KeySetFile, SigningKey, VerificationKey
-from infra.log import service_name
+from infra.log import get_logger, service_name
 
 ROLES = frozenset({"admin", "owner", "manager", "staff", "service"})
 TENANT_ROLES = frozenset({"owner", "manager", "staff"})
@@ -75,7 +74,7 @@ class PermissionDeniedError(Exception):
 
 
 _CURRENT_PRINCIPAL: contextvars.ContextVar[Principal] = contextvars.ContextVar("snapsell_principal")
-_log = logging.getLogger(__name__)
+_log = get_logger(__name__)
 AUTH_DENIALS = Counter(
     "snapsell_auth_denials_total",
     "gRPC calls refused by the auth interceptor",

@@ -10,7 +10,6 @@ commit and polls as a fallback; several replicas share the work with SKIP LOCKED
 from __future__ import annotations
 
 import asyncio
-import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,8 +20,9 @@ from nats.aio.client import Client as NatsClient
 
 from infra import jetstream, telemetry
 from infra.db import Connection
+from infra.log import get_logger
 
-log = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 _INSERT = """
 WITH inserted AS (
@@ -138,7 +138,7 @@ class EventRelay:
                         if not listener.is_closed():
                             await listener.remove_listener(self._channel, self._notified)
             except Exception as exc:
-                log.warning("events.relay_failed", extra={"fields": {"error": str(exc)}})
+                _log.warning("events.relay_failed", extra={"fields": {"error": str(exc)}})
                 await wait_any(stop, timeout_s=self._poll_interval_s)
 
     async def _relay_until(self, stop: asyncio.Event, listener: Connection) -> None:

@@ -5,15 +5,26 @@ production overlay turns it off so the API is not listed to anyone who can reach
 `GRPC_MAX_CONCURRENT_RPCS` (calls in progress at once; further calls are refused at once with
 RESOURCE_EXHAUSTED instead of queueing without bound).
 
-Lifecycle: `start()` marks every service SERVING; `stop(grace)` marks them NOT_SERVING first (so
+Lifecycle: `start()` marks the server ("", the liveness probe's) and every service (the
+readiness probe's) SERVING; `set_serving(False)` marks the services NOT_SERVING while the process
+cannot do its work (a background task down); `stop(grace)` marks all NOT_SERVING first (so
 health-checking clients and probes move away), then stops accepting calls and lets in-flight
 calls finish within `grace` seconds.
 
-Errors: each servicer maps its own errors to status codes. What it does not map is handled here,
-once for every server, by `RpcErrorInterceptor` (always the innermost interceptor):
+Errors: each service has one table from its error types to status codes (`ERROR_STATUS` in its
+api.py) and decorates its RPC methods with `map_errors(ERROR_STATUS)`. The table is looked up
+along the error's class hierarchy, the service's entries before the common ones:
 - `InvalidInputError` (e.g. a forged page token) -> INVALID_ARGUMENT with its one-line message;
+- the database unavailable (`infra.db.DATABASE_UNAVAILABLE`) -> UNAVAILABLE "database
+  unavailable, retry"; a serialization failure or deadlock -> ABORTED "concurrent update, retry";
+  both logged as warnings, the caller may retry;
+- an entry `Error: code` answers with the error's one-line message; `Error: (code, text)` with
+  that fixed text.
+What no table maps is handled once for every server by `RpcErrorInterceptor` (always the
+innermost interceptor):
 - a request with a NUL character in any text field -> INVALID_ARGUMENT before the servicer runs
   (PostgreSQL cannot store NUL in text);
+- the common entries above, for methods that are not decorated;
 - any other exception -> INTERNAL "internal error", logged with the exception; the caller never
   sees its text (a driver message, a stack trace, SQL).
 """
@@ -23,11 +34,11 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
-import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+import asyncpg
 import grpc
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
@@ -35,6 +46,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from infra.config import env_bind_host, env_bool, env_int
+from infra.db import DATABASE_UNAVAILABLE
+from infra.log import get_logger
 
 # Paths that never need a token: probes and tooling (grpcurl, grpc_health_probe) must work
 # without credentials, and they reveal nothing tenant-specific.
@@ -69,13 +82,81 @@ Behavior = Callable[..., Any]
 
 NUL_IN_TEXT = "text fields must not contain NUL characters"
 INTERNAL_ERROR = "internal error"
+DATABASE_UNAVAILABLE_TEXT = "database unavailable, retry"
+CONCURRENT_UPDATE_TEXT = "concurrent update, retry"
 
-_log = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 
 class InvalidInputError(ValueError):
     """Client input no RPC can take, whichever service: returned as INVALID_ARGUMENT with this
     one-line message by `RpcErrorInterceptor`, unless the servicer maps it itself."""
+
+
+# An error type -> its status code (the caller gets the error's message) or (code, fixed text).
+ErrorStatus = Mapping[type[Exception], grpc.StatusCode | tuple[grpc.StatusCode, str]]
+
+COMMON_ERROR_STATUS: ErrorStatus = {
+    InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
+    asyncpg.TransactionRollbackError: (grpc.StatusCode.ABORTED, CONCURRENT_UPDATE_TEXT),
+    **{
+        error: (grpc.StatusCode.UNAVAILABLE, DATABASE_UNAVAILABLE_TEXT)
+        for error in DATABASE_UNAVAILABLE
+    },
+}
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Method = Callable[[Any, Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]]
+
+
+def map_errors(
+    error_status: ErrorStatus,
+) -> Callable[[Method[Request, Response]], Method[Request, Response]]:
+    """The decorator of a service's RPC methods: its errors to status codes by `error_status`,
+    then `COMMON_ERROR_STATUS` (see the module docstring)."""
+    table = {**COMMON_ERROR_STATUS, **error_status}
+    mapped = tuple(table)
+
+    def decorate(method: Method[Request, Response]) -> Method[Request, Response]:
+        @functools.wraps(method)
+        async def call(
+            self: Any, request: Request, context: grpc.aio.ServicerContext[Request, Response]
+        ) -> Response:
+            try:
+                return await method(self, request, context)
+            except mapped as error:
+                await _abort_with_status(error, table, context, method.__name__)
+            raise AssertionError("unreachable: context.abort raises")
+
+        return call
+
+    return decorate
+
+
+def _status_for(error: Exception, table: ErrorStatus) -> tuple[grpc.StatusCode, str | None] | None:
+    """The code and fixed text (None: the error's message) of the nearest class of `error`."""
+    for kind in type(error).__mro__:
+        status = table.get(kind)
+        if status is not None:
+            return status if isinstance(status, tuple) else (status, None)
+    return None
+
+
+async def _abort_with_status(
+    error: Exception, table: ErrorStatus, context: grpc.aio.ServicerContext[Any, Any], method: str
+) -> None:
+    status = _status_for(error, table)
+    assert status is not None
+    code, text = status
+    if text is not None:
+        _log.warning(
+            "rpc.refused",
+            extra={"fields": {"method": method, "code": code.name, "error": str(error)}},
+        )
+        await context.abort(code, text)
+    # A lookup error's str() is its repr: take the message itself.
+    await context.abort(code, str(error.args[0]) if len(error.args) == 1 else str(error))
 
 
 @dataclass(frozen=True)
@@ -136,8 +217,21 @@ class GrpcServer:
     async def start(self) -> None:
         await self.server.start()
         await self._health.set(health.OVERALL_HEALTH, health_pb2.HealthCheckResponse.SERVING)
+        await self.set_serving(True)
+
+    async def set_serving(self, serving: bool) -> None:
+        """Readiness: the health of each of the server's services, SERVING or NOT_SERVING (e.g.
+        while a background task is down, see `infra.supervisor`). The overall health ("") is
+        liveness and stays SERVING until `stop`. No effect once stopping."""
+        if self._stopped:
+            return
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in self._service_names:
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self._health.set(name, status)
 
     async def stop(self, grace: float = 5.0, *, unready_delay_s: float = 0.0) -> None:
         """NOT_SERVING, wait `unready_delay_s` (time for probes to notice), then drain."""
@@ -308,9 +402,9 @@ def _guarded(behavior: Behavior, method: str) -> Behavior:
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise  # the servicer chose its status
-        except InvalidInputError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except Exception as error:
+            if _status_for(error, COMMON_ERROR_STATUS) is not None:
+                await _abort_with_status(error, COMMON_ERROR_STATUS, context, method)
             _log.exception(
                 "rpc.failed",
                 extra={"fields": {"method": method, "error_type": type(error).__name__}},

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import logging
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
@@ -30,9 +29,10 @@ from nats.js.errors import BadRequestError
 from infra import telemetry
 from infra.backlog import QUEUE_DEPTH, InFlight
 from infra.config import ConfigError, env_optional, url_list
+from infra.log import get_logger
 from infra.nats_users import INBOX_ROOT
 
-log = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 MSG_ID = "Nats-Msg-Id"
 
@@ -371,7 +371,7 @@ async def run_batch_consumer(
         try:
             decisions = await handler(msgs)
         except Exception:
-            log.exception("jetstream.handler_failed", extra={"fields": {"subject": spec.durable}})
+            _log.exception("jetstream.handler_failed", extra={"fields": {"subject": spec.durable}})
             decisions = [Nak(failure_delay(msg.metadata.num_delivered)) for msg in msgs]
         for msg, decision in zip(msgs, decisions, strict=True):
             await _settle(msg, decision)
@@ -425,7 +425,7 @@ async def _run_fetch_loop(
                 continue
             except (nats.errors.Error, nats.js.errors.Error) as exc:
                 # NATS restarting, the consumer briefly missing: wait and fetch again.
-                log.warning("jetstream.fetch_failed", extra={"fields": {"error": str(exc)}})
+                _log.warning("jetstream.fetch_failed", extra={"fields": {"error": str(exc)}})
                 await asyncio.sleep(fetch_timeout_s)
                 continue
             for work in [[msg] for msg in msgs] if one_task_per_message else [msgs]:
@@ -447,7 +447,7 @@ async def _report_depth(js: JetStreamContext, spec: ConsumerSpec, every_s: float
         try:
             info = await js.consumer_info(spec.stream, spec.durable)
         except Exception as error:  # metrics must never stop the consumer
-            log.debug("jetstream.consumer_info_failed", extra={"fields": {"error": str(error)}})
+            _log.debug("jetstream.consumer_info_failed", extra={"fields": {"error": str(error)}})
         else:
             depth = (info.num_pending or 0) + (info.num_ack_pending or 0)
             QUEUE_DEPTH.labels(queue).set(depth)
@@ -458,7 +458,7 @@ async def _decide(handler: Handler, msg: Msg) -> Decision:
     try:
         return await handler(msg)
     except Exception:
-        log.exception("jetstream.handler_failed", extra={"fields": {"subject": msg.subject}})
+        _log.exception("jetstream.handler_failed", extra={"fields": {"subject": msg.subject}})
         return Nak(failure_delay(msg.metadata.num_delivered))
 
 
@@ -472,4 +472,4 @@ async def _settle(msg: Msg, decision: Decision) -> None:
             await msg.term()
     except Exception as exc:
         # Unacknowledged messages are redelivered after AckWait; handlers are idempotent.
-        log.warning("jetstream.settle_failed", extra={"fields": {"error": str(exc)}})
+        _log.warning("jetstream.settle_failed", extra={"fields": {"error": str(exc)}})

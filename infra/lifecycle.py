@@ -6,17 +6,18 @@
 `run_main` sets up JSON logging and tracing, runs `serve` on uvloop with an Event that SIGTERM
 or SIGINT sets (a second signal cancels `serve`), and exits 2 with one line on stderr when the
 configuration is wrong, 1 when `serve` crashes, 0 after a clean stop. Every service calls
-`tune_garbage_collector()` once started.
+`tune_garbage_collector()` once started. The command line around it: `infra.entrypoint`; the
+background tasks inside `serve`: `infra.supervisor`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from typing import NoReturn
 
 import uvloop
 
@@ -68,36 +69,20 @@ async def _serve(main: Callable[[asyncio.Event], Awaitable[None]], service: str)
     _log.info("service.stopped")
 
 
+def exit_configuration_error(service: str, error: ConfigError) -> NoReturn:
+    print(f"{service}: configuration error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run_main(main: Callable[[asyncio.Event], Awaitable[None]], *, service: str) -> None:
     try:
         setup_logging(service)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(_serve(main, service))
     except ConfigError as error:
-        print(f"{service}: configuration error: {error}", file=sys.stderr)
-        sys.exit(2)
+        exit_configuration_error(service, error)
     except asyncio.CancelledError:
         sys.exit(130)
     except Exception:
         _log.exception("service.crashed")
         sys.exit(1)
-
-
-async def supervised(
-    service: str,
-    name: str,
-    loop: Callable[[], Awaitable[None]],
-    stop: asyncio.Event,
-    *,
-    pause_s: float = 1.0,
-) -> None:
-    """Run `loop` until `stop`; if it dies (e.g. NATS answering errors while it restarts), log
-    `<service>.loop_crashed` and start it again: a process without its consumer would look alive
-    but do nothing."""
-    while not stop.is_set():
-        try:
-            await loop()
-        except Exception:
-            _log.exception(f"{service}.loop_crashed", extra={"fields": {"loop": name}})
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=pause_s)

@@ -1,4 +1,4 @@
-"""Page tokens for keyset pagination, one format for every list RPC.
+"""Page tokens and page sizes for keyset pagination, one format for every list RPC.
 
 A token carries the sort key of the last row a page returned. It is bound to the list it pages
 through and to its scope (the tenant listed), so a token from another list or another tenant is
@@ -24,6 +24,8 @@ from typing import Any
 from infra.grpc_server import InvalidInputError
 
 VERSION = 1
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
 INT64_MAX = 2**63 - 1
 MAX_TOKEN_CHARS = 1024
 MAX_TEXT_CHARS = 512
@@ -37,6 +39,14 @@ _MICROSECOND = timedelta(microseconds=1)
 class InvalidPageTokenError(InvalidInputError):
     def __init__(self) -> None:
         super().__init__("invalid page_token")
+
+
+def page_size(requested: int) -> int:
+    """The rows of a page: 0 means the default; more than the maximum is served as the maximum
+    (the caller follows the page token); negative is refused (INVALID_ARGUMENT)."""
+    if requested < 0:
+        raise InvalidInputError("page_size must not be negative")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
 @dataclass(frozen=True, slots=True)

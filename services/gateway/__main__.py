@@ -1,4 +1,4 @@
-"""Composition root of the gateway: `python -m services.gateway`."""
+"""Composition root of the gateway: `python -m services.gateway [serve]`."""
 
 from __future__ import annotations
 
@@ -11,17 +11,16 @@ from collections.abc import Iterator
 import uvicorn
 
 from infra import jetstream
-from infra.config import ConfigError
-from infra.lifecycle import run_main, tune_garbage_collector
-from infra.log import get_logger
+from infra.entrypoint import run_service
+from infra.lifecycle import tune_garbage_collector
 from infra.streams import inbound_stream
 from infra.telemetry import tracing_enabled
 from services.gateway.api import create_app
 from services.gateway.config import load_config
-from services.gateway.publisher import JetStreamPublisher
-from services.gateway.workers import is_worker, run_workers
+from services.gateway.events import JetStreamPublisher
+from services.gateway.processes import is_worker, run_workers
 
-log = get_logger(__name__)
+SERVICE = "gateway"
 
 
 class _Server(uvicorn.Server):
@@ -34,7 +33,7 @@ class _Server(uvicorn.Server):
 
 async def serve(stop: asyncio.Event) -> None:
     config = load_config()
-    nc = await jetstream.connect(config.nats_url, name="gateway")
+    nc = await jetstream.connect(config.nats_url, name=SERVICE)
     try:
         js = nc.jetstream()
         stream = inbound_stream()
@@ -81,17 +80,18 @@ def _shared_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def main() -> None:
-    try:
-        workers = load_config().workers
-    except ConfigError as error:
-        print(f"gateway: configuration error: {error}", file=sys.stderr)
-        sys.exit(2)
+def _supervise_processes() -> int | None:
+    """With `GATEWAY_WORKERS` > 1, this process supervises that many gateways (its exit code);
+    otherwise (or in one of them) it serves."""
+    workers = load_config().workers
     if workers > 1 and not is_worker():
-        run_workers(workers)
-    else:
-        run_main(serve, service="gateway")
+        return run_workers(workers)
+    return None
+
+
+def main(argv: list[str]) -> None:
+    run_service(SERVICE, argv, serve=serve, before_serve=_supervise_processes)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

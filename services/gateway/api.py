@@ -47,7 +47,7 @@ from services.gateway import domain, metrics
 from services.gateway.body_reading import BodyReader, BodyTimeoutError, BodyTooLargeError
 from services.gateway.config import Config
 
-log = get_logger(__name__)
+_log = get_logger(__name__)
 
 TWIML_EMPTY = b'<?xml version="1.0" encoding="UTF-8"?><Response/>'
 FORM_TYPE = "application/x-www-form-urlencoded"
@@ -187,7 +187,7 @@ class Webhooks:
                 return "source_blocked", SOURCE_BLOCKED
             # The usual cause is a PUBLIC_BASE_URL other than the URL Twilio was given: say
             # which URL the signature was checked against (path only: no query values).
-            log.warning(
+            _log.warning(
                 "webhook.signature_invalid",
                 extra={
                     "fields": {
@@ -213,7 +213,7 @@ class Webhooks:
                 msg_id = f"{status.message_sid}:{status.message_status}"
         except domain.ParameterError as error:
             # Signed, so not noise: say why nothing was published (phone numbers masked).
-            log.warning(
+            _log.warning(
                 "webhook.refused",
                 extra={
                     "fields": {
@@ -229,7 +229,7 @@ class Webhooks:
         if span.is_recording():  # ops find a message's trace by the MessageSid Twilio shows
             span.set_attribute("twilio.message_sid", params.get("MessageSid", ""))
         if endpoint == "messages" and self._senders.hit(params["From"]):
-            log.warning(
+            _log.warning(
                 "webhook.sender_flood_dropped",
                 extra={"fields": {"message_sid": msg_id, "sender": params["From"]}},
             )
@@ -238,7 +238,7 @@ class Webhooks:
         try:
             await self._publish(subject, payload, msg_id)
         except PublishError as error:
-            log.warning(
+            _log.warning(
                 "webhook.publish_failed",
                 extra={"fields": {"message_sid": msg_id, "error": str(error)}},
             )

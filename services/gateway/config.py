@@ -32,7 +32,7 @@ class Config:
     signature_failures_per_window: int
     signature_failure_window_s: float
     sender_messages_per_minute: int
-    workers: int  # processes sharing the port (services/gateway/workers.py)
+    workers: int  # processes sharing the port (services/gateway/processes.py)
     # Status callbacks have their own body limit and bad-signature counter, so a flood on one
     # endpoint never blocks the other.
     status_max_body_bytes: int

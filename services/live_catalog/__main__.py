@@ -13,7 +13,6 @@ committed but not yet enqueued are sent by the next dispatcher round.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -23,15 +22,17 @@ from snapsell.live_catalog.v1 import live_catalog_pb2_grpc
 
 from infra import jetstream
 from infra.auth import AuthInterceptor, JwtVerifier
-from infra.db import migrate_service, open_service_database
+from infra.db import open_service_database
+from infra.entrypoint import run_service
 from infra.events import EventRelay
 from infra.grpc_client import service_channel
 from infra.grpc_server import GrpcServer
-from infra.lifecycle import run_main, supervised, tune_garbage_collector
+from infra.lifecycle import tune_garbage_collector
 from infra.log import get_logger
 from infra.metrics import RpcMetricsInterceptor, start_metrics_server
 from infra.retention import RetentionTask
 from infra.streams import events_stream
+from infra.supervisor import BackgroundTasks
 from infra.telemetry import grpc_server_interceptors
 from services.live_catalog.api import ACCESS_POLICY, SERVICE_FULL_NAME, LiveCatalogApi
 from services.live_catalog.config import load_config
@@ -43,6 +44,7 @@ from services.live_catalog.consumer import (
 )
 from services.live_catalog.replies import GrpcReplySender, ReplyDispatcher
 from services.live_catalog.store import CatalogStore, ledger_purges
+from services.live_catalog.sweeper import sweep_holds
 
 SERVICE = "live_catalog"
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -52,18 +54,6 @@ _log = get_logger(__name__)
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-async def sweep_holds(store: CatalogStore, interval_s: float, stop: asyncio.Event) -> None:
-    """Release lapsed holds and serve the waitlists, batch after batch, every `interval_s`."""
-    while not stop.is_set():
-        try:
-            while not stop.is_set() and (await store.expire_holds())[0]:
-                pass
-        except Exception as error:
-            _log.warning("live_catalog.sweep_failed", extra={"fields": {"error": str(error)}})
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=interval_s)
 
 
 async def serve(stop: asyncio.Event) -> None:
@@ -135,10 +125,8 @@ async def serve(stop: asyncio.Event) -> None:
         }
         if not config.consumer_enabled:
             del loops["routed-consumer"], loops["session-closed-consumer"]
-        background = [
-            asyncio.create_task(supervised(SERVICE, name, loop, stop), name=name)
-            for name, loop in loops.items()
-        ]
+        background = BackgroundTasks(SERVICE, loops, stop, on_health=server.set_serving)
+        background.start()
         _log.info(
             "live_catalog.serving",
             extra={
@@ -152,10 +140,7 @@ async def serve(stop: asyncio.Event) -> None:
         )
         await stop.wait()
         await server.stop(config.shutdown_grace_s)
-        _, pending = await asyncio.wait(background, timeout=config.shutdown_grace_s)
-        for task in pending:  # e.g. a relay stuck on an unreachable NATS
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        await background.stop(config.shutdown_grace_s)
     finally:
         if metrics is not None:
             metrics.stop()
@@ -165,19 +150,8 @@ async def serve(stop: asyncio.Event) -> None:
         await pool.close()
 
 
-async def migrate(_stop: asyncio.Event) -> None:
-    await migrate_service(SERVICE, MIGRATIONS)
-    _log.info("live_catalog.migrated")
-
-
 def main(argv: list[str]) -> None:
-    if argv == ["migrate"]:
-        run_main(migrate, service=SERVICE)
-    elif not argv:
-        run_main(serve, service=SERVICE)
-    else:
-        print(f"usage: python -m services.{SERVICE} [migrate]", file=sys.stderr)
-        sys.exit(2)
+    run_service(SERVICE, argv, serve=serve, migrations=MIGRATIONS)
 
 
 if __name__ == "__main__":

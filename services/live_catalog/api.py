@@ -3,21 +3,16 @@ errors to status codes with a one-line message (never a stack trace)."""
 
 from __future__ import annotations
 
-import functools
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any, TypeVar
 
-import asyncpg
 import grpc
 from snapsell.live_catalog.v1 import live_catalog_pb2 as pb
 from snapsell.live_catalog.v1 import live_catalog_pb2_grpc
 
 from infra.auth import Access, PermissionDeniedError, current_principal, tenant_scope
-from infra.db import DATABASE_UNAVAILABLE
-from infra.log import get_logger
-from infra.page_tokens import PageTokens
+from infra.grpc_server import ErrorStatus, map_errors
+from infra.page_tokens import PageTokens, page_size
 from services.live_catalog import domain
 from services.live_catalog.events import item_message, reservation_message, summary_message
 from services.live_catalog.store import CatalogStore
@@ -47,43 +42,16 @@ ACCESS_POLICY: dict[str, Access] = {
 # Sorted on (received_at, id); a token is valid for the tenant it lists.
 RESERVATION_PAGES = PageTokens("live_catalog.reservations", (datetime, uuid.UUID))
 
-# One table from error to status; the message of each is one line safe for the caller.
-ERROR_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
-    (domain.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
-    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
-    (domain.NotFoundError, grpc.StatusCode.NOT_FOUND),
-    (domain.AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
-    (domain.PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
-)
-
-_log = get_logger(__name__)
-
-Request = TypeVar("Request")
-Response = TypeVar("Response")
-Method = Callable[[Any, Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]]
-
-
-def _rpc(method: Method[Request, Response]) -> Method[Request, Response]:
-    @functools.wraps(method)
-    async def call(
-        self: Any, request: Request, context: grpc.aio.ServicerContext[Request, Response]
-    ) -> Response:
-        try:
-            return await method(self, request, context)
-        except tuple(error for error, _ in ERROR_STATUS) as error:
-            code = next(code for kind, code in ERROR_STATUS if isinstance(error, kind))
-            # A lookup error's str() is its repr; take the message itself.
-            await context.abort(code, str(error.args[0]) if error.args else str(error))
-        except asyncpg.TransactionRollbackError:
-            await context.abort(grpc.StatusCode.ABORTED, "concurrent update, retry")
-        except DATABASE_UNAVAILABLE as error:  # the caller may retry
-            _log.warning(
-                "live_catalog.database_unavailable", extra={"fields": {"error": str(error)}}
-            )
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable, retry")
-        raise AssertionError("unreachable: context.abort raises")
-
-    return call
+# This service's errors -> status codes (the common ones: infra.grpc_server); the message of
+# each is one line safe for the caller.
+ERROR_STATUS: ErrorStatus = {
+    domain.InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    domain.NotFoundError: grpc.StatusCode.NOT_FOUND,
+    domain.AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
+    domain.PreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
+}
+_rpc = map_errors(ERROR_STATUS)
 
 
 def _tenant(requested: str) -> str:
@@ -191,7 +159,7 @@ class LiveCatalogApi(live_catalog_pb2_grpc.LiveCatalogServiceServicer):
         tenant_id = _tenant(request.tenant_id)
         session_id = domain.uuid_of("session_id", request.session_id)
         item_id = domain.uuid_of("item_id", request.item_id) if request.item_id else None
-        limit = domain.page_size(request.page_size)
+        limit = page_size(request.page_size)
         key = RESERVATION_PAGES.decode(request.page_token, tenant_id)
         after = None if key is None else (key[0], key[1])
         found = await self._store.list_reservations(

@@ -17,7 +17,6 @@ After each commit the reply dispatcher is woken.
 from __future__ import annotations
 
 import asyncio
-import logging
 import uuid
 from collections.abc import Callable
 from datetime import UTC
@@ -33,11 +32,12 @@ from snapsell.routing.v1 import routing_pb2
 from infra import jetstream
 from infra.db import DATABASE_UNAVAILABLE
 from infra.jetstream import Ack, ConsumerSpec, Nak, Term
+from infra.log import get_logger
 from services.live_catalog.domain import Contact, Inbound, ReplyRoute
 from services.live_catalog.events import CHANNEL_FROM_PROTO
 from services.live_catalog.store import CatalogStore
 
-log = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 ROUTED_SUBJECT = "routing.v1.message.routed"
 ROUTED_DURABLE = "live-catalog"
@@ -175,7 +175,7 @@ class RoutedConsumer:
         except _RETRYABLE as error:
             return _retry_or_give_up(msg, self._spec, inbound.message_sid, error)
         HANDLED.labels(outcome).inc()
-        log.info(
+        _log.info(
             "live_catalog.inbound_handled",
             extra={
                 "fields": {
@@ -223,7 +223,7 @@ class SessionClosedConsumer:
         except _RETRYABLE as error:
             return _retry_or_give_up(msg, self._spec, closed.session_id, error)
         if summarized is not None:
-            log.info(
+            _log.info(
                 "live_catalog.session_summarized",
                 extra={
                     "fields": {
@@ -244,14 +244,14 @@ def _retry_or_give_up(
 ) -> jetstream.Decision:
     if jetstream.is_last_delivery(msg, spec):
         HANDLED.labels("deliveries_exhausted").inc()
-        log.error(
+        _log.error(
             "live_catalog.given_up",
             extra={"fields": {"key": key, "error": str(error) or type(error).__name__}},
         )
         return Term("deliveries exhausted")
     HANDLED.labels("retry").inc()
     delay = jetstream.failure_delay(msg.metadata.num_delivered)
-    log.warning(
+    _log.warning(
         "live_catalog.retry",
         extra={"fields": {"key": key, "retry_in_s": delay, "error": str(error)}},
     )

@@ -286,13 +286,6 @@ def uuid_of(field_name: str, value: str) -> uuid.UUID:
         raise InvalidRequestError(f"{field_name} must be a UUID") from None
 
 
-def page_size(value: int) -> int:
-    """0 means 50; at most 500."""
-    if value < 0:
-        raise InvalidRequestError("page_size must not be negative")
-    return min(value or 50, 500)
-
-
 def within_whatsapp_window(last_inbound: datetime, now: datetime) -> bool:
     return now - last_inbound < WHATSAPP_WINDOW
 

@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
 from snapsell.common.v1 import address_pb2
 from snapsell.live_catalog.v1 import events_pb2, live_catalog_pb2
 
+from infra.convert import channel_maps, timestamp
 from services.live_catalog.domain import (
     Channel,
     Contact,
@@ -36,12 +36,7 @@ RESERVATION_PROMOTED = "live_catalog.v1.reservation.promoted"
 WAITLIST_JOINED = "live_catalog.v1.waitlist.joined"
 SESSION_SUMMARIZED = "live_catalog.v1.session.summarized"
 
-CHANNEL_TO_PROTO = {
-    Channel.SMS: address_pb2.CHANNEL_SMS,
-    Channel.WHATSAPP: address_pb2.CHANNEL_WHATSAPP,
-    Channel.MESSENGER: address_pb2.CHANNEL_MESSENGER,
-}
-CHANNEL_FROM_PROTO = {value: key for key, value in CHANNEL_TO_PROTO.items()}
+CHANNEL_TO_PROTO, CHANNEL_FROM_PROTO = channel_maps(Channel)
 ITEM_STATUS_TO_PROTO = {
     ItemStatus.OPEN: live_catalog_pb2.ITEM_STATUS_OPEN,
     ItemStatus.CLOSED: live_catalog_pb2.ITEM_STATUS_CLOSED,
@@ -58,12 +53,6 @@ RELEASE_REASON_TO_PROTO = {
     ReleaseReason.ITEM_CLOSED: live_catalog_pb2.RELEASE_REASON_ITEM_CLOSED,
     ReleaseReason.SESSION_ENDED: live_catalog_pb2.RELEASE_REASON_SESSION_ENDED,
 }
-
-
-def timestamp(moment: datetime) -> Timestamp:
-    message = Timestamp()
-    message.FromDatetime(moment)
-    return message
 
 
 def address(contact: Contact) -> address_pb2.Address:

@@ -12,7 +12,6 @@ leaves rows pending for the next round; one that refuses a reply as invalid
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -24,10 +23,11 @@ from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
 
 from infra.backlog import report_queue
 from infra.events import wait_any
+from infra.log import get_logger
 from services.live_catalog.domain import Channel, Contact
 from services.live_catalog.events import address
 
-log = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 REPLIES_SENT = Counter(
     "snapsell_live_catalog_replies_total",
@@ -161,14 +161,14 @@ class ReplyDispatcher:
                 elif isinstance(outcome, ReplyRejectedError):
                     await conn.execute(_MARK, row["id"], None, str(outcome)[:500])
                     REPLIES_SENT.labels("rejected").inc()
-                    log.error(
+                    _log.error(
                         "live_catalog.reply_rejected",
                         extra={"fields": {"key": row["idempotency_key"], "error": str(outcome)}},
                     )
                     settled += 1
                 else:
                     REPLIES_SENT.labels("retry").inc()
-                    log.warning(
+                    _log.warning(
                         "live_catalog.reply_retry",
                         extra={"fields": {"key": row["idempotency_key"], "error": str(outcome)}},
                     )
@@ -179,7 +179,7 @@ class ReplyDispatcher:
         try:
             row = await self._pool.fetchrow(_BACKLOG)
         except Exception as error:  # metrics must never stop the dispatcher
-            log.warning("live_catalog.backlog_failed", extra={"fields": {"error": str(error)}})
+            _log.warning("live_catalog.backlog_failed", extra={"fields": {"error": str(error)}})
             return
         assert row is not None
         report_queue(BACKLOG_QUEUE, row["depth"], row["oldest_age_s"])
@@ -195,7 +195,9 @@ class ReplyDispatcher:
             try:
                 settled, retry = await self.dispatch_once()
             except Exception as error:
-                log.warning("live_catalog.dispatch_failed", extra={"fields": {"error": str(error)}})
+                _log.warning(
+                    "live_catalog.dispatch_failed", extra={"fields": {"error": str(error)}}
+                )
                 settled, retry = 0, 1
             if settled == self._batch_size and not retry:
                 continue  # more are waiting

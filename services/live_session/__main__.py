@@ -17,21 +17,23 @@ from snapsell.live_session.v1 import live_session_pb2_grpc
 
 from infra import jetstream
 from infra.auth import AuthInterceptor, JwtVerifier
-from infra.db import migrate_service, open_service_database
+from infra.db import open_service_database
+from infra.entrypoint import run_service
 from infra.events import EventRelay
 from infra.grpc_server import GrpcServer
-from infra.lifecycle import run_main, tune_garbage_collector
+from infra.lifecycle import tune_garbage_collector
 from infra.log import get_logger
 from infra.metrics import RpcMetricsInterceptor, start_metrics_server
 from infra.retention import RetentionTask
 from infra.streams import events_stream
+from infra.supervisor import BackgroundTasks
 from infra.telemetry import grpc_server_interceptors
 from services.live_session.api import ACCESS_POLICY, SERVICE_FULL_NAME, LiveSessionApi
 from services.live_session.config import load_config
 from services.live_session.domain import SystemClock
 from services.live_session.store import SessionStore
+from services.live_session.sweeper import IdleSweeper
 from services.live_session.touch_batcher import TouchBatcher
-from services.live_session.worker import IdleSweeper
 
 SERVICE = "live_session"
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -64,18 +66,18 @@ async def serve(stop: asyncio.Event) -> None:
             LiveSessionApi(store, TouchBatcher(store)), server.server
         )
         metrics = start_metrics_server(config.metrics_port)
-        background = [
-            asyncio.create_task(
-                EventRelay(pool, nats_client, SERVICE).run(stop), name="event-relay"
-            ),
-            asyncio.create_task(
-                IdleSweeper(store, config.sweep_interval_s).run(stop), name="idle-sweeper"
-            ),
-            asyncio.create_task(
-                RetentionTask.from_settings(pool, config.retention).run(stop), name="retention"
-            ),
-        ]
         await server.start()
+        background = BackgroundTasks(
+            SERVICE,
+            {
+                "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
+                "idle-sweeper": lambda: IdleSweeper(store, config.sweep_interval_s).run(stop),
+                "retention": lambda: RetentionTask.from_settings(pool, config.retention).run(stop),
+            },
+            stop,
+            on_health=server.set_serving,
+        )
+        background.start()
         tune_garbage_collector()
         _log.info(
             "live_session.serving",
@@ -89,10 +91,7 @@ async def serve(stop: asyncio.Event) -> None:
         )
         await stop.wait()
         await server.stop(config.shutdown_grace_s)
-        _, pending = await asyncio.wait(background, timeout=config.shutdown_grace_s)
-        for task in pending:  # e.g. a relay stuck on an unreachable NATS
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        await background.stop(config.shutdown_grace_s)
     finally:
         if metrics is not None:
             metrics.stop()
@@ -101,19 +100,8 @@ async def serve(stop: asyncio.Event) -> None:
         await pool.close()
 
 
-async def migrate(_stop: asyncio.Event) -> None:
-    await migrate_service(SERVICE, MIGRATIONS)
-    _log.info("live_session.migrated")
-
-
 def main(argv: list[str]) -> None:
-    if argv == ["migrate"]:
-        run_main(migrate, service=SERVICE)
-    elif not argv:
-        run_main(serve, service=SERVICE)
-    else:
-        print(f"usage: python -m services.{SERVICE} [migrate]", file=sys.stderr)
-        sys.exit(2)
+    run_service(SERVICE, argv, serve=serve, migrations=MIGRATIONS)
 
 
 if __name__ == "__main__":

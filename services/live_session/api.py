@@ -3,20 +3,16 @@ errors to status codes with a one-line message (never a stack trace)."""
 
 from __future__ import annotations
 
-import functools
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any, Protocol, TypeVar
+from typing import Protocol
 
-import asyncpg
 import grpc
 from snapsell.live_session.v1 import live_session_pb2, live_session_pb2_grpc
 
 from infra.auth import Access, PermissionDeniedError, current_principal, tenant_scope
-from infra.db import DATABASE_UNAVAILABLE
-from infra.log import get_logger
-from infra.page_tokens import PageTokens
+from infra.grpc_server import ErrorStatus, map_errors
+from infra.page_tokens import PageTokens, page_size
 from services.live_session import domain
 from services.live_session.events import (
     SIGNAL_KIND_FROM_PROTO,
@@ -46,36 +42,13 @@ class SessionNotFoundError(Exception):
     """No such session for this tenant."""
 
 
-_log = get_logger(__name__)
-
-Request = TypeVar("Request")
-Response = TypeVar("Response")
-Method = Callable[[Any, Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]]
-
-
-def _rpc(method: Method[Request, Response]) -> Method[Request, Response]:
-    @functools.wraps(method)
-    async def call(
-        self: Any, request: Request, context: grpc.aio.ServicerContext[Request, Response]
-    ) -> Response:
-        try:
-            return await method(self, request, context)
-        except domain.InvalidRequestError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        except PermissionDeniedError as error:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
-        except SessionNotFoundError as error:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
-        except asyncpg.TransactionRollbackError:
-            await context.abort(grpc.StatusCode.ABORTED, "concurrent update, retry")
-        except DATABASE_UNAVAILABLE as error:  # the caller may retry
-            _log.warning(
-                "live_session.database_unavailable", extra={"fields": {"error": str(error)}}
-            )
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable, retry")
-        raise AssertionError("unreachable: context.abort raises")
-
-    return call
+# This service's errors -> status codes (the common ones: infra.grpc_server).
+ERROR_STATUS: ErrorStatus = {
+    domain.InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    SessionNotFoundError: grpc.StatusCode.NOT_FOUND,
+}
+_rpc = map_errors(ERROR_STATUS)
 
 
 def _scoped_tenant(requested: str) -> str:
@@ -168,7 +141,7 @@ class LiveSessionApi(live_session_pb2_grpc.LiveSessionServiceServicer):
             status = STATUS_FROM_PROTO.get(request.status)
             if status is None:
                 raise domain.InvalidRequestError(f"unknown status {request.status}")
-        limit = domain.page_size(request.page_size)
+        limit = page_size(request.page_size)
         key = SESSION_PAGES.decode(request.page_token, tenant_id)
         after = None if key is None else domain.PageCursor(*key)
         page = await self._store.list(tenant_id, status, limit, after)

@@ -19,10 +19,6 @@ MAX_WINDOW_MINUTES = 1440
 DEFAULT_WINDOW_MINUTES = 45
 MAX_TENANT_ID_CHARS = 128
 MAX_CORRELATION_ID_CHARS = 256
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
 
 
 class InvalidRequestError(ValueError):
@@ -164,20 +160,9 @@ def session_id(value: str) -> uuid.UUID:
         raise InvalidRequestError(f"session_id {value[:64]!r} is not a UUID") from None
 
 
-def page_size(value: int) -> int:
-    if value < 0:
-        raise InvalidRequestError("page_size must not be negative")
-    return DEFAULT_PAGE_SIZE if value == 0 else min(value, MAX_PAGE_SIZE)
-
-
 @dataclass(frozen=True, slots=True)
 class PageCursor:
     """Where the next page of a newest-first listing starts (exclusive)."""
 
     started_at: datetime
     session_id: uuid.UUID
-
-
-def epoch_micros(moment: datetime) -> int:
-    """Microseconds since the Unix epoch (negative before it)."""
-    return (moment - _EPOCH) // _MICROSECOND

@@ -3,18 +3,15 @@ records (`live_session.v1.session.created` / `.closed`) and the API's `LiveSessi
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
 from snapsell.live_session.v1 import events_pb2, live_session_pb2
 
+from infra.convert import timestamp
 from services.live_session.domain import (
     CloseReason,
     LiveSession,
     SessionStatus,
     SignalKind,
-    epoch_micros,
 )
 
 SESSION_CREATED_SUBJECT = "live_session.v1.session.created"
@@ -34,13 +31,6 @@ SIGNAL_KIND_TO_PROTO = {
     SignalKind.CLIENT_ITEM_CODE: live_session_pb2.SIGNAL_KIND_CLIENT_ITEM_CODE,
 }
 SIGNAL_KIND_FROM_PROTO = {value: key for key, value in SIGNAL_KIND_TO_PROTO.items()}
-
-
-def timestamp(moment: datetime) -> Timestamp:
-    # Integer arithmetic: Timestamp.FromDatetime goes through time tuples, a visible cost on
-    # the Touch path that answers two timestamps per call.
-    seconds, micros = divmod(epoch_micros(moment), 1_000_000)
-    return Timestamp(seconds=seconds, nanos=micros * 1000)
 
 
 def session_message(session: LiveSession) -> live_session_pb2.LiveSession:

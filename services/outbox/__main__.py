@@ -6,7 +6,8 @@
     python -m services.outbox migrate   # provision role + schema, apply migrations, exit
 
 Serves until SIGTERM: then health goes NOT_SERVING, in-flight calls drain, workers stop
-claiming, release what they have not sent, finish their sends and write the results.
+claiming, release what they have not sent, finish their sends and write the results. A crashed
+background task is restarted under the crash policy of `infra.supervisor`.
 """
 
 from __future__ import annotations
@@ -23,15 +24,17 @@ from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 from infra import jetstream
 from infra.auth import AuthInterceptor, JwtVerifier, ServiceTokenProvider
 from infra.backlog import report_queue
-from infra.db import migrate_service, open_service_database
+from infra.db import open_service_database
+from infra.entrypoint import run_service
 from infra.events import EventRelay, wait_any
 from infra.grpc_client import service_channel
 from infra.grpc_server import GrpcServer
-from infra.lifecycle import run_main, tune_garbage_collector
+from infra.lifecycle import tune_garbage_collector
 from infra.log import get_logger
 from infra.metrics import RpcMetricsInterceptor, start_metrics_server
 from infra.retention import RetentionTask
 from infra.streams import events_stream, inbound_stream
+from infra.supervisor import BackgroundTasks, Task
 from infra.telemetry import grpc_server_interceptors
 from infra.twilio_http import make_twilio_client
 from services.outbox.api import ACCESS_POLICY, SERVICE_FULL_NAME, OutboxApi
@@ -83,26 +86,6 @@ async def _report_backlog(store: OutboxStore, stop: asyncio.Event) -> None:
         await wait_any(stop, timeout_s=BACKLOG_INTERVAL_S)
 
 
-async def _until_stop_or_crash(
-    stop: asyncio.Event, background: list[asyncio.Task[None]]
-) -> str | None:
-    """Wait for SIGTERM; returns the name of a background task that ended before it."""
-    stopping = asyncio.create_task(stop.wait())
-    try:
-        done, _ = await asyncio.wait([stopping, *background], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopping.cancel()
-    for task in done:
-        if task is not stopping and not stop.is_set():
-            error = task.exception() if not task.cancelled() else None
-            _log.error(
-                "outbox.background_stopped",
-                extra={"fields": {"task": task.get_name(), "error": repr(error)}},
-            )
-            return task.get_name()
-    return None
-
-
 async def serve(stop: asyncio.Event) -> None:
     config = load_config()
     verifier = JwtVerifier.from_env(audience=SERVICE)
@@ -148,31 +131,21 @@ async def serve(stop: asyncio.Event) -> None:
         outbox_pb2_grpc.add_OutboxServiceServicer_to_server(api, server.server)
         metrics = start_metrics_server(config.metrics_port)
         callbacks = StatusCallbackHandler(StatusCallbacks(pool), lambda: datetime.now(UTC))
-        background = [
-            asyncio.create_task(
-                EventRelay(pool, nats_client, SERVICE).run(stop), name="event-relay"
+        tasks: dict[str, Task] = {
+            "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
+            "status-callbacks": lambda: jetstream.run_pull_consumer(
+                js,
+                STATUS_CONSUMER,
+                callbacks,
+                stop=stop,
+                concurrency=config.status_consumer_concurrency,
             ),
-            asyncio.create_task(
-                jetstream.run_pull_consumer(
-                    js,
-                    STATUS_CONSUMER,
-                    callbacks,
-                    stop=stop,
-                    concurrency=config.status_consumer_concurrency,
-                ),
-                name="status-callbacks",
-            ),
-            asyncio.create_task(
-                follow_channel_changes(js, directory, stop), name="channel-follower"
-            ),
-            asyncio.create_task(_report_backlog(store, stop), name="backlog"),
-            asyncio.create_task(
-                RetentionTask.from_settings(
-                    pool, config.retention, finished_message_purges(config.finished_max_age)
-                ).run(stop),
-                name="retention",
-            ),
-        ]
+            "channel-follower": lambda: follow_channel_changes(js, directory, stop),
+            "backlog": lambda: _report_backlog(store, stop),
+            "retention": lambda: RetentionTask.from_settings(
+                pool, config.retention, finished_message_purges(config.finished_max_age)
+            ).run(stop),
+        }
         this_worker = worker_id()
         if config.worker.enabled:
             checker = RoutingConsentChecker(
@@ -184,9 +157,13 @@ async def serve(stop: asyncio.Event) -> None:
             delivery = MessageDelivery(
                 store, sender, consent, config.worker, this_worker, now=utc_now
             )
-            worker = SendingPipeline(store, delivery, config.worker, this_worker)
-            background.append(asyncio.create_task(worker.run(stop), name="sender-worker"))
+            # A new pipeline each start: one that crashed released what it held on the way out.
+            tasks["sender-worker"] = lambda: SendingPipeline(
+                store, delivery, config.worker, this_worker
+            ).run(stop)
         await server.start()
+        background = BackgroundTasks(SERVICE, tasks, stop, on_health=server.set_serving)
+        background.start()
         tune_garbage_collector()
         _log.info(
             "outbox.serving",
@@ -201,18 +178,10 @@ async def serve(stop: asyncio.Event) -> None:
                 }
             },
         )
-        crashed = await _until_stop_or_crash(stop, background)
-        stop.set()
+        await stop.wait()
         await server.stop(config.shutdown_grace_s)
-        grace = config.shutdown_grace_s + config.worker.send_timeout_s
-        _, pending = await asyncio.wait(background, timeout=grace)
-        for task in pending:  # e.g. a relay stuck on an unreachable NATS
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
-        if crashed is not None:
-            # Exit non-zero so the orchestrator restarts us: a process that serves the API
-            # but no longer sends (or relays) must not look healthy.
-            raise RuntimeError(f"background task {crashed} stopped unexpectedly")
+        # The sender finishes the sends in flight and writes their results.
+        await background.stop(config.shutdown_grace_s + config.worker.send_timeout_s)
     finally:
         if metrics is not None:
             metrics.stop()
@@ -224,19 +193,8 @@ async def serve(stop: asyncio.Event) -> None:
         await pool.close()
 
 
-async def migrate(_stop: asyncio.Event) -> None:
-    await migrate_service(SERVICE, MIGRATIONS)
-    _log.info("outbox.migrated")
-
-
 def main(argv: list[str]) -> None:
-    if argv == ["migrate"]:
-        run_main(migrate, service=SERVICE)
-    elif not argv:
-        run_main(serve, service=SERVICE)
-    else:
-        print(f"usage: python -m services.{SERVICE} [migrate]", file=sys.stderr)
-        sys.exit(2)
+    run_service(SERVICE, argv, serve=serve, migrations=MIGRATIONS)
 
 
 if __name__ == "__main__":

@@ -20,18 +20,21 @@ from snapsell.routing.v1 import routing_pb2_grpc
 
 from infra import jetstream
 from infra.auth import AuthInterceptor, JwtVerifier
-from infra.db import migrate_service, open_service_database
+from infra.db import open_service_database
+from infra.entrypoint import run_service
 from infra.events import EventRelay
 from infra.grpc_client import service_channel
 from infra.grpc_server import GrpcServer
-from infra.lifecycle import run_main, supervised, tune_garbage_collector
+from infra.lifecycle import tune_garbage_collector
 from infra.log import get_logger
 from infra.metrics import RpcMetricsInterceptor, start_metrics_server
 from infra.retention import RetentionTask
 from infra.streams import events_stream, inbound_stream
+from infra.supervisor import BackgroundTasks
 from infra.telemetry import grpc_server_interceptors
 from services.routing import store
 from services.routing.api import ACCESS_POLICY, SERVICE_FULL_NAME, RoutingApi
+from services.routing.clients import ChannelSenderDirectory, GrpcLiveSessions, GrpcReplySender
 from services.routing.config import load_config
 from services.routing.consumer import InboundConsumer, inbound_consumer_spec
 from services.routing.event_consumers import (
@@ -40,7 +43,6 @@ from services.routing.event_consumers import (
     follow_changes,
 )
 from services.routing.inbound import InboundRouter
-from services.routing.peers import ChannelSenderDirectory, GrpcLiveSessions, GrpcReplySender
 
 SERVICE = "routing"
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -124,10 +126,8 @@ async def serve(stop: asyncio.Event) -> None:
         }
         if not config.consumer_enabled:
             del loops["inbound-consumer"]
-        background = [
-            asyncio.create_task(supervised(SERVICE, name, loop, stop), name=name)
-            for name, loop in loops.items()
-        ]
+        background = BackgroundTasks(SERVICE, loops, stop, on_health=server.set_serving)
+        background.start()
         _log.info(
             "routing.serving",
             extra={
@@ -143,10 +143,7 @@ async def serve(stop: asyncio.Event) -> None:
         )
         await stop.wait()
         await server.stop(config.shutdown_grace_s)
-        _, pending = await asyncio.wait(background, timeout=config.shutdown_grace_s)
-        for task in pending:  # e.g. a relay stuck on an unreachable NATS
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        await background.stop(config.shutdown_grace_s)
     finally:
         if metrics is not None:
             metrics.stop()
@@ -157,19 +154,8 @@ async def serve(stop: asyncio.Event) -> None:
         await pool.close()
 
 
-async def migrate(_stop: asyncio.Event) -> None:
-    await migrate_service(SERVICE, MIGRATIONS)
-    _log.info("routing.migrated")
-
-
 def main(argv: list[str]) -> None:
-    if argv == ["migrate"]:
-        run_main(migrate, service=SERVICE)
-    elif not argv:
-        run_main(serve, service=SERVICE)
-    else:
-        print(f"usage: python -m services.{SERVICE} [migrate]", file=sys.stderr)
-        sys.exit(2)
+    run_service(SERVICE, argv, serve=serve, migrations=MIGRATIONS)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,8 @@ use case, and map errors to status codes with a one-line message (never a stack 
 
 from __future__ import annotations
 
-import functools
-import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
 
 import asyncpg
 import grpc
@@ -21,15 +18,16 @@ from infra.auth import (
     current_principal,
     tenant_scope,
 )
-from infra.db import DATABASE_UNAVAILABLE
-from infra.page_tokens import PageTokens
+from infra.convert import timestamp
+from infra.grpc_server import ErrorStatus, map_errors
+from infra.log import get_logger
+from infra.page_tokens import PageTokens, page_size
 from services.routing import store
 from services.routing.consent import (
     CHANNEL_FROM_PROTO,
     CHANNEL_TO_PROTO,
     SOURCE_TO_PROTO,
     apply_consent_change,
-    timestamp,
 )
 from services.routing.domain import (
     ConsentChange,
@@ -52,46 +50,26 @@ ACCESS_POLICY: dict[str, Access] = {
     f"/{SERVICE_FULL_NAME}/ListOptOuts": Access(roles=frozenset({"owner", "manager", "admin"})),
     f"/{SERVICE_FULL_NAME}/SetConsent": Access(roles=frozenset({"owner", "manager", "admin"})),
 }
-DEFAULT_PAGE_SIZE = 50
 # Sorted on (opted_out_at, id), newest first; a token is valid for the tenant it lists.
 OPT_OUT_PAGES = PageTokens("routing.opt_outs", (datetime, int))
 # CheckOptOuts: a bound on one statement's work and one reply's size (~50 bytes a result).
 MAX_CHECKS = 1000
-MAX_PAGE_SIZE = 500
 
-log = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 
 class InvalidRequestError(ValueError):
     """The request is malformed; the message is returned to the caller."""
 
 
-Request = TypeVar("Request")
-Response = TypeVar("Response")
-Method = Callable[[Any, Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]]
-
-
-def _rpc(method: Method[Request, Response]) -> Method[Request, Response]:
-    """Map domain and infrastructure errors to gRPC status codes."""
-
-    @functools.wraps(method)
-    async def call(
-        self: Any, request: Request, context: grpc.aio.ServicerContext[Request, Response]
-    ) -> Response:
-        try:
-            return await method(self, request, context)
-        except (InvalidRequestError, InvalidAddressError) as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        except PermissionDeniedError as error:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
-        except ConsentLockedError as error:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
-        except DATABASE_UNAVAILABLE as error:  # the caller may retry
-            log.warning("routing.rpc_unavailable", extra={"fields": {"error": str(error)}})
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable, retry")
-        raise AssertionError("unreachable")  # context.abort raises
-
-    return call
+# This service's errors -> status codes (the common ones: infra.grpc_server).
+ERROR_STATUS: ErrorStatus = {
+    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidAddressError: grpc.StatusCode.INVALID_ARGUMENT,
+    PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    ConsentLockedError: grpc.StatusCode.FAILED_PRECONDITION,
+}
+_rpc = map_errors(ERROR_STATUS)
 
 
 def contact_from_request(tenant_id: str, address: address_pb2.Address) -> Contact:
@@ -126,12 +104,6 @@ def consent_reply(status: store.ConsentStatus) -> routing_pb2.CheckOptOutRespons
     if status.last_inbound_at is not None:
         reply.last_inbound_at.FromDatetime(status.last_inbound_at)
     return reply
-
-
-def page_size(requested: int) -> int:
-    if requested < 0:
-        raise InvalidRequestError("page_size must not be negative")
-    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
 class RoutingApi(routing_pb2_grpc.RoutingServiceServicer):
@@ -228,7 +200,7 @@ class RoutingApi(routing_pb2_grpc.RoutingServiceServicer):
         async with self._pool.acquire() as conn, conn.transaction():
             outcome = await apply_consent_change(conn, change)
             since = await store.opted_out_at(conn, change.contact)
-        log.info(
+        _log.info(
             "routing.consent_set",
             extra={
                 "fields": {

@@ -7,12 +7,10 @@ the caller's transaction, so the event exists exactly when the change committed.
 
 from __future__ import annotations
 
-from datetime import datetime
-
-from google.protobuf.timestamp_pb2 import Timestamp
 from snapsell.common.v1 import address_pb2
 from snapsell.routing.v1 import events_pb2, routing_pb2
 
+from infra.convert import channel_maps, timestamp
 from infra.db import Connection
 from infra.events import record_event
 from services.routing import store
@@ -27,12 +25,7 @@ from services.routing.domain import (
 OPT_OUT_RECORDED = "routing.v1.opt_out.recorded"
 OPT_OUT_REMOVED = "routing.v1.opt_out.removed"
 
-CHANNEL_TO_PROTO = {
-    Channel.SMS: address_pb2.CHANNEL_SMS,
-    Channel.WHATSAPP: address_pb2.CHANNEL_WHATSAPP,
-    Channel.MESSENGER: address_pb2.CHANNEL_MESSENGER,
-}
-CHANNEL_FROM_PROTO = {value: key for key, value in CHANNEL_TO_PROTO.items()}
+CHANNEL_TO_PROTO, CHANNEL_FROM_PROTO = channel_maps(Channel)
 SOURCE_TO_PROTO = {
     ConsentSource.KEYWORD: routing_pb2.CONSENT_SOURCE_KEYWORD,
     ConsentSource.OPERATOR: routing_pb2.CONSENT_SOURCE_OPERATOR,
@@ -42,12 +35,6 @@ STATE_TO_PROTO = {
     ConsentState.OPTED_OUT: routing_pb2.CONSENT_STATE_OPTED_OUT,
     ConsentState.OPTED_IN: routing_pb2.CONSENT_STATE_OPTED_IN,
 }
-
-
-def timestamp(value: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 async def apply_consent_change(conn: Connection, change: ConsentChange) -> ConsentOutcome:

@@ -15,7 +15,6 @@ its own outcome:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
@@ -29,12 +28,13 @@ from snapsell.gateway.v1 import events_pb2 as gateway_events
 from snapsell.routing.v1 import events_pb2
 
 from infra import jetstream, telemetry
+from infra.convert import timestamp
 from infra.db import DATABASE_UNAVAILABLE
 from infra.events import record_event
 from infra.jetstream import Ack, ConsumerSpec, Nak, Term
-from infra.log import mask_phone
+from infra.log import get_logger, mask_phone
 from services.routing import store
-from services.routing.consent import timestamp
+from services.routing.clients import PeerUnavailableError
 from services.routing.inbound import (
     MESSAGE_UNROUTABLE,
     Delivery,
@@ -44,9 +44,8 @@ from services.routing.inbound import (
     RouteOutcome,
     received_at,
 )
-from services.routing.peers import PeerUnavailableError
 
-log = logging.getLogger(__name__)
+_log = get_logger(__name__)
 _ADDRESS_PREFIXES = {
     address_pb2.CHANNEL_WHATSAPP: "whatsapp:",
     address_pb2.CHANNEL_MESSENGER: "messenger:",
@@ -173,7 +172,7 @@ class InboundConsumer:
         if isinstance(outcome, Exception):
             # A bug or an unexpected database error: retry (it may be transient), and on the
             # last delivery record it rather than lose it.
-            log.error(
+            _log.error(
                 "routing.inbound_failed",
                 exc_info=outcome,
                 extra={"fields": {"message_sid": message.message_sid}},
@@ -183,7 +182,7 @@ class InboundConsumer:
         INBOUND_HANDLED.labels(outcome.outcome.value).inc()
         if outcome.outcome.value != "duplicate":
             INBOUND_LAG.observe(max(0.0, (self._clock() - received_at(message)).total_seconds()))
-        log.info(
+        _log.info(
             "routing.inbound_handled",
             extra={"fields": handled_fields(message, outcome, msg.metadata.num_delivered)},
         )
@@ -196,7 +195,7 @@ class InboundConsumer:
             return await self._give_up(msg, message, "deliveries_exhausted", reason)
         INBOUND_HANDLED.labels("retry").inc()
         delay = retry_delay(msg.metadata.num_delivered, self._retry_delay_cap_s)
-        log.warning(
+        _log.warning(
             "routing.inbound_retry",
             extra={
                 "fields": {
@@ -249,7 +248,7 @@ class InboundConsumer:
                     aggregate_id=message_sid or f"{metadata.stream}:{metadata.sequence.stream}",
                 )
         INBOUND_HANDLED.labels(reason).inc()
-        log.error(
+        _log.error(
             "routing.inbound_given_up",
             extra={
                 "fields": {

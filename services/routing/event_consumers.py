@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
@@ -21,6 +20,7 @@ from snapsell.outbox.v1 import events_pb2 as outbox_events
 
 from infra import jetstream
 from infra.jetstream import Ack, ConsumerSpec, Term
+from infra.log import get_logger
 from services.routing.consent import CHANNEL_FROM_PROTO, apply_consent_change
 from services.routing.domain import (
     ConsentChange,
@@ -31,7 +31,7 @@ from services.routing.domain import (
     normalise_address,
 )
 
-log = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 CARRIER_OPT_OUT_SUBJECT = "outbox.v1.recipient.unsubscribed"
 CARRIER_DURABLE = "routing-carrier-opt-outs"
@@ -52,7 +52,7 @@ class CarrierOptOutConsumer:
             channel = CHANNEL_FROM_PROTO[event.recipient.channel]
             address = normalise_address(channel, event.recipient.value)
         except (DecodeError, KeyError, InvalidAddressError) as error:
-            log.error("routing.carrier_opt_out_invalid", extra={"fields": {"error": str(error)}})
+            _log.error("routing.carrier_opt_out_invalid", extra={"fields": {"error": str(error)}})
             return Term("invalid RecipientUnsubscribed")
         if not event.tenant_id:
             return Term("RecipientUnsubscribed without tenant_id")
@@ -72,7 +72,7 @@ class CarrierOptOutConsumer:
         )
         async with self._pool.acquire() as conn, conn.transaction():
             outcome = await apply_consent_change(conn, change)
-        log.info(
+        _log.info(
             "routing.carrier_opt_out",
             extra={"fields": {"tenant_id": event.tenant_id, "outcome": outcome.value}},
         )
@@ -110,7 +110,7 @@ async def follow_changes(
             finally:
                 await subscription.unsubscribe()
         except Exception as error:
-            log.warning(
+            _log.warning(
                 "routing.seller_admin_follow_failed", extra={"fields": {"error": str(error)}}
             )
             invalidate()

@@ -35,7 +35,6 @@ after the call but before the commit makes the message come back and the call ha
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -48,8 +47,17 @@ from snapsell.routing.v1 import events_pb2, routing_pb2
 
 from infra.db import DATABASE_UNAVAILABLE, Connection
 from infra.events import NewEvent, record_events
-from infra.log import mask_phone
+from infra.log import get_logger, mask_phone
 from services.routing import store
+from services.routing.clients import (
+    ComplianceReply,
+    LiveSessions,
+    PeerUnavailableError,
+    ReplySender,
+    Sender,
+    SenderDirectory,
+    Touched,
+)
 from services.routing.consent import CHANNEL_FROM_PROTO, apply_consent_change
 from services.routing.domain import (
     ConsentChange,
@@ -68,17 +76,8 @@ from services.routing.domain import (
     decide,
     normalise_address,
 )
-from services.routing.peers import (
-    ComplianceReply,
-    LiveSessions,
-    PeerUnavailableError,
-    ReplySender,
-    Sender,
-    SenderDirectory,
-    Touched,
-)
 
-log = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 MESSAGE_ROUTED = "routing.v1.message.routed"
 MESSAGE_UNROUTABLE = "routing.v1.message.unroutable"
@@ -275,7 +274,7 @@ class InboundRouter:
         except Exception as error:
             if len(deliveries) == 1:
                 return [error]
-            log.warning(
+            _log.warning(
                 "routing.batch_split",
                 extra={"fields": {"size": len(deliveries), "error": type(error).__name__}},
             )
@@ -386,7 +385,7 @@ class InboundRouter:
             # The consent change itself must still be recorded; a reply the outbox calls
             # invalid will not become valid by retrying.
             assert plan.contact is not None
-            log.error(
+            _log.error(
                 "routing.reply_rejected",
                 extra={
                     "fields": {

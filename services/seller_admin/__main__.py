@@ -17,17 +17,19 @@ from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
 from infra import jetstream
 from infra.auth import AuthInterceptor, JwtVerifier
-from infra.db import migrate_service, open_service_database
+from infra.db import open_service_database
+from infra.entrypoint import run_service
 from infra.events import EventRelay
 from infra.grpc_server import GrpcServer
-from infra.lifecycle import run_main, tune_garbage_collector
+from infra.lifecycle import tune_garbage_collector
 from infra.log import get_logger
 from infra.metrics import RpcMetricsInterceptor, start_metrics_server
 from infra.retention import RetentionTask
 from infra.streams import events_stream
+from infra.supervisor import BackgroundTasks
 from infra.telemetry import grpc_server_interceptors
 from services.seller_admin.access import SERVICE_FULL_NAME, auth_policy
-from services.seller_admin.api import SellerAdminServicer
+from services.seller_admin.api import SellerAdminApi
 from services.seller_admin.config import load_config
 
 SERVICE = "seller_admin"
@@ -57,18 +59,20 @@ async def serve(stop: asyncio.Event) -> None:
             ],
         )
         seller_admin_pb2_grpc.add_SellerAdminServiceServicer_to_server(
-            SellerAdminServicer(pool), server.server
+            SellerAdminApi(pool), server.server
         )
         metrics = start_metrics_server(config.metrics_port)
-        background = [
-            asyncio.create_task(
-                EventRelay(pool, nats_client, SERVICE).run(stop), name="event-relay"
-            ),
-            asyncio.create_task(
-                RetentionTask.from_settings(pool, config.retention).run(stop), name="retention"
-            ),
-        ]
         await server.start()
+        background = BackgroundTasks(
+            SERVICE,
+            {
+                "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
+                "retention": lambda: RetentionTask.from_settings(pool, config.retention).run(stop),
+            },
+            stop,
+            on_health=server.set_serving,
+        )
+        background.start()
         tune_garbage_collector()
         _log.info(
             "seller_admin.serving",
@@ -76,10 +80,7 @@ async def serve(stop: asyncio.Event) -> None:
         )
         await stop.wait()
         await server.stop(config.shutdown_grace_s)
-        _, pending = await asyncio.wait(background, timeout=config.shutdown_grace_s)
-        for task in pending:  # e.g. a relay stuck on an unreachable NATS; rows stay for next time
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        await background.stop(config.shutdown_grace_s)
     finally:
         if metrics is not None:
             metrics.stop()
@@ -88,19 +89,8 @@ async def serve(stop: asyncio.Event) -> None:
         await pool.close()
 
 
-async def migrate(_stop: asyncio.Event) -> None:
-    await migrate_service(SERVICE, MIGRATIONS)
-    _log.info("seller_admin.migrated")
-
-
 def main(argv: list[str]) -> None:
-    if argv == ["migrate"]:
-        run_main(migrate, service=SERVICE)
-    elif not argv:
-        run_main(serve, service=SERVICE)
-    else:
-        print(f"usage: python -m services.{SERVICE} [migrate]", file=sys.stderr)
-        sys.exit(2)
+    run_service(SERVICE, argv, serve=serve, migrations=MIGRATIONS)
 
 
 if __name__ == "__main__":

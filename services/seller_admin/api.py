@@ -8,10 +8,8 @@ Errors become a status code with a one-line message, never a stack trace.
 
 from __future__ import annotations
 
-import functools
-import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+import uuid
+from datetime import UTC, datetime
 
 import asyncpg
 import grpc
@@ -19,7 +17,10 @@ from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
 from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
 from infra import auth
-from infra.db import DATABASE_UNAVAILABLE, Connection
+from infra.db import Connection
+from infra.grpc_server import ErrorStatus, map_errors
+from infra.log import get_logger
+from infra.page_tokens import PageTokens, page_size
 from services.seller_admin import audit, convert, store
 from services.seller_admin.access import scoped_tenant
 from services.seller_admin.domain import (
@@ -28,7 +29,6 @@ from services.seller_admin.domain import (
     NotFoundError,
     PermissionDeniedError,
     SellerAddress,
-    SellerAdminError,
     mask_address,
     new_tenant_id,
     parse_channel_address,
@@ -39,52 +39,33 @@ from services.seller_admin.domain import (
     validate_display_name,
     validate_tenant_id,
 )
-from services.seller_admin.paging import (
-    CHANNEL_PAGES,
-    CHANNELS_START,
-    SELLER_PHONE_PAGES,
-    TENANT_PAGES,
-    page_size,
-)
 
-log = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
-_STATUS_CODES: dict[type[SellerAdminError], grpc.StatusCode] = {
+# Tenants by id (one list for the whole platform: scope ""), a tenant's channels by
+# (created_at, channel_id), its seller phones by address.
+TENANT_PAGES = PageTokens("seller_admin.tenants", (str,))
+CHANNEL_PAGES = PageTokens("seller_admin.channels", (datetime, uuid.UUID))
+SELLER_PHONE_PAGES = PageTokens("seller_admin.seller_phones", (str,))
+# Keyset start for channels, ordered by (created_at, channel_id): before any row.
+CHANNELS_START = (datetime.min.replace(tzinfo=UTC), uuid.UUID(int=0))
+
+# This service's errors -> status codes (the common ones: infra.grpc_server).
+ERROR_STATUS: ErrorStatus = {
     InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
     PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    auth.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
     NotFoundError: grpc.StatusCode.NOT_FOUND,
     AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
 }
-Req = TypeVar("Req")
-Resp = TypeVar("Resp")
-Method = Callable[[Any, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
-
-
-def rpc(method: Method[Req, Resp]) -> Method[Req, Resp]:
-    """Map this service's errors to a status code and a one-line message; anything unexpected
-    is `infra.grpc_server`'s (INTERNAL "internal error", logged)."""
-
-    @functools.wraps(method)
-    async def call(self: Any, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
-        try:
-            return await method(self, request, context)
-        except SellerAdminError as error:
-            await context.abort(_STATUS_CODES[type(error)], str(error))
-        except auth.PermissionDeniedError as error:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
-        except DATABASE_UNAVAILABLE as error:  # the caller may retry
-            log.warning("database.unavailable", extra={"fields": {"error": str(error)}})
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable, retry later")
-        raise AssertionError("context.abort returned")  # pragma: no cover
-
-    return call
+rpc = map_errors(ERROR_STATUS)
 
 
 def _log_change(event: str, **fields: str) -> None:
-    log.info(event, extra={"fields": fields})
+    _log.info(event, extra={"fields": fields})
 
 
-class SellerAdminServicer(seller_admin_pb2_grpc.SellerAdminServiceServicer):
+class SellerAdminApi(seller_admin_pb2_grpc.SellerAdminServiceServicer):
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
-from google.protobuf.timestamp_pb2 import Timestamp
 from snapsell.common.v1 import address_pb2
 from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
 
+from infra.convert import timestamp
 from services.seller_admin.domain import (
     Channel,
     ChannelKind,
@@ -33,15 +31,6 @@ ADDRESS_PREFIXES = {
     address_pb2.CHANNEL_SMS: "",
     address_pb2.CHANNEL_MESSENGER: "messenger:",
 }
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def timestamp(moment: datetime) -> Timestamp:
-    # Integer arithmetic: Timestamp.FromDatetime costs a third of a list reply's conversion.
-    delta = moment - _EPOCH
-    return Timestamp(seconds=delta.days * 86400 + delta.seconds, nanos=delta.microseconds * 1000)
 
 
 def tenant(value: Tenant) -> pb.Tenant:

@@ -63,8 +63,14 @@ def test_grpc_services_use_native_grpc_probes_on_their_port(
     env = env_of(app)
     assert env["GRPC_PORT"]["value"] == str(grpc_port)
     assert env["METRICS_PORT"]["value"] == str(metrics_port)
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+    for probe in ("startupProbe", "livenessProbe"):
         assert app[probe]["grpc"] == {"port": grpc_port}
+    # Readiness asks the service's own health, NOT_SERVING while a background task is down.
+    service_name = "".join(part.title() for part in module.split("_"))
+    assert app["readinessProbe"]["grpc"] == {
+        "port": grpc_port,
+        "service": f"snapsell.{module}.v1.{service_name}Service",
+    }
     service = find(docs, "Service", name)
     assert {p["port"] for p in service["spec"]["ports"]} == {grpc_port, metrics_port}
     annotations = find(docs, "Deployment", name)["spec"]["template"]["metadata"]["annotations"]

@@ -34,6 +34,9 @@ RPC_METRICS = (
     "snapsell_grpc_server_handled_total",
     "snapsell_grpc_server_handling_seconds",
     "snapsell_auth_denials_total",
+    # infra/supervisor.py: every gRPC service runs background tasks.
+    "snapsell_background_task_restarts_total",
+    "snapsell_background_tasks_down",
 )
 # Work waiting, in every service that has a queue (infra/backlog.py).
 QUEUE_METRICS = ("snapsell_queue_depth", "snapsell_queue_oldest_age_seconds")

@@ -1,4 +1,5 @@
-"""`run_main` as a real process: exit codes, signals, logs, and a trace that crosses a gRPC hop."""
+"""`run_main` and `run_service` as real processes: exit codes, commands, signals, logs, and a
+trace that crosses a gRPC hop."""
 
 from __future__ import annotations
 
@@ -7,20 +8,26 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def start(tmp_path: Path, body: str, **env: str) -> subprocess.Popen[str]:
+def start(
+    tmp_path: Path, body: str, *, argv: Sequence[str] = (), **env: str
+) -> subprocess.Popen[str]:
     script = tmp_path / "service_main.py"
     script.write_text(
-        "from infra.config import ConfigError\nfrom infra.lifecycle import run_main\n" + body
+        "import os\nfrom infra.config import ConfigError\nfrom infra.lifecycle import run_main\n"
+        + body
     )
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "SNAPSELL_"))}
     environment.update({"PYTHONPATH": str(ROOT), "LOG_LEVEL": "INFO", **env})
     return subprocess.Popen(
-        [sys.executable, str(script)],
+        [sys.executable, str(script), *argv],
         cwd=ROOT,
         env=environment,
         stdout=subprocess.PIPE,
@@ -136,3 +143,40 @@ def test_without_an_exporter_nothing_is_traced(tmp_path: Path) -> None:
     code, _, stderr = finish(process)
     assert code == 0, stderr
     assert json.loads(stderr)["has_traceparent"] is False
+
+
+ENTRYPOINT = """
+import sys
+from infra.entrypoint import run_service
+
+async def serve(stop):
+    print('served', file=sys.stderr)
+
+def before_serve():
+    if 'GATEWAY_WORKERS' in os.environ:
+        raise ConfigError('GATEWAY_WORKERS must be at least 1')
+    return None
+
+run_service('gateway', sys.argv[1:], serve=serve, before_serve=before_serve)
+"""
+
+
+@pytest.mark.parametrize("argv", [(), ("serve",)])
+def test_serve_is_the_default_command(tmp_path: Path, argv: tuple[str, ...]) -> None:
+    code, _, stderr = finish(start(tmp_path, ENTRYPOINT, argv=argv))
+    assert (code, stderr) == (0, "served\n")
+
+
+@pytest.mark.parametrize("argv", [("migrate",), ("serve", "now"), ("sevre",)])
+def test_other_commands_print_the_usage_and_exit_2(tmp_path: Path, argv: tuple[str, ...]) -> None:
+    code, _, stderr = finish(start(tmp_path, ENTRYPOINT, argv=argv))
+    # The gateway has no database, hence no `migrate`.
+    assert (code, stderr) == (2, "usage: python -m services.gateway [serve]\n")
+
+
+def test_a_configuration_error_before_serving_exits_2(tmp_path: Path) -> None:
+    code, _, stderr = finish(start(tmp_path, ENTRYPOINT, GATEWAY_WORKERS="0"))
+    assert (code, stderr) == (
+        2,
+        "gateway: configuration error: GATEWAY_WORKERS must be at least 1\n",
+    )

@@ -11,14 +11,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from snapsell.common.v1 import address_pb2
 from snapsell.gateway.v1 import events_pb2 as gateway_events
 
-from services.routing.domain import LiveSignalKind, SenderRole
-from services.routing.peers import (
+from services.routing.clients import (
     ComplianceReply,
     PeerUnavailableError,
     ReplyRejectedError,
     Sender,
     Touched,
 )
+from services.routing.domain import LiveSignalKind, SenderRole
 
 SHOP_NUMBER = "+14155238886"
 SELLER = "+33600000001"

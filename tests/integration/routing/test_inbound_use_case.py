@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 from snapsell.routing.v1 import events_pb2
 
+from services.routing.clients import PeerUnavailableError
 from services.routing.domain import (
     DEFAULT_HELP_REPLY,
     DEFAULT_OPT_IN_REPLY,
@@ -19,7 +20,6 @@ from services.routing.domain import (
     RulesBook,
 )
 from services.routing.inbound import InboundRouter, InvalidInboundError, RouteOutcome
-from services.routing.peers import PeerUnavailableError
 from tests.integration.routing.fakes import (
     SELLER,
     FakeReplies,

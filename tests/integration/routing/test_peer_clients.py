@@ -14,8 +14,7 @@ from snapsell.seller_admin.v1 import seller_admin_pb2, seller_admin_pb2_grpc
 
 from infra.auth import ServiceTokenProvider
 from infra.grpc_client import service_channel
-from services.routing.domain import LiveSignalKind, SenderRole
-from services.routing.peers import (
+from services.routing.clients import (
     ChannelSenderDirectory,
     ComplianceReply,
     GrpcLiveSessions,
@@ -25,6 +24,7 @@ from services.routing.peers import (
     Sender,
     reply_sender_address,
 )
+from services.routing.domain import LiveSignalKind, SenderRole
 from tests.integration.routing.fakes import SELLER, SHOP_NUMBER, inbound
 from tools.dev_keys import DevKeys
 

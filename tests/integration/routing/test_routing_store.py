@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import pytest
 
 from services.routing import store
 from services.routing.domain import (
@@ -101,14 +103,51 @@ async def test_an_older_keyword_processed_late_does_not_undo_a_newer_one(
     assert [row["outcome"] for row in outcomes] == ["unchanged", "stale"]
 
 
-async def test_concurrent_changes_for_one_contact_are_serialised(clean: asyncpg.Pool) -> None:
+def replay(log: list[asyncpg.Record]) -> tuple[list[str], datetime | None]:
+    """The outcomes the consent rules give the log's changes applied one after the other in
+    the order they were written (the log's ids), and the opt-out time they leave."""
+    opted_out_at: datetime | None = None
+    newest: datetime | None = None
+    outcomes = []
+    for row in log:
+        at = row["effective_at"]
+        if newest is not None and at < newest:
+            outcomes.append(ConsentOutcome.STALE.value)
+            continue
+        wants_out = row["state"] == ConsentState.OPTED_OUT.value
+        changed = wants_out != (opted_out_at is not None)
+        outcomes.append((ConsentOutcome.CHANGED if changed else ConsentOutcome.UNCHANGED).value)
+        if changed:
+            opted_out_at = at if wants_out else None
+        newest = at
+    return outcomes, opted_out_at
+
+
+@pytest.mark.parametrize("seed", range(5))
+async def test_concurrent_changes_for_one_contact_are_serialised(
+    clean: asyncpg.Pool, seed: int
+) -> None:
+    # STOP and START alternating one second apart, submitted at once in a shuffled order: each
+    # change reads the newest applied one and the current opt-out before it writes, so without
+    # the per-contact lock two of them decide on the same stale reading.
     changes = [
         change(ConsentState.OPTED_OUT if i % 2 else ConsentState.OPTED_IN, T0 + timedelta(i))
-        for i in range(20)
+        for i in range(40)
     ]
-    await asyncio.gather(*(apply(clean, c) for c in changes))
-    # Whatever the interleaving, the newest expression (i = 19, an opt-out) decides.
-    assert (await store.consent_status(clean, CONTACT)).opted_out_at is not None
+    random.Random(seed).shuffle(changes)
+    returned = await asyncio.gather(*(apply(clean, c) for c in changes))
+
+    log = await clean.fetch("SELECT state, outcome, effective_at FROM consent_log ORDER BY id")
+    assert len(log) == len(changes)
+    # Every outcome is the one a one-at-a-time application in the log's order gives, and so is
+    # the state left.
+    outcomes, opted_out_at = replay(log)
+    assert [row["outcome"] for row in log] == outcomes
+    assert (await store.consent_status(clean, CONTACT)).opted_out_at == opted_out_at
+    by_time = {c.effective_at: outcome.value for c, outcome in zip(changes, returned, strict=True)}
+    assert {row["effective_at"]: row["outcome"] for row in log} == by_time
+    # Whatever the interleaving, the newest expression (the last day, an opt-out) decides.
+    assert opted_out_at is not None
 
 
 async def test_consent_is_per_tenant_and_per_channel(clean: asyncpg.Pool) -> None:

@@ -24,7 +24,7 @@ from infra.grpc_server import GrpcServer
 from infra.metrics import RpcMetricsInterceptor
 from infra.streams import events_stream
 from services.seller_admin.access import SERVICE_FULL_NAME, auth_policy
-from services.seller_admin.api import SellerAdminServicer
+from services.seller_admin.api import SellerAdminApi
 from tests.support.db import reset_service_schema
 from tools.dev_keys import DevKeys
 
@@ -102,7 +102,7 @@ async def server_address(pool: asyncpg.Pool, token_keys: DevKeys) -> AsyncIterat
         host="127.0.0.1",
     )
     seller_admin_pb2_grpc.add_SellerAdminServiceServicer_to_server(
-        SellerAdminServicer(pool), server.server
+        SellerAdminApi(pool), server.server
     )
     await server.start()
     yield f"127.0.0.1:{server.bound_port}"

@@ -14,7 +14,7 @@ from infra.auth import AuthInterceptor, JwtVerifier
 from infra.db import create_pool
 from infra.grpc_server import GrpcServer
 from services.seller_admin.access import SERVICE_FULL_NAME, auth_policy
-from services.seller_admin.api import SellerAdminServicer
+from services.seller_admin.api import SellerAdminApi
 from tests.integration.seller_admin.conftest import ACCOUNT_SID, SERVICE, Metadata
 from tools.dev_keys import DevKeys
 
@@ -32,7 +32,7 @@ async def stub_without_database(
         host="127.0.0.1",
     )
     seller_admin_pb2_grpc.add_SellerAdminServiceServicer_to_server(
-        SellerAdminServicer(pool), server.server
+        SellerAdminApi(pool), server.server
     )
     await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.bound_port}") as channel:
@@ -60,4 +60,4 @@ async def test_calls_are_unavailable_with_a_one_line_message(
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert caught.value.details() == "database unavailable, retry later"
+        assert caught.value.details() == "database unavailable, retry"

@@ -118,13 +118,3 @@ def test_correlation_id_is_bounded() -> None:
     assert domain.correlation_id("x" * 256) == "x" * 256
     with pytest.raises(InvalidRequestError, match="at most 256"):
         domain.correlation_id("x" * 257)
-
-
-@pytest.mark.parametrize(("asked", "given"), [(0, 50), (1, 1), (500, 500), (501, 500)])
-def test_page_size_defaults_and_caps(asked: int, given: int) -> None:
-    assert domain.page_size(asked) == given
-
-
-def test_negative_page_size_is_refused() -> None:
-    with pytest.raises(InvalidRequestError):
-        domain.page_size(-1)

@@ -6,7 +6,6 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from google.protobuf.timestamp_pb2 import Timestamp
 from snapsell.live_session.v1 import live_session_pb2 as pb
 
 from services.live_session import events
@@ -72,18 +71,3 @@ def test_session_message_leaves_closing_fields_unset_while_active() -> None:
 def test_subjects_follow_the_context_entity_past_tense_convention() -> None:
     assert events.SESSION_CREATED_SUBJECT == "live_session.v1.session.created"
     assert events.SESSION_CLOSED_SUBJECT == "live_session.v1.session.closed"
-
-
-@pytest.mark.parametrize(
-    "moment",
-    [
-        NOON,
-        NOON + timedelta(microseconds=999_999),
-        datetime(1969, 12, 31, 23, 59, 59, 500_000, tzinfo=UTC),
-        datetime(1970, 1, 1, tzinfo=UTC),
-    ],
-)
-def test_timestamps_match_protobufs_own_conversion(moment: datetime) -> None:
-    expected = Timestamp()
-    expected.FromDatetime(moment)
-    assert events.timestamp(moment) == expected

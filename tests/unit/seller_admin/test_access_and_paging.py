@@ -16,18 +16,13 @@ from services.seller_admin.access import (
     auth_policy,
     scoped_tenant,
 )
+from services.seller_admin.api import CHANNEL_PAGES, SELLER_PHONE_PAGES
 from services.seller_admin.domain import (
     Channel,
     ChannelAddress,
     ChannelKind,
     InvalidArgumentError,
     PermissionDeniedError,
-)
-from services.seller_admin.paging import (
-    CHANNEL_PAGES,
-    MAX_PAGE_SIZE,
-    SELLER_PHONE_PAGES,
-    page_size,
 )
 
 
@@ -72,14 +67,6 @@ def test_platform_roles_must_name_a_valid_tenant(role: str) -> None:
 def test_unknown_roles_act_on_no_tenant() -> None:
     with pytest.raises(PermissionDeniedError):
         scoped_tenant("intruder", None, "shop-a")
-
-
-def test_page_size_defaults_caps_and_refuses_negatives() -> None:
-    assert page_size(0) == 50
-    assert page_size(7) == 7
-    assert page_size(10_000) == MAX_PAGE_SIZE
-    with pytest.raises(InvalidArgumentError, match="page_size"):
-        page_size(-1)
 
 
 def test_channel_page_token_carries_creation_time_and_id() -> None:

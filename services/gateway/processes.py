@@ -28,7 +28,7 @@ from prometheus_client import multiprocess
 
 from infra.log import get_logger, setup_logging
 
-log = get_logger(__name__)
+_log = get_logger(__name__)
 
 WORKER_ENV = "GATEWAY_WORKER"  # set by the supervisor in each worker's environment
 RESTART_PAUSE_S = 1.0
@@ -64,7 +64,7 @@ class Supervisor:
             preexec_fn=_die_with_parent,
         )
         self._workers[slot] = proc
-        log.info("gateway.worker_started", extra={"fields": {"slot": slot, "pid": proc.pid}})
+        _log.info("gateway.worker_started", extra={"fields": {"slot": slot, "pid": proc.pid}})
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._stopping = True
@@ -86,7 +86,7 @@ class Supervisor:
         while not self._stopping:
             for slot, proc in enumerate(self._workers):
                 if proc is not None and proc.poll() is not None:
-                    log.error(
+                    _log.error(
                         "gateway.worker_exited",
                         extra={"fields": {"slot": slot, "pid": proc.pid, "code": proc.returncode}},
                     )
@@ -118,6 +118,6 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def run_workers(count: int) -> None:
+def run_workers(count: int) -> int:
     setup_logging("gateway")
-    sys.exit(Supervisor(count).run())
+    return Supervisor(count).run()

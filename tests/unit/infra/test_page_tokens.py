@@ -12,7 +12,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from infra.page_tokens import INT64_MAX, InvalidPageTokenError, PageTokens
+from infra.grpc_server import InvalidInputError
+from infra.page_tokens import (
+    INT64_MAX,
+    MAX_PAGE_SIZE,
+    InvalidPageTokenError,
+    PageTokens,
+    page_size,
+)
 
 OPT_OUTS = PageTokens("test.opt_outs", (datetime, int))
 SESSIONS = PageTokens("test.sessions", (datetime, uuid.UUID))
@@ -91,3 +98,16 @@ def test_a_uuid_key_must_be_a_canonical_uuid(payload: list[object]) -> None:
 def test_text_keys_with_nul_are_refused() -> None:
     with pytest.raises(InvalidPageTokenError):
         PHONES.decode(raw_token(1, "test.phones", "shop-1", "+3361\0"), "shop-1")
+
+
+@pytest.mark.parametrize(
+    ("asked", "given"), [(0, 50), (1, 1), (500, 500), (501, 500), (10**6, 500)]
+)
+def test_page_size_defaults_and_caps(asked: int, given: int) -> None:
+    assert page_size(asked) == given
+    assert MAX_PAGE_SIZE == 500
+
+
+def test_a_negative_page_size_is_invalid_input() -> None:
+    with pytest.raises(InvalidInputError, match="page_size must not be negative"):
+        page_size(-1)

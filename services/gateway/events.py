@@ -1,4 +1,4 @@
-"""Hands inbound webhooks to JetStream and answers readiness."""
+"""Publishes the gateway's events (built in domain.py) to JetStream and answers readiness."""
 
 from __future__ import annotations
 
