@@ -23,9 +23,8 @@ import httpx
 
 from infra.db import service_role
 from tests.chaos.nats_link import NatsLink
-from tests.support.processes import RunningService, spawn_service
-from tests.support.stack import SystemStack
 from tools.devstack import EmbeddedNats, EmbeddedPostgres
+from tools.stack import RunningService, SystemStack, spawn_service
 
 RESTART_READY_TIMEOUT_S = 90.0
 # How long NATS and PostgreSQL stay down: long enough for every client to notice. Longer than

@@ -4,8 +4,9 @@ links routing to the catalog: the catalog consumes routing's MessageRouted event
 
 from __future__ import annotations
 
-from tests.e2e.harness import Harness, Shop, eventually, new_mobile, shop_from_api
-from tests.support.stack import SystemStack
+from tests.e2e.harness import Harness, Shop, new_mobile, shop_from_api
+from tests.support.polling import eventually
+from tools.stack import SystemStack
 
 
 async def replies_to(harness: Harness, phone: str, count: int) -> list[str]:

@@ -20,8 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tools.service_process import RunningService, log_file, process_env
-from tools.system import Launch
+from tools.stack import Launch, RunningService, log_file, process_env
 
 BUILDAH = shutil.which("buildah") or "buildah"
 

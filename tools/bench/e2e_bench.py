@@ -29,7 +29,7 @@ Figures, per rate N (`rN_`): `webhook_rps` achieved post rate; `send_rps` replie
 `enqueued_p50_ms` / `enqueued_p99_ms` the part before the outbox (webhook -> reply enqueued:
 gateway, JetStream, routing and its peers); `answer_p99_ms` the gateway's answer time;
 `non200` webhooks not answered 200; `pending` replies not sent at the cut; `send_failed`
-replies dead or blocked. Then `<service>_peak_rss_mb` over the run (`tools.bench.rss`),
+replies dead or blocked. Then `<service>_peak_rss_mb` over the run (`tools.bench.stats.PeakRss`),
 `loadgen_cpu_pct` (the load generator at the top rate), `loadgen_lag_p99_ms` (its worst
 lateness), `sandbox_duplicates` and `sandbox_check_ok`.
 Prints one JSON line last (shape in `tools.bench.__main__`); exit 1 when the stack failed.
@@ -59,7 +59,7 @@ from tools.bench.e2e_figures import (
     summarise_phase,
 )
 from tools.bench.open_loop import OpenLoopResult, run_open_loop
-from tools.bench.rss import PeakRss
+from tools.bench.stats import PeakRss
 from tools.bench.webhooks import (
     BUSINESS_NUMBER,
     WEBHOOK_PATH,
@@ -71,8 +71,7 @@ from tools.bench.webhooks import (
 )
 from tools.dev_keys import DevKeys
 from tools.devstack import DevstackError
-from tools.system import SystemStack, infrastructure, start_system
-from tools.twilio_sandbox.process import SandboxStartError
+from tools.stack import SystemStack, infrastructure, start_system
 
 TENANT = "e2e-bench"
 KEYWORD = "HELP"
@@ -254,11 +253,11 @@ async def configure_sandbox(stack: SystemStack) -> None:
 
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     service_env = {"outbox": {"OUTBOX_RATE_LIMIT_PER_SENDER": f"{args.sender_rate:g}"}}
-    with infrastructure(workdir) as (dsn, nats_url):
+    with infrastructure(workdir) as found:
         say("starting the stack")
         stack = await start_system(
-            dsn,
-            nats_url,
+            found.dsn,
+            found.nats_url,
             DevKeys(workdir / "keys"),
             workdir,
             env={"LOG_LEVEL": "WARNING"},
@@ -266,7 +265,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             trace=False,
         )
         try:
-            async with asyncpg.create_pool(dsn, min_size=1, max_size=2) as db:
+            async with asyncpg.create_pool(found.dsn, min_size=1, max_size=2) as db:
                 phases = Phases(args, stack, db)
                 await measure_all(args, phases)
         finally:
@@ -344,7 +343,7 @@ def main(argv: list[str]) -> int:
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             result = runner.run(run(args, workdir))
-    except (RuntimeError, DevstackError, SandboxStartError, OSError) as exc:
+    except (RuntimeError, DevstackError, OSError) as exc:
         print(f"e2e bench failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

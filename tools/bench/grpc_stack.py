@@ -1,6 +1,7 @@
 """What the gRPC benchmarks share: a bare `grpc.aio` unary echo with the same server settings as
-the services (run as `python -m tools.bench.grpc_stack PORT`), the process stack a benchmark
-drives (PostgreSQL, NATS, one service and the echo, stopped by PID), and round statistics."""
+the services (run as `python -m tools.bench.grpc_stack`, on `GRPC_PORT`), the stack a benchmark
+drives (one service and the echo, on `tools.stack`), closed-loop callers that measure a round,
+and shops set up through seller_admin's API."""
 
 from __future__ import annotations
 
@@ -8,25 +9,25 @@ import asyncio
 import contextlib
 import os
 import signal
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import grpc
 import uvloop
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
+from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
 from infra.grpc_server import GrpcServer
+from tools.bench.stats import cpu_seconds, percentile
 from tools.dev_keys import DevKeys
-from tools.devstack import EmbeddedNats, EmbeddedPostgres, free_port
+from tools.stack import Infrastructure, SystemStack, infrastructure, spawn_service, start_system
 
-ROOT = Path(__file__).resolve().parents[2]
 ECHO_SERVICE = "bench.v1.EchoService"
 ECHO_METHOD = f"/{ECHO_SERVICE}/Echo"
+Call = Callable[[int], Awaitable[object]]
 
 
 async def _echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
@@ -46,110 +47,136 @@ async def serve_echo(port: int) -> None:
     await server.stop(1.0)
 
 
-# --- processes ------------------------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def bench_stack(
+    services: Sequence[str],
+    prefix: str,
+    *,
+    service_env: dict[str, dict[str, str]] | None = None,
+    echo: bool = False,
+) -> AsyncIterator[tuple[SystemStack, Infrastructure]]:
+    """PostgreSQL and NATS (embedded in a temporary directory unless DATABASE_URL / NATS_URL
+    are set), the sandbox, `services` and, with `echo`, the echo server as `echo`; all stopped
+    by PID on the way out. Yields the stack and its PostgreSQL and NATS."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp, infrastructure(Path(tmp)) as found:
+        stack = await start_system(
+            found.dsn,
+            found.nats_url,
+            DevKeys(Path(tmp) / "keys"),
+            Path(tmp),
+            services=services,
+            env={"LOG_LEVEL": "WARNING"},
+            service_env=service_env,
+            trace=False,
+        )
+        try:
+            if echo:
+                stack.services["echo"] = spawn_service(
+                    "echo", {}, module="tools.bench.grpc_stack", log_dir=Path(tmp) / "logs"
+                )
+                await stack.services["echo"].wait_ready()
+            yield stack, found
+        finally:
+            await stack.stop()
 
 
-class Stack:
-    """PostgreSQL, NATS, one service and the echo server; stopped by PID."""
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
 
-    def __init__(self, service: str, state: Path) -> None:
-        self.service = service
-        self.state = state
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self.ports = {service: free_port(), "echo": free_port()}
-        self.keys = DevKeys(state / "keys")
-        self._stops: list[Callable[[], None]] = []
 
-    def _infra(self) -> tuple[str, str]:
-        dsn, url = os.environ.get("DATABASE_URL"), os.environ.get("NATS_URL")
-        if not dsn:
-            postgres = EmbeddedPostgres(self.state / "postgres")
-            dsn = postgres.start()
-            self._stops.append(postgres.destroy)
-        if not url:
-            nats = EmbeddedNats(self.state / "nats")
-            url = nats.start()
-            self._stops.append(nats.stop)
-        return dsn, url
-
-    async def start(self) -> None:
-        dsn, nats_url = self._infra()
-        env = {
-            **os.environ,
-            "DATABASE_URL": dsn,
-            "NATS_URL": nats_url,
-            **self.keys.env(self.service),
-            "LOG_LEVEL": "WARNING",
-            "GRPC_PORT": str(self.ports[self.service]),
-            "METRICS_PORT": str(free_port()),
-        }
-        self._spawn(self.service, [sys.executable, "-m", f"services.{self.service}"], env)
-        echo = [sys.executable, "-m", "tools.bench.grpc_stack", str(self.ports["echo"])]
-        self._spawn("echo", echo, dict(os.environ))
-        for name in self.processes:
-            await self._wait_serving(name)
-
-    def address(self, name: str) -> str:
-        return f"127.0.0.1:{self.ports[name]}"
-
-    def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> None:
-        with (self.state / f"{name}.log").open("wb") as log:
-            self.processes[name] = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+async def create_shop(
+    stack: SystemStack, tenant_id: str, channel: str, sellers: Sequence[str] = ()
+) -> None:
+    """A tenant with one channel (a `whatsapp:+...` number or a Messaging Service SID) of the
+    stack's Twilio account and its seller phones, created through seller_admin's API."""
+    admin = bearer(stack.keys.token("admin", sub="bench", audience="seller_admin"))
+    async with grpc.aio.insecure_channel(stack.address("seller_admin")) as channel_to:
+        stub = seller_admin_pb2_grpc.SellerAdminServiceStub(channel_to)
+        await stub.CreateTenant(
+            pb.CreateTenantRequest(tenant_id=tenant_id, display_name=tenant_id),
+            metadata=admin,
+            timeout=10,
+        )
+        await stub.AddChannel(
+            pb.AddChannelRequest(
+                tenant_id=tenant_id, address=channel, account_sid=stack.account_sid
+            ),
+            metadata=admin,
+            timeout=10,
+        )
+        for seller in sellers:
+            await stub.AddSellerPhone(
+                pb.AddSellerPhoneRequest(tenant_id=tenant_id, phone_number=seller),
+                metadata=admin,
+                timeout=10,
             )
 
-    async def _wait_serving(self, name: str, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        async with grpc.aio.insecure_channel(self.address(name)) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.processes[name].poll() is not None:
-                    raise RuntimeError(f"{name} exited; see {self.state / (name + '.log')}")
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    check = stub.Check  # type: ignore[attr-defined]  # HealthStub's stubs list no RPC
-                    reply: health_pb2.HealthCheckResponse = await check(
-                        health_pb2.HealthCheckRequest(), timeout=1.0
-                    )
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                await asyncio.sleep(0.2)
-        raise RuntimeError(f"{name} not serving after {timeout_s}s")
 
-    def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
+async def drive(call: Call, callers: int, seconds: float, server_pid: int) -> dict[str, float]:
+    """`callers` loops calling back to back for `seconds` (caller i's n-th call gets the index
+    i + n * callers): calls/s, latency percentiles, and the server process's CPU time per call
+    (a figure other load on the machine barely moves)."""
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+
+    async def caller(index: int) -> None:
+        nonlocal errors
+        calls = 0
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
             try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        for stop in reversed(self._stops):
-            with contextlib.suppress(Exception):
-                stop()
+                await call(index + calls * callers)
+            except grpc.aio.AioRpcError:
+                errors += 1
+                continue
+            finally:
+                calls += 1
+            latencies.append(time.perf_counter() - started)
+
+    began, cpu_began = time.perf_counter(), cpu_seconds(server_pid)
+    await asyncio.gather(*(caller(i) for i in range(callers)))
+    elapsed, cpu = time.perf_counter() - began, cpu_seconds(server_pid) - cpu_began
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50_ms": 1000 * percentile(latencies, 50),
+        "p99_ms": 1000 * percentile(latencies, 99),
+        "server_cpu_us_per_call": 1e6 * cpu / max(1, len(latencies)),
+        "errors": errors,
+    }
 
 
-@contextlib.contextmanager
-def state_dir(prefix: str) -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
-        yield Path(tmp)
+async def measure_rounds(
+    kinds: dict[str, tuple[Call, int]], callers: int, rounds: int, seconds: float
+) -> dict[str, list[dict[str, float]]]:
+    """Each kind of call (its call and its server's PID) driven for a 1 s warm-up
+    (connections, prepared statements, caches), then `rounds` rounds of `seconds` per kind, in
+    turn; each kind's rounds."""
+    for call, pid in kinds.values():
+        await drive(call, callers, 1.0, pid)
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in kinds}
+    for number in range(rounds):
+        for name, (call, pid) in kinds.items():
+            results[name].append(await drive(call, callers, seconds, pid))
+        shown = (
+            f"{name} {r[-1]['rps']:.0f}/s p99 {r[-1]['p99_ms']:.1f} ms"
+            for name, r in results.items()
+        )
+        print(f"round {number + 1}: " + ", ".join(shown), file=sys.stderr)
+    return results
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+@contextlib.asynccontextmanager
+async def echo_caller(stack: SystemStack, payload: bytes) -> AsyncIterator[tuple[Call, int]]:
+    """A call of the echo server with `payload`, on its own channel, and the server's PID."""
+    async with grpc.aio.insecure_channel(stack.address("echo")) as channel:
+        echo: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(ECHO_METHOD)
 
+        async def call(index: int) -> object:
+            return await echo(payload)
 
-def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
-    return {key: round(statistics.median(r[key] for r in rounds), 2) for key in rounds[0]}
+        yield call, stack.services["echo"].pid
 
 
 if __name__ == "__main__":
-    uvloop.run(serve_echo(int(sys.argv[1])))
+    uvloop.run(serve_echo(int(os.environ["GRPC_PORT"])))
