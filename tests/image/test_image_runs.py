@@ -135,7 +135,7 @@ async def stack(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[SystemStack]:
     """Every service from the image, each with its Deployment's command and the environment
-    `tools.system` gives it, as the manifests' user, only what they mount writable."""
+    `tools.stack` gives it, as the manifests' user, only what they mount writable."""
     commands = service_commands(manifests)
     assert sorted(commands) == sorted(SERVICES)
     runner.read_only = [path for path, _ in inspected["writable"]]

@@ -2,7 +2,7 @@
 
     python -m tools.bench.e2e_bench [--rates 100,300,1000] [--seconds 10] [--drain-seconds 15]
 
-The whole system as separate processes (`tools.system`, as `make run` starts it): embedded
+The whole system as separate processes (`tools.stack`, as `make run` starts it): embedded
 PostgreSQL and NATS JetStream in a temp dir (unless DATABASE_URL / NATS_URL are set; the
 services' schemas there are then dropped first, as the tests do), the Twilio sandbox with no
 latency and no faults, seller_admin, live_session, routing, outbox and the gateway. One shop is

@@ -29,7 +29,7 @@ import uvloop
 from snapsell.live_session.v1 import live_session_pb2 as pb
 from snapsell.live_session.v1.live_session_pb2_grpc import LiveSessionServiceStub
 
-from tools.bench.grpc_stack import bearer, bench_stack, echo_caller, measure_rounds
+from tools.bench.harness import bearer, bench_stack, echo_caller, measure_rounds
 from tools.bench.stats import median_of
 from tools.stack import SystemStack
 

@@ -53,7 +53,7 @@ import httpx
 from snapsell.common.v1 import address_pb2
 from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
 
-from tools.bench.grpc_stack import bearer, bench_stack, create_shop
+from tools.bench.harness import bearer, bench_stack, create_shop
 from tools.bench.stats import cpu_seconds, peak_rss_mb, percentile, server_cpu_seconds
 from tools.stack import ROOT, Infrastructure, SystemStack
 
@@ -109,7 +109,7 @@ class PgqueuerConfig:
 
 
 class BenchStack:
-    """The processes of one run (`tools.bench.grpc_stack.bench_stack`), and what this
+    """The processes of one run (`tools.bench.harness.bench_stack`), and what this
     benchmark asks of them; everything started is stopped by PID."""
 
     def __init__(self, stack: SystemStack, infra: Infrastructure, db: asyncpg.Pool) -> None:

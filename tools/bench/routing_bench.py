@@ -35,7 +35,7 @@ from snapsell.gateway.v1 import events_pb2 as gateway_events
 from snapsell.routing.v1 import events_pb2
 
 from infra import jetstream
-from tools.bench.grpc_stack import bench_stack, create_shop
+from tools.bench.harness import bench_stack, create_shop
 from tools.bench.stats import peak_rss_mb, percentile
 from tools.stack import SystemStack
 

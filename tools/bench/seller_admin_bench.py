@@ -37,7 +37,7 @@ from snapsell.common.v1 import address_pb2
 from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
 from snapsell.seller_admin.v1.seller_admin_pb2_grpc import SellerAdminServiceStub
 
-from tools.bench.grpc_stack import (
+from tools.bench.harness import (
     Call,
     bearer,
     bench_stack,

@@ -1,7 +1,8 @@
-"""What the gRPC benchmarks share: a bare `grpc.aio` unary echo with the same server settings as
-the services (run as `python -m tools.bench.grpc_stack`, on `GRPC_PORT`), the stack a benchmark
-drives (one service and the echo, on `tools.stack`), closed-loop callers that measure a round,
-and shops set up through seller_admin's API."""
+"""What the benchmarks share: the stack a benchmark drives (`bench_stack`: its services on
+`tools.stack`, PostgreSQL and NATS embedded in a temporary directory unless DATABASE_URL / NATS_URL
+are set), shops set up through seller_admin's API, closed-loop callers that measure rounds, and a
+bare `grpc.aio` unary echo with the same server settings as the services (run as
+`python -m tools.bench.harness`, on `GRPC_PORT`), the peer the gRPC benchmarks compare with."""
 
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ async def bench_stack(
         try:
             if echo:
                 stack.services["echo"] = spawn_service(
-                    "echo", {}, module="tools.bench.grpc_stack", log_dir=Path(tmp) / "logs"
+                    "echo", {}, module="tools.bench.harness", log_dir=Path(tmp) / "logs"
                 )
                 await stack.services["echo"].wait_ready()
             yield stack, found
