@@ -6,14 +6,16 @@ bare `grpc.aio` unary echo with the same server settings as the services (run as
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 
 import grpc
@@ -177,6 +179,23 @@ async def echo_caller(stack: SystemStack, payload: bytes) -> AsyncIterator[tuple
             return await echo(payload)
 
         yield call, stack.services["echo"].pid
+
+
+def rounds_parser(doc: str, callers: int) -> argparse.ArgumentParser:
+    """The options of a benchmark measured in rounds against the echo."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--callers", type=int, default=callers)
+    parser.add_argument("--tenants", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    return parser
+
+
+def print_report(measure: Coroutine[None, None, dict[str, object]]) -> int:
+    """Run `measure` on uvloop (as the services run) and print its report as the last line."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        print(json.dumps(runner.run(measure)), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

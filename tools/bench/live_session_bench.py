@@ -18,18 +18,22 @@ Prints one JSON line; everything it started is stopped by PID at the end.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import os
 import sys
 import uuid
 
 import grpc
-import uvloop
 from snapsell.live_session.v1 import live_session_pb2 as pb
 from snapsell.live_session.v1.live_session_pb2_grpc import LiveSessionServiceStub
 
-from tools.bench.harness import bearer, bench_stack, echo_caller, measure_rounds
+from tools.bench.harness import (
+    bearer,
+    bench_stack,
+    echo_caller,
+    measure_rounds,
+    print_report,
+    rounds_parser,
+)
 from tools.bench.stats import median_of
 from tools.stack import SystemStack
 
@@ -89,16 +93,8 @@ async def measure(stack: SystemStack, args: argparse.Namespace) -> dict[str, obj
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--callers", type=int, default=100)
-    parser.add_argument("--tenants", type=int, default=50)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=3.0)
-    args = parser.parse_args(argv)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        result = runner.run(run(args))
-    print(json.dumps(result))
-    return 0
+    parser = rounds_parser(__doc__, callers=100)
+    return print_report(run(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":

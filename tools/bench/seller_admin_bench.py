@@ -23,8 +23,6 @@ Prints one JSON line; everything it started is stopped by PID at the end.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import os
 import secrets
 import statistics
@@ -32,7 +30,6 @@ import sys
 import uuid
 
 import grpc
-import uvloop
 from snapsell.common.v1 import address_pb2
 from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
 from snapsell.seller_admin.v1.seller_admin_pb2_grpc import SellerAdminServiceStub
@@ -44,6 +41,8 @@ from tools.bench.harness import (
     create_shop,
     echo_caller,
     measure_rounds,
+    print_report,
+    rounds_parser,
 )
 from tools.bench.stats import median_of
 from tools.stack import SystemStack
@@ -154,17 +153,9 @@ async def measure(stack: SystemStack, args: argparse.Namespace) -> dict[str, obj
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--callers", type=int, default=50)
-    parser.add_argument("--tenants", type=int, default=50)
+    parser = rounds_parser(__doc__, callers=50)
     parser.add_argument("--sellers", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=3.0)
-    args = parser.parse_args(argv)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        result = runner.run(run(args))
-    print(json.dumps(result))
-    return 0
+    return print_report(run(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":
