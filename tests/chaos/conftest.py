@@ -18,10 +18,9 @@ import pytest
 
 from tests.chaos.faults import FAST_RECOVERY_ENV, ChaosWorld
 from tests.chaos.nats_link import NatsLink
-from tests.support.processes import spawn_service
-from tests.support.stack import start_system
 from tools.dev_keys import DevKeys
 from tools.devstack import EmbeddedNats, EmbeddedPostgres, nats_service_env
+from tools.stack import spawn_service, start_system
 
 _PORT_VARIABLES = ("GRPC_PORT", "HTTP_PORT", "METRICS_PORT")
 

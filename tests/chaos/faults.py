@@ -23,9 +23,8 @@ import httpx
 
 from infra.db import service_role
 from tests.chaos.nats_link import NatsLink
-from tests.support.processes import RunningService, spawn_service
-from tests.support.stack import SystemStack
 from tools.devstack import EmbeddedNats, EmbeddedPostgres
+from tools.stack import RunningService, SystemStack, spawn_service
 
 # Quick retries, reconciliations, redeliveries and lease expiries, so the system recovers
 # from each fault within seconds; the per-sender flood limit is lifted (the load writes far

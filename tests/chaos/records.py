@@ -18,8 +18,8 @@ import httpx
 from nats.js import JetStreamContext, api
 from snapsell.routing.v1 import events_pb2
 
-from tests.e2e.harness import eventually
-from tests.support.processes import RunningService
+from tests.support.polling import eventually
+from tools.stack import RunningService
 
 ROUTED_SUBJECT = "routing.v1.message.routed"
 OPT_OUT_RECORDED = "routing.v1.opt_out.recorded"

@@ -28,7 +28,7 @@ from tests.chaos.records import SETTLE_TIMEOUT_S, Records, read_records, wait_un
 from tests.chaos.webhooks import WebhookPoster, WebhookTally
 from tests.e2e.harness import shop_from_api
 from tests.support.processes import RunningService
-from tests.support.stack import SystemStack
+from tools.stack import SystemStack
 
 SHOPS = 3
 WEBHOOK_CONCURRENCY = 32

@@ -29,9 +29,9 @@ from tests.chaos.cluster import NatsCluster
 from tests.chaos.faults import FAST_RECOVERY_ENV, OUTAGE_S, Fault
 from tests.chaos.load import LoadSize, rate_from_env
 from tests.chaos.scenario import Scenario, run_scenario
-from tests.support.stack import SERVICES, SystemStack, start_system
 from tools.dev_keys import DevKeys
 from tools.devstack import EmbeddedPostgres
+from tools.stack import SERVICES, SystemStack, start_system
 
 # About a minute in `make test`: each fault meets load, and the last tenth of it the recovery.
 CLUSTER_WEBHOOKS = "600"

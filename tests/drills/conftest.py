@@ -17,9 +17,9 @@ from tests.drills.pitr import BackupSite
 from tests.drills.waves import Traffic
 from tests.e2e.conftest import FAST_ENV
 from tests.e2e.harness import Harness
-from tests.support.stack import SystemStack, start_system
 from tools.dev_keys import DevKeys
 from tools.devstack import EmbeddedNats, EmbeddedPostgres
+from tools.stack import SystemStack, start_system
 
 # The end-to-end tests' quick polls and retries, so each wave settles within seconds; not their
 # one-minute inactivity window: the lives must stay open from one wave to the next.

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import asyncpg
 
-from tests.e2e.harness import eventually
+from tests.support.polling import eventually
 from tools.devstack import (
     EmbeddedPostgres,
     as_postgres_user,

@@ -33,9 +33,10 @@ from tests.drills.pitr import (
     state_at_now,
 )
 from tests.drills.waves import DrillSize, Traffic, Wave
-from tests.e2e.harness import Harness, eventually
-from tests.support.stack import DB_SERVICES, SystemStack, start_system
+from tests.e2e.harness import Harness
+from tests.support.polling import eventually
 from tools.devstack import EmbeddedNats, EmbeddedPostgres
+from tools.stack import DB_SERVICES, SystemStack, start_system
 
 
 async def test_a_point_in_time_restore_brings_back_exactly_what_was_committed_before_it(

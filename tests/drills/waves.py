@@ -27,8 +27,9 @@ import asyncpg
 from tests.chaos.calls import DriverCalls
 from tests.chaos.webhooks import WebhookPoster
 from tests.drills.pitr import NEXT_XID
-from tests.e2e.harness import Harness, Shop, eventually, new_mobile, shop_from_api
-from tests.support.stack import DB_SERVICES
+from tests.e2e.harness import Harness, Shop, new_mobile, shop_from_api
+from tests.support.polling import eventually
+from tools.stack import DB_SERVICES
 
 CONCURRENCY = 16  # webhooks in flight, and enqueues
 # How long webhooks and enqueues are retried, at the most, from the start of the drill.

@@ -19,8 +19,8 @@ from tests.e2e.harness import (
     new_mobile,
     shop_from_api,
 )
-from tests.support.stack import SystemStack, start_system
 from tools.dev_keys import DevKeys
+from tools.stack import SystemStack, start_system
 
 # Short enough for the sweeper test: the window's minimum, swept every second.
 LIVE_WINDOW_S = 60.0

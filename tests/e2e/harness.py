@@ -4,11 +4,10 @@ service publishes on JetStream, and the Twilio sandbox's record of what was sent
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import secrets
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -23,8 +22,9 @@ from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
 from snapsell.routing.v1 import routing_pb2, routing_pb2_grpc
 from snapsell.seller_admin.v1 import seller_admin_pb2, seller_admin_pb2_grpc
 
-from tests.support.stack import SystemStack
+from tests.support.polling import eventually
 from tests.support.twilio import sign, whatsapp_params
+from tools.stack import SystemStack
 
 M = TypeVar("M", bound=Message)
 
@@ -89,20 +89,6 @@ def inbound_params(account_sid: str, shop: Shop, sender: str, body: str) -> dict
     params.pop("MediaUrl0")
     params.pop("MediaContentType0")
     return params
-
-
-async def eventually(
-    check: Callable[[], Awaitable[Any]], *, timeout_s: float = 20.0, every_s: float = 0.1
-) -> Any:
-    """The first truthy result of `check`; AssertionError with the last one after the timeout."""
-    last: Any = None
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while asyncio.get_running_loop().time() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(every_s)
-    raise AssertionError(f"not true after {timeout_s}s; last result: {last!r}")
 
 
 class Harness:

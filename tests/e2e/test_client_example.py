@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import shop_from_cli
-from tests.e2e.harness import Harness, eventually, new_mobile
-from tests.support.stack import SystemStack
-from tools.service_process import ROOT
+from tests.e2e.harness import Harness, new_mobile
+from tests.support.polling import eventually
+from tools.stack import ROOT, SystemStack
 
 CONTRACTS = ROOT / "contracts" / "python"
 EXAMPLE = CONTRACTS / "examples" / "list_opt_outs.py"

@@ -18,7 +18,8 @@ from snapsell.outbox.v1 import outbox_pb2
 from snapsell.routing.v1 import events_pb2 as routing_events
 
 from tests.e2e.conftest import LIVE_WINDOW_S
-from tests.e2e.harness import Harness, Shop, eventually, new_business_number, new_mobile
+from tests.e2e.harness import Harness, Shop, new_business_number, new_mobile
+from tests.support.polling import eventually
 
 OPT_OUT_REPLY_START = "Vous êtes désinscrit(e)"
 OPT_IN_REPLY_START = "Vous êtes réinscrit(e)"

@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 
 from tests.e2e.conftest import LIVE_WINDOW_S
-from tests.e2e.harness import Harness, Shop, eventually, new_mobile, shop_from_api
-from tests.support.stack import SystemStack
+from tests.e2e.harness import Harness, Shop, new_mobile, shop_from_api
+from tests.support.polling import eventually
+from tools.stack import SystemStack
 
 BUYER_SUMMARY = "Récapitulatif du live : A12 Robe (25 €) x1 réservé. Merci !"
 SETTLE_S = 3.0

@@ -22,9 +22,9 @@ from snapsell.seller_admin.v1 import seller_admin_pb2, seller_admin_pb2_grpc
 
 from infra.auth import issue_token
 from infra.keys import new_signing_key
-from tests.e2e.harness import Harness, Shop, eventually, issued_phones, new_mobile
-from tests.support.processes import ROOT
-from tests.support.stack import SERVICES, SystemStack
+from tests.e2e.harness import Harness, Shop, issued_phones, new_mobile
+from tests.support.polling import eventually
+from tools.stack import ROOT, SERVICES, SystemStack
 
 OPERATIONS = ROOT / "docs" / "OPERATIONS.md"
 # The SLO alerts, as the prod overlay applies them (a PrometheusRule).

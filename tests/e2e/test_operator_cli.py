@@ -14,8 +14,7 @@ from snapsell.outbox.v1 import outbox_pb2
 
 from tests.e2e.conftest import shop_from_cli
 from tests.e2e.harness import Harness, Shop, new_mobile
-from tests.support.stack import SystemStack
-from tools.service_process import ROOT
+from tools.stack import ROOT, SystemStack
 
 
 def operator(stack: SystemStack, *args: str) -> subprocess.CompletedProcess[str]:

@@ -24,15 +24,14 @@ import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 import httpx
 
-from tests.support.stack import SystemStack
-from tools.service_process import ROOT
+from tests.support.polling import eventually
+from tools.stack import ROOT, SystemStack
 
 README = ROOT / "README.md"
 SECTION = "### Walkthrough: a shop, its seller and a client"
@@ -140,16 +139,6 @@ class Outcomes:
             return [r for r in records if all(r.get(k) == v for k, v in fields.items())]
 
         await eventually(found, f"log line {fields}")
-
-
-async def eventually(check: Callable[[], Awaitable[T]], what: str, timeout_s: float = 20.0) -> T:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while loop.time() < deadline:
-        if result := await check():
-            return result
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"not seen after {timeout_s}s: {what}")
 
 
 def test_the_walkthrough_is_in_the_readme_with_a_separate_client() -> None:

@@ -20,8 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tools.service_process import RunningService, log_file, process_env
-from tools.system import Launch
+from tools.stack import Launch, RunningService, log_file, process_env, process_tree
 
 BUILDAH = shutil.which("buildah") or "buildah"
 
@@ -30,26 +29,6 @@ def _buildah(*args: str) -> str:
     done = subprocess.run([BUILDAH, *args], capture_output=True, text=True, check=False)
     assert done.returncode == 0, f"buildah {args[0]}: {done.stderr.strip()}"
     return done.stdout.strip()
-
-
-def _descendants(root: int) -> list[int]:
-    """Every process under `root`, parents before children."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            # pid (comm) state ppid ...: comm may contain spaces, so split after its ')'.
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(entry.name))
-    found, queue = [], [root]
-    while queue:
-        for child in children.get(queue.pop(0), []):
-            found.append(child)
-            queue.append(child)
-    return found
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -65,7 +44,7 @@ class ContainerService(RunningService):
 
     def service_pid(self) -> int | None:
         """The PID of the service's own process inside the container (not buildah's)."""
-        for pid in _descendants(self.process.pid):
+        for pid in process_tree(self.process.pid)[1:]:
             # The executable as buildah resolved it on the image's PATH, then the same args.
             found = _cmdline(pid)
             if found[1:] == list(self.argv[1:]) and Path(found[0]).name == self.argv[0]:
@@ -87,7 +66,7 @@ class ContainerService(RunningService):
         """SIGKILL to every process under buildah, then to buildah: killed alone, it would
         leave its chroot helper and the service running."""
         if self.process.poll() is None:
-            for pid in reversed(_descendants(self.process.pid)):
+            for pid in reversed(process_tree(self.process.pid)[1:]):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             self.process.kill()
@@ -171,7 +150,7 @@ class ImageRunner:
 
     def launcher(self, commands: Mapping[str, Sequence[str]]) -> Launch:
         """Starts service `name` as `commands[name]` (its manifest's command) in a container,
-        with the environment `tools.system` gives the service."""
+        with the environment `tools.stack` gives the service."""
 
         def launch(
             name: str, env: dict[str, str], *, port: int, http: bool, log_dir: Path

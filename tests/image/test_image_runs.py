@@ -20,15 +20,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from infra import jetstream
 from infra.db import INFRA_MIGRATIONS, migration_files
-from tests.e2e.harness import Harness, eventually, new_mobile, shop_from_api
+from tests.e2e.harness import Harness, new_mobile, shop_from_api
 from tests.image.containers import ImageRunner
 from tests.image.manifests import app_containers, argv, migration_commands, service_commands
-from tests.support.db import reset_service_schema
-from tests.support.stack import DB_SERVICES, SERVICES, SystemStack, start_system
+from tests.support.polling import eventually
 from tools.deploy import images
 from tools.deploy.render import Manifest
 from tools.dev_keys import DevKeys
-from tools.service_process import ROOT
+from tools.stack import DB_SERVICES, ROOT, SERVICES, SystemStack, reset_service_schema, start_system
 
 # Run in the image: who it runs as, what its user can write outside the mounted paths (argv
 # 2), which build tools and build inputs it holds, and whether each command (argv 1) that a
@@ -136,7 +135,7 @@ async def stack(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[SystemStack]:
     """Every service from the image, each with its Deployment's command and the environment
-    `tools.system` gives it, as the manifests' user, only what they mount writable."""
+    `tools.stack` gives it, as the manifests' user, only what they mount writable."""
     commands = service_commands(manifests)
     assert sorted(commands) == sorted(SERVICES)
     runner.read_only = [path for path, _ in inspected["writable"]]

@@ -4,7 +4,6 @@ event subjects a service's code records, and the `events_subject_known` constrai
 from __future__ import annotations
 
 import ast
-import asyncio
 import contextlib
 import json
 import re
@@ -14,8 +13,9 @@ from typing import Any
 
 import asyncpg
 
-from tests.support.db import reset_service_schema
+from tests.support.polling import eventually
 from tests.support.processes import start_service
+from tools.stack import reset_service_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 Plan = dict[str, Any]
@@ -124,9 +124,10 @@ async def process_with_fast_retention(
 
 
 async def wait_until_zero(conn: asyncpg.Connection, count_sql: str, timeout_s: float = 15) -> None:
-    async with asyncio.timeout(timeout_s):
-        while await conn.fetchval(count_sql):
-            await asyncio.sleep(0.2)
+    async def zero() -> bool:
+        return not await conn.fetchval(count_sql)
+
+    await eventually(zero, count_sql, timeout_s=timeout_s, every_s=0.2)
 
 
 async def assert_process_purges_old_events(

@@ -20,7 +20,7 @@ from infra.metrics import start_metrics_server
 from tests.support.gateway import start_gateway
 from tools.devstack import free_port
 from tools.run import hold_run_lock, set_listen_addresses
-from tools.service_process import ROOT
+from tools.stack import ROOT
 
 
 def _run(module: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -8,7 +8,7 @@ import json
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -27,7 +27,7 @@ from infra.twilio_http import (
     make_twilio_client,
     retry_after_s,
 )
-from tools.twilio_sandbox.process import SandboxProcess, start_sandbox
+from tools.stack import RunningService, start_sandbox
 
 ACCOUNT_SID = "AC" + "1" * 32
 AUTH_TOKEN = "sandbox-test-token"
@@ -37,15 +37,14 @@ SENDER = "whatsapp:+14155238886"
 
 
 @pytest.fixture(scope="module")
-def sandbox() -> Iterator[SandboxProcess]:
-    process = start_sandbox({ACCOUNT_SID: AUTH_TOKEN, OTHER_ACCOUNT_SID: OTHER_AUTH_TOKEN})
+async def sandbox() -> AsyncIterator[RunningService]:
+    process = await start_sandbox({ACCOUNT_SID: AUTH_TOKEN, OTHER_ACCOUNT_SID: OTHER_AUTH_TOKEN})
     yield process
-    process.stop()
-    assert process.process.returncode == 0
+    assert process.stop() == 0
 
 
 @pytest.fixture(scope="module")
-async def control(sandbox: SandboxProcess) -> AsyncIterator[httpx.AsyncClient]:
+async def control(sandbox: RunningService) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=sandbox.url, timeout=5) as client:
         yield client
 
@@ -56,7 +55,7 @@ async def fresh_sandbox(control: httpx.AsyncClient) -> None:
 
 
 @pytest.fixture
-async def twilio(sandbox: SandboxProcess) -> AsyncIterator[Client]:
+async def twilio(sandbox: RunningService) -> AsyncIterator[Client]:
     client = make_twilio_client(ACCOUNT_SID, AUTH_TOKEN, sandbox.url, timeout_s=5)
     yield client
     await client.http_client.close()
@@ -140,7 +139,7 @@ async def test_list_filters_by_recipient_and_sent_date_across_pages(twilio: Clie
     assert len(await twilio.messages.list_async(from_=SENDER)) == 6
 
 
-async def test_messages_of_one_account_are_invisible_to_another(sandbox: SandboxProcess) -> None:
+async def test_messages_of_one_account_are_invisible_to_another(sandbox: RunningService) -> None:
     first = make_twilio_client(ACCOUNT_SID, AUTH_TOKEN, sandbox.url, timeout_s=5)
     other = make_twilio_client(OTHER_ACCOUNT_SID, OTHER_AUTH_TOKEN, sandbox.url, timeout_s=5)
     try:
@@ -159,7 +158,7 @@ async def test_messages_of_one_account_are_invisible_to_another(sandbox: Sandbox
     [(ACCOUNT_SID, "wrong-token"), ("AC" + "9" * 32, AUTH_TOKEN), (OTHER_ACCOUNT_SID, AUTH_TOKEN)],
 )
 async def test_bad_credentials_are_refused_with_20003(
-    sandbox: SandboxProcess, control: httpx.AsyncClient, account_sid: str, token: str
+    sandbox: RunningService, control: httpx.AsyncClient, account_sid: str, token: str
 ) -> None:
     client = make_twilio_client(account_sid, token, sandbox.url, timeout_s=5)
     try:
@@ -236,7 +235,7 @@ async def test_permanent_error_codes_are_answered_per_recipient(
 
 
 async def test_timeout_after_accept_raises_outcome_unknown_yet_the_message_exists(
-    sandbox: SandboxProcess, control: httpx.AsyncClient
+    sandbox: RunningService, control: httpx.AsyncClient
 ) -> None:
     await set_faults(control, timeout_after_accept_rate=1.0, timeout_s=30)
     impatient = make_twilio_client(ACCOUNT_SID, AUTH_TOKEN, sandbox.url, timeout_s=0.5)

@@ -11,8 +11,8 @@ import pytest
 
 from infra import jetstream
 from tests.e2e.harness import Harness
-from tests.support.stack import SystemStack, start_system
 from tools.dev_keys import DevKeys
+from tools.stack import SystemStack, start_system
 
 
 @pytest.fixture(scope="module")

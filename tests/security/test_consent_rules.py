@@ -12,7 +12,8 @@ import pytest
 from snapsell.routing.v1 import events_pb2 as routing_events
 from snapsell.routing.v1 import routing_pb2, routing_pb2_grpc
 
-from tests.e2e.harness import Harness, Shop, eventually, new_mobile, shop_from_api, whatsapp
+from tests.e2e.harness import Harness, Shop, new_mobile, shop_from_api, whatsapp
+from tests.support.polling import eventually
 
 OPTED_IN = routing_pb2.CONSENT_STATE_OPTED_IN
 OPTED_OUT = routing_pb2.CONSENT_STATE_OPTED_OUT

@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.integration.grpc_echo import (
+from tests.integration.infra.grpc_echo import (
     SERVICE,
     bearer,
     echo_server,

@@ -29,7 +29,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from snapsell.common.v1 import address_pb2
 from snapsell.routing.v1 import routing_pb2
 
-from tests.support.stack import DB_SERVICES, SystemStack
+from tools.stack import DB_SERVICES, SystemStack
 
 MakeToken = Callable[..., str]
 NUL_TEXT = "nul\0text"

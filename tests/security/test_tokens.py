@@ -28,7 +28,7 @@ from snapsell.seller_admin.v1 import seller_admin_pb2, seller_admin_pb2_grpc
 from infra.auth import issue_token
 from infra.keys import new_signing_key
 from tools.dev_keys import DevKeys
-from tools.system import SystemStack, start_system
+from tools.stack import SystemStack, start_system
 
 SERVICES = ("routing", "outbox", "live_session", "seller_admin")
 IDP_ISSUER = "https://idp.example.test/"

@@ -21,12 +21,12 @@ from services.outbox.consumer import STATUS_CONSUMER
 from tests.integration.outbox.stack import (
     ACCOUNT_SID,
     OutboxStack,
-    eventually,
     new_phone,
     sms,
 )
-from tests.support.processes import RunningService
+from tests.support.polling import eventually
 from tools.dev_keys import DevKeys
+from tools.stack import RunningService
 
 OTHER_ACCOUNT_SID = "AC" + "6" * 32
 
@@ -108,6 +108,6 @@ async def test_status_callback_for_an_unknown_sid_is_given_up_after_a_short_grac
     before = await callbacks_counted(outbox, "unknown_sid")
     started = time.monotonic()
     await publish_callback(stack, "SM" + uuid.uuid4().hex, "delivered", ACCOUNT_SID)
-    await eventually(lambda: callbacks_settled(stack), timeout_s=25, interval_s=0.25)
+    await eventually(lambda: callbacks_settled(stack), timeout_s=25, every_s=0.25)
     assert time.monotonic() - started < 25  # not ~60 deliveries over five minutes
     assert await callbacks_counted(outbox, "unknown_sid") == before + 1

@@ -21,8 +21,8 @@ from infra.config import ConfigError
 from services.gateway.config import load_config
 from tests.support import twilio
 from tests.support.gateway import PUBLIC_BASE_URL, start_gateway
-from tests.support.processes import RunningService
 from tests.support.twilio import whatsapp_params
+from tools.stack import RunningService
 
 MESSAGES = "/webhooks/twilio/messages"
 STATUS = "/webhooks/twilio/status"

@@ -1,1 +1,2 @@
-"""Test helpers shared by the suites: database resets and service processes."""
+"""Helpers only the tests use: starting a service process, polling until a condition holds,
+Twilio test accounts, a gateway process, JetStream settling."""

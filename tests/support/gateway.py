@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from tests.support.processes import RunningService, start_service
+from tests.support.processes import start_service
 from tests.support.twilio import ACCOUNT_SID, AUTH_TOKEN, OTHER_ACCOUNT_SID, OTHER_AUTH_TOKEN
+from tools.stack import RunningService
 
 PUBLIC_BASE_URL = "https://hooks.example.com/snapsell"
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from nats.js import JetStreamContext
+
+from tests.support.polling import eventually
 
 
 async def wait_settled(
@@ -14,9 +14,9 @@ async def wait_settled(
     is compared with the subject's last sequence: the consumer's pending count can still read
     0 for a moment after a publish was acknowledged, before the consumer has seen it."""
     last = (await js.get_last_msg(stream, subject)).seq
-    async with asyncio.timeout(timeout_s):
-        while True:
-            info = await js.consumer_info(stream, durable)
-            if info.ack_floor.stream_seq >= last and info.num_ack_pending == 0:
-                return
-            await asyncio.sleep(0.05)
+
+    async def settled() -> bool:
+        info = await js.consumer_info(stream, durable)
+        return info.ack_floor.stream_seq >= last and info.num_ack_pending == 0
+
+    await eventually(settled, f"{durable} settled", timeout_s=timeout_s, every_s=0.05)

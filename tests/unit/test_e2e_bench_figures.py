@@ -7,7 +7,7 @@ import math
 import pytest
 
 from tools.bench.e2e_figures import Outbound, check_sandbox, summarise_phase
-from tools.bench.open_loop import percentile
+from tools.bench.stats import percentile
 
 
 def test_latency_is_acceptance_minus_release_per_message_sid() -> None:

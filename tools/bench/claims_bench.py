@@ -3,7 +3,7 @@ same burst against the obvious `SELECT ... FOR UPDATE` peer, and an end-of-live 
 
     python -m tools.bench.claims_bench [--rate 100] [--seconds 10] [--burst 1000]
 
-The whole system as separate processes (`tools.system`, as `make run` starts it) on a fresh
+The whole system as separate processes (`tools.stack`, as `make run` starts it) on a fresh
 embedded PostgreSQL and NATS JetStream (or DATABASE_URL / NATS_URL, the services' schemas dropped
 first). One shop with a seller phone is set up with the operator CLI; the seller posts the items
 by WhatsApp webhook, so a live session is open.
@@ -57,7 +57,7 @@ from services.live_catalog.store import CatalogStore
 from tools.bench.e2e_bench import Phases, configure_sandbox, run_whole_system
 from tools.bench.webhooks import BUSINESS_NUMBER, WEBHOOK_PATH, new_nonce, signed_webhooks
 from tools.dev_keys import DevKeys
-from tools.system import SystemStack, infrastructure, start_system
+from tools.stack import SystemStack, infrastructure, start_system
 
 TENANT = "claims-bench"
 SELLER_CLIENT = 99_000_000  # client number of the seller (`webhooks.client_address`)
@@ -402,8 +402,8 @@ class ClaimsBench:
 
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     service_env = {"outbox": {"OUTBOX_RATE_LIMIT_PER_SENDER": "2000"}}
-    with infrastructure(workdir) as servers:
-        dsn, nats_url = servers.dsn, servers.nats_url
+    with infrastructure(workdir) as found:
+        dsn, nats_url = found.dsn, found.nats_url
         say("starting the stack")
         stack = await start_system(
             dsn,
@@ -415,7 +415,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             trace=False,
         )
         async with asyncpg.create_pool(dsn, min_size=1, max_size=4) as db:
-            bench = ClaimsBench(args, stack, db, servers.pids)
+            bench = ClaimsBench(args, stack, db, found.pids)
             try:
                 await configure_sandbox(stack)
                 await bench.set_up_shop()

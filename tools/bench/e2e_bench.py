@@ -3,7 +3,7 @@
     python -m tools.bench.e2e_bench [--rates 100,300,1000] [--seconds 10] [--drain-seconds 15]
                                     [--log-level INFO]
 
-The whole system as separate processes (`tools.system`, as `make run` starts it): embedded
+The whole system as separate processes (`tools.stack`, as `make run` starts it): embedded
 PostgreSQL and NATS JetStream in a temp dir (unless DATABASE_URL / NATS_URL are set; the
 services' schemas there are then dropped first, as the tests do), the Twilio sandbox with no
 latency and no faults, seller_admin, live_session, routing, outbox and the gateway. One shop is
@@ -30,7 +30,7 @@ Figures, per rate N (`rN_`): `webhook_rps` achieved post rate; `send_rps` replie
 `enqueued_p50_ms` / `enqueued_p99_ms` the part before the outbox (webhook -> reply enqueued:
 gateway, JetStream, routing and its peers); `answer_p99_ms` the gateway's answer time;
 `non200` webhooks not answered 200; `pending` replies not sent at the cut; `send_failed`
-replies dead or blocked. Then `<service>_peak_rss_mb` over the run (`tools.bench.rss`),
+replies dead or blocked. Then `<service>_peak_rss_mb` over the run (`tools.bench.stats.PeakRss`),
 `rN_cpu_ms_per_msg_<process>` (CPU of each service's process tree, PostgreSQL's and NATS's
 when embedded, and their `total`, over the phase's load and drain, per reply sent),
 `loadgen_cpu_pct` (the load generator at the top rate), `loadgen_lag_p99_ms` (its worst
@@ -63,7 +63,7 @@ from tools.bench.e2e_figures import (
     summarise_phase,
 )
 from tools.bench.open_loop import OpenLoopResult, run_open_loop
-from tools.bench.rss import PeakRss, tree_cpu_seconds
+from tools.bench.stats import PeakRss, tree_cpu_seconds
 from tools.bench.webhooks import (
     BUSINESS_NUMBER,
     WEBHOOK_PATH,
@@ -75,8 +75,7 @@ from tools.bench.webhooks import (
 )
 from tools.dev_keys import DevKeys
 from tools.devstack import DevstackError
-from tools.system import SystemStack, infrastructure, start_system
-from tools.twilio_sandbox.process import SandboxStartError
+from tools.stack import SystemStack, infrastructure, start_system
 
 TENANT = "e2e-bench"
 KEYWORD = "HELP"
@@ -286,12 +285,11 @@ async def configure_sandbox(stack: SystemStack) -> None:
 
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     service_env = {"outbox": {"OUTBOX_RATE_LIMIT_PER_SENDER": f"{args.sender_rate:g}"}}
-    with infrastructure(workdir) as servers:
-        dsn, nats_url = servers.dsn, servers.nats_url
+    with infrastructure(workdir) as found:
         say("starting the stack")
         stack = await start_system(
-            dsn,
-            nats_url,
+            found.dsn,
+            found.nats_url,
             DevKeys(workdir / "keys"),
             workdir,
             env={"LOG_LEVEL": args.log_level},
@@ -299,8 +297,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             trace=False,
         )
         try:
-            async with asyncpg.create_pool(dsn, min_size=1, max_size=2) as db:
-                phases = Phases(args, stack, db, servers.pids)
+            async with asyncpg.create_pool(found.dsn, min_size=1, max_size=2) as db:
+                phases = Phases(args, stack, db, found.pids)
                 await measure_all(args, phases)
         finally:
             await stack.stop()
@@ -391,7 +389,7 @@ def run_whole_system(
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             result = runner.run(run(args, workdir))
-    except (RuntimeError, DevstackError, SandboxStartError, OSError) as exc:
+    except (RuntimeError, DevstackError, OSError) as exc:
         print(f"{name} bench failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

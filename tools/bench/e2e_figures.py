@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from tools.bench.open_loop import percentile
+from tools.bench.stats import percentile
 
 # Outbox statuses of a message not finished yet; every other status is final.
 WAITING_STATUSES = frozenset({"pending", "sending"})

@@ -33,7 +33,7 @@ from each request's scheduled time. It has `-c` connections (256), one request i
 each as Twilio sends them, so that the client never holds a request back for want of a free
 connection (with 32, a pause of a few milliseconds at ~5,000/s did, and the wait counted as
 the gateway's latency). Peak RSS of each server's process tree is sampled throughout
-(`tools.bench.rss`).
+(`tools.bench.stats.PeakRss`).
 
 Stream check (the gateway must never answer 200 for a message it did not hand over): after
 the gateway stops, every `Nats-Msg-Id` of the INBOUND stream is read back. The wrk phases
@@ -78,8 +78,7 @@ from typing import Any
 import uvloop
 
 from tools.bench.open_loop import OpenLoopResult, run_open_loop
-from tools.bench.processes import HttpServer, ServerFailedError
-from tools.bench.rss import PeakRss
+from tools.bench.stats import PeakRss
 from tools.bench.stream_check import stored_message_ids
 from tools.bench.webhooks import (
     WEBHOOK_PATH,
@@ -90,6 +89,7 @@ from tools.bench.webhooks import (
 )
 from tools.bench.wrk import WrkMissingError, WrkResult, ensure_wrk, run_wrk, write_wrk_inputs
 from tools.devstack import DevstackError, EmbeddedNats, free_port, nats_service_env
+from tools.stack import RunningService, spawn_service
 
 ACCOUNT_SID = "AC" + "b" * 32
 AUTH_TOKEN = "gateway-bench-auth-token"
@@ -142,7 +142,7 @@ def _ratio(pairs: Iterable[tuple[WrkResult, WrkResult]]) -> float:
 
 @dataclass
 class Contender:
-    server: HttpServer
+    server: RunningService
     rss: PeakRss
     rounds: list[dict[int, WrkResult]] = field(default_factory=list)  # connections -> run
 
@@ -216,8 +216,8 @@ class Bench:
 
     def _start(self, name: str, module: str, env: dict[str, str]) -> None:
         port = self.gateway_port if name == "gateway" else free_port()
-        server = HttpServer(module, port, env, self.workdir / f"{name}.log")
-        server.start()
+        server = spawn_service(name, env, port=port, http=True, module=module, log_dir=self.workdir)
+        asyncio.run(server.wait_ready())
         self.contenders[name] = Contender(server, PeakRss(server.pid).start())
 
     def measure_rounds(self) -> None:
@@ -395,7 +395,7 @@ def main(argv: list[str]) -> int:
         finally:
             bench.stop_servers()
         bench.check_stream()
-    except (ServerFailedError, DevstackError, RuntimeError) as exc:
+    except (DevstackError, RuntimeError) as exc:
         print(f"gateway bench failed: {exc}", file=sys.stderr)
         return 1
     finally:

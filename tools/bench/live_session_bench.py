@@ -18,74 +18,36 @@ Prints one JSON line; everything it started is stopped by PID at the end.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import os
 import sys
-import time
 import uuid
-from collections.abc import Awaitable, Callable
 
 import grpc
-import uvloop
 from snapsell.live_session.v1 import live_session_pb2 as pb
 from snapsell.live_session.v1.live_session_pb2_grpc import LiveSessionServiceStub
 
-from tools.bench.grpc_stack import ECHO_METHOD, Stack, cpu_seconds, median_of, state_dir
+from tools.bench.harness import (
+    bearer,
+    bench_stack,
+    echo_caller,
+    measure_rounds,
+    print_report,
+    rounds_parser,
+)
+from tools.bench.stats import median_of
+from tools.stack import SystemStack
 
 TARGET_RATIO = 0.4
 TARGET_P99_MS = 25.0
 
-Call = Callable[[int], Awaitable[object]]
-
-
-# --- load -----------------------------------------------------------------------------------
-
-
-async def drive(call: Call, callers: int, seconds: float, server_pid: int) -> dict[str, float]:
-    """`callers` loops calling back to back for `seconds`: calls/s, latency percentiles, and
-    the server process's CPU time per call (a figure other load on the machine barely moves)."""
-    latencies: list[float] = []
-    errors = 0
-    deadline = time.perf_counter() + seconds
-
-    async def caller(index: int) -> None:
-        nonlocal errors
-        while time.perf_counter() < deadline:
-            started = time.perf_counter()
-            try:
-                await call(index)
-            except grpc.aio.AioRpcError:
-                errors += 1
-                continue
-            latencies.append(time.perf_counter() - started)
-
-    began, cpu_began = time.perf_counter(), cpu_seconds(server_pid)
-    await asyncio.gather(*(caller(i) for i in range(callers)))
-    elapsed, cpu = time.perf_counter() - began, cpu_seconds(server_pid) - cpu_began
-    latencies.sort()
-    return {
-        "rps": len(latencies) / elapsed,
-        "p50_ms": 1000 * latencies[len(latencies) // 2],
-        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
-        "server_cpu_us_per_call": 1e6 * cpu / max(1, len(latencies)),
-        "errors": errors,
-    }
-
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
-    with state_dir("live-session-bench-") as state:
-        stack = Stack("live_session", state)
-        try:
-            await stack.start()
-            return await measure(stack, args)
-        finally:
-            stack.stop()
+    async with bench_stack(["live_session"], "live-session-bench-", echo=True) as (stack, _):
+        return await measure(stack, args)
 
 
-async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, object]:
-    token = stack.keys.token("service", sub="routing", audience="live_session")
-    metadata = (("authorization", f"Bearer {token}"),)
+async def measure(stack: SystemStack, args: argparse.Namespace) -> dict[str, object]:
+    metadata = bearer(stack.keys.token("service", sub="routing", audience="live_session"))
     run_id = uuid.uuid4().hex[:6]
     requests = [
         pb.TouchRequest(
@@ -97,33 +59,22 @@ async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, object]:
     ]
     async with (
         grpc.aio.insecure_channel(stack.address("live_session")) as touch_channel,
-        grpc.aio.insecure_channel(stack.address("echo")) as echo_channel,
+        # A reply-sized payload, so both sides move about the same bytes per call.
+        echo_caller(stack, b"x" * 140) as echo,
     ):
         stub = LiveSessionServiceStub(touch_channel)
-        echo: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = echo_channel.unary_unary(ECHO_METHOD)
-        # A reply-sized payload, so both sides move about the same bytes per call.
-        payload = b"x" * 140
 
         async def touch_call(index: int) -> object:
-            return await stub.Touch(requests[index % args.tenants], metadata=metadata)
+            # Caller i always touches tenant i mod tenants.
+            request = requests[index % args.callers % args.tenants]
+            return await stub.Touch(request, metadata=metadata)
 
-        async def echo_call(index: int) -> object:
-            return await echo(payload)
-
-        touch_pid = stack.processes["live_session"].pid
-        echo_pid = stack.processes["echo"].pid
-        # Warm-up: connections, the sessions themselves, the server's caches.
-        await drive(touch_call, args.callers, 1.0, touch_pid)
-        await drive(echo_call, args.callers, 1.0, echo_pid)
-        touch_rounds, echo_rounds = [], []
-        for number in range(args.rounds):
-            echo_rounds.append(await drive(echo_call, args.callers, args.seconds, echo_pid))
-            touch_rounds.append(await drive(touch_call, args.callers, args.seconds, touch_pid))
-            print(
-                f"round {number + 1}: echo {echo_rounds[-1]['rps']:.0f}/s, "
-                f"touch {touch_rounds[-1]['rps']:.0f}/s p99 {touch_rounds[-1]['p99_ms']:.1f} ms",
-                file=sys.stderr,
-            )
+        kinds = {
+            "echo": echo,
+            "touch": (touch_call, stack.services["live_session"].pid),
+        }
+        rounds = await measure_rounds(kinds, args.callers, args.rounds, args.seconds)
+    touch_rounds, echo_rounds = rounds["touch"], rounds["echo"]
     touch, echo_result = median_of(touch_rounds), median_of(echo_rounds)
     ratio = round(touch["rps"] / echo_result["rps"], 3)
     return {
@@ -142,16 +93,8 @@ async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, object]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--callers", type=int, default=100)
-    parser.add_argument("--tenants", type=int, default=50)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=3.0)
-    args = parser.parse_args(argv)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        result = runner.run(run(args))
-    print(json.dumps(result))
-    return 0
+    parser = rounds_parser(__doc__, callers=100)
+    return print_report(run(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":

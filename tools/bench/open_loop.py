@@ -26,16 +26,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
+from tools.bench.stats import percentile
+
 _HEADER_END = b"\r\n\r\n"
 _MIN_SLEEP_S = 0.001
-
-
-def percentile(sorted_values: Sequence[float], pct: float) -> float:
-    """Nearest-rank percentile of values sorted in ascending order; NaN when there are none."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, round(pct / 100 * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
 @dataclass
@@ -203,7 +197,7 @@ async def run_open_loop(
         sent=run.sent,
         statuses=run.statuses,
         latencies_ms=sorted(run.latencies),
-        release_lag_p99_ms=lags[int(0.99 * (len(lags) - 1))] * 1000 if lags else 0.0,
+        release_lag_p99_ms=percentile(lags, 99) * 1000 if lags else 0.0,
         send_span_s=run.last_send - run.first_send,
         client_cpu_s=time.process_time() - cpu_before,
         failures=run.failures,

@@ -37,8 +37,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -52,14 +50,12 @@ from typing import TYPE_CHECKING
 import asyncpg
 import grpc
 import httpx
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from snapsell.common.v1 import address_pb2
 from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
-from snapsell.seller_admin.v1 import seller_admin_pb2, seller_admin_pb2_grpc
 
-from tools.dev_keys import DevKeys
-from tools.devstack import EmbeddedNats, EmbeddedPostgres, free_port
-from tools.twilio_sandbox.process import SandboxProcess, start_sandbox
+from tools.bench.harness import bearer, bench_stack, create_shop
+from tools.bench.stats import cpu_seconds, peak_rss_mb, percentile, server_cpu_seconds
+from tools.stack import ROOT, Infrastructure, SystemStack
 
 if TYPE_CHECKING:
     from services.outbox.clients import ConsentChecker, Recipient
@@ -73,12 +69,9 @@ TARGETS = {
 }
 # Tried in turn; see PgqueuerConfig.
 PGQUEUER_CONFIGS = ("10", "25", "50", "100", "25:128", "50:256")
-ACCOUNT_SID = "AC" + "b" * 32
-AUTH_TOKEN = "bench-" + "t" * 26
 SENDER = "+14155550100"
 # The tenant of the latency test's Enqueue calls, SENDER registered as its channel.
 LATENCY_TENANT = "bench-latency"
-ROOT = Path(__file__).resolve().parents[2]
 # Polled while a queue drains: a look for one waiting row (the outbox's due index, pgqueuer's
 # table), never a count of the whole table, and only twice a second, so the polling takes no
 # CPU worth mentioning from the queue under test. The rate comes from the rows' timestamps, so
@@ -89,7 +82,6 @@ SELECT EXISTS (SELECT 1 FROM outbox.messages
 """
 _PGQUEUER_WAITING = "SELECT EXISTS (SELECT 1 FROM pgqueuer)"
 DRAIN_POLL_S = 0.5
-START_ATTEMPTS = 3
 COMPARISON_ROUNDS = 3
 _BACKLOG = """
 INSERT INTO outbox.messages (tenant_id, idempotency_key, kind, account_sid, sender,
@@ -116,152 +108,48 @@ class PgqueuerConfig:
         return f"{self.batch}:{self.max_tasks}" if self.max_tasks else str(self.batch)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a live process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def postgres_cpu_seconds(postmaster: int) -> float:
-    """CPU time of a PostgreSQL server: the postmaster, its reaped children (backends that
-    exited) and its live children."""
-    total = 0.0
-    ticks = os.sysconf("SC_CLK_TCK")
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        pid, parent = int(stat.parent.name), int(fields[1])
-        if pid == postmaster:
-            total += sum(int(f) for f in fields[11:15]) / ticks
-        elif parent == postmaster:
-            total += (int(fields[11]) + int(fields[12])) / ticks
-    return total
-
-
-def percentile(values: list[float], pct: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
-
-
 class BenchStack:
-    """The processes of one run; everything started here is stopped here, by PID."""
+    """The processes of one run (`tools.bench.harness.bench_stack`), and what this
+    benchmark asks of them; everything started is stopped by PID."""
 
-    def __init__(self, exits: AsyncExitStack, in_flight: int, claim_batch: int) -> None:
-        self._exits = exits
-        self._in_flight = in_flight
-        self._claim_batch = claim_batch
-        self.admin_dsn = os.environ.get("DATABASE_URL", "")
-        self.nats_url = os.environ.get("NATS_URL", "")
-        self.sandbox: SandboxProcess | None = None
-        self.outbox: subprocess.Popen[bytes] | None = None
-        self.routing: subprocess.Popen[bytes] | None = None
-        self.routing_addr = ""
+    def __init__(self, stack: SystemStack, infra: Infrastructure, db: asyncpg.Pool) -> None:
+        self.stack, self.db = stack, db
+        self.keys = stack.keys
+        self.outbox = stack.services["outbox"]
         # Known only for the servers this run started (then their CPU is reported too).
-        self.postmaster: int | None = None
-        self.nats_pid: int | None = None
-        self.outbox_port = 0
-        self.db: asyncpg.Pool | None = None
-        self._logs = Path(tempfile.mkdtemp(prefix="outbox-bench-"))
-        self._exits.callback(shutil.rmtree, self._logs, ignore_errors=True)  # runs last
-        self.keys = DevKeys(self._logs / "keys")
+        self.postmaster = infra.postgres.pid if infra.postgres else None
+        self.nats_pid = infra.nats.pid if infra.nats else None
 
-    async def start(self) -> None:
-        if not self.admin_dsn:
-            postgres = EmbeddedPostgres(self._logs / "postgres")
-            self.admin_dsn = postgres.start()
-            self.postmaster = postgres.pid
-            self._exits.callback(postgres.destroy)
-        if not self.nats_url:
-            nats = EmbeddedNats(self._logs / "nats")
-            self.nats_url = nats.start()
-            self.nats_pid = nats.pid
-            self._exits.callback(nats.stop)
-        self.sandbox = start_sandbox({ACCOUNT_SID: AUTH_TOKEN})
-        self._exits.callback(self.sandbox.stop)
-        self.db = await asyncpg.create_pool(self.admin_dsn, min_size=1, max_size=4)
-        self._exits.push_async_callback(self.db.close)
-        for schema in ("outbox", "routing", "seller_admin"):
-            await self.db.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        # The outbox checks each Enqueue's sender against seller_admin's channels.
-        _, seller_admin_port = await self._start_service("seller_admin", {})
-        seller_admin_addr = f"127.0.0.1:{seller_admin_port}"
-        await register_channel(self.keys, seller_admin_addr, LATENCY_TENANT, SENDER)
-        routing, routing_port = await self._start_service("routing", {"OUTBOX_ADDR": "127.0.0.1:9"})
-        self.routing = routing
-        self.routing_addr = f"127.0.0.1:{routing_port}"
-        self.outbox, self.outbox_port = await self._start_service(
-            "outbox",
-            {
-                "ROUTING_ADDR": f"127.0.0.1:{routing_port}",
-                "SELLER_ADMIN_ADDR": seller_admin_addr,
-                "TWILIO_ACCOUNT_SID": ACCOUNT_SID,
-                "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
-                "TWILIO_API_BASE_URL": self.sandbox.url,
-                "PUBLIC_BASE_URL": "http://127.0.0.1:9",
-                "OUTBOX_RATE_LIMIT_PER_SENDER": "0",
-                "OUTBOX_MAX_IN_FLIGHT": str(self._in_flight),
-                "OUTBOX_CLAIM_BATCH": str(self._claim_batch),
-            },
-        )
-
-    async def _start_service(
-        self, name: str, env: dict[str, str]
-    ) -> tuple[subprocess.Popen[bytes], int]:
-        """Start a service on a free port; again on another port when it exits while starting
-        (a port found free can be taken by another process before the service binds it)."""
-        attempt = 1
-        while True:
-            port = free_port()
-            process = self._spawn(name, port, env)
-            self._exits.callback(_stop, process)
-            try:
-                await _wait_serving(process, port)
-            except ServiceExitedError as error:
-                log = (self._logs / f"{name}.log").read_text(errors="replace").strip()
-                last = log.splitlines()[-1][:300] if log else "(no log)"
-                if attempt == START_ATTEMPTS:
-                    raise ServiceExitedError(f"{name}: {error}: {last}") from error
-                print(
-                    f"outbox bench: {name} exited while starting ({last}); again", file=sys.stderr
-                )
-                attempt += 1
-                continue
-            return process, port
-
-    def _spawn(self, name: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
-        full_env = {
-            **os.environ,
-            "DATABASE_URL": self.admin_dsn,
-            "NATS_URL": self.nats_url,
-            "GRPC_PORT": str(port),
-            "METRICS_PORT": str(free_port()),
-            "LOG_LEVEL": "WARNING",
-            "SELLER_ADMIN_ADDR": "127.0.0.1:9",
-            "LIVE_SESSION_ADDR": "127.0.0.1:9",
-            **env,
-            **self.keys.env(name),
+    @classmethod
+    async def start(cls, exits: AsyncExitStack, in_flight: int, claim_batch: int) -> BenchStack:
+        outbox_env = {
+            "OUTBOX_RATE_LIMIT_PER_SENDER": "0",
+            "OUTBOX_MAX_IN_FLIGHT": str(in_flight),
+            "OUTBOX_CLAIM_BATCH": str(claim_batch),
         }
-        log = (self._logs / f"{name}.log").open("ab")
-        return subprocess.Popen(
-            [sys.executable, "-m", f"services.{name}"],
-            cwd=ROOT,
-            env=full_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        # The outbox checks each Enqueue's sender against seller_admin's channels.
+        services = ("seller_admin", "routing", "outbox")
+        stack, infra = await exits.enter_async_context(
+            bench_stack(services, "outbox-bench-", service_env={"outbox": outbox_env})
         )
+        db = await exits.enter_async_context(asyncpg.create_pool(infra.dsn, min_size=1, max_size=4))
+        await create_shop(stack, LATENCY_TENANT, SENDER)
+        return cls(stack, infra, db)
 
     def spawn_pgqueuer_worker(
         self, config: PgqueuerConfig, in_flight: int, consent: bool
     ) -> subprocess.Popen[str]:
-        assert self.sandbox is not None
         command = [sys.executable, "-m", "tools.bench.outbox_bench", "pgqueuer-worker"]
-        routing = self.routing_addr if consent else ""
-        args = [self.admin_dsn, self.sandbox.url, config.text, str(in_flight), routing]
-        # It asks routing for consent as the outbox does, with the outbox's key.
-        env = {**os.environ, **self.keys.env("outbox")}
+        routing = self.stack.address("routing") if consent else ""
+        args = [self.stack.admin_dsn, self.stack.sandbox_url, config.text, str(in_flight), routing]
+        # It asks routing for consent as the outbox does, with the outbox's key, and sends
+        # with the stack's Twilio account (tokens go through the environment, never argv).
+        env = {
+            **os.environ,
+            **self.keys.env("outbox"),
+            "TWILIO_ACCOUNT_SID": self.stack.account_sid,
+            "TWILIO_AUTH_TOKEN": self.stack.auth_token,
+        }
         return subprocess.Popen(
             [*command, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
         )
@@ -275,46 +163,37 @@ class BenchStack:
 
     def cpu_snapshot(self, **extra: int) -> dict[str, float]:
         """CPU seconds used so far by each process of the run (by name)."""
-        assert self.sandbox is not None and self.routing is not None
-        pids = {"sandbox": self.sandbox.pid, "routing": self.routing.pid, **extra}
-        if self.outbox is not None and self.outbox.poll() is None:
+        assert self.stack.sandbox is not None
+        pids = {"sandbox": self.stack.sandbox.pid, "routing": self.stack.services["routing"].pid}
+        pids |= extra
+        if self.outbox.process.poll() is None:
             pids["outbox"] = self.outbox.pid
         if self.nats_pid is not None:  # the outbox relays its events to JetStream
             pids["nats"] = self.nats_pid
         usage = {name: cpu_seconds(pid) for name, pid in pids.items()}
         if self.postmaster is not None:
-            usage["postgres"] = postgres_cpu_seconds(self.postmaster)
+            usage["postgres"] = server_cpu_seconds(self.postmaster)
         return usage
 
-    def outbox_peak_rss_mb(self) -> float:
-        assert self.outbox is not None
-        status = Path(f"/proc/{self.outbox.pid}/status").read_text()
-        line = next(x for x in status.splitlines() if x.startswith("VmHWM:"))
-        return int(line.split()[1]) / 1024
-
     async def reset_sandbox(self) -> None:
-        assert self.sandbox is not None
         async with httpx.AsyncClient() as client:
-            (await client.post(self.sandbox.url + "/_sandbox/reset")).raise_for_status()
+            (await client.post(self.stack.sandbox_url + "/_sandbox/reset")).raise_for_status()
 
     async def sandbox_accepted(self) -> int:
-        assert self.sandbox is not None
         async with httpx.AsyncClient(timeout=30) as client:
-            reply = await client.get(self.sandbox.url + "/_sandbox/stats")
+            reply = await client.get(self.stack.sandbox_url + "/_sandbox/stats")
         return int(reply.json()["accepted"])
 
     async def insert_outbox_backlog(self, messages: int) -> float:
         """A fresh backlog in tables as new as at the first drain (an earlier drain's rows, dead
         tuples and statistics gone), as pgqueuer starts each drain with its tables new."""
-        assert self.db is not None
         await self.db.execute("TRUNCATE outbox.attempts, outbox.messages, outbox.events")
         async with self.db.acquire() as conn, conn.transaction():
-            await conn.execute(_BACKLOG, ACCOUNT_SID, SENDER, messages)
+            await conn.execute(_BACKLOG, self.stack.account_sid, SENDER, messages)
             await conn.execute("NOTIFY outbox_due")
         return time.time()
 
     async def wait_outbox_sent(self, messages: int, started: float) -> float:
-        assert self.db is not None
         while await self.db.fetchval(_OUTBOX_WAITING):
             if time.time() - started > 600:
                 raise RuntimeError("the outbox did not drain within 10 minutes")
@@ -330,7 +209,6 @@ class BenchStack:
         return float(row["last"])
 
     async def outbox_latencies(self, called_at: dict[str, float]) -> list[float]:
-        assert self.db is not None
         while True:
             rows = await self.db.fetch(
                 "SELECT idempotency_key, status, extract(epoch FROM sent_at) AS sent,"
@@ -345,34 +223,12 @@ class BenchStack:
             await asyncio.sleep(0.2)
 
 
-async def register_channel(
-    keys: DevKeys, seller_admin_addr: str, tenant_id: str, address: str
-) -> None:
-    token = keys.token("admin", sub="bench", audience="seller_admin")
-    admin = (("authorization", f"Bearer {token}"),)
-    async with grpc.aio.insecure_channel(seller_admin_addr) as channel:
-        stub = seller_admin_pb2_grpc.SellerAdminServiceStub(channel)
-        await stub.CreateTenant(
-            seller_admin_pb2.CreateTenantRequest(tenant_id=tenant_id, display_name=tenant_id),
-            metadata=admin,
-            timeout=10,
-        )
-        await stub.AddChannel(
-            seller_admin_pb2.AddChannelRequest(
-                tenant_id=tenant_id, address=address, account_sid=ACCOUNT_SID
-            ),
-            metadata=admin,
-            timeout=10,
-        )
-
-
 async def enqueue_steadily(stack: BenchStack, rate: float, seconds: float) -> dict[str, float]:
     """Call Enqueue every 1/rate s (each call its own task, so a slow one does not delay the
     next); returns when each call was made, by idempotency key."""
-    token = stack.keys.token("service", sub="routing", audience="outbox")
-    metadata = (("authorization", f"Bearer {token}"),)
+    metadata = bearer(stack.keys.token("service", sub="routing", audience="outbox"))
     called_at: dict[str, float] = {}
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.outbox_port}") as channel:
+    async with grpc.aio.insecure_channel(stack.outbox.address) as channel:
         stub = outbox_pb2_grpc.OutboxServiceStub(channel)
 
         async def enqueue(i: int) -> None:
@@ -397,40 +253,6 @@ async def enqueue_steadily(stack: BenchStack, rate: float, seconds: float) -> di
             tasks.append(asyncio.create_task(enqueue(i)))
         await asyncio.gather(*tasks)
     return called_at
-
-
-class ServiceExitedError(RuntimeError):
-    pass
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-async def _wait_serving(process: subprocess.Popen[bytes], port: int) -> None:
-    deadline = time.monotonic() + 60
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise ServiceExitedError(f"a service exited with {process.returncode}")
-            try:
-                check = stub.Check  # type: ignore[attr-defined]  # HealthStub's stubs list no RPC
-                reply: health_pb2.HealthCheckResponse = await check(
-                    health_pb2.HealthCheckRequest(), timeout=1
-                )
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.2)
-    raise RuntimeError(f"no service became ready on port {port}")
 
 
 def cpu_per_message_ms(
@@ -477,7 +299,7 @@ async def drain_pgqueuer(
     from pgqueuer.adapters.drivers.asyncpg import AsyncpgDriver
     from pgqueuer.adapters.persistence.queries import Queries
 
-    conn = await asyncpg.connect(stack.admin_dsn)
+    conn = await asyncpg.connect(stack.stack.admin_dsn)
     try:
         queries = Queries(AsyncpgDriver(conn))
         if await queries.schema_is_installed():
@@ -584,8 +406,9 @@ async def pgqueuer_worker(
         )
         consent = CoalescedConsent(checker)
 
+    account_sid, auth_token = os.environ["TWILIO_ACCOUNT_SID"], os.environ["TWILIO_AUTH_TOKEN"]
     client = make_twilio_client(
-        ACCOUNT_SID, AUTH_TOKEN, api_url, timeout_s=10.0, max_connections=in_flight
+        account_sid, auth_token, api_url, timeout_s=10.0, max_connections=in_flight
     )
     _ = client.messages  # load the SDK's lazy modules before timing, as the outbox does
     sends = asyncio.Semaphore(in_flight)
@@ -619,8 +442,7 @@ async def pgqueuer_worker(
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
     async with AsyncExitStack() as exits:
-        stack = BenchStack(exits, args.in_flight, args.claim_batch)
-        await stack.start()
+        stack = await BenchStack.start(exits, args.in_flight, args.claim_batch)
         report: dict[str, object] = {"messages": args.messages, "in_flight": args.in_flight}
         if args.skip_pgqueuer:
             report["outbox_drain"] = await drain_outbox(stack, args.messages)
@@ -628,7 +450,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         else:
             await compare_with_pgqueuer(stack, args, report)
         report["latency"] = await measure_latency(stack, args.rate, args.seconds)
-        report["outbox_peak_rss_mb"] = stack.outbox_peak_rss_mb()
+        report["outbox_peak_rss_mb"] = peak_rss_mb(stack.outbox.pid)
         print("latency:", report["latency"], "peak RSS MB:", report["outbox_peak_rss_mb"])
         return report
 

@@ -23,43 +23,33 @@ Prints one JSON line; everything it started is stopped by PID at the end.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import os
 import secrets
 import statistics
 import sys
-import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 import grpc
-import uvloop
 from snapsell.common.v1 import address_pb2
 from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
 from snapsell.seller_admin.v1.seller_admin_pb2_grpc import SellerAdminServiceStub
 
-if TYPE_CHECKING:  # the asynchronous stub's type exists only in the stubs
-    from snapsell.seller_admin.v1.seller_admin_pb2_grpc import SellerAdminServiceAsyncStub
-
-from tools.bench.grpc_stack import ECHO_METHOD, Stack, cpu_seconds, median_of, state_dir
+from tools.bench.harness import (
+    Call,
+    bearer,
+    bench_stack,
+    create_shop,
+    echo_caller,
+    measure_rounds,
+    print_report,
+    rounds_parser,
+)
+from tools.bench.stats import median_of
+from tools.stack import SystemStack
 
 AUDIENCE = "seller_admin"
-
-ACCOUNT_SID = "AC" + "be" * 16
 TARGET_RATIO = 0.4
 TARGET_P99_MS = 20.0
-
-Call = Callable[[int], Awaitable[object]]
-Metadata = tuple[tuple[str, str], ...]
-
-
-# --- data -----------------------------------------------------------------------------------
-
-
-def bearer(token: str) -> Metadata:
-    return (("authorization", f"Bearer {token}"),)
 
 
 def whatsapp(number: str) -> address_pb2.Address:
@@ -67,99 +57,37 @@ def whatsapp(number: str) -> address_pb2.Address:
 
 
 async def seed(
-    stub: SellerAdminServiceAsyncStub, admin: Metadata, run_id: str, args: argparse.Namespace
+    stack: SystemStack, run_id: str, args: argparse.Namespace
 ) -> list[tuple[str, str, list[str], str]]:
     """(tenant id, business number, seller numbers, messaging service SID or "") per shop,
     created through the API like any operator would."""
     shops = []
     for shop in range(args.tenants):
         tenant_id = f"bench-{run_id}-{shop}"
-        await stub.CreateTenant(
-            pb.CreateTenantRequest(tenant_id=tenant_id, display_name=f"Bench {shop}"),
-            metadata=admin,
-        )
         number = f"+3375{shop:03d}{secrets.randbelow(10_000):04d}"
         service_sid = f"MG{uuid.uuid4().hex}" if shop == 0 else ""
-        await stub.AddChannel(
-            pb.AddChannelRequest(
-                tenant_id=tenant_id,
-                address=service_sid or f"whatsapp:{number}",
-                account_sid=ACCOUNT_SID,
-            ),
-            metadata=admin,
-        )
         sellers = [f"+3361{shop:03d}{seller:04d}" for seller in range(args.sellers)]
-        for seller in sellers:
-            await stub.AddSellerPhone(
-                pb.AddSellerPhoneRequest(tenant_id=tenant_id, phone_number=seller),
-                metadata=admin,
-            )
+        await create_shop(stack, tenant_id, service_sid or f"whatsapp:{number}", sellers)
         shops.append((tenant_id, number, sellers, service_sid))
     return shops
 
 
-# --- load -----------------------------------------------------------------------------------
-
-
-async def drive(call: Call, callers: int, seconds: float, server_pid: int) -> dict[str, float]:
-    """`callers` loops calling back to back for `seconds`: calls/s, latency percentiles, and
-    the server process's CPU time per call (a figure other load on the machine barely moves)."""
-    latencies: list[float] = []
-    errors = 0
-    deadline = time.perf_counter() + seconds
-
-    async def caller(index: int) -> None:
-        nonlocal errors
-        calls = 0
-        while time.perf_counter() < deadline:
-            started = time.perf_counter()
-            try:
-                await call(index + calls * callers)
-            except grpc.aio.AioRpcError:
-                errors += 1
-                continue
-            finally:
-                calls += 1
-            latencies.append(time.perf_counter() - started)
-
-    began, cpu_began = time.perf_counter(), cpu_seconds(server_pid)
-    await asyncio.gather(*(caller(i) for i in range(callers)))
-    elapsed, cpu = time.perf_counter() - began, cpu_seconds(server_pid) - cpu_began
-    latencies.sort()
-    return {
-        "rps": len(latencies) / elapsed,
-        "p50_ms": 1000 * latencies[len(latencies) // 2],
-        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
-        "server_cpu_us_per_call": 1e6 * cpu / max(1, len(latencies)),
-        "errors": errors,
-    }
-
-
 async def run(args: argparse.Namespace) -> dict[str, object]:
-    with state_dir("seller-admin-bench-") as state:
-        stack = Stack("seller_admin", state)
-        try:
-            await stack.start()
-            return await measure(stack, args)
-        finally:
-            stack.stop()
+    async with bench_stack(["seller_admin"], "seller-admin-bench-", echo=True) as (stack, _):
+        return await measure(stack, args)
 
 
-async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, object]:
+async def measure(stack: SystemStack, args: argparse.Namespace) -> dict[str, object]:
     keys = stack.keys
-    admin = bearer(keys.token("admin", sub="bench-admin", audience=AUDIENCE))
     service = bearer(keys.token("service", sub="routing", audience=AUDIENCE))
-    async with (
-        grpc.aio.insecure_channel(stack.address("seller_admin")) as channel,
-        grpc.aio.insecure_channel(stack.address("echo")) as echo_channel,
-    ):
+    async with grpc.aio.insecure_channel(stack.address("seller_admin")) as channel:
         stub = SellerAdminServiceStub(channel)
-        shops = await seed(stub, admin, uuid.uuid4().hex[:6], args)
+        shops = await seed(stack, uuid.uuid4().hex[:6], args)
         resolves = [
             pb.ResolveSenderRequest(
                 recipient=whatsapp(number),
                 sender=whatsapp(sellers[0] if variant == 0 else f"+3369{shop:03d}{variant:04d}"),
-                account_sid=ACCOUNT_SID,
+                account_sid=stack.account_sid,
                 messaging_service_sid=service_sid,
             )
             for shop, (_, number, sellers, service_sid) in enumerate(shops)
@@ -172,9 +100,6 @@ async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, object]:
             )
             for tenant, _, _, _ in shops
         ]
-        echo: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = echo_channel.unary_unary(ECHO_METHOD)
-        # A request-sized payload: what ResolveSender receives, echoed back.
-        payload = resolves[0].SerializeToString()
 
         async def resolve_call(index: int) -> object:
             return await stub.ResolveSender(resolves[index % len(resolves)], metadata=service)
@@ -183,28 +108,14 @@ async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, object]:
             request, metadata = lists[index % len(lists)]
             return await stub.ListSellerPhones(request, metadata=metadata)
 
-        async def echo_call(index: int) -> object:
-            return await echo(payload)
-
-        kinds: dict[str, tuple[Call, int]] = {
-            "echo": (echo_call, stack.processes["echo"].pid),
-            "resolve_sender": (resolve_call, stack.processes["seller_admin"].pid),
-            "list_seller_phones": (list_call, stack.processes["seller_admin"].pid),
-        }
-        for call, pid in kinds.values():  # warm-up: connections, prepared statements, caches
-            await drive(call, args.callers, 1.0, pid)
-        rounds: dict[str, list[dict[str, float]]] = {name: [] for name in kinds}
-        for number in range(args.rounds):
-            for name, (call, pid) in kinds.items():
-                rounds[name].append(await drive(call, args.callers, args.seconds, pid))
-            print(
-                f"round {number + 1}: "
-                + ", ".join(
-                    f"{name} {r[-1]['rps']:.0f}/s p99 {r[-1]['p99_ms']:.1f} ms"
-                    for name, r in rounds.items()
-                ),
-                file=sys.stderr,
-            )
+        # A request-sized payload: what ResolveSender receives, echoed back.
+        async with echo_caller(stack, resolves[0].SerializeToString()) as echo:
+            kinds: dict[str, tuple[Call, int]] = {
+                "echo": echo,
+                "resolve_sender": (resolve_call, stack.services["seller_admin"].pid),
+                "list_seller_phones": (list_call, stack.services["seller_admin"].pid),
+            }
+            rounds = await measure_rounds(kinds, args.callers, args.rounds, args.seconds)
     results = {name: median_of(r) for name, r in rounds.items()}
     echo_rps = results["echo"]["rps"]
     figures: dict[str, float] = {}
@@ -242,17 +153,9 @@ async def measure(stack: Stack, args: argparse.Namespace) -> dict[str, object]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--callers", type=int, default=50)
-    parser.add_argument("--tenants", type=int, default=50)
+    parser = rounds_parser(__doc__, callers=50)
     parser.add_argument("--sellers", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=3.0)
-    args = parser.parse_args(argv)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        result = runner.run(run(args))
-    print(json.dumps(result))
-    return 0
+    return print_report(run(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -273,6 +273,8 @@ def create_app(accounts: Mapping[str, str]) -> Starlette:
         Route("/_sandbox/reset", sandbox.sandbox_reset, methods=["POST"]),
         Route("/_sandbox/faults", sandbox.get_faults, methods=["GET"]),
         Route("/_sandbox/faults", sandbox.set_faults, methods=["POST"]),
+        # Up once it answers: how `tools.stack` waits for any HTTP server it starts.
+        Route("/readyz", lambda _request: Response("ready"), methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.sandbox = sandbox

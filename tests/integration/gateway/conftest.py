@@ -9,7 +9,7 @@ import nats
 import pytest
 
 from tests.support.gateway import start_gateway
-from tests.support.processes import RunningService
+from tools.stack import RunningService
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 
 from infra.db import apply_migrations, create_pool, provision_service, service_dsn
-from tests.support.db import reset_service_schema
+from tools.stack import reset_service_schema
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from infra import jetstream
 from infra.db import create_pool, migrate_service
 from infra.events import EventRelay, record_event
 from infra.jetstream import Ack, ConsumerSpec, Nak, StreamSpec, Term
-from tests.support.db import reset_service_schema
+from tools.stack import reset_service_schema
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from infra.retention import (
     delete_in_batches,
 )
 from tests.integration.data_hygiene import assert_uses_index, explain
-from tests.support.db import reset_service_schema
+from tools.stack import reset_service_schema
 
 SERVICE = "retentiontest"
 WEEK = timedelta(days=7)

@@ -15,7 +15,7 @@ import pytest
 from infra.db import create_pool, migrate_service
 from services.live_catalog.domain import Channel, Contact, Inbound, ReplyRoute, SettingsBook
 from services.live_catalog.store import CatalogStore
-from tests.support.db import reset_service_schema
+from tools.stack import reset_service_schema
 
 SERVICE = "live_catalog"
 MIGRATIONS = Path(__file__).resolve().parents[3] / "services" / "live_catalog" / "migrations"

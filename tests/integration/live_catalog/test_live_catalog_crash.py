@@ -21,9 +21,9 @@ from tests.integration.live_catalog.test_live_catalog_process import (
     publish,
     routed,
 )
-from tests.support.db import reset_service_schema
 from tests.support.processes import restart, start_service
 from tools.dev_keys import DevKeys
+from tools.stack import reset_service_schema
 
 SERVICE = "live_catalog"
 CLIENT = "+33633000001"

@@ -29,9 +29,10 @@ from snapsell.routing.v1 import routing_pb2
 from infra import jetstream
 from infra.auth import AuthInterceptor, JwtVerifier
 from services.outbox.api import ACCESS_POLICY as OUTBOX_POLICY
-from tests.support.db import reset_service_schema
-from tests.support.processes import ROOT, RunningService, spawn_service, start_service
+from tests.support.polling import eventually
+from tests.support.processes import start_service
 from tools.dev_keys import DevKeys
+from tools.stack import ROOT, RunningService, reset_service_schema, spawn_service
 
 SERVICE = "live_catalog"
 SHOP = "+14155238886"
@@ -138,12 +139,6 @@ async def publish(js: JetStreamContext, message: routing_events.MessageRouted) -
     await jetstream.publish(
         js, "routing.v1.message.routed", message.SerializeToString(), msg_id=str(uuid.uuid4())
     )
-
-
-async def eventually(check: Callable[[], bool], timeout_s: float = 15.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not check():
-            await asyncio.sleep(0.05)
 
 
 async def test_a_live_sale_through_the_process(

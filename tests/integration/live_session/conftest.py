@@ -20,8 +20,8 @@ from services.live_session.api import ACCESS_POLICY, SERVICE_FULL_NAME, LiveSess
 from services.live_session.domain import ManualClock
 from services.live_session.store import SessionStore
 from services.live_session.touch_batcher import TouchBatcher
-from tests.support.db import reset_service_schema
 from tools.dev_keys import DevKeys
+from tools.stack import reset_service_schema
 
 SERVICE = "live_session"
 MIGRATIONS = Path(__file__).resolve().parents[3] / "services" / "live_session" / "migrations"

@@ -21,9 +21,10 @@ from snapsell.live_session.v1 import live_session_pb2 as pb
 from snapsell.live_session.v1.live_session_pb2_grpc import LiveSessionServiceStub
 
 from infra import jetstream
-from tests.support.db import reset_service_schema
-from tests.support.processes import ROOT, RunningService, free_port, spawn_service, start_service
+from tests.support.processes import start_service
 from tools.dev_keys import DevKeys
+from tools.devstack import free_port
+from tools.stack import ROOT, RunningService, reset_service_schema, spawn_service
 
 SERVICE = "live_session"
 STREAM = "LIVE_SESSION_EVENTS"

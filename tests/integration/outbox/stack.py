@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -28,10 +28,11 @@ from snapsell.seller_admin.v1 import seller_admin_pb2, seller_admin_pb2_grpc
 
 from infra import jetstream
 from infra.streams import INBOUND_MESSAGE_SUBJECT, inbound_stream
-from tests.support.db import reset_service_schema
-from tests.support.processes import RunningService, free_port, start_service
+from tests.support.polling import eventually
+from tests.support.processes import start_service
 from tools.dev_keys import DevKeys
-from tools.twilio_sandbox.process import SandboxProcess, start_sandbox
+from tools.devstack import free_port
+from tools.stack import RunningService, reset_service_schema, start_sandbox
 
 ACCOUNT_SID = "AC" + "5" * 32
 AUTH_TOKEN = "sandbox-token-outbox-tests"
@@ -68,20 +69,12 @@ def whatsapp(value: str) -> address_pb2.Address:
     return address_pb2.Address(channel=address_pb2.CHANNEL_WHATSAPP, value=value)
 
 
-async def eventually(
-    condition: Callable[[], Awaitable[bool]], timeout_s: float = 30.0, interval_s: float = 0.1
-) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not await condition():
-            await asyncio.sleep(interval_s)
-
-
 @dataclass
 class OutboxStack:
     admin_dsn: str
     nats_url: str
     token_keys: DevKeys
-    sandbox: SandboxProcess | None = None
+    sandbox: RunningService | None = None
     routing: RunningService | None = None
     seller_admin: RunningService | None = None
     outboxes: list[RunningService] = field(default_factory=list)
@@ -97,7 +90,7 @@ class OutboxStack:
             await reset_service_schema(self.admin_dsn, service)
         self.db = await asyncpg.create_pool(self.admin_dsn, min_size=1, max_size=4)
         self.nats = await jetstream.connect(self.nats_url, name="outbox-tests")
-        self.sandbox = start_sandbox({ACCOUNT_SID: AUTH_TOKEN})
+        self.sandbox = await start_sandbox({ACCOUNT_SID: AUTH_TOKEN})
         self.seller_admin = await start_service("seller_admin", {"LOG_LEVEL": "WARNING"})
         await self.add_channels(TENANT, SMS_SENDER, WHATSAPP_SENDER)
         self.routing = await start_service(
@@ -272,7 +265,7 @@ class OutboxStack:
         async def reached() -> bool:
             return await self.status_of(message_id) in statuses
 
-        await eventually(reached, timeout_s)
+        await eventually(reached, timeout_s=timeout_s)
 
     async def count(self, query: str, *args: object) -> int:
         assert self.db is not None

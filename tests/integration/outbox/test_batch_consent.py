@@ -16,11 +16,11 @@ from tests.integration.outbox.stack import (
     SMS_SENDER,
     TENANT,
     OutboxStack,
-    eventually,
     new_phone,
     sms,
 )
-from tests.support.processes import free_port
+from tests.support.polling import eventually
+from tools.devstack import free_port
 
 MESSAGES = 150
 CHECK_ONE = "/snapsell.routing.v1.RoutingService/CheckOptOut"

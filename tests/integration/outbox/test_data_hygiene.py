@@ -34,8 +34,8 @@ from tests.integration.data_hygiene import (
     recorded_subjects,
     wait_until_zero,
 )
-from tests.support.db import reset_service_schema
 from tools.dev_keys import DevKeys
+from tools.stack import reset_service_schema
 
 SERVICE = "outbox"
 MIGRATIONS = Path(__file__).resolve().parents[3] / "services" / "outbox" / "migrations"

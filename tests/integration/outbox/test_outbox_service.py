@@ -23,13 +23,13 @@ from tests.integration.outbox.stack import (
     TENANT,
     WHATSAPP_SENDER,
     OutboxStack,
-    eventually,
     new_phone,
     next_event,
     sms,
     whatsapp,
 )
-from tests.support.processes import RunningService
+from tests.support.polling import eventually
+from tools.stack import RunningService
 
 CONTENT_SID = "HX" + "1" * 32
 
@@ -275,7 +275,7 @@ async def test_an_unsubscribed_recipient_is_reported_to_routing_as_an_opt_out(
     async def routing_recorded_it() -> bool:
         return (await stack.check_opt_out(sms(phone))).opted_out
 
-    await eventually(routing_recorded_it, timeout_s=15, interval_s=0.2)
+    await eventually(routing_recorded_it, timeout_s=15, every_s=0.2)
     await stack.set_faults()
     later = await stack.enqueue(recipient=sms(phone), body="more new arrivals")
     await stack.wait_status(later, "blocked")
@@ -355,7 +355,7 @@ async def test_status_callbacks_move_a_message_forward_only(stack: OutboxStack) 
             >= 2
         )
 
-    await eventually(all_consumed)
+    await eventually(all_consumed, timeout_s=30)
     await asyncio.sleep(1.0)  # let the stragglers be consumed too
     assert await stack.status_of(message_id) == "read"
     changes = [

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import time
 
-from tests.integration.outbox.stack import TENANT, OutboxStack, eventually, new_phone, sms
+from tests.integration.outbox.stack import TENANT, OutboxStack, new_phone, sms
+from tests.support.polling import eventually
 
 BURST_SERVICE = "MG" + "3" * 32
 QUIET_SERVICE = "MG" + "4" * 32

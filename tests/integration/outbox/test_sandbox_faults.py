@@ -8,7 +8,8 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from tests.integration.outbox.stack import TENANT, OutboxStack, eventually, new_phone, sms
+from tests.integration.outbox.stack import TENANT, OutboxStack, new_phone, sms
+from tests.support.polling import eventually
 
 MESSAGES = 2000
 SENDERS = [f"+1415555{i:04d}" for i in range(8)]
@@ -55,7 +56,7 @@ async def test_every_message_ends_sent_dead_or_blocked_and_none_is_accepted_twic
         )
         return waiting == 0
 
-    await eventually(all_settled, timeout_s=90, interval_s=0.5)
+    await eventually(all_settled, timeout_s=90, every_s=0.5)
     assert stack.db is not None
     rows = await stack.db.fetch(
         "SELECT id::text, status, dead_reason, twilio_sid, body, recipient"

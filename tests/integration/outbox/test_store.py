@@ -27,7 +27,7 @@ from services.outbox.domain import (
     Resolution,
 )
 from services.outbox.store import DUE_CHANNEL, OutboxStore
-from tests.support.db import reset_service_schema
+from tools.stack import reset_service_schema
 
 MIGRATIONS = Path(__file__).resolve().parents[3] / "services" / "outbox" / "migrations"
 ACCOUNT = "AC" + "7" * 32

@@ -13,10 +13,10 @@ from snapsell.outbox.v1 import outbox_pb2
 from tests.integration.outbox.stack import (
     WHATSAPP_SENDER,
     OutboxStack,
-    eventually,
     new_phone,
     whatsapp,
 )
+from tests.support.polling import eventually
 from tools.dev_keys import DevKeys
 
 
@@ -38,7 +38,7 @@ async def wrote_to_the_shop(stack: OutboxStack, phone: str, hours_ago: float) ->
     async def routing_saw_it() -> bool:
         return (await stack.check_opt_out(whatsapp(phone))).HasField("last_inbound_at")
 
-    await eventually(routing_saw_it, timeout_s=20, interval_s=0.2)
+    await eventually(routing_saw_it, timeout_s=20, every_s=0.2)
 
 
 async def test_a_free_form_reply_inside_the_window_is_sent(stack: OutboxStack) -> None:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from tests.integration.outbox.stack import TENANT, OutboxStack, eventually, new_phone, sms
+from tests.integration.outbox.stack import TENANT, OutboxStack, new_phone, sms
+from tests.support.polling import eventually
 
 MESSAGES = 2000
 SENDERS = [f"+1415556{i:04d}" for i in range(8)]
@@ -55,7 +56,7 @@ async def test_a_worker_killed_mid_drain_loses_nothing_and_duplicates_nothing(
         )
         return held >= 1
 
-    await eventually(first_worker_busy, timeout_s=60, interval_s=0.02)
+    await eventually(first_worker_busy, timeout_s=60, every_s=0.02)
     first.kill()
 
     async def drained() -> bool:
@@ -65,7 +66,7 @@ async def test_a_worker_killed_mid_drain_loses_nothing_and_duplicates_nothing(
         )
         return done == MESSAGES
 
-    await eventually(drained, timeout_s=90, interval_s=0.5)
+    await eventually(drained, timeout_s=90, every_s=0.5)
     accepted = Counter(
         m["body"] for m in await stack.sandbox_messages() if m["body"].startswith("crash drill")
     )

@@ -16,8 +16,8 @@ from infra.db import create_pool, migrate_service
 from infra.grpc_server import GrpcServer
 from infra.metrics import RpcMetricsInterceptor
 from services.routing.api import ACCESS_POLICY, SERVICE_FULL_NAME, RoutingApi
-from tests.support.db import reset_service_schema
 from tools.dev_keys import DevKeys
+from tools.stack import reset_service_schema
 
 SERVICE = "routing"
 MIGRATIONS = Path(__file__).resolve().parents[3] / "services" / "routing" / "migrations"

@@ -5,9 +5,8 @@ A shop is set up through seller_admin's public API; inbound messages are publish
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -19,10 +18,11 @@ from snapsell.seller_admin.v1 import seller_admin_pb2, seller_admin_pb2_grpc
 
 from infra import jetstream
 from tests.integration.routing.fakes import SELLER, SHOP_NUMBER
-from tests.support.db import reset_service_schema
-from tests.support.processes import RunningService, free_port, restart, start_service
+from tests.support.polling import eventually
+from tests.support.processes import restart, start_service
 from tools.dev_keys import DevKeys
-from tools.twilio_sandbox.process import SandboxProcess, start_sandbox
+from tools.devstack import free_port
+from tools.stack import RunningService, reset_service_schema, start_sandbox
 
 ACCOUNT_SID = "AC" + "1" * 32
 AUTH_TOKEN = "sandbox-token-routing-tests"
@@ -36,7 +36,7 @@ class Stack:
     admin_dsn: str
     nats: NatsClient
     token_keys: DevKeys
-    sandbox: SandboxProcess | None = None
+    sandbox: RunningService | None = None
     running: dict[str, RunningService] = field(default_factory=dict)
     db: asyncpg.Pool | None = None
 
@@ -48,7 +48,7 @@ class Stack:
         for service in SERVICES:
             await reset_service_schema(self.admin_dsn, service)
         self.db = await asyncpg.create_pool(self.admin_dsn, min_size=1, max_size=4)
-        self.sandbox = start_sandbox({ACCOUNT_SID: AUTH_TOKEN})
+        self.sandbox = await start_sandbox({ACCOUNT_SID: AUTH_TOKEN})
         ports = {name: free_port() for name in SERVICES}
         addr = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
         common = {"LOG_LEVEL": "WARNING"}
@@ -151,18 +151,10 @@ class Stack:
         )
 
     async def wait_processed(self, sids: list[str], timeout_s: float = 60.0) -> None:
-        await eventually(lambda: self._all_processed(sids), timeout_s)
+        await eventually(lambda: self._all_processed(sids), timeout_s=timeout_s)
 
     async def _all_processed(self, sids: list[str]) -> bool:
         return await self.processed(sids) == len(sids)
-
-
-async def eventually(condition: Callable[[], Awaitable[bool]], timeout_s: float = 30.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while True:
-            if await condition():
-                return
-            await asyncio.sleep(0.1)
 
 
 @contextlib.asynccontextmanager

@@ -9,10 +9,10 @@ from collections.abc import Sequence
 
 import asyncpg
 import pytest
+from services.routing.clients import ComplianceReply, ReplyRejectedError
 
 from services.routing.domain import DEFAULT_HELP_REPLY, RulesBook
 from services.routing.inbound import Delivery, InboundRouter, Routed, RouteOutcome
-from services.routing.peers import ComplianceReply, ReplyRejectedError
 from tests.integration.routing.fakes import (
     FakeReplies,
     FakeSenders,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -18,6 +18,7 @@ from services.routing.domain import RulesBook
 from services.routing.inbound import InboundRouter
 from tests.integration.routing.fakes import FakeReplies, FakeSenders, FakeSessions, inbound
 from tests.support.jetstream import wait_settled
+from tests.support.polling import eventually
 
 
 @pytest.fixture
@@ -33,14 +34,6 @@ async def stream(js: JetStreamContext) -> AsyncIterator[str]:
     await jetstream.ensure_stream(js, StreamSpec(name=name, subjects=(f"{name.lower()}.>",)))
     yield name
     await js.delete_stream(name)
-
-
-async def eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        while True:
-            if condition():
-                return
-            await asyncio.sleep(0.05)
 
 
 class Running:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import asyncpg
 
-from tests.support.db import reset_service_schema
+from tools.stack import reset_service_schema
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -25,8 +25,8 @@ from infra.metrics import RpcMetricsInterceptor
 from infra.streams import events_stream
 from services.seller_admin.access import SERVICE_FULL_NAME, auth_policy
 from services.seller_admin.api import SellerAdminApi
-from tests.support.db import reset_service_schema
 from tools.dev_keys import DevKeys
+from tools.stack import reset_service_schema
 
 SERVICE = "seller_admin"
 MIGRATIONS = Path(__file__).resolve().parents[3] / "services" / "seller_admin" / "migrations"

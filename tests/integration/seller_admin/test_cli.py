@@ -13,8 +13,8 @@ from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
 from infra.keys import OPERATOR
 from tests.integration.seller_admin.conftest import ACCOUNT_SID
-from tests.support.processes import ROOT
 from tools.dev_keys import DevKeys
+from tools.stack import ROOT
 
 
 async def cli(token_keys: DevKeys, server_address: str, *args: str) -> tuple[int, str, str]:

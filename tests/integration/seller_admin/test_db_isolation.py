@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 
 from infra.db import provision_service, service_dsn
-from tests.support.db import reset_service_schema
+from tools.stack import reset_service_schema
 
 # A schema of its own, provisioned exactly like a real service's (e.g. routing's), so this test
 # never disturbs the schema another suite of the same run is using.

@@ -23,9 +23,9 @@ from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
 from infra import jetstream
 from infra.db import service_dsn
 from tests.integration.seller_admin.conftest import ACCOUNT_SID, SERVICE
-from tests.support.db import reset_service_schema
-from tests.support.processes import ROOT, RunningService, start_service
+from tests.support.processes import start_service
 from tools.dev_keys import DevKeys
+from tools.stack import ROOT, RunningService, reset_service_schema
 
 SELLER_NUMBER = "+33677889900"
 

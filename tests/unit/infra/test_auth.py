@@ -1,5 +1,5 @@
 """Token verification, token minting, key sets and tenant scoping (no network; the gRPC side is
-in tests/integration/test_grpc_auth.py and tests/security/test_tokens.py)."""
+in tests/integration/infra/test_grpc_auth.py and tests/security/test_tokens.py)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from infra.auth import ServiceTokenProvider
 from infra.config import ConfigError
 from infra.grpc_client import service_channel
 from infra.grpc_server import GrpcServer
-from tests.integration.grpc_echo import (
+from tests.integration.infra.grpc_echo import (
     AUDIENCE,
     KEYS,
     bearer,

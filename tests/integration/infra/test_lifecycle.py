@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def start(
@@ -103,7 +103,9 @@ TRACED_CALL = """
 import json, os, sys
 from infra.grpc_client import service_channel
 from infra.telemetry import grpc_server_interceptors
-from tests.integration.grpc_echo import AUDIENCE, KEYS, echo_server, echo_verifier, method, running
+from tests.integration.infra.grpc_echo import (
+    AUDIENCE, KEYS, echo_server, echo_verifier, method, running,
+)
 
 os.environ.update(KEYS.env("routing"))
 

@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 from infra.config import ConfigError
 from infra.grpc_server import DEFAULT_MAX_CONCURRENT_RPCS, GrpcServer, GrpcServerSettings
 from infra.metrics import start_metrics_server
-from tests.integration.grpc_echo import (
+from tests.integration.infra.grpc_echo import (
     METRICS_SERVICE,
     SERVICE,
     bearer,

@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY
 from infra.auth import IdentityProvider, JwtVerifier, issue_token
 from infra.grpc_server import GrpcServer
 from infra.keys import KeySetFile, new_signing_key
-from tests.integration.grpc_echo import (
+from tests.integration.infra.grpc_echo import (
     AUDIENCE,
     KEYS,
     METRICS_SERVICE,

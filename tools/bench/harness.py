@@ -1,0 +1,204 @@
+"""What the benchmarks share: the stack a benchmark drives (`bench_stack`: its services on
+`tools.stack`, PostgreSQL and NATS embedded in a temporary directory unless DATABASE_URL / NATS_URL
+are set), shops set up through seller_admin's API, closed-loop callers that measure rounds, and a
+bare `grpc.aio` unary echo with the same server settings as the services (run as
+`python -m tools.bench.harness`, on `GRPC_PORT`), the peer the gRPC benchmarks compare with."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from pathlib import Path
+
+import grpc
+import uvloop
+from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
+from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
+
+from infra.grpc_server import GrpcServer
+from tools.bench.stats import cpu_seconds, percentile
+from tools.dev_keys import DevKeys
+from tools.stack import Infrastructure, SystemStack, infrastructure, spawn_service, start_system
+
+ECHO_SERVICE = "bench.v1.EchoService"
+ECHO_METHOD = f"/{ECHO_SERVICE}/Echo"
+Call = Callable[[int], Awaitable[object]]
+
+
+async def _echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+    return request
+
+
+async def serve_echo(port: int) -> None:
+    server = GrpcServer(port, [ECHO_SERVICE], host="127.0.0.1")
+    handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.unary_unary_rpc_method_handler(_echo)
+    server.server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(ECHO_SERVICE, {"Echo": handler}),)
+    )
+    await server.start()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(1.0)
+
+
+@contextlib.asynccontextmanager
+async def bench_stack(
+    services: Sequence[str],
+    prefix: str,
+    *,
+    service_env: dict[str, dict[str, str]] | None = None,
+    echo: bool = False,
+) -> AsyncIterator[tuple[SystemStack, Infrastructure]]:
+    """PostgreSQL and NATS (embedded in a temporary directory unless DATABASE_URL / NATS_URL
+    are set), the sandbox, `services` and, with `echo`, the echo server as `echo`; all stopped
+    by PID on the way out. Yields the stack and its PostgreSQL and NATS."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp, infrastructure(Path(tmp)) as found:
+        stack = await start_system(
+            found.dsn,
+            found.nats_url,
+            DevKeys(Path(tmp) / "keys"),
+            Path(tmp),
+            services=services,
+            # As these benchmarks have always run them, for figures comparable with earlier
+            # reports: every service connects to NATS as the admin user, not as its own.
+            env={"LOG_LEVEL": "WARNING", "NATS_USER": "", "NATS_PASSWORD": ""},
+            service_env=service_env,
+            trace=False,
+        )
+        try:
+            if echo:
+                stack.services["echo"] = spawn_service(
+                    "echo", {}, module="tools.bench.harness", log_dir=Path(tmp) / "logs"
+                )
+                await stack.services["echo"].wait_ready()
+            yield stack, found
+        finally:
+            await stack.stop()
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+async def create_shop(
+    stack: SystemStack, tenant_id: str, channel: str, sellers: Sequence[str] = ()
+) -> None:
+    """A tenant with one channel (a `whatsapp:+...` number or a Messaging Service SID) of the
+    stack's Twilio account and its seller phones, created through seller_admin's API."""
+    admin = bearer(stack.keys.token("admin", sub="bench", audience="seller_admin"))
+    async with grpc.aio.insecure_channel(stack.address("seller_admin")) as channel_to:
+        stub = seller_admin_pb2_grpc.SellerAdminServiceStub(channel_to)
+        await stub.CreateTenant(
+            pb.CreateTenantRequest(tenant_id=tenant_id, display_name=tenant_id),
+            metadata=admin,
+            timeout=10,
+        )
+        await stub.AddChannel(
+            pb.AddChannelRequest(
+                tenant_id=tenant_id, address=channel, account_sid=stack.account_sid
+            ),
+            metadata=admin,
+            timeout=10,
+        )
+        for seller in sellers:
+            await stub.AddSellerPhone(
+                pb.AddSellerPhoneRequest(tenant_id=tenant_id, phone_number=seller),
+                metadata=admin,
+                timeout=10,
+            )
+
+
+async def drive(call: Call, callers: int, seconds: float, server_pid: int) -> dict[str, float]:
+    """`callers` loops calling back to back for `seconds` (caller i's n-th call gets the index
+    i + n * callers): calls/s, latency percentiles, and the server process's CPU time per call
+    (a figure other load on the machine barely moves)."""
+    latencies: list[float] = []
+    errors = 0
+    deadline = time.perf_counter() + seconds
+
+    async def caller(index: int) -> None:
+        nonlocal errors
+        calls = 0
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            try:
+                await call(index + calls * callers)
+            except grpc.aio.AioRpcError:
+                errors += 1
+                continue
+            finally:
+                calls += 1
+            latencies.append(time.perf_counter() - started)
+
+    began, cpu_began = time.perf_counter(), cpu_seconds(server_pid)
+    await asyncio.gather(*(caller(i) for i in range(callers)))
+    elapsed, cpu = time.perf_counter() - began, cpu_seconds(server_pid) - cpu_began
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50_ms": 1000 * percentile(latencies, 50),
+        "p99_ms": 1000 * percentile(latencies, 99),
+        "server_cpu_us_per_call": 1e6 * cpu / max(1, len(latencies)),
+        "errors": errors,
+    }
+
+
+async def measure_rounds(
+    kinds: dict[str, tuple[Call, int]], callers: int, rounds: int, seconds: float
+) -> dict[str, list[dict[str, float]]]:
+    """Each kind of call (its call and its server's PID) driven for a 1 s warm-up
+    (connections, prepared statements, caches), then `rounds` rounds of `seconds` per kind, in
+    turn; each kind's rounds."""
+    for call, pid in kinds.values():
+        await drive(call, callers, 1.0, pid)
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in kinds}
+    for number in range(rounds):
+        for name, (call, pid) in kinds.items():
+            results[name].append(await drive(call, callers, seconds, pid))
+        shown = (
+            f"{name} {r[-1]['rps']:.0f}/s p99 {r[-1]['p99_ms']:.1f} ms"
+            for name, r in results.items()
+        )
+        print(f"round {number + 1}: " + ", ".join(shown), file=sys.stderr)
+    return results
+
+
+@contextlib.asynccontextmanager
+async def echo_caller(stack: SystemStack, payload: bytes) -> AsyncIterator[tuple[Call, int]]:
+    """A call of the echo server with `payload`, on its own channel, and the server's PID."""
+    async with grpc.aio.insecure_channel(stack.address("echo")) as channel:
+        echo: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(ECHO_METHOD)
+
+        async def call(index: int) -> object:
+            return await echo(payload)
+
+        yield call, stack.services["echo"].pid
+
+
+def rounds_parser(doc: str, callers: int) -> argparse.ArgumentParser:
+    """The options of a benchmark measured in rounds against the echo."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--callers", type=int, default=callers)
+    parser.add_argument("--tenants", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    return parser
+
+
+def print_report(measure: Coroutine[None, None, dict[str, object]]) -> int:
+    """Run `measure` on uvloop (as the services run) and print its report as the last line."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        print(json.dumps(runner.run(measure)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    uvloop.run(serve_echo(int(os.environ["GRPC_PORT"])))
