@@ -31,8 +31,8 @@ import nats.js.errors
 from nats.js.api import StreamInfo
 
 from tests.chaos.nats_link import NatsLink
-from tests.support.processes import ROOT
 from tools.devstack import EmbeddedNats, free_port, nats_service_env
+from tools.stack import ROOT
 
 T = TypeVar("T")
 

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 import asyncpg
 import pytest
-from services.routing.clients import ComplianceReply, ReplyRejectedError
 
+from services.routing.clients import ComplianceReply, ReplyRejectedError
 from services.routing.domain import DEFAULT_HELP_REPLY, RulesBook
 from services.routing.inbound import Delivery, InboundRouter, Routed, RouteOutcome
 from tests.integration.routing.fakes import (
