@@ -57,9 +57,11 @@ test: lint ## make lint, then the whole test suite (starts embedded PostgreSQL a
 # `make chaos CHAOS_WEBHOOKS=20000` for a longer run; `make test` runs the suite reduced.
 CHAOS_WEBHOOKS ?= 5000
 CHAOS_RATE ?= 40
+CHAOS_TWILIO_OUTAGE ?= 120
 
 chaos: $(INSTALLED) ## the fault suite at full size: 5,000 webhooks through kills and outages; prints its counts
-	SNAPSELL_CHAOS_WEBHOOKS=$(CHAOS_WEBHOOKS) SNAPSELL_CHAOS_RATE=$(CHAOS_RATE) $(BIN)/python -m pytest tests/chaos -q -s
+	SNAPSELL_CHAOS_WEBHOOKS=$(CHAOS_WEBHOOKS) SNAPSELL_CHAOS_RATE=$(CHAOS_RATE) \
+		SNAPSELL_CHAOS_TWILIO_OUTAGE_SECONDS=$(CHAOS_TWILIO_OUTAGE) $(BIN)/python -m pytest tests/chaos -q -s
 
 run: $(INSTALLED) ## the whole stack in the foreground (Ctrl-C stops it)
 	@$(BIN)/python -m tools.run
