@@ -16,7 +16,7 @@ UV_COMPILE = $(BIN)/uv pip compile pyproject.toml contracts/python/pyproject.tom
 	--custom-compile-command "make lock" $(if $(UPGRADE),--upgrade)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv lock protos contracts-baseline lint format test chaos run webhook bench deploy-check images deploy-init deploy
+.PHONY: help venv lock protos contracts-baseline lint format test chaos restore-drill run webhook bench deploy-check images deploy-init deploy
 
 help: ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-20s %s\n", $$1, $$2}'
@@ -57,11 +57,22 @@ test: lint ## make lint, then the whole test suite (starts embedded PostgreSQL a
 # `make chaos CHAOS_WEBHOOKS=20000` for a longer run; `make test` runs the suite reduced.
 CHAOS_WEBHOOKS ?= 5000
 CHAOS_RATE ?= 40
+# The NATS cluster scenario's pace: every write is fsynced on two NATS servers of three.
+CHAOS_CLUSTER_RATE ?= 20
+# How long Twilio is down in the outage scenario.
 CHAOS_TWILIO_OUTAGE ?= 120
 
 chaos: $(INSTALLED) ## the fault suite at full size: 5,000 webhooks through kills and outages; prints its counts
 	SNAPSELL_CHAOS_WEBHOOKS=$(CHAOS_WEBHOOKS) SNAPSELL_CHAOS_RATE=$(CHAOS_RATE) \
+		SNAPSELL_CHAOS_CLUSTER_RATE=$(CHAOS_CLUSTER_RATE) \
 		SNAPSELL_CHAOS_TWILIO_OUTAGE_SECONDS=$(CHAOS_TWILIO_OUTAGE) $(BIN)/python -m pytest tests/chaos -q -s
+
+# `make restore-drill DRILL_SHOPS=20 DRILL_CLIENTS=100` for a bigger one; `make test` runs it reduced.
+DRILL_SHOPS ?= 10
+DRILL_CLIENTS ?= 40
+
+restore-drill: $(INSTALLED) ## PostgreSQL point-in-time restore under load: base backup + WAL archive, restore, services on it; prints its counts
+	SNAPSELL_DRILL_SHOPS=$(DRILL_SHOPS) SNAPSELL_DRILL_CLIENTS=$(DRILL_CLIENTS) $(BIN)/python -m pytest tests/drills -q -s
 
 run: $(INSTALLED) ## the whole stack in the foreground (Ctrl-C stops it)
 	@$(BIN)/python -m tools.run

@@ -29,6 +29,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -192,6 +193,26 @@ def _pg_bin_dir(package: Path, cache_root: Path | None = None) -> Path:
     return copied
 
 
+def postgres_user_dir(path: Path) -> Path:
+    """Create `path` (mode 0700) owned by the user PostgreSQL runs as: a cluster, a WAL archive,
+    a base backup. Its parents must be traversable by that user."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    return path
+
+
+def as_postgres_user(*cmd: str) -> list[str]:
+    """`cmd` as a command line run by the user PostgreSQL runs as."""
+    return [*_unprivileged_prefix(), *cmd]
+
+
+def postgres_program(name: str) -> str:
+    """The path of one of the embedded PostgreSQL's programs (`pg_basebackup`, ...)."""
+    return str(_pg_bin_dir(_pg_package()) / name)
+
+
 def _cluster_dir(state_dir: Path) -> Path:
     """Where the cluster lives: `<state_dir>/pgdata`, or a stable stand-in nobody can reach."""
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -214,13 +235,22 @@ class EmbeddedPostgres:
     """One PostgreSQL 18 cluster in `data_dir` (kept across starts), superuser `postgres`.
 
     `fast=True` turns off fsync, synchronous_commit and full_page_writes: for unit tests only,
-    since an immediate stop may then lose recent commits.
+    since an immediate stop may then lose recent commits. `settings` are added to the server's
+    (WAL archiving, recovery targets).
     """
 
-    def __init__(self, data_dir: Path, port: int | None = None, *, fast: bool = False) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        *,
+        fast: bool = False,
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
         self._state_dir = Path(data_dir).absolute()
         self._port = port or free_port()
         self._fast = fast
+        self._settings = dict(settings or {})
         self._proc: subprocess.Popen[bytes] | None = None
         self._cluster: Path | None = None
 
@@ -256,6 +286,7 @@ class EmbeddedPostgres:
         settings = {**_PG_SETTINGS, "port": str(self._port)}
         if self._fast:
             settings.update(_PG_FAST_SETTINGS)
+        settings.update(self._settings)
         options = [arg for name, value in settings.items() for arg in ("-c", f"{name}={value}")]
         cmd = [*_unprivileged_prefix(), str(bin_dir / "postgres"), "-D", str(cluster), *options]
         self._proc = _spawn(cmd, self._log)
@@ -285,10 +316,7 @@ class EmbeddedPostgres:
         return self._state_dir / "postgres.log"
 
     def _initdb(self, bin_dir: Path, cluster: Path) -> None:
-        cluster.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if os.geteuid() == 0:
-            nobody = pwd.getpwnam("nobody")
-            os.chown(cluster, nobody.pw_uid, nobody.pw_gid)
+        postgres_user_dir(cluster)
         log = self._state_dir / "initdb.log"
         cmd = [*_unprivileged_prefix(), str(bin_dir / "initdb"), "-D", str(cluster)]
         cmd += ["-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-instructions"]
@@ -355,12 +383,15 @@ def nats_service_env(nats_url: str, service: str) -> dict[str, str]:
 class EmbeddedNats:
     """A standalone NATS server with JetStream, storing in `store_dir` (kept across starts),
     with authentication on: the users and permissions of infra/nats_users.py, an admin password
-    kept in the store directory, the services' passwords derived from it."""
+    kept in the store directory, the services' passwords derived from it. `extra_config` is
+    appended to the generated configuration (a cluster member's `server_name` and `cluster`
+    block: tests/chaos/cluster.py)."""
 
-    def __init__(self, store_dir: Path, port: int | None = None) -> None:
+    def __init__(self, store_dir: Path, port: int | None = None, *, extra_config: str = "") -> None:
         self._store_dir = Path(store_dir).absolute()
         self._port = port or free_port()
         self._monitor_port = free_port()
+        self._extra_config = extra_config
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -395,6 +426,7 @@ class EmbeddedNats:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
             out.write(render_authorization(lambda user: f'"{passwords[user]}"'))
+            out.write(self._extra_config)
         return path
 
     @property

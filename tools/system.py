@@ -184,11 +184,14 @@ async def start_system(
     service_env: Mapping[str, Mapping[str, str]] | None = None,
     trace: bool = True,
     launch: Launch = spawn_service,
+    takes_over: SystemStack | None = None,
 ) -> SystemStack:
     """Start everything and wait until every service is ready; on failure stop what started.
 
     `env` is added to every service's environment, `service_env[name]` to one service's;
-    `launch` starts each service process.
+    `launch` starts each service process. `takes_over` is a stack whose data `admin_dsn` now
+    holds (a restored copy of its database): the schemas are kept, not reset, and its Twilio
+    account and auth token stay, so its tenants' channels and signed webhooks remain valid.
     """
     (work_dir / "traces").mkdir(parents=True, exist_ok=True)
     stack = SystemStack(
@@ -201,8 +204,11 @@ async def start_system(
         auth_token=secrets.token_hex(16),
         gateway_port=free_port(),
     )
-    for service in DB_SERVICES:
-        await reset_service_schema(admin_dsn, service)
+    if takes_over is not None:
+        stack.account_sid, stack.auth_token = takes_over.account_sid, takes_over.auth_token
+    else:
+        for service in DB_SERVICES:
+            await reset_service_schema(admin_dsn, service)
     try:
         stack.sandbox = start_sandbox({stack.account_sid: stack.auth_token})
         ports = {name: free_port() for name in DB_SERVICES}

@@ -4,7 +4,8 @@ then back. A message is retried for its kind's time budget (15 minutes conversat
 24 hours compliance), not for five attempts (spent within seconds), so once Twilio is back every
 message the load was owed is sent, exactly once, and none is dead-lettered for the outage.
 Those Twilio refuses for good (21211) and those outside WhatsApp's 24-hour window are still
-dead-lettered, with that reason. The load runs for twice the outage, a quarter of it before."""
+dead-lettered, with that reason. The load (with its claims answered by the live catalog through
+the outbox) runs for twice the outage, a quarter of it before."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from collections import Counter
 import asyncpg
 
 from infra import jetstream
-from tests.chaos.audit import SENT, Report, counts
+from tests.chaos.audit import CLAIM_REPLY_KEY, REPLY_KEY_SUFFIX, SENT, Report, counts
 from tests.chaos.calls import DriverCalls
-from tests.chaos.faults import SANDBOX_HEALTHY, ChaosWorld
+from tests.chaos.faults import SANDBOX_HEALTHY, ChaosWorld, configure_sandbox
 from tests.chaos.load import UNREACHABLE_ERROR_CODE, Load, LoadSize, rate_from_env
 from tests.chaos.records import SETTLE_TIMEOUT_S, Records, read_records, wait_until_settled
 from tests.chaos.webhooks import WebhookPoster
@@ -65,15 +66,15 @@ async def test_a_twilio_outage_during_the_load_dead_letters_nothing_it_was_owed(
         try:
             await poster.wait_accepted(size.webhooks // 4)
             at = time.monotonic() - started
-            await world.sandbox_faults(DOWN)
+            await configure_sandbox(stack.sandbox_url, DOWN)
             await asyncio.sleep(OUTAGE_S)
-            await world.sandbox_faults(healthy)
+            await configure_sandbox(stack.sandbox_url, healthy)
             return at
         finally:
             outage_done.set()
 
     try:
-        await world.sandbox_faults(healthy)
+        await configure_sandbox(stack.sandbox_url, healthy)
         started = time.monotonic()
         async with asyncio.TaskGroup() as group:
             group.create_task(load.run(outage_done))
@@ -86,7 +87,7 @@ async def test_a_twilio_outage_during_the_load_dead_letters_nothing_it_was_owed(
     db = await asyncpg.connect(world.postgres.dsn)
     nats = await jetstream.connect(world.nats.url, name="chaos-outage-audit")
     try:
-        settle_s = await wait_until_settled(db, list(poster.tally.accepted))
+        settle_s = await wait_until_settled(db, list(poster.tally.accepted), list(load.claims))
         records = await read_records(db, nats.jetstream(), stack.sandbox_url, world.processes())
         keys = [m["idempotency_key"] for m in _messages_of(load, records)]
         rows = await db.fetch(_FAILED_ATTEMPTS, keys)
@@ -112,8 +113,10 @@ async def test_a_twilio_outage_during_the_load_dead_letters_nothing_it_was_owed(
 
 
 def _messages_of(load: Load, records: Records) -> list[asyncpg.Record]:
-    """The outbox messages of this load: its enqueues and the replies to its keywords."""
-    replies = {f"{sid}:consent" for sid in load.keywords}
+    """The outbox messages of this load: its enqueues, the replies to its keywords and the
+    catalog's replies to its claims."""
+    replies = {f"{sid}{REPLY_KEY_SUFFIX}" for sid in load.keywords}
+    replies |= {f"{CLAIM_REPLY_KEY}{sid}" for sid in load.claims}
     return [
         m
         for m in records.messages
@@ -142,12 +145,15 @@ def _audit(load: Load, records: Records, failed: dict[str, int], report: Report)
         m for m in messages if m["id"] not in must_block | must_die and m["status"] != "blocked"
     ]
     dead = [m for m in messages if m["status"] == "dead"]
-    replied = Counter(m["idempotency_key"].removesuffix(":consent") for m in messages)
+    replied = Counter(m["idempotency_key"].removesuffix(REPLY_KEY_SUFFIX) for m in messages)
     outlived = sum(n > OLD_BUDGET_ATTEMPTS for n in failed.values())
     report.section(
         "outbound messages of the load",
         [
-            ("enqueued / COMPLIANCE replies", f"{len(load.enqueued)} / {len(load.keywords)}"),
+            (
+                "enqueued / COMPLIANCE replies / catalog replies",
+                f"{len(load.enqueued)} / {len(load.keywords)} / {len(load.claims)}",
+            ),
             ("  by status", counts(Counter(m["status"] for m in messages))),
             ("  dead, by reason", counts(Counter(m["dead_reason"] for m in dead))),
             ("owed a send / sent exactly once", f"{len(owed)} / {sum(map(sent_once, owed))}"),
