@@ -151,7 +151,7 @@ def _audit(load: Load, records: Records, failed: dict[str, int], report: Report)
         "outbound messages of the load",
         [
             (
-                "enqueued / COMPLIANCE replies / catalog replies",
+                "enqueued / consent replies / catalog replies",
                 f"{len(load.enqueued)} / {len(load.keywords)} / {len(load.claims)}",
             ),
             ("  by status", counts(Counter(m["status"] for m in messages))),
