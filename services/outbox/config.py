@@ -97,7 +97,13 @@ def _twilio_accounts() -> dict[str, str]:
 
 def _retry_policy() -> RetryPolicy:
     return RetryPolicy(
-        max_attempts=env_int("OUTBOX_MAX_ATTEMPTS", 5, minimum=1, maximum=100),
+        conversational_budget_s=env_float(
+            "OUTBOX_RETRY_BUDGET_CONVERSATIONAL_SECONDS", 900.0, minimum=1.0, maximum=30 * 86_400.0
+        ),
+        compliance_budget_s=env_float(
+            "OUTBOX_RETRY_BUDGET_COMPLIANCE_SECONDS", 86_400.0, minimum=1.0, maximum=30 * 86_400.0
+        ),
+        max_attempts=env_int("OUTBOX_MAX_ATTEMPTS", 0, minimum=0, maximum=100_000),
         base_s=env_float("OUTBOX_BACKOFF_BASE_SECONDS", 1.0, minimum=0.001, maximum=3600.0),
         multiplier=env_float("OUTBOX_BACKOFF_MULTIPLIER", 2.0, minimum=1.0, maximum=10.0),
         cap_s=env_float("OUTBOX_BACKOFF_CAP_SECONDS", 30.0, minimum=0.001, maximum=86400.0),

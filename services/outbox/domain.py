@@ -143,9 +143,18 @@ def newer_twilio_status(stored: str | None, reported: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Capped exponential backoff (seed defaults: 1 s base, x2, 30 s cap, 5 attempts)."""
+    """When a message whose send failed is tried again, and until when.
 
-    max_attempts: int = 5
+    Capped exponential backoff with jitter (seed defaults: 1 s base, x2, 30 s cap), for as long
+    as the message's kind allows, counted from when it was first due (or redriven): 15 minutes
+    for a conversational message (a reply later than that has lost its point), 24 hours for a
+    compliance one (a STOP confirmation is owed however late). A time rather than a count:
+    five attempts are spent in about 15 s, so a one-minute Twilio or network outage would
+    dead-letter every message waiting. `max_attempts` caps the attempts as well (0: no cap)."""
+
+    conversational_budget_s: float = 15 * 60.0
+    compliance_budget_s: float = 24 * 3600.0
+    max_attempts: int = 0
     base_s: float = 1.0
     multiplier: float = 2.0
     cap_s: float = 30.0
@@ -166,6 +175,53 @@ class RetryPolicy:
         if retry_after_s is not None:
             delay = max(delay, min(retry_after_s, self.retry_after_cap_s))
         return delay
+
+    def deadline(self, kind: MessageKind, budget_started_at: datetime) -> datetime:
+        """The last moment a message of `kind` whose budget started then is tried."""
+        budget_s = (
+            self.compliance_budget_s
+            if kind is MessageKind.COMPLIANCE
+            else self.conversational_budget_s
+        )
+        return budget_started_at + timedelta(seconds=budget_s)
+
+    def budget_spent(
+        self,
+        *,
+        kind: MessageKind,
+        budget_started_at: datetime,
+        attempts: int,
+        max_attempts: int,
+        now: datetime,
+    ) -> bool:
+        """Whether a message whose last try failed (`attempts` made, of `max_attempts`, 0 for
+        no cap) gives up at `now`: its kind's deadline is reached, or its attempts are."""
+        return now >= self.deadline(kind, budget_started_at) or 0 < max_attempts <= attempts
+
+    def retry_at(
+        self,
+        *,
+        kind: MessageKind,
+        budget_started_at: datetime,
+        attempt: int,
+        max_attempts: int,
+        now: datetime,
+        jitter: float,
+        retry_after_s: float | None = None,
+    ) -> datetime | None:
+        """When to try again after the `attempt`-th attempt (1-based) failed at `now` with an
+        error worth retrying, or None when the budget is spent (`budget_spent`). A retry is
+        never planned past the deadline: the last one is at the deadline itself."""
+        if self.budget_spent(
+            kind=kind,
+            budget_started_at=budget_started_at,
+            attempts=attempt,
+            max_attempts=max_attempts,
+            now=now,
+        ):
+            return None
+        delay = timedelta(seconds=self.retry_delay_s(attempt, jitter, retry_after_s))
+        return min(now + delay, self.deadline(kind, budget_started_at))
 
 
 # --- Twilio error classification ---------------------------------------------------------------
@@ -207,7 +263,7 @@ def classify_http_error(http_status: int, error_code: int | None) -> ErrorClass:
     if error_code in RETRYABLE_ERROR_CODES or http_status == 429 or http_status >= 500:
         return ErrorClass.RETRYABLE
     # Credentials or account problems are fixed by an operator; the message should wait
-    # (and dead-letter after its attempts) rather than be declared undeliverable.
+    # (and dead-letter when its retry budget is spent) rather than be declared undeliverable.
     if http_status in (401, 403):
         return ErrorClass.RETRYABLE
     return ErrorClass.PERMANENT
@@ -380,10 +436,13 @@ class ClaimedMessage:
     body: str | None
     content_sid: str | None
     content_variables: str | None
-    # Attempts made before this claim (a lease that ran out counts as one).
+    # Attempts made before this claim (a lease that ran out counts as one), and their cap
+    # (0: none).
     attempt_count: int
     max_attempts: int
     reconcile_failures: int
+    # When the retry budget started: first due, or redriven (RetryPolicy.deadline).
+    budget_started_at: datetime
     claimed_at: datetime
     reconcile_since: datetime | None
     traceparent: str | None

@@ -42,8 +42,9 @@ WITH inserted AS (
     INSERT INTO messages (
         tenant_id, idempotency_key, correlation_id, kind, account_sid, sender,
         recipient_channel, recipient, body, content_sid, content_variables,
-        next_attempt_at, max_attempts, traceparent)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, coalesce($12, now()), $13, $14)
+        next_attempt_at, budget_started_at, max_attempts, traceparent)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, coalesce($12, now()),
+        greatest(now(), $12), $13, $14)
     ON CONFLICT ON CONSTRAINT messages_tenant_idempotency_key_key DO NOTHING
     RETURNING id, next_attempt_at
 )
@@ -118,9 +119,9 @@ WITH due AS (
     WHERE m.id = ANY (ARRAY(SELECT id FROM due)) AND m.id = due.id
     RETURNING m.id, m.tenant_id, m.correlation_id, m.kind, m.account_sid, m.sender,
         m.recipient_channel, m.recipient, m.body, m.content_sid, m.content_variables,
-        m.attempt_count, m.max_attempts, m.reconcile_failures, m.attempt_started_at,
-        m.reconcile_since, m.traceparent, due.prior_status, due.prior_started_at,
-        due.prior_owner
+        m.attempt_count, m.max_attempts, m.reconcile_failures, m.budget_started_at,
+        m.attempt_started_at, m.reconcile_since, m.traceparent, due.prior_status,
+        due.prior_started_at, due.prior_owner
 ), lease_expiries AS (
     INSERT INTO attempts (message_id, outcome, started_at, finished_at, error_message, worker_id)
     SELECT id, 'lease_expired', coalesce(prior_started_at, now()), now(),
@@ -130,7 +131,7 @@ WITH due AS (
 )
 SELECT id, tenant_id, correlation_id, kind, account_sid, sender, recipient_channel, recipient,
     body, content_sid, content_variables, attempt_count, max_attempts, reconcile_failures,
-    attempt_started_at, reconcile_since, traceparent, prior_status
+    budget_started_at, attempt_started_at, reconcile_since, traceparent, prior_status
 FROM claimed
 """
 
@@ -300,6 +301,7 @@ def _claimed(row: asyncpg.Record) -> ClaimedMessage:
         attempt_count=row["attempt_count"],
         max_attempts=row["max_attempts"],
         reconcile_failures=row["reconcile_failures"],
+        budget_started_at=row["budget_started_at"],
         claimed_at=row["attempt_started_at"],
         reconcile_since=row["reconcile_since"],
         traceparent=row["traceparent"],
@@ -544,7 +546,8 @@ WITH target AS (
 )
 UPDATE messages m SET
     status = 'pending', attempt_count = 0, reconcile_failures = 0, max_attempts = $3,
-    dead_reason = NULL, dead_at = NULL, next_attempt_at = now(), updated_at = now()
+    budget_started_at = now(), dead_reason = NULL, dead_at = NULL, next_attempt_at = now(),
+    updated_at = now()
 FROM target
 WHERE m.id = target.id
 RETURNING m.id, target.dead_reason AS previous_reason
@@ -610,7 +613,8 @@ class OutboxAdminStore:
         max_attempts: int,
         now: datetime,
     ) -> list[uuid.UUID]:
-        """Dead letters back to pending with a fresh attempt budget; returns those moved.
+        """Dead letters back to pending with a fresh retry budget (its time starts now, its
+        attempts are counted again); returns those moved.
         A message whose last outcome is unknown keeps `reconcile_since`: Twilio is asked
         before it is sent again."""
         async with self._pool.acquire() as conn, conn.transaction():

@@ -1,7 +1,9 @@
 """What to record when a claim ends (pure): the message's next state as a `Resolution`, with
 its attempt rows and events. After a failed send, `after_failure` decides between a retry, a
-dead letter and a reconciliation; `send.py` decides which of these ends happened, and
-`writer.py` writes them."""
+dead letter and a reconciliation: a permanent refusal is dead at once, an error worth
+retrying is retried with backoff until the message's retry budget (`RetryPolicy`: a deadline
+per kind) is spent. `send.py` decides which of these ends happened, and `writer.py` writes
+them."""
 
 from __future__ import annotations
 
@@ -176,7 +178,7 @@ def after_failure(
         )
     if failure.error_class is ErrorClass.OUTCOME_UNKNOWN:
         # Twilio may have it: the next claim asks Twilio before anything else, even when the
-        # attempts are used up (a message that was sent is not a dead letter).
+        # retry budget is spent (a message that was sent is not a dead letter).
         delay = max(reconcile_delay_s, retry.backoff_s(number, jitter))
         return Resolution(
             message.id,
@@ -189,7 +191,16 @@ def after_failure(
             error_code=code,
             error_message=text,
         )
-    if number >= message.max_attempts:
+    retry_at = retry.retry_at(
+        kind=message.kind,
+        budget_started_at=message.budget_started_at,
+        attempt=number,
+        max_attempts=message.max_attempts,
+        now=now,
+        jitter=jitter,
+        retry_after_s=failure.retry_after_s,
+    )
+    if retry_at is None:
         return dead(
             message,
             reason=DeadReason.ATTEMPTS_EXHAUSTED,
@@ -200,14 +211,13 @@ def after_failure(
             at=now,
             traceparent=traceparent,
         )
-    delay = retry.retry_delay_s(number, jitter, failure.retry_after_s)
     return Resolution(
         message.id,
         message.tenant_id,
         MessageStatus.PENDING,
         attempts,
         attempt_increment=1,
-        next_attempt_at=now + timedelta(seconds=delay),
+        next_attempt_at=retry_at,
         error_code=code,
         error_message=text,
     )
@@ -225,10 +235,16 @@ def reconcile_failed(
     traceparent: str | None,
 ) -> Resolution:
     """Twilio's list could not be read: the outcome stays unknown; ask again later, and give
-    up (dead, OUTCOME_UNKNOWN, still to be reconciled on redrive) after as many tries as
-    attempts."""
+    up (dead, OUTCOME_UNKNOWN, still to be reconciled on redrive) when the retry budget is
+    spent (its deadline, or as many tries as attempts when those are capped)."""
     failures = message.reconcile_failures + 1
-    if failures >= message.max_attempts:
+    if retry.budget_spent(
+        kind=message.kind,
+        budget_started_at=message.budget_started_at,
+        attempts=failures,
+        max_attempts=message.max_attempts,
+        now=now,
+    ):
         return dead(
             message,
             reason=DeadReason.OUTCOME_UNKNOWN,

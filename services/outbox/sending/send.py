@@ -170,8 +170,15 @@ class MessageDelivery:
             if isinstance(settled, Resolution):
                 return settled
             prior = (settled,)
-        if message.attempt_count >= message.max_attempts:
-            return self._dead(message, DeadReason.ATTEMPTS_EXHAUSTED, prior, None)
+            # Its earlier attempt failed after all: the budget decides as after any failure.
+            if self._config.retry.budget_spent(
+                kind=message.kind,
+                budget_started_at=message.budget_started_at,
+                attempts=message.attempt_count,
+                max_attempts=message.max_attempts,
+                now=self._now(),
+            ):
+                return self._dead(message, DeadReason.ATTEMPTS_EXHAUSTED, prior, None)
         try:
             consent = await self._consent.for_send(message, answer)
         except ConsentUnavailableError:

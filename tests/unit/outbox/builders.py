@@ -27,6 +27,7 @@ def claimed(**changes: object) -> ClaimedMessage:
         attempt_count=0,
         max_attempts=3,
         reconcile_failures=0,
+        budget_started_at=NOW - timedelta(seconds=5),
         claimed_at=NOW - timedelta(seconds=1),
         reconcile_since=None,
         traceparent=None,

@@ -197,7 +197,7 @@ async def test_a_429_is_retried_no_sooner_than_its_retry_after() -> None:
     assert resolution.attempt_increment == 1
 
 
-async def test_the_last_retryable_failure_dead_letters_the_message() -> None:
+async def test_a_retryable_failure_at_the_attempts_cap_dead_letters_the_message() -> None:
     failure = SendFailure(ErrorClass.RETRYABLE, "Internal Server Error", 500, 20500)
     resolution = await delivery(FakeTwilio(failure)).resolve(claimed(attempt_count=2))
     assert resolution.status is MessageStatus.DEAD
@@ -285,3 +285,35 @@ async def test_exhausted_attempts_after_a_clean_reconciliation_dead_letter() -> 
     resolution = await delivery(twilio).resolve(message)
     assert resolution.status is MessageStatus.DEAD
     assert resolution.dead_reason is DeadReason.ATTEMPTS_EXHAUSTED and twilio.sent == []
+
+
+async def test_a_lease_that_ran_out_past_the_deadline_ends_the_message_once_reconciled() -> None:
+    # Its worker died mid-send (the lease counts as an attempt): Twilio has nothing, and the
+    # message's 15 minutes are over.
+    twilio = FakeTwilio(ACCEPTED)
+    since = NOW - timedelta(minutes=16)
+    late = claimed(
+        reconcile_since=since, budget_started_at=since, attempt_count=1, lease_expired=True
+    )
+    resolution = await delivery(twilio).resolve(late)
+    assert resolution.status is MessageStatus.DEAD
+    assert resolution.dead_reason is DeadReason.ATTEMPTS_EXHAUSTED and twilio.sent == []
+    in_time = replace(late, budget_started_at=NOW - timedelta(minutes=14))
+    assert (await delivery(twilio).resolve(in_time)).status is MessageStatus.SENT
+
+
+async def test_a_window_that_closed_while_retrying_ends_the_message_at_once() -> None:
+    twilio = FakeTwilio()
+    consent = FakeConsent(
+        Consent(opted_out=False, last_inbound_at=NOW - timedelta(hours=24, seconds=1))
+    )
+    retried = claimed(
+        channel=Channel.WHATSAPP,
+        sender="whatsapp:+14155550100",
+        kind=MessageKind.COMPLIANCE,
+        budget_started_at=NOW - timedelta(minutes=10),
+        attempt_count=2,
+    )
+    resolution = await delivery(twilio, consent).resolve(retried)
+    assert resolution.status is MessageStatus.DEAD
+    assert resolution.dead_reason is DeadReason.OUTSIDE_SESSION_WINDOW and twilio.sent == []

@@ -628,7 +628,9 @@ class Message(_message.Message):
     """Twilio's last reported status string (queued, sent, delivered, read, failed, ...)."""
     twilio_sid: _builtins.str
     attempt_count: _builtins.int
-    """Send attempts made so far, and the budget."""
+    """Send attempts made so far, and their cap (0: none; the retry budget is a time per message
+    kind, counted from when the message was first due or redriven).
+    """
     max_attempts: _builtins.int
     dead_reason: Global___DeadReason.ValueType
     last_error_code: _builtins.int
