@@ -20,7 +20,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import asyncpg
-from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from opentelemetry import trace
@@ -143,9 +142,11 @@ class InboundConsumer:
 
     async def _handle(self, msg: Msg) -> jetstream.Decision:
         try:
-            message = gateway_events.MessageReceived.FromString(msg.data)
-        except DecodeError as error:
-            return await self._give_up(msg, None, "undecodable", f"not a MessageReceived: {error}")
+            message = jetstream.decode(gateway_events.MessageReceived, msg.data)
+        except jetstream.RejectedEventError as error:
+            # Kept in failed_inbound for a redrive once understood, and counted like any poison.
+            jetstream.count_rejected(self._spec.durable, error)
+            return await self._give_up(msg, None, "undecodable", str(error))
         try:
             routed = await self._router.route(
                 message,
