@@ -51,6 +51,7 @@ EXPORTED_METRICS: dict[str, tuple[str, ...]] = {
         "snapsell_routing_consumer_pending_messages",
         "snapsell_routing_consumer_ack_pending_messages",
         "snapsell_routing_peer_call_seconds",
+        "snapsell_events_rejected_total",
     ),
     "outbox": (
         *RPC_METRICS,
@@ -60,6 +61,7 @@ EXPORTED_METRICS: dict[str, tuple[str, ...]] = {
         "snapsell_outbox_dead_letters_total",
         "snapsell_outbox_blocked_optout_total",
         "snapsell_outbox_status_callbacks_total",
+        "snapsell_events_rejected_total",
     ),
     "live_session": (
         *RPC_METRICS,
@@ -71,6 +73,7 @@ EXPORTED_METRICS: dict[str, tuple[str, ...]] = {
         *RPC_METRICS,
         "snapsell_live_catalog_inbound_handled_total",
         "snapsell_live_catalog_replies_total",
+        "snapsell_events_rejected_total",
     ),
 }
 GRPC_SERVICES = ("routing", "outbox", "live_session", "seller_admin", "live_catalog")
