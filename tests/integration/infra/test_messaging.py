@@ -35,13 +35,17 @@ def unique(prefix: str) -> str:
 
 async def test_ensure_stream_is_idempotent_and_applies_new_settings(js) -> None:
     name = unique("S")
-    spec = StreamSpec(name=name, subjects=(f"{name.lower()}.>",), duplicate_window_s=60)
+    # A stream declared before the event size limit existed gets it too.
+    spec = StreamSpec(
+        name=name, subjects=(f"{name.lower()}.>",), duplicate_window_s=60, max_msg_size=-1
+    )
     await jetstream.ensure_stream(js, spec)
     await jetstream.ensure_stream(js, spec)
     wider = StreamSpec(name=name, subjects=spec.subjects, duplicate_window_s=600)
     await jetstream.ensure_stream(js, wider)
     info = await js.stream_info(name)
     assert info.config.duplicate_window == 600
+    assert info.config.max_msg_size == jetstream.MAX_EVENT_BYTES
 
 
 async def test_publish_with_the_same_id_is_stored_once(js) -> None:
