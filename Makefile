@@ -57,9 +57,12 @@ test: lint ## make lint, then the whole test suite (starts embedded PostgreSQL a
 # `make chaos CHAOS_WEBHOOKS=20000` for a longer run; `make test` runs the suite reduced.
 CHAOS_WEBHOOKS ?= 5000
 CHAOS_RATE ?= 40
+# The NATS cluster scenario's pace: every write is fsynced on two NATS servers of three.
+CHAOS_CLUSTER_RATE ?= 20
 
 chaos: $(INSTALLED) ## the fault suite at full size: 5,000 webhooks through kills and outages; prints its counts
-	SNAPSELL_CHAOS_WEBHOOKS=$(CHAOS_WEBHOOKS) SNAPSELL_CHAOS_RATE=$(CHAOS_RATE) $(BIN)/python -m pytest tests/chaos -q -s
+	SNAPSELL_CHAOS_WEBHOOKS=$(CHAOS_WEBHOOKS) SNAPSELL_CHAOS_RATE=$(CHAOS_RATE) \
+		SNAPSELL_CHAOS_CLUSTER_RATE=$(CHAOS_CLUSTER_RATE) $(BIN)/python -m pytest tests/chaos -q -s
 
 # `make restore-drill DRILL_SHOPS=20 DRILL_CLIENTS=100` for a bigger one; `make test` runs it reduced.
 DRILL_SHOPS ?= 10

@@ -83,6 +83,23 @@ def env_url(name: str, default: str | None = None, *, schemes: tuple[str, ...]) 
     return value
 
 
+def env_url_list(name: str, default: str | None = None, *, schemes: tuple[str, ...]) -> str:
+    """One URL, or several separated by commas (every server of a cluster, e.g. `NATS_URL=
+    nats://nats-0:4222,nats://nats-1:4222,nats://nats-2:4222`); each is checked as `env_url`
+    checks one. The value as given; `url_list` splits it."""
+    value = env_str(name, default)
+    urls = [urlsplit(url) for url in url_list(value)]
+    if not urls or any(url.scheme not in schemes or not url.netloc for url in urls):
+        expected = " or ".join(f"{s}://" for s in schemes)
+        raise ConfigError(f"{name} must be {expected} URLs separated by commas, got {value!r}")
+    return value
+
+
+def url_list(value: str) -> list[str]:
+    """The URLs of a comma-separated list, blanks around them dropped."""
+    return [url.strip() for url in value.split(",") if url.strip()]
+
+
 def env_address(name: str, default: str) -> str:
     """A `host:port` peer address."""
     value = env_str(name, default)

@@ -36,7 +36,8 @@ from nats.js.errors import BadRequestError
 from prometheus_client import Counter
 
 from infra import telemetry
-from infra.config import ConfigError, env_optional
+from infra.backlog import QUEUE_DEPTH, InFlight
+from infra.config import ConfigError, env_optional, url_list
 from infra.nats_users import INBOX_ROOT
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,9 @@ async def connect(
     connect_timeout_s: float = 2.0,
     credentials: NatsCredentials | None = None,
 ) -> NatsClient:
-    """Connect, retrying the first connection for up to ~30 s, then reconnect forever. The
+    """Connect, retrying the first connection for up to ~30 s, then reconnect forever. `url`
+    may list a cluster's servers, separated by commas: the client connects to one and moves to
+    another when it fails (the servers do not advertise each other to clients). The
     credentials default to the environment's (`NatsCredentials.from_env`); without a user,
     those in the URL (`nats://user:password@host`) are used, if any."""
     options = (credentials or NatsCredentials.from_env()).options()
@@ -108,7 +111,7 @@ async def connect(
     while True:
         try:
             return await nats.connect(
-                url,
+                url_list(url),
                 name=name,
                 connect_timeout=connect_timeout_s,
                 reconnect_time_wait=0.5,
@@ -365,6 +368,11 @@ class ConsumerSpec:
     max_deliver: int = 20
     max_ack_pending: int = 1000
 
+    @property
+    def queue(self) -> str:
+        """Its name in the backlog metrics (infra.backlog)."""
+        return f"{self.stream}/{self.durable}"
+
     def config(self) -> api.ConsumerConfig:
         return api.ConsumerConfig(
             durable_name=self.durable,
@@ -400,13 +408,17 @@ async def run_pull_consumer(
     fetch_timeout_s: float = 1.0,
 ) -> None:
     """Fetch and handle messages until `stop` is set, with at most `concurrency` in flight.
-    In-flight handlers finish (and ack) before this returns."""
+    In-flight handlers finish (and ack) before this returns. The consumer's backlog is
+    exported meanwhile (infra.backlog)."""
     await ensure_consumer(js, spec)
     subscription = await js.pull_subscribe_bind(spec.durable, stream=spec.stream)
     running: set[asyncio.Task[None]] = set()
+    in_flight = InFlight(spec.queue)
+    depth = asyncio.create_task(_report_depth(js, spec), name=f"{spec.queue} depth")
 
     async def handle(msg: Msg) -> None:
-        await _settle(msg, await _decide(handler, msg, spec.durable))
+        with in_flight.holding(msg.metadata.timestamp.timestamp()):
+            await _settle(msg, await _decide(handler, msg, spec.durable))
 
     try:
         while not stop.is_set():
@@ -431,9 +443,25 @@ async def run_pull_consumer(
                 running.add(task)
                 task.add_done_callback(running.discard)
     finally:
+        depth.cancel()
         if running:
             await asyncio.gather(*running, return_exceptions=True)
         await subscription.unsubscribe()
+
+
+async def _report_depth(js: JetStreamContext, spec: ConsumerSpec, every_s: float = 5.0) -> None:
+    """The consumer's backlog as the server counts it (delivered or not, unacknowledged),
+    until cancelled; the age is its in-flight tracker's (see run_pull_consumer)."""
+    queue = spec.queue
+    while True:
+        try:
+            info = await js.consumer_info(spec.stream, spec.durable)
+        except Exception as error:  # metrics must never stop the consumer
+            log.debug("jetstream.consumer_info_failed", extra={"fields": {"error": str(error)}})
+        else:
+            depth = (info.num_pending or 0) + (info.num_ack_pending or 0)
+            QUEUE_DEPTH.labels(queue).set(depth)
+        await asyncio.sleep(every_s)
 
 
 async def _decide(handler: Handler, msg: Msg, consumer: str) -> Decision:

@@ -383,12 +383,15 @@ def nats_service_env(nats_url: str, service: str) -> dict[str, str]:
 class EmbeddedNats:
     """A standalone NATS server with JetStream, storing in `store_dir` (kept across starts),
     with authentication on: the users and permissions of infra/nats_users.py, an admin password
-    kept in the store directory, the services' passwords derived from it."""
+    kept in the store directory, the services' passwords derived from it. `extra_config` is
+    appended to the generated configuration (a cluster member's `server_name` and `cluster`
+    block: tests/chaos/cluster.py)."""
 
-    def __init__(self, store_dir: Path, port: int | None = None) -> None:
+    def __init__(self, store_dir: Path, port: int | None = None, *, extra_config: str = "") -> None:
         self._store_dir = Path(store_dir).absolute()
         self._port = port or free_port()
         self._monitor_port = free_port()
+        self._extra_config = extra_config
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -423,6 +426,7 @@ class EmbeddedNats:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
             out.write(render_authorization(lambda user: f'"{passwords[user]}"'))
+            out.write(self._extra_config)
         return path
 
     @property

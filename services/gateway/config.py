@@ -15,6 +15,7 @@ from infra.config import (
     env_optional,
     env_str,
     env_url,
+    env_url_list,
 )
 
 
@@ -93,7 +94,7 @@ def load_config() -> Config:
         raise ConfigError("TWILIO_AUTH_TOKEN (or TWILIO_AUTH_TOKENS) is required")
     return Config(
         http_port=env_int("HTTP_PORT", 8080, minimum=0, maximum=65535),
-        nats_url=env_str("NATS_URL", "nats://127.0.0.1:4222"),
+        nats_url=env_url_list("NATS_URL", "nats://127.0.0.1:4222", schemes=("nats", "tls")),
         public_base_url=public_base_url,
         default_auth_token=default_token,
         auth_tokens=auth_tokens,

@@ -24,7 +24,7 @@ from infra.config import (
     env_float,
     env_int,
     env_optional,
-    env_url,
+    env_url_list,
 )
 from infra.retention import RetentionSettings, load_retention_settings, retention_days
 from infra.streams import events_stream
@@ -128,7 +128,8 @@ def parse_settings(raw: str | None, default: TenantSettings) -> SettingsBook:
 
 
 def load_config() -> Config:
-    concurrency = env_int("LIVE_CATALOG_CONCURRENCY", 32, minimum=1, maximum=512)
+    # Routed messages in flight: those of one item are decided in received_at order together.
+    concurrency = env_int("LIVE_CATALOG_CONCURRENCY", 256, minimum=1, maximum=2048)
     default = TenantSettings(
         grammar=Grammar(),
         replies=Replies(),
@@ -139,7 +140,7 @@ def load_config() -> Config:
     return Config(
         grpc_port=env_int("GRPC_PORT", DEFAULT_GRPC_PORT, minimum=0, maximum=65535),
         metrics_port=env_int("METRICS_PORT", DEFAULT_METRICS_PORT, minimum=0, maximum=65535),
-        nats_url=env_url("NATS_URL", schemes=("nats", "tls")),
+        nats_url=env_url_list("NATS_URL", schemes=("nats", "tls")),
         outbox_addr=env_address("OUTBOX_ADDR", "127.0.0.1:50052"),
         consumer_enabled=env_bool("LIVE_CATALOG_CONSUMER_ENABLED", True),
         concurrency=concurrency,
@@ -157,8 +158,9 @@ def load_config() -> Config:
         peer_deadline_s=env_float(
             "LIVE_CATALOG_PEER_DEADLINE_SECONDS", 3.0, minimum=0.1, maximum=60.0
         ),
-        # Each handler holds a connection for its whole transaction; leave room for the API.
-        db_pool_size=env_int("LIVE_CATALOG_DB_POOL_SIZE", concurrency + 8, minimum=2, maximum=600),
+        # The routed messages use one connection per batch; the rest serve the API, the
+        # sweeper, the reply dispatcher and the event relay.
+        db_pool_size=env_int("LIVE_CATALOG_DB_POOL_SIZE", 16, minimum=2, maximum=600),
         shutdown_grace_s=env_float("SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0.0, maximum=300.0),
         settings=parse_settings(env_optional("LIVE_CATALOG_TENANT_SETTINGS"), default),
         retention=load_retention_settings(),

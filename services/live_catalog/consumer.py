@@ -1,8 +1,10 @@
 """The catalog's JetStream consumers; handlers return `Ack`/`Nak`/`Term` as plain values.
 
-- `routing.v1.message.routed` (stream ROUTING_EVENTS, durable `live-catalog`): each routed
-  live signal or conversation message is handed to `CatalogStore.handle_inbound`, exactly once
-  per MessageSid thanks to its ledger; consent and help messages are routing's, not ours.
+- `routing.v1.message.routed` (stream ROUTING_EVENTS, durable `live-catalog`): the routed
+  live signals and conversation messages in flight are handed together to
+  `CatalogStore.handle_batch` (`Batches`), which applies them in the gateway's received_at
+  order, exactly once per MessageSid thanks to its ledger; consent and help messages are
+  routing's, not ours.
 - `live_session.v1.session.closed` (stream LIVE_SESSION_EVENTS, durable
   `live-catalog-sessions`): the end-of-live summaries, once per session.
 
@@ -14,6 +16,7 @@ After each commit the reply dispatcher is woken.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Callable
@@ -113,11 +116,46 @@ def inbound_of(routed: routing_events.MessageRouted) -> Inbound | None:
     )
 
 
+class Batches:
+    """Gathers the routed messages handled concurrently into batches for
+    `CatalogStore.handle_batch`, one batch in its transaction at a time: the messages that
+    arrive meanwhile make the next one. Each caller gets its own message's outcome."""
+
+    def __init__(self, store: CatalogStore) -> None:
+        self._store = store
+        self._waiting: list[tuple[Inbound, asyncio.Future[str]]] = []
+        self._draining: asyncio.Task[None] | None = None
+
+    async def submit(self, inbound: Inbound) -> str:
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._waiting.append((inbound, future))
+        if self._draining is None or self._draining.done():
+            self._draining = asyncio.create_task(self._drain(), name="live-catalog-batches")
+        return await future
+
+    async def _drain(self) -> None:
+        # One turn of the loop first, so the messages of the same fetch join the batch.
+        await asyncio.sleep(0)
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            try:
+                outcomes = await self._store.handle_batch([inbound for inbound, _ in batch])
+            except Exception as error:  # e.g. the database unreachable for a batch of one
+                outcomes = [error] * len(batch)
+            for (_, future), outcome in zip(batch, outcomes, strict=True):
+                if future.done():  # its caller was cancelled (shutdown)
+                    continue
+                if isinstance(outcome, Exception):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+
+
 class RoutedConsumer:
     def __init__(
         self, store: CatalogStore, spec: ConsumerSpec, on_commit: Callable[[], None]
     ) -> None:
-        self._store = store
+        self._batches = Batches(store)
         self._spec = spec
         self._on_commit = on_commit
 
@@ -128,7 +166,7 @@ class RoutedConsumer:
             HANDLED.labels("not_ours").inc()
             return Ack()
         try:
-            outcome = await self._store.handle_inbound(inbound)
+            outcome = await self._batches.submit(inbound)
         except _RETRYABLE as error:
             return _retry_or_give_up(msg, self._spec, inbound.message_sid, error)
         HANDLED.labels(outcome).inc()

@@ -6,12 +6,13 @@ keep the catalog's view of the current session up to date."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 import asyncpg
 
 from infra.db import Connection
+from infra.log import get_logger
 from services.live_catalog.domain import (
     Cancel,
     Claim,
@@ -63,6 +64,13 @@ WHERE id = $1
 """
 
 
+_log = get_logger(__name__)
+
+
+def _arrival(inbound: Inbound) -> tuple[datetime, str]:
+    return inbound.received_at, inbound.message_sid
+
+
 class InboundCatalog:
     def __init__(
         self,
@@ -87,37 +95,70 @@ class InboundCatalog:
     async def handle_inbound(self, inbound: Inbound) -> str:
         """Apply one routed message and queue its reply; returns the outcome (the reply's name,
         `ignored` for conversation, `duplicate` for a MessageSid already handled)."""
+        now = self._clock()
+        async with self._pool.acquire() as conn, conn.transaction():
+            return await self._apply(conn, inbound, now)
+
+    async def handle_batch(self, inbounds: Sequence[Inbound]) -> list[str | Exception]:
+        """The routed messages in flight together, in one transaction and in the order the
+        gateway received them (received_at, then MessageSid): claims on one item are decided
+        first come, first served whatever order they were delivered in, and the item row is
+        locked and committed once per batch instead of once per claim. Each message's outcome
+        as `handle_inbound`'s, or the exception it raised: when the batch's transaction fails
+        (a concurrent claim of the same client, a deadlock, the database gone), each message
+        is handled again on its own, in the same order, so an error is only its own."""
+        order = sorted(range(len(inbounds)), key=lambda i: _arrival(inbounds[i]))
+        outcomes: list[str | Exception] = [""] * len(inbounds)
+        now = self._clock()
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                for i in order:
+                    outcomes[i] = await self._apply(conn, inbounds[i], now)
+            return outcomes
+        except Exception as error:
+            if len(inbounds) == 1:
+                raise
+            _log.warning(
+                "live_catalog.batch_failed",
+                extra={"fields": {"messages": len(inbounds), "error": str(error) or repr(error)}},
+            )
+        for i in order:
+            try:
+                outcomes[i] = await self.handle_inbound(inbounds[i])
+            except Exception as error:
+                outcomes[i] = error
+        return outcomes
+
+    async def _apply(self, conn: Connection, inbound: Inbound, now: datetime) -> str:
         grammar = self._settings.for_tenant(inbound.tenant_id).grammar
         command = (
             grammar.parse_seller(inbound.body)
             if inbound.from_seller
             else grammar.parse_client(inbound.body)
         )
-        now = self._clock()
-        async with self._pool.acquire() as conn, conn.transaction():
-            if command is None:
-                await self._session_of(conn, inbound, now)
-                return "ignored"
-            first = await conn.fetchval(
-                _LEDGER, inbound.message_sid, inbound.tenant_id, type(command).__name__, now
-            )
-            if not first:
-                return "duplicate"
-            session = await self._session_of(conn, inbound, now)
-            if isinstance(command, Claim | Cancel):
-                name, values = await self._client_command(conn, inbound, command, session, now)
-            else:
-                name, values = await self._seller_command(conn, inbound, command, session, now)
-            await queue_reply(
-                conn,
-                inbound.tenant_id,
-                f"live_catalog:reply:{inbound.message_sid}",
-                inbound.contact,
-                inbound.route,
-                self._replies(inbound.tenant_id).render(name, **values),
-                inbound.message_sid,
-            )
-            return name
+        if command is None:
+            await self._session_of(conn, inbound, now)
+            return "ignored"
+        first = await conn.fetchval(
+            _LEDGER, inbound.message_sid, inbound.tenant_id, type(command).__name__, now
+        )
+        if not first:
+            return "duplicate"
+        session = await self._session_of(conn, inbound, now)
+        if isinstance(command, Claim | Cancel):
+            name, values = await self._client_command(conn, inbound, command, session, now)
+        else:
+            name, values = await self._seller_command(conn, inbound, command, session, now)
+        await queue_reply(
+            conn,
+            inbound.tenant_id,
+            f"live_catalog:reply:{inbound.message_sid}",
+            inbound.contact,
+            inbound.route,
+            self._replies(inbound.tenant_id).render(name, **values),
+            inbound.message_sid,
+        )
+        return name
 
     async def _session_of(
         self, conn: Connection, inbound: Inbound, now: datetime

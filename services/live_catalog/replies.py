@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,6 +22,7 @@ import grpc
 from prometheus_client import Counter
 from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
 
+from infra.backlog import report_queue
 from infra.events import wait_any
 from services.live_catalog.domain import Channel, Contact
 from services.live_catalog.events import address
@@ -41,6 +43,14 @@ ORDER BY created_at
 LIMIT $1
 FOR UPDATE SKIP LOCKED
 """
+# The replies waiting for the outbox (replies_pending), exported every few seconds.
+_BACKLOG = """
+SELECT count(*) AS depth,
+    coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_age_s
+FROM replies WHERE enqueued_at IS NULL
+"""
+BACKLOG_QUEUE = "live_catalog.replies"
+BACKLOG_INTERVAL_S = 5.0
 _MARK = "UPDATE replies SET enqueued_at = now(), outbox_message_id = $2, failure = $3 WHERE id = $1"
 
 
@@ -165,9 +175,22 @@ class ReplyDispatcher:
                     retry += 1
         return settled, retry
 
+    async def report_backlog(self) -> None:
+        try:
+            row = await self._pool.fetchrow(_BACKLOG)
+        except Exception as error:  # metrics must never stop the dispatcher
+            log.warning("live_catalog.backlog_failed", extra={"fields": {"error": str(error)}})
+            return
+        assert row is not None
+        report_queue(BACKLOG_QUEUE, row["depth"], row["oldest_age_s"])
+
     async def run(self, stop: asyncio.Event) -> None:
         """Send until `stop`; an outbox or database outage is waited out, never fatal."""
+        reported_at = -BACKLOG_INTERVAL_S
         while not stop.is_set():
+            if time.monotonic() - reported_at >= BACKLOG_INTERVAL_S:
+                reported_at = time.monotonic()
+                await self.report_backlog()
             self._wake.clear()
             try:
                 settled, retry = await self.dispatch_once()

@@ -284,10 +284,10 @@ class ReservationBook:
             return Claimed("already_held", values, mine)
         if item.sold_for_good:
             return Claimed("sold_out", values)
-        row = await conn.fetchrow(_CLAIM, item.id, quantity, received_at, message_sid, now)
-        if row is None:
+        taken = await self.take(conn, item, quantity, received_at, message_sid, now)
+        if taken is None:
             return Claimed("item_closed", values)
-        granted, after = row["granted"], item_from_row(row)
+        granted, after = taken
         status = ReservationStatus.HELD if granted else ReservationStatus.WAITING
         inserted = await conn.fetchrow(
             _INSERT_RESERVATION,
@@ -323,6 +323,23 @@ class ReservationBook:
             tenant_id=item.tenant_id,
         )
         return Claimed("waiting", {**values, "position": position}, reservation)
+
+    async def take(
+        self,
+        conn: Connection,
+        item: Item,
+        quantity: int,
+        received_at: datetime,
+        message_sid: str,
+        now: datetime,
+    ) -> tuple[bool, Item] | None:
+        """The claim's one conditional UPDATE: (units granted, the item after it), or None when
+        the item is closed."""
+        row = await conn.fetchrow(_CLAIM, item.id, quantity, received_at, message_sid, now)
+        if row is None:
+            return None
+        granted: bool = row["granted"]
+        return granted, item_from_row(row)
 
     async def promote(
         self, conn: Connection, item: Item, replies: Replies, now: datetime

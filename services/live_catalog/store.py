@@ -163,7 +163,8 @@ class Summarized:
 
 
 class CatalogStore:
-    """Items, reservations and summaries of every tenant; "now" comes from `clock`."""
+    """Items, reservations and summaries of every tenant; "now" comes from `clock`; `book`
+    replaces the reservation SQL (the benchmark's peer)."""
 
     def __init__(
         self,
@@ -173,12 +174,13 @@ class CatalogStore:
         hold: timedelta,
         settings: SettingsBook,
         default_max_per_client: int,
+        book: ReservationBook | None = None,
     ) -> None:
         self._pool = pool
         self._clock = clock
         self._settings = settings
         self._default_max = default_max_per_client
-        self.book = ReservationBook(hold)
+        self.book = book or ReservationBook(hold)
         self._items = ItemBook(self.book, self._replies)
         self.inbound = InboundCatalog(
             pool,
@@ -192,6 +194,10 @@ class CatalogStore:
     async def handle_inbound(self, inbound: Inbound) -> str:
         """See `InboundCatalog.handle_inbound`."""
         return await self.inbound.handle_inbound(inbound)
+
+    async def handle_batch(self, inbounds: Sequence[Inbound]) -> list[str | Exception]:
+        """See `InboundCatalog.handle_batch`."""
+        return await self.inbound.handle_batch(inbounds)
 
     def _replies(self, tenant_id: str) -> Replies:
         return self._settings.for_tenant(tenant_id).replies

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from infra.config import env_float, env_int, env_url
+from infra.config import env_float, env_int, env_url_list
 from infra.retention import RetentionSettings, load_retention_settings
 from services.live_session.domain import (
     DEFAULT_WINDOW_MINUTES,
@@ -43,7 +43,7 @@ def load_config() -> Config:
     return Config(
         grpc_port=env_int("GRPC_PORT", DEFAULT_GRPC_PORT, minimum=0, maximum=65535),
         metrics_port=env_int("METRICS_PORT", DEFAULT_METRICS_PORT, minimum=0, maximum=65535),
-        nats_url=env_url("NATS_URL", schemes=("nats", "tls")),
+        nats_url=env_url_list("NATS_URL", schemes=("nats", "tls")),
         inactivity_window=inactivity_window(minutes),
         sweep_interval_s=env_float(
             "LIVE_SESSION_SWEEP_INTERVAL_SECONDS",

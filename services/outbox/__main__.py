@@ -22,6 +22,7 @@ from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
 from infra import jetstream
 from infra.auth import AuthInterceptor, JwtVerifier, ServiceTokenProvider
+from infra.backlog import report_queue
 from infra.db import migrate_service, open_service_database
 from infra.events import EventRelay, wait_any
 from infra.grpc_client import service_channel
@@ -76,6 +77,7 @@ async def _report_backlog(store: OutboxStore, stop: asyncio.Event) -> None:
         try:
             for status, count in (await store.backlog_counts()).items():
                 BACKLOG.labels(status).set(count)
+            report_queue("outbox.messages", *await store.due_backlog())
         except Exception as error:  # metrics must never take the service down
             _log.warning("outbox.backlog_failed", extra={"fields": {"error": str(error)}})
         await wait_any(stop, timeout_s=BACKLOG_INTERVAL_S)

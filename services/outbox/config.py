@@ -15,9 +15,11 @@ from infra.config import (
     env_optional,
     env_str,
     env_url,
+    env_url_list,
 )
 from infra.retention import RetentionSettings, load_retention_settings, retention_days
 from services.outbox.domain import RetryPolicy
+from services.outbox.metrics import TenantClasses
 
 DEFAULT_GRPC_PORT = 50052
 DEFAULT_METRICS_PORT = 9102
@@ -52,6 +54,8 @@ class WorkerConfig:
     # in batches at half this age, and a send that finds its answer older asks again alone.
     consent_max_age_s: float
     whatsapp_window_s: float
+    # Metric labels only (services/outbox/metrics.py): which class each tenant is in.
+    tenant_classes: TenantClasses = field(default_factory=TenantClasses)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +143,7 @@ def _worker_config() -> WorkerConfig:
         whatsapp_window_s=env_float(
             "OUTBOX_WHATSAPP_WINDOW_SECONDS", 86_400.0, minimum=1.0, maximum=30 * 86_400.0
         ),
+        tenant_classes=TenantClasses.parse(env_str("OUTBOX_TENANT_CLASSES", "")),
     )
 
 
@@ -146,7 +151,7 @@ def load_config() -> Config:
     return Config(
         grpc_port=env_int("GRPC_PORT", DEFAULT_GRPC_PORT, minimum=0, maximum=65535),
         metrics_port=env_int("METRICS_PORT", DEFAULT_METRICS_PORT, minimum=0, maximum=65535),
-        nats_url=env_url("NATS_URL", schemes=("nats", "tls")),
+        nats_url=env_url_list("NATS_URL", schemes=("nats", "tls")),
         routing_addr=env_address("ROUTING_ADDR", "127.0.0.1:50051"),
         seller_admin_addr=env_address("SELLER_ADMIN_ADDR", "127.0.0.1:50054"),
         channel_cache_ttl_s=env_float(

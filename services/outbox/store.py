@@ -219,6 +219,13 @@ SELECT (SELECT count(*) FROM messages WHERE status = 'pending') AS pending,
     (SELECT count(*) FROM messages WHERE status = 'dead') AS dead
 """
 
+# Due and not yet claimed: the work waiting for a sender (messages_due_idx).
+_DUE_BACKLOG = """
+SELECT count(*) AS depth,
+    coalesce(extract(epoch FROM now() - min(next_attempt_at)), 0)::float8 AS oldest_age_s
+FROM messages WHERE status = 'pending' AND next_attempt_at <= now()
+"""
+
 # Retention of finished messages (see infra/retention.py for the batching); their attempts go
 # with them (attempts_message_id_fkey ON DELETE CASCADE). Never pending/sending (still owed a
 # send) nor dead (an operator's to redrive or discard). An Enqueue repeating the idempotency key
@@ -365,6 +372,13 @@ class OutboxStore:
             row = await conn.fetchrow(_BACKLOG)
         assert row is not None
         return dict(row)
+
+    async def due_backlog(self) -> tuple[int, float]:
+        """Messages due and not yet claimed, and how long the oldest has been due (s)."""
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(_DUE_BACKLOG)
+        assert row is not None
+        return row["depth"], row["oldest_age_s"]
 
     async def start_resend(self, worker_id: str, message_id: uuid.UUID) -> bool:
         """Mark a reconciled message as a plain send; False if the lease was lost."""

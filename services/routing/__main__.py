@@ -33,7 +33,7 @@ from infra.telemetry import grpc_server_interceptors
 from services.routing import store
 from services.routing.api import ACCESS_POLICY, SERVICE_FULL_NAME, RoutingApi
 from services.routing.config import load_config
-from services.routing.consumer import InboundConsumer, inbound_consumer_spec, track_consumer_lag
+from services.routing.consumer import InboundConsumer, inbound_consumer_spec
 from services.routing.event_consumers import (
     CarrierOptOutConsumer,
     carrier_consumer_spec,
@@ -112,13 +112,12 @@ async def serve(stop: asyncio.Event) -> None:
                 js, carrier_consumer_spec(), carrier.handle, stop=stop, concurrency=4
             ),
             "seller-admin-follower": lambda: follow_changes(js, senders.invalidate, stop),
-            "lag-tracker": lambda: track_consumer_lag(js, inbound_spec, stop),
             "retention": lambda: RetentionTask.from_settings(
                 pool, config.retention, store.ledger_purges(config.ledger_max_age)
             ).run(stop),
         }
         if not config.consumer_enabled:
-            del loops["inbound-consumer"], loops["lag-tracker"]
+            del loops["inbound-consumer"]
         background = [
             asyncio.create_task(supervised(SERVICE, name, loop, stop), name=name)
             for name, loop in loops.items()

@@ -29,7 +29,7 @@ from infra.config import (
     env_int,
     env_optional,
     env_str,
-    env_url,
+    env_url_list,
 )
 from infra.retention import RetentionSettings, load_retention_settings, retention_days
 from infra.streams import inbound_stream
@@ -180,7 +180,7 @@ def load_config() -> Config:
     return Config(
         grpc_port=env_int("GRPC_PORT", DEFAULT_GRPC_PORT, minimum=0, maximum=65535),
         metrics_port=env_int("METRICS_PORT", DEFAULT_METRICS_PORT, minimum=0, maximum=65535),
-        nats_url=env_url("NATS_URL", schemes=("nats", "tls")),
+        nats_url=env_url_list("NATS_URL", schemes=("nats", "tls")),
         seller_admin_addr=env_address("SELLER_ADMIN_ADDR", "127.0.0.1:50054"),
         live_session_addr=env_address("LIVE_SESSION_ADDR", "127.0.0.1:50053"),
         outbox_addr=env_address("OUTBOX_ADDR", "127.0.0.1:50052"),

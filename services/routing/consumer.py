@@ -13,17 +13,14 @@ decoded and handed to `InboundRouter.route`; the loop acks only after that commi
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 
 import asyncpg
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 from opentelemetry import trace
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Histogram
 from snapsell.common.v1 import address_pb2
 from snapsell.gateway.v1 import events_pb2 as gateway_events
 from snapsell.routing.v1 import events_pb2
@@ -72,14 +69,6 @@ INBOUND_HANDLING = Histogram(
 INBOUND_REDELIVERIES = Counter(
     "snapsell_routing_inbound_redeliveries_total",
     "Inbound stream messages delivered more than once (retries after a failure or a crash)",
-)
-CONSUMER_PENDING = Gauge(
-    "snapsell_routing_consumer_pending_messages",
-    "Inbound messages not yet delivered to routing (consumer lag)",
-)
-CONSUMER_ACK_PENDING = Gauge(
-    "snapsell_routing_consumer_ack_pending_messages",
-    "Inbound messages delivered to routing and not yet acknowledged",
 )
 
 # The database link failing is a reason to retry, like a peer being down.
@@ -246,25 +235,6 @@ class InboundConsumer:
             },
         )
         return Term(reason)
-
-
-async def track_consumer_lag(
-    js: JetStreamContext, spec: ConsumerSpec, stop: asyncio.Event, *, every_s: float = 5.0
-) -> None:
-    """Export the durable consumer's backlog for dashboards and alerts."""
-    while not stop.is_set():
-        try:
-            info = await js.consumer_info(spec.stream, spec.durable)
-            CONSUMER_PENDING.set(info.num_pending or 0)
-            CONSUMER_ACK_PENDING.set(info.num_ack_pending or 0)
-        except Exception as error:
-            log.debug("routing.consumer_info_failed", extra={"fields": {"error": str(error)}})
-        await _sleep_unless(stop, every_s)
-
-
-async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
 def address_text(address: address_pb2.Address) -> str:

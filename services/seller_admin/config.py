@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from infra.config import env_float, env_int, env_url
+from infra.config import env_float, env_int, env_url_list
 from infra.retention import RetentionSettings, load_retention_settings
 
 DEFAULT_GRPC_PORT = 50054
@@ -32,7 +32,7 @@ def load_config() -> Config:
     return Config(
         grpc_port=env_int("GRPC_PORT", DEFAULT_GRPC_PORT, minimum=0, maximum=65535),
         metrics_port=env_int("METRICS_PORT", DEFAULT_METRICS_PORT, minimum=0, maximum=65535),
-        nats_url=env_url("NATS_URL", schemes=("nats", "tls")),
+        nats_url=env_url_list("NATS_URL", schemes=("nats", "tls")),
         db_pool_size=env_int("SELLER_ADMIN_DB_POOL_SIZE", 10, minimum=2, maximum=100),
         shutdown_grace_s=env_float("SHUTDOWN_GRACE_SECONDS", 10.0, minimum=0.0, maximum=300.0),
         retention=load_retention_settings(),

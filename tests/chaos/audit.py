@@ -9,6 +9,9 @@
   conversational message Twilio accepted, none went to a recipient whose opt-out was committed
   before the message was enqueued, unless an opt-in may have been committed before the
   message's consent check.
+- Claims: every item code or cancel a client sent was handled by the catalog once, with one
+  reply handed to the outbox as one message; no item is held beyond its stock nor has
+  counters its reservations disagree with, and no client holds an item twice.
 - Processes: every service is still running, and none logged an error beyond the expected
   NATS reconnect attempts (a crashed loop, a handler exception, a dropped result).
 Each check is counted in the printed report and any finding is a problem that fails the run.
@@ -28,6 +31,7 @@ from tests.chaos.records import OPT_OUT_RECORDED, OPT_OUT_REMOVED, Records
 SENT = frozenset({"sent", "delivered", "read", "failed", "undelivered"})
 UNSETTLED = frozenset({"pending", "sending"})
 REPLY_KEY_SUFFIX = ":consent"  # routing keys each reply `<MessageSid>:consent`
+CLAIM_REPLY_KEY = "live_catalog:reply:"  # the catalog keys its reply to a message by its sid
 
 
 @dataclass
@@ -62,6 +66,7 @@ def audit(records: Records, load: Load, accepted: Mapping[str, str], report: Rep
     _inbound(records, accepted, report)
     _outbound(records, load, report)
     _consent(records, load, report)
+    _claims(records, load, accepted, report)
     report.section(
         "processes",
         [
@@ -212,6 +217,50 @@ def _consent(records: Records, load: Load, report: Report) -> None:
     report.expect_none("messages to opted-out recipients accepted by Twilio", sent_anyway)
     report.expect_none("messages to opted-out recipients not blocked", not_blocked)
     report.expect_none("consent violations", violations)
+
+
+def _claims(records: Records, load: Load, accepted: Mapping[str, str], report: Report) -> None:
+    claims = [sid for sid in load.claims if sid in accepted]
+    unhandled = [sid for sid in claims if sid not in records.catalog_ledger]
+    replies = {sid: records.claim_replies.get(f"{CLAIM_REPLY_KEY}{sid}") for sid in claims}
+    unanswered = [sid for sid, reply in replies.items() if reply is None]
+    answered = {sid: reply for sid, reply in replies.items() if reply is not None}
+    refused = [sid for sid, reply in answered.items() if reply["failure"]]
+    not_enqueued = [
+        sid for sid, reply in answered.items() if not (reply["enqueued"] or reply["failure"])
+    ]
+    outbox_count = Counter(reply["in_outbox"] for reply in answered.values() if reply["enqueued"])
+    report.section(
+        "claims (live_catalog)",
+        [
+            ("claims and cancels answered 200", len(claims)),
+            ("  by content", counts(Counter(load.claims[sid] for sid in claims))),
+            ("  handled by the catalog (its ledger)", len(claims) - len(unhandled)),
+            ("  with one reply / none", f"{len(answered)} / {len(unanswered)}"),
+            ("  replies refused by the outbox for good", len(refused)),
+            ("  outbox messages per enqueued reply", counts(Counter(map(str, outbox_count)))),
+            ("reservations, by status", counts(records.reservations)),
+            ("items oversold or miscounted", len(records.oversold)),
+            ("clients holding an item twice", len(records.twice_reserved)),
+        ],
+    )
+    report.expect_none("claims the catalog never handled (lost)", unhandled)
+    report.expect_none("claims without a reply", unanswered)
+    report.expect_none("claim replies never handed to the outbox", not_enqueued)
+    report.expect_none("claim replies refused by the outbox", refused)
+    report.expect_none(
+        "claim replies without exactly one outbox message",
+        [sid for sid, reply in answered.items() if reply["enqueued"] and reply["in_outbox"] != 1],
+    )
+    report.expect_none(
+        "items oversold or whose counters disagree with their reservations",
+        [dict(row) for row in records.oversold],
+    )
+    report.expect_none("clients with two live reservations of one item", records.twice_reserved)
+    if not records.reservations["held"] or not records.reservations["waiting"]:
+        report.problems.append(
+            f"the run never held and waitlisted claims: {counts(records.reservations)}"
+        )
 
 
 def consent_violations(records: Records) -> list[str]:

@@ -16,34 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.faults import ChaosWorld
+from tests.chaos.faults import FAST_RECOVERY_ENV, ChaosWorld
 from tests.chaos.nats_link import NatsLink
 from tests.support.processes import spawn_service
 from tests.support.stack import start_system
 from tools.dev_keys import DevKeys
 from tools.devstack import EmbeddedNats, EmbeddedPostgres, nats_service_env
 
-# Quick retries, reconciliations, redeliveries and lease expiries, so the system recovers
-# from each fault within seconds; the per-sender flood limit is lifted (the load writes far
-# more than 60 messages a minute from some numbers, and the gateway drops those with a 200).
-FAST_RECOVERY_ENV = {
-    "gateway": {"GATEWAY_SENDER_MESSAGES_PER_MINUTE": "10000000"},
-    "routing": {
-        "ROUTING_ACK_WAIT_SECONDS": "5",
-        "ROUTING_RETRY_DELAY_CAP_SECONDS": "1",
-    },
-    "outbox": {
-        "OUTBOX_BACKOFF_BASE_SECONDS": "0.05",
-        "OUTBOX_BACKOFF_CAP_SECONDS": "0.5",
-        "OUTBOX_RETRY_AFTER_CAP_SECONDS": "1",
-        "OUTBOX_RECONCILE_DELAY_SECONDS": "0.3",
-        "OUTBOX_RECONCILE_CLOCK_SKEW_SECONDS": "2",
-        "OUTBOX_SEND_TIMEOUT_SECONDS": "1.5",
-        "OUTBOX_LEASE_SECONDS": "5",
-        "OUTBOX_CONSENT_RETRY_SECONDS": "0.2",
-        "OUTBOX_POLL_INTERVAL_SECONDS": "0.2",
-    },
-}
 _PORT_VARIABLES = ("GRPC_PORT", "HTTP_PORT", "METRICS_PORT")
 
 

@@ -27,6 +27,27 @@ from tests.support.processes import RunningService, spawn_service
 from tests.support.stack import SystemStack
 from tools.devstack import EmbeddedNats, EmbeddedPostgres
 
+# Quick retries, reconciliations, redeliveries and lease expiries, so the system recovers
+# from each fault within seconds; the per-sender flood limit is lifted (the load writes far
+# more than 60 messages a minute from some numbers, and the gateway drops those with a 200).
+FAST_RECOVERY_ENV = {
+    "gateway": {"GATEWAY_SENDER_MESSAGES_PER_MINUTE": "10000000"},
+    "routing": {
+        "ROUTING_ACK_WAIT_SECONDS": "5",
+        "ROUTING_RETRY_DELAY_CAP_SECONDS": "1",
+    },
+    "outbox": {
+        "OUTBOX_BACKOFF_BASE_SECONDS": "0.05",
+        "OUTBOX_BACKOFF_CAP_SECONDS": "0.5",
+        "OUTBOX_RETRY_AFTER_CAP_SECONDS": "1",
+        "OUTBOX_RECONCILE_DELAY_SECONDS": "0.3",
+        "OUTBOX_RECONCILE_CLOCK_SKEW_SECONDS": "2",
+        "OUTBOX_SEND_TIMEOUT_SECONDS": "1.5",
+        "OUTBOX_LEASE_SECONDS": "5",
+        "OUTBOX_CONSENT_RETRY_SECONDS": "0.2",
+        "OUTBOX_POLL_INTERVAL_SECONDS": "0.2",
+    },
+}
 RESTART_READY_TIMEOUT_S = 90.0
 # How long NATS and PostgreSQL stay down: long enough for every client to notice. Longer than
 # the outbox lease (5 s here) also tests results written after the lease ran out.
@@ -152,10 +173,12 @@ class ChaosWorld:
             raise AssertionError(f"{service} had no NATS connection to cut")
         return f"{reset} connections reset, refused for {LINK_CUT_S:g}s"
 
-    async def sandbox_faults(self, config: Mapping[str, Any]) -> None:
-        async with httpx.AsyncClient(timeout=10) as client:
-            reply = await client.post(f"{self.stack.sandbox_url}/_sandbox/faults", json=config)
-        reply.raise_for_status()
+
+async def configure_sandbox(sandbox_url: str, config: Mapping[str, Any]) -> None:
+    """What the Twilio sandbox does from now on (faults, latency, status callbacks)."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        reply = await client.post(f"{sandbox_url}/_sandbox/faults", json=config)
+    reply.raise_for_status()
 
 
 async def _kill_and_restart(process: RunningService) -> RunningService:
@@ -181,9 +204,10 @@ def fault_plan(world: ChaosWorld) -> list[Fault]:
         ("cut routing's NATS connection", lambda: world.cut_nats_link("routing")),
         ("SIGKILL outbox (API + worker)", lambda: world.kill_outbox_holding_leases(spare=False)),
         (
-            "pg_terminate_backend routing + outbox",
-            lambda: world.terminate_sessions("routing", "outbox"),
+            "pg_terminate_backend routing + outbox + live_catalog",
+            lambda: world.terminate_sessions("routing", "outbox", "live_catalog"),
         ),
+        ("SIGKILL live_catalog", lambda: world.kill_and_restart("live_catalog")),
         ("SIGKILL gateway", lambda: world.kill_and_restart("gateway")),
         ("SIGKILL nats-server", world.crash_nats),
         ("PostgreSQL immediate stop", world.crash_postgres),

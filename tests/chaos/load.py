@@ -1,8 +1,9 @@
 """The load the faults strike: who writes, what they write, and the outbound messages enqueued
 meanwhile, paced at a steady rate of webhooks.
 
-- Shop clients send item codes ("A12": a live signal), chat, and HELP (answered by a COMPLIANCE
-  reply); sellers post to their shop. After some client messages, the shop enqueues a
+- Shop clients send item codes ("A12": a live signal, a claim once the seller posted the item),
+  cancels, chat, and HELP (answered by a COMPLIANCE reply); sellers post items with small
+  stocks to their shop (opening its live) and chat. After some client messages, the shop enqueues a
   conversational message to that client (once routing has recorded the inbound message, so
   WhatsApp's 24-hour window is open).
 - Stoppers send STOP; once routing reports them opted out, two conversational messages are
@@ -33,9 +34,10 @@ from tests.chaos.calls import DriverCalls
 from tests.chaos.webhooks import WebhookPoster
 from tests.e2e.harness import Shop, inbound_params, new_mobile
 
-ITEM_CODES = ("A12", "B7", "C301", "d5")
+# Claims and cancels of the items the sellers post (small stocks, so waitlists form).
+ITEM_CODES = ("A12", "B7", "C301", "d5", "ANNULER A12", "A12 x2")
 CHAT = ("salut", "Bonjour, il reste du 38 ?", "je prends le A12 svp", "merci !")
-SELLER_POSTS = ("Nouveau: A12 robe 25€", "B7 dispo en M", "Live ce soir 20h")
+SELLER_POSTS = ("A12 Robe 25€ x3", "B7 Sac 30€ x2", "C301 Jupe 15€ x4", "Live ce soir 20h")
 HELP = ("HELP", "AIDE")
 UNREACHABLE_ERROR_CODE = 21211
 # The reduced run inside `make test`: every fault once, in about a minute of load.
@@ -65,9 +67,9 @@ class LoadSize:
     plain_enqueues: int
 
     @classmethod
-    def from_env(cls) -> LoadSize:
-        """SNAPSELL_CHAOS_WEBHOOKS webhooks (`make chaos` asks for 5,000)."""
-        return cls.for_webhooks(int(os.environ.get("SNAPSELL_CHAOS_WEBHOOKS", DEFAULT_WEBHOOKS)))
+    def from_env(cls, default: str = DEFAULT_WEBHOOKS) -> LoadSize:
+        """SNAPSELL_CHAOS_WEBHOOKS webhooks (`make chaos` asks for 5,000), else `default`."""
+        return cls.for_webhooks(int(os.environ.get("SNAPSELL_CHAOS_WEBHOOKS", default)))
 
     @classmethod
     def for_webhooks(cls, webhooks: int) -> LoadSize:
@@ -80,9 +82,9 @@ class LoadSize:
         return self.webhooks - self.stoppers - 2 * self.togglers - 1
 
 
-def rate_from_env() -> float:
-    """SNAPSELL_CHAOS_RATE: webhooks per second, held steady while the faults strike."""
-    return float(os.environ.get("SNAPSELL_CHAOS_RATE", DEFAULT_RATE))
+def rate_from_env(variable: str = "SNAPSELL_CHAOS_RATE", default: str = DEFAULT_RATE) -> float:
+    """Webhooks per second, held steady while the faults strike."""
+    return float(os.environ.get(variable, default))
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,8 @@ class Load:
         self.enqueued: list[Enqueued] = []
         # STOP / START / HELP webhooks: each must get exactly one COMPLIANCE reply.
         self.keywords: dict[str, str] = {}
+        # Item codes and cancels sent by clients: each must get exactly one catalog reply.
+        self.claims: dict[str, str] = {}
         self._shops = shops
         # Client messages that lead to an enqueue, so about `plain_enqueues` happen in all.
         self._enqueue_share = min(1.0, size.plain_enqueues / max(1, size.general * 0.75))
@@ -196,7 +200,9 @@ class Load:
         return lambda: self._help(client)
 
     async def _client_message(self, client: Client, body: str, kind: str, follow_up: bool) -> None:
-        await self._webhook(client.shop, client.phone, body, kind)
+        sid = await self._webhook(client.shop, client.phone, body, kind)
+        if kind == "code":
+            self.claims[sid] = body
         if follow_up:
             await self._window_open(client)
             await self._enqueue(client)

@@ -33,7 +33,36 @@ _SETTLED = """
 SELECT
     (SELECT count(*) FROM routing.processed_inbound WHERE message_sid = ANY($1::text[])) AS routed,
     (SELECT count(*) FROM routing.events WHERE published_at IS NULL) AS unrelayed,
-    (SELECT count(*) FROM outbox.messages WHERE status IN ('pending', 'sending')) AS unsettled
+    (SELECT count(*) FROM outbox.messages WHERE status IN ('pending', 'sending')) AS unsettled,
+    (SELECT count(*) FROM live_catalog.processed_inbound WHERE message_sid = ANY($2::text[]))
+        AS claims_handled,
+    (SELECT count(*) FROM live_catalog.replies WHERE enqueued_at IS NULL AND failure IS NULL)
+        AS replies_unsent
+"""
+# The catalog's reply to each claim (keyed by its MessageSid) and the outbox message it became.
+_CLAIM_REPLIES = """
+SELECT r.idempotency_key, r.enqueued_at IS NOT NULL AS enqueued, r.failure,
+    (SELECT count(*) FROM outbox.messages m
+     WHERE m.tenant_id = r.tenant_id AND m.idempotency_key = r.idempotency_key) AS in_outbox
+FROM live_catalog.replies r WHERE r.idempotency_key LIKE 'live_catalog:reply:%'
+"""
+# Per item: units held or confirmed beyond stock, and counters the reservation rows disagree
+# with; then clients with more than one live reservation of an item.
+_OVERSOLD = """
+SELECT i.code, i.tenant_id, i.stock, i.held, i.confirmed, i.waiting, r.held AS rows_held,
+    r.confirmed AS rows_confirmed, r.waiting AS rows_waiting
+FROM live_catalog.items i LEFT JOIN LATERAL (
+    SELECT coalesce(sum(quantity) FILTER (WHERE status = 'held'), 0) AS held,
+        coalesce(sum(quantity) FILTER (WHERE status = 'confirmed'), 0) AS confirmed,
+        count(*) FILTER (WHERE status = 'waiting') AS waiting
+    FROM live_catalog.reservations WHERE item_id = i.id
+) r ON true
+WHERE i.held + i.confirmed > i.stock OR (i.held, i.confirmed, i.waiting)
+    IS DISTINCT FROM (r.held, r.confirmed, r.waiting)
+"""
+_TWICE_RESERVED = """
+SELECT item_id, client_value FROM live_catalog.reservations WHERE status <> 'released'
+GROUP BY item_id, client_channel, client_value HAVING count(*) > 1
 """
 _MESSAGES = """
 SELECT id::text AS id, tenant_id, idempotency_key, kind, recipient_channel, recipient, body,
@@ -57,6 +86,11 @@ FROM routing.events WHERE subject = ANY($1::text[])
 @dataclass
 class Records:
     ledger: dict[str, str]  # MessageSid -> outcome
+    catalog_ledger: dict[str, str]  # live_catalog's: MessageSid -> the command it read
+    claim_replies: dict[str, asyncpg.Record]  # live_catalog's reply key -> its reply row
+    oversold: list[asyncpg.Record]  # items whose counters exceed stock or disagree with rows
+    twice_reserved: list[asyncpg.Record]  # (item, client) with two live reservations
+    reservations: Counter[str]  # live_catalog reservations by status
     routed: Counter[str]  # MessageSid -> MessageRouted events on JetStream
     messages: list[asyncpg.Record]  # outbox.messages
     attempts: Counter[str]  # outbox attempt outcome -> count
@@ -68,16 +102,23 @@ class Records:
     exited: list[str]  # service processes that are no longer running
 
 
-async def wait_until_settled(db: asyncpg.Connection, sids: Sequence[str]) -> float | None:
-    """Until every accepted webhook is in the ledger, routing relayed all its events and no
-    outbound message is pending or being sent any more: how long that took, or None when it
-    did not happen within SETTLE_TIMEOUT_S (the audit then shows what is missing)."""
+async def wait_until_settled(
+    db: asyncpg.Connection, sids: Sequence[str], claims: Sequence[str]
+) -> float | None:
+    """Until every accepted webhook is in the ledger, routing relayed all its events, the
+    catalog handled every claim and handed every reply to the outbox, and no outbound message
+    is pending or being sent any more: how long that took, or None when it did not happen
+    within SETTLE_TIMEOUT_S (the audit then shows what is missing)."""
     started = time.monotonic()
 
     async def settled() -> bool:
-        row = await db.fetchrow(_SETTLED, list(sids))
+        row = await db.fetchrow(_SETTLED, list(sids), list(claims))
         assert row is not None
-        return row["routed"] == len(sids) and not row["unrelayed"] and not row["unsettled"]
+        return (
+            row["routed"] == len(sids)
+            and row["claims_handled"] == len(claims)
+            and not (row["unrelayed"] or row["unsettled"] or row["replies_unsent"])
+        )
 
     try:
         await eventually(settled, timeout_s=SETTLE_TIMEOUT_S, every_s=0.5)
@@ -98,8 +139,18 @@ async def read_records(
     async with httpx.AsyncClient(base_url=sandbox_url, timeout=60) as client:
         sent = (await client.get("/_sandbox/messages")).raise_for_status().json()["messages"]
         stats = (await client.get("/_sandbox/stats")).raise_for_status().json()
+    catalog = await db.fetch("SELECT message_sid, outcome FROM live_catalog.processed_inbound")
+    replies = await db.fetch(_CLAIM_REPLIES)
+    statuses = await db.fetch(
+        "SELECT status, count(*) AS n FROM live_catalog.reservations GROUP BY 1"
+    )
     return Records(
         ledger={row["message_sid"]: row["outcome"] for row in ledger},
+        catalog_ledger={row["message_sid"]: row["outcome"] for row in catalog},
+        claim_replies={row["idempotency_key"]: row for row in replies},
+        oversold=list(await db.fetch(_OVERSOLD)),
+        twice_reserved=list(await db.fetch(_TWICE_RESERVED)),
+        reservations=Counter({row["status"]: row["n"] for row in statuses}),
         routed=await routed_events(js),
         messages=list(await db.fetch(_MESSAGES)),
         attempts=Counter({row["outcome"]: row["n"] for row in attempts}),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tools.deploy.layout import KUBERNETES_VERSION
 from tools.deploy.render import Manifest
-from tools.deploy.schema import CUSTOM_KINDS, is_custom, validate_builtin
+from tools.deploy.schema import CUSTOM_KINDS, is_custom, validate_schemas
 
 from .manifests import container, find
 
@@ -13,7 +13,7 @@ from .manifests import container, find
 def test_builtin_kinds_are_valid_and_only_listed_custom_resources_skipped(
     docs: list[Manifest],
 ) -> None:
-    report = validate_builtin(docs, KUBERNETES_VERSION)
+    report = validate_schemas(docs, KUBERNETES_VERSION)
     assert report.problems == ()
     assert report.validated == sum(1 for doc in docs if not is_custom(doc))
     custom = {
@@ -29,7 +29,7 @@ def test_misspelt_field_is_rejected(rendered: dict[str, list[Manifest]]) -> None
     deployment = find(rendered["prod"], "Deployment", "gateway")
     gateway = container(deployment, "gateway")
     gateway["readinesProbe"] = gateway.pop("readinessProbe")
-    report = validate_builtin([deployment], KUBERNETES_VERSION)
+    report = validate_schemas([deployment], KUBERNETES_VERSION)
     assert len(report.problems) == 1
     assert report.problems[0].startswith("Deployment/gateway: spec.template.spec.containers.0")
     assert "readinesProbe" in report.problems[0]
@@ -38,7 +38,7 @@ def test_misspelt_field_is_rejected(rendered: dict[str, list[Manifest]]) -> None
 def test_wrong_type_is_rejected(rendered: dict[str, list[Manifest]]) -> None:
     autoscaler = find(rendered["prod"], "HorizontalPodAutoscaler", "gateway")
     autoscaler["spec"]["maxReplicas"] = "ten"
-    report = validate_builtin([autoscaler], KUBERNETES_VERSION)
+    report = validate_schemas([autoscaler], KUBERNETES_VERSION)
     assert [p.split(":")[0] for p in report.problems] == ["HorizontalPodAutoscaler/gateway"]
 
 
@@ -49,7 +49,7 @@ def test_unlisted_custom_resource_is_an_error_not_a_skip() -> None:
         "metadata": {"name": "snapsell", "namespace": "snapsell"},
         "spec": {},
     }
-    report = validate_builtin([monitor], KUBERNETES_VERSION)
+    report = validate_schemas([monitor], KUBERNETES_VERSION)
     assert report.skipped == ()
     assert len(report.problems) == 1
     assert "PodMonitor/snapsell: no Kubernetes 1.32.0 schema" in report.problems[0]

@@ -4,18 +4,26 @@ links routing to the catalog: the catalog consumes routing's MessageRouted event
 
 from __future__ import annotations
 
+import asyncio
+
+from tests.e2e.conftest import LIVE_WINDOW_S
 from tests.e2e.harness import Harness, Shop, eventually, new_mobile, shop_from_api
 from tests.support.stack import SystemStack
 
+BUYER_SUMMARY = "Récapitulatif du live : A12 Robe (25 €) x1 réservé. Merci !"
+SETTLE_S = 3.0
 
-async def replies_to(harness: Harness, phone: str, count: int) -> list[str]:
+
+async def replies_to(
+    harness: Harness, phone: str, count: int, timeout_s: float = 20.0
+) -> list[str]:
     """The bodies the sandbox accepted for `phone`, once there are `count` of them."""
 
     async def enough() -> list[str] | None:
         bodies = [str(m["body"]) for m in await harness.sandbox_sent(f"whatsapp:{phone}")]
         return bodies if len(bodies) >= count else None
 
-    return list(await eventually(enough))
+    return list(await eventually(enough, timeout_s=timeout_s))
 
 
 async def test_two_claims_hold_the_stock_the_third_waits_and_is_promoted_on_a_cancel(
@@ -45,6 +53,20 @@ async def test_two_claims_hold_the_stock_the_third_waits_and_is_promoted_on_a_ca
     promoted = (await replies_to(harness, third, 2))[1]
     assert promoted.startswith("A12 est à vous")
     assert len(await harness.sandbox_sent(f"whatsapp:{second}")) == 1
+
+    # Nobody writes any more: the idle window closes the live, and each buyer and the seller
+    # get one summary; the client who cancelled holds nothing and gets none.
+    seller_summary = (await replies_to(harness, shop.seller, 2, LIVE_WINDOW_S + 30))[1]
+    assert seller_summary.startswith("Récapitulatif du live : 1 article(s), 2 réservé(s)")
+    assert "A12 2/2 pris" in seller_summary
+    summaries = [
+        (await replies_to(harness, buyer, 3 if buyer == third else 2))[-1]
+        for buyer in (second, third)
+    ]
+    assert summaries == [BUYER_SUMMARY, BUYER_SUMMARY]
+    await asyncio.sleep(SETTLE_S)  # a second summary would have arrived by now
+    for phone, count in {shop.seller: 2, first: 2, second: 2, third: 3}.items():
+        assert len(await harness.sandbox_sent(f"whatsapp:{phone}")) == count, phone
 
 
 async def test_a_code_before_or_after_a_live_is_answered_and_opens_no_live(

@@ -35,6 +35,8 @@ RPC_METRICS = (
     "snapsell_grpc_server_handling_seconds",
     "snapsell_auth_denials_total",
 )
+# Work waiting, in every service that has a queue (infra/backlog.py).
+QUEUE_METRICS = ("snapsell_queue_depth", "snapsell_queue_oldest_age_seconds")
 # Every metric ops rely on, by the process that exports it (documented in OPERATIONS.md).
 EXPORTED_METRICS: dict[str, tuple[str, ...]] = {
     "gateway": (
@@ -48,13 +50,14 @@ EXPORTED_METRICS: dict[str, tuple[str, ...]] = {
         "snapsell_routing_inbound_lag_seconds",
         "snapsell_routing_inbound_handling_seconds",
         "snapsell_routing_inbound_redeliveries_total",
-        "snapsell_routing_consumer_pending_messages",
-        "snapsell_routing_consumer_ack_pending_messages",
+        *QUEUE_METRICS,
         "snapsell_routing_peer_call_seconds",
         "snapsell_events_rejected_total",
     ),
     "outbox": (
         *RPC_METRICS,
+        *QUEUE_METRICS,
+        "snapsell_outbox_enqueue_to_accepted_seconds",
         "snapsell_outbox_backlog_messages",
         "snapsell_outbox_send_results_total",
         "snapsell_outbox_send_seconds",
@@ -71,6 +74,7 @@ EXPORTED_METRICS: dict[str, tuple[str, ...]] = {
     "seller_admin": RPC_METRICS,
     "live_catalog": (
         *RPC_METRICS,
+        *QUEUE_METRICS,
         "snapsell_live_catalog_inbound_handled_total",
         "snapsell_live_catalog_replies_total",
         "snapsell_events_rejected_total",

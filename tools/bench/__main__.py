@@ -48,7 +48,7 @@ from typing import IO, Any
 
 from tools.bench.report import ROOT, BenchRuns, CpuAccount, machine_facts, render
 
-BENCHES = ("gateway", "seller_admin", "live_session", "routing", "outbox", "e2e")
+BENCHES = ("gateway", "seller_admin", "live_session", "routing", "outbox", "e2e", "claims")
 DEFAULT_OUTPUT = ROOT / "docs" / "BENCHMARKS.md"
 INTERRUPT_GRACE_S = 60.0
 

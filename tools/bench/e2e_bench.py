@@ -44,6 +44,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +103,15 @@ def say(line: str) -> None:
 class Phases:
     """Drives the load phases against a running stack and keeps what they measured."""
 
-    def __init__(self, args: argparse.Namespace, stack: SystemStack, db: asyncpg.Pool) -> None:
-        self.args, self.stack, self.db = args, stack, db
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        stack: SystemStack,
+        db: asyncpg.Pool,
+        *,
+        body: str = KEYWORD,
+    ) -> None:
+        self.args, self.stack, self.db, self.body = args, stack, db, body
         self.nonce = new_nonce()
         self.clients: dict[str, str] = {}  # MessageSid -> the client's address, whole run
         self.sids: dict[int, list[str]] = {}  # batch -> its MessageSids in posting order
@@ -118,7 +126,7 @@ class Phases:
         return message_sid(batch, self.nonce, 0)[:12]
 
     async def post(self, batch: int, rate: float, seconds: float) -> OpenLoopResult:
-        """Post `rate * seconds` signed HELP webhooks open-loop at `rate` per second."""
+        """Post `rate * seconds` signed webhooks (text `body`) open-loop at `rate` per second."""
         url = self.stack.public_base_url + WEBHOOK_PATH
         first = batch * CLIENTS_PER_BATCH
         webhooks = signed_webhooks(
@@ -128,7 +136,7 @@ class Phases:
             count=round(rate * seconds),
             batch=batch,
             nonce=self.nonce,
-            body=KEYWORD,
+            body=self.body,
             first_client=first,
         )
         sids: list[str] = []
@@ -339,21 +347,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="e2e-bench-"))
+    return run_whole_system("e2e", parse_args(argv), run)
+
+
+def run_whole_system(
+    name: str,
+    args: argparse.Namespace,
+    run: Callable[[argparse.Namespace, Path], Coroutine[Any, Any, dict[str, Any]]],
+) -> int:
+    """Run a whole-system bench in a fresh temp dir (kept with `args.keep`), print its JSON."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"{name}-bench-"))
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             result = runner.run(run(args, workdir))
     except (RuntimeError, DevstackError, SandboxStartError, OSError) as exc:
-        print(f"e2e bench failed: {exc}", file=sys.stderr)
+        print(f"{name} bench failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         # Everything started was stopped on the way out; the runner sends SIGINT on timeout.
-        print("e2e bench interrupted", file=sys.stderr)
+        print(f"{name} bench interrupted", file=sys.stderr)
         return 130
     finally:
         if args.keep:
-            say(f"logs kept in {workdir}")
+            print(f"{name} bench: logs kept in {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     print(json.dumps(result), flush=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
-from tools.deploy import installation, policy
+from tools.deploy import dashboards, installation, policy
 from tools.deploy.layout import (
     DEPLOY_DIR,
     INSTALLATIONS,
@@ -23,7 +23,7 @@ from tools.deploy.layout import (
     overlay_dir,
 )
 from tools.deploy.render import Manifest, RenderError, parse, render
-from tools.deploy.schema import validate_builtin
+from tools.deploy.schema import validate_schemas
 
 _SECRET_ROW = re.compile(r"^\|\s*`([a-z0-9][a-z0-9.-]*)`\s*\|", re.MULTILINE)
 _HOLDERS_COLUMN = "Pods that hold it"
@@ -81,7 +81,7 @@ def check_documents(
     holders: policy.SecretHolders | None = None,
     production: bool | None = None,
 ) -> OverlayReport:
-    schema = validate_builtin(docs, KUBERNETES_VERSION)
+    schema = validate_schemas(docs, KUBERNETES_VERSION)
     problems = [f"schema: {line}" for line in schema.problems]
     production = overlay == PRODUCTION_OVERLAY if production is None else production
     for name, rule in policy.rules(secrets, holders, production=production).items():
@@ -143,8 +143,8 @@ def run_check(
         skipped = ", ".join(report.skipped) or "none"
         print(
             f"deploy-check {overlay}: {report.objects} objects; {report.validated} valid for "
-            f"Kubernetes {KUBERNETES_VERSION} (strict); custom resources not schema-checked "
-            f"here: {skipped}",
+            f"Kubernetes {KUBERNETES_VERSION} or their vendored CRD (strict); custom resources "
+            f"not schema-checked here: {skipped}",
             file=out,
         )
         for line in report.problems:
@@ -155,6 +155,18 @@ def run_check(
     for line in report.problems:
         print(f"  FAIL {TEMPLATE_REPORT}: {line}", file=out)
     failed = failed or bool(report.problems)
+    boards = deploy_dir / "dashboards"
+    queries = dashboards.problems(
+        boards, overlay_dir(PRODUCTION_OVERLAY, deploy_dir) / "alerts.yaml"
+    )
+    print(
+        f"deploy-check metrics: the queries of {len(dashboards.dashboard_files(boards))} "
+        "dashboards and of the alert rules, against the metrics the services export",
+        file=out,
+    )
+    for line in queries:
+        print(f"  FAIL metrics: {line}", file=out)
+    failed = failed or bool(queries)
     for line in policy.dockerfile_bases_by_digest((deploy_dir / "Dockerfile").read_text()):
         print(f"  FAIL image: {line}", file=out)
         failed = True

@@ -38,6 +38,16 @@ PREREQUISITES: tuple[tuple[str, list[str], str], ...] = (
         ["get", "crd", "prometheusrules.monitoring.coreos.com"],
         "the Prometheus Operator (the alert rules)",
     ),
+    (
+        "ScaledObject",
+        ["get", "crd", "scaledobjects.keda.sh"],
+        "KEDA (autoscaling on work waiting)",
+    ),
+    (
+        "TriggerAuthentication",
+        ["get", "crd", "triggerauthentications.keda.sh"],
+        "KEDA (autoscaling on work waiting)",
+    ),
 )
 
 

@@ -26,6 +26,10 @@ LONG_RUNNING_KINDS = frozenset({"Deployment", "StatefulSet", "DaemonSet", "Repli
 # Deployments that must scale horizontally (ARCHITECTURE.md: gateway and outbox scale out,
 # routing's consumer is safe with N replicas).
 AUTOSCALED = frozenset({"gateway", "routing", "outbox"})
+# Deployments that work through a queue, and the KEDA triggers that measure one: JetStream
+# consumer lag, a count of rows waiting (docs/OPERATIONS.md, "Autoscaling").
+QUEUE_SCALED = frozenset({"routing", "live-catalog", "outbox"})
+WORK_WAITING_TRIGGERS = frozenset({"nats-jetstream", "postgresql"})
 INGRESS_SERVICES = frozenset({"gateway"})
 
 _SECRETISH_KEY = re.compile(r"secret", re.IGNORECASE)
@@ -459,23 +463,64 @@ def grpc_traffic_is_mutual_tls(docs: Sequence[Manifest]) -> list[str]:
     return problems
 
 
+def _autoscaled(doc: Manifest) -> tuple[str, str, int, int] | None:
+    """(target kind, target name, least, most replicas) of an autoscaler: a
+    HorizontalPodAutoscaler, or a KEDA ScaledObject (which makes its own)."""
+    spec = doc.get("spec", {})
+    if doc.get("kind") == "HorizontalPodAutoscaler":
+        least, most = spec.get("minReplicas", 1), spec["maxReplicas"]
+    elif doc.get("kind") == "ScaledObject":
+        least, most = spec.get("minReplicaCount", 0), spec.get("maxReplicaCount", 100)
+    else:
+        return None
+    target = spec["scaleTargetRef"]
+    return target.get("kind", "Deployment"), target.get("name", ""), least, most
+
+
 def scaled_services_have_autoscalers(docs: Sequence[Manifest]) -> list[str]:
-    deployments = {d["metadata"]["name"] for d in docs if d.get("kind") == "Deployment"}
-    targets: dict[str, Manifest] = {}
+    """Each Deployment of AUTOSCALED has an autoscaler, none has two, and one that has an
+    autoscaler sets no replica count (each apply would undo what the autoscaler chose)."""
+    deployments = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "Deployment"}
+    owners: dict[str, list[str]] = {}
     problems = []
     for doc in docs:
-        if doc.get("kind") != "HorizontalPodAutoscaler":
+        scaled = _autoscaled(doc)
+        if scaled is None:
             continue
-        spec = doc["spec"]
-        target = spec["scaleTargetRef"]
-        if target.get("kind") != "Deployment" or target.get("name") not in deployments:
-            problems.append(f"{describe(doc)}: scales {target.get('kind')}/{target.get('name')}")
+        kind, name, least, most = scaled
+        if kind != "Deployment" or name not in deployments:
+            problems.append(f"{describe(doc)}: scales {kind}/{name}")
             continue
-        targets[target["name"]] = doc
-        if spec.get("minReplicas", 1) > spec["maxReplicas"]:
-            problems.append(f"{describe(doc)}: minReplicas above maxReplicas")
-    for name in sorted(AUTOSCALED - targets.keys()):
-        problems.append(f"Deployment/{name}: no HorizontalPodAutoscaler")
+        owners.setdefault(name, []).append(describe(doc))
+        if least > most:
+            problems.append(f"{describe(doc)}: fewest replicas above most")
+    for name, scalers in sorted(owners.items()):
+        if len(scalers) > 1:
+            problems.append(f"Deployment/{name}: scaled by {' and '.join(scalers)}")
+        if "replicas" in deployments[name]["spec"]:
+            problems.append(f"Deployment/{name}: sets replicas, which {scalers[0]} owns")
+    for name in sorted(AUTOSCALED - owners.keys()):
+        problems.append(f"Deployment/{name}: no autoscaler")
+    return problems
+
+
+def consumers_scale_on_work_waiting(docs: Sequence[Manifest]) -> list[str]:
+    """In production, the services that work through a queue scale on its length (KEDA),
+    not on CPU: a consumer waiting on a slow peer uses no CPU while its backlog grows."""
+    scaled = {
+        target[1]: doc
+        for doc in docs
+        if doc.get("kind") == "ScaledObject" and (target := _autoscaled(doc)) is not None
+    }
+    problems = []
+    for name in sorted(QUEUE_SCALED):
+        doc = scaled.get(name)
+        if doc is None:
+            problems.append(f"Deployment/{name}: no ScaledObject (KEDA) scales it on work waiting")
+            continue
+        for trigger in doc["spec"]["triggers"]:
+            if trigger["type"] not in WORK_WAITING_TRIGGERS:
+                problems.append(f"{describe(doc)}: trigger {trigger['type']} is not work waiting")
     return problems
 
 
@@ -657,4 +702,5 @@ def rules(
         every["grpc reflection"] = grpc_reflection_is_off
         every["grpc mtls"] = grpc_traffic_is_mutual_tls
         every["nats tls"] = nats_uses_tls
+        every["work-waiting autoscaling"] = consumers_scale_on_work_waiting
     return every

@@ -36,6 +36,7 @@ from services.outbox.domain import (
     SendResult,
     decide_before_send,
 )
+from services.outbox.metrics import observe_accepted
 from services.outbox.sending import resolutions
 from services.outbox.sending.consent import BatchConsent, ConsentAnswer
 from services.outbox.sending.reconcile import ExpectedSend, TwilioMessageView, find_reconciled_send
@@ -217,6 +218,7 @@ class MessageDelivery:
         SEND_SECONDS.observe((finished - started).total_seconds())
         if isinstance(result, SendAccepted):
             _ACCEPTED.inc()
+            self._observe_accepted(message, finished)
             attempt = AttemptRecord(
                 AttemptOutcome.ACCEPTED,
                 started,
@@ -286,6 +288,7 @@ class MessageDelivery:
         finished = self._now()
         if found is not None:
             RECONCILIATIONS.labels("found").inc()
+            self._observe_accepted(message, found.date_created or finished)
             attempt = AttemptRecord(
                 AttemptOutcome.RECONCILED_FOUND,
                 started,
@@ -312,6 +315,10 @@ class MessageDelivery:
             finished,
             error_message=f"none of {len(candidates)} listed matched; safe to send",
         )
+
+    def _observe_accepted(self, message: ClaimedMessage, accepted_at: datetime) -> None:
+        classes = self._config.tenant_classes
+        observe_accepted(classes, message.tenant_id, message.kind.value, message.id, accepted_at)
 
     def _dead(
         self,

@@ -12,6 +12,7 @@ import nats.js.errors
 import pytest
 from google.protobuf.wrappers_pb2 import StringValue
 from nats.aio.msg import Msg
+from prometheus_client import REGISTRY
 
 from infra import jetstream
 from infra.db import create_pool, migrate_service
@@ -201,6 +202,37 @@ async def test_an_event_over_the_size_limit_is_refused_or_terminated_unread(js) 
     assert increase(before, rejected("sized")) == {"too_large": 1}
     await assert_nothing_pending(js, unlimited, "sized")
     await js.delete_stream(unlimited)
+
+
+async def test_consumer_loop_exports_its_backlog_and_the_age_of_the_oldest_held(js) -> None:
+    name = unique("S")
+    subject = f"{name.lower()}.work"
+    await jetstream.ensure_stream(js, StreamSpec(name=name, subjects=(f"{name.lower()}.>",)))
+    for body in (b"first", b"second", b"third"):
+        await jetstream.publish(js, subject, body, msg_id=body.decode())
+    await asyncio.sleep(1.0)  # the messages are now a second old
+    spec = ConsumerSpec(stream=name, durable="worker", filter_subject=subject)
+    queue = {"queue": f"{name}/worker"}
+    held, release, stop = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def handler(msg: Msg) -> jetstream.Decision:
+        held.set()
+        await release.wait()
+        return Ack()
+
+    loop = asyncio.create_task(jetstream.run_pull_consumer(js, spec, handler, stop=stop))
+    async with asyncio.timeout(10):
+        await held.wait()
+        while REGISTRY.get_sample_value("snapsell_queue_depth", queue) is None:
+            await asyncio.sleep(0.05)
+    # Delivered and unacknowledged count as waiting, as in KEDA's lag.
+    assert REGISTRY.get_sample_value("snapsell_queue_depth", queue) == 3
+    age = REGISTRY.get_sample_value("snapsell_queue_oldest_age_seconds", queue)
+    assert age is not None and 1.0 <= age < 10.0
+    release.set()
+    stop.set()
+    await loop
+    assert REGISTRY.get_sample_value("snapsell_queue_oldest_age_seconds", queue) == 0.0
 
 
 async def test_recorded_events_are_relayed_once_with_their_id(

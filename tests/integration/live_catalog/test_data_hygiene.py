@@ -20,6 +20,7 @@ from tests.integration.data_hygiene import (
     recorded_subjects,
 )
 from tests.integration.live_catalog.conftest import SERVICE
+from tools.bench.claims_bench import seed_summary_session
 
 
 async def test_events_table_rejects_an_unknown_subject(pool: asyncpg.Pool) -> None:
@@ -65,35 +66,7 @@ async def test_a_summary_of_500_items_and_5000_reservations_is_built_within_2_se
     store, pool: asyncpg.Pool, clock
 ) -> None:
     tenant, session = "big-shop", uuid.uuid4()
-    await pool.execute(
-        "INSERT INTO sessions (id, tenant_id, status, opened_at) VALUES ($1, $2, 'open', $3)",
-        session,
-        tenant,
-        clock.now,
-    )
-    await pool.execute(
-        "INSERT INTO items (id, tenant_id, session_id, code, title, price_cents, currency, stock,"
-        " held, confirmed, max_per_client, status, created_at, updated_at)"
-        " SELECT gen_random_uuid(), $1, $2, 'A' || g, 'Article ' || g, 1000 + g, 'EUR', 10,"
-        " 8, 2, 1, 'open', $3, $3 FROM generate_series(1, 500) g",
-        tenant,
-        session,
-        clock.now,
-    )
-    await pool.execute(
-        "INSERT INTO reservations (id, tenant_id, session_id, item_id, client_channel,"
-        " client_value, reply_from, account_sid, quantity, status, message_sid, received_at,"
-        " expires_at, created_at, updated_at)"
-        " SELECT gen_random_uuid(), $1, $2, i.id, 'whatsapp', '+3361' || (n % 2000), 'MG1',"
-        " 'AC1', 1, CASE WHEN n % 10 < 8 THEN 'held' ELSE 'confirmed' END,"
-        " 'SM' || i.code || '-' || n, $3::timestamptz,"
-        " CASE WHEN n % 10 < 8 THEN $3::timestamptz + interval '30 minutes' END, $3, $3"
-        " FROM (SELECT id, code, row_number() OVER (ORDER BY code) AS k FROM items) i,"
-        " generate_series(0, 9) r, LATERAL (SELECT (i.k - 1) * 10 + r AS n) x",
-        tenant,
-        session,
-        clock.now,
-    )
+    await seed_summary_session(pool, tenant, session, clock.now)
     started = time.perf_counter()
     summarized = await store.summarize_session(
         tenant, session, started_at=clock.now, closed_at=clock.now, content_sid="", correlation=""

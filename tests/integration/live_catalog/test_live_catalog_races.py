@@ -5,26 +5,29 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 from datetime import timedelta
 
 import asyncpg
 import pytest
 
 from infra.db import create_pool
-from services.live_catalog.domain import SettingsBook
+from services.live_catalog.consumer import Batches
+from services.live_catalog.domain import Inbound, SettingsBook
 from services.live_catalog.store import CatalogStore
 from tests.integration.live_catalog.conftest import HOLD, ManualClock, inbound
 
 pytestmark = pytest.mark.usefixtures("clean_tables")
 
 
-async def test_1000_concurrent_claims_on_one_unit_hold_1_and_waitlist_999_in_received_order(
-    store: CatalogStore, pool: asyncpg.Pool, clock: ManualClock, tenant, session_id
-) -> None:
+async def one_unit_and_1000_claims(
+    store: CatalogStore, clock: ManualClock, tenant: str, session_id: uuid.UUID
+) -> list[Inbound]:
+    """Item A12 posted with stock 1, and 1,000 clients' claims of it 1 ms apart."""
     await store.handle_inbound(
         inbound("A12 Robe 25€ x1", tenant=tenant, session=session_id, seller=True)
     )
-    claims = [
+    return [
         inbound(
             "A12",
             tenant=tenant,
@@ -34,6 +37,12 @@ async def test_1000_concurrent_claims_on_one_unit_hold_1_and_waitlist_999_in_rec
         )
         for i in range(1000)
     ]
+
+
+async def test_1000_concurrent_claims_on_one_unit_hold_1_and_waitlist_999_in_received_order(
+    store: CatalogStore, pool: asyncpg.Pool, clock: ManualClock, tenant, session_id
+) -> None:
+    claims = await one_unit_and_1000_claims(store, clock, tenant, session_id)
     shuffled = random.Random(7).sample(claims, len(claims))  # processing order != arrival order
     outcomes = await asyncio.gather(*(store.handle_inbound(claim) for claim in shuffled))
 
@@ -66,6 +75,30 @@ async def test_1000_concurrent_claims_on_one_unit_hold_1_and_waitlist_999_in_rec
         holder,
     )
     assert [row["client_value"] for row in promoted] == [v for v in by_arrival if v != holder][:3]
+
+
+async def test_1000_claims_delivered_together_in_any_order_are_served_in_received_order(
+    store: CatalogStore, pool: asyncpg.Pool, clock: ManualClock, tenant, session_id
+) -> None:
+    # As the consumer hands them over: every message in flight goes into one batch.
+    claims = await one_unit_and_1000_claims(store, clock, tenant, session_id)
+    batches = Batches(store)
+    delivered = random.Random(5).sample(claims, len(claims))
+    outcomes = await asyncio.gather(*(batches.submit(claim) for claim in delivered))
+
+    assert (outcomes.count("held"), outcomes.count("waiting")) == (1, 999)
+    by_arrival = [c.contact.value for c in claims]
+    rows = await pool.fetch(
+        "SELECT client_value, status FROM reservations ORDER BY received_at, message_sid"
+    )
+    assert [r["client_value"] for r in rows] == by_arrival
+    assert [r["status"] for r in rows] == ["held"] + ["waiting"] * 999
+    # Each waiter was told its true place in the line.
+    told = await pool.fetch(
+        "SELECT recipient_value, body FROM replies WHERE body LIKE '%liste d''attente%'"
+    )
+    place = {r["recipient_value"]: r["body"] for r in told}
+    assert all(f"n°{k} " in place[who] for k, who in enumerate(by_arrival[1:], start=1))
 
 
 async def test_a_cancel_racing_two_sweepers_promotes_each_freed_unit_exactly_once(
