@@ -6,6 +6,12 @@ loop carries it out, so handlers never touch the message's acknowledgement thems
 exception escaping a handler is logged and answered with a delayed Nak that grows with the
 delivery count. `run_pull_consumer` hands messages over one by one; `run_batch_consumer`
 hands over what one fetch brought, for a handler that does one unit of work per batch.
+
+Poison messages: an event no delivery can ever handle — larger than `MAX_EVENT_BYTES`, not the
+protobuf message its subject promises, or carrying an enum value this build does not know — is
+terminated at once and counted in `snapsell_events_rejected_total{consumer,reason}`, so it is
+never redelivered and never holds up the messages behind it. Handlers decode with `decode`,
+which raises `RejectedEventError`; the loop turns that into the Term and the count.
 """
 
 from __future__ import annotations
@@ -17,14 +23,17 @@ import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import nats
 import nats.js.errors
+from google.protobuf.message import DecodeError
+from google.protobuf.message import Message as ProtoMessage
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError
+from prometheus_client import Counter
 
 from infra import telemetry
 from infra.backlog import QUEUE_DEPTH, InFlight
@@ -35,6 +44,20 @@ from infra.nats_users import INBOX_ROOT
 _log = get_logger(__name__)
 
 MSG_ID = "Nats-Msg-Id"
+
+# The largest event a stream stores and a consumer handles. Every stream refuses a larger
+# publish (its max_msg_size); the consumer loop terminates one that got in before the limit.
+# Far above any real event (a gateway message with the default 64 KiB body limit), far below
+# NATS's 1 MiB max_payload.
+MAX_EVENT_BYTES = 256 * 1024
+
+RejectReason = Literal["too_large", "undecodable", "unknown_enum"]
+
+EVENTS_REJECTED = Counter(
+    "snapsell_events_rejected_total",
+    "Consumed events terminated as poison (too large, undecodable, unknown enum value)",
+    ["consumer", "reason"],
+)
 
 
 @dataclass(frozen=True)
@@ -111,6 +134,7 @@ class StreamSpec:
     duplicate_window_s: float = 600.0
     max_age_s: float = 7 * 24 * 3600.0
     replicas: int = 1
+    max_msg_size: int = MAX_EVENT_BYTES
 
     def config(self) -> api.StreamConfig:
         return api.StreamConfig(
@@ -121,6 +145,7 @@ class StreamSpec:
             num_replicas=self.replicas,
             duplicate_window=self.duplicate_window_s,
             max_age=self.max_age_s,
+            max_msg_size=self.max_msg_size,
         )
 
 
@@ -283,6 +308,57 @@ class Term:
 Decision = Ack | Nak | Term
 Handler = Callable[[Msg], Awaitable[Decision]]
 BatchHandler = Callable[[Sequence[Msg]], Awaitable[Sequence[Decision]]]
+M = TypeVar("M", bound=ProtoMessage)
+
+
+class RejectedEventError(Exception):
+    """An event no delivery can ever handle; `run_pull_consumer` terminates and counts it."""
+
+    def __init__(self, reason: RejectReason, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason: RejectReason = reason
+
+
+def decode(message_type: type[M], data: bytes) -> M:
+    """`data` as a `message_type`, or RejectedEventError: not that message, or an enum field
+    (at any depth) holding a value this build does not know."""
+    try:
+        message = message_type.FromString(data)
+    except DecodeError as error:
+        raise RejectedEventError(
+            "undecodable", f"not a {message_type.DESCRIPTOR.full_name}: {error}"
+        ) from error
+    unknown = _unknown_enum_field(message)
+    if unknown is not None:
+        raise RejectedEventError("unknown_enum", f"{unknown} holds an unknown value")
+    return message
+
+
+def _unknown_enum_field(message: ProtoMessage) -> str | None:
+    for field, value in message.ListFields():
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            values = list(value.values())
+            field = value_field
+        else:
+            values = list(value) if field.is_repeated else [value]
+        for item in values:
+            if field.enum_type is not None and item not in field.enum_type.values_by_number:
+                return field.full_name
+            if field.message_type is not None:
+                inner = _unknown_enum_field(item)
+                if inner is not None:
+                    return inner
+    return None
+
+
+def count_rejected(consumer: str, error: RejectedEventError) -> None:
+    """Count a poison event; for a consumer that terminates it outside `run_pull_consumer`."""
+    EVENTS_REJECTED.labels(consumer, error.reason).inc()
+    _log.error(
+        "jetstream.event_rejected",
+        extra={"fields": {"consumer": consumer, "reason": error.reason, "error": str(error)}},
+    )
 
 
 @dataclass(frozen=True)
@@ -339,7 +415,7 @@ async def run_pull_consumer(
 
     async def handle(msgs: Sequence[Msg]) -> None:
         for msg in msgs:
-            await _settle(msg, await _decide(handler, msg))
+            await _settle(msg, await _decide(handler, msg, spec.durable))
 
     await _run_fetch_loop(
         js,
@@ -454,9 +530,14 @@ async def _report_depth(js: JetStreamContext, spec: ConsumerSpec, every_s: float
         await asyncio.sleep(every_s)
 
 
-async def _decide(handler: Handler, msg: Msg) -> Decision:
+async def _decide(handler: Handler, msg: Msg, consumer: str) -> Decision:
     try:
+        if len(msg.data) > MAX_EVENT_BYTES:
+            raise RejectedEventError("too_large", f"{len(msg.data)} bytes on {msg.subject}")
         return await handler(msg)
+    except RejectedEventError as error:
+        count_rejected(consumer, error)
+        return Term(error.reason)
     except Exception:
         _log.exception("jetstream.handler_failed", extra={"fields": {"subject": msg.subject}})
         return Nak(failure_delay(msg.metadata.num_delivered))

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from datetime import UTC
 
 import asyncpg
-from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from prometheus_client import Counter
 from snapsell.live_session.v1 import events_pb2 as session_events
@@ -161,11 +160,7 @@ class RoutedConsumer:
         self._on_commit = on_commit
 
     async def handle(self, msg: Msg) -> jetstream.Decision:
-        try:
-            routed = routing_events.MessageRouted.FromString(msg.data)
-        except DecodeError:
-            HANDLED.labels("undecodable").inc()
-            return Term("not a MessageRouted")
+        routed = jetstream.decode(routing_events.MessageRouted, msg.data)
         inbound = inbound_of(routed)
         if inbound is None:
             HANDLED.labels("not_ours").inc()
@@ -204,10 +199,10 @@ class SessionClosedConsumer:
         self._on_commit = on_commit
 
     async def handle(self, msg: Msg) -> jetstream.Decision:
+        closed = jetstream.decode(session_events.LiveSessionClosed, msg.data)
         try:
-            closed = session_events.LiveSessionClosed.FromString(msg.data)
             session_id = uuid.UUID(closed.session_id)
-        except (DecodeError, ValueError):
+        except ValueError:
             return Term("not a LiveSessionClosed")
         if not closed.tenant_id or not closed.HasField("closed_at"):
             return Term("LiveSessionClosed without tenant_id or closed_at")

@@ -15,13 +15,12 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Protocol
 
-from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from prometheus_client import Counter
 from snapsell.gateway.v1.events_pb2 import StatusReceived
 
 from infra.db import DATABASE_UNAVAILABLE
-from infra.jetstream import Ack, ConsumerSpec, Decision, Nak, Term, failure_delay
+from infra.jetstream import Ack, ConsumerSpec, Decision, Nak, Term, decode, failure_delay
 from infra.log import get_logger
 from infra.streams import INBOUND_STATUS_SUBJECT
 from services.outbox.status_callbacks import CallbackEffect
@@ -77,12 +76,7 @@ class StatusCallbackHandler:
         self._now = now
 
     async def __call__(self, msg: Msg) -> Decision:
-        try:
-            callback = StatusReceived.FromString(msg.data)
-        except DecodeError:
-            CALLBACKS.labels("undecodable").inc()
-            _log.warning("outbox.callback_undecodable", extra={"fields": {"subject": msg.subject}})
-            return Term("undecodable StatusReceived")
+        callback = decode(StatusReceived, msg.data)
         if not callback.message_sid or not callback.message_status:
             CALLBACKS.labels("incomplete").inc()
             return Term("StatusReceived without message_sid or message_status")

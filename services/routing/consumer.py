@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import asyncpg
-from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from opentelemetry import trace
 from prometheus_client import Counter, Histogram
@@ -125,10 +124,11 @@ class InboundConsumer:
             if msg.metadata.num_delivered > 1:
                 INBOUND_REDELIVERIES.inc()
             try:
-                decoded.append((index, gateway_events.MessageReceived.FromString(msg.data)))
-            except DecodeError as error:
-                detail = f"not a MessageReceived: {error}"
-                decisions[index] = await self._give_up(msg, None, "undecodable", detail)
+                decoded.append((index, jetstream.decode(gateway_events.MessageReceived, msg.data)))
+            except jetstream.RejectedEventError as error:
+                # Kept in failed_inbound for a redrive once understood, and counted like any poison.
+                jetstream.count_rejected(self._spec.durable, error)
+                decisions[index] = await self._give_up(msg, None, "undecodable", str(error))
         if not decoded:
             return decisions
         deliveries = [

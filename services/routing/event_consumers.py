@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import asyncpg
-from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from snapsell.outbox.v1 import events_pb2 as outbox_events
@@ -48,10 +47,10 @@ class CarrierOptOutConsumer:
 
     async def handle(self, msg: Msg) -> jetstream.Decision:
         try:
-            event = outbox_events.RecipientUnsubscribed.FromString(msg.data)
+            event = jetstream.decode(outbox_events.RecipientUnsubscribed, msg.data)
             channel = CHANNEL_FROM_PROTO[event.recipient.channel]
             address = normalise_address(channel, event.recipient.value)
-        except (DecodeError, KeyError, InvalidAddressError) as error:
+        except (KeyError, InvalidAddressError) as error:
             _log.error("routing.carrier_opt_out_invalid", extra={"fields": {"error": str(error)}})
             return Term("invalid RecipientUnsubscribed")
         if not event.tenant_id:

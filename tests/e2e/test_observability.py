@@ -55,6 +55,7 @@ EXPORTED_METRICS: dict[str, tuple[str, ...]] = {
         "snapsell_routing_inbound_redeliveries_total",
         *QUEUE_METRICS,
         "snapsell_routing_peer_call_seconds",
+        "snapsell_events_rejected_total",
     ),
     "outbox": (
         *RPC_METRICS,
@@ -66,6 +67,7 @@ EXPORTED_METRICS: dict[str, tuple[str, ...]] = {
         "snapsell_outbox_dead_letters_total",
         "snapsell_outbox_blocked_optout_total",
         "snapsell_outbox_status_callbacks_total",
+        "snapsell_events_rejected_total",
     ),
     "live_session": (
         *RPC_METRICS,
@@ -78,6 +80,7 @@ EXPORTED_METRICS: dict[str, tuple[str, ...]] = {
         *QUEUE_METRICS,
         "snapsell_live_catalog_inbound_handled_total",
         "snapsell_live_catalog_replies_total",
+        "snapsell_events_rejected_total",
     ),
 }
 GRPC_SERVICES = ("routing", "outbox", "live_session", "seller_admin", "live_catalog")

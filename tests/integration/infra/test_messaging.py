@@ -18,6 +18,8 @@ from infra import jetstream
 from infra.db import create_pool, migrate_service
 from infra.events import EventRelay, record_event
 from infra.jetstream import Ack, ConsumerSpec, Nak, StreamSpec, Term
+from tests.support.jetstream import wait_settled
+from tests.support.poison import assert_nothing_pending, increase, rejected
 from tools.stack import reset_service_schema
 
 
@@ -34,13 +36,17 @@ def unique(prefix: str) -> str:
 
 async def test_ensure_stream_is_idempotent_and_applies_new_settings(js) -> None:
     name = unique("S")
-    spec = StreamSpec(name=name, subjects=(f"{name.lower()}.>",), duplicate_window_s=60)
+    # A stream declared before the event size limit existed gets it too.
+    spec = StreamSpec(
+        name=name, subjects=(f"{name.lower()}.>",), duplicate_window_s=60, max_msg_size=-1
+    )
     await jetstream.ensure_stream(js, spec)
     await jetstream.ensure_stream(js, spec)
     wider = StreamSpec(name=name, subjects=spec.subjects, duplicate_window_s=600)
     await jetstream.ensure_stream(js, wider)
     info = await js.stream_info(name)
     assert info.config.duplicate_window == 600
+    assert info.config.max_msg_size == jetstream.MAX_EVENT_BYTES
 
 
 async def test_publish_with_the_same_id_is_stored_once(js) -> None:
@@ -162,6 +168,40 @@ async def test_consumer_loop_carries_out_ack_nak_and_term(js) -> None:
     assert seen == {b"ok": 1, b"retry": 2, b"poison": 1, b"boom": 2}
     info = await js.consumer_info(name, "worker")
     assert info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def test_an_event_over_the_size_limit_is_refused_or_terminated_unread(js) -> None:
+    """Every stream refuses an event over MAX_EVENT_BYTES; one a stream took before it had the
+    limit is terminated and counted by the loop without reaching the handler, and the event
+    behind it is handled."""
+    limited, unlimited = unique("L"), unique("U")
+    huge = b"x" * (jetstream.MAX_EVENT_BYTES + 1)
+    await jetstream.ensure_stream(js, StreamSpec(name=limited, subjects=(f"{limited.lower()}.>",)))
+    with pytest.raises(nats.js.errors.APIError, match="maximum"):
+        await jetstream.publish(js, f"{limited.lower()}.work", huge, msg_id="huge")
+    await js.delete_stream(limited)
+    subject = f"{unlimited.lower()}.work"
+    spec = StreamSpec(name=unlimited, subjects=(f"{unlimited.lower()}.>",), max_msg_size=-1)
+    await jetstream.ensure_stream(js, spec)
+    await jetstream.publish(js, subject, huge, msg_id="huge")
+    await jetstream.publish(js, subject, b"ok", msg_id="ok")
+    consumer = ConsumerSpec(stream=unlimited, durable="sized", filter_subject=subject)
+    before = rejected("sized")
+    seen: list[bytes] = []
+    stop = asyncio.Event()
+
+    async def handler(msg: Msg) -> jetstream.Decision:
+        seen.append(msg.data)
+        return Ack()
+
+    loop = asyncio.create_task(jetstream.run_pull_consumer(js, consumer, handler, stop=stop))
+    await wait_settled(js, unlimited, "sized", subject, timeout_s=15)
+    stop.set()
+    await loop
+    assert seen == [b"ok"]
+    assert increase(before, rejected("sized")) == {"too_large": 1}
+    await assert_nothing_pending(js, unlimited, "sized")
+    await js.delete_stream(unlimited)
 
 
 async def test_consumer_loop_exports_its_backlog_and_the_age_of_the_oldest_held(js) -> None:

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import grpc
+import httpx
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from snapsell.gateway.v1.events_pb2 import StatusReceived
@@ -28,6 +29,8 @@ from tests.integration.outbox.stack import (
     sms,
     whatsapp,
 )
+from tests.support.jetstream import wait_settled
+from tests.support.poison import UNKNOWN_ENUM, increase, publish_poison, rejected
 from tests.support.polling import eventually
 from tools.stack import RunningService
 
@@ -366,3 +369,44 @@ async def test_status_callbacks_move_a_message_forward_only(stack: OutboxStack) 
         (outbox_pb2.MESSAGE_STATUS_SENT, outbox_pb2.MESSAGE_STATUS_DELIVERED),
         (outbox_pb2.MESSAGE_STATUS_DELIVERED, outbox_pb2.MESSAGE_STATUS_READ),
     ]
+
+
+async def test_poison_status_callbacks_are_terminated_and_counted(
+    stack: OutboxStack, outbox: RunningService
+) -> None:
+    """An undecodable callback, one with an unknown enum value and one over the size limit:
+    terminated and counted by the running outbox, and the callback behind them applied."""
+    message_id = await stack.enqueue(recipient=sms(new_phone()), body="poison ahead")
+    await stack.wait_status(message_id, "sent")
+    sid = (await stack.get(message_id)).twilio_sid
+    assert stack.nats is not None
+    js = stack.nats.jetstream()
+    durable, metrics_url = (
+        "outbox-status-callbacks",
+        f"http://127.0.0.1:{outbox.env['METRICS_PORT']}/metrics",
+    )
+
+    def callback(status: str) -> StatusReceived:
+        received = Timestamp()
+        received.FromDatetime(datetime.now(UTC))
+        return StatusReceived(
+            message_sid=sid, account_sid=ACCOUNT_SID, message_status=status, received_at=received
+        )
+
+    async with httpx.AsyncClient() as http:
+        before = rejected(durable, (await http.get(metrics_url)).text)
+        unknown = callback("delivered")
+        unknown.sender.channel = UNKNOWN_ENUM  # type: ignore[assignment]
+        await publish_poison(js, INBOUND_STATUS_SUBJECT, unknown.SerializeToString(), sid)
+        await jetstream.publish(
+            js,
+            INBOUND_STATUS_SUBJECT,
+            callback("delivered").SerializeToString(),
+            msg_id=f"{sid}:ok",
+        )
+        await stack.wait_status(message_id, "delivered")
+        await wait_settled(js, "INBOUND", durable, INBOUND_STATUS_SUBJECT)
+        after = rejected(durable, (await http.get(metrics_url)).text)
+    assert increase(before, after) == {"undecodable": 1, "unknown_enum": 1}
+    info = await js.consumer_info("INBOUND", durable)
+    assert (info.num_pending, info.num_ack_pending) == (0, 0)

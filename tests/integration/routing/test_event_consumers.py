@@ -29,6 +29,13 @@ from services.routing.domain import (
 from services.routing.event_consumers import CarrierOptOutConsumer, follow_changes
 from tests.integration.routing.fakes import whatsapp
 from tests.support.jetstream import wait_settled
+from tests.support.poison import (
+    UNKNOWN_ENUM,
+    assert_nothing_pending,
+    increase,
+    publish_poison,
+    rejected,
+)
 
 CLIENT = Contact("shop-1", Channel.WHATSAPP, "+33622222222")
 
@@ -119,3 +126,17 @@ async def test_any_seller_admin_event_flushes_the_sender_cache(
     await asyncio.wait_for(flushed.wait(), 10)
     stop.set()
     await follower
+
+
+async def test_poison_opt_outs_are_terminated_and_counted_without_holding_up_the_next(
+    js: JetStreamContext, clean: asyncpg.Pool, stream: str
+) -> None:
+    subject = f"{stream.lower()}.recipient.unsubscribed"
+    unknown = outbox_events.RecipientUnsubscribed.FromString(unsubscribed(datetime.now(UTC)))
+    unknown.recipient.channel = UNKNOWN_ENUM  # type: ignore[assignment]
+    before = rejected("carrier")
+    await publish_poison(js, subject, unknown.SerializeToString(), "poison")
+    await consume(js, clean, stream, unsubscribed(datetime.now(UTC)))
+    assert (await store.consent_status(clean, CLIENT)).opted_out_at is not None
+    assert increase(before, rejected("carrier")) == {"undecodable": 1, "unknown_enum": 1}
+    await assert_nothing_pending(js, stream, "carrier")

@@ -18,6 +18,13 @@ from services.routing.domain import RulesBook
 from services.routing.inbound import InboundRouter
 from tests.integration.routing.fakes import FakeReplies, FakeSenders, FakeSessions, inbound
 from tests.support.jetstream import wait_settled
+from tests.support.poison import (
+    UNKNOWN_ENUM,
+    assert_nothing_pending,
+    increase,
+    publish_poison,
+    rejected,
+)
 from tests.support.polling import eventually
 
 
@@ -156,3 +163,18 @@ async def test_a_message_failing_on_every_delivery_is_recorded_as_dead(
     assert row["deliveries"] == running.spec.max_deliver
     assert row["message_sid"] == message.message_sid
     assert await clean.fetchval("SELECT count(*) FROM processed_inbound") == 0
+
+
+async def test_poison_messages_are_terminated_and_counted_without_holding_up_the_next(
+    running: Running, clean: asyncpg.Pool
+) -> None:
+    unknown = inbound("salut")
+    unknown.sender.channel = UNKNOWN_ENUM  # type: ignore[assignment]
+    before = rejected(running.spec.durable)
+    await publish_poison(running.js, running.subject, unknown.SerializeToString(), "poison")
+    good = inbound("STOP")
+    await running.publish(good.SerializeToString(), good.message_sid)
+    await running.drained()
+    assert await clean.fetchval("SELECT message_sid FROM processed_inbound") == good.message_sid
+    assert increase(before, rejected(running.spec.durable)) == {"undecodable": 1, "unknown_enum": 1}
+    await assert_nothing_pending(running.js, running.spec.stream, running.spec.durable)

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 from snapsell.gateway.v1.events_pb2 import StatusReceived
 
-from infra.jetstream import Ack, Nak, Term
+from infra.jetstream import Ack, Nak, RejectedEventError, Term
 from services.outbox.consumer import (
     STATUS_CONSUMER,
     UNKNOWN_SID_DELIVERIES,
@@ -88,9 +88,10 @@ async def test_a_callback_from_another_account_is_terminated() -> None:
     assert isinstance(await handler(FakeMsg(callback("delivered"))), Term)  # type: ignore[arg-type]
 
 
-async def test_an_undecodable_callback_is_terminated() -> None:
+async def test_an_undecodable_callback_is_rejected_for_the_loop_to_terminate() -> None:
     handler = StatusCallbackHandler(FakeCallbacks(CallbackEffect.ADVANCED), lambda: NOW)
-    assert isinstance(await handler(FakeMsg(b"\xff\xff not protobuf")), Term)  # type: ignore[arg-type]
+    with pytest.raises(RejectedEventError):
+        await handler(FakeMsg(b"\xff\xff not protobuf"))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
