@@ -59,6 +59,8 @@ RBAC_TABLE: dict[str, dict[str, frozenset[str]]] = {
         "owner": frozenset({OWN}),
         "manager": frozenset({OWN}),
         "staff": frozenset({OWN}),
+        # Routing keeps each channel's seller phones to tell sellers from clients itself.
+        "service": BOTH,
     },
     "ResolveSender": {"service": BOTH},
 }
