@@ -17,7 +17,6 @@ rate bucket, and dodge the opt-outs recorded for it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,10 +25,11 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext, api
+from nats.js import JetStreamContext
 from snapsell.seller_admin.v1 import events_pb2, seller_admin_pb2
 
 from infra.cache import LoadingCache
+from infra.jetstream import follow_new_events
 from infra.log import get_logger
 from services.outbox.domain import is_messaging_service_sid
 
@@ -160,9 +160,8 @@ class ChannelDirectory:
 async def follow_channel_changes(
     js: JetStreamContext, directory: ChannelDirectory, stop: asyncio.Event
 ) -> None:
-    """Drop a tenant's cached channels when seller_admin adds or removes one of them (an
-    ephemeral ordered consumer that sees only new events; while it is not subscribed, every
-    tenant is dropped and the TTL bounds staleness)."""
+    """Drop a tenant's cached channels when seller_admin adds or removes one of them (while the
+    follower is not subscribed, every tenant is dropped and the TTL bounds staleness)."""
 
     async def on_event(msg: Msg) -> None:
         decode = _CHANNEL_EVENTS.get(msg.subject)
@@ -175,20 +174,4 @@ async def follow_channel_changes(
         else:
             directory.invalidate_all()
 
-    while not stop.is_set():
-        try:
-            subscription = await js.subscribe(
-                CHANNEL_CHANGES,
-                ordered_consumer=True,
-                deliver_policy=api.DeliverPolicy.NEW,
-                cb=on_event,
-            )
-            try:
-                await stop.wait()
-            finally:
-                await subscription.unsubscribe()
-        except Exception as error:
-            _log.warning("outbox.channel_follow_failed", extra={"fields": {"error": str(error)}})
-            directory.invalidate_all()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=2.0)
+    await follow_new_events(js, CHANNEL_CHANGES, on_event, directory.invalidate_all, stop)
