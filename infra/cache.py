@@ -46,6 +46,11 @@ class LoadingCache(Generic[K, V]):
         value = self.cached(key)
         if value is not None:
             return value
+        return await self.load(key, load)
+
+    async def load(self, key: K, load: Callable[[], Awaitable[V | None]]) -> V | None:
+        """What `load()` returns, kept as `get` keeps it, whatever is kept now (for a caller
+        that found the kept value wanting); a load already under way is joined."""
         loading = self._loading.get(key)
         if loading is None:
             loading = asyncio.ensure_future(self._load(key, load))

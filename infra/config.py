@@ -7,7 +7,10 @@ malformed value raises `ConfigError`, which `infra.lifecycle.run_main` prints an
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
+from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 # Where a process listens unless BIND_HOST says otherwise: every interface, as a pod needs;
@@ -117,3 +120,24 @@ def env_bind_host() -> str:
     except ValueError:
         raise ConfigError(f"BIND_HOST must be an IP address, got {value!r}") from None
     return value
+
+
+def tenant_objects(
+    name: str, raw: str, fields: frozenset[str]
+) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """The entries of the JSON text `raw` of variable `name`, an object keyed by tenant id whose
+    values are objects with keys among `fields`: (tenant id, `name[tenant]` for messages, its
+    object)."""
+    try:
+        document = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{name} is not valid JSON: {error.msg}") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"{name} must be a JSON object keyed by tenant id")
+    for tenant, settings in document.items():
+        where = f"{name}[{tenant!r}]"
+        if not isinstance(settings, dict):
+            raise ConfigError(f"{where} must be an object")
+        if unknown := set(settings) - fields:
+            raise ConfigError(f"{where} has unknown keys {sorted(unknown)}")
+        yield tenant, where, settings

@@ -244,39 +244,55 @@ class GrpcServer:
         await self.server.stop(grace)
 
 
+# A handler's (request_streaming, response_streaming) -> its behaviour's attribute and builder.
+_HANDLER_SHAPES: Mapping[tuple[bool, bool], tuple[str, Callable[..., Any]]] = {
+    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+}
+
+
 def wrap_rpc_handler(
     handler: grpc.RpcMethodHandler[Any, Any], wrap: Callable[[Behavior], Behavior]
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """A copy of `handler` whose behaviour is `wrap(behaviour)`, keeping its streaming shape.
 
     grpc sets exactly the behaviour that matches the handler's shape; the others are None."""
-    if handler.request_streaming and handler.response_streaming:
-        assert handler.stream_stream is not None
-        return grpc.stream_stream_rpc_method_handler(
-            wrap(handler.stream_stream),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    if handler.request_streaming:
-        assert handler.stream_unary is not None
-        return grpc.stream_unary_rpc_method_handler(
-            wrap(handler.stream_unary),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    if handler.response_streaming:
-        assert handler.unary_stream is not None
-        return grpc.unary_stream_rpc_method_handler(
-            wrap(handler.unary_stream),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-    assert handler.unary_unary is not None
-    return grpc.unary_unary_rpc_method_handler(
-        wrap(handler.unary_unary),
+    attribute, build = _HANDLER_SHAPES[(handler.request_streaming, handler.response_streaming)]
+    behavior = getattr(handler, attribute)
+    assert behavior is not None
+    copy: grpc.RpcMethodHandler[Any, Any] = build(
+        wrap(behavior),
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+    return copy
+
+
+class WrappedHandlers:
+    """Per method, the wrapped copy of a servicer's handler, built once: an interceptor sees
+    the same handler object on every call of a method."""
+
+    def __init__(self) -> None:
+        # method -> (handler as registered, its wrapped copy)
+        self._copies: dict[
+            str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
+        ] = {}
+
+    def get(
+        self,
+        method: str,
+        handler: grpc.RpcMethodHandler[Any, Any],
+        wrap: Callable[[], Callable[[Behavior], Behavior]],
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """The copy of `handler` wrapped by `wrap()` (called only when it is built)."""
+        cached = self._copies.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        copy = wrap_rpc_handler(handler, wrap())
+        self._copies[method] = (handler, copy)
+        return copy
 
 
 def aborting_handler(
@@ -372,10 +388,7 @@ class RpcErrorInterceptor(grpc.aio.ServerInterceptor):
     docstring. Streaming handlers (health's Watch, reflection) pass through unchanged."""
 
     def __init__(self) -> None:
-        # method -> (handler as registered, its guarded copy), built once per method.
-        self._guarded: dict[
-            str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
-        ] = {}
+        self._guarded = WrappedHandlers()
 
     async def intercept_service(
         self,
@@ -386,12 +399,9 @@ class RpcErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler.request_streaming or handler.response_streaming:
             return handler
         method: str = handler_call_details.method
-        cached = self._guarded.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        guarded = wrap_rpc_handler(handler, lambda behavior: _guarded(behavior, method))
-        self._guarded[method] = (handler, guarded)
-        return guarded
+        return self._guarded.get(
+            method, handler, lambda: lambda behavior: _guarded(behavior, method)
+        )
 
 
 def _guarded(behavior: Behavior, method: str) -> Behavior:

@@ -6,6 +6,7 @@ loop carries it out, so handlers never touch the message's acknowledgement thems
 exception escaping a handler is logged and answered with a delayed Nak that grows with the
 delivery count. `run_pull_consumer` hands messages over one by one; `run_batch_consumer`
 hands over what one fetch brought, for a handler that does one unit of work per batch.
+`follow_new_events` is the ephemeral follower of a cache's invalidating events.
 
 Poison messages: an event no delivery can ever handle — larger than `MAX_EVENT_BYTES`, not the
 protobuf message its subject promises, or carrying an enum value this build does not know — is
@@ -17,6 +18,7 @@ which raises `RejectedEventError`; the loop turns that into the Term and the cou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import ssl
@@ -398,6 +400,36 @@ async def ensure_consumer(js: JetStreamContext, spec: ConsumerSpec) -> None:
 
 def failure_delay(num_delivered: int, *, cap_s: float = 30.0) -> float:
     return min(cap_s, 0.5 * 2.0 ** max(0, num_delivered - 1))
+
+
+async def follow_new_events(
+    js: JetStreamContext,
+    subject: str,
+    on_event: Callable[[Msg], Awaitable[None]],
+    on_gap: Callable[[], None],
+    stop: asyncio.Event,
+    *,
+    retry_s: float = 2.0,
+) -> None:
+    """Hand every new event on `subject` to `on_event` until `stop` is set (an ephemeral ordered
+    consumer that sees only what is published once it is subscribed). When the subscription
+    fails, `on_gap()` is called (events may be missed until it is back: a cache drops what it
+    kept) and it subscribes again after `retry_s`."""
+    while not stop.is_set():
+        try:
+            subscription = await js.subscribe(
+                subject, ordered_consumer=True, deliver_policy=api.DeliverPolicy.NEW, cb=on_event
+            )
+            try:
+                await stop.wait()
+            finally:
+                await subscription.unsubscribe()
+        except Exception as error:
+            fields = {"subject": subject, "error": str(error)}
+            _log.warning("jetstream.follow_failed", extra={"fields": fields})
+            on_gap()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=retry_s)
 
 
 async def run_pull_consumer(

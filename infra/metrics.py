@@ -17,7 +17,7 @@ import grpc
 from prometheus_client import Counter, Histogram, start_http_server
 
 from infra.config import env_bind_host
-from infra.grpc_server import Behavior, wrap_rpc_handler
+from infra.grpc_server import Behavior, WrappedHandlers
 
 RPC_HANDLED = Counter(
     "snapsell_grpc_server_handled_total",
@@ -91,11 +91,7 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, service: str) -> None:
         self._service = service
         self._recorders: dict[str, _MethodRecorder] = {}
-        # method -> (handler as registered, its timed copy): servicer handlers are the same
-        # objects on every call, so the copy is built once instead of per call.
-        self._timed: dict[
-            str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]
-        ] = {}
+        self._timed = WrappedHandlers()
 
     async def intercept_service(
         self,
@@ -106,15 +102,13 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:  # unknown method: no label for arbitrary client-chosen names
             return None
         method: str = handler_call_details.method
-        cached = self._timed.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
+        return self._timed.get(method, handler, lambda: self._timing(method))
+
+    def _timing(self, method: str) -> Callable[[Behavior], Behavior]:
         recorder = self._recorders.get(method)
         if recorder is None:
             recorder = self._recorders[method] = _MethodRecorder(self._service, method)
-        timed = wrap_rpc_handler(handler, lambda behavior: _timed(behavior, recorder))
-        self._timed[method] = (handler, timed)
-        return timed
+        return lambda behavior: _timed(behavior, recorder)
 
 
 def _timed(behavior: Behavior, recorder: _MethodRecorder) -> Behavior:

@@ -1,7 +1,8 @@
 """Retention: deleting old rows of high-churn tables in small batches, in the background.
 
 A purge is one DELETE statement of the owning service that removes at most `batch_size` rows
-older than a given age, chosen by primary key and `FOR UPDATE SKIP LOCKED`:
+older than a given age, chosen by primary key and `FOR UPDATE SKIP LOCKED` (`batched_delete`
+writes it from the table, key and age column the service names):
 
     WITH doomed AS MATERIALIZED (
         SELECT id FROM t WHERE <finished> AND <at> < now() - $1::interval
@@ -41,17 +42,27 @@ DEFAULT_EVENTS_RETENTION_DAYS = 7
 DEFAULT_PAUSE_S = 0.05
 MAX_RETENTION_DAYS = 3650
 
-# Published events only: an unpublished event is still owed to JetStream, whatever its age.
-DELETE_PUBLISHED_EVENTS = """
+
+def batched_delete(table: str, key: str, age_column: str, *, where: str = "") -> str:
+    """The purge statement of `table`: at most `$2` rows (that match `where`) whose
+    `age_column` is older than the interval `$1`, oldest first, picked by `key`."""
+    condition = f"{where} AND " if where else ""
+    return f"""
 WITH doomed AS MATERIALIZED (
-    SELECT id FROM events
-    WHERE published_at IS NOT NULL AND published_at < now() - $1::interval
-    ORDER BY published_at
+    SELECT {key} FROM {table}
+    WHERE {condition}{age_column} < now() - $1::interval
+    ORDER BY {age_column}
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 )
-DELETE FROM events WHERE id = ANY (ARRAY (SELECT id FROM doomed))
+DELETE FROM {table} WHERE {key} = ANY (ARRAY (SELECT {key} FROM doomed))
 """
+
+
+# Published events only: an unpublished event is still owed to JetStream, whatever its age.
+DELETE_PUBLISHED_EVENTS = batched_delete(
+    "events", "id", "published_at", where="published_at IS NOT NULL"
+)
 
 _log = get_logger(__name__)
 

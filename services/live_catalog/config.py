@@ -11,7 +11,6 @@ value an object with any of
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,6 +24,7 @@ from infra.config import (
     env_int,
     env_optional,
     env_url_list,
+    tenant_objects,
 )
 from infra.retention import RetentionSettings, load_retention_settings, retention_days
 from infra.streams import events_stream
@@ -84,19 +84,10 @@ def parse_settings(raw: str | None, default: TenantSettings) -> SettingsBook:
     """The settings book from the JSON text of LIVE_CATALOG_TENANT_SETTINGS."""
     if not raw:
         return SettingsBook(default=default)
-    try:
-        document = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"LIVE_CATALOG_TENANT_SETTINGS is not valid JSON: {error.msg}") from None
-    if not isinstance(document, dict):
-        raise ConfigError("LIVE_CATALOG_TENANT_SETTINGS must be a JSON object keyed by tenant id")
     tenants: dict[str, TenantSettings] = {}
-    for tenant, settings in document.items():
-        name = f"LIVE_CATALOG_TENANT_SETTINGS[{tenant!r}]"
-        if not isinstance(settings, dict):
-            raise ConfigError(f"{name} must be an object")
-        if unknown := set(settings) - _TENANT_FIELDS:
-            raise ConfigError(f"{name} has unknown keys {sorted(unknown)}")
+    for tenant, name, settings in tenant_objects(
+        "LIVE_CATALOG_TENANT_SETTINGS", raw, _TENANT_FIELDS
+    ):
         texts = settings.get("replies", {})
         if not isinstance(texts, dict) or not all(isinstance(t, str) for t in texts.values()):
             raise ConfigError(f"{name}.replies must be an object of texts")

@@ -16,7 +16,7 @@ import asyncpg
 
 from infra.db import Connection
 from infra.events import record_event
-from infra.retention import Purge
+from infra.retention import Purge, batched_delete
 from services.live_catalog import events
 from services.live_catalog.domain import (
     AlreadyExistsError,
@@ -121,26 +121,8 @@ ORDER BY r.received_at
 
 # Retention of the ledger and of sent replies (`infra.retention.RetentionTask`); items,
 # reservations and sessions are the sellers' records and are kept.
-DELETE_OLD_LEDGER = """
-WITH doomed AS MATERIALIZED (
-    SELECT message_sid FROM processed_inbound
-    WHERE processed_at < now() - $1::interval
-    ORDER BY processed_at
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED
-)
-DELETE FROM processed_inbound WHERE message_sid = ANY (ARRAY (SELECT message_sid FROM doomed))
-"""
-DELETE_OLD_REPLIES = """
-WITH doomed AS MATERIALIZED (
-    SELECT id FROM replies
-    WHERE enqueued_at < now() - $1::interval
-    ORDER BY enqueued_at
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED
-)
-DELETE FROM replies WHERE id = ANY (ARRAY (SELECT id FROM doomed))
-"""
+DELETE_OLD_LEDGER = batched_delete("processed_inbound", "message_sid", "processed_at")
+DELETE_OLD_REPLIES = batched_delete("replies", "id", "enqueued_at")
 
 
 def ledger_purges(max_age: timedelta | None) -> list[Purge]:

@@ -17,16 +17,14 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from prometheus_client import Gauge
 from snapsell.outbox.v1 import outbox_pb2_grpc
 from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
 from infra import jetstream
 from infra.auth import AuthInterceptor, JwtVerifier, ServiceTokenProvider
-from infra.backlog import report_queue
 from infra.db import open_service_database
 from infra.entrypoint import run_service
-from infra.events import EventRelay, wait_any
+from infra.events import EventRelay
 from infra.grpc_client import service_channel
 from infra.grpc_server import GrpcServer
 from infra.lifecycle import tune_garbage_collector
@@ -42,6 +40,7 @@ from services.outbox.channels import ChannelDirectory, follow_channel_changes
 from services.outbox.clients import RoutingConsentChecker, routing_channel
 from services.outbox.config import Config, load_config, worker_id
 from services.outbox.consumer import STATUS_CONSUMER, StatusCallbackHandler
+from services.outbox.metrics import report_backlog
 from services.outbox.sending.consent import BatchConsent
 from services.outbox.sending.pipeline import SendingPipeline
 from services.outbox.sending.send import MessageDelivery, utc_now
@@ -51,13 +50,6 @@ from services.outbox.store import OutboxAdminStore, OutboxStore, finished_messag
 
 SERVICE = "outbox"
 MIGRATIONS = Path(__file__).parent / "migrations"
-BACKLOG_INTERVAL_S = 15.0
-
-BACKLOG = Gauge(
-    "snapsell_outbox_backlog_messages",
-    "Messages waiting to be sent (pending, sending) or handled by an operator (dead)",
-    ["status"],
-)
 _log = get_logger(__name__)
 
 
@@ -73,17 +65,6 @@ def _twilio_sender(config: Config) -> TwilioSender:
         for sid, token in config.twilio_accounts.items()
     }
     return TwilioSender(clients, status_callback_url(config.public_base_url))
-
-
-async def _report_backlog(store: OutboxStore, stop: asyncio.Event) -> None:
-    while not stop.is_set():
-        try:
-            for status, count in (await store.backlog_counts()).items():
-                BACKLOG.labels(status).set(count)
-            report_queue("outbox.messages", *await store.due_backlog())
-        except Exception as error:  # metrics must never take the service down
-            _log.warning("outbox.backlog_failed", extra={"fields": {"error": str(error)}})
-        await wait_any(stop, timeout_s=BACKLOG_INTERVAL_S)
 
 
 async def serve(stop: asyncio.Event) -> None:
@@ -141,7 +122,7 @@ async def serve(stop: asyncio.Event) -> None:
                 concurrency=config.status_consumer_concurrency,
             ),
             "channel-follower": lambda: follow_channel_changes(js, directory, stop),
-            "backlog": lambda: _report_backlog(store, stop),
+            "backlog": lambda: report_backlog(store, stop),
             "retention": lambda: RetentionTask.from_settings(
                 pool, config.retention, finished_message_purges(config.finished_max_age)
             ).run(stop),

@@ -3,14 +3,11 @@ errors to status codes with a one-line message (never a stack trace)."""
 
 from __future__ import annotations
 
-import functools
 import json
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
 
-import asyncpg
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import trace
@@ -18,7 +15,7 @@ from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
 
 from infra import telemetry
 from infra.auth import Access, PermissionDeniedError, current_principal, tenant_scope
-from infra.db import DATABASE_UNAVAILABLE
+from infra.grpc_server import ErrorStatus, map_errors
 from infra.log import get_logger
 from infra.page_tokens import PageTokens
 from services.outbox import domain, validation
@@ -61,51 +58,28 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 MAX_IDS_PER_CALL = 500
 MAX_ENQUEUES_PER_CALL = 500
-# What one request of an EnqueueMany may be refused for alone (the others are still stored).
-_REFUSALS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
-    (InvalidMessageError, grpc.StatusCode.INVALID_ARGUMENT),
-    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
-    (SenderNotAChannelError, grpc.StatusCode.FAILED_PRECONDITION),
-)
 # Sorted on (dead_at, id); a token is valid for the tenant it lists.
 DEAD_LETTER_PAGES = PageTokens("outbox.dead_letters", (datetime, uuid.UUID))
 
 _log = get_logger(__name__)
-
-Request = TypeVar("Request")
-Response = TypeVar("Response")
-Method = Callable[[Any, Request, grpc.aio.ServicerContext[Request, Response]], Awaitable[Response]]
 
 
 class MessageNotFoundError(Exception):
     """No such message for this tenant."""
 
 
-def _rpc(method: Method[Request, Response]) -> Method[Request, Response]:
-    @functools.wraps(method)
-    async def call(
-        self: Any, request: Request, context: grpc.aio.ServicerContext[Request, Response]
-    ) -> Response:
-        try:
-            return await method(self, request, context)
-        except InvalidMessageError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        except PermissionDeniedError as error:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
-        except SenderNotAChannelError as error:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
-        except ChannelDirectoryUnavailableError as error:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
-        except MessageNotFoundError as error:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
-        except asyncpg.TransactionRollbackError:
-            await context.abort(grpc.StatusCode.ABORTED, "concurrent update, retry")
-        except DATABASE_UNAVAILABLE as error:  # the caller may retry
-            _log.warning("outbox.database_unavailable", extra={"fields": {"error": str(error)}})
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "database unavailable, retry")
-        raise AssertionError("unreachable: context.abort raises")
-
-    return call
+# This service's errors -> status codes (the common ones: infra.grpc_server).
+ERROR_STATUS: ErrorStatus = {
+    InvalidMessageError: grpc.StatusCode.INVALID_ARGUMENT,
+    PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    SenderNotAChannelError: grpc.StatusCode.FAILED_PRECONDITION,
+    ChannelDirectoryUnavailableError: grpc.StatusCode.UNAVAILABLE,
+    MessageNotFoundError: grpc.StatusCode.NOT_FOUND,
+}
+_rpc = map_errors(ERROR_STATUS)
+# What one request of an EnqueueMany may be refused for alone (the others are still stored),
+# answered with its code in ERROR_STATUS.
+_REFUSALS = (InvalidMessageError, PermissionDeniedError, SenderNotAChannelError)
 
 
 def _scoped_tenant(requested: str) -> str:
@@ -184,8 +158,9 @@ class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
         for one, result in zip(request.requests, results, strict=True):
             try:
                 accepted.append((result, await self._checked_message(one)))
-            except tuple(error for error, _ in _REFUSALS) as error:
-                code = next(code for kind, code in _REFUSALS if isinstance(error, kind))
+            except _REFUSALS as error:
+                code = next(ERROR_STATUS[kind] for kind in _REFUSALS if isinstance(error, kind))
+                assert isinstance(code, grpc.StatusCode)
                 result.code, result.error = code.value[0], str(error)
         stored = await self._store.enqueue_many([message for _, message in accepted])
         for (result, _), (message_id, created) in zip(accepted, stored, strict=True):

@@ -7,9 +7,9 @@ rate bucket, and dodge the opt-outs recorded for it.
 
 - `TenantChannels`: one tenant's channels as a lookup (pure).
 - `ChannelDirectory`: `TenantChannels` per tenant, loaded from `seller_admin.ListChannels` on a
-  miss and kept until a seller_admin channel event for that tenant or the TTL, whichever comes
-  first (the TTL bounds staleness when events are missed, e.g. during a NATS outage). A hit is
-  two dict lookups. A sender absent from the cached copy is looked up afresh before it is
+  miss and kept (an `infra.cache.LoadingCache`) until a seller_admin channel event for that
+  tenant or the TTL, whichever comes first (the TTL bounds staleness when events are missed,
+  e.g. during a NATS outage). A sender absent from the cached copy is looked up afresh before it is
   refused, so a channel added a moment ago (its event not yet relayed) works at once.
 - `follow_channel_changes`: the ephemeral JetStream consumer of those events.
 """
@@ -17,7 +17,6 @@ rate bucket, and dodge the opt-outs recorded for it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,9 +25,11 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext, api
+from nats.js import JetStreamContext
 from snapsell.seller_admin.v1 import events_pb2, seller_admin_pb2
 
+from infra.cache import LoadingCache
+from infra.jetstream import follow_new_events
 from infra.log import get_logger
 from services.outbox.domain import is_messaging_service_sid
 
@@ -106,47 +107,29 @@ class ChannelDirectory:
         *,
         ttl_s: float,
         deadline_s: float,
-        max_tenants: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._seller_admin = seller_admin
-        self._ttl_s = ttl_s
         self._deadline_s = deadline_s
-        self._max_tenants = max_tenants
-        self._clock = clock
-        self._cache: dict[str, tuple[TenantChannels, float]] = {}
-        self._loading: dict[str, asyncio.Future[TenantChannels]] = {}
-        self._generation = 0
+        self._tenants: LoadingCache[str, TenantChannels] = LoadingCache(ttl_s=ttl_s, clock=clock)
 
     async def channels_for(self, tenant_id: str, sender: str) -> TenantChannels:
         """The tenant's channels, from the cache when it has an answer for `sender`."""
-        cached = self._cache.get(tenant_id)
-        if (
-            cached is not None
-            and cached[1] > self._clock()
-            and sender_key(sender) in cached[0].accounts
-        ):
-            return cached[0]
+        cached = self._tenants.cached(tenant_id)
+        if cached is not None and sender_key(sender) in cached.accounts:
+            return cached
         # One ListChannels per tenant at a time: concurrent misses wait for the same answer.
-        loading = self._loading.get(tenant_id)
-        if loading is None:
-            loading = asyncio.ensure_future(self._load(tenant_id))
-            self._loading[tenant_id] = loading
-            loading.add_done_callback(lambda _: self._loading.pop(tenant_id, None))
-        return await asyncio.shield(loading)
+        channels = await self._tenants.load(tenant_id, lambda: self._list_channels(tenant_id))
+        assert channels is not None  # _list_channels always answers
+        return channels
 
     def invalidate(self, tenant_id: str) -> None:
-        self._cache.pop(tenant_id, None)
-        # A load that started before the change must not store its (maybe stale) answer.
-        self._generation += 1
+        self._tenants.invalidate(tenant_id)
 
     def invalidate_all(self) -> None:
-        self._cache.clear()
-        self._generation += 1
+        self._tenants.invalidate_all()
 
-    async def _load(self, tenant_id: str) -> TenantChannels:
-        generation = self._generation
-        started = self._clock()
+    async def _list_channels(self, tenant_id: str) -> TenantChannels:
         channels: list[seller_admin_pb2.Channel] = []
         token = ""
         try:
@@ -171,20 +154,14 @@ class ChannelDirectory:
                 raise ChannelDirectoryUnavailableError(
                     "channel directory (seller_admin) unavailable, retry"
                 ) from None
-        found = tenant_channels(tenant_id, channels)
-        if generation == self._generation:
-            if len(self._cache) >= self._max_tenants:
-                self._cache.clear()
-            self._cache[tenant_id] = (found, started + self._ttl_s)
-        return found
+        return tenant_channels(tenant_id, channels)
 
 
 async def follow_channel_changes(
     js: JetStreamContext, directory: ChannelDirectory, stop: asyncio.Event
 ) -> None:
-    """Drop a tenant's cached channels when seller_admin adds or removes one of them (an
-    ephemeral ordered consumer that sees only new events; while it is not subscribed, every
-    tenant is dropped and the TTL bounds staleness)."""
+    """Drop a tenant's cached channels when seller_admin adds or removes one of them (while the
+    follower is not subscribed, every tenant is dropped and the TTL bounds staleness)."""
 
     async def on_event(msg: Msg) -> None:
         decode = _CHANNEL_EVENTS.get(msg.subject)
@@ -197,20 +174,4 @@ async def follow_channel_changes(
         else:
             directory.invalidate_all()
 
-    while not stop.is_set():
-        try:
-            subscription = await js.subscribe(
-                CHANNEL_CHANGES,
-                ordered_consumer=True,
-                deliver_policy=api.DeliverPolicy.NEW,
-                cb=on_event,
-            )
-            try:
-                await stop.wait()
-            finally:
-                await subscription.unsubscribe()
-        except Exception as error:
-            _log.warning("outbox.channel_follow_failed", extra={"fields": {"error": str(error)}})
-            directory.invalidate_all()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=2.0)
+    await follow_new_events(js, CHANNEL_CHANGES, on_event, directory.invalidate_all, stop)

@@ -1,17 +1,17 @@
-"""Proto <-> domain conversions of the outbox, in one place: the enum mappings, timestamps and
-addresses the events and the API share, and the API's `Message` built from a stored row."""
+"""Proto <-> domain conversions of the outbox, in one place: the enum mappings and addresses the
+events and the API share (built with `infra.convert`), and the API's `Message` built from a
+stored row."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
 
 import asyncpg
-from google.protobuf.timestamp_pb2 import Timestamp
 from snapsell.common.v1 import address_pb2
 from snapsell.outbox.v1 import outbox_pb2
 
+from infra.convert import channel_maps, enum_maps, proto_numbers, timestamp
 from services.outbox.domain import (
     AttemptOutcome,
     Channel,
@@ -21,64 +21,19 @@ from services.outbox.domain import (
     StoredAttempt,
 )
 
-CHANNEL_TO_PROTO = {
-    Channel.SMS: address_pb2.CHANNEL_SMS,
-    Channel.WHATSAPP: address_pb2.CHANNEL_WHATSAPP,
-    Channel.MESSENGER: address_pb2.CHANNEL_MESSENGER,
-}
-
-CHANNEL_FROM_PROTO = {value: key for key, value in CHANNEL_TO_PROTO.items()}
-KIND_TO_PROTO = {
-    MessageKind.CONVERSATIONAL: outbox_pb2.MESSAGE_KIND_CONVERSATIONAL,
-    MessageKind.COMPLIANCE: outbox_pb2.MESSAGE_KIND_COMPLIANCE,
-}
-KIND_FROM_PROTO = {value: key for key, value in KIND_TO_PROTO.items()}
-STATUS_TO_PROTO = {
-    MessageStatus.PENDING: outbox_pb2.MESSAGE_STATUS_PENDING,
-    MessageStatus.SENDING: outbox_pb2.MESSAGE_STATUS_SENDING,
-    MessageStatus.SENT: outbox_pb2.MESSAGE_STATUS_SENT,
-    MessageStatus.DELIVERED: outbox_pb2.MESSAGE_STATUS_DELIVERED,
-    MessageStatus.READ: outbox_pb2.MESSAGE_STATUS_READ,
-    MessageStatus.FAILED: outbox_pb2.MESSAGE_STATUS_FAILED,
-    MessageStatus.UNDELIVERED: outbox_pb2.MESSAGE_STATUS_UNDELIVERED,
-    MessageStatus.BLOCKED: outbox_pb2.MESSAGE_STATUS_BLOCKED,
-    MessageStatus.DEAD: outbox_pb2.MESSAGE_STATUS_DEAD,
-    MessageStatus.DISCARDED: outbox_pb2.MESSAGE_STATUS_DISCARDED,
-}
-DEAD_REASON_TO_PROTO = {
-    DeadReason.OUTSIDE_SESSION_WINDOW: outbox_pb2.DEAD_REASON_OUTSIDE_SESSION_WINDOW,
-    DeadReason.PERMANENT_ERROR: outbox_pb2.DEAD_REASON_PERMANENT_ERROR,
-    DeadReason.ATTEMPTS_EXHAUSTED: outbox_pb2.DEAD_REASON_ATTEMPTS_EXHAUSTED,
-    DeadReason.OUTCOME_UNKNOWN: outbox_pb2.DEAD_REASON_OUTCOME_UNKNOWN,
-}
-DEAD_REASON_FROM_PROTO = {value: key for key, value in DEAD_REASON_TO_PROTO.items()}
-ATTEMPT_OUTCOME_TO_PROTO = {
-    AttemptOutcome.ACCEPTED: outbox_pb2.ATTEMPT_OUTCOME_ACCEPTED,
-    AttemptOutcome.RETRYABLE_ERROR: outbox_pb2.ATTEMPT_OUTCOME_RETRYABLE_ERROR,
-    AttemptOutcome.PERMANENT_ERROR: outbox_pb2.ATTEMPT_OUTCOME_PERMANENT_ERROR,
-    AttemptOutcome.OUTCOME_UNKNOWN: outbox_pb2.ATTEMPT_OUTCOME_OUTCOME_UNKNOWN,
-    AttemptOutcome.LEASE_EXPIRED: outbox_pb2.ATTEMPT_OUTCOME_LEASE_EXPIRED,
-    AttemptOutcome.RECONCILED_FOUND: outbox_pb2.ATTEMPT_OUTCOME_RECONCILED_FOUND,
-    AttemptOutcome.RECONCILED_NOT_FOUND: outbox_pb2.ATTEMPT_OUTCOME_RECONCILED_NOT_FOUND,
-}
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def timestamp(moment: datetime) -> Timestamp:
-    # What Timestamp.FromDatetime computes (naive means UTC), in a quarter of its time: one
-    # runs for every event of every send.
-    return Timestamp(**timestamp_fields(moment))
-
-
-def timestamp_fields(moment: datetime) -> dict[str, int]:
-    """`timestamp(moment)` as constructor fields: a nested message given as a dict is built in
-    place instead of being built apart and copied in."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    delta = moment - _EPOCH
-    return {"seconds": delta.days * 86_400 + delta.seconds, "nanos": delta.microseconds * 1000}
+CHANNEL_TO_PROTO, CHANNEL_FROM_PROTO = channel_maps(Channel)
+KIND_TO_PROTO, KIND_FROM_PROTO = enum_maps(
+    MessageKind, proto_numbers(outbox_pb2.MessageKind.items(), "MESSAGE_KIND_")
+)
+STATUS_TO_PROTO, _STATUS_FROM_PROTO = enum_maps(
+    MessageStatus, proto_numbers(outbox_pb2.MessageStatus.items(), "MESSAGE_STATUS_")
+)
+DEAD_REASON_TO_PROTO, DEAD_REASON_FROM_PROTO = enum_maps(
+    DeadReason, proto_numbers(outbox_pb2.DeadReason.items(), "DEAD_REASON_")
+)
+ATTEMPT_OUTCOME_TO_PROTO, _OUTCOME_FROM_PROTO = enum_maps(
+    AttemptOutcome, proto_numbers(outbox_pb2.AttemptOutcome.items(), "ATTEMPT_OUTCOME_")
+)
 
 
 def address(channel: Channel, value: str) -> address_pb2.Address:

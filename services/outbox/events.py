@@ -9,14 +9,13 @@ from datetime import datetime
 from google.protobuf.message import Message
 from snapsell.outbox.v1 import events_pb2
 
+from infra.convert import timestamp, timestamp_fields
 from services.outbox.convert import (
     CHANNEL_TO_PROTO,
     DEAD_REASON_TO_PROTO,
     KIND_TO_PROTO,
     STATUS_TO_PROTO,
     address,
-    timestamp,
-    timestamp_fields,
 )
 from services.outbox.domain import ClaimedMessage, DeadReason, MessageStatus, PendingEvent
 

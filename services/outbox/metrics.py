@@ -1,4 +1,5 @@
-"""The outbox's delivery-latency metric, and the tenant classes that keep its labels few.
+"""The outbox's delivery-latency metric, the tenant classes that keep its labels few, and the
+backlog gauges (`report_backlog`, a background task).
 
 A tenant class is a name an operator gives a group of tenants (`premium`, `trial`) in
 `OUTBOX_TENANT_CLASSES` (`premium=t_1,t_2;trial=t_9`); every other tenant is `standard`.
@@ -8,16 +9,23 @@ shop in every bucket.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
+from typing import Protocol
 
-from prometheus_client import Histogram
+from prometheus_client import Gauge, Histogram
 
+from infra.backlog import report_queue
 from infra.config import ConfigError
+from infra.events import wait_any
+from infra.log import get_logger
+
+_log = get_logger(__name__)
 
 DEFAULT_TENANT_CLASS = "standard"
 MAX_TENANT_CLASSES = 8
@@ -76,3 +84,31 @@ def observe_accepted(
     if enqueued is not None:
         seconds = (accepted_at - enqueued).total_seconds()
         ENQUEUE_TO_ACCEPTED.labels(classes.of(tenant_id), kind).observe(max(0.0, seconds))
+
+
+BACKLOG_INTERVAL_S = 15.0
+BACKLOG = Gauge(
+    "snapsell_outbox_backlog_messages",
+    "Messages waiting to be sent (pending, sending) or handled by an operator (dead)",
+    ["status"],
+)
+
+
+class BacklogCounts(Protocol):
+    """What `report_backlog` reads (`store.OutboxStore`)."""
+
+    async def backlog_counts(self) -> dict[str, int]: ...
+
+    async def due_backlog(self) -> tuple[int, float]: ...
+
+
+async def report_backlog(store: BacklogCounts, stop: asyncio.Event) -> None:
+    """Every `BACKLOG_INTERVAL_S`: messages per status, and the due backlog (infra.backlog)."""
+    while not stop.is_set():
+        try:
+            for status, count in (await store.backlog_counts()).items():
+                BACKLOG.labels(status).set(count)
+            report_queue("outbox.messages", *await store.due_backlog())
+        except Exception as error:  # metrics must never take the service down
+            _log.warning("outbox.backlog_failed", extra={"fields": {"error": str(error)}})
+        await wait_any(stop, timeout_s=BACKLOG_INTERVAL_S)

@@ -21,7 +21,7 @@ import asyncpg
 
 from infra.db import Connection
 from infra.events import record_event
-from infra.retention import Purge
+from infra.retention import Purge, batched_delete
 from services.outbox import events
 from services.outbox.domain import (
     Channel,
@@ -263,17 +263,13 @@ FROM messages WHERE status = 'pending' AND next_attempt_at <= now()
 # with them (attempts_message_id_fkey ON DELETE CASCADE). Never pending/sending (still owed a
 # send) nor dead (an operator's to redrive or discard). An Enqueue repeating the idempotency key
 # of a purged message creates a new message: callers retry within minutes, not a month later.
-DELETE_FINISHED_MESSAGES = """
-WITH doomed AS MATERIALIZED (
-    SELECT id FROM messages
-    WHERE status IN ('sent', 'delivered', 'read', 'failed', 'undelivered', 'blocked', 'discarded')
-      AND updated_at < now() - $1::interval
-    ORDER BY updated_at
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED
+DELETE_FINISHED_MESSAGES = batched_delete(
+    "messages",
+    "id",
+    "updated_at",
+    where="status IN ('sent', 'delivered', 'read', 'failed', 'undelivered', 'blocked',"
+    " 'discarded')",
 )
-DELETE FROM messages WHERE id = ANY (ARRAY (SELECT id FROM doomed))
-"""
 
 
 def finished_message_purges(max_age: timedelta | None) -> list[Purge]:

@@ -36,11 +36,12 @@ from services.routing import store
 from services.routing.api import ACCESS_POLICY, SERVICE_FULL_NAME, RoutingApi
 from services.routing.clients import ChannelSenderDirectory, GrpcLiveSessions, GrpcReplySender
 from services.routing.config import load_config
-from services.routing.consumer import InboundConsumer, inbound_consumer_spec
-from services.routing.event_consumers import (
+from services.routing.consumer import (
     CarrierOptOutConsumer,
+    InboundConsumer,
     carrier_consumer_spec,
     follow_changes,
+    inbound_consumer_spec,
 )
 from services.routing.inbound import InboundRouter
 

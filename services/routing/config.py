@@ -14,7 +14,6 @@ Keywords are added to the standard lists (never replace them: STOP must always w
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from datetime import timedelta
@@ -30,6 +29,7 @@ from infra.config import (
     env_optional,
     env_str,
     env_url_list,
+    tenant_objects,
 )
 from infra.retention import RetentionSettings, load_retention_settings, retention_days
 from infra.streams import inbound_stream
@@ -112,20 +112,8 @@ def parse_rules(raw: str | None, default: TenantRules) -> RulesBook:
     """The rules book from the JSON text of ROUTING_TENANT_RULES (None: defaults only)."""
     if not raw:
         return RulesBook(default=default)
-    try:
-        document = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"ROUTING_TENANT_RULES is not valid JSON: {error.msg}") from None
-    if not isinstance(document, dict):
-        raise ConfigError("ROUTING_TENANT_RULES must be a JSON object keyed by tenant id")
     tenants: dict[str, TenantRules] = {}
-    for tenant, settings in document.items():
-        if not isinstance(settings, dict):
-            raise ConfigError(f"ROUTING_TENANT_RULES[{tenant!r}] must be an object")
-        if unknown := set(settings) - _TENANT_FIELDS:
-            raise ConfigError(
-                f"ROUTING_TENANT_RULES[{tenant!r}] has unknown keys {sorted(unknown)}"
-            )
+    for tenant, name, settings in tenant_objects("ROUTING_TENANT_RULES", raw, _TENANT_FIELDS):
         try:
             keywords = default.keywords.extended(
                 opt_out=_words(tenant, "opt_out_keywords", settings.get("opt_out_keywords", [])),
@@ -133,7 +121,7 @@ def parse_rules(raw: str | None, default: TenantRules) -> RulesBook:
                 help=_words(tenant, "help_keywords", settings.get("help_keywords", [])),
             )
         except KeywordConflictError as error:
-            raise ConfigError(f"ROUTING_TENANT_RULES[{tenant!r}]: {error}") from None
+            raise ConfigError(f"{name}: {error}") from None
         replies = ConsentReplies(
             opt_out=_text(
                 tenant, "opt_out_reply", settings.get("opt_out_reply"), default.replies.opt_out
@@ -145,7 +133,7 @@ def parse_rules(raw: str | None, default: TenantRules) -> RulesBook:
         )
         pattern = settings.get("item_code_pattern")
         item_code = (
-            _pattern(f"ROUTING_TENANT_RULES[{tenant!r}].item_code_pattern", pattern)
+            _pattern(f"{name}.item_code_pattern", pattern)
             if isinstance(pattern, str)
             else default.item_code
         )

@@ -1,4 +1,5 @@
-"""The inbound JetStream consumer: Twilio messages from the gateway, routed in batches.
+"""Routing's JetStream consumers: Twilio messages from the gateway routed in batches, carrier
+opt-outs from the outbox, and the seller_admin changes that flush the sender cache.
 
 Inbound (`INBOUND`, `gateway.v1.message.received`, durable `routing`): what one fetch brought
 (at most `ROUTING_BATCH_SIZE` messages) is decoded and handed to `InboundRouter.route_batch`;
@@ -11,19 +12,29 @@ its own outcome:
   deliveries_exhausted), then Term: visible and re-publishable, never silently dropped. If even
   that recording fails (database down), the Nak leaves it to JetStream's MAX_DELIVERIES advisory
   and the stream, which keeps the message.
+
+Carrier opt-outs (`OUTBOX_EVENTS`, `outbox.v1.recipient.unsubscribed`, durable
+`routing-carrier-opt-outs`): Twilio refused a send with error 21610 because the recipient
+unsubscribed at the carrier; the opt-out is recorded.
+
+seller_admin changes (`seller_admin.v1.>`, ephemeral): a channel or seller phone changed; the
+sender cache is flushed.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import asyncpg
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from opentelemetry import trace
 from prometheus_client import Counter, Histogram
 from snapsell.common.v1 import address_pb2
 from snapsell.gateway.v1 import events_pb2 as gateway_events
+from snapsell.outbox.v1 import events_pb2 as outbox_events
 from snapsell.routing.v1 import events_pb2
 
 from infra import jetstream, telemetry
@@ -34,6 +45,15 @@ from infra.jetstream import Ack, ConsumerSpec, Nak, Term
 from infra.log import get_logger, mask_phone
 from services.routing import store
 from services.routing.clients import PeerUnavailableError
+from services.routing.consent import CHANNEL_FROM_PROTO, apply_consent_change
+from services.routing.domain import (
+    ConsentChange,
+    ConsentSource,
+    ConsentState,
+    Contact,
+    InvalidAddressError,
+    normalise_address,
+)
 from services.routing.inbound import (
     MESSAGE_UNROUTABLE,
     Delivery,
@@ -292,3 +312,74 @@ def handled_fields(
         fields["to"] = to
         fields["hint"] = f"no channel for {to}; add one with add-channel"
     return fields
+
+
+CARRIER_OPT_OUT_SUBJECT = "outbox.v1.recipient.unsubscribed"
+CARRIER_DURABLE = "routing-carrier-opt-outs"
+SELLER_ADMIN_CHANGES = "seller_admin.v1.>"
+
+
+class CarrierOptOutConsumer:
+    """Records an opt-out when Twilio refused a send because the recipient unsubscribed (21610):
+    the person told the carrier STOP, so we must stop too. Idempotent: a second delivery finds
+    the opt-out already there."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def handle(self, msg: Msg) -> jetstream.Decision:
+        try:
+            event = jetstream.decode(outbox_events.RecipientUnsubscribed, msg.data)
+            channel = CHANNEL_FROM_PROTO[event.recipient.channel]
+            address = normalise_address(channel, event.recipient.value)
+        except (KeyError, InvalidAddressError) as error:
+            _log.error("routing.carrier_opt_out_invalid", extra={"fields": {"error": str(error)}})
+            return Term("invalid RecipientUnsubscribed")
+        if not event.tenant_id:
+            return Term("RecipientUnsubscribed without tenant_id")
+        occurred = (
+            event.occurred_at.ToDatetime(tzinfo=UTC)
+            if event.HasField("occurred_at")
+            else datetime.now(UTC)
+        )
+        change = ConsentChange(
+            contact=Contact(event.tenant_id, channel, address),
+            state=ConsentState.OPTED_OUT,
+            effective_at=occurred,
+            source=ConsentSource.CARRIER,
+            actor="outbox",
+            message_sid=event.message_id,
+            reason=f"twilio error {event.twilio_error_code} sending from {event.sender}",
+        )
+        async with self._pool.acquire() as conn, conn.transaction():
+            outcome = await apply_consent_change(conn, change)
+        _log.info(
+            "routing.carrier_opt_out",
+            extra={"fields": {"tenant_id": event.tenant_id, "outcome": outcome.value}},
+        )
+        return Ack()
+
+
+def carrier_consumer_spec() -> ConsumerSpec:
+    return ConsumerSpec(
+        stream="OUTBOX_EVENTS",
+        durable=CARRIER_DURABLE,
+        filter_subject=CARRIER_OPT_OUT_SUBJECT,
+        max_deliver=1000,
+    )
+
+
+async def follow_changes(
+    js: JetStreamContext,
+    invalidate: Callable[[], None],
+    stop: asyncio.Event,
+    *,
+    subject: str = SELLER_ADMIN_CHANGES,
+) -> None:
+    """Flush the sender cache on every seller_admin event (after a NATS outage the cache TTL
+    bounds staleness)."""
+
+    async def on_event(_msg: Msg) -> None:
+        invalidate()
+
+    await jetstream.follow_new_events(js, subject, on_event, invalidate, stop)

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 import asyncpg
 
 from infra.db import Connection
-from infra.retention import Purge
+from infra.retention import Purge, batched_delete
 from services.routing.domain import (
     Channel,
     ConsentChange,
@@ -131,16 +131,7 @@ LIMIT $4
 # Retention of the ledger (see infra/retention.py for the batching). A MessageSid re-delivered
 # after its row is gone would be processed again; the INBOUND stream keeps messages 7 days and
 # Twilio retries a webhook within minutes, so a ledger kept longer than both loses nothing.
-DELETE_OLD_LEDGER = """
-WITH doomed AS MATERIALIZED (
-    SELECT message_sid FROM processed_inbound
-    WHERE processed_at < now() - $1::interval
-    ORDER BY processed_at
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED
-)
-DELETE FROM processed_inbound WHERE message_sid = ANY (ARRAY (SELECT message_sid FROM doomed))
-"""
+DELETE_OLD_LEDGER = batched_delete("processed_inbound", "message_sid", "processed_at")
 
 
 def ledger_purges(max_age: timedelta | None) -> list[Purge]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,40 +15,28 @@ from tools.deploy.render import Manifest
 
 REQUEST_TIMEOUT = "--request-timeout=5s"
 
-# (kind in the manifests, what must exist in the cluster for it, how to get it)
-PREREQUISITES: tuple[tuple[str, list[str], str], ...] = (
-    ("Cluster", ["get", "crd", "clusters.postgresql.cnpg.io"], "the CloudNativePG operator"),
-    (
-        "ScheduledBackup",
-        ["get", "crd", "scheduledbackups.postgresql.cnpg.io"],
-        "the CloudNativePG operator",
-    ),
-    (
-        "ObjectStore",
-        ["get", "crd", "objectstores.barmancloud.cnpg.io"],
+_CNPG = "the CloudNativePG operator"
+_KEDA = "KEDA (autoscaling on work waiting)"
+# Kind in the manifests -> the CustomResourceDefinition it needs in the cluster, and what
+# provides it.
+PREREQUISITES: Mapping[str, tuple[str, str]] = {
+    "Cluster": ("clusters.postgresql.cnpg.io", _CNPG),
+    "ScheduledBackup": ("scheduledbackups.postgresql.cnpg.io", _CNPG),
+    "ObjectStore": (
+        "objectstores.barmancloud.cnpg.io",
         "the Barman Cloud plugin for CloudNativePG",
     ),
-    (
-        "PeerAuthentication",
-        ["get", "crd", "peerauthentications.security.istio.io"],
+    "PeerAuthentication": (
+        "peerauthentications.security.istio.io",
         "the Istio service mesh (mutual TLS between the services)",
     ),
-    (
-        "PrometheusRule",
-        ["get", "crd", "prometheusrules.monitoring.coreos.com"],
+    "PrometheusRule": (
+        "prometheusrules.monitoring.coreos.com",
         "the Prometheus Operator (the alert rules)",
     ),
-    (
-        "ScaledObject",
-        ["get", "crd", "scaledobjects.keda.sh"],
-        "KEDA (autoscaling on work waiting)",
-    ),
-    (
-        "TriggerAuthentication",
-        ["get", "crd", "triggerauthentications.keda.sh"],
-        "KEDA (autoscaling on work waiting)",
-    ),
-)
+    "ScaledObject": ("scaledobjects.keda.sh", _KEDA),
+    "TriggerAuthentication": ("triggerauthentications.keda.sh", _KEDA),
+}
 
 
 def _kubectl(kubectl: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -105,9 +93,9 @@ def kubeconfig_source() -> str:
 def missing_prerequisites(kubectl: str, docs: Sequence[Manifest]) -> list[str]:
     kinds = {str(doc.get("kind")) for doc in docs}
     missing = []
-    for kind, query, what in PREREQUISITES:
-        if kind in kinds and _kubectl(kubectl, *query, REQUEST_TIMEOUT).returncode != 0:
-            missing.append(f"{what} ({' '.join(query[1:])} not found)")
+    for kind, (crd, what) in PREREQUISITES.items():
+        if kind in kinds and _kubectl(kubectl, "get", "crd", crd, REQUEST_TIMEOUT).returncode != 0:
+            missing.append(f"{what} (crd {crd} not found)")
     return sorted(set(missing))
 
 

@@ -19,6 +19,7 @@ from infra import jetstream
 from infra.jetstream import ConsumerSpec, StreamSpec
 from services.routing import store
 from services.routing.consent import apply_consent_change
+from services.routing.consumer import CarrierOptOutConsumer, follow_changes
 from services.routing.domain import (
     Channel,
     ConsentChange,
@@ -26,7 +27,6 @@ from services.routing.domain import (
     ConsentState,
     Contact,
 )
-from services.routing.event_consumers import CarrierOptOutConsumer, follow_changes
 from tests.integration.routing.fakes import whatsapp
 from tests.support.jetstream import wait_settled
 from tests.support.poison import (

@@ -11,8 +11,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import given
 from hypothesis import strategies as st
 from snapsell.common.v1 import address_pb2
+from snapsell.outbox.v1 import outbox_pb2
 
-from infra.convert import CHANNELS, channel_maps, enum_maps, timestamp
+from infra.convert import CHANNELS, channel_maps, enum_maps, proto_numbers, timestamp
 from services.live_catalog.domain import Channel as LiveCatalogChannel
 from services.outbox.domain import Channel as OutboxChannel
 from services.routing.domain import Channel as RoutingChannel
@@ -63,3 +64,11 @@ def test_a_member_without_a_proto_value_fails_at_once() -> None:
 
     with pytest.raises(ValueError, match=r"Colour \['blue'\]"):
         enum_maps(Colour, {"red": 1})
+
+
+def test_proto_numbers_key_a_proto_enum_by_domain_value() -> None:
+    numbers = proto_numbers(outbox_pb2.MessageKind.items(), "MESSAGE_KIND_")
+    assert numbers == {
+        "conversational": outbox_pb2.MESSAGE_KIND_CONVERSATIONAL,
+        "compliance": outbox_pb2.MESSAGE_KIND_COMPLIANCE,
+    }

@@ -8,8 +8,11 @@ from infra.streams import events_stream, inbound_stream
 from services.live_catalog.consumer import routed_consumer_spec, sessions_consumer_spec
 from services.outbox.channels import CHANNEL_CHANGES
 from services.outbox.consumer import STATUS_CONSUMER
-from services.routing.consumer import inbound_consumer_spec
-from services.routing.event_consumers import SELLER_ADMIN_CHANGES, carrier_consumer_spec
+from services.routing.consumer import (
+    SELLER_ADMIN_CHANGES,
+    carrier_consumer_spec,
+    inbound_consumer_spec,
+)
 
 SERVICES = ("gateway", "routing", "outbox", "live_session", "seller_admin", "live_catalog")
 
