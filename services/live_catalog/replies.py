@@ -1,18 +1,22 @@
-"""Sending the replies the store queued: each `replies` row is handed to the outbox's Enqueue
-with its idempotency key, then marked enqueued.
+"""Sending the replies the store queued: a round takes the pending `replies` rows, hands them
+to the outbox's EnqueueMany (at most `batch_size` per call, at most `calls_in_flight` calls at
+once), each with its idempotency key, then marks them enqueued in one statement.
 
 The row is written in the transaction that decided the reply and sent after it committed, so
-a crash before the commit sends nothing and a crash between Enqueue and the mark sends again
-with the same key, which the outbox answers with the first message (never a second send).
-Several replicas share the rows with FOR UPDATE SKIP LOCKED. An outbox that is down or slow
-leaves rows pending for the next round; one that refuses a reply as invalid
-(INVALID_ARGUMENT, FAILED_PRECONDITION) has the refusal recorded in `failure`, not retried.
+a crash before the commit sends nothing and a crash between EnqueueMany and the mark sends
+again with the same keys, which the outbox answers with the first messages (never a second
+send). Several replicas share the rows with FOR UPDATE SKIP LOCKED. The outbox answers each
+request alone: a reply it refuses as invalid (INVALID_ARGUMENT, FAILED_PRECONDITION) has the
+refusal recorded in `failure` and is not retried, one it could not take (any other code), or
+a call that failed or timed out as a whole, stays pending for the next round; the others of
+the call are marked all the same.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -51,7 +55,12 @@ FROM replies WHERE enqueued_at IS NULL
 """
 BACKLOG_QUEUE = "live_catalog.replies"
 BACKLOG_INTERVAL_S = 5.0
-_MARK = "UPDATE replies SET enqueued_at = now(), outbox_message_id = $2, failure = $3 WHERE id = $1"
+_MARK = """
+UPDATE replies SET enqueued_at = now(), outbox_message_id = marked.message_id,
+    failure = marked.failure
+FROM unnest($1::uuid[], $2::text[], $3::text[]) AS marked (id, message_id, failure)
+WHERE replies.id = marked.id
+"""
 
 
 class ReplyRejectedError(Exception):
@@ -74,43 +83,67 @@ class PendingReply:
     correlation_id: str
 
 
+# What the outbox answered for one reply: its message id, or why it was not taken.
+Outcome = str | ReplyRejectedError | PeerUnavailableError
+
+
 class ReplySender(Protocol):
-    async def enqueue(self, reply: PendingReply) -> str: ...
+    async def enqueue_many(self, replies: Sequence[PendingReply]) -> list[Outcome]:
+        """One outcome per reply, in order; raises PeerUnavailableError when the call as a
+        whole failed."""
+        ...
+
+
+def _request(reply: PendingReply) -> outbox_pb2.EnqueueRequest:
+    """A text, or the template with the text as its variable "1"."""
+    request = outbox_pb2.EnqueueRequest(
+        tenant_id=reply.tenant_id,
+        sender=reply.sender,
+        recipient=address(reply.recipient),
+        kind=outbox_pb2.MESSAGE_KIND_CONVERSATIONAL,
+        idempotency_key=reply.idempotency_key,
+        correlation_id=reply.correlation_id,
+        account_sid=reply.account_sid,
+    )
+    if reply.content_sid:
+        request.template.content_sid = reply.content_sid
+        request.template.variables["1"] = reply.body
+    else:
+        request.body = reply.body
+    return request
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+_REJECTED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION})
 
 
 class GrpcReplySender:
-    """outbox.Enqueue: a text, or the template with the text as its variable "1"."""
+    """outbox.EnqueueMany, read request by request."""
 
     def __init__(self, channel: grpc.aio.Channel, *, deadline_s: float) -> None:
         self._stub = outbox_pb2_grpc.OutboxServiceStub(channel)
         self._deadline_s = deadline_s
 
-    async def enqueue(self, reply: PendingReply) -> str:
-        request = outbox_pb2.EnqueueRequest(
-            tenant_id=reply.tenant_id,
-            sender=reply.sender,
-            recipient=address(reply.recipient),
-            kind=outbox_pb2.MESSAGE_KIND_CONVERSATIONAL,
-            idempotency_key=reply.idempotency_key,
-            correlation_id=reply.correlation_id,
-            account_sid=reply.account_sid,
-        )
-        if reply.content_sid:
-            request.template.content_sid = reply.content_sid
-            request.template.variables["1"] = reply.body
-        else:
-            request.body = reply.body
+    async def enqueue_many(self, replies: Sequence[PendingReply]) -> list[Outcome]:
+        request = outbox_pb2.EnqueueManyRequest(requests=[_request(reply) for reply in replies])
         try:
-            answer = await self._stub.Enqueue(request, timeout=self._deadline_s)
+            answer = await self._stub.EnqueueMany(request, timeout=self._deadline_s)
         except grpc.aio.AioRpcError as error:
-            detail = f"outbox.Enqueue: {error.code().name}: {error.details() or ''}".strip()
-            if error.code() in (
-                grpc.StatusCode.INVALID_ARGUMENT,
-                grpc.StatusCode.FAILED_PRECONDITION,
-            ):
-                raise ReplyRejectedError(detail) from None
-            raise PeerUnavailableError(detail) from None
-        return answer.message_id
+            detail = f"outbox.EnqueueMany: {error.code().name}: {error.details() or ''}"
+            raise PeerUnavailableError(detail.strip()) from None
+        if len(answer.results) != len(replies):
+            raise PeerUnavailableError("outbox.EnqueueMany: not one result per request")
+        outcomes: list[Outcome] = []
+        for result in answer.results:
+            code = _CODES.get(result.code, grpc.StatusCode.UNKNOWN)
+            detail = f"outbox.EnqueueMany: {code.name}: {result.error}"
+            if code is grpc.StatusCode.OK:
+                outcomes.append(result.message_id)
+            elif code in _REJECTED:
+                outcomes.append(ReplyRejectedError(detail))
+            else:  # e.g. PERMISSION_DENIED: a misconfiguration an operator will fix
+                outcomes.append(PeerUnavailableError(detail))
+        return outcomes
 
 
 def _pending(row: asyncpg.Record) -> PendingReply:
@@ -133,11 +166,13 @@ class ReplyDispatcher:
         sender: ReplySender,
         *,
         batch_size: int = 100,
+        calls_in_flight: int = 4,
         poll_interval_s: float = 1.0,
     ) -> None:
         self._pool = pool
         self._sender = sender
         self._batch_size = batch_size
+        self._round_size = batch_size * calls_in_flight
         self._poll_interval_s = poll_interval_s
         self._wake = asyncio.Event()
 
@@ -145,35 +180,47 @@ class ReplyDispatcher:
         """Replies were just committed: send them now rather than at the next poll."""
         self._wake.set()
 
+    async def _send(self, replies: Sequence[PendingReply]) -> list[Outcome]:
+        try:
+            return await self._sender.enqueue_many(replies)
+        except PeerUnavailableError as error:
+            return [error] * len(replies)
+
     async def dispatch_once(self) -> tuple[int, int]:
-        """Hand one batch to the outbox; returns (rows settled, rows left for a retry)."""
+        """Hand one round to the outbox; returns (rows settled, rows left for a retry)."""
         async with self._pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(_CLAIM, self._batch_size)
-            outcomes = await asyncio.gather(
-                *(self._sender.enqueue(_pending(row)) for row in rows), return_exceptions=True
-            )
-            settled = retry = 0
+            rows = await conn.fetch(_CLAIM, self._round_size)
+            replies = [_pending(row) for row in rows]
+            calls = [
+                self._send(replies[start : start + self._batch_size])
+                for start in range(0, len(replies), self._batch_size)
+            ]
+            outcomes = [outcome for answer in await asyncio.gather(*calls) for outcome in answer]
+            marked: list[tuple[object, str | None, str | None]] = []
+            retries: list[PeerUnavailableError] = []
             for row, outcome in zip(rows, outcomes, strict=True):
                 if isinstance(outcome, str):
-                    await conn.execute(_MARK, row["id"], outcome, None)
+                    marked.append((row["id"], outcome, None))
                     REPLIES_SENT.labels("enqueued").inc()
-                    settled += 1
                 elif isinstance(outcome, ReplyRejectedError):
-                    await conn.execute(_MARK, row["id"], None, str(outcome)[:500])
+                    marked.append((row["id"], None, str(outcome)[:500]))
                     REPLIES_SENT.labels("rejected").inc()
                     _log.error(
                         "live_catalog.reply_rejected",
                         extra={"fields": {"key": row["idempotency_key"], "error": str(outcome)}},
                     )
-                    settled += 1
                 else:
                     REPLIES_SENT.labels("retry").inc()
-                    _log.warning(
-                        "live_catalog.reply_retry",
-                        extra={"fields": {"key": row["idempotency_key"], "error": str(outcome)}},
-                    )
-                    retry += 1
-        return settled, retry
+                    retries.append(outcome)
+            if marked:
+                ids, message_ids, failures = zip(*marked, strict=True)
+                await conn.execute(_MARK, ids, message_ids, failures)
+        if retries:
+            _log.warning(
+                "live_catalog.reply_retry",
+                extra={"fields": {"replies": len(retries), "error": str(retries[0])}},
+            )
+        return len(marked), len(retries)
 
     async def report_backlog(self) -> None:
         try:
@@ -199,6 +246,6 @@ class ReplyDispatcher:
                     "live_catalog.dispatch_failed", extra={"fields": {"error": str(error)}}
                 )
                 settled, retry = 0, 1
-            if settled == self._batch_size and not retry:
+            if settled == self._round_size and not retry:
                 continue  # more are waiting
             await wait_any(self._wake, stop, timeout_s=self._poll_interval_s)

@@ -24,12 +24,21 @@ from tools.stack import SystemStack, start_system
 
 # Short enough for the sweeper test: the window's minimum, swept every second.
 LIVE_WINDOW_S = 60.0
+# The one tenant whose end-of-live summaries go out as this WhatsApp template outside the
+# 24-hour window (the catalog's per-tenant setting).
+TEMPLATE_TENANT = "live-template"
+SUMMARY_CONTENT_SID = "HX" + "5a" * 16
 FAST_ENV = {
     "live_session": {
         "LIVE_SESSION_INACTIVITY_WINDOW_MINUTES": "1",
         "LIVE_SESSION_SWEEP_INTERVAL_SECONDS": "1",
     },
     "routing": {"ROUTING_RETRY_DELAY_CAP_SECONDS": "1"},
+    "live_catalog": {
+        "LIVE_CATALOG_TENANT_SETTINGS": json.dumps(
+            {TEMPLATE_TENANT: {"summary_content_sid": SUMMARY_CONTENT_SID}}
+        )
+    },
     "outbox": {
         "OUTBOX_POLL_INTERVAL_SECONDS": "0.2",
         "OUTBOX_BACKOFF_BASE_SECONDS": "0.1",

@@ -280,9 +280,10 @@ class Harness:
         return await eventually(published, timeout_s=timeout_s, every_s=0.2)
 
 
-async def shop_from_api(stack: SystemStack, name: str) -> Shop:
-    """What the dashboard backend does, with an admin token, over seller_admin's gRPC API."""
-    tenant = f"{name}-{secrets.token_hex(3)}"
+async def shop_from_api(stack: SystemStack, name: str, tenant: str | None = None) -> Shop:
+    """What the dashboard backend does, with an admin token, over seller_admin's gRPC API;
+    the tenant id is `name` with a random suffix unless given (for per-tenant settings)."""
+    tenant = tenant or f"{name}-{secrets.token_hex(3)}"
     number, seller = new_business_number(), new_mobile()
     admin = (("authorization", f"Bearer {stack.keys.token('admin', sub='e2e')}"),)
     async with grpc.aio.insecure_channel(stack.address("seller_admin")) as channel:

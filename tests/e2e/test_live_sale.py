@@ -5,8 +5,11 @@ links routing to the catalog: the catalog consumes routing's MessageRouted event
 from __future__ import annotations
 
 import asyncio
+import json
 
-from tests.e2e.conftest import LIVE_WINDOW_S
+import asyncpg
+
+from tests.e2e.conftest import LIVE_WINDOW_S, SUMMARY_CONTENT_SID, TEMPLATE_TENANT
 from tests.e2e.harness import Harness, Shop, new_mobile, shop_from_api
 from tests.support.polling import eventually
 from tools.stack import SystemStack
@@ -92,3 +95,56 @@ async def test_a_code_before_or_after_a_live_is_answered_and_opens_no_live(
     assert ended.startswith("Ce live est terminé")
     assert await harness.current_session(shop) is None
     assert [s.session_id for s in await harness.sessions(shop)] == [live.session_id]
+
+
+# The buyer's last message, as the catalog and routing (the outbox's source for WhatsApp's
+# 24-hour window) recorded it, moved back a day: what a buyer who claimed early in a long live
+# looks like when it ends.
+AGE_BUYER = (
+    "UPDATE live_catalog.reservations SET received_at = received_at - interval '25 hours'"
+    " WHERE tenant_id = $1 AND client_value = $2",
+    "UPDATE routing.last_inbound SET last_inbound_at = last_inbound_at - interval '25 hours'"
+    " WHERE tenant_id = $1 AND address LIKE '%' || $2",
+)
+
+
+async def test_a_buyer_outside_the_whatsapp_window_gets_the_summary_as_the_tenants_template(
+    harness: Harness, system: SystemStack
+) -> None:
+    shop: Shop = await shop_from_api(system, "template", tenant=TEMPLATE_TENANT)
+    buyer = new_mobile()
+    await harness.send(shop, shop.seller, "A12 Robe 25€ x1")
+    await replies_to(harness, shop.seller, 1)
+    await harness.send(shop, buyer, "A12")
+    [held] = await replies_to(harness, buyer, 1)
+    assert held.startswith("A12 est réservé pour vous")
+    live = await harness.current_session(shop)
+    assert live is not None
+
+    db = await asyncpg.connect(system.admin_dsn)
+    try:
+        for statement in AGE_BUYER:
+            assert await db.execute(statement, shop.tenant_id, buyer) == "UPDATE 1"
+        await harness.close_session(shop, live.session_id)
+
+        async def summary() -> dict[str, object] | None:
+            sent = await harness.sandbox_sent(f"whatsapp:{buyer}")
+            return sent[1] if len(sent) > 1 else None
+
+        sent = await eventually(summary, timeout_s=30)
+        assert sent["content_sid"] == SUMMARY_CONTENT_SID
+        assert json.loads(str(sent["content_variables"])) == {"1": BUYER_SUMMARY}
+        # The seller wrote within the window: a plain text.
+        seller_summary = (await replies_to(harness, shop.seller, 2))[1]
+        assert seller_summary.startswith("Récapitulatif du live : 1 article(s), 1 réservé(s)")
+        await asyncio.sleep(SETTLE_S)
+        statuses = await db.fetch(
+            "SELECT status FROM outbox.messages WHERE tenant_id = $1 AND recipient LIKE '%' || $2",
+            shop.tenant_id,
+            buyer,
+        )
+        assert len(statuses) == 2  # the reply to the claim and the summary, neither dead
+        assert {row["status"] for row in statuses} <= {"sent", "delivered", "read"}
+        assert len(await harness.sandbox_sent(f"whatsapp:{buyer}")) == 2
+    finally:
+        await db.close()

@@ -30,23 +30,28 @@ CLIENT = "+33633000001"
 
 
 class StallingOutbox(outbox_pb2_grpc.OutboxServiceServicer):
-    """Stores every Enqueue (idempotent on the key, like the real outbox); the answer to the
-    first request for CLIENT never comes, as if the caller died before reading it."""
+    """Stores every request of an EnqueueMany (idempotent on the key, like the real outbox);
+    the answer to the first call with a request for CLIENT never comes, as if the caller died
+    before reading it."""
 
     def __init__(self) -> None:
         self.stored: dict[tuple[str, str], outbox_pb2.EnqueueRequest] = {}
         self.calls: list[str] = []
         self.stalled = asyncio.Event()
 
-    async def Enqueue(self, request, context):  # type: ignore[no-untyped-def]
-        key = (request.tenant_id, request.idempotency_key)
-        created = key not in self.stored
-        self.stored.setdefault(key, request)
-        self.calls.append(request.idempotency_key)
-        if request.recipient.value == CLIENT and not self.stalled.is_set():
+    async def EnqueueMany(self, request, context):  # type: ignore[no-untyped-def]
+        results = []
+        for one in request.requests:
+            key = (one.tenant_id, one.idempotency_key)
+            created = key not in self.stored
+            self.stored.setdefault(key, one)
+            self.calls.append(one.idempotency_key)
+            results.append(outbox_pb2.EnqueueResult(message_id=str(hash(key)), created=created))
+        to_client = any(one.recipient.value == CLIENT for one in request.requests)
+        if to_client and not self.stalled.is_set():
             self.stalled.set()
             await asyncio.sleep(3600)
-        return outbox_pb2.EnqueueResponse(message_id=str(hash(key)), created=created)
+        return outbox_pb2.EnqueueManyResponse(results=results)
 
 
 @pytest.fixture

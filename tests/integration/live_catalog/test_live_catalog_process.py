@@ -40,18 +40,21 @@ SELLER = "+33600000001"
 
 
 class RecordingOutbox(outbox_pb2_grpc.OutboxServiceServicer):
-    """Enqueue, idempotent on (tenant, key) like the real outbox; remembers every request."""
+    """EnqueueMany, idempotent on (tenant, key) like the real outbox; remembers every request."""
 
     def __init__(self) -> None:
         self.requests: list[outbox_pb2.EnqueueRequest] = []
         self.keys: dict[tuple[str, str], str] = {}
 
-    async def Enqueue(self, request, context):  # type: ignore[no-untyped-def]
-        self.requests.append(request)
-        key = (request.tenant_id, request.idempotency_key)
-        created = key not in self.keys
-        message_id = self.keys.setdefault(key, str(uuid.uuid4()))
-        return outbox_pb2.EnqueueResponse(message_id=message_id, created=created)
+    async def EnqueueMany(self, request, context):  # type: ignore[no-untyped-def]
+        results = []
+        for one in request.requests:
+            self.requests.append(one)
+            key = (one.tenant_id, one.idempotency_key)
+            created = key not in self.keys
+            message_id = self.keys.setdefault(key, str(uuid.uuid4()))
+            results.append(outbox_pb2.EnqueueResult(message_id=message_id, created=created))
+        return outbox_pb2.EnqueueManyResponse(results=results)
 
     def bodies_to(self, value: str) -> list[str]:
         seen: dict[str, str] = {}

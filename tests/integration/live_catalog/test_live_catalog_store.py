@@ -9,7 +9,7 @@ from datetime import timedelta
 import asyncpg
 import pytest
 
-from services.live_catalog.domain import PreconditionError
+from services.live_catalog.domain import Inbound, PreconditionError
 from services.live_catalog.store import CatalogStore
 from tests.integration.live_catalog.conftest import HOLD, ManualClock, inbound
 
@@ -51,6 +51,31 @@ async def test_seller_posts_three_clients_claim_one_cancels_and_the_waitlist_is_
     ]
     item = (await store.list_items(tenant, session_id))[0]
     assert (item.stock, item.held, item.waiting) == (2, 2, 0)
+
+
+async def test_a_straggler_received_earlier_queues_ahead_of_later_waiters_not_of_the_holder(
+    store, pool, clock: ManualClock, tenant, session_id
+) -> None:
+    """Decided in another transaction (another batch or replica) after later claims: the unit
+    already given stays given, but the straggler takes its received_at place in the line."""
+    await post(store, tenant, session_id, "A12 Robe 25€ x1")
+
+    def claim(who: str, at_s: int, body: str = "A12") -> Inbound:
+        at = clock.now + timedelta(seconds=at_s)
+        return inbound(body, tenant=tenant, session=session_id, sender=who, at=at)
+
+    assert await store.handle_inbound(claim("+3310", 10)) == "held"
+    assert await store.handle_inbound(claim("+3320", 20)) == "waiting"
+    assert await store.handle_inbound(claim("+3305", 5)) == "waiting"
+    assert await replies_to(pool, "+3305") == [
+        "A12 est épuisé pour le moment : vous êtes n°1 sur la liste d'attente."
+    ]
+    assert await store.handle_inbound(claim("+3330", 30)) == "waiting"
+    assert (await replies_to(pool, "+3330"))[0].endswith("n°3 sur la liste d'attente.")
+
+    assert await store.handle_inbound(claim("+3310", 40, "ANNULER A12")) == "cancelled"
+    assert (await replies_to(pool, "+3305"))[-1].startswith("A12 est à vous")
+    assert len(await replies_to(pool, "+3320")) == 1  # still waiting, now n°1
 
 
 async def test_the_same_message_sid_three_times_makes_one_reservation_and_one_reply(
