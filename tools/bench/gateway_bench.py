@@ -84,7 +84,7 @@ from typing import Any
 import uvloop
 
 from tools.bench.open_loop import OpenLoopResult, run_open_loop
-from tools.bench.otlp_sink import OtlpSink
+from tools.bench.otlp_sink import PRODUCTION_SAMPLE_RATIO, OtlpSink
 from tools.bench.stats import PeakRss
 from tools.bench.stream_check import stored_message_ids
 from tools.bench.webhooks import (
@@ -107,7 +107,6 @@ BARE_BODIES = 20_000
 # A gateway run's slice: this many times the fastest rate seen so far, for its length.
 SLICE_MARGIN = 1.5
 WARMUP_S = 3.0
-PRODUCTION_TRACE_SAMPLE_RATIO = 0.1  # deploy/base/kustomization.yaml
 TARGETS = {
     "ratio": ">= 0.5",
     "ratio_traced": ">= 0.5",
@@ -234,7 +233,7 @@ class Bench:
         if workers != 1:
             self._start("bare_1p", "tools.bench.bare_app", {"BARE_WORKERS": "1"})
         self._start("gateway", self.args.gateway_module, self._gateway_env(workers))
-        traced = self._gateway_env(workers) | sink.env(PRODUCTION_TRACE_SAMPLE_RATIO)
+        traced = self._gateway_env(workers) | sink.env()
         self._start("gateway_traced", self.args.gateway_module, traced)
         if workers != 1:
             self._start("gateway_1p", self.args.gateway_module, self._gateway_env(1))
@@ -385,7 +384,7 @@ class Bench:
         params |= {"steady_connections": self.args.c, "rounds": self.args.rounds}
         params["seconds_per_round"] = self.args.seconds
         params |= {"steady_seconds": self.args.steady_seconds}
-        params["traced_sample_ratio"] = PRODUCTION_TRACE_SAMPLE_RATIO
+        params["traced_sample_ratio"] = PRODUCTION_SAMPLE_RATIO
         params["gateway_module"] = self.args.gateway_module
         params["gateway_workers"] = self.args.workers
         return {

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 
 _SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+PRODUCTION_SAMPLE_RATIO = 0.1  # SNAPSELL_TRACE_SAMPLE_RATIO in deploy/base/kustomization.yaml
 
 
 class OtlpSink:
@@ -37,7 +38,7 @@ class OtlpSink:
     def __exit__(self, *_exc: object) -> None:
         self._server.stop(grace=None)
 
-    def env(self, sample_ratio: float) -> dict[str, str]:
+    def env(self, sample_ratio: float = PRODUCTION_SAMPLE_RATIO) -> dict[str, str]:
         """A service's environment for tracing as production runs it (deploy/base)."""
         return {
             "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{self.port}",
