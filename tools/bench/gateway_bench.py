@@ -60,7 +60,8 @@ Prints one JSON line (shape in `tools.bench.__main__`):
                  "loadgen_cpu_pct", "loadgen_lag_p99_ms" (the steady client's CPU and lateness),
                  "answered_200", "stream_stored", "stream_check_ok" (1 = passed)},
      "targets": {"ratio": ">= 0.5", "ratio_traced": ">= 0.5", "p99_half_rate_ms": "<= 25",
-                 "stream_check_ok": "== 1"}, "params": {...},
+                 "stream_check_ok": "== 1", "gateway_peak_rss_mb": "<= 150",
+                 "gateway_traced_peak_rss_mb": "<= 150"}, "params": {...},
      "notes": [...]}
 Exit codes: 0 measured (targets met or not), 1 a server or NATS failed, 2 wrk unavailable.
 """
@@ -112,6 +113,9 @@ TARGETS = {
     "ratio_traced": ">= 0.5",
     "p99_half_rate_ms": "<= 25",
     "stream_check_ok": "== 1",
+    # A pod as deployed (--workers processes, tracing on), supervisor included.
+    "gateway_peak_rss_mb": "<= 150",
+    "gateway_traced_peak_rss_mb": "<= 150",
 }
 # ratio figure -> (gateway, bare route), both with the same number of processes; "ratio" is
 # the headline: the gateway as deployed (`--workers` processes) against the bare route's.
