@@ -1,96 +1,22 @@
-"""Composition root of the gateway: `python -m services.gateway [serve]`."""
+"""Composition root of the gateway: `python -m services.gateway [serve]`.
+
+With `GATEWAY_WORKERS` > 1 this process only supervises that many gateway processes
+(`processes.py`); it decides so before importing the app (`server.py`: uvicorn, NATS, protobuf,
+tracing), which only the processes that serve load.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import socket
 import sys
-from collections.abc import Iterator
 
-import uvicorn
-
-from infra import jetstream
-from infra.entrypoint import run_service
-from infra.lifecycle import tune_garbage_collector
-from infra.streams import inbound_stream
-from infra.telemetry import tracing_enabled
-from services.gateway.api import create_app
-from services.gateway.config import load_config
-from services.gateway.events import JetStreamPublisher
-from services.gateway.processes import is_worker, run_workers
-
-SERVICE = "gateway"
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: `run_main` owns SIGTERM/SIGINT."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-async def serve(stop: asyncio.Event) -> None:
-    config = load_config()
-    nc = await jetstream.connect(config.nats_url, name=SERVICE)
-    try:
-        js = nc.jetstream()
-        stream = inbound_stream()
-        await jetstream.ensure_stream(js, stream)
-        publisher = JetStreamPublisher(nc, js, stream.name, config.publish_timeout_s)
-        await publisher.start()
-        app = create_app(config, publisher.publish, publisher.ready, traced=tracing_enabled())
-        server = _Server(
-            uvicorn.Config(
-                app,
-                host=config.bind_host,
-                port=config.http_port,
-                http="httptools",
-                lifespan="off",
-                access_log=False,
-                log_config=None,
-                proxy_headers=True,
-                forwarded_allow_ips=list(config.forwarded_allow_ips),
-                # Past this many connections (or requests in progress), 503 at once rather
-                # than an ever longer queue; slow bodies are cut by the app (api._read_body).
-                limit_concurrency=config.max_connections,
-                timeout_graceful_shutdown=10,
-            )
-        )
-        tune_garbage_collector()
-        sockets = [_shared_socket(config.bind_host, config.http_port)] if is_worker() else None
-        serving = asyncio.create_task(server.serve(sockets=sockets))
-        stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        server.should_exit = True
-        stopping.cancel()
-        await serving
-    finally:
-        await nc.drain()
-
-
-def _shared_socket(host: str, port: int) -> socket.socket:
-    """A listening address several workers bind at once; the kernel spreads connections."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    return sock
-
-
-def _supervise_processes() -> int | None:
-    """With `GATEWAY_WORKERS` > 1, this process supervises that many gateways (its exit code);
-    otherwise (or in one of them) it serves."""
-    workers = load_config().workers
-    if workers > 1 and not is_worker():
-        return run_workers(workers)
-    return None
+from services.gateway.processes import supervise_when_configured
 
 
 def main(argv: list[str]) -> None:
-    run_service(SERVICE, argv, serve=serve, before_serve=_supervise_processes)
+    supervise_when_configured(argv)
+    from services.gateway import server  # the supervisor never loads the app
+
+    server.main(argv)
 
 
 if __name__ == "__main__":

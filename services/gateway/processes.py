@@ -8,6 +8,10 @@ connection. Their Prometheus metrics are written to a shared directory
 them answers for all. A worker that dies is started again after a pause; SIGTERM or SIGINT is
 passed on to every worker, which drains as a single gateway does, then the supervisor exits.
 
+The supervisor imports this module, the configuration and the logger only: whether to supervise
+is decided in `__main__.py` before the app is imported, so the supervisor stays small (~17 MB
+resident instead of ~60) and a pod's memory is mostly its workers'.
+
 Limits are counted per worker (signature failures per source IP, messages per sender), as
 they are per replica: the effective limit of a pod is at most N times the configured one.
 """
@@ -24,9 +28,9 @@ import tempfile
 import time
 from types import FrameType
 
-from prometheus_client import multiprocess
-
+from infra.config import ConfigError
 from infra.log import get_logger, setup_logging
+from services.gateway.config import load_config
 
 _log = get_logger(__name__)
 
@@ -90,7 +94,7 @@ class Supervisor:
                         "gateway.worker_exited",
                         extra={"fields": {"slot": slot, "pid": proc.pid, "code": proc.returncode}},
                     )
-                    multiprocess.mark_process_dead(proc.pid, self._metrics_dir)
+                    _forget_metrics_of(proc.pid, self._metrics_dir)
                     self._workers[slot] = None
                     restart_at[slot] = time.monotonic() + RESTART_PAUSE_S
             for slot, at in list(restart_at.items()):
@@ -118,6 +122,23 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def run_workers(count: int) -> int:
-    setup_logging("gateway")
-    return Supervisor(count).run()
+def _forget_metrics_of(pid: int, metrics_dir: str) -> None:
+    # Imported on a worker's death only: prometheus_client weighs ~12 MB.
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, metrics_dir)
+
+
+def supervise_when_configured(argv: list[str]) -> None:
+    """With `GATEWAY_WORKERS` > 1 and the `serve` command, supervise that many gateway processes
+    and exit with the supervisor's code; otherwise (a worker, one process, another command, or a
+    configuration error, which the serving path then reports) return."""
+    if is_worker() or argv not in ([], ["serve"]):
+        return
+    try:
+        workers = load_config().workers
+    except ConfigError:
+        return
+    if workers > 1:
+        setup_logging("gateway")
+        sys.exit(Supervisor(workers).run())

@@ -7,7 +7,7 @@ gateway (`text/xml`), doing nothing else: no parsing, no signature check, no pub
 ceiling of "Starlette on uvicorn" on this machine, so `gateway_rps / bare_rps` shows what the
 gateway's own work costs. `GET /readyz` answers 200 so both servers are started the same way.
 
-Server settings (`UVICORN_SETTINGS`) match `services/gateway/__main__.py`: uvloop, httptools,
+Server settings (`UVICORN_SETTINGS`) match `services/gateway/server.py`: uvloop, httptools,
 access log and lifespan off, proxy headers trusted from 127.0.0.1, uvicorn's default backlog
 (2048) and keep-alive; `BARE_WORKERS=N` (default 1) runs N processes on the port, as
 `GATEWAY_WORKERS=N` does for the gateway. If the gateway's settings change, change them here

@@ -1,14 +1,17 @@
 """End-to-end benchmark: signed webhook -> gateway -> routing -> outbox -> Twilio sandbox.
 
-    python -m tools.bench.e2e_bench [--rates 100,300,1000] [--seconds 10] [--drain-seconds 15]
-                                    [--log-level INFO]
+    python -m tools.bench.e2e_bench [--rates 100,300,750,1000] [--seconds 10] [--shops 10]
+                                    [--drain-seconds 15] [--log-level INFO]
+                                    [--sandbox-latency-ms 150] [--slow-rates 300,750]
 
 The whole system as separate processes (`tools.stack`, as `make run` starts it): embedded
 PostgreSQL and NATS JetStream in a temp dir (unless DATABASE_URL / NATS_URL are set; the
 services' schemas there are then dropped first, as the tests do), the Twilio sandbox with no
-latency and no faults, seller_admin, live_session, routing, outbox and the gateway. One shop is
-set up with the operator CLI (`services.seller_admin.cli`). The outbox's per-sender rate limit
-is raised to `--sender-rate` (default 2,000/s) so it does not cap the 1,000/s phase.
+latency and no faults, seller_admin, live_session, routing, outbox and the gateway, configured
+as production runs them (deploy/base): `LOG_LEVEL=INFO`, tracing sampled at 10% and exported
+over OTLP (to `tools.bench.otlp_sink`), the outbox's default per-sender limit (WhatsApp's 80
+messages/s per number). `--shops` shops, each with its own WhatsApp number, are set up with the
+operator CLI (`services.seller_admin.cli`), and the webhooks go to them in turn.
 
 Each webhook is a "HELP" from a WhatsApp client that writes only once in the run, so it causes
 exactly one outbound message: routing enqueues the help reply (correlation id = the webhook's
@@ -18,7 +21,11 @@ open-loop (`tools.bench.open_loop`, keep-alive connections, each request schedul
 `start + i / rate`) for `--seconds`, then at most `--drain-seconds` for the replies. Routing
 does ~250 msg/s on 2 cores, so the higher rates may not finish: what was achieved is reported,
 the rest is counted as pending and said in the notes; before the next phase starts, the
-backlog is given up to `--settle-seconds` to clear, outside of any measurement.
+backlog is given up to `--settle-seconds` to clear, outside of any measurement. Then the second
+scenario: the sandbox answers every send after `--sandbox-latency-ms` (Twilio's API takes
+~100-200 ms), and one phase per `--slow-rates`, figures named `slow_rN_...`: the outbox's
+in-flight limit (`OUTBOX_MAX_IN_FLIGHT`, `--in-flight`, default the outbox's) then caps the
+send rate at about limit / latency.
 
 Latency = the outbox's record of the sandbox's 201 (`outbox.messages.sent_at`, found by the
 webhook's MessageSid) - the moment the load generator released the webhook (arithmetic in
@@ -34,7 +41,9 @@ replies dead or blocked. Then `<service>_peak_rss_mb` over the run (`tools.bench
 `rN_cpu_ms_per_msg_<process>` (CPU of each service's process tree, PostgreSQL's and NATS's
 when embedded, and their `total`, over the phase's load and drain, per reply sent),
 `loadgen_cpu_pct` (the load generator at the top rate), `loadgen_lag_p99_ms` (its worst
-lateness), `sandbox_duplicates` and `sandbox_check_ok`.
+lateness), `sandbox_duplicates` and `sandbox_check_ok`. `max_sustained_rps` is the highest
+rate of the first scenario that was posted at 95% of it or more, all answered 200, and left
+nothing pending (no growing backlog), and `max_sustained_p99_ms` its p99; targets: `TARGETS`.
 Prints one JSON line last (shape in `tools.bench.__main__`); exit 1 when the stack failed.
 """
 
@@ -47,7 +56,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +72,7 @@ from tools.bench.e2e_figures import (
     summarise_phase,
 )
 from tools.bench.open_loop import OpenLoopResult, run_open_loop
+from tools.bench.otlp_sink import PRODUCTION_SAMPLE_RATIO, OtlpSink
 from tools.bench.stats import PeakRss, tree_cpu_seconds
 from tools.bench.webhooks import (
     BUSINESS_NUMBER,
@@ -71,6 +81,7 @@ from tools.bench.webhooks import (
     message_sid,
     new_nonce,
     raw_request,
+    shop_number,
     signed_webhooks,
 )
 from tools.dev_keys import DevKeys
@@ -79,6 +90,12 @@ from tools.stack import SystemStack, infrastructure, start_system
 
 TENANT = "e2e-bench"
 KEYWORD = "HELP"
+TARGETS = {
+    "r300_p99_ms": "<= 100",
+    "max_sustained_rps": ">= 750",
+    "max_sustained_p99_ms": "<= 250",
+    "sandbox_check_ok": "== 1",
+}
 WARMUP_RATE, WARMUP_SECONDS = 50.0, 2.0
 WARMUP_DRAIN_S = 60.0
 # Each phase's clients are numbered from `batch * CLIENTS_PER_BATCH`: nobody writes twice.
@@ -113,8 +130,10 @@ class Phases:
         infra_pids: dict[str, int],
         *,
         body: str = KEYWORD,
+        shops: Sequence[str] = (BUSINESS_NUMBER,),
     ) -> None:
         self.args, self.stack, self.db, self.body = args, stack, db, body
+        self.shops = shops  # the numbers webhooks go to, in turn
         # Every process whose CPU a phase accounts for: the services, PostgreSQL, NATS.
         self.cpu_roots = {name: s.pid for name, s in stack.services.items()} | infra_pids
         self.nonce = new_nonce()
@@ -143,6 +162,7 @@ class Phases:
             nonce=self.nonce,
             body=self.body,
             first_client=first,
+            shops=self.shops,
         )
         sids: list[str] = []
         requests: list[bytes] = []
@@ -178,7 +198,8 @@ class Phases:
         if ok < result.sent or done < ok:
             self.notes.append(f"warm-up: {ok} of {result.sent} answered 200, {done} replies done")
 
-    async def measure(self, batch: int, rate: float) -> PhaseSummary:
+    async def measure(self, batch: int, rate: float, scenario: str = "") -> PhaseSummary:
+        """One phase; its figures are named `<scenario>r<rate>_...`."""
         # The two clocks of a latency: the load generator's (monotonic) and the outbox's (wall).
         wall_minus_monotonic = time.time() - time.monotonic()
         cpu_before = self.cpu_seconds()
@@ -197,8 +218,9 @@ class Phases:
             if released
         }
         summary = summarise_phase(rate, posted_at, result.statuses, outbound)
-        self.figures |= summary.figures(result.achieved_rate, result.percentile(99))
-        self.figures |= cpu_figures(f"r{rate:g}_", cpu_used, summary.sent)
+        phase = summary.figures(result.achieved_rate, result.percentile(99))
+        self.figures |= {scenario + name: value for name, value in phase.items()}
+        self.figures |= cpu_figures(f"{scenario}r{rate:g}_", cpu_used, summary.sent)
         self.lags_ms.append(result.release_lag_p99_ms)
         self.loadgen_cpu_pct.append(100 * result.client_cpu_s / (result.send_span_s or 1.0))
         self.notes.extend(f"{rate:g}/s webhooks: {failure}" for failure in result.failures[:3])
@@ -265,40 +287,42 @@ def cpu_figures(prefix: str, cpu_s: dict[str, float], sent: int) -> dict[str, fl
     return per_message
 
 
-async def set_up_shop(stack: SystemStack) -> None:
-    """The shop an operator would create (README): a tenant and its WhatsApp number."""
-    number = f"whatsapp:{BUSINESS_NUMBER}"
-    for command in (
-        ("create-tenant", "--tenant", TENANT, "--name", "E2E bench"),
-        ("add-channel", "--tenant", TENANT, "--address", number),
-    ):
-        done = await asyncio.to_thread(stack.cli, *command)
-        if done.returncode != 0:
-            raise RuntimeError(f"seller_admin cli {command[0]}: {done.stderr.strip()}")
+async def set_up_shops(stack: SystemStack, shops: int) -> None:
+    """The shops an operator would create (README): a tenant and its WhatsApp number each."""
+    for index in range(shops):
+        tenant, number = f"{TENANT}-{index}", f"whatsapp:{shop_number(index)}"
+        for command in (
+            ("create-tenant", "--tenant", tenant, "--name", f"E2E bench {index}"),
+            ("add-channel", "--tenant", tenant, "--address", number),
+        ):
+            done = await asyncio.to_thread(stack.cli, *command)
+            if done.returncode != 0:
+                raise RuntimeError(f"seller_admin cli {command[0]}: {done.stderr.strip()}")
 
 
-async def configure_sandbox(stack: SystemStack) -> None:
+async def configure_sandbox(stack: SystemStack, latency_ms: float = 0) -> None:
     async with httpx.AsyncClient(timeout=10) as client:
-        reply = await client.post(stack.sandbox_url + "/_sandbox/faults", json=SANDBOX_FAST)
+        faults = SANDBOX_FAST | {"latency_ms": latency_ms}
+        reply = await client.post(stack.sandbox_url + "/_sandbox/faults", json=faults)
     reply.raise_for_status()
 
 
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    service_env = {"outbox": {"OUTBOX_RATE_LIMIT_PER_SENDER": f"{args.sender_rate:g}"}}
-    with infrastructure(workdir) as found:
+    with infrastructure(workdir) as found, OtlpSink() as sink:
         say("starting the stack")
         stack = await start_system(
             found.dsn,
             found.nats_url,
             DevKeys(workdir / "keys"),
             workdir,
-            env={"LOG_LEVEL": args.log_level},
-            service_env=service_env,
+            env={"LOG_LEVEL": args.log_level, **sink.env()},
+            service_env={"outbox": {"OUTBOX_MAX_IN_FLIGHT": str(args.in_flight)}},
             trace=False,
         )
         try:
             async with asyncpg.create_pool(found.dsn, min_size=1, max_size=2) as db:
-                phases = Phases(args, stack, db, found.pids)
+                shops = [shop_number(i) for i in range(args.shops)]
+                phases = Phases(args, stack, db, found.pids, shops=shops)
                 await measure_all(args, phases)
         finally:
             await stack.stop()
@@ -310,18 +334,27 @@ async def measure_all(args: argparse.Namespace, phases: Phases) -> None:
     peaks = {name: PeakRss(s.pid, interval_s=0.25).start() for name, s in stack.services.items()}
     try:
         await configure_sandbox(stack)
-        await set_up_shop(stack)
+        await set_up_shops(stack, args.shops)
         say("warm-up")
         await phases.warm_up()
-        for batch, rate in enumerate(args.rates, start=1):
-            say(f"{rate:g} webhooks/s for {args.seconds:g} s")
-            summary = await phases.measure(batch, rate)
+        scenarios = [("", rate) for rate in args.rates]
+        scenarios += [("slow_", rate) for rate in args.slow_rates]
+        for batch, (scenario, rate) in enumerate(scenarios, start=1):
+            if scenario and batch == len(args.rates) + 1:
+                await configure_sandbox(stack, args.sandbox_latency_ms)
+            say(f"{scenario}{rate:g} webhooks/s for {args.seconds:g} s")
+            summary = await phases.measure(batch, rate, scenario)
+            name = f"{scenario}r{rate:g}"
             say(
-                f"{rate:g}/s: p50 {phases.figures[f'r{rate:g}_p50_ms']} ms, "
-                f"p99 {phases.figures[f'r{rate:g}_p99_ms']} ms, {summary.sent} sent, "
+                f"{name}: p50 {phases.figures[f'{name}_p50_ms']} ms, "
+                f"p99 {phases.figures[f'{name}_p99_ms']} ms, {summary.sent} sent, "
                 f"{summary.pending} pending"
             )
-            if batch < len(args.rates):
+            achieved = phases.figures[f"{name}_webhook_rps"]
+            if not (scenario or summary.pending or summary.non200) and achieved >= 0.95 * rate:
+                phases.figures["max_sustained_rps"] = rate
+                phases.figures["max_sustained_p99_ms"] = phases.figures[f"{name}_p99_ms"]
+            if batch < len(scenarios):
                 await phases.settle(batch, summary)
         await phases.check_sandbox()
     finally:
@@ -340,29 +373,51 @@ def report(args: argparse.Namespace, phases: Phases) -> dict[str, Any]:
         "drain_seconds": args.drain_seconds,
         "connections": args.connections,
         "message": f"{KEYWORD} from a new WhatsApp client each (no sender cache hit) -> 1 reply",
-        "shops": "1 (operator CLI)",
-        "outbox_rate_limit_per_sender": args.sender_rate,
+        "shops": f"{args.shops} (operator CLI), webhooks to each in turn",
+        "outbox_rate_limit_per_sender": "default (80/s)",
         "sandbox": "no latency, no faults, no status callbacks",
+        "slow_sandbox_latency_ms": args.sandbox_latency_ms,
+        "slow_rates_per_s": ",".join(f"{r:g}" for r in args.slow_rates),
+        "outbox_max_in_flight": args.in_flight,
         "log_level": args.log_level,
+        "trace_sample_ratio": PRODUCTION_SAMPLE_RATIO,
         "latency": "webhook released -> outbox records the sandbox's 201 (sent_at)",
         "warmup": f"{WARMUP_RATE * WARMUP_SECONDS:g} webhooks at {WARMUP_RATE:g}/s, not measured",
     }
-    return {"bench": "e2e", "figures": phases.figures, "params": params, "notes": phases.notes}
+    phases.figures.setdefault("max_sustained_rps", 0)
+    return {
+        "bench": "e2e",
+        "figures": phases.figures,
+        "targets": TARGETS,
+        "params": params,
+        "notes": phases.notes,
+    }
+
+
+def _rates(text: str) -> list[float]:
+    return sorted(float(part) for part in text.split(",") if part.strip())
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Webhook -> sandbox send latency, whole system.")
     parser.add_argument(
         "--rates",
-        type=lambda text: sorted(float(part) for part in text.split(",") if part.strip()),
-        default=[100.0, 300.0, 1000.0],
-        help="webhooks/s, comma-separated, run lowest first (default 100,300,1000)",
+        type=_rates,
+        default=[100.0, 300.0, 750.0, 1000.0],
+        help="webhooks/s, comma-separated, run lowest first (default 100,300,750,1000)",
+    )
+    parser.add_argument("--shops", type=int, default=10, help="shops the load is spread over")
+    parser.add_argument("--in-flight", type=int, default=64, help="OUTBOX_MAX_IN_FLIGHT")
+    parser.add_argument(
+        "--sandbox-latency-ms", type=float, default=150.0, help="second scenario's send latency"
+    )
+    parser.add_argument(
+        "--slow-rates", type=_rates, default=[300.0, 750.0], help="second scenario's rates"
     )
     parser.add_argument("--seconds", type=float, default=10.0, help="load per rate")
     parser.add_argument("--drain-seconds", type=float, default=15.0, help="reply wait per rate")
     parser.add_argument("--settle-seconds", type=float, default=30.0, help="backlog wait")
     parser.add_argument("--connections", type=int, default=64, help="keep-alive connections")
-    parser.add_argument("--sender-rate", type=float, default=2000.0, help="outbox limit/sender")
     parser.add_argument(
         "--log-level",
         default="INFO",
@@ -370,7 +425,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (service logs)")
     args = parser.parse_args(argv)
-    if not args.rates or min(args.rates) <= 0 or args.seconds <= 0:
+    if not args.rates or min(args.rates + args.slow_rates) <= 0 or args.seconds <= 0:
         parser.error("--rates needs at least one rate, and rates and --seconds must be positive")
     return args
 

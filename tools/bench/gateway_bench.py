@@ -1,26 +1,29 @@
 """Gateway benchmark: signed Twilio webhooks through the gateway vs a bare Starlette route.
 
-    python -m tools.bench.gateway_bench [--rounds 3] [--seconds 4] [--bodies 20000]
-                                        [--connections 32 64 128 256] [--steady-seconds 10]
-                                        [--workers 2]
+    python -m tools.bench.gateway_bench [--rounds 3] [--seconds 4] [--connections 32 64 128 256]
+                                        [--steady-seconds 10] [--workers 2]
 
-Starts an embedded NATS JetStream (state in a temp dir) and up to four servers with the same
+Starts an embedded NATS JetStream (state in a temp dir) and up to five servers with the same
 uvicorn settings, measured by the same load generators:
 
-- bare: `tools.bench.bare_app`, one process — reads the body, answers the empty TwiML: the
-  ceiling of Starlette on uvicorn that the target ratio (`ratio`) is taken against;
+- bare: `tools.bench.bare_app` with `--workers` processes (`BARE_WORKERS`) — reads the body,
+  answers the empty TwiML: the ceiling of Starlette on uvicorn with as many processes as the
+  gateway, that the target ratio (`ratio`) is taken against;
 - gateway: `python -m services.gateway` as a pod runs it, `GATEWAY_WORKERS=--workers`
   processes on one port — signature check, protobuf, JetStream publish and PubAck, then the
   same TwiML. Its per-sender spam limit is raised out of the way and every webhook has its own
-  sender, so every request does the full work;
-- unless `--workers 1`: gateway_1p, the gateway as one process (`ratio_1p`), and
-  bare_workers, the bare route with as many processes as the gateway (`BARE_WORKERS`), for
-  `ratio_same_workers`, the stricter comparison.
+  sender, so every request does the full work. Tracing off;
+- gateway_traced: the same with tracing as production runs it (deploy/base:
+  `SNAPSELL_TRACE_SAMPLE_RATIO=0.1`, batched OTLP export to a collector, here
+  `tools.bench.otlp_sink`), for `ratio_traced` against the same bare route;
+- unless `--workers 1`: gateway_1p and bare_1p, one process each (`ratio_1p`).
 
 Each server is warmed by `wrk -t1 -c256` (3 s); then `--rounds` rounds, each running `wrk -t1
 -cN --latency` for `--seconds` against each server in turn, once for every N of
-`--connections`, cycling through `--bodies` distinct signed WhatsApp webhooks
-(`tools.bench.wrk`), the order of the servers reversed every other round. A server's result in
+`--connections`, sending signed WhatsApp webhooks (`tools.bench.wrk`) — to a gateway, every run
+its own fresh slice of them (its own MessageSids, so no publish is a JetStream duplicate that
+NATS acks without storing), sized from the fastest rate seen so far — the order of the
+servers reversed every other round. A server's result in
 a round is its fastest run of the round, so each is measured at the load that saturates it:
 the gateway answers only after JetStream's PubAck, so it needs more requests in flight than the
 bare route to keep its cores busy (measured: 64-256), while the bare route is saturated by
@@ -35,26 +38,30 @@ connection (with 32, a pause of a few milliseconds at ~5,000/s did, and the wait
 the gateway's latency). Peak RSS of each server's process tree is sampled throughout
 (`tools.bench.stats.PeakRss`).
 
-Stream check (the gateway must never answer 200 for a message it did not hand over): after
-the gateway stops, every `Nats-Msg-Id` of the INBOUND stream is read back. The wrk phases
-repeat their bodies, so JetStream's de-duplication must leave each of the `--bodies`
-MessageSids stored exactly once; the steady phase uses fresh MessageSids, so the stored ones
-must be exactly those answered 200 (a 503'd one may also be stored: Twilio would retry).
+Stream check (validity: the gateway must never answer 200 for a message it did not hand over,
+and every 200 must have cost a stored message): after the gateways stop, every `Nats-Msg-Id`
+of the INBOUND stream is read back. Each wrk run's slice must hold at least as many stored
+MessageSids as the run had 200 answers, and at most its requests plus those still in flight
+when wrk stopped (`-c`); a run that used up its slice (ids repeated) fails the check. The
+steady phase's stored MessageSids must be exactly those answered 200 (a 503'd one may also be
+stored: Twilio would retry). `answered_200` and `stream_stored` are the totals.
 
 Prints one JSON line (shape in `tools.bench.__main__`):
     {"bench": "gateway",
-     "figures": {"bare_rps", "gateway_rps", "ratio" (gateway/bare, this run),
+     "figures": {"bare_rps", "gateway_rps", "ratio" (gateway/bare, same processes, this run),
+                 "gateway_traced_rps", "ratio_traced" (gateway with production tracing/bare),
                  "bare_p50_ms", "bare_p99_ms", "gateway_p50_ms", "gateway_p99_ms" (wrk, max load),
                  "bare_c", "gateway_c" (connections of the median round's fastest run),
                  "ratio_c32", "ratio_c64", ... (gateway/bare, both at N connections),
-                 "gateway_non200", "gateway_1p_rps", "ratio_1p" (one process),
-                 "bare_workers_rps", "ratio_same_workers" (bare with --workers processes),
+                 "gateway_non200", "gateway_1p_rps", "bare_1p_rps", "ratio_1p" (one process),
                  "half_rate", "half_rate_achieved", "p50_half_rate_ms",
                  "p99_half_rate_ms", "max_half_rate_ms", "half_rate_non200",
                  "gateway_peak_rss_mb", "bare_peak_rss_mb",
                  "loadgen_cpu_pct", "loadgen_lag_p99_ms" (the steady client's CPU and lateness),
-                 "answered_200_distinct", "stream_stored", "stream_check_ok" (1 = passed)},
-     "targets": {"ratio": ">= 0.5", "p99_half_rate_ms": "<= 25"}, "params": {...},
+                 "answered_200", "stream_stored", "stream_check_ok" (1 = passed)},
+     "targets": {"ratio": ">= 0.5", "ratio_traced": ">= 0.5", "p99_half_rate_ms": "<= 25",
+                 "stream_check_ok": "== 1", "gateway_peak_rss_mb": "<= 150",
+                 "gateway_traced_peak_rss_mb": "<= 150"}, "params": {...},
      "notes": [...]}
 Exit codes: 0 measured (targets met or not), 1 a server or NATS failed, 2 wrk unavailable.
 """
@@ -78,6 +85,7 @@ from typing import Any
 import uvloop
 
 from tools.bench.open_loop import OpenLoopResult, run_open_loop
+from tools.bench.otlp_sink import PRODUCTION_SAMPLE_RATIO, OtlpSink
 from tools.bench.stats import PeakRss
 from tools.bench.stream_check import stored_message_ids
 from tools.bench.webhooks import (
@@ -93,20 +101,35 @@ from tools.stack import RunningService, spawn_service
 
 ACCOUNT_SID = "AC" + "b" * 32
 AUTH_TOKEN = "gateway-bench-auth-token"
-WRK_BATCH, STEADY_BATCH = 1, 2
+# MessageSid batches (`webhooks.message_sid`): the bare route's table, the steady phase, then
+# one per gateway wrk run.
+BARE_BATCH, STEADY_BATCH, FIRST_WRK_BATCH = 0, 1, 2
+BARE_BODIES = 20_000
+# A gateway run's slice: this many times the fastest rate seen so far, for its length.
+SLICE_MARGIN = 1.5
 WARMUP_S = 3.0
-TARGETS = {"ratio": ">= 0.5", "p99_half_rate_ms": "<= 25"}
-# ratio figure -> (gateway, bare route); "ratio" is the target's: the gateway as deployed
-# against the one-process ceiling of Starlette on uvicorn.
+TARGETS = {
+    "ratio": ">= 0.5",
+    "ratio_traced": ">= 0.5",
+    "p99_half_rate_ms": "<= 25",
+    "stream_check_ok": "== 1",
+    # A pod as deployed (--workers processes, tracing on), supervisor included.
+    "gateway_peak_rss_mb": "<= 150",
+    "gateway_traced_peak_rss_mb": "<= 150",
+}
+# ratio figure -> (gateway, bare route), both with the same number of processes; "ratio" is
+# the headline: the gateway as deployed (`--workers` processes) against the bare route's.
 RATIOS = {
     "ratio": ("gateway", "bare"),
-    "ratio_1p": ("gateway_1p", "bare"),
-    "ratio_same_workers": ("gateway", "bare_workers"),
+    "ratio_traced": ("gateway_traced", "bare"),
+    "ratio_1p": ("gateway_1p", "bare_1p"),
 }
 FIGURE_ORDER = (
     "bare_rps",
     "gateway_rps",
     "ratio",
+    "gateway_traced_rps",
+    "ratio_traced",
     "bare_c",
     "gateway_c",
     "bare_p50_ms",
@@ -115,9 +138,8 @@ FIGURE_ORDER = (
     "gateway_p99_ms",
     "gateway_non200",
     "gateway_1p_rps",
+    "bare_1p_rps",
     "ratio_1p",
-    "bare_workers_rps",
-    "ratio_same_workers",
     "half_rate",
     "half_rate_achieved",
     "p50_half_rate_ms",
@@ -170,35 +192,57 @@ class Bench:
         self.figures: dict[str, float] = {}
         self.notes: list[str] = []
         self.contenders: dict[str, Contender] = {}  # running servers, by figure prefix
-        self.wrk_runs: list[WrkResult] = []  # the gateways', for the stream check
+        # The gateways' wrk runs, for the stream check: (batch, slice size, connections, result).
+        self.wrk_runs: list[tuple[int, int, int, WrkResult]] = []
+        self.fastest_rps = 0.0
+        self.signed = 0  # webhooks signed so far: each slice has its own senders too
         self.steady: OpenLoopResult | None = None
+        self.bare_table = self._write_slice(BARE_BATCH, BARE_BODIES, "bare")
+
+    def _write_slice(self, batch: int, count: int, name: str = "gateway") -> tuple[Path, Path]:
         webhooks = signed_webhooks(
             self.public_base + WEBHOOK_PATH,
             ACCOUNT_SID,
             AUTH_TOKEN,
-            count=args.bodies,
-            batch=WRK_BATCH,
+            count=count,
+            batch=batch,
             nonce=self.nonce,
+            first_client=self.signed,
         )
-        self.script, self.table = write_wrk_inputs(workdir, webhooks)
+        self.signed += count
+        return write_wrk_inputs(self.workdir, webhooks, name)
 
-    def wrk(self, port: int, seconds: float, connections: int | None = None) -> WrkResult:
-        url = f"http://127.0.0.1:{port}{WEBHOOK_PATH}"
+    def wrk(self, name: str, seconds: float, connections: int | None = None) -> WrkResult:
+        """One wrk run against a contender; a gateway gets a fresh slice of webhooks."""
+        url = f"http://127.0.0.1:{self.contenders[name].server.port}{WEBHOOK_PATH}"
         connections = connections or self.args.c
-        return run_wrk(url, self.script, self.table, seconds=seconds, connections=connections)
+        gateway = name.startswith("gateway")
+        if gateway:
+            batch = FIRST_WRK_BATCH + len(self.wrk_runs)
+            size = round(SLICE_MARGIN * self.fastest_rps * seconds) + connections
+            script, table = self._write_slice(batch, size)
+        else:
+            script, table = self.bare_table
+        result = run_wrk(url, script, table, seconds=seconds, connections=connections)
+        self.fastest_rps = max(self.fastest_rps, result.ok_rps)
+        if gateway:
+            self.wrk_runs.append((batch, size, connections, result))
+        return result
 
-    def start_servers(self) -> None:
-        """Every contender up and warmed before the first measured round."""
+    def start_servers(self, sink: OtlpSink) -> None:
+        """Every contender up and warmed before the first measured round (the bare routes
+        first: their rate sizes the gateways' first slices)."""
         workers = self.args.workers
-        self._start("bare", "tools.bench.bare_app", {"BARE_WORKERS": "1"})
-        self._start("gateway", self.args.gateway_module, self._gateway_env(workers))
+        self._start("bare", "tools.bench.bare_app", {"BARE_WORKERS": str(workers)})
         if workers != 1:
-            self._start("bare_workers", "tools.bench.bare_app", {"BARE_WORKERS": str(workers)})
+            self._start("bare_1p", "tools.bench.bare_app", {"BARE_WORKERS": "1"})
+        self._start("gateway", self.args.gateway_module, self._gateway_env(workers))
+        traced = self._gateway_env(workers) | sink.env()
+        self._start("gateway_traced", self.args.gateway_module, traced)
+        if workers != 1:
             self._start("gateway_1p", self.args.gateway_module, self._gateway_env(1))
-        for name, contender in self.contenders.items():
-            warmup = self.wrk(contender.server.port, WARMUP_S)
-            if name.startswith("gateway"):
-                self.wrk_runs.append(warmup)
+        for name in self.contenders:
+            self.wrk(name, WARMUP_S)
 
     def _gateway_env(self, workers: int) -> dict[str, str]:
         # Every gateway validates signatures against the same public URL, as behind a proxy.
@@ -228,14 +272,9 @@ class Bench:
         for number in range(self.args.rounds):
             flip = (number + int(os.environ.get("SNAPSELL_BENCH_RUN", "1"))) % 2 == 0
             for name in reversed(names) if flip else names:
-                contender = self.contenders[name]
-                round_runs = {
-                    c: self.wrk(contender.server.port, self.args.seconds, c)
-                    for c in self.args.connections
-                }
-                contender.rounds.append(round_runs)
-                if name.startswith("gateway"):
-                    self.wrk_runs.extend(round_runs.values())
+                seconds = self.args.seconds
+                by_c = {c: self.wrk(name, seconds, c) for c in self.args.connections}
+                self.contenders[name].rounds.append(by_c)
         for name, contender in self.contenders.items():
             runs = contender.fastest
             self.figures[f"{name}_rps"] = round(median(r.ok_rps for r in runs), 1)
@@ -250,7 +289,7 @@ class Bench:
             if ours in self.contenders and bare in self.contenders:
                 ours_runs, bare_runs = self.contenders[ours].fastest, self.contenders[bare].fastest
                 self.figures[ratio] = _ratio(zip(ours_runs, bare_runs, strict=True))
-        # The target ratio at each load alike too: both servers at N connections.
+        # The headline ratio at each load alike too: both servers at N connections.
         gateway, bare_route = self.contenders["gateway"], self.contenders["bare"]
         for c in self.args.connections:
             self.figures[f"ratio_c{c}"] = _ratio(zip(gateway.at(c), bare_route.at(c), strict=True))
@@ -308,32 +347,37 @@ class Bench:
         duplicates = sum(n - 1 for n in counts.values())
         by_batch = Counter(batch_of(sid) if sid else None for sid in counts)
         problems = [f"{duplicates} stored twice"] if duplicates else []
-        if by_batch.keys() - {WRK_BATCH, STEADY_BATCH}:
+        runs = {batch: (size, c, result) for batch, size, c, result in self.wrk_runs}
+        if by_batch.keys() - {STEADY_BATCH, *runs}:
             problems.append("messages from outside this run")
-        # wrk sends the table in order, from its start, in each run; all were answered 200 only
-        # when there were no status errors; up to `c` requests per run were in flight at the end.
-        reached = max(r.requests for r in self.wrk_runs)
-        low = min(self.args.bodies, reached - sum(r.status_errors for r in self.wrk_runs))
-        high = min(self.args.bodies, reached + max(self.args.c, *self.args.connections))
-        if not low <= by_batch[WRK_BATCH] <= high:
-            problems.append(f"wrk phases: {by_batch[WRK_BATCH]} stored, expected {low}..{high}")
+        answered_200 = 0
+        for batch, (size, c, result) in runs.items():
+            answered_200 += result.ok_answers
+            if result.requests > size:
+                problems.append(f"run {batch}: {result.requests} requests used up {size} ids")
+            elif not result.ok_answers <= by_batch[batch] <= result.requests + c:
+                problems.append(
+                    f"run {batch}: {by_batch[batch]} stored, {result.ok_answers} answered 200, "
+                    f"{result.requests} answered"
+                )
         steady_stored = {sid for sid in counts if sid and batch_of(sid) == STEADY_BATCH}
         assert self.steady is not None
-        answered_200 = {sid for sid, status in self.steady.statuses.items() if status == 200}
-        not_200 = set(self.steady.statuses) - answered_200
-        if answered_200 - steady_stored:
-            problems.append(f"{len(answered_200 - steady_stored)} answered 200 but not stored")
-        unexplained = steady_stored - answered_200 - not_200
+        steady_200 = {sid for sid, status in self.steady.statuses.items() if status == 200}
+        not_200 = set(self.steady.statuses) - steady_200
+        if steady_200 - steady_stored:
+            problems.append(f"{len(steady_200 - steady_stored)} answered 200 but not stored")
+        unexplained = steady_stored - steady_200 - not_200
         if unexplained and not self.steady.failures:
             problems.append(f"{len(unexplained)} stored without an answer")
-        self.figures["answered_200_distinct"] = low + len(answered_200)
+        answered_200 += len(steady_200)
+        self.figures["answered_200"] = answered_200
         self.figures["stream_stored"] = len(ids)
         self.figures["stream_check_ok"] = 0 if problems else 1
         if problems:
-            self.notes.append("STREAM CHECK FAILED: " + "; ".join(problems))
-        elif len(ids) > low + len(answered_200):
+            self.notes.append("STREAM CHECK FAILED: " + "; ".join(problems[:5]))
+        elif len(ids) > answered_200:
             self.notes.append(
-                f"{len(ids) - low - len(answered_200)} stored without a 200 read by the client: "
+                f"{len(ids) - answered_200} stored without a 200 read by the client: "
                 "requests in flight when wrk stopped, or answered 503 (allowed: Twilio retries)"
             )
 
@@ -343,7 +387,8 @@ class Bench:
         params: dict[str, Any] = {"wrk": "-t1", "connections": self.args.connections}
         params |= {"steady_connections": self.args.c, "rounds": self.args.rounds}
         params["seconds_per_round"] = self.args.seconds
-        params |= {"bodies": self.args.bodies, "steady_seconds": self.args.steady_seconds}
+        params |= {"steady_seconds": self.args.steady_seconds}
+        params["traced_sample_ratio"] = PRODUCTION_SAMPLE_RATIO
         params["gateway_module"] = self.args.gateway_module
         params["gateway_workers"] = self.args.workers
         return {
@@ -359,7 +404,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Gateway vs bare Starlette under signed webhooks.")
     parser.add_argument("--rounds", type=int, default=3, help="measured wrk runs per server")
     parser.add_argument("--seconds", type=float, default=4.0, help="length of one wrk run")
-    parser.add_argument("--bodies", type=int, default=20_000, help="distinct webhooks for wrk")
     parser.add_argument("--steady-seconds", type=float, default=10.0, help="half-rate run length")
     parser.add_argument(
         "--connections",
@@ -389,9 +433,11 @@ def main(argv: list[str]) -> int:
     try:
         bench = Bench(args, workdir, nats.start())
         try:
-            bench.start_servers()
-            bench.measure_rounds()
-            bench.measure_steady()
+            with OtlpSink() as sink:
+                bench.start_servers(sink)
+                bench.measure_rounds()
+                bench.measure_steady()
+                bench.figures["traced_exports"] = sink.count
         finally:
             bench.stop_servers()
         bench.check_stream()

@@ -1,6 +1,7 @@
 """What the benchmarks share: the stack a benchmark drives (`bench_stack`: its services on
 `tools.stack`, PostgreSQL and NATS embedded in a temporary directory unless DATABASE_URL / NATS_URL
-are set), shops set up through seller_admin's API, closed-loop callers that measure rounds, and a
+are set), shops set up through seller_admin's API, rounds of closed-loop callers (throughput, CPU
+per call) and of an open-loop load at a fixed rate (latency), and a
 bare `grpc.aio` unary echo with the same server settings as the services (run as
 `python -m tools.bench.harness`, on `GRPC_PORT`), the peer the gRPC benchmarks compare with."""
 
@@ -119,50 +120,76 @@ async def create_shop(
 
 async def drive(call: Call, callers: int, seconds: float, server_pid: int) -> dict[str, float]:
     """`callers` loops calling back to back for `seconds` (caller i's n-th call gets the index
-    i + n * callers): calls/s, latency percentiles, and the server process's CPU time per call
-    (a figure other load on the machine barely moves)."""
-    latencies: list[float] = []
-    errors = 0
+    i + n * callers): calls/s and the server process's CPU time per call (a figure other load
+    on the machine barely moves). No latency: a closed loop's is callers / rate (`open_loop`)."""
+    done = errors = 0
     deadline = time.perf_counter() + seconds
 
     async def caller(index: int) -> None:
-        nonlocal errors
+        nonlocal done, errors
         calls = 0
         while time.perf_counter() < deadline:
-            started = time.perf_counter()
             try:
                 await call(index + calls * callers)
+                done += 1
             except grpc.aio.AioRpcError:
                 errors += 1
-                continue
-            finally:
-                calls += 1
-            latencies.append(time.perf_counter() - started)
+            calls += 1
 
     began, cpu_began = time.perf_counter(), cpu_seconds(server_pid)
     await asyncio.gather(*(caller(i) for i in range(callers)))
     elapsed, cpu = time.perf_counter() - began, cpu_seconds(server_pid) - cpu_began
     return {
-        "rps": len(latencies) / elapsed,
-        "p50_ms": 1000 * percentile(latencies, 50),
-        "p99_ms": 1000 * percentile(latencies, 99),
-        "server_cpu_us_per_call": 1e6 * cpu / max(1, len(latencies)),
+        "rps": done / elapsed,
+        "server_cpu_us_per_call": 1e6 * cpu / max(1, done),
         "errors": errors,
     }
 
 
+async def open_loop(call: Call, rate: float, seconds: float) -> dict[str, float]:
+    """Calls started at `rate` per second for `seconds`, each at its scheduled time whatever the
+    earlier ones are doing, latency counted from that time: a stall shows in the percentiles
+    (closed-loop callers would just call less, and their p50 is callers / rate)."""
+    loop = asyncio.get_running_loop()
+    latencies: list[float] = []
+    errors = 0
+    start = loop.time() + 0.01
+
+    async def one(index: int) -> None:
+        nonlocal errors
+        try:
+            await call(index)
+        except grpc.aio.AioRpcError:
+            errors += 1
+            return
+        latencies.append(loop.time() - (start + index / rate))
+
+    calls = []
+    for index in range(round(rate * seconds)):
+        await asyncio.sleep(max(0.0, start + index / rate - loop.time()))
+        calls.append(asyncio.create_task(one(index)))
+    await asyncio.gather(*calls)
+    return {
+        "p50_ms": 1000 * percentile(latencies, 50),
+        "p99_ms": 1000 * percentile(latencies, 99),
+        "open_loop_errors": errors,
+    }
+
+
 async def measure_rounds(
-    kinds: dict[str, tuple[Call, int]], callers: int, rounds: int, seconds: float
+    kinds: dict[str, tuple[Call, int]], callers: int, rounds: int, seconds: float, rate: float
 ) -> dict[str, list[dict[str, float]]]:
     """Each kind of call (its call and its server's PID) driven for a 1 s warm-up
-    (connections, prepared statements, caches), then `rounds` rounds of `seconds` per kind, in
-    turn; each kind's rounds."""
+    (connections, prepared statements, caches), then `rounds` rounds of, per kind in turn,
+    `seconds` of closed-loop callers (`rps`, CPU per call) and `seconds` of an open loop at
+    `rate` (`p50_ms`, `p99_ms`); each kind's rounds."""
     for call, pid in kinds.values():
         await drive(call, callers, 1.0, pid)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in kinds}
     for number in range(rounds):
         for name, (call, pid) in kinds.items():
-            results[name].append(await drive(call, callers, seconds, pid))
+            closed = await drive(call, callers, seconds, pid)
+            results[name].append(closed | await open_loop(call, rate, seconds))
         shown = (
             f"{name} {r[-1]['rps']:.0f}/s p99 {r[-1]['p99_ms']:.1f} ms"
             for name, r in results.items()
@@ -190,6 +217,9 @@ def rounds_parser(doc: str, callers: int) -> argparse.ArgumentParser:
     parser.add_argument("--tenants", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument(
+        "--rate", type=float, default=750.0, help="open-loop calls/s for latency (e2e target)"
+    )
     return parser
 
 

@@ -2,7 +2,7 @@
 in the same run.
 
     python -m tools.bench.seller_admin_bench [--callers 50] [--tenants 50] [--sellers 10]
-                                             [--rounds 5] [--seconds 3]
+                                             [--rounds 5] [--seconds 3] [--rate 750]
 
 Starts (unless DATABASE_URL / NATS_URL point at running ones) an embedded PostgreSQL (durable
 settings) and NATS JetStream, then two server processes: the real `python -m
@@ -15,7 +15,9 @@ per round, rotating echo, ResolveSender and ListSellerPhones rounds:
 - ResolveSender: `service` token; caller i writes to shop i mod tenants, half the calls from a
   seller, half from a client;
 - ListSellerPhones: a `staff` token of shop i mod tenants, listing its `--sellers` phones.
-Each kind reports the median over rounds of calls/s, p50/p99 latency and server CPU per call.
+Each round measures calls/s and server CPU per call with those closed-loop callers, then p50/p99
+latency from an open loop at `--rate` calls/s (default 750, the e2e target;
+`tools.bench.harness.open_loop`); each kind reports the median over rounds.
 
 Prints one JSON line; everything it started is stopped by PID at the end.
 """
@@ -115,7 +117,7 @@ async def measure(stack: SystemStack, args: argparse.Namespace) -> dict[str, obj
                 "resolve_sender": (resolve_call, stack.services["seller_admin"].pid),
                 "list_seller_phones": (list_call, stack.services["seller_admin"].pid),
             }
-            rounds = await measure_rounds(kinds, args.callers, args.rounds, args.seconds)
+            rounds = await measure_rounds(kinds, args.callers, args.rounds, args.seconds, args.rate)
     results = {name: median_of(r) for name, r in rounds.items()}
     echo_rps = results["echo"]["rps"]
     figures: dict[str, float] = {}

@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import random
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from urllib.parse import urlencode, urlsplit
+from functools import lru_cache
+from urllib.parse import quote_plus, urlsplit
 
 from twilio.request_validator import RequestValidator
 
@@ -32,6 +33,27 @@ class SignedWebhook:
     message_sid: str
     body: str  # application/x-www-form-urlencoded
     signature: str
+
+
+class _Form(dict[str, str]):
+    """Form parameters that Twilio's validator reads through `getall` (a MultiDict's method),
+    its first try: without it, every value costs a caught exception (a third of the time)."""
+
+    def getall(self, name: str) -> list[str]:
+        return [self[name]]
+
+
+# Most fields repeat from one webhook to the next: each distinct one is quoted once.
+_quote_repeated = lru_cache(maxsize=256)(quote_plus)
+_UNIQUE = frozenset({"SmsMessageSid", "SmsSid", "MessageSid", "WaId", "From", "ChannelMetadata"})
+
+
+def _form_body(params: dict[str, str]) -> str:
+    """`urlencode(params)`, three times faster (a run signs up to a million webhooks)."""
+    return "&".join(
+        f"{key}={quote_plus(value) if key in _UNIQUE else _quote_repeated(value)}"
+        for key, value in params.items()
+    )
 
 
 def message_sid(batch: int, nonce: int, index: int) -> str:
@@ -56,16 +78,27 @@ def _wa_id(index: int) -> str:
     return f"336{index % 100_000_000:08d}"
 
 
+def shop_number(index: int) -> str:
+    """The WhatsApp number of shop number `index` (shop 0's is `BUSINESS_NUMBER`)."""
+    return f"+1415523{8886 + index:04d}"
+
+
 def client_address(index: int) -> str:
     """The WhatsApp address (`From`, and `To` of any reply) of client number `index`."""
     return f"whatsapp:+{_wa_id(index)}"
 
 
 def whatsapp_params(
-    sid: str, account_sid: str, index: int, rng: random.Random, body: str | None = None
+    sid: str,
+    account_sid: str,
+    index: int,
+    rng: random.Random,
+    body: str | None = None,
+    to: str = BUSINESS_NUMBER,
 ) -> dict[str, str]:
-    """The form Twilio posts for one inbound WhatsApp text (field order as Twilio sends it);
-    the sender is client number `index`, the text `body` or else one drawn from `rng`."""
+    """The form Twilio posts for one inbound WhatsApp text (field order as Twilio sends it) to
+    the shop number `to`; the sender is client number `index`, the text `body` or else one
+    drawn from `rng`."""
     wa_id = _wa_id(index)
     name = rng.choice(_NAMES)
     text = rng.choice(_BODIES) if body is None else body
@@ -79,7 +112,7 @@ def whatsapp_params(
         "WaId": wa_id,
         "SmsStatus": "received",
         "Body": text,
-        "To": f"whatsapp:{BUSINESS_NUMBER}",
+        "To": f"whatsapp:{to}",
         "NumSegments": "1",
         "ReferralNumMedia": "0",
         "MessageSid": sid,
@@ -100,17 +133,19 @@ def signed_webhooks(
     nonce: int,
     body: str | None = None,
     first_client: int = 0,
+    shops: Sequence[str] = (BUSINESS_NUMBER,),
 ) -> Iterator[SignedWebhook]:
     """`count` distinct webhooks signed for `public_url` (the full URL Twilio would call), from
-    clients `first_client`, `first_client + 1`, ... (see `client_address`); every text is `body`
-    when given, else a mix of item codes and small talk."""
+    clients `first_client`, `first_client + 1`, ... (see `client_address`), to the shop numbers
+    `shops` in turn; every text is `body` when given, else a mix of item codes and small talk."""
     validator = RequestValidator(auth_token)
     rng = random.Random(f"{batch}:{nonce}")
     for index in range(count):
         sid = message_sid(batch, nonce, index)
-        params = whatsapp_params(sid, account_sid, first_client + index, rng, body)
+        to = shops[index % len(shops)]
+        params = _Form(whatsapp_params(sid, account_sid, first_client + index, rng, body, to))
         signature = validator.compute_signature(public_url, params)
-        yield SignedWebhook(sid, urlencode(params), signature)
+        yield SignedWebhook(sid, _form_body(params), signature)
 
 
 def raw_request(public_url: str, webhook: SignedWebhook) -> bytes:

@@ -116,11 +116,14 @@ def ensure_wrk() -> str:
     return found
 
 
-def write_wrk_inputs(workdir: Path, webhooks: Iterable[SignedWebhook]) -> tuple[Path, Path]:
-    """Write the Lua script and the request table it loads; return (script, requests file)."""
+def write_wrk_inputs(
+    workdir: Path, webhooks: Iterable[SignedWebhook], name: str = "webhooks"
+) -> tuple[Path, Path]:
+    """Write the Lua script and the request table it loads (`<name>.tsv`, replaced if there);
+    return (script, requests file)."""
     script = workdir / "webhooks.lua"
     script.write_text(_LUA)
-    table = workdir / "webhooks.tsv"
+    table = workdir / f"{name}.tsv"
     with table.open("w") as out:
         for webhook in webhooks:
             out.write(f"{webhook.signature}\t{webhook.body}\n")

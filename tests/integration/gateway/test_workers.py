@@ -29,6 +29,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _resident_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
 def _accepted(metrics_text: str) -> float:
     for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
@@ -60,6 +66,8 @@ async def test_workers_share_the_port_and_answer_metrics_for_all(nats_url: str) 
         base = f"http://{gateway.address}"
         workers = _children(gateway.pid)
         assert len(workers) == 2
+        # The supervisor never loads the app (~18 MB resident; ~60 MB when it did).
+        assert _resident_mb(gateway.pid) < 35
 
         statuses = await asyncio.gather(*(_post_on_fresh_connection(base) for _ in range(40)))
         assert statuses == [200] * 40
