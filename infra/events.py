@@ -5,6 +5,10 @@ that makes the change, so an event exists exactly when its change committed. `Ev
 publishes unpublished rows in order with `Nats-Msg-Id` = event id (JetStream drops a re-publish
 after a crash between publish and mark) and marks them published. It is woken by NOTIFY at
 commit and polls as a fallback; several replicas share the work with SKIP LOCKED.
+
+An audit-class event (recorded with the `actor` who made the change, and its tenant) is also
+published, with the same id and payload, to the AUDIT stream as `audit.<tenant>.<subject>`, with
+the audit headers below: who, what, when and for which tenant, whatever the event's type.
 """
 
 from __future__ import annotations
@@ -24,10 +28,17 @@ from infra.log import get_logger
 
 _log = get_logger(__name__)
 
+# Headers of an event's copy on the AUDIT stream (`infra.streams.audit_stream`).
+AUDIT_SUBJECT_PREFIX = "audit"
+ACTOR_HEADER = "Snapsell-Actor"
+TENANT_HEADER = "Snapsell-Tenant"
+TARGET_HEADER = "Snapsell-Target"
+OCCURRED_AT_HEADER = "Snapsell-Occurred-At"
+
 _INSERT = """
 WITH inserted AS (
-    INSERT INTO events (subject, aggregate_id, tenant_id, payload, traceparent)
-    VALUES ($1, $2, $3, $4, $5)
+    INSERT INTO events (subject, aggregate_id, tenant_id, payload, traceparent, actor)
+    VALUES ($1, $2, $3, $4, $5, $6)
     RETURNING id
 )
 SELECT id, pg_notify('events_' || current_schema(), '') FROM inserted
@@ -47,7 +58,7 @@ SELECT count(*), pg_notify('events_' || current_schema(), '') FROM inserted
 """
 
 _CLAIM = """
-SELECT id, subject, payload, traceparent FROM events
+SELECT id, subject, aggregate_id, tenant_id, payload, traceparent, actor, created_at FROM events
 WHERE published_at IS NULL
 ORDER BY id
 LIMIT $1
@@ -64,8 +75,13 @@ async def record_event(
     message: Message,
     aggregate_id: str,
     tenant_id: str | None = None,
+    actor: str | None = None,
 ) -> uuid.UUID:
-    """Record an event in the current transaction; returns its id."""
+    """Record an event in the current transaction; returns its id. With `actor` (who made the
+    change: a token's subject) it is an audit-class event of `tenant_id`: kept for the audit
+    retention and copied to the AUDIT stream."""
+    if actor is not None and not tenant_id:
+        raise ValueError(f"audit event {subject} needs a tenant_id")
     carrier: dict[str, str] = {}
     telemetry.inject(carrier)
     row = await conn.fetchrow(
@@ -75,6 +91,7 @@ async def record_event(
         tenant_id,
         message.SerializeToString(),
         carrier.get("traceparent"),
+        actor,
     )
     assert row is not None
     event_id: uuid.UUID = row["id"]
@@ -157,19 +174,41 @@ class EventRelay:
             rows = await conn.fetch(_CLAIM, self._batch_size)
             if not rows:
                 return 0
-            await self._publisher.publish_batch([_outgoing(row) for row in rows], ack_timeout_s=5.0)
+            outgoing = [message for row in rows for message in _outgoing(row)]
+            await self._publisher.publish_batch(outgoing, ack_timeout_s=5.0)
             await conn.execute(_MARK, [row["id"] for row in rows])
         return len(rows)
 
 
-def _outgoing(row: asyncpg.Record) -> jetstream.Outgoing:
+def _outgoing(row: asyncpg.Record) -> list[jetstream.Outgoing]:
+    """The event on its own subject and, for an audit-class event, its copy on the AUDIT stream
+    (a different stream: the shared id de-duplicates each copy in its own stream)."""
     traceparent = row["traceparent"]
-    return jetstream.Outgoing(
-        row["subject"],
-        row["payload"],
-        str(row["id"]),
-        {"traceparent": traceparent} if traceparent else None,
-    )
+    headers = {"traceparent": traceparent} if traceparent else {}
+    event_id = str(row["id"])
+    messages = [jetstream.Outgoing(row["subject"], row["payload"], event_id, headers or None)]
+    if row["actor"] is not None:
+        audit_headers = {
+            **headers,
+            ACTOR_HEADER: row["actor"],
+            TENANT_HEADER: row["tenant_id"],
+            TARGET_HEADER: row["aggregate_id"],
+            OCCURRED_AT_HEADER: row["created_at"].isoformat(),
+        }
+        messages.append(
+            jetstream.Outgoing(
+                audit_subject(row["tenant_id"], row["subject"]),
+                row["payload"],
+                event_id,
+                audit_headers,
+            )
+        )
+    return messages
+
+
+def audit_subject(tenant_id: str, subject: str) -> str:
+    """`audit.<tenant>.<event subject>`: a tenant's trail is one subject filter."""
+    return f"{AUDIT_SUBJECT_PREFIX}.{tenant_id}.{subject}"
 
 
 async def wait_any(*events: asyncio.Event, timeout_s: float) -> None:

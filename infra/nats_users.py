@@ -3,7 +3,8 @@ permissions derived from the table below, rendered as the `authorization` block 
 nats-server configuration (the embedded server of `make run` and the tests, and the deployed
 `deploy/base/nats/authorization.conf`, which a test compares with this table).
 
-A service may publish its own events (`<context>.v1.>`; the gateway `gateway.v1.>`) and the
+A service may publish its own events (`<context>.v1.>`; the gateway `gateway.v1.>`), the copies
+of its audit-class events (`audit.<tenant>.<context>.v1.>`, infra.events), and the
 JetStream API requests of the streams it declares and the consumers it reads, ack those
 consumers' messages, and receive replies only on its own inbox prefix (`_INBOX.<user>.>`, set
 by `infra.jetstream.connect`), so no service reads another's deliveries or replies. The
@@ -51,8 +52,8 @@ USERS: tuple[NatsUser, ...] = (
     NatsUser("gateway", publishes=("gateway.v1.>",), declares=("INBOUND",)),
     NatsUser(
         "routing",
-        publishes=("routing.v1.>",),
-        declares=("INBOUND", "ROUTING_EVENTS", "OUTBOX_EVENTS", "SELLER_ADMIN_EVENTS"),
+        publishes=("routing.v1.>", "audit.*.routing.v1.>"),
+        declares=("INBOUND", "ROUTING_EVENTS", "AUDIT", "OUTBOX_EVENTS", "SELLER_ADMIN_EVENTS"),
         durables=(
             Durable("INBOUND", "routing"),
             Durable("OUTBOX_EVENTS", "routing-carrier-opt-outs"),
@@ -61,13 +62,18 @@ USERS: tuple[NatsUser, ...] = (
     ),
     NatsUser(
         "outbox",
-        publishes=("outbox.v1.>",),
-        declares=("OUTBOX_EVENTS", "INBOUND", "SELLER_ADMIN_EVENTS"),
+        publishes=("outbox.v1.>", "audit.*.outbox.v1.>"),
+        declares=("OUTBOX_EVENTS", "AUDIT", "INBOUND", "SELLER_ADMIN_EVENTS"),
         durables=(Durable("INBOUND", "outbox-status-callbacks"),),
         follows=("SELLER_ADMIN_EVENTS",),  # channel changes: services/outbox/channels.py
     ),
     NatsUser("live_session", publishes=("live_session.v1.>",), declares=("LIVE_SESSION_EVENTS",)),
-    NatsUser("seller_admin", publishes=("seller_admin.v1.>",), declares=("SELLER_ADMIN_EVENTS",)),
+    NatsUser(
+        "seller_admin",
+        publishes=("seller_admin.v1.>", "audit.*.seller_admin.v1.>"),
+        declares=("SELLER_ADMIN_EVENTS", "AUDIT"),
+        follows=("AUDIT",),  # answers ListAuditRecords: services/seller_admin/audit_trail.py
+    ),
     NatsUser(
         "live_catalog",
         publishes=("live_catalog.v1.>",),
@@ -106,6 +112,7 @@ def publish_allow(user: NatsUser) -> list[str]:
             f"{api}.CONSUMER.CREATE.{stream}",
             f"{api}.CONSUMER.CREATE.{stream}.>",
             f"{api}.CONSUMER.DELETE.{stream}.>",
+            f"{api}.CONSUMER.INFO.{stream}.>",  # how many messages a bounded read awaits
             f"$JS.FC.{stream}.>",
         ]
     return list(dict.fromkeys(subjects))

@@ -18,7 +18,8 @@ until a batch comes back short; so no lock is held for long, autovacuum and repl
 and two replicas purging at once take different rows instead of waiting on each other. The
 cutoff uses the database clock, the one that wrote the timestamps. The statements (which rows
 count as finished) belong to the services; only the events table, which is infra's, has its
-purge here.
+purges here: delivery events after `EVENTS_RETENTION_DAYS`, audit-class events (those with an
+actor, `infra.events.record_event`) after `AUDIT_RETENTION_DAYS`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from infra.log import get_logger
 DEFAULT_INTERVAL_S = 3600.0
 DEFAULT_BATCH_SIZE = 1000
 DEFAULT_EVENTS_RETENTION_DAYS = 7
+# Who changed what stays answerable for a year and a month after the change.
+DEFAULT_AUDIT_RETENTION_DAYS = 400
 # Long enough for other writers and autovacuum to get in between batches, short enough that
 # a backlog of a million rows still clears in minutes.
 DEFAULT_PAUSE_S = 0.05
@@ -60,8 +63,12 @@ DELETE FROM {table} WHERE {key} = ANY (ARRAY (SELECT {key} FROM doomed))
 
 
 # Published events only: an unpublished event is still owed to JetStream, whatever its age.
+# Delivery events (no actor) and audit events have their own retention (and partial index).
 DELETE_PUBLISHED_EVENTS = batched_delete(
-    "events", "id", "published_at", where="published_at IS NOT NULL"
+    "events", "id", "published_at", where="published_at IS NOT NULL AND actor IS NULL"
+)
+DELETE_PUBLISHED_AUDIT_EVENTS = batched_delete(
+    "events", "id", "published_at", where="published_at IS NOT NULL AND actor IS NOT NULL"
 )
 
 _log = get_logger(__name__)
@@ -73,6 +80,8 @@ class RetentionSettings:
     batch_size: int
     # None: keep published events forever.
     events_max_age: timedelta | None
+    # The same for audit-class events (the environment's default: 400 days).
+    audit_max_age: timedelta | None = None
 
 
 def retention_days(name: str, default: int, *, minimum: int = 1) -> timedelta | None:
@@ -91,6 +100,7 @@ def load_retention_settings() -> RetentionSettings:
         ),
         batch_size=env_int("RETENTION_BATCH_SIZE", DEFAULT_BATCH_SIZE, minimum=1, maximum=100_000),
         events_max_age=retention_days("EVENTS_RETENTION_DAYS", DEFAULT_EVENTS_RETENTION_DAYS),
+        audit_max_age=retention_days("AUDIT_RETENTION_DAYS", DEFAULT_AUDIT_RETENTION_DAYS),
     )
 
 
@@ -104,10 +114,13 @@ class Purge:
 
 
 def published_events_purge(settings: RetentionSettings) -> list[Purge]:
-    """The events purge every service runs (none when events are kept forever)."""
-    if settings.events_max_age is None:
-        return []
-    return [Purge("events", DELETE_PUBLISHED_EVENTS, settings.events_max_age)]
+    """The events purges every service runs (none of a class kept forever)."""
+    purges = []
+    if settings.events_max_age is not None:
+        purges.append(Purge("events", DELETE_PUBLISHED_EVENTS, settings.events_max_age))
+    if settings.audit_max_age is not None:
+        purges.append(Purge("audit events", DELETE_PUBLISHED_AUDIT_EVENTS, settings.audit_max_age))
+    return purges
 
 
 def _deleted_count(status: str) -> int:

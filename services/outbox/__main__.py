@@ -31,7 +31,7 @@ from infra.lifecycle import tune_garbage_collector
 from infra.log import get_logger
 from infra.metrics import RpcMetricsInterceptor, start_metrics_server
 from infra.retention import RetentionTask
-from infra.streams import events_stream, inbound_stream
+from infra.streams import audit_stream, events_stream, inbound_stream
 from infra.supervisor import BackgroundTasks, Task
 from infra.telemetry import grpc_server_interceptors
 from infra.twilio_http import make_twilio_client
@@ -81,6 +81,7 @@ async def serve(stop: asyncio.Event) -> None:
         nats_client = await jetstream.connect(config.nats_url, name=SERVICE)
         js = nats_client.jetstream()
         await jetstream.ensure_stream(js, events_stream(SERVICE))
+        await jetstream.ensure_stream(js, audit_stream())
         await jetstream.ensure_stream(js, inbound_stream())
         # Declared identically by every service (infra.streams): the channel follower below
         # subscribes to it whether or not seller_admin has started yet.

@@ -629,6 +629,7 @@ class OutboxAdminStore:
                     message=event,
                     aggregate_id=str(row["id"]),
                     tenant_id=tenant_id,
+                    actor=actor,
                 )
             if rows:
                 await conn.execute("SELECT pg_notify('outbox_due', '')")
@@ -660,6 +661,7 @@ class OutboxAdminStore:
                     message=event,
                     aggregate_id=str(row["id"]),
                     tenant_id=tenant_id,
+                    actor=actor,
                 )
         return [row["id"] for row in rows]
 

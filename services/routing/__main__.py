@@ -29,7 +29,7 @@ from infra.lifecycle import tune_garbage_collector
 from infra.log import get_logger
 from infra.metrics import RpcMetricsInterceptor, start_metrics_server
 from infra.retention import RetentionTask
-from infra.streams import events_stream, inbound_stream
+from infra.streams import audit_stream, events_stream, inbound_stream
 from infra.supervisor import BackgroundTasks
 from infra.telemetry import grpc_server_interceptors
 from services.routing import store
@@ -70,6 +70,7 @@ async def serve(stop: asyncio.Event) -> None:
         for spec in (
             inbound_stream(),
             events_stream(SERVICE),
+            audit_stream(),
             events_stream("outbox"),
             events_stream("seller_admin"),
         ):

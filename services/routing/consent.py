@@ -62,5 +62,6 @@ async def apply_consent_change(conn: Connection, change: ConsentChange) -> Conse
             message=event,
             aggregate_id=f"{contact.channel.value}:{contact.address}",
             tenant_id=contact.tenant_id,
+            actor=change.actor,
         )
     return outcome

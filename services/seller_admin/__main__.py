@@ -25,11 +25,12 @@ from infra.lifecycle import tune_garbage_collector
 from infra.log import get_logger
 from infra.metrics import RpcMetricsInterceptor, start_metrics_server
 from infra.retention import RetentionTask
-from infra.streams import events_stream
+from infra.streams import audit_stream, events_stream
 from infra.supervisor import BackgroundTasks
 from infra.telemetry import grpc_server_interceptors
 from services.seller_admin.access import SERVICE_FULL_NAME, auth_policy
 from services.seller_admin.api import SellerAdminApi
+from services.seller_admin.audit_trail import AuditTrail
 from services.seller_admin.config import load_config
 
 SERVICE = "seller_admin"
@@ -48,6 +49,7 @@ async def serve(stop: asyncio.Event) -> None:
         nats_client = await jetstream.connect(config.nats_url, name=SERVICE)
         js = nats_client.jetstream()
         await jetstream.ensure_stream(js, events_stream(SERVICE))
+        await jetstream.ensure_stream(js, audit_stream())
         server = GrpcServer(
             config.grpc_port,
             [SERVICE_FULL_NAME],
@@ -59,7 +61,7 @@ async def serve(stop: asyncio.Event) -> None:
             ],
         )
         seller_admin_pb2_grpc.add_SellerAdminServiceServicer_to_server(
-            SellerAdminApi(pool), server.server
+            SellerAdminApi(pool, AuditTrail(js)), server.server
         )
         metrics = start_metrics_server(config.metrics_port)
         await server.start()

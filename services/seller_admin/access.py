@@ -33,6 +33,8 @@ RPC_ROLES: Mapping[str, frozenset[str]] = {
     "RemoveSellerPhone": frozenset({ADMIN, OWNER, MANAGER}),
     "ListSellerPhones": frozenset({ADMIN, OWNER, MANAGER, STAFF}),
     "ResolveSender": frozenset(),
+    # Who changed what: the platform's operators, and a shop's owner for its own shop.
+    "ListAuditRecords": frozenset({ADMIN, OWNER}),
 }
 # Which services may call each RPC (by identity): routing resolves the channel of inbound
 # messages and keeps its tenant's seller phones to tell sellers from clients; the outbox checks

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
 from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
@@ -23,6 +24,7 @@ from infra.log import get_logger
 from infra.page_tokens import PageTokens, page_size
 from services.seller_admin import audit, convert, store
 from services.seller_admin.access import scoped_tenant
+from services.seller_admin.audit_trail import AuditTrail
 from services.seller_admin.domain import (
     AlreadyExistsError,
     InvalidArgumentError,
@@ -61,13 +63,21 @@ ERROR_STATUS: ErrorStatus = {
 rpc = map_errors(ERROR_STATUS)
 
 
+def _instant(value: Timestamp, name: str) -> datetime:
+    try:
+        return value.ToDatetime(tzinfo=UTC)
+    except ValueError:  # seconds or nanos outside what a Timestamp may hold
+        raise InvalidArgumentError(f"{name} is not a valid timestamp") from None
+
+
 def _log_change(event: str, **fields: str) -> None:
     _log.info(event, extra={"fields": fields})
 
 
 class SellerAdminApi(seller_admin_pb2_grpc.SellerAdminServiceServicer):
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, audit_trail: AuditTrail) -> None:
         self._pool = pool
+        self._audit_trail = audit_trail
 
     # --- Tenants ------------------------------------------------------------------------------
 
@@ -272,6 +282,28 @@ class SellerAdminApi(seller_admin_pb2_grpc.SellerAdminServiceServicer):
         return pb.ListSellerPhonesResponse(
             seller_phones=[convert.seller_phone(p) for p in phones[:size]],
             next_page_token=next_token,
+        )
+
+    # --- Audit trail --------------------------------------------------------------------------
+
+    @rpc
+    async def ListAuditRecords(
+        self,
+        request: pb.ListAuditRecordsRequest,
+        context: grpc.aio.ServicerContext[pb.ListAuditRecordsRequest, pb.ListAuditRecordsResponse],
+    ) -> pb.ListAuditRecordsResponse:
+        actor = auth.current_principal()
+        tenant_id = scoped_tenant(actor.role, actor.tenant_id, request.tenant_id)
+        if not request.HasField("since"):
+            raise InvalidArgumentError("since is required")
+        since = _instant(request.since, "since")
+        until = _instant(request.until, "until") if request.HasField("until") else datetime.now(UTC)
+        if until < since:
+            raise InvalidArgumentError("until is before since")
+        page = await self._audit_trail.records(tenant_id, since, until)
+        return pb.ListAuditRecordsResponse(
+            records=[convert.audit_record(record) for record in page.records],
+            truncated=page.truncated,
         )
 
     # --- Routing ------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Audit events of seller_admin: built from the change and the caller, recorded in the caller's
-transaction (so an event exists exactly when its change committed), relayed by infra."""
+transaction (so an event exists exactly when its change committed) as audit-class events (with
+the caller's token subject as actor: kept long and copied to the AUDIT stream), relayed by
+infra."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ async def tenant_created(conn: Connection, actor: Principal, tenant: Tenant) -> 
         message=event,
         aggregate_id=tenant.tenant_id,
         tenant_id=tenant.tenant_id,
+        actor=actor.sub,
     )
 
 
@@ -45,6 +48,7 @@ async def channel_changed(
         message=event,
         aggregate_id=str(channel.channel_id),
         tenant_id=channel.tenant_id,
+        actor=actor.sub,
     )
 
 
@@ -65,4 +69,5 @@ async def seller_phone_changed(
         message=event,
         aggregate_id=str(phone.seller_phone_id),
         tenant_id=phone.tenant_id,
+        actor=actor.sub,
     )

@@ -21,6 +21,8 @@ What operators do by hand, each against the service that owns it:
     python -m services.seller_admin.cli get-message --tenant chez-marie MESSAGE_ID
     python -m services.seller_admin.cli redrive --tenant chez-marie MESSAGE_ID...
     python -m services.seller_admin.cli discard --tenant chez-marie --reason "..." MESSAGE_ID...
+    python -m services.seller_admin.cli audit --tenant chez-marie \\
+        --since 2026-12-01T00:00:00Z [--until 2026-12-07T18:00:00Z]   # who changed what
 
 Tokens are signed with the operator's own key (`SNAPSELL_SIGNING_KEY_FILE`, published in the
 services' trusted key set under `SNAPSELL_SIGNING_KEY_ID`, default `operator`) and live at most
@@ -44,12 +46,14 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 from snapsell.common.v1 import address_pb2
 from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
 from snapsell.routing.v1 import routing_pb2, routing_pb2_grpc
@@ -305,6 +309,19 @@ def _add_operations(commands: argparse._SubParsersAction[argparse.ArgumentParser
     discard.add_argument("--reason", required=True, help="kept in the audit trail")
     discard.add_argument("message_ids", nargs="+", metavar="MESSAGE_ID")
 
+    audit = add("audit", "seller_admin", _audit, "who changed what for a tenant, and when")
+    audit.add_argument("--tenant", required=True)
+    audit.add_argument("--since", required=True, type=_instant, help="ISO 8601, e.g. 2026-12-01")
+    audit.add_argument("--until", type=_instant, help="ISO 8601 (default: now)")
+
+
+def _instant(raw: str) -> Timestamp:
+    """An ISO 8601 date or date-time; without an offset, UTC."""
+    moment = datetime.fromisoformat(raw)
+    stamp = Timestamp()
+    stamp.FromDatetime(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+    return stamp
+
 
 async def _operate(service: str, operation: Operation, args: argparse.Namespace) -> Message:
     address = env_address(*_SERVICE_ADDRESSES[service])
@@ -425,6 +442,13 @@ async def _discard(args: argparse.Namespace, channel: grpc.aio.Channel) -> Messa
             tenant_id=args.tenant, message_ids=args.message_ids, reason=args.reason
         )
     )
+
+
+async def _audit(args: argparse.Namespace, channel: grpc.aio.Channel) -> Message:
+    request = pb.ListAuditRecordsRequest(tenant_id=args.tenant, since=args.since)
+    if args.until is not None:
+        request.until.CopyFrom(args.until)
+    return await seller_admin_pb2_grpc.SellerAdminServiceStub(channel).ListAuditRecords(request)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

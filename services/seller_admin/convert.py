@@ -6,6 +6,7 @@ from snapsell.common.v1 import address_pb2
 from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
 
 from infra.convert import timestamp
+from services.seller_admin.audit_trail import AuditRecord
 from services.seller_admin.domain import (
     Channel,
     ChannelKind,
@@ -61,3 +62,16 @@ def seller_phone(value: SellerPhone) -> pb.SellerPhone:
         address=value.address.value,
         create_time=timestamp(value.created_at),
     )
+
+
+def audit_record(value: AuditRecord) -> pb.AuditRecord:
+    record = pb.AuditRecord(
+        occurred_at=timestamp(value.occurred_at),
+        tenant_id=value.tenant_id,
+        actor=value.actor,
+        action=value.action,
+        target=value.target,
+        event_id=value.event_id,
+    )
+    record.details.update(value.details)
+    return record

@@ -8,12 +8,14 @@ import asyncio
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 from snapsell.outbox.v1 import outbox_pb2
 
 from tests.e2e.conftest import shop_from_cli
 from tests.e2e.harness import Harness, Shop, new_mobile
+from tests.support.polling import eventually
 from tools.stack import ROOT, SystemStack
 
 
@@ -106,6 +108,51 @@ async def test_dead_letters_are_listed_redriven_and_discarded(
     )
     assert discarded["discardedMessageIds"] == [message_id]
     assert (await ok(system, "list-dead-letters", "--tenant", shop.tenant_id))["messages"] == []
+
+
+async def test_the_audit_trail_names_who_changed_what_in_every_service(
+    system: SystemStack, harness: Harness
+) -> None:
+    since = datetime.now(UTC).isoformat()
+    shop = shop_from_cli(system, "ops-audit")
+    tenant = ("--tenant", shop.tenant_id)
+    client = new_mobile()
+    await ok(
+        system,
+        *("--as", "ops:alice", "set-consent", *tenant, "--address", f"whatsapp:{client}"),
+        *("--state", "opted-out", "--reason", "asked by phone"),
+    )
+    message_id = await harness.enqueue(shop, new_mobile(), "your order is ready")
+    await harness.wait_status(shop, message_id, outbox_pb2.MESSAGE_STATUS_DEAD)
+    await ok(system, "--as", "ops:bob", "redrive", *tenant, message_id)
+    await harness.wait_status(shop, message_id, outbox_pb2.MESSAGE_STATUS_DEAD)
+    await ok(system, "--as", "ops:bob", "discard", *tenant, "--reason", "gone", message_id)
+    await ok(system, "--as", "ops:alice", "remove-seller", *tenant, "--phone", shop.seller)
+    expected = [
+        ("operator-cli", "seller_admin.v1.tenant.created"),
+        ("operator-cli", "seller_admin.v1.channel.added"),
+        ("operator-cli", "seller_admin.v1.seller_phone.added"),
+        ("ops:alice", "routing.v1.opt_out.recorded"),
+        ("ops:bob", "outbox.v1.message.redriven"),
+        ("ops:bob", "outbox.v1.message.discarded"),
+        ("ops:alice", "seller_admin.v1.seller_phone.removed"),
+    ]
+
+    async def trail() -> list[dict[str, Any]]:
+        records = (await ok(system, "audit", *tenant, "--since", since))["records"]
+        return list(records) if len(records) >= len(expected) else []
+
+    records = await eventually(trail, "every change in the audit trail")
+    assert [(r["actor"], r["action"]) for r in records] == expected
+    assert {r["tenantId"] for r in records} == {shop.tenant_id}
+    consent, redrive, discard = records[3:6]
+    assert consent["target"] == f"whatsapp:{client}"
+    assert consent["details"]["reason"] == "asked by phone"
+    assert redrive["target"] == discard["target"] == message_id
+    assert discard["details"]["reason"] == "gone"
+    until = records[4]["occurredAt"]
+    window = await ok(system, "audit", *tenant, "--since", since, "--until", until)
+    assert [(r["actor"], r["action"]) for r in window["records"]] == expected[:5]
 
 
 async def test_operator_commands_fail_in_one_line(system: SystemStack) -> None:

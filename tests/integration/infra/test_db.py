@@ -69,6 +69,7 @@ async def test_migrations_apply_once_in_order_even_when_replicas_race(
     assert applied[0] == [
         "infra/001_events.sql",
         "infra/002_events_published_at.sql",
+        "infra/003_audit_events.sql",
         f"{name}/001_step.sql",
         f"{name}/002_step.sql",
         f"{name}/003_step.sql",

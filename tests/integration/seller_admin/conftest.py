@@ -22,9 +22,10 @@ from infra.db import create_pool, migrate_service
 from infra.events import EventRelay
 from infra.grpc_server import GrpcServer
 from infra.metrics import RpcMetricsInterceptor
-from infra.streams import events_stream
+from infra.streams import audit_stream, events_stream
 from services.seller_admin.access import SERVICE_FULL_NAME, auth_policy
 from services.seller_admin.api import SellerAdminApi
+from services.seller_admin.audit_trail import AuditTrail
 from tools.dev_keys import DevKeys
 from tools.stack import reset_service_schema
 
@@ -75,6 +76,7 @@ async def nats_client(nats_url: str) -> AsyncIterator[NatsClient]:
 async def js(nats_client: NatsClient) -> JetStreamContext:
     context = nats_client.jetstream()
     await jetstream.ensure_stream(context, events_stream(SERVICE))
+    await jetstream.ensure_stream(context, audit_stream())
     return context
 
 
@@ -91,7 +93,9 @@ async def relay(pool: asyncpg.Pool, nats_client: NatsClient) -> AsyncIterator[No
 
 
 @pytest.fixture(scope="module")
-async def server_address(pool: asyncpg.Pool, token_keys: DevKeys) -> AsyncIterator[str]:
+async def server_address(
+    pool: asyncpg.Pool, js: JetStreamContext, token_keys: DevKeys
+) -> AsyncIterator[str]:
     server = GrpcServer(
         0,
         [SERVICE_FULL_NAME],
@@ -102,7 +106,7 @@ async def server_address(pool: asyncpg.Pool, token_keys: DevKeys) -> AsyncIterat
         host="127.0.0.1",
     )
     seller_admin_pb2_grpc.add_SellerAdminServiceServicer_to_server(
-        SellerAdminApi(pool), server.server
+        SellerAdminApi(pool, AuditTrail(js)), server.server
     )
     await server.start()
     yield f"127.0.0.1:{server.bound_port}"

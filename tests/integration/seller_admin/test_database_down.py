@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
+from nats.js import JetStreamContext
 from snapsell.common.v1 import address_pb2
 from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
 from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
@@ -15,13 +16,14 @@ from infra.db import create_pool
 from infra.grpc_server import GrpcServer
 from services.seller_admin.access import SERVICE_FULL_NAME, auth_policy
 from services.seller_admin.api import SellerAdminApi
+from services.seller_admin.audit_trail import AuditTrail
 from tests.integration.seller_admin.conftest import ACCOUNT_SID, SERVICE, Metadata
 from tools.dev_keys import DevKeys
 
 
 @pytest.fixture
 async def stub_without_database(
-    service_dsn: str, token_keys: DevKeys
+    service_dsn: str, js: JetStreamContext, token_keys: DevKeys
 ) -> AsyncIterator[seller_admin_pb2_grpc.SellerAdminServiceStub]:
     pool = await create_pool(service_dsn, SERVICE, min_size=1, max_size=2)
     await pool.close()  # the database "went away"
@@ -32,7 +34,7 @@ async def stub_without_database(
         host="127.0.0.1",
     )
     seller_admin_pb2_grpc.add_SellerAdminServiceServicer_to_server(
-        SellerAdminApi(pool), server.server
+        SellerAdminApi(pool, AuditTrail(js)), server.server
     )
     await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.bound_port}") as channel:

@@ -75,6 +75,7 @@ async def test_migrate_applies_every_migration_once(
     assert [r["name"] for r in names] == [
         "infra/001_events.sql",
         "infra/002_events_published_at.sql",
+        "infra/003_audit_events.sql",
         "seller_admin/001_tenants_channels_seller_phones.sql",
         "seller_admin/002_event_subjects.sql",
         "seller_admin/003_alphanumeric_sender_ids.sql",

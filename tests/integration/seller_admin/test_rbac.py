@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import grpc
 import jwt
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from snapsell.common.v1 import address_pb2
 from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
 from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
@@ -63,6 +64,7 @@ RBAC_TABLE: dict[str, dict[str, frozenset[str]]] = {
         "service": BOTH,
     },
     "ResolveSender": {"service": BOTH},
+    "ListAuditRecords": {"admin": BOTH, "owner": frozenset({OWN})},
 }
 
 CASES = [
@@ -195,6 +197,10 @@ async def _resolve_sender(fx: Fixture, target: str) -> tuple[object, Check]:
     return request, _nothing
 
 
+async def _list_audit_records(fx: Fixture, target: str) -> tuple[object, Check]:
+    return pb.ListAuditRecordsRequest(tenant_id=target, since=Timestamp(seconds=0)), _nothing
+
+
 CALLS: dict[str, Call] = {
     "CreateTenant": _create_tenant,
     "GetTenant": _get_tenant,
@@ -206,6 +212,7 @@ CALLS: dict[str, Call] = {
     "RemoveSellerPhone": _remove_seller_phone,
     "ListSellerPhones": _list_seller_phones,
     "ResolveSender": _resolve_sender,
+    "ListAuditRecords": _list_audit_records,
 }
 
 

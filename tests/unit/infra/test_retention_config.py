@@ -9,7 +9,12 @@ import pytest
 from infra.config import ConfigError
 from infra.retention import load_retention_settings, retention_days
 
-NAMES = ("RETENTION_INTERVAL_SECONDS", "RETENTION_BATCH_SIZE", "EVENTS_RETENTION_DAYS")
+NAMES = (
+    "RETENTION_INTERVAL_SECONDS",
+    "RETENTION_BATCH_SIZE",
+    "EVENTS_RETENTION_DAYS",
+    "AUDIT_RETENTION_DAYS",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -24,6 +29,19 @@ def test_defaults_purge_hourly_in_batches_of_1000_keeping_a_week_of_events() -> 
     assert settings.interval_s == 3600.0
     assert settings.batch_size == 1000
     assert settings.events_max_age == timedelta(days=7)
+    assert settings.audit_max_age == timedelta(days=400)
+
+
+def test_audit_events_have_their_own_retention(environment: pytest.MonkeyPatch) -> None:
+    environment.setenv("EVENTS_RETENTION_DAYS", "1")
+    environment.setenv("AUDIT_RETENTION_DAYS", "730")
+    settings = load_retention_settings()
+    assert (settings.events_max_age, settings.audit_max_age) == (
+        timedelta(days=1),
+        timedelta(days=730),
+    )
+    environment.setenv("AUDIT_RETENTION_DAYS", "0")
+    assert load_retention_settings().audit_max_age is None
 
 
 def test_values_come_from_the_environment(environment: pytest.MonkeyPatch) -> None:

@@ -22,69 +22,76 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from snapsell.common.v1 import address_pb2 as snapsell_dot_common_dot_v1_dot_address__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+snapsell/seller_admin/v1/seller_admin.proto\x12\x18snapsell.seller_admin.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a snapsell/common/v1/address.proto\"b\n\x06Tenant\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xdc\x01\n\x07\x43hannel\x12\x12\n\nchannel_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x33\n\x04kind\x18\x03 \x01(\x0e\x32%.snapsell.seller_admin.v1.ChannelKind\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x13\n\x0b\x61\x63\x63ount_sid\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x16\x61lphanumeric_sender_id\x18\x07 \x01(\t\"\xb4\x01\n\x0bSellerPhone\x12\x17\n\x0fseller_phone_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x37\n\x04kind\x18\x03 \x01(\x0e\x32).snapsell.seller_admin.v1.SellerPhoneKind\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\">\n\x13\x43reateTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\"Y\n\x14\x43reateTenantResponse\x12\x30\n\x06tenant\x18\x01 \x01(\x0b\x32 .snapsell.seller_admin.v1.Tenant\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"%\n\x10GetTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"E\n\x11GetTenantResponse\x12\x30\n\x06tenant\x18\x01 \x01(\x0b\x32 .snapsell.seller_admin.v1.Tenant\";\n\x12ListTenantsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"a\n\x13ListTenantsResponse\x12\x31\n\x07tenants\x18\x01 \x03(\x0b\x32 .snapsell.seller_admin.v1.Tenant\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"l\n\x11\x41\x64\x64\x43hannelRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0b\x61\x63\x63ount_sid\x18\x03 \x01(\t\x12\x1e\n\x16\x61lphanumeric_sender_id\x18\x04 \x01(\t\"Y\n\x12\x41\x64\x64\x43hannelResponse\x12\x32\n\x07\x63hannel\x18\x01 \x01(\x0b\x32!.snapsell.seller_admin.v1.Channel\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\":\n\x14RemoveChannelRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"K\n\x15RemoveChannelResponse\x12\x32\n\x07\x63hannel\x18\x01 \x01(\x0b\x32!.snapsell.seller_admin.v1.Channel\"O\n\x13ListChannelsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"d\n\x14ListChannelsResponse\x12\x33\n\x08\x63hannels\x18\x01 \x03(\x0b\x32!.snapsell.seller_admin.v1.Channel\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"h\n\x15\x41\x64\x64SellerPhoneRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x16\n\x0cphone_number\x18\x02 \x01(\tH\x00\x12\x1a\n\x10whatsapp_user_id\x18\x03 \x01(\tH\x00\x42\x08\n\x06seller\"f\n\x16\x41\x64\x64SellerPhoneResponse\x12;\n\x0cseller_phone\x18\x01 \x01(\x0b\x32%.snapsell.seller_admin.v1.SellerPhone\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"k\n\x18RemoveSellerPhoneRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x16\n\x0cphone_number\x18\x02 \x01(\tH\x00\x12\x1a\n\x10whatsapp_user_id\x18\x03 \x01(\tH\x00\x42\x08\n\x06seller\"X\n\x19RemoveSellerPhoneResponse\x12;\n\x0cseller_phone\x18\x01 \x01(\x0b\x32%.snapsell.seller_admin.v1.SellerPhone\"S\n\x17ListSellerPhonesRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"q\n\x18ListSellerPhonesResponse\x12<\n\rseller_phones\x18\x01 \x03(\x0b\x32%.snapsell.seller_admin.v1.SellerPhone\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xc8\x01\n\x14ResolveSenderRequest\x12.\n\trecipient\x18\x01 \x01(\x0b\x32\x1b.snapsell.common.v1.Address\x12+\n\x06sender\x18\x02 \x01(\x0b\x32\x1b.snapsell.common.v1.Address\x12\x13\n\x0b\x61\x63\x63ount_sid\x18\x03 \x01(\t\x12\x1d\n\x15messaging_service_sid\x18\x04 \x01(\t\x12\x1f\n\x17sender_whatsapp_user_id\x18\x05 \x01(\t\"y\n\x15ResolveSenderResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x39\n\x0bsender_role\x18\x02 \x01(\x0e\x32$.snapsell.seller_admin.v1.SenderRole\x12\x12\n\nchannel_id\x18\x03 \x01(\t*\x80\x01\n\x0b\x43hannelKind\x12\x1c\n\x18\x43HANNEL_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43HANNEL_KIND_WHATSAPP\x10\x01\x12\x14\n\x10\x43HANNEL_KIND_SMS\x10\x02\x12\"\n\x1e\x43HANNEL_KIND_MESSAGING_SERVICE\x10\x03*\x80\x01\n\x0fSellerPhoneKind\x12!\n\x1dSELLER_PHONE_KIND_UNSPECIFIED\x10\x00\x12\"\n\x1eSELLER_PHONE_KIND_PHONE_NUMBER\x10\x01\x12&\n\"SELLER_PHONE_KIND_WHATSAPP_USER_ID\x10\x02*Y\n\nSenderRole\x12\x1b\n\x17SENDER_ROLE_UNSPECIFIED\x10\x00\x12\x16\n\x12SENDER_ROLE_SELLER\x10\x01\x12\x16\n\x12SENDER_ROLE_CLIENT\x10\x02\x32\xff\x08\n\x12SellerAdminService\x12m\n\x0c\x43reateTenant\x12-.snapsell.seller_admin.v1.CreateTenantRequest\x1a..snapsell.seller_admin.v1.CreateTenantResponse\x12\x64\n\tGetTenant\x12*.snapsell.seller_admin.v1.GetTenantRequest\x1a+.snapsell.seller_admin.v1.GetTenantResponse\x12j\n\x0bListTenants\x12,.snapsell.seller_admin.v1.ListTenantsRequest\x1a-.snapsell.seller_admin.v1.ListTenantsResponse\x12g\n\nAddChannel\x12+.snapsell.seller_admin.v1.AddChannelRequest\x1a,.snapsell.seller_admin.v1.AddChannelResponse\x12p\n\rRemoveChannel\x12..snapsell.seller_admin.v1.RemoveChannelRequest\x1a/.snapsell.seller_admin.v1.RemoveChannelResponse\x12m\n\x0cListChannels\x12-.snapsell.seller_admin.v1.ListChannelsRequest\x1a..snapsell.seller_admin.v1.ListChannelsResponse\x12s\n\x0e\x41\x64\x64SellerPhone\x12/.snapsell.seller_admin.v1.AddSellerPhoneRequest\x1a\x30.snapsell.seller_admin.v1.AddSellerPhoneResponse\x12|\n\x11RemoveSellerPhone\x12\x32.snapsell.seller_admin.v1.RemoveSellerPhoneRequest\x1a\x33.snapsell.seller_admin.v1.RemoveSellerPhoneResponse\x12y\n\x10ListSellerPhones\x12\x31.snapsell.seller_admin.v1.ListSellerPhonesRequest\x1a\x32.snapsell.seller_admin.v1.ListSellerPhonesResponse\x12p\n\rResolveSender\x12..snapsell.seller_admin.v1.ResolveSenderRequest\x1a/.snapsell.seller_admin.v1.ResolveSenderResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+snapsell/seller_admin/v1/seller_admin.proto\x12\x18snapsell.seller_admin.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a snapsell/common/v1/address.proto\"b\n\x06Tenant\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xdc\x01\n\x07\x43hannel\x12\x12\n\nchannel_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x33\n\x04kind\x18\x03 \x01(\x0e\x32%.snapsell.seller_admin.v1.ChannelKind\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12\x13\n\x0b\x61\x63\x63ount_sid\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x16\x61lphanumeric_sender_id\x18\x07 \x01(\t\"\xb4\x01\n\x0bSellerPhone\x12\x17\n\x0fseller_phone_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x37\n\x04kind\x18\x03 \x01(\x0e\x32).snapsell.seller_admin.v1.SellerPhoneKind\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\">\n\x13\x43reateTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\"Y\n\x14\x43reateTenantResponse\x12\x30\n\x06tenant\x18\x01 \x01(\x0b\x32 .snapsell.seller_admin.v1.Tenant\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"%\n\x10GetTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"E\n\x11GetTenantResponse\x12\x30\n\x06tenant\x18\x01 \x01(\x0b\x32 .snapsell.seller_admin.v1.Tenant\";\n\x12ListTenantsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"a\n\x13ListTenantsResponse\x12\x31\n\x07tenants\x18\x01 \x03(\x0b\x32 .snapsell.seller_admin.v1.Tenant\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"l\n\x11\x41\x64\x64\x43hannelRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0b\x61\x63\x63ount_sid\x18\x03 \x01(\t\x12\x1e\n\x16\x61lphanumeric_sender_id\x18\x04 \x01(\t\"Y\n\x12\x41\x64\x64\x43hannelResponse\x12\x32\n\x07\x63hannel\x18\x01 \x01(\x0b\x32!.snapsell.seller_admin.v1.Channel\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\":\n\x14RemoveChannelRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"K\n\x15RemoveChannelResponse\x12\x32\n\x07\x63hannel\x18\x01 \x01(\x0b\x32!.snapsell.seller_admin.v1.Channel\"O\n\x13ListChannelsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"d\n\x14ListChannelsResponse\x12\x33\n\x08\x63hannels\x18\x01 \x03(\x0b\x32!.snapsell.seller_admin.v1.Channel\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"h\n\x15\x41\x64\x64SellerPhoneRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x16\n\x0cphone_number\x18\x02 \x01(\tH\x00\x12\x1a\n\x10whatsapp_user_id\x18\x03 \x01(\tH\x00\x42\x08\n\x06seller\"f\n\x16\x41\x64\x64SellerPhoneResponse\x12;\n\x0cseller_phone\x18\x01 \x01(\x0b\x32%.snapsell.seller_admin.v1.SellerPhone\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"k\n\x18RemoveSellerPhoneRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x16\n\x0cphone_number\x18\x02 \x01(\tH\x00\x12\x1a\n\x10whatsapp_user_id\x18\x03 \x01(\tH\x00\x42\x08\n\x06seller\"X\n\x19RemoveSellerPhoneResponse\x12;\n\x0cseller_phone\x18\x01 \x01(\x0b\x32%.snapsell.seller_admin.v1.SellerPhone\"S\n\x17ListSellerPhonesRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"q\n\x18ListSellerPhonesResponse\x12<\n\rseller_phones\x18\x01 \x03(\x0b\x32%.snapsell.seller_admin.v1.SellerPhone\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xc8\x01\n\x14ResolveSenderRequest\x12.\n\trecipient\x18\x01 \x01(\x0b\x32\x1b.snapsell.common.v1.Address\x12+\n\x06sender\x18\x02 \x01(\x0b\x32\x1b.snapsell.common.v1.Address\x12\x13\n\x0b\x61\x63\x63ount_sid\x18\x03 \x01(\t\x12\x1d\n\x15messaging_service_sid\x18\x04 \x01(\t\x12\x1f\n\x17sender_whatsapp_user_id\x18\x05 \x01(\t\"y\n\x15ResolveSenderResponse\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x39\n\x0bsender_role\x18\x02 \x01(\x0e\x32$.snapsell.seller_admin.v1.SenderRole\x12\x12\n\nchannel_id\x18\x03 \x01(\t\"\x82\x01\n\x17ListAuditRecordsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12)\n\x05since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbc\x01\n\x0b\x41uditRecord\x12/\n\x0boccurred_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x0e\n\x06target\x18\x05 \x01(\t\x12(\n\x07\x64\x65tails\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08\x65vent_id\x18\x07 \x01(\t\"e\n\x18ListAuditRecordsResponse\x12\x36\n\x07records\x18\x01 \x03(\x0b\x32%.snapsell.seller_admin.v1.AuditRecord\x12\x11\n\ttruncated\x18\x02 \x01(\x08*\x80\x01\n\x0b\x43hannelKind\x12\x1c\n\x18\x43HANNEL_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43HANNEL_KIND_WHATSAPP\x10\x01\x12\x14\n\x10\x43HANNEL_KIND_SMS\x10\x02\x12\"\n\x1e\x43HANNEL_KIND_MESSAGING_SERVICE\x10\x03*\x80\x01\n\x0fSellerPhoneKind\x12!\n\x1dSELLER_PHONE_KIND_UNSPECIFIED\x10\x00\x12\"\n\x1eSELLER_PHONE_KIND_PHONE_NUMBER\x10\x01\x12&\n\"SELLER_PHONE_KIND_WHATSAPP_USER_ID\x10\x02*Y\n\nSenderRole\x12\x1b\n\x17SENDER_ROLE_UNSPECIFIED\x10\x00\x12\x16\n\x12SENDER_ROLE_SELLER\x10\x01\x12\x16\n\x12SENDER_ROLE_CLIENT\x10\x02\x32\xfa\t\n\x12SellerAdminService\x12m\n\x0c\x43reateTenant\x12-.snapsell.seller_admin.v1.CreateTenantRequest\x1a..snapsell.seller_admin.v1.CreateTenantResponse\x12\x64\n\tGetTenant\x12*.snapsell.seller_admin.v1.GetTenantRequest\x1a+.snapsell.seller_admin.v1.GetTenantResponse\x12j\n\x0bListTenants\x12,.snapsell.seller_admin.v1.ListTenantsRequest\x1a-.snapsell.seller_admin.v1.ListTenantsResponse\x12g\n\nAddChannel\x12+.snapsell.seller_admin.v1.AddChannelRequest\x1a,.snapsell.seller_admin.v1.AddChannelResponse\x12p\n\rRemoveChannel\x12..snapsell.seller_admin.v1.RemoveChannelRequest\x1a/.snapsell.seller_admin.v1.RemoveChannelResponse\x12m\n\x0cListChannels\x12-.snapsell.seller_admin.v1.ListChannelsRequest\x1a..snapsell.seller_admin.v1.ListChannelsResponse\x12s\n\x0e\x41\x64\x64SellerPhone\x12/.snapsell.seller_admin.v1.AddSellerPhoneRequest\x1a\x30.snapsell.seller_admin.v1.AddSellerPhoneResponse\x12|\n\x11RemoveSellerPhone\x12\x32.snapsell.seller_admin.v1.RemoveSellerPhoneRequest\x1a\x33.snapsell.seller_admin.v1.RemoveSellerPhoneResponse\x12y\n\x10ListSellerPhones\x12\x31.snapsell.seller_admin.v1.ListSellerPhonesRequest\x1a\x32.snapsell.seller_admin.v1.ListSellerPhonesResponse\x12p\n\rResolveSender\x12..snapsell.seller_admin.v1.ResolveSenderRequest\x1a/.snapsell.seller_admin.v1.ResolveSenderResponse\x12y\n\x10ListAuditRecords\x12\x31.snapsell.seller_admin.v1.ListAuditRecordsRequest\x1a\x32.snapsell.seller_admin.v1.ListAuditRecordsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'snapsell.seller_admin.v1.seller_admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHANNELKIND']._serialized_start=2528
-  _globals['_CHANNELKIND']._serialized_end=2656
-  _globals['_SELLERPHONEKIND']._serialized_start=2659
-  _globals['_SELLERPHONEKIND']._serialized_end=2787
-  _globals['_SENDERROLE']._serialized_start=2789
-  _globals['_SENDERROLE']._serialized_end=2878
-  _globals['_TENANT']._serialized_start=140
-  _globals['_TENANT']._serialized_end=238
-  _globals['_CHANNEL']._serialized_start=241
-  _globals['_CHANNEL']._serialized_end=461
-  _globals['_SELLERPHONE']._serialized_start=464
-  _globals['_SELLERPHONE']._serialized_end=644
-  _globals['_CREATETENANTREQUEST']._serialized_start=646
-  _globals['_CREATETENANTREQUEST']._serialized_end=708
-  _globals['_CREATETENANTRESPONSE']._serialized_start=710
-  _globals['_CREATETENANTRESPONSE']._serialized_end=799
-  _globals['_GETTENANTREQUEST']._serialized_start=801
-  _globals['_GETTENANTREQUEST']._serialized_end=838
-  _globals['_GETTENANTRESPONSE']._serialized_start=840
-  _globals['_GETTENANTRESPONSE']._serialized_end=909
-  _globals['_LISTTENANTSREQUEST']._serialized_start=911
-  _globals['_LISTTENANTSREQUEST']._serialized_end=970
-  _globals['_LISTTENANTSRESPONSE']._serialized_start=972
-  _globals['_LISTTENANTSRESPONSE']._serialized_end=1069
-  _globals['_ADDCHANNELREQUEST']._serialized_start=1071
-  _globals['_ADDCHANNELREQUEST']._serialized_end=1179
-  _globals['_ADDCHANNELRESPONSE']._serialized_start=1181
-  _globals['_ADDCHANNELRESPONSE']._serialized_end=1270
-  _globals['_REMOVECHANNELREQUEST']._serialized_start=1272
-  _globals['_REMOVECHANNELREQUEST']._serialized_end=1330
-  _globals['_REMOVECHANNELRESPONSE']._serialized_start=1332
-  _globals['_REMOVECHANNELRESPONSE']._serialized_end=1407
-  _globals['_LISTCHANNELSREQUEST']._serialized_start=1409
-  _globals['_LISTCHANNELSREQUEST']._serialized_end=1488
-  _globals['_LISTCHANNELSRESPONSE']._serialized_start=1490
-  _globals['_LISTCHANNELSRESPONSE']._serialized_end=1590
-  _globals['_ADDSELLERPHONEREQUEST']._serialized_start=1592
-  _globals['_ADDSELLERPHONEREQUEST']._serialized_end=1696
-  _globals['_ADDSELLERPHONERESPONSE']._serialized_start=1698
-  _globals['_ADDSELLERPHONERESPONSE']._serialized_end=1800
-  _globals['_REMOVESELLERPHONEREQUEST']._serialized_start=1802
-  _globals['_REMOVESELLERPHONEREQUEST']._serialized_end=1909
-  _globals['_REMOVESELLERPHONERESPONSE']._serialized_start=1911
-  _globals['_REMOVESELLERPHONERESPONSE']._serialized_end=1999
-  _globals['_LISTSELLERPHONESREQUEST']._serialized_start=2001
-  _globals['_LISTSELLERPHONESREQUEST']._serialized_end=2084
-  _globals['_LISTSELLERPHONESRESPONSE']._serialized_start=2086
-  _globals['_LISTSELLERPHONESRESPONSE']._serialized_end=2199
-  _globals['_RESOLVESENDERREQUEST']._serialized_start=2202
-  _globals['_RESOLVESENDERREQUEST']._serialized_end=2402
-  _globals['_RESOLVESENDERRESPONSE']._serialized_start=2404
-  _globals['_RESOLVESENDERRESPONSE']._serialized_end=2525
-  _globals['_SELLERADMINSERVICE']._serialized_start=2881
-  _globals['_SELLERADMINSERVICE']._serialized_end=4032
+  _globals['_CHANNELKIND']._serialized_start=2985
+  _globals['_CHANNELKIND']._serialized_end=3113
+  _globals['_SELLERPHONEKIND']._serialized_start=3116
+  _globals['_SELLERPHONEKIND']._serialized_end=3244
+  _globals['_SENDERROLE']._serialized_start=3246
+  _globals['_SENDERROLE']._serialized_end=3335
+  _globals['_TENANT']._serialized_start=170
+  _globals['_TENANT']._serialized_end=268
+  _globals['_CHANNEL']._serialized_start=271
+  _globals['_CHANNEL']._serialized_end=491
+  _globals['_SELLERPHONE']._serialized_start=494
+  _globals['_SELLERPHONE']._serialized_end=674
+  _globals['_CREATETENANTREQUEST']._serialized_start=676
+  _globals['_CREATETENANTREQUEST']._serialized_end=738
+  _globals['_CREATETENANTRESPONSE']._serialized_start=740
+  _globals['_CREATETENANTRESPONSE']._serialized_end=829
+  _globals['_GETTENANTREQUEST']._serialized_start=831
+  _globals['_GETTENANTREQUEST']._serialized_end=868
+  _globals['_GETTENANTRESPONSE']._serialized_start=870
+  _globals['_GETTENANTRESPONSE']._serialized_end=939
+  _globals['_LISTTENANTSREQUEST']._serialized_start=941
+  _globals['_LISTTENANTSREQUEST']._serialized_end=1000
+  _globals['_LISTTENANTSRESPONSE']._serialized_start=1002
+  _globals['_LISTTENANTSRESPONSE']._serialized_end=1099
+  _globals['_ADDCHANNELREQUEST']._serialized_start=1101
+  _globals['_ADDCHANNELREQUEST']._serialized_end=1209
+  _globals['_ADDCHANNELRESPONSE']._serialized_start=1211
+  _globals['_ADDCHANNELRESPONSE']._serialized_end=1300
+  _globals['_REMOVECHANNELREQUEST']._serialized_start=1302
+  _globals['_REMOVECHANNELREQUEST']._serialized_end=1360
+  _globals['_REMOVECHANNELRESPONSE']._serialized_start=1362
+  _globals['_REMOVECHANNELRESPONSE']._serialized_end=1437
+  _globals['_LISTCHANNELSREQUEST']._serialized_start=1439
+  _globals['_LISTCHANNELSREQUEST']._serialized_end=1518
+  _globals['_LISTCHANNELSRESPONSE']._serialized_start=1520
+  _globals['_LISTCHANNELSRESPONSE']._serialized_end=1620
+  _globals['_ADDSELLERPHONEREQUEST']._serialized_start=1622
+  _globals['_ADDSELLERPHONEREQUEST']._serialized_end=1726
+  _globals['_ADDSELLERPHONERESPONSE']._serialized_start=1728
+  _globals['_ADDSELLERPHONERESPONSE']._serialized_end=1830
+  _globals['_REMOVESELLERPHONEREQUEST']._serialized_start=1832
+  _globals['_REMOVESELLERPHONEREQUEST']._serialized_end=1939
+  _globals['_REMOVESELLERPHONERESPONSE']._serialized_start=1941
+  _globals['_REMOVESELLERPHONERESPONSE']._serialized_end=2029
+  _globals['_LISTSELLERPHONESREQUEST']._serialized_start=2031
+  _globals['_LISTSELLERPHONESREQUEST']._serialized_end=2114
+  _globals['_LISTSELLERPHONESRESPONSE']._serialized_start=2116
+  _globals['_LISTSELLERPHONESRESPONSE']._serialized_end=2229
+  _globals['_RESOLVESENDERREQUEST']._serialized_start=2232
+  _globals['_RESOLVESENDERREQUEST']._serialized_end=2432
+  _globals['_RESOLVESENDERRESPONSE']._serialized_start=2434
+  _globals['_RESOLVESENDERRESPONSE']._serialized_end=2555
+  _globals['_LISTAUDITRECORDSREQUEST']._serialized_start=2558
+  _globals['_LISTAUDITRECORDSREQUEST']._serialized_end=2688
+  _globals['_AUDITRECORD']._serialized_start=2691
+  _globals['_AUDITRECORD']._serialized_end=2879
+  _globals['_LISTAUDITRECORDSRESPONSE']._serialized_start=2881
+  _globals['_LISTAUDITRECORDSRESPONSE']._serialized_end=2982
+  _globals['_SELLERADMINSERVICE']._serialized_start=3338
+  _globals['_SELLERADMINSERVICE']._serialized_end=4612
 # @@protoc_insertion_point(module_scope)

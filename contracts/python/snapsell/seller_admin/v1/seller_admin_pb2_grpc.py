@@ -32,7 +32,8 @@ class SellerAdminServiceStub:
     tenants and channels are managed by `admin`; `owner` may list its own channels, and
     `service` callers any tenant's (the outbox checks a message's sender against them); seller
     phones are added/removed by `owner`/`manager` of the tenant (or `admin`) and listed by any
-    tenant role; `ResolveSender` is for internal `service` callers only.
+    tenant role; `ResolveSender` is for internal `service` callers only; the audit trail is read
+    by `admin` (any tenant) and `owner` (its own).
     Tenant roles always act on the tenant in their token: an empty `tenant_id` means "mine",
     another tenant's id is PERMISSION_DENIED. `admin` must name the tenant.
     """
@@ -93,6 +94,11 @@ class SellerAdminServiceStub:
                 request_serializer=snapsell_dot_seller__admin_dot_v1_dot_seller__admin__pb2.ResolveSenderRequest.SerializeToString,
                 response_deserializer=snapsell_dot_seller__admin_dot_v1_dot_seller__admin__pb2.ResolveSenderResponse.FromString,
                 _registered_method=True)
+        self.ListAuditRecords = channel.unary_unary(
+                '/snapsell.seller_admin.v1.SellerAdminService/ListAuditRecords',
+                request_serializer=snapsell_dot_seller__admin_dot_v1_dot_seller__admin__pb2.ListAuditRecordsRequest.SerializeToString,
+                response_deserializer=snapsell_dot_seller__admin_dot_v1_dot_seller__admin__pb2.ListAuditRecordsResponse.FromString,
+                _registered_method=True)
 
 
 class SellerAdminServiceServicer:
@@ -102,7 +108,8 @@ class SellerAdminServiceServicer:
     tenants and channels are managed by `admin`; `owner` may list its own channels, and
     `service` callers any tenant's (the outbox checks a message's sender against them); seller
     phones are added/removed by `owner`/`manager` of the tenant (or `admin`) and listed by any
-    tenant role; `ResolveSender` is for internal `service` callers only.
+    tenant role; `ResolveSender` is for internal `service` callers only; the audit trail is read
+    by `admin` (any tenant) and `owner` (its own).
     Tenant roles always act on the tenant in their token: an empty `tenant_id` means "mine",
     another tenant's id is PERMISSION_DENIED. `admin` must name the tenant.
     """
@@ -178,6 +185,15 @@ class SellerAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditRecords(self, request, context):
+        """Who changed what for a tenant between two instants, oldest first: the audit-class events
+        of every service (seller phones and channels here, consent in routing, dead-letter
+        redrives and discards in the outbox), read from the AUDIT stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SellerAdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -231,6 +247,11 @@ def add_SellerAdminServiceServicer_to_server(servicer, server):
                     request_deserializer=snapsell_dot_seller__admin_dot_v1_dot_seller__admin__pb2.ResolveSenderRequest.FromString,
                     response_serializer=snapsell_dot_seller__admin_dot_v1_dot_seller__admin__pb2.ResolveSenderResponse.SerializeToString,
             ),
+            'ListAuditRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditRecords,
+                    request_deserializer=snapsell_dot_seller__admin_dot_v1_dot_seller__admin__pb2.ListAuditRecordsRequest.FromString,
+                    response_serializer=snapsell_dot_seller__admin_dot_v1_dot_seller__admin__pb2.ListAuditRecordsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'snapsell.seller_admin.v1.SellerAdminService', rpc_method_handlers)
@@ -246,7 +267,8 @@ class SellerAdminService:
     tenants and channels are managed by `admin`; `owner` may list its own channels, and
     `service` callers any tenant's (the outbox checks a message's sender against them); seller
     phones are added/removed by `owner`/`manager` of the tenant (or `admin`) and listed by any
-    tenant role; `ResolveSender` is for internal `service` callers only.
+    tenant role; `ResolveSender` is for internal `service` callers only; the audit trail is read
+    by `admin` (any tenant) and `owner` (its own).
     Tenant roles always act on the tenant in their token: an empty `tenant_id` means "mine",
     another tenant's id is PERMISSION_DENIED. `admin` must name the tenant.
     """
@@ -511,6 +533,33 @@ class SellerAdminService:
             '/snapsell.seller_admin.v1.SellerAdminService/ResolveSender',
             snapsell_dot_seller__admin_dot_v1_dot_seller__admin__pb2.ResolveSenderRequest.SerializeToString,
             snapsell_dot_seller__admin_dot_v1_dot_seller__admin__pb2.ResolveSenderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snapsell.seller_admin.v1.SellerAdminService/ListAuditRecords',
+            snapsell_dot_seller__admin_dot_v1_dot_seller__admin__pb2.ListAuditRecordsRequest.SerializeToString,
+            snapsell_dot_seller__admin_dot_v1_dot_seller__admin__pb2.ListAuditRecordsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -33,7 +33,8 @@ class SellerAdminServiceStub:
     tenants and channels are managed by `admin`; `owner` may list its own channels, and
     `service` callers any tenant's (the outbox checks a message's sender against them); seller
     phones are added/removed by `owner`/`manager` of the tenant (or `admin`) and listed by any
-    tenant role; `ResolveSender` is for internal `service` callers only.
+    tenant role; `ResolveSender` is for internal `service` callers only; the audit trail is read
+    by `admin` (any tenant) and `owner` (its own).
     Tenant roles always act on the tenant in their token: an empty `tenant_id` means "mine",
     another tenant's id is PERMISSION_DENIED. `admin` must name the tenant.
     """
@@ -67,6 +68,11 @@ class SellerAdminServiceStub:
     sellers. The channel is found by Messaging Service SID first, then by (AccountSid, To).
     An unknown receiving channel is NOT_FOUND.
     """
+    ListAuditRecords: _grpc.UnaryUnaryMultiCallable[_seller_admin_pb2.ListAuditRecordsRequest, _seller_admin_pb2.ListAuditRecordsResponse]
+    """Who changed what for a tenant between two instants, oldest first: the audit-class events
+    of every service (seller phones and channels here, consent in routing, dead-letter
+    redrives and discards in the outbox), read from the AUDIT stream.
+    """
 
 @_typing.type_check_only
 class SellerAdminServiceAsyncStub(SellerAdminServiceStub):
@@ -76,7 +82,8 @@ class SellerAdminServiceAsyncStub(SellerAdminServiceStub):
     tenants and channels are managed by `admin`; `owner` may list its own channels, and
     `service` callers any tenant's (the outbox checks a message's sender against them); seller
     phones are added/removed by `owner`/`manager` of the tenant (or `admin`) and listed by any
-    tenant role; `ResolveSender` is for internal `service` callers only.
+    tenant role; `ResolveSender` is for internal `service` callers only; the audit trail is read
+    by `admin` (any tenant) and `owner` (its own).
     Tenant roles always act on the tenant in their token: an empty `tenant_id` means "mine",
     another tenant's id is PERMISSION_DENIED. `admin` must name the tenant.
     """
@@ -107,6 +114,11 @@ class SellerAdminServiceAsyncStub(SellerAdminServiceStub):
     sellers. The channel is found by Messaging Service SID first, then by (AccountSid, To).
     An unknown receiving channel is NOT_FOUND.
     """
+    ListAuditRecords: _aio.UnaryUnaryMultiCallable[_seller_admin_pb2.ListAuditRecordsRequest, _seller_admin_pb2.ListAuditRecordsResponse]  # type: ignore[assignment]
+    """Who changed what for a tenant between two instants, oldest first: the audit-class events
+    of every service (seller phones and channels here, consent in routing, dead-letter
+    redrives and discards in the outbox), read from the AUDIT stream.
+    """
 
 class SellerAdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Tenants (shops), their receiving channels and their seller phones.
@@ -115,7 +127,8 @@ class SellerAdminServiceServicer(metaclass=_abc_1.ABCMeta):
     tenants and channels are managed by `admin`; `owner` may list its own channels, and
     `service` callers any tenant's (the outbox checks a message's sender against them); seller
     phones are added/removed by `owner`/`manager` of the tenant (or `admin`) and listed by any
-    tenant role; `ResolveSender` is for internal `service` callers only.
+    tenant role; `ResolveSender` is for internal `service` callers only; the audit trail is read
+    by `admin` (any tenant) and `owner` (its own).
     Tenant roles always act on the tenant in their token: an empty `tenant_id` means "mine",
     another tenant's id is PERMISSION_DENIED. `admin` must name the tenant.
     """
@@ -203,6 +216,17 @@ class SellerAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """Which tenant an inbound message belongs to and whether its sender is one of the tenant's
         sellers. The channel is found by Messaging Service SID first, then by (AccountSid, To).
         An unknown receiving channel is NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAuditRecords(
+        self,
+        request: _seller_admin_pb2.ListAuditRecordsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_seller_admin_pb2.ListAuditRecordsResponse, _abc.Awaitable[_seller_admin_pb2.ListAuditRecordsResponse]]:
+        """Who changed what for a tenant between two instants, oldest first: the audit-class events
+        of every service (seller phones and channels here, consent in routing, dead-letter
+        redrives and discards in the outbox), read from the AUDIT stream.
         """
 
 def add_SellerAdminServiceServicer_to_server(servicer: SellerAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
