@@ -4,7 +4,8 @@
 that makes the change, so an event exists exactly when its change committed. `EventRelay`
 publishes unpublished rows in order with `Nats-Msg-Id` = event id (JetStream drops a re-publish
 after a crash between publish and mark) and marks them published. It is woken by NOTIFY at
-commit and polls as a fallback; several replicas share the work with SKIP LOCKED.
+commit (debounced: a storm of commits a few ms apart is one relay round) and polls as a
+fallback; several replicas share the work with SKIP LOCKED.
 
 An audit-class event (recorded with the `actor` who made the change, and its tenant) is also
 published, with the same id and payload, to the AUDIT stream as `audit.<tenant>.<subject>`, with
@@ -123,6 +124,35 @@ async def record_events(conn: Connection, events: Sequence[NewEvent]) -> None:
     )
 
 
+# How long a NOTIFY waits for others before it wakes its listener: commits a few ms apart (a
+# trickle of enqueues, a storm of small transactions) then cost one claim or relay round, not
+# one each, for a few ms of latency.
+NOTIFY_DEBOUNCE_S = 0.005
+
+
+class DebouncedWakeup:
+    """Sets `event` `delay_s` after the first of a run of calls (a LISTEN callback): the calls
+    made meanwhile join that one wake-up."""
+
+    def __init__(self, event: asyncio.Event, delay_s: float = NOTIFY_DEBOUNCE_S) -> None:
+        self.event = event
+        self._delay_s = delay_s
+        self._pending: asyncio.TimerHandle | None = None
+
+    def __call__(self, *_: object) -> None:
+        if self._pending is None:
+            self._pending = asyncio.get_running_loop().call_later(self._delay_s, self._fire)
+
+    def _fire(self) -> None:
+        self._pending = None
+        self.event.set()
+
+    def cancel(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+
+
 class EventRelay:
     """Publishes a schema's committed events to JetStream."""
 
@@ -141,6 +171,7 @@ class EventRelay:
         self._batch_size = batch_size
         self._poll_interval_s = poll_interval_s
         self._wake = asyncio.Event()
+        self._notified = DebouncedWakeup(self._wake)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until `stop` is set; database or NATS outages are waited out, never fatal."""
@@ -152,6 +183,7 @@ class EventRelay:
                     try:
                         await self._relay_until(stop, listener)
                     finally:
+                        self._notified.cancel()
                         if not listener.is_closed():
                             await listener.remove_listener(self._channel, self._notified)
             except Exception as exc:
@@ -164,9 +196,6 @@ class EventRelay:
                 continue  # more are waiting
             self._wake.clear()
             await wait_any(self._wake, stop, timeout_s=self._poll_interval_s)
-
-    def _notified(self, *_: object) -> None:
-        self._wake.set()
 
     async def relay_once(self) -> int:
         """Publish one batch; returns how many events were published."""

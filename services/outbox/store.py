@@ -86,64 +86,10 @@ FROM unnest($1::text[], $2::text[]) AS k(tenant_id, idempotency_key)
 JOIN messages m ON m.tenant_id = k.tenant_id AND m.idempotency_key = k.idempotency_key
 """
 
-# One statement: pick due rows (skipping those another worker holds), take the lease, and
-# record a lease that ran out as an attempt whose outcome must be reconciled. A `sending` row
-# is due when its lease expired: `next_attempt_at` doubles as the lease expiry for the index.
-_CLAIM = """
-WITH due AS (
-    SELECT id, status AS prior_status, attempt_started_at AS prior_started_at,
-           lease_owner AS prior_owner
-    FROM messages
-    WHERE status IN ('pending', 'sending') AND next_attempt_at <= now()
-      AND NOT (sender || ' ' || tenant_id = ANY ($4::text[]))
-      -- A worker never claims again what it still holds (a result not yet written after its
-      -- lease ran out): that result would be written over the new claim as if it were its own.
-      AND NOT (id = ANY ($5::uuid[]))
-    ORDER BY next_attempt_at
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED
-), claimed AS (
-    UPDATE messages m SET
-        status = 'sending',
-        lease_owner = $1,
-        lease_expires_at = now() + make_interval(secs => $3),
-        next_attempt_at = now() + make_interval(secs => $3),
-        attempt_started_at = now(),
-        attempt_count = m.attempt_count + (due.prior_status = 'sending')::int,
-        reconcile_since = CASE WHEN due.prior_status = 'sending'
-            THEN coalesce(m.reconcile_since, due.prior_started_at, m.updated_at)
-            ELSE m.reconcile_since END,
-        updated_at = now()
-    FROM due
-    -- `= ANY (ARRAY(...))`: primary-key look-ups, never a scan of the table.
-    WHERE m.id = ANY (ARRAY(SELECT id FROM due)) AND m.id = due.id
-    RETURNING m.id, m.tenant_id, m.correlation_id, m.kind, m.account_sid, m.sender,
-        m.recipient_channel, m.recipient, m.body, m.content_sid, m.content_variables,
-        m.attempt_count, m.max_attempts, m.reconcile_failures, m.budget_started_at,
-        m.attempt_started_at, m.reconcile_since, m.traceparent, due.prior_status,
-        due.prior_started_at, due.prior_owner
-), lease_expiries AS (
-    INSERT INTO attempts (message_id, outcome, started_at, finished_at, error_message, worker_id)
-    SELECT id, 'lease_expired', coalesce(prior_started_at, now()), now(),
-        'the worker lease ran out before a result was recorded', coalesce(prior_owner, '')
-    FROM claimed
-    WHERE prior_status = 'sending'
-)
-SELECT id, tenant_id, correlation_id, kind, account_sid, sender, recipient_channel, recipient,
-    body, content_sid, content_variables, attempt_count, max_attempts, reconcile_failures,
-    budget_started_at, attempt_started_at, reconcile_since, traceparent, prior_status
-FROM claimed
-"""
-
-# Walk the due index in order and stop after `limit` rows. Right after a burst of enqueues
-# the table statistics lag behind (until autovacuum analyzes it) and the planner would
-# rather sort every due row to find the oldest few: with a backlog of a million, every claim.
-# It also expects a row or two from `due`, and would then pair due and locked rows with a
-# nested loop comparing every pair: 40,000 comparisons for a batch of 200.
-_CLAIM_PLAN = (
-    "SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off;"
-    " SET LOCAL enable_nestloop = off"
-)
+# Pick due rows (skipping those another worker holds), take the lease, and record a lease that
+# ran out as an attempt to reconcile: one statement in a function, with the planner settings
+# that keep it on the due index (migrations/006_claim_function.sql), so one round trip.
+_CLAIM = "SELECT * FROM claim_due_messages($1, $2, $3, $4, $5)"
 
 # The ownership rule of these three is a CASE, not plain conditions: `status = 'sending'` would
 # let the planner scan the due index (every pending row, a million after a burst) instead of
@@ -400,9 +346,7 @@ class OutboxStore:
         rows other workers hold, the (sender, tenant) pairs this worker has enough of, and the
         `held` messages this worker has claimed and not yet settled."""
         pairs = [_pair_key(sender, tenant) for sender, tenant in saturated]
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(_CLAIM_PLAN)
-            rows = await conn.fetch(_CLAIM, worker_id, limit, float(lease_s), pairs, list(held))
+        rows = await self.pool.fetch(_CLAIM, worker_id, limit, float(lease_s), pairs, list(held))
         return [_claimed(row) for row in rows]
 
     async def renew_leases(

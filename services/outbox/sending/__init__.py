@@ -1,10 +1,12 @@
 """The sending pipeline: how a due message becomes a Twilio send and a written result.
 
     messages due (pending, or a lease that ran out)
-      │   wakeups.py     LISTEN outbox_due, a timer at the earliest retry, a poll
+      │   wakeups.py     LISTEN outbox_due (debounced by a few ms), a timer at the
+      │                  earliest retry, a poll
       ▼
     claim ............. pipeline.py    SendingPipeline: store.claim_due_messages in batches,
-      │                                FOR UPDATE SKIP LOCKED under a lease;
+      │                                FOR UPDATE SKIP LOCKED under a lease, one round
+      │                                trip (a SQL function);
       │                 leases.py      renews the leases of what is held
       ▼
     consent ........... consent.py     BatchConsent: one routing CheckOptOuts per claimed batch

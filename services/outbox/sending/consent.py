@@ -7,6 +7,12 @@ No send is decided on an answer older than `OUTBOX_CONSENT_MAX_AGE_SECONDS`: the
 again, in batches, for messages still waiting once their answer is half that old
 (`refresh_consent`), and `BatchConsent.for_send` asks again for a message alone when its
 answer is older anyway, so an opt-out is never honoured later than that.
+
+The bound: routing answers from its consent ledger (no cache), so a STOP committed before an
+answer was asked blocks every send decided on it; a message is therefore never sent once its
+recipient's STOP has been committed for longer than `OUTBOX_CONSENT_MAX_AGE_SECONDS` (1 s by
+default), plus the time of the send request itself
+(tests/integration/outbox/test_batch_consent.py proves it with routing's real ledger).
 """
 
 from __future__ import annotations

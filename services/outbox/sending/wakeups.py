@@ -1,5 +1,6 @@
-"""When the sending pipeline claims again, besides its poll: at once when an enqueue commits (LISTEN
-`outbox_due`; the enqueue NOTIFYs), and when the earliest retry it scheduled is due."""
+"""When the sending pipeline claims again, besides its poll: when an enqueue commits (LISTEN
+`outbox_due`; the enqueue NOTIFYs; debounced, so enqueues committed a few ms apart are claimed
+together), and when the earliest retry it scheduled is due."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import asyncio
 import asyncpg
 
 from infra.db import DATABASE_UNAVAILABLE
-from infra.events import wait_any
+from infra.events import DebouncedWakeup, wait_any
 from infra.log import get_logger
 from services.outbox.store import DUE_CHANNEL
 
@@ -24,9 +25,7 @@ class DueWakeups:
         self.event = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-
-    def _notified(self, *_: object) -> None:
-        self.event.set()
+        self._notified = DebouncedWakeup(self.event)
 
     async def listen(self, stop: asyncio.Event) -> None:
         """LISTEN until `stop`, on one connection of the pool; reconnects after a failure."""
@@ -57,5 +56,6 @@ class DueWakeups:
         self._timer = loop.call_at(at, self.event.set)
 
     def close(self) -> None:
+        self._notified.cancel()
         if self._timer is not None:
             self._timer.cancel()

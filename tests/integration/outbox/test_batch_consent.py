@@ -1,11 +1,14 @@
 """Consent per claimed batch, with routing's real consent ledger: one CheckOptOuts call decides
 a whole batch (opted-out recipients blocked, the others sent), while routing cannot answer
-every message waits, neither sent nor blocked, until it can, and the batch check is traced."""
+every message waits, neither sent nor blocked, until it can, the batch check is traced, and a
+message enqueued before a STOP is never sent later than OUTBOX_CONSENT_MAX_AGE_SECONDS after
+the STOP committed."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -158,3 +161,51 @@ async def test_the_batch_check_is_traced_and_the_sends_of_its_batch_are_traced_t
     sends = [s for s in spans if s["name"] == "outbox.send"]
     assert len(sends) == len(phones)
     assert {s["attributes"]["snapsell.outbox.status"] for s in sends} == {"sent"}
+
+
+async def test_no_message_is_sent_later_than_the_consent_bound_after_its_stop_committed(
+    stack: OutboxStack,
+) -> None:
+    """The bound: a send is decided on a CheckOptOuts answer at most
+    OUTBOX_CONSENT_MAX_AGE_SECONDS old, and routing answers from its ledger, so a STOP
+    committed before the answer blocks the send, and one committed after it was committed at
+    most that long before the send. Here the messages are claimed (and their batch answered)
+    before the STOPs, then held back by the rate limit for longer than the bound."""
+    bound_s = 0.5
+    # 2 sends/s: four messages claimed at once (twice the rate), sent 0.5 s apart.
+    outbox = await stack.start_outbox(
+        OUTBOX_RATE_LIMIT_PER_SENDER="2",
+        OUTBOX_RATE_LIMIT_BURST="1",
+        OUTBOX_CONSENT_MAX_AGE_SECONDS=str(bound_s),
+    )
+    try:
+        phones = [new_phone() for _ in range(4)]
+        await insert_backlog(stack, phones, "bound-")
+
+        async def first_sent() -> bool:
+            return "sent" in (await statuses(stack, "bound-")).values()
+
+        await eventually(first_sent, timeout_s=20, every_s=0.01)
+        waiting = [p for p, s in (await statuses(stack, "bound-")).items() if s != "sent"]
+        for phone in waiting:
+            await stack.opt_out(sms(phone))
+        stopped_at = time.time()  # every STOP committed
+
+        async def all_decided() -> bool:
+            return set((await statuses(stack, "bound-")).values()) <= {"sent", "blocked"}
+
+        await eventually(all_decided, timeout_s=20)
+        assert stack.db is not None
+        rows = await stack.db.fetch(
+            "SELECT recipient, status, extract(epoch FROM sent_at) AS sent_at"
+            " FROM outbox.messages WHERE recipient = ANY ($1::text[])",
+            waiting,
+        )
+        # The third and fourth sends come 1 s and 1.5 s after the first, past the bound.
+        assert len(waiting) >= 2 and sum(r["status"] == "blocked" for r in rows) >= 2, rows
+        # A send decided on an answer asked before a STOP: within the bound (+ the send itself).
+        deadline = stopped_at + bound_s + 0.3
+        late = [r for r in rows if r["status"] == "sent" and r["sent_at"] > deadline]
+        assert late == [], (stopped_at, rows)
+    finally:
+        outbox.stop()

@@ -157,15 +157,29 @@ async def sending_ids(pool: asyncpg.Pool, limit: int) -> list[uuid.UUID]:
     return [row["id"] for row in rows]
 
 
+async def claim_function_body(conn: asyncpg.Connection) -> str:
+    """The claim statement as PostgreSQL runs it (store._CLAIM calls the function): its body,
+    with the function's planner settings applied to the current transaction."""
+    row = await conn.fetchrow(
+        "SELECT prosrc, proconfig FROM pg_proc"
+        " WHERE proname = 'claim_due_messages' AND pronamespace = current_schema()::regnamespace"
+    )
+    assert row is not None and row["proconfig"], "the claim runs under its planner settings"
+    for setting in row["proconfig"]:
+        name, value = setting.split("=", 1)
+        await conn.execute("SELECT set_config($1, $2, true)", name, value)
+    body: str = row["prosrc"]
+    return body
+
+
 @pytest.mark.parametrize("saturated", [[], ["whatsapp:+14155238886 shop-42"]])
 async def test_claim_picks_due_messages_on_the_due_index(
     loaded: asyncpg.Pool, saturated: list[str]
 ) -> None:
     held = await sending_ids(loaded, 200)  # what a busy worker holds and must not claim again
-    # As the store runs it: in a transaction, under its planner settings.
     async with loaded.acquire() as conn, conn.transaction():
-        await conn.execute(store._CLAIM_PLAN)
-        plan = await explain(conn, store._CLAIM, "worker-2", 200, 60.0, saturated, held)
+        body = await claim_function_body(conn)
+        plan = await explain(conn, body, "worker-2", 200, 60.0, saturated, held)
     assert_uses_index(plan, "messages_due_idx", big_tables=BIG_TABLES)
     assert_uses_index(plan, "messages_pkey", big_tables=BIG_TABLES)
 
@@ -178,23 +192,25 @@ async def test_claim_pairs_due_rows_by_hashing_even_when_few_look_due(
     row or two from `due`, and must still not pair due and locked rows by comparing every
     pair (40,000 comparisons for a batch of 200)."""
     async with loaded.acquire() as conn:
-        await conn.execute(f"PREPARE claim_plan_check AS {store._CLAIM}")
         transaction = conn.transaction()  # rolled back: the fixture's rows stay as they are
         await transaction.start()
         try:
+            body = await claim_function_body(conn)
+            await conn.execute(
+                "PREPARE claim_plan_check (text, integer, double precision, text[], uuid[])"
+                f" AS {body}"
+            )
             await conn.execute(
                 "UPDATE messages SET status = 'blocked', lease_owner = NULL,"
                 " lease_expires_at = NULL WHERE status IN ('pending', 'sending')"
             )
             await conn.execute("ANALYZE messages")
-            await conn.execute(store._CLAIM_PLAN)
             await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
             raw = await conn.fetchval(
                 "EXPLAIN (FORMAT JSON) EXECUTE claim_plan_check('worker-2', 200, 60.0, '{}', '{}')"
             )
         finally:
             await transaction.rollback()
-            await conn.execute("DEALLOCATE claim_plan_check")
     plan = json.loads(raw)[0]["Plan"]
     joins = [node["Node Type"] for node in plan_nodes(plan) if node["Node Type"] in JOINS]
     assert joins == ["Hash Join"], json.dumps(plan, indent=1)
