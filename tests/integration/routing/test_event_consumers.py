@@ -25,6 +25,7 @@ from services.routing.domain import (
     ConsentSource,
     ConsentState,
     Contact,
+    RulesBook,
 )
 from services.routing.event_consumers import CarrierOptOutConsumer, follow_changes
 from tests.integration.routing.fakes import whatsapp
@@ -69,7 +70,9 @@ async def consume(js: JetStreamContext, pool: asyncpg.Pool, stream: str, *payloa
     await jetstream.ensure_consumer(js, spec)
     stop = asyncio.Event()
     loop = asyncio.create_task(
-        jetstream.run_pull_consumer(js, spec, CarrierOptOutConsumer(pool).handle, stop=stop)
+        jetstream.run_pull_consumer(
+            js, spec, CarrierOptOutConsumer(pool, RulesBook()).handle, stop=stop
+        )
     )
     await wait_settled(js, stream, "carrier", subject, timeout_s=15)
     stop.set()
