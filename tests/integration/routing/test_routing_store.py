@@ -13,6 +13,7 @@ from services.routing import store
 from services.routing.domain import (
     Channel,
     ConsentChange,
+    ConsentLockedError,
     ConsentOutcome,
     ConsentScope,
     ConsentSource,
@@ -226,6 +227,18 @@ async def test_a_tenant_narrowed_to_the_channel_keeps_consent_per_channel(
     assert await apply(clean, stop) is ConsentOutcome.STALE
     scopes = await clean.fetch("SELECT DISTINCT scope FROM consent_log")
     assert [row["scope"] for row in scopes] == ["channel"]
+
+
+async def test_an_operator_cannot_lift_a_persons_stop_from_another_channel(
+    clean: asyncpg.Pool,
+) -> None:
+    await apply(clean, change(ConsentState.OPTED_OUT, T0, contact=SMS_CONTACT))
+    operator = ConsentChange(
+        CONTACT, ConsentState.OPTED_IN, T0 + timedelta(1), ConsentSource.OPERATOR, "alice"
+    )
+    with pytest.raises(ConsentLockedError):
+        await apply(clean, operator)
+    assert (await store.consent_status(clean, CONTACT)).opted_out_at == T0
 
 
 async def test_messenger_consent_stays_per_channel(clean: asyncpg.Pool) -> None:
