@@ -103,8 +103,10 @@ async def serve(stop: asyncio.Event) -> None:
                 AuthInterceptor(verifier, ACCESS_POLICY, service=SERVICE),
             ],
         )
-        carrier = CarrierOptOutConsumer(pool)
-        routing_pb2_grpc.add_RoutingServiceServicer_to_server(RoutingApi(pool), server.server)
+        carrier = CarrierOptOutConsumer(pool, config.rules)
+        routing_pb2_grpc.add_RoutingServiceServicer_to_server(
+            RoutingApi(pool, config.rules), server.server
+        )
         metrics = start_metrics_server(config.metrics_port)
         await server.start()
         tune_garbage_collector()

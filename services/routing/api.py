@@ -37,6 +37,7 @@ from services.routing.domain import (
     ConsentState,
     Contact,
     InvalidAddressError,
+    RulesBook,
     normalise_address,
 )
 
@@ -107,8 +108,9 @@ def consent_reply(status: store.ConsentStatus) -> routing_pb2.CheckOptOutRespons
 
 
 class RoutingApi(routing_pb2_grpc.RoutingServiceServicer):
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, rules: RulesBook) -> None:
         self._pool = pool
+        self._rules = rules  # each tenant's consent scope
 
     @_rpc
     async def CheckOptOut(
@@ -196,6 +198,7 @@ class RoutingApi(routing_pb2_grpc.RoutingServiceServicer):
             source=ConsentSource.OPERATOR,
             actor=principal.sub,
             reason=request.reason,
+            tenant_scope=self._rules.for_tenant(tenant_id).consent_scope,
         )
         async with self._pool.acquire() as conn, conn.transaction():
             outcome = await apply_consent_change(conn, change)

@@ -7,9 +7,12 @@ keyed by tenant id; every field is optional:
 
     {"shop-1": {"opt_out_keywords": ["ANNULER"], "opt_in_keywords": ["OUI"],
                 "help_keywords": ["AIDEZMOI"], "opt_out_reply": "...", "opt_in_reply": "...",
-                "help_reply": "...", "item_code_pattern": "^[A-Z]\\\\d{1,3}$"}}
+                "help_reply": "...", "item_code_pattern": "^[A-Z]\\\\d{1,3}$",
+                "consent_scope": "channel"}}
 
 Keywords are added to the standard lists (never replace them: STOP must always work).
+`consent_scope` is "person" by default (a STOP on any phone channel stops the number on SMS and
+WhatsApp alike) and "channel" narrows a tenant's consent to the channel it was expressed on.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from services.routing.domain import (
     DEFAULT_OPT_IN_REPLY,
     DEFAULT_OPT_OUT_REPLY,
     ConsentReplies,
+    ConsentScope,
     KeywordConflictError,
     RulesBook,
     TenantRules,
@@ -55,6 +59,7 @@ _TENANT_FIELDS = frozenset(
         "opt_in_reply",
         "help_reply",
         "item_code_pattern",
+        "consent_scope",
     }
 )
 
@@ -108,6 +113,18 @@ def _text(tenant: str, field: str, value: Any, default: str) -> str:
     return value
 
 
+def _scope(tenant: str, value: Any, default: ConsentScope) -> ConsentScope:
+    if value is None:
+        return default
+    try:
+        return ConsentScope(value)
+    except ValueError:
+        choices = ", ".join(repr(s.value) for s in ConsentScope)
+        raise ConfigError(
+            f"ROUTING_TENANT_RULES[{tenant!r}].consent_scope must be one of {choices}"
+        ) from None
+
+
 def parse_rules(raw: str | None, default: TenantRules) -> RulesBook:
     """The rules book from the JSON text of ROUTING_TENANT_RULES (None: defaults only)."""
     if not raw:
@@ -137,7 +154,12 @@ def parse_rules(raw: str | None, default: TenantRules) -> RulesBook:
             if isinstance(pattern, str)
             else default.item_code
         )
-        tenants[tenant] = TenantRules(keywords=keywords, replies=replies, item_code=item_code)
+        tenants[tenant] = TenantRules(
+            keywords=keywords,
+            replies=replies,
+            item_code=item_code,
+            consent_scope=_scope(tenant, settings.get("consent_scope"), default.consent_scope),
+        )
     return RulesBook(default=default, tenants=tenants)
 
 

@@ -52,6 +52,7 @@ from services.routing.domain import (
     ConsentState,
     Contact,
     InvalidAddressError,
+    RulesBook,
     normalise_address,
 )
 from services.routing.inbound import (
@@ -324,8 +325,9 @@ class CarrierOptOutConsumer:
     the person told the carrier STOP, so we must stop too. Idempotent: a second delivery finds
     the opt-out already there."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, rules: RulesBook) -> None:
         self._pool = pool
+        self._rules = rules
 
     async def handle(self, msg: Msg) -> jetstream.Decision:
         try:
@@ -350,6 +352,7 @@ class CarrierOptOutConsumer:
             actor="outbox",
             message_sid=event.message_id,
             reason=f"twilio error {event.twilio_error_code} sending from {event.sender}",
+            tenant_scope=self._rules.for_tenant(event.tenant_id).consent_scope,
         )
         async with self._pool.acquire() as conn, conn.transaction():
             outcome = await apply_consent_change(conn, change)

@@ -156,13 +156,24 @@ class ConsentReplies:
         }[intent]
 
 
+class ConsentScope(StrEnum):
+    """What one consent expression covers. PERSON (the default): the person's phone number on
+    every phone channel of the tenant, so a STOP on WhatsApp stops SMS to the same number too.
+    CHANNEL (a tenant's narrower setting): the channel it was expressed on only. Messenger
+    addresses are page-scoped ids, never phone numbers: consent there is always per channel."""
+
+    PERSON = "person"
+    CHANNEL = "channel"
+
+
 @dataclass(frozen=True, slots=True)
 class TenantRules:
-    """Everything tenant-specific `decide()` needs."""
+    """Everything tenant-specific `decide()` and the consent ledger need."""
 
     keywords: ConsentKeywords = field(default_factory=ConsentKeywords)
     replies: ConsentReplies = field(default_factory=ConsentReplies)
     item_code: re.Pattern[str] = re.compile(DEFAULT_ITEM_CODE_PATTERN)
+    consent_scope: ConsentScope = ConsentScope.PERSON
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,14 +313,41 @@ class ConsentSource(StrEnum):
     CARRIER = "carrier"
 
 
+PHONE_CHANNELS = (Channel.SMS, Channel.WHATSAPP)
+# The key of the person-wide opt-out row (opt_outs.scope_key), next to the channels' own keys.
+PERSON_KEY = "person"
+
+
 @dataclass(frozen=True, slots=True)
 class Contact:
-    """One person as seen by one tenant on one channel: the key of consent and of the 24-hour
-    window (a STOP on WhatsApp does not unsubscribe the same number from SMS, as with Twilio)."""
+    """One person as seen by one tenant on one channel: the key of the 24-hour window, and of
+    consent once widened to the person's number by `ConsentScope`."""
 
     tenant_id: str
     channel: Channel
     address: str
+
+    @property
+    def is_phone(self) -> bool:
+        return self.channel in PHONE_CHANNELS
+
+    @property
+    def person_key(self) -> str | None:
+        """The key of the person-wide opt-out that covers this contact (None on Messenger)."""
+        return PERSON_KEY if self.is_phone else None
+
+    @property
+    def blocking_keys(self) -> tuple[str, ...]:
+        """The opt-out keys any of which stops sending to this contact: its channel's, and the
+        person-wide one on a phone channel."""
+        return (self.channel.value, PERSON_KEY) if self.is_phone else (self.channel.value,)
+
+    @property
+    def lock_key(self) -> tuple[str, str, str]:
+        """What consent changes of this contact are serialised on: the person on a phone
+        channel (whatever the tenant's scope, so a STOP on WhatsApp and a START on SMS for one
+        number never interleave), the channel's address otherwise."""
+        return (self.tenant_id, PERSON_KEY if self.is_phone else self.channel.value, self.address)
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,6 +363,31 @@ class ConsentChange:
     message_sid: str = ""
     keyword: str = ""
     reason: str = ""
+    # The tenant's setting; `scope` is what this change covers on its channel.
+    tenant_scope: ConsentScope = ConsentScope.PERSON
+
+    @property
+    def scope(self) -> ConsentScope:
+        return self.tenant_scope if self.contact.is_phone else ConsentScope.CHANNEL
+
+    @property
+    def lifted_keys(self) -> tuple[str, ...]:
+        """The opt-out keys an opt-in deletes. A person's START on any channel lifts their
+        person-wide opt-out (it stopped the channel they are writing on); under PERSON scope it
+        also lifts the per-channel opt-outs of their other phone channels (recorded before the
+        scope was per person), so the person is opted in everywhere, as they were opted out."""
+        if self.scope is ConsentScope.PERSON:
+            return (*(c.value for c in PHONE_CHANNELS), PERSON_KEY)
+        return self.contact.blocking_keys
+
+    @property
+    def ordering_channels(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(channels whose every expression, channels whose person-wide expressions) order this
+        change against: one newer than it makes it STALE."""
+        phones = tuple(c.value for c in PHONE_CHANNELS)
+        if self.scope is ConsentScope.PERSON:
+            return phones, ()
+        return (self.contact.channel.value,), (phones if self.contact.is_phone else ())
 
 
 class ConsentLockedError(Exception):

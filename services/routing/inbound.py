@@ -9,8 +9,8 @@ window, a second copy in the same batch — conflicts on the ledger's primary ke
 in the batch) and changes nothing. Two copies processed at the same time serialise on that row:
 the second waits for the first to commit (then it is a duplicate) or roll back (then it does
 the work). Rows are always written in a stable order (MessageSid, contact), so two replicas'
-batches take their locks in the same order and cannot deadlock; one contact's consent
-keywords are applied in the order they were received.
+batches take their locks in the same order and cannot deadlock; one person's consent
+keywords are applied in the order they were received, across their phone channels.
 
 A batch that fails in the database is split in two and each half tried on its own, down to
 single messages, so one bad message cannot hold back the others. A peer down (or the database
@@ -338,8 +338,9 @@ class InboundRouter:
             plan.touched = touch
 
     async def _apply_consent(self, conn: Connection, plans: Sequence[_Plan]) -> None:
-        """Each consent keyword's change, contact by contact in a stable order (the advisory
-        locks are taken in that order), each contact's in the order they were received."""
+        """Each consent keyword's change, person by person in a stable order (the advisory
+        locks, `Contact.lock_key`, are taken in that order), each person's in the order they
+        were received whatever the phone channel."""
         changes = [
             (
                 plan,
@@ -351,6 +352,7 @@ class InboundRouter:
                     actor=ACTOR,
                     message_sid=plan.sid,
                     keyword=plan.decision.keyword,
+                    tenant_scope=self._rules.for_tenant(plan.contact.tenant_id).consent_scope,
                 ),
             )
             for plan in plans
@@ -359,7 +361,7 @@ class InboundRouter:
             and plan.decision.consent
             and (state := _CONSENT_STATE.get(plan.decision.consent)) is not None
         ]
-        changes.sort(key=lambda c: (_contact_key(c[1].contact), c[1].effective_at, c[0].sid))
+        changes.sort(key=lambda c: (c[1].contact.lock_key, c[1].effective_at, c[0].sid))
         for plan, change in changes:
             plan.consent = await apply_consent_change(conn, change)
 
@@ -396,10 +398,6 @@ class InboundRouter:
                     }
                 },
             )
-
-
-def _contact_key(contact: Contact) -> tuple[str, str, str]:
-    return (contact.tenant_id, contact.channel.value, contact.address)
 
 
 def _event(plan: _Plan) -> NewEvent:

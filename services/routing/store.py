@@ -1,4 +1,5 @@
-"""All of routing's SQL (asyncpg). Tables are in `migrations/001_routing.sql`.
+"""All of routing's SQL (asyncpg). Tables are in `migrations/` (consent's
+scope: `003_consent_scope.sql`).
 
 Functions take a connection when they must run inside the caller's transaction (the unit of
 work of one inbound message), and a pool when they stand alone (read-only API lookups).
@@ -84,37 +85,43 @@ ON CONFLICT ON CONSTRAINT last_inbound_pkey DO UPDATE
     WHERE l.last_inbound_at < excluded.last_inbound_at
 """
 
+# The newest applied expression among those ordering a change (`ConsentChange.ordering_channels`).
 _NEWEST_CONSENT = """
 SELECT max(effective_at) FROM consent_log
-WHERE tenant_id = $1 AND channel = $2 AND address = $3 AND outcome <> 'stale'
+WHERE tenant_id = $1 AND address = $2 AND outcome <> 'stale'
+  AND (channel = ANY($3::text[]) OR (scope = 'person' AND channel = ANY($4::text[])))
 """
 
-_OPT_OUT_SOURCE = """
-SELECT source FROM opt_outs WHERE tenant_id = $1 AND channel = $2 AND address = $3
+_OPT_OUT_SOURCES = """
+SELECT source FROM opt_outs
+WHERE tenant_id = $1 AND address = $2 AND scope_key = ANY($3::text[])
 """
 
-# CheckOptOut and the WhatsApp window: two primary-key probes in one round trip.
+# CheckOptOut and the WhatsApp window: primary-key probes in one round trip. A contact is opted
+# out by its channel's row or, on a phone channel, by the person-wide one (`$4`: NULL on
+# Messenger); the earliest one answers.
 _CONSENT_STATUS = """
 SELECT
-    (SELECT opted_out_at FROM opt_outs
-      WHERE tenant_id = $1 AND channel = $2 AND address = $3) AS opted_out_at,
+    (SELECT min(opted_out_at) FROM opt_outs
+      WHERE tenant_id = $1 AND address = $3 AND scope_key IN ($2, $4)) AS opted_out_at,
     (SELECT last_inbound_at FROM last_inbound
       WHERE tenant_id = $1 AND channel = $2 AND address = $3) AS last_inbound_at
 """
 
-# CheckOptOuts: the same two probes for every check of a batch, in one statement. Correlated
+# CheckOptOuts: the same probes for every check of a batch, in one statement. Correlated
 # subqueries keep each probe a primary-key look-up whatever the batch size or the statistics
 # (a join could turn into a scan of both tables); the ordinality keeps the request's order.
 _CONSENT_STATUSES = """
 SELECT
-    (SELECT o.opted_out_at FROM opt_outs o
-      WHERE o.tenant_id = c.tenant_id AND o.channel = c.channel AND o.address = c.address)
+    (SELECT min(o.opted_out_at) FROM opt_outs o
+      WHERE o.tenant_id = c.tenant_id AND o.address = c.address
+        AND o.scope_key IN (c.channel, c.person_key))
         AS opted_out_at,
     (SELECT l.last_inbound_at FROM last_inbound l
       WHERE l.tenant_id = c.tenant_id AND l.channel = c.channel AND l.address = c.address)
         AS last_inbound_at
-FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY
-    AS c(tenant_id, channel, address, n)
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY
+    AS c(tenant_id, channel, address, person_key, n)
 ORDER BY c.n
 """
 
@@ -197,38 +204,39 @@ async def record_last_inbound_many(conn: Connection, inbound: Sequence[Inbound])
 async def apply_consent(conn: Connection, change: ConsentChange) -> ConsentOutcome:
     """Apply one consent expression in the caller's transaction and log it.
 
-    Changes for one contact are serialised by a transaction-scoped advisory lock (there may be no
-    row to lock yet), and an expression older than the newest one already applied is STALE. An
-    opt-in that may not lift the current opt-out raises `ConsentLockedError` (checked under the
-    lock, so a STOP committed meanwhile is seen)."""
+    Changes for one person are serialised by a transaction-scoped advisory lock on
+    `Contact.lock_key` (there may be no row to lock yet), and an expression older than the
+    newest one already applied among those that order it is STALE. An opt-in that may not lift
+    every opt-out it would delete raises `ConsentLockedError` (checked under the lock, so a STOP
+    committed meanwhile is seen)."""
     contact = change.contact
-    key = f"{contact.tenant_id}\x1f{contact.channel.value}\x1f{contact.address}"
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", key)
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", "\x1f".join(contact.lock_key)
+    )
     if change.state is ConsentState.OPTED_IN:
-        source = await conn.fetchval(
-            _OPT_OUT_SOURCE, contact.tenant_id, contact.channel.value, contact.address
-        )
-        check_opt_in_may_lift(None if source is None else ConsentSource(source), change)
+        for source in await conn.fetch(
+            _OPT_OUT_SOURCES, contact.tenant_id, contact.address, list(change.lifted_keys)
+        ):
+            check_opt_in_may_lift(ConsentSource(source["source"]), change)
+    every, person_wide = change.ordering_channels
     newest = await conn.fetchval(
-        _NEWEST_CONSENT,
-        contact.tenant_id,
-        contact.channel.value,
-        contact.address,
+        _NEWEST_CONSENT, contact.tenant_id, contact.address, list(every), list(person_wide)
     )
     if newest is not None and change.effective_at < newest:
         outcome = ConsentOutcome.STALE
     elif change.state is ConsentState.OPTED_OUT:
         inserted = await conn.fetchval(
             """
-            INSERT INTO opt_outs (tenant_id, channel, address, opted_out_at, source,
+            INSERT INTO opt_outs (tenant_id, channel, address, scope, opted_out_at, source,
                                   message_sid, keyword, actor, reason)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
             ON CONFLICT ON CONSTRAINT opt_outs_pkey DO NOTHING
             RETURNING 1
             """,
             contact.tenant_id,
             contact.channel.value,
             contact.address,
+            change.scope.value,
             change.effective_at,
             change.source.value,
             change.message_sid,
@@ -238,25 +246,27 @@ async def apply_consent(conn: Connection, change: ConsentChange) -> ConsentOutco
         )
         outcome = ConsentOutcome.CHANGED if inserted else ConsentOutcome.UNCHANGED
     else:
-        deleted = await conn.fetchval(
+        deleted = await conn.fetch(
             """
-            DELETE FROM opt_outs WHERE tenant_id = $1 AND channel = $2 AND address = $3
+            DELETE FROM opt_outs
+            WHERE tenant_id = $1 AND address = $2 AND scope_key = ANY($3::text[])
             RETURNING 1
             """,
             contact.tenant_id,
-            contact.channel.value,
             contact.address,
+            list(change.lifted_keys),
         )
         outcome = ConsentOutcome.CHANGED if deleted else ConsentOutcome.UNCHANGED
     await conn.execute(
         """
-        INSERT INTO consent_log (tenant_id, channel, address, state, outcome, effective_at,
-                                 source, message_sid, keyword, actor, reason)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+        INSERT INTO consent_log (tenant_id, channel, address, scope, state, outcome,
+                                 effective_at, source, message_sid, keyword, actor, reason)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
         """,
         contact.tenant_id,
         contact.channel.value,
         contact.address,
+        change.scope.value,
         change.state.value,
         outcome.value,
         change.effective_at,
@@ -270,12 +280,13 @@ async def apply_consent(conn: Connection, change: ConsentChange) -> ConsentOutco
 
 
 async def consent_status(pool: asyncpg.Pool | Connection, contact: Contact) -> ConsentStatus:
-    """The outbox's hot path: two primary-key probes in one round trip."""
+    """The outbox's hot path: primary-key probes in one round trip."""
     row = await pool.fetchrow(
         _CONSENT_STATUS,
         contact.tenant_id,
         contact.channel.value,
         contact.address,
+        contact.person_key,
     )
     assert row is not None
     return ConsentStatus(row["opted_out_at"], row["last_inbound_at"])
@@ -292,6 +303,7 @@ async def consent_statuses(
         [c.tenant_id for c in contacts],
         [c.channel.value for c in contacts],
         [c.address for c in contacts],
+        [c.person_key for c in contacts],
     )
     return [ConsentStatus(row["opted_out_at"], row["last_inbound_at"]) for row in rows]
 
@@ -327,13 +339,7 @@ async def list_opt_outs(
 
 
 async def opted_out_at(conn: Connection, contact: Contact) -> datetime | None:
-    opted_out: datetime | None = await conn.fetchval(
-        "SELECT opted_out_at FROM opt_outs WHERE tenant_id = $1 AND channel = $2 AND address = $3",
-        contact.tenant_id,
-        contact.channel.value,
-        contact.address,
-    )
-    return opted_out
+    return (await consent_status(conn, contact)).opted_out_at
 
 
 async def record_failed_inbound(

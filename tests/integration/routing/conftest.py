@@ -16,11 +16,15 @@ from infra.db import create_pool, migrate_service
 from infra.grpc_server import GrpcServer
 from infra.metrics import RpcMetricsInterceptor
 from services.routing.api import ACCESS_POLICY, SERVICE_FULL_NAME, RoutingApi
+from services.routing.domain import ConsentScope, RulesBook, TenantRules
 from tools.dev_keys import DevKeys
 from tools.stack import reset_service_schema
 
 SERVICE = "routing"
 MIGRATIONS = Path(__file__).resolve().parents[3] / "services" / "routing" / "migrations"
+# Every tenant's consent is per person (the default) but this one's, narrowed to the channel.
+CHANNEL_SCOPED_TENANT = "shop-by-channel"
+RULES = RulesBook(tenants={CHANNEL_SCOPED_TENANT: TenantRules(consent_scope=ConsentScope.CHANNEL)})
 TABLES = "processed_inbound, opt_outs, consent_log, last_inbound, failed_inbound, events"
 
 
@@ -57,7 +61,7 @@ async def stub(
         ],
         host="127.0.0.1",
     )
-    routing_pb2_grpc.add_RoutingServiceServicer_to_server(RoutingApi(clean), server.server)
+    routing_pb2_grpc.add_RoutingServiceServicer_to_server(RoutingApi(clean, RULES), server.server)
     await server.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.bound_port}") as channel:
         yield routing_pb2_grpc.RoutingServiceStub(channel)

@@ -11,6 +11,15 @@ import pytest
 
 from infra.retention import RetentionSettings, RetentionTask
 from services.routing import consent, inbound, store
+from services.routing.domain import (
+    PERSON_KEY,
+    Channel,
+    ConsentChange,
+    ConsentScope,
+    ConsentSource,
+    ConsentState,
+    Contact,
+)
 from tests.integration.data_hygiene import (
     assert_subject_accepted,
     assert_uses_index,
@@ -85,10 +94,11 @@ async def loaded(pool: asyncpg.Pool) -> asyncpg.Pool:
         )
         await conn.execute(
             """
-            INSERT INTO opt_outs (tenant_id, channel, address, opted_out_at, source, keyword,
-                                  actor)
+            INSERT INTO opt_outs (tenant_id, channel, address, scope, opted_out_at, source,
+                                  keyword, actor)
             SELECT CASE WHEN g <= $1 / 4 THEN 'shop-big' ELSE 'shop-' || (g % $2) END,
                    'whatsapp', '+336' || lpad(g::text, 8, '0'),
+                   CASE WHEN g % 2 = 0 THEN 'person' ELSE 'channel' END,
                    $3::timestamptz - make_interval(mins => g), 'keyword', 'STOP', 'contact'
             FROM generate_series(1, $1) g
             """,
@@ -98,9 +108,11 @@ async def loaded(pool: asyncpg.Pool) -> asyncpg.Pool:
         )
         await conn.execute(
             """
-            INSERT INTO consent_log (tenant_id, channel, address, state, outcome, effective_at,
-                                     source, keyword, actor)
-            SELECT 'shop-' || (g % $2), 'whatsapp', '+336' || lpad(g::text, 8, '0'),
+            INSERT INTO consent_log (tenant_id, channel, address, scope, state, outcome,
+                                     effective_at, source, keyword, actor)
+            SELECT 'shop-' || (g % $2), CASE WHEN g % 3 = 0 THEN 'sms' ELSE 'whatsapp' END,
+                   '+336' || lpad(g::text, 8, '0'),
+                   CASE WHEN g % 2 = 0 THEN 'person' ELSE 'channel' END,
                    'opted_out', 'changed', $3::timestamptz - make_interval(mins => g),
                    'keyword', 'STOP', 'contact'
             FROM generate_series(1, $1) g
@@ -140,7 +152,9 @@ async def test_check_opt_out_and_last_inbound_probe_the_primary_keys(
     loaded: asyncpg.Pool,
 ) -> None:
     for address in ("+33600000042", "+33699999999"):  # opted out / never seen
-        plan = await explain(loaded, store._CONSENT_STATUS, "shop-42", "whatsapp", address)
+        plan = await explain(
+            loaded, store._CONSENT_STATUS, "shop-42", "whatsapp", address, PERSON_KEY
+        )
         assert_uses_index(plan, "opt_outs_pkey", big_tables=BIG_TABLES)
         assert_uses_index(plan, "last_inbound_pkey", big_tables=BIG_TABLES)
 
@@ -157,6 +171,7 @@ async def test_batch_consent_check_probes_the_primary_keys(
         [f"shop-{n % TENANTS}" for n in numbers],
         ["whatsapp"] * checks,
         [f"+336{n:08d}" for n in numbers],
+        [PERSON_KEY] * checks,
     )
     assert_uses_index(plan, "opt_outs_pkey", big_tables=BIG_TABLES)
     assert_uses_index(plan, "last_inbound_pkey", big_tables=BIG_TABLES)
@@ -175,8 +190,17 @@ async def test_last_inbound_upsert_uses_its_primary_key(loaded: asyncpg.Pool) ->
     assert_uses_index(plan, "last_inbound_pkey", big_tables=BIG_TABLES)
 
 
-async def test_consent_history_lookup_uses_the_address_index(loaded: asyncpg.Pool) -> None:
-    plan = await explain(loaded, store._NEWEST_CONSENT, "shop-42", "whatsapp", "+33600000042")
+@pytest.mark.parametrize("scope", list(ConsentScope))
+async def test_consent_history_lookup_uses_the_address_index(
+    loaded: asyncpg.Pool, scope: ConsentScope
+) -> None:
+    contact = Contact("shop-42", Channel.WHATSAPP, "+33600000042")
+    every, person_wide = ConsentChange(
+        contact, ConsentState.OPTED_IN, NOW, ConsentSource.KEYWORD, "routing", tenant_scope=scope
+    ).ordering_channels
+    plan = await explain(
+        loaded, store._NEWEST_CONSENT, contact.tenant_id, contact.address, every, person_wide
+    )
     assert_uses_index(plan, "consent_log_address_idx", big_tables=BIG_TABLES)
 
 

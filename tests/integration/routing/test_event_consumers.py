@@ -26,6 +26,7 @@ from services.routing.domain import (
     ConsentSource,
     ConsentState,
     Contact,
+    RulesBook,
 )
 from tests.integration.routing.fakes import whatsapp
 from tests.support.jetstream import wait_settled
@@ -76,7 +77,9 @@ async def consume(js: JetStreamContext, pool: asyncpg.Pool, stream: str, *payloa
     await jetstream.ensure_consumer(js, spec)
     stop = asyncio.Event()
     loop = asyncio.create_task(
-        jetstream.run_pull_consumer(js, spec, CarrierOptOutConsumer(pool).handle, stop=stop)
+        jetstream.run_pull_consumer(
+            js, spec, CarrierOptOutConsumer(pool, RulesBook()).handle, stop=stop
+        )
     )
     await wait_settled(js, stream, "carrier", subject, timeout_s=15)
     stop.set()

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import asyncpg
 import pytest
+from snapsell.common.v1 import address_pb2
 
 from services.routing.clients import ComplianceReply, ReplyRejectedError
 from services.routing.domain import DEFAULT_HELP_REPLY, RulesBook
@@ -79,6 +80,24 @@ async def test_one_contacts_keywords_in_a_batch_apply_in_the_order_they_were_rec
         ("opted_in", "changed"),
     ]
     assert len(replies.messages) == 2  # both confirmed, in that order of effect
+
+
+async def test_one_persons_keywords_on_two_channels_apply_in_the_order_they_were_received(
+    clean: asyncpg.Pool,
+) -> None:
+    stop = inbound("STOP", at=minutes_ago(2))  # on WhatsApp
+    start = inbound("START", at=minutes_ago(1))
+    start.sender.channel = start.recipient.channel = address_pb2.CHANNEL_SMS
+    # The newer START on SMS came first; it still lifts the older STOP sent on WhatsApp.
+    await router_for(clean, FakeReplies()).route_batch([Delivery(start, 1), Delivery(stop, 2)])
+    assert await clean.fetchval("SELECT count(*) FROM opt_outs") == 0
+    log = await clean.fetch(
+        "SELECT channel, scope, state, outcome FROM consent_log ORDER BY effective_at"
+    )
+    assert [tuple(r) for r in log] == [
+        ("whatsapp", "person", "opted_out", "changed"),
+        ("sms", "person", "opted_in", "changed"),
+    ]
 
 
 async def test_the_last_inbound_is_committed_before_the_replies_are_enqueued_and_the_ledger_after(

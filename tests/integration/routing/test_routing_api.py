@@ -12,6 +12,7 @@ from snapsell.common.v1 import address_pb2
 from snapsell.routing.v1 import events_pb2, routing_pb2, routing_pb2_grpc
 
 from services.routing.api import ACCESS_POLICY, MAX_CHECKS, SERVICE_FULL_NAME
+from tests.integration.routing.conftest import CHANNEL_SCOPED_TENANT
 from tests.integration.routing.fakes import whatsapp
 
 Bearer = Callable[..., tuple[tuple[str, str], ...]]
@@ -94,13 +95,42 @@ async def test_batch_check_answers_every_address_in_the_order_asked(stub, bearer
         ("shop-1", whatsapp("+33 6 11 11 11 11")),  # normalised like CheckOptOut
         ("shop-2", whatsapp("+33622222222")),
         ("shop-2", whatsapp("+33611111111")),
-        ("shop-1", address_pb2.Address(channel=address_pb2.CHANNEL_SMS, value="+33611111111")),
+        ("shop-1", messenger("+33611111111")),
         ("shop-1", whatsapp("+33611111111")),
     ]
     reply = await stub.CheckOptOuts(checks(*asked), metadata=bearer("service", sub="outbox"))
     assert [r.opted_out for r in reply.results] == [False, True, True, False, False, True]
     single = await check(stub, bearer, "+33611111111")
     assert reply.results[1] == single and reply.results[5] == single
+
+
+def sms(value: str) -> address_pb2.Address:
+    return address_pb2.Address(channel=address_pb2.CHANNEL_SMS, value=value)
+
+
+def messenger(value: str) -> address_pb2.Address:
+    return address_pb2.Address(channel=address_pb2.CHANNEL_MESSENGER, value=value)
+
+
+async def test_an_opt_out_on_whatsapp_stops_sms_to_the_same_number(
+    stub, bearer: Bearer, clean: asyncpg.Pool
+) -> None:
+    await set_consent(stub, bearer, "+33611111111")
+    asked = [("shop-1", sms("+33611111111")), ("shop-1", sms("+33622222222"))]
+    reply = await stub.CheckOptOuts(checks(*asked), metadata=bearer("service", sub="outbox"))
+    assert [r.opted_out for r in reply.results] == [True, False]
+    assert await clean.fetchval("SELECT scope FROM consent_log") == "person"
+
+
+async def test_a_tenant_narrowed_to_the_channel_keeps_opt_outs_per_channel(
+    stub, bearer: Bearer, clean: asyncpg.Pool
+) -> None:
+    tenant = CHANNEL_SCOPED_TENANT
+    await set_consent(stub, bearer, "+33611111111", tenant=tenant)
+    asked = [(tenant, whatsapp("+33611111111")), (tenant, sms("+33611111111"))]
+    reply = await stub.CheckOptOuts(checks(*asked), metadata=bearer("service", sub="outbox"))
+    assert [r.opted_out for r in reply.results] == [True, False]
+    assert await clean.fetchval("SELECT scope FROM consent_log") == "channel"
 
 
 async def test_an_empty_batch_check_has_no_results(stub, bearer: Bearer) -> None:

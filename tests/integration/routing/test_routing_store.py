@@ -13,13 +13,16 @@ from services.routing import store
 from services.routing.domain import (
     Channel,
     ConsentChange,
+    ConsentLockedError,
     ConsentOutcome,
+    ConsentScope,
     ConsentSource,
     ConsentState,
     Contact,
 )
 
 CONTACT = Contact("shop-1", Channel.WHATSAPP, "+33611111111")
+SMS_CONTACT = Contact("shop-1", Channel.SMS, CONTACT.address)
 T0 = datetime(2026, 2, 5, 12, 0, tzinfo=UTC)
 
 
@@ -27,8 +30,17 @@ def entry(sid: str) -> store.LedgerEntry:
     return store.LedgerEntry(sid, "routed", 1, T0, "shop-1", "client", "conversation")
 
 
-def change(state: ConsentState, at: datetime, sid: str = "") -> ConsentChange:
-    return ConsentChange(CONTACT, state, at, ConsentSource.KEYWORD, "routing", sid, "STOP")
+def change(
+    state: ConsentState,
+    at: datetime,
+    sid: str = "",
+    *,
+    contact: Contact = CONTACT,
+    scope: ConsentScope = ConsentScope.PERSON,
+) -> ConsentChange:
+    return ConsentChange(
+        contact, state, at, ConsentSource.KEYWORD, "routing", sid, "STOP", tenant_scope=scope
+    )
 
 
 async def apply(pool: asyncpg.Pool, consent: ConsentChange) -> ConsentOutcome:
@@ -124,14 +136,22 @@ def replay(log: list[asyncpg.Record]) -> tuple[list[str], datetime | None]:
 
 
 @pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize(
+    "channels", [(CONTACT,), (CONTACT, SMS_CONTACT)], ids=["one-channel", "two-channels"]
+)
 async def test_concurrent_changes_for_one_contact_are_serialised(
-    clean: asyncpg.Pool, seed: int
+    clean: asyncpg.Pool, seed: int, channels: tuple[Contact, ...]
 ) -> None:
-    # STOP and START alternating one second apart, submitted at once in a shuffled order: each
+    # STOP and START alternating one day apart, submitted at once in a shuffled order: each
     # change reads the newest applied one and the current opt-out before it writes, so without
-    # the per-contact lock two of them decide on the same stale reading.
+    # the per-person lock two of them decide on the same stale reading. With two channels, a
+    # STOP and a START each come from WhatsApp and from SMS in turn: one person, one lock.
     changes = [
-        change(ConsentState.OPTED_OUT if i % 2 else ConsentState.OPTED_IN, T0 + timedelta(i))
+        change(
+            ConsentState.OPTED_OUT if i % 2 else ConsentState.OPTED_IN,
+            T0 + timedelta(i),
+            contact=channels[(i // 2) % len(channels)],
+        )
         for i in range(40)
     ]
     random.Random(seed).shuffle(changes)
@@ -143,19 +163,95 @@ async def test_concurrent_changes_for_one_contact_are_serialised(
     # the state left.
     outcomes, opted_out_at = replay(log)
     assert [row["outcome"] for row in log] == outcomes
-    assert (await store.consent_status(clean, CONTACT)).opted_out_at == opted_out_at
+    for contact in channels:
+        assert (await store.consent_status(clean, contact)).opted_out_at == opted_out_at
     by_time = {c.effective_at: outcome.value for c, outcome in zip(changes, returned, strict=True)}
     assert {row["effective_at"]: row["outcome"] for row in log} == by_time
     # Whatever the interleaving, the newest expression (the last day, an opt-out) decides.
     assert opted_out_at is not None
 
 
-async def test_consent_is_per_tenant_and_per_channel(clean: asyncpg.Pool) -> None:
+async def test_consent_is_per_tenant_and_per_person_across_phone_channels(
+    clean: asyncpg.Pool,
+) -> None:
     await apply(clean, change(ConsentState.OPTED_OUT, T0))
     other_tenant = Contact("shop-2", CONTACT.channel, CONTACT.address)
-    other_channel = Contact(CONTACT.tenant_id, Channel.SMS, CONTACT.address)
     assert (await store.consent_status(clean, other_tenant)).opted_out_at is None
-    assert (await store.consent_status(clean, other_channel)).opted_out_at is None
+    # The STOP on WhatsApp stops SMS to the same number, and is logged as person-wide.
+    assert (await store.consent_status(clean, SMS_CONTACT)).opted_out_at == T0
+    assert await store.consent_statuses(clean, [SMS_CONTACT, CONTACT, other_tenant]) == [
+        store.ConsentStatus(T0, None),
+        store.ConsentStatus(T0, None),
+        store.ConsentStatus(None, None),
+    ]
+    assert await clean.fetchval("SELECT scope FROM consent_log") == "person"
+    # A STOP on SMS changes nothing more: the number is opted out already.
+    later = T0 + timedelta(seconds=1)
+    assert await apply(clean, change(ConsentState.OPTED_OUT, later, contact=SMS_CONTACT)) is (
+        ConsentOutcome.UNCHANGED
+    )
+
+
+async def test_a_start_on_sms_lifts_a_stop_sent_on_whatsapp(clean: asyncpg.Pool) -> None:
+    await apply(clean, change(ConsentState.OPTED_OUT, T0))
+    start = change(ConsentState.OPTED_IN, T0 + timedelta(seconds=1), contact=SMS_CONTACT)
+    assert await apply(clean, start) is ConsentOutcome.CHANGED
+    assert (await store.consent_status(clean, CONTACT)).opted_out_at is None
+    assert (await store.consent_status(clean, SMS_CONTACT)).opted_out_at is None
+
+
+async def test_a_start_on_sms_processed_late_does_not_undo_a_newer_stop_on_whatsapp(
+    clean: asyncpg.Pool,
+) -> None:
+    await apply(clean, change(ConsentState.OPTED_OUT, T0 + timedelta(seconds=5)))
+    start = change(ConsentState.OPTED_IN, T0, contact=SMS_CONTACT)
+    assert await apply(clean, start) is ConsentOutcome.STALE
+    assert (await store.consent_status(clean, SMS_CONTACT)).opted_out_at is not None
+
+
+async def test_a_tenant_narrowed_to_the_channel_keeps_consent_per_channel(
+    clean: asyncpg.Pool,
+) -> None:
+    narrow = ConsentScope.CHANNEL
+    assert await apply(clean, change(ConsentState.OPTED_OUT, T0, scope=narrow)) is (
+        ConsentOutcome.CHANGED
+    )
+    assert (await store.consent_status(clean, CONTACT)).opted_out_at == T0
+    assert (await store.consent_status(clean, SMS_CONTACT)).opted_out_at is None
+    # A START on SMS concerns SMS only: nothing to lift there, WhatsApp stays opted out.
+    start = change(ConsentState.OPTED_IN, T0 + timedelta(1), contact=SMS_CONTACT, scope=narrow)
+    assert await apply(clean, start) is ConsentOutcome.UNCHANGED
+    assert (await store.consent_status(clean, CONTACT)).opted_out_at == T0
+    # And a STOP on SMS older than that START is stale for SMS alone.
+    stop = change(ConsentState.OPTED_OUT, T0, contact=SMS_CONTACT, scope=narrow)
+    assert await apply(clean, stop) is ConsentOutcome.STALE
+    scopes = await clean.fetch("SELECT DISTINCT scope FROM consent_log")
+    assert [row["scope"] for row in scopes] == ["channel"]
+
+
+async def test_an_operator_cannot_lift_a_persons_stop_from_another_channel(
+    clean: asyncpg.Pool,
+) -> None:
+    await apply(clean, change(ConsentState.OPTED_OUT, T0, contact=SMS_CONTACT))
+    operator = ConsentChange(
+        CONTACT, ConsentState.OPTED_IN, T0 + timedelta(1), ConsentSource.OPERATOR, "alice"
+    )
+    with pytest.raises(ConsentLockedError):
+        await apply(clean, operator)
+    assert (await store.consent_status(clean, CONTACT)).opted_out_at == T0
+
+
+async def test_messenger_consent_stays_per_channel(clean: asyncpg.Pool) -> None:
+    # A Messenger id is no phone number: a person-scoped tenant's STOP there covers Messenger.
+    messenger = Contact(CONTACT.tenant_id, Channel.MESSENGER, "+33611111111")
+    await apply(clean, change(ConsentState.OPTED_OUT, T0, contact=messenger))
+    assert (await store.consent_status(clean, messenger)).opted_out_at == T0
+    assert (await store.consent_status(clean, CONTACT)).opted_out_at is None
+    assert await clean.fetchval("SELECT scope FROM consent_log") == "channel"
+    # And a person-wide STOP on WhatsApp does not reach Messenger.
+    await apply(clean, change(ConsentState.OPTED_IN, T0 + timedelta(1), contact=messenger))
+    await apply(clean, change(ConsentState.OPTED_OUT, T0 + timedelta(2)))
+    assert (await store.consent_status(clean, messenger)).opted_out_at is None
 
 
 async def test_last_inbound_keeps_the_newest_time(clean: asyncpg.Pool) -> None:
@@ -174,8 +270,8 @@ async def test_batch_statuses_answer_each_contact_in_the_order_asked(clean: asyn
             conn, [store.Inbound(CONTACT, T0 + timedelta(minutes=5), "SM1")]
         )
     other_tenant = Contact("shop-2", CONTACT.channel, CONTACT.address)
-    other_channel = Contact(CONTACT.tenant_id, Channel.SMS, CONTACT.address)
-    asked = [other_tenant, CONTACT, other_channel, CONTACT]
+    other_channel = Contact(CONTACT.tenant_id, Channel.MESSENGER, CONTACT.address)
+    asked = [other_tenant, CONTACT, other_channel, SMS_CONTACT]
     statuses = await store.consent_statuses(clean, asked)
     assert statuses == [await store.consent_status(clean, contact) for contact in asked]
     assert [s.opted_out_at is not None for s in statuses] == [False, True, False, True]

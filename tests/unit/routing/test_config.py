@@ -8,7 +8,14 @@ import pytest
 
 from infra.config import ConfigError
 from services.routing.config import load_config, parse_rules
-from services.routing.domain import DecisionKind, InboundFacts, SenderRole, TenantRules, decide
+from services.routing.domain import (
+    ConsentScope,
+    DecisionKind,
+    InboundFacts,
+    SenderRole,
+    TenantRules,
+    decide,
+)
 
 
 def test_no_tenant_rules_means_the_defaults_for_everyone() -> None:
@@ -35,6 +42,15 @@ def test_tenant_rules_add_keywords_and_replace_replies_and_code_pattern() -> Non
     assert decide(InboundFacts("#3"), SenderRole.CLIENT, rules).kind is DecisionKind.LIVE_SIGNAL
 
 
+def test_consent_is_per_person_unless_a_tenant_narrows_it_to_the_channel() -> None:
+    book = parse_rules(
+        json.dumps({"shop-1": {"consent_scope": "channel"}, "shop-2": {}}), TenantRules()
+    )
+    assert book.for_tenant("shop-1").consent_scope is ConsentScope.CHANNEL
+    assert book.for_tenant("shop-2").consent_scope is ConsentScope.PERSON
+    assert book.for_tenant("any").consent_scope is ConsentScope.PERSON
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
@@ -45,6 +61,7 @@ def test_tenant_rules_add_keywords_and_replace_replies_and_code_pattern() -> Non
         ('{"t": {"help_keywords": "HELP"}}', "list of strings"),
         ('{"t": {"help_reply": ""}}', "non-empty string"),
         ('{"t": {"item_code_pattern": "("}}', "regular expression"),
+        ('{"t": {"consent_scope": "number"}}', "'person', 'channel'"),
     ],
 )
 def test_malformed_tenant_rules_fail_with_one_line(raw: str, message: str) -> None:

@@ -23,6 +23,7 @@ from services.routing.domain import (
     ConsentLockedError,
     ConsentOutcome,
     ConsentReplies,
+    ConsentScope,
     ConsentSource,
     ConsentState,
     Contact,
@@ -263,3 +264,34 @@ def test_opt_outs_that_an_expression_may_lift_or_repeat(
 def test_only_the_persons_start_lifts_their_stop_or_carrier_opt_out(opt_out: ConsentSource) -> None:
     with pytest.raises(ConsentLockedError, match="only their own START"):
         check_opt_in_may_lift(opt_out, _change(ConsentState.OPTED_IN, _OPERATOR))
+
+
+@pytest.mark.parametrize(
+    ("channel", "scope", "covers", "lifts", "lock"),
+    [
+        (
+            Channel.WHATSAPP,
+            ConsentScope.PERSON,
+            ConsentScope.PERSON,
+            {"sms", "whatsapp", "person"},
+            "person",
+        ),
+        (Channel.SMS, ConsentScope.CHANNEL, ConsentScope.CHANNEL, {"sms", "person"}, "person"),
+        (Channel.MESSENGER, ConsentScope.PERSON, ConsentScope.CHANNEL, {"messenger"}, "messenger"),
+    ],
+)
+def test_what_a_consent_change_covers_lifts_and_locks(
+    channel: Channel, scope: ConsentScope, covers: ConsentScope, lifts: set[str], lock: str
+) -> None:
+    contact = Contact("shop-1", channel, "+33611111111")
+    start = ConsentChange(
+        contact,
+        ConsentState.OPTED_IN,
+        datetime.now(UTC),
+        ConsentSource.KEYWORD,
+        "routing",
+        tenant_scope=scope,
+    )
+    assert start.scope is covers
+    assert set(start.lifted_keys) == lifts
+    assert contact.lock_key == ("shop-1", lock, "+33611111111")
