@@ -536,6 +536,8 @@ async def _run_fetch_loop(
                 _log.warning("jetstream.fetch_failed", extra={"fields": {"error": str(exc)}})
                 await asyncio.sleep(fetch_timeout_s)
                 continue
+            if not msgs:  # a fetch may come back empty (e.g. while the cluster elects a leader)
+                continue
             for work in [[msg] for msg in msgs] if one_task_per_message else [msgs]:
                 task = asyncio.create_task(hold(work))
                 running.add(task)

@@ -97,6 +97,7 @@ class RunningService:
     http: bool = False
     module: str = ""
     host: str = "127.0.0.1"  # where this machine reaches it
+    terminated: bool = field(default=False, init=False)  # SIGTERM sent
 
     @property
     def address(self) -> str:
@@ -114,13 +115,15 @@ class RunningService:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
 
     def terminate(self) -> None:
-        """SIGTERM without waiting (`stop` then waits): a stack drains all its processes at once."""
-        if self.process.poll() is None:
+        """SIGTERM without waiting (`stop` then waits): a stack drains all its processes at once.
+        Sent once: a second SIGTERM tells a service to stop draining."""
+        if self.process.poll() is None and not self.terminated:
+            self.terminated = True
             self.process.send_signal(signal.SIGTERM)
 
     def stop(self, timeout_s: float = STOP_GRACE_S) -> int:
-        """SIGTERM, then wait (SIGKILL after `timeout_s`); workers it forked that outlive it are
-        killed by their own PIDs. Returns the exit code."""
+        """SIGTERM (unless sent already), then wait (SIGKILL after `timeout_s`); workers it
+        forked that outlive it are killed by their own PIDs. Returns the exit code."""
         if self.process.poll() is None:
             workers = process_tree(self.pid)[1:]
             self.terminate()

@@ -51,11 +51,17 @@ class ContainerService(RunningService):
                 return pid
         return None
 
-    def stop(self, timeout_s: float = 15.0) -> int:
-        if self.process.poll() is None:
+    def terminate(self) -> None:
+        """SIGTERM to the service's own process, once (buildah would only pass it on)."""
+        if self.process.poll() is None and not self.terminated:
             pid = self.service_pid()
             if pid is not None:
+                self.terminated = True
                 os.kill(pid, signal.SIGTERM)
+
+    def stop(self, timeout_s: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.terminate()
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
