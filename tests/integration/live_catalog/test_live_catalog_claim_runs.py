@@ -32,6 +32,7 @@ _PAYLOADS = {
     events.RESERVATION_RELEASED: events_pb2.ReservationChanged,
     events.RESERVATION_PROMOTED: events_pb2.ReservationChanged,
     events.WAITLIST_JOINED: events_pb2.WaitlistJoined,
+    events.SESSION_SUMMARIZED: events_pb2.SessionSummarized,
 }
 # Generated per run (uuid4), so left out of the comparison.
 _RANDOM_IDS = {"itemId", "reservationId"}
@@ -46,6 +47,7 @@ class Live:
     session: uuid.UUID = field(default_factory=uuid.uuid4)
     before: list[Inbound] = field(default_factory=list)
     confirm: list[str] = field(default_factory=list)  # MessageSids of holds to confirm
+    ended: list[uuid.UUID] = field(default_factory=list)  # sessions closed before the batch
     batch: list[Inbound] = field(default_factory=list)
 
     def at(self, ms: int) -> datetime:
@@ -57,12 +59,18 @@ class Live:
         )
 
     def client(
-        self, who: int, body: str, ms: int, *, sid: str | None = None, session: bool = True
+        self,
+        who: int,
+        body: str,
+        ms: int,
+        *,
+        sid: str | None = None,
+        session: uuid.UUID | None = None,
     ) -> Inbound:
         return inbound(
             body,
             tenant=self.tenant,
-            session=self.session if session else uuid.uuid4(),
+            session=session or self.session,
             sender=f"+3361000{who:04d}",
             at=self.at(ms),
             sid=sid,
@@ -143,6 +151,15 @@ async def _play(
     for sid in live.confirm:
         held = await pool.fetchval("SELECT id FROM reservations WHERE message_sid = $1", sid)
         await store.confirm_reservation(live.tenant, held, "")
+    for session in live.ended:
+        await store.summarize_session(
+            live.tenant,
+            session,
+            started_at=live.clock.now,
+            closed_at=live.clock.now,
+            content_sid="",
+            correlation="",
+        )
     if together:
         delivered = random.Random(3).sample(live.batch, len(live.batch))
 
@@ -186,7 +203,10 @@ async def test_a_mixed_batch_ends_as_its_messages_one_by_one(
 ) -> None:
     live = Live(clock)
     holder, straggler = 1, 2
+    earlier_live = uuid.uuid4()
+    live.ended = [earlier_live]
     live.before = [
+        inbound("E5 Pull 30€ x2", tenant=live.tenant, session=earlier_live, seller=True),
         live.seller("A1 Robe 25€ x4 max3", -100),
         live.seller("B2 Sac 40€ x1", -99),
         live.seller("C3 Pull 30€ x1", -98),
@@ -223,7 +243,9 @@ async def test_a_mixed_batch_ends_as_its_messages_one_by_one(
         live.client(10, "D4", 81),  # sold out for good
         live.client(10, "Z9", 82),  # unknown code
         live.client(10, "bonjour", 83),  # conversation
-        live.client(11, "A1", 84, session=False),  # another session: no such item there
+        live.client(11, "A1", 84, session=uuid.uuid4()),  # a new session: no A1 in it
+        live.client(11, "E5", 85),  # an item of the live that ended
+        live.client(12, "E5", 86, session=earlier_live),  # in the live that ended
     ]
     one_by_one = await assert_batch_is_one_by_one(store, pool, live, monkeypatch)
 
@@ -252,6 +274,8 @@ async def test_a_mixed_batch_ends_as_its_messages_one_by_one(
         "unknown_code",
         "ignored",
         "unknown_code",
+        "session_ended",
+        "session_ended",
     ]
     to_straggler = await pool.fetch(
         "SELECT body FROM replies WHERE recipient_value = $1 ORDER BY id", "+33610000002"
