@@ -6,13 +6,14 @@ keep the catalog's view of the current session up to date."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 
 import asyncpg
 
 from infra.db import Connection
 from infra.log import get_logger
+from services.live_catalog.claim_runs import apply_claims
 from services.live_catalog.domain import (
     Cancel,
     Claim,
@@ -103,7 +104,9 @@ class InboundCatalog:
         """The routed messages in flight together, in one transaction and in the order the
         gateway received them (received_at, then MessageSid): claims on one item are decided
         first come, first served whatever order they were delivered in, and the item row is
-        locked and committed once per batch instead of once per claim. Each message's outcome
+        locked and committed once per batch instead of once per claim. Each run of clients'
+        claims (consecutive in that order) is applied set-wise by `apply_claims`, with the
+        outcomes, rows, events and replies they would have had one by one. Each message's outcome
         as `handle_inbound`'s, or the exception it raised: when the batch's transaction fails
         (a concurrent claim of the same client, a deadlock, the database gone), each message
         is handled again on its own, in the same order, so an error is only its own."""
@@ -112,8 +115,19 @@ class InboundCatalog:
         now = self._clock()
         try:
             async with self._pool.acquire() as conn, conn.transaction():
-                for i in order:
-                    outcomes[i] = await self._apply(conn, inbounds[i], now)
+                for run in self._runs(inbounds, order):
+                    if isinstance(run, int):
+                        outcomes[run] = await self._apply(conn, inbounds[run], now)
+                        continue
+                    claimed = await apply_claims(
+                        conn,
+                        [(inbounds[i], claim) for i, claim in run],
+                        now,
+                        book=self._reservations,
+                        replies_for=self._replies,
+                    )
+                    for (i, _), outcome in zip(run, claimed, strict=True):
+                        outcomes[i] = outcome
             return outcomes
         except Exception as error:
             if len(inbounds) == 1:
@@ -128,6 +142,30 @@ class InboundCatalog:
             except Exception as error:
                 outcomes[i] = error
         return outcomes
+
+    def _runs(
+        self, inbounds: Sequence[Inbound], order: Sequence[int]
+    ) -> Iterator[int | list[tuple[int, Claim]]]:
+        """The batch in `order`: each run of consecutive clients' claims in a live session (a
+        list, applied together by `apply_claims`), every other message on its own (its
+        index)."""
+        run: list[tuple[int, Claim]] = []
+        for i in order:
+            inbound = inbounds[i]
+            command = None
+            if not inbound.from_seller and inbound.session_id is not None:
+                command = self._settings.for_tenant(inbound.tenant_id).grammar.parse_client(
+                    inbound.body
+                )
+            if isinstance(command, Claim):
+                run.append((i, command))
+                continue
+            if run:
+                yield run
+                run = []
+            yield i
+        if run:
+            yield run
 
     async def _apply(self, conn: Connection, inbound: Inbound, now: datetime) -> str:
         grammar = self._settings.for_tenant(inbound.tenant_id).grammar

@@ -6,6 +6,10 @@ Concurrency, under READ COMMITTED:
   waiter; `RETURNING old/new` tells which. The row lock it takes orders every claim, cancel,
   confirmation and promotion of that item, and the CHECK `items_units_within_stock` makes an
   oversell impossible even for a bug in this file.
+- A batch's claims on one item, in received_at order, are decided together by ONE conditional
+  UPDATE of the item row (`take_in_order`) with the same rule applied claim after claim: the
+  granted ones are a prefix (units so far fit, and no earlier claim waits), every later one
+  waits, exactly as the claims one UPDATE each would have been decided.
 - Every transaction that changes an item locks the item row before any of its reservations, so
   two of them cannot deadlock; the waitlist head is read after that lock, so a unit freed by one
   transaction is promoted by it, and a waiter that committed first is seen.
@@ -66,6 +70,33 @@ UPDATE items AS i SET
     updated_at = $5
 WHERE i.id = $1 AND i.status = 'open'
 RETURNING new.held > old.held AS granted, {_qualified("new", ITEM_COLUMNS)}
+"""
+
+# The claims of one batch on one item ($2.., in received_at order) decided by one conditional
+# UPDATE: claim n is granted when the units of claims 1..n fit and no reservation received
+# before it waits (see the module docstring); the granted ones are then a prefix.
+_CLAIM_IN_ORDER = f"""
+UPDATE items AS i SET (held, waiting, updated_at) = (
+    SELECT i.held + coalesce(max(c.units_so_far) FILTER (WHERE c.granted), 0),
+        i.waiting + count(*) FILTER (WHERE NOT c.granted),
+        $5::timestamptz
+    FROM (
+        SELECT u.units_so_far,
+            i.held + i.confirmed + u.units_so_far <= i.stock AND NOT EXISTS (
+                SELECT 1 FROM reservations w
+                WHERE w.item_id = i.id AND w.status = 'waiting'
+                    AND (w.received_at, w.message_sid) < (u.received_at, u.message_sid)
+            ) AS granted
+        FROM (
+            SELECT q.received_at, q.message_sid,
+                sum(q.quantity) OVER (ORDER BY q.n) AS units_so_far
+            FROM unnest($2::int[], $3::timestamptz[], $4::text[]) WITH ORDINALITY
+                AS q(quantity, received_at, message_sid, n)
+        ) u
+    ) c
+)
+WHERE i.id = $1 AND i.status = 'open'
+RETURNING new.held - old.held AS units_granted, {_qualified("new", ITEM_COLUMNS)}
 """
 
 _INSERT_RESERVATION = f"""
@@ -339,6 +370,33 @@ class ReservationBook:
         if row is None:
             return None
         granted: bool = row["granted"]
+        return granted, item_from_row(row)
+
+    async def take_in_order(
+        self,
+        conn: Connection,
+        item: Item,
+        claims: Sequence[tuple[int, datetime, str]],
+        now: datetime,
+    ) -> tuple[int, Item] | None:
+        """`take` of each claim (quantity, received_at, message_sid), in that order (received_at,
+        then MessageSid), in one conditional UPDATE: (how many of the first claims were granted,
+        the item after them all; the others wait), or None when the item is closed."""
+        row = await conn.fetchrow(
+            _CLAIM_IN_ORDER,
+            item.id,
+            [quantity for quantity, _, _ in claims],
+            [received_at for _, received_at, _ in claims],
+            [message_sid for _, _, message_sid in claims],
+            now,
+        )
+        if row is None:
+            return None
+        units, granted = row["units_granted"], 0
+        while units > 0:
+            units -= claims[granted][0]
+            granted += 1
+        assert units == 0, "the granted claims are not a prefix of the claims"
         return granted, item_from_row(row)
 
     async def promote(

@@ -19,9 +19,9 @@ by WhatsApp webhook, so a live session is open.
 3. Peer, with the services stopped (nothing else writes): the same burst handed straight to the
    store, `--concurrency` in flight, once as the catalog's consumer does it (the messages in
    flight applied together in one transaction, in received_at order, one conditional UPDATE
-   per claim) and once as the obvious peer (one transaction per claim: `SELECT ... FOR UPDATE`,
-   decide, `UPDATE`), each on a fresh item of stock 10; `store_vs_peer_ratio` = our claims/s /
-   the peer's.
+   per item deciding its claims) and once as the obvious peer (one transaction per claim:
+   `SELECT ... FOR UPDATE`, decide, `UPDATE`), each on a fresh item of stock 10;
+   `store_vs_peer_ratio` = our claims/s / the peer's.
 4. Summary: a session of 500 items and 5,000 reservations summarised (`summary_s`).
 Oversell is checked after 2 and 3 (`*_oversold`: units held beyond stock, item counters or
 reservation rows); every figure with a target prints MISSED on stderr when missed.
@@ -354,7 +354,7 @@ class ClaimsBench:
             ours = catalog_store(pool, ReservationBook(HOLD))
             peer = catalog_store(pool, LockingPeer(HOLD))
             # Ours as the consumer runs it (the messages in flight decided in one transaction,
-            # one conditional UPDATE per claim); the peer's one transaction per claim.
+            # one conditional UPDATE per item); the peer's one transaction per claim.
             handlers = (("store", Batches(ours).submit), ("peer", peer.handle_inbound))
             for n, (name, handle) in enumerate(handlers, start=1):
                 code = f"P{n}"

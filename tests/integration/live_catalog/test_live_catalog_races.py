@@ -216,3 +216,60 @@ async def test_five_replicas_share_1000_claims_on_stock_10_without_oversell(
     }
     by_arrival = [c.contact.value for c in claims if c.contact.value not in holders]
     assert [row["client_value"] for row in waitlist] == by_arrival
+
+
+async def test_five_consumer_replicas_batching_1000_claims_on_two_items_never_oversell(
+    store: CatalogStore,
+    pool: asyncpg.Pool,
+    service_dsn: str,
+    clock: ManualClock,
+    tenant,
+    session_id,
+) -> None:
+    for body in ("A12 Robe 25€ x10", "B7 Sac 40€ x3"):
+        await store.handle_inbound(inbound(body, tenant=tenant, session=session_id, seller=True))
+    # Five replicas, each gathering the claims it is handed into batches, racing on both items.
+    pools = [
+        await create_pool(service_dsn, "live_catalog", min_size=1, max_size=6) for _ in range(5)
+    ]
+    try:
+        replicas = [
+            Batches(
+                CatalogStore(p, clock, hold=HOLD, settings=SettingsBook(), default_max_per_client=2)
+            )
+            for p in pools
+        ]
+        claims = [
+            inbound(
+                ("A12", "B7")[i % 2] + ("" if i % 3 else " x2"),
+                tenant=tenant,
+                session=session_id,
+                sender=f"+3363{i:07d}",
+                at=clock.now + timedelta(milliseconds=i),
+            )
+            for i in range(1000)
+        ]
+        order = random.Random(13).sample(range(1000), 1000)
+        outcomes = await asyncio.gather(
+            *(replicas[n % 5].submit(claims[i]) for n, i in enumerate(order))
+        )
+    finally:
+        for p in pools:
+            await p.close()
+
+    assert set(outcomes) == {"held", "waiting"}
+    items = await pool.fetch(
+        "SELECT i.code, i.stock, i.held, i.waiting,"
+        " (SELECT coalesce(sum(quantity), 0) FROM reservations r"
+        "  WHERE r.item_id = i.id AND r.status = 'held') AS held_rows,"
+        " (SELECT count(*) FROM reservations r"
+        "  WHERE r.item_id = i.id AND r.status = 'waiting') AS waiting_rows"
+        " FROM items i ORDER BY i.code"
+    )
+    for item in items:
+        assert item["held"] == item["held_rows"] <= item["stock"]
+        assert item["waiting"] == item["waiting_rows"]
+        assert item["stock"] - item["held"] < 2  # no claim of 1 or 2 units left out
+    assert sum(item["held_rows"] > 0 for item in items) == 2
+    assert sum(item["waiting"] for item in items) == outcomes.count("waiting")
+    assert await pool.fetchval("SELECT count(*) FROM replies") == 1000 + 2
