@@ -13,12 +13,13 @@ from tools.bench.stats import percentile
 def test_latency_is_acceptance_minus_release_per_message_sid() -> None:
     posted = {"SM1": 100.0, "SM2": 100.5}
     outbound = {
-        "SM1": Outbound("sent", enqueued_at=100.010, sent_at=100.040),
-        "SM2": Outbound("sent", enqueued_at=100.600, sent_at=100.700),
+        "SM1": Outbound("sent", enqueued_at=100.010, sent_at=100.040, started_at=100.030),
+        "SM2": Outbound("sent", enqueued_at=100.600, sent_at=100.700, started_at=100.605),
     }
     summary = summarise_phase(2, posted, {"SM1": 200, "SM2": 200}, outbound)
     assert summary.latencies_ms == pytest.approx([40.0, 200.0])
     assert summary.enqueue_latencies_ms == pytest.approx([10.0, 100.0])
+    assert summary.queued_latencies_ms == pytest.approx([5.0, 20.0])
     assert (summary.sent, summary.pending, summary.non200) == (2, 0, 0)
 
 
@@ -57,6 +58,25 @@ def test_send_rate_runs_from_first_post_to_last_acceptance() -> None:
     }
     summary = summarise_phase(10, posted, dict.fromkeys(posted, 200), outbound)
     assert summary.send_rps == pytest.approx(10 / 1.8)
+
+
+@pytest.mark.parametrize(
+    ("send_seconds", "pending", "sustained"),
+    [(1.0, 0, True), (1.2, 0, False), (1.0, 1, False)],
+    ids=["kept-pace", "replies-fell-behind", "left-pending"],
+)
+def test_a_rate_is_sustained_only_when_the_replies_kept_pace(
+    send_seconds: float, pending: int, sustained: bool
+) -> None:
+    posted = {f"SM{i}": i / 100 for i in range(100)}  # 100 webhooks/s for 1 s
+    outbound = {
+        sid: Outbound("sent", at, at + send_seconds * (i + 1) / 100 - i / 100)
+        for i, (sid, at) in enumerate(posted.items())
+    }
+    outbound |= {f"SMp{i}": Outbound("pending", 0.5, None) for i in range(pending)}
+    posted |= {f"SMp{i}": 0.5 for i in range(pending)}
+    summary = summarise_phase(100, posted, dict.fromkeys(posted, 200), outbound)
+    assert summary.sustained(100.0) is sustained
 
 
 def test_figures_are_named_by_rate_with_their_unit() -> None:

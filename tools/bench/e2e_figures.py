@@ -24,12 +24,13 @@ SENT_STATUSES = frozenset({"sent", "delivered", "read", "failed", "undelivered"}
 
 @dataclass(frozen=True)
 class Outbound:
-    """The outbox's row for one reply: its status, when it was enqueued and, once accepted,
-    when (wall-clock s)."""
+    """The outbox's row for one reply: its status, when it was enqueued, when its first send
+    attempt started and, once accepted, when (wall-clock s)."""
 
     status: str
     enqueued_at: float
     sent_at: float | None
+    started_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class PhaseSummary:
     queued: int  # reply enqueued, still pending or sending at the cut
     latencies_ms: list[float]  # sorted, one per sent reply
     enqueue_latencies_ms: list[float]  # sorted, one per enqueued reply
+    # sorted, one per sent reply: enqueued -> first send attempt started (claim, consent, lane)
+    queued_latencies_ms: list[float]
     send_rps: float  # sent / (last acceptance - first post)
 
     @property
@@ -54,6 +57,12 @@ class PhaseSummary:
     def pending(self) -> int:
         return self.unrouted + self.queued
 
+    def sustained(self, webhook_rps: float) -> bool:
+        """No growing backlog: the webhooks were posted and the replies sent at 95% of the rate
+        or more, every webhook answered 200, nothing left pending at the cut."""
+        kept_pace = min(webhook_rps, self.send_rps) >= 0.95 * self.rate
+        return kept_pace and not (self.pending or self.non200)
+
     def figures(self, webhook_rps: float, answer_p99_ms: float) -> dict[str, float]:
         """This phase's figures, named `r<rate>_...` (rate in webhooks/s)."""
         prefix = f"r{self.rate:g}_"
@@ -64,6 +73,8 @@ class PhaseSummary:
             "p99_ms": round(percentile(self.latencies_ms, 99), 1),
             "enqueued_p50_ms": round(percentile(self.enqueue_latencies_ms, 50), 1),
             "enqueued_p99_ms": round(percentile(self.enqueue_latencies_ms, 99), 1),
+            "outbox_queued_p50_ms": round(percentile(self.queued_latencies_ms, 50), 1),
+            "outbox_queued_p99_ms": round(percentile(self.queued_latencies_ms, 99), 1),
             "answer_p99_ms": round(answer_p99_ms, 2),
             "non200": self.non200,
             "pending": self.pending,
@@ -83,6 +94,7 @@ def summarise_phase(
     answered = [sid for sid in posted_at if statuses.get(sid) == 200]
     latencies: list[float] = []
     enqueue_latencies: list[float] = []
+    queued_latencies: list[float] = []
     last_sent = float("-inf")
     failed = unrouted = queued = 0
     for sid in answered:
@@ -95,6 +107,8 @@ def summarise_phase(
             queued += 1
         elif row.status in SENT_STATUSES and row.sent_at is not None:
             latencies.append((row.sent_at - posted_at[sid]) * 1000)
+            if row.started_at is not None:
+                queued_latencies.append((row.started_at - row.enqueued_at) * 1000)
             last_sent = max(last_sent, row.sent_at)
         else:
             failed += 1
@@ -109,6 +123,7 @@ def summarise_phase(
         queued=queued,
         latencies_ms=sorted(latencies),
         enqueue_latencies_ms=sorted(enqueue_latencies),
+        queued_latencies_ms=sorted(queued_latencies),
         send_rps=len(latencies) / span if latencies and span > 0 else 0.0,
     )
 
