@@ -59,7 +59,6 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 import grpc
-import httpx
 from snapsell.common.v1 import address_pb2
 from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
 
@@ -198,13 +197,10 @@ class BenchStack:
         return usage
 
     async def reset_sandbox(self) -> None:
-        async with httpx.AsyncClient() as client:
-            (await client.post(self.stack.sandbox_url + "/_sandbox/reset")).raise_for_status()
+        await self.stack.sandbox_control("POST", "reset")
 
     async def sandbox_accepted(self) -> int:
-        async with httpx.AsyncClient(timeout=30) as client:
-            reply = await client.get(self.stack.sandbox_url + "/_sandbox/stats")
-        return int(reply.json()["accepted"])
+        return int((await self.stack.sandbox_control("GET", "stats"))["accepted"])
 
     async def insert_outbox_backlog(self, messages: int, trickle: float | None) -> float:
         """A fresh backlog in tables as new as at the first drain (an earlier drain's rows, dead
