@@ -165,29 +165,42 @@ async def drive(call: Call, callers: int, seconds: float, server_pid: int) -> di
     }
 
 
+async def at_rate(
+    call: Callable[[int, float], Coroutine[Any, Any, object]],
+    rate: float,
+    count: int,
+    delay: float = 0.0,
+) -> None:
+    """`call(i, scheduled)` for i < `count`, each as its own task started at its scheduled time
+    (the loop's clock: `delay` from now, then every 1/`rate` s) whatever the earlier ones are
+    doing, so a slow call delays none of the next; returns once all have finished."""
+    loop = asyncio.get_running_loop()
+    start, calls = loop.time() + delay, []
+    for index in range(count):
+        scheduled = start + index / rate
+        await asyncio.sleep(max(0.0, scheduled - loop.time()))
+        calls.append(asyncio.create_task(call(index, scheduled)))
+    await asyncio.gather(*calls)
+
+
 async def open_loop(call: Call, rate: float, seconds: float) -> dict[str, float]:
-    """Calls started at `rate` per second for `seconds`, each at its scheduled time whatever the
-    earlier ones are doing, latency counted from that time: a stall shows in the percentiles
-    (closed-loop callers would just call less, and their p50 is callers / rate)."""
+    """Calls started at `rate` per second for `seconds` (`at_rate`), latency counted from each
+    one's scheduled time: a stall shows in the percentiles (closed-loop callers would just call
+    less, and their p50 is callers / rate)."""
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
     errors = 0
-    start = loop.time() + 0.01
 
-    async def one(index: int) -> None:
+    async def one(index: int, scheduled: float) -> None:
         nonlocal errors
         try:
             await call(index)
         except grpc.aio.AioRpcError:
             errors += 1
             return
-        latencies.append(loop.time() - (start + index / rate))
+        latencies.append(loop.time() - scheduled)
 
-    calls = []
-    for index in range(round(rate * seconds)):
-        await asyncio.sleep(max(0.0, start + index / rate - loop.time()))
-        calls.append(asyncio.create_task(one(index)))
-    await asyncio.gather(*calls)
+    await at_rate(one, rate, round(rate * seconds), delay=0.01)
     return {
         "p50_ms": 1000 * percentile(latencies, 50),
         "p99_ms": 1000 * percentile(latencies, 99),
@@ -242,16 +255,12 @@ def rounds_parser(doc: str, callers: int) -> argparse.ArgumentParser:
     return parser
 
 
-def run_whole_system(
-    name: str,
-    args: argparse.Namespace,
-    run: Callable[[argparse.Namespace, Path], Coroutine[Any, Any, dict[str, Any]]],
-) -> int:
-    """Run a whole-system bench in a fresh temp dir (kept with `args.keep`), print its JSON."""
+def run_in_workdir(name: str, keep: bool, measure: Callable[[Path], dict[str, Any]]) -> int:
+    """`measure` a bench in a fresh temp dir (kept with `keep`) and print its JSON; exit code 1
+    with one line on stderr when it failed, 130 when interrupted."""
     workdir = Path(tempfile.mkdtemp(prefix=f"{name}-bench-"))
     try:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            result = runner.run(run(args, workdir))
+        result = measure(workdir)
     except (RuntimeError, DevstackError, OSError) as exc:
         print(f"{name} bench failed: {exc}", file=sys.stderr)
         return 1
@@ -260,12 +269,26 @@ def run_whole_system(
         print(f"{name} bench interrupted", file=sys.stderr)
         return 130
     finally:
-        if args.keep:
+        if keep:
             print(f"{name} bench: logs kept in {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     print(json.dumps(result), flush=True)
     return 0
+
+
+def run_whole_system(
+    name: str,
+    args: argparse.Namespace,
+    run: Callable[[argparse.Namespace, Path], Coroutine[Any, Any, dict[str, Any]]],
+) -> int:
+    """`run_in_workdir` for a bench measured by a coroutine, run on uvloop."""
+
+    def measure(workdir: Path) -> dict[str, Any]:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(run(args, workdir))
+
+    return run_in_workdir(name, args.keep, measure)
 
 
 def say_missed(

@@ -62,8 +62,8 @@ import grpc
 from snapsell.common.v1 import address_pb2
 from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
 
-from tools.bench.harness import bearer, bench_stack, create_shop
-from tools.bench.stats import cpu_seconds, peak_rss_mb, percentile, server_cpu_seconds
+from tools.bench.harness import at_rate, bearer, bench_stack, create_shop
+from tools.bench.stats import cpu_seconds, peak_rss_mb, percentile, tree_cpu_seconds
 from tools.stack import ROOT, Infrastructure, SystemStack
 
 if TYPE_CHECKING:
@@ -193,7 +193,7 @@ class BenchStack:
             pids["nats"] = self.nats_pid
         usage = {name: cpu_seconds(pid) for name, pid in pids.items()}
         if self.postmaster is not None:
-            usage["postgres"] = server_cpu_seconds(self.postmaster)
+            usage["postgres"] = tree_cpu_seconds(self.postmaster)
         return usage
 
     async def reset_sandbox(self) -> None:
@@ -256,7 +256,7 @@ async def enqueue_steadily(stack: BenchStack, rate: float, seconds: float) -> di
     async with grpc.aio.insecure_channel(stack.outbox.address) as channel:
         stub = outbox_pb2_grpc.OutboxServiceStub(channel)
 
-        async def enqueue(i: int) -> None:
+        async def enqueue(i: int, scheduled: float) -> None:
             key = f"latency-{i}"
             request = outbox_pb2.EnqueueRequest(
                 tenant_id=LATENCY_TENANT,
@@ -270,13 +270,7 @@ async def enqueue_steadily(stack: BenchStack, rate: float, seconds: float) -> di
             called_at[key] = time.time()
             await stub.Enqueue(request, metadata=metadata, timeout=10)
 
-        loop = asyncio.get_running_loop()
-        begin = loop.time()
-        tasks = []
-        for i in range(int(rate * seconds)):
-            await asyncio.sleep(max(0.0, begin + i / rate - loop.time()))
-            tasks.append(asyncio.create_task(enqueue(i)))
-        await asyncio.gather(*tasks)
+        await at_rate(enqueue, rate, int(rate * seconds))
     return called_at
 
 
