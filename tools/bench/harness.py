@@ -28,7 +28,7 @@ from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
 from infra.grpc_server import GrpcServer
 from tools.bench.report import target_met
-from tools.bench.stats import cpu_seconds, percentile
+from tools.bench.stats import cpu_seconds, median_of, percentile
 from tools.dev_keys import DevKeys
 from tools.devstack import DevstackError
 from tools.stack import (
@@ -228,6 +228,11 @@ async def measure_rounds(
         )
         print(f"round {number + 1}: " + ", ".join(shown), file=sys.stderr)
     return results
+
+
+def kinds_figures(rounds: Mapping[str, list[dict[str, float]]]) -> dict[str, float]:
+    """Each kind's figures, the medians over its rounds, named `<kind>_<figure>`."""
+    return {f"{kind}_{k}": v for kind, r in rounds.items() for k, v in median_of(r).items()}
 
 
 @contextlib.asynccontextmanager

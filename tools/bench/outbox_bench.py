@@ -205,7 +205,7 @@ class BenchStack:
     async def insert_outbox_backlog(self, messages: int, trickle: float | None) -> float:
         """A fresh backlog in tables as new as at the first drain (an earlier drain's rows, dead
         tuples and statistics gone), as pgqueuer starts each drain with its tables new: all at
-        once, or with `trickle` (messages/s) in small transactions (`enqueue_trickle`)."""
+        once, or with `trickle` (messages/s) in small transactions (`enqueue_backlog`)."""
         await self.db.execute("TRUNCATE outbox.attempts, outbox.messages, outbox.events")
 
         async def insert(first: int, count: int) -> None:
@@ -213,10 +213,7 @@ class BenchStack:
                 await conn.execute(_BACKLOG, self.stack.account_sid, SENDER, first, count)
                 await conn.execute("NOTIFY outbox_due")
 
-        if trickle is None:
-            await insert(0, messages)
-            return time.time()
-        return await enqueue_trickle(messages, trickle, insert)
+        return await enqueue_backlog(messages, trickle, insert)
 
     async def wait_outbox_sent(self, messages: int, started: float) -> float:
         while await self.db.fetchval(_OUTBOX_WAITING):
@@ -274,11 +271,15 @@ async def enqueue_steadily(stack: BenchStack, rate: float, seconds: float) -> di
     return called_at
 
 
-async def enqueue_trickle(
-    messages: int, rate: float, enqueue: Callable[[int, int], Awaitable[None]]
+async def enqueue_backlog(
+    messages: int, rate: float | None, enqueue: Callable[[int, int], Awaitable[None]]
 ) -> float:
-    """`enqueue(first, count)` in batches of `TRICKLE_BATCH` messages (seeded draw), on time for
-    `rate` messages/s on average; returns when the first batch was enqueued (epoch s)."""
+    """`enqueue(first, count)` all at once, or with a trickle `rate` (messages/s on average) in
+    batches of `TRICKLE_BATCH` messages (seeded draw); returns when the (first) batch was
+    enqueued (epoch s)."""
+    if rate is None:
+        await enqueue(0, messages)
+        return time.time()
     rng = random.Random(messages)
     loop = asyncio.get_running_loop()
     begin, started, done = loop.time(), time.time(), 0
@@ -358,15 +359,11 @@ async def drain_pgqueuer(
             ]
             cpu_before = stack.cpu_snapshot(pgqueuer=worker.pid)
 
-            async def enqueue(first: int, count: int) -> None:
+            async def enqueue_jobs(first: int, count: int) -> None:
                 jobs = payloads[first : first + count]
                 await queries.enqueue([PGQUEUER_ENTRYPOINT] * count, jobs, [0] * count)
 
-            if trickle is None:
-                await enqueue(0, messages)
-                started = time.time()
-            else:
-                started = await enqueue_trickle(messages, trickle, enqueue)
+            started = await enqueue_backlog(messages, trickle, enqueue_jobs)
             while True:
                 if not await conn.fetchval(_PGQUEUER_WAITING):
                     break
