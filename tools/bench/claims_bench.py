@@ -54,7 +54,7 @@ from services.live_catalog.consumer import Batches
 from services.live_catalog.domain import Channel, Contact, Inbound, Item, ReplyRoute, SettingsBook
 from services.live_catalog.reservations import ITEM_COLUMNS, ReservationBook, item_from_row
 from services.live_catalog.store import CatalogStore
-from tools.bench.e2e_bench import Phases, configure_sandbox
+from tools.bench.e2e_bench import Phases, configure_sandbox, phases_parser
 from tools.bench.harness import bench_stack, run_whole_system, say_missed
 from tools.bench.webhooks import BUSINESS_NUMBER, WEBHOOK_PATH, new_nonce, signed_webhooks
 from tools.stack import SystemStack
@@ -437,15 +437,10 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Live catalog claims: latency, burst, peer.")
+    parser = phases_parser("Live catalog claims: latency, burst, peer.", 120.0, 32)
     parser.add_argument("--rate", type=float, default=100.0, help="claims/s in the latency phase")
-    parser.add_argument("--seconds", type=float, default=10.0, help="latency phase length")
-    parser.add_argument("--drain-seconds", type=float, default=15.0, help="reply wait")
-    parser.add_argument("--settle-seconds", type=float, default=120.0, help="backlog wait")
-    parser.add_argument("--connections", type=int, default=32, help="keep-alive connections")
     parser.add_argument("--burst", type=int, default=1000, help="claims in the burst")
     parser.add_argument("--concurrency", type=int, default=32, help="claims in flight (peer run)")
-    parser.add_argument("--keep", action="store_true", help="keep the temp dir (service logs)")
     args = parser.parse_args(argv)
     if args.rate <= 0 or args.seconds <= 0 or args.burst < 1 or args.concurrency < 1:
         parser.error("--rate, --seconds, --burst and --concurrency must be positive")

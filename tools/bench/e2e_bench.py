@@ -376,8 +376,22 @@ def _rates(text: str) -> list[float]:
     return sorted(float(part) for part in text.split(",") if part.strip())
 
 
+def phases_parser(description: str, settle_s: float, connections: int) -> argparse.ArgumentParser:
+    """The options `Phases` reads (`--seconds`, `--drain-seconds`, `--settle-seconds`,
+    `--connections`) and `--keep` (`run_whole_system`)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seconds", type=float, default=10.0, help="load per phase")
+    parser.add_argument("--drain-seconds", type=float, default=15.0, help="reply wait per phase")
+    parser.add_argument("--settle-seconds", type=float, default=settle_s, help="backlog wait")
+    parser.add_argument(
+        "--connections", type=int, default=connections, help="keep-alive connections"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (service logs)")
+    return parser
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Webhook -> sandbox send latency, whole system.")
+    parser = phases_parser("Webhook -> sandbox send latency, whole system.", 30.0, 64)
     parser.add_argument(
         "--rates",
         type=_rates,
@@ -392,16 +406,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--slow-rates", type=_rates, default=[300.0, 750.0], help="second scenario's rates"
     )
-    parser.add_argument("--seconds", type=float, default=10.0, help="load per rate")
-    parser.add_argument("--drain-seconds", type=float, default=15.0, help="reply wait per rate")
-    parser.add_argument("--settle-seconds", type=float, default=30.0, help="backlog wait")
-    parser.add_argument("--connections", type=int, default=64, help="keep-alive connections")
     parser.add_argument(
         "--log-level",
         default="INFO",
         help="the services' LOG_LEVEL (default INFO, production's: deploy/base)",
     )
-    parser.add_argument("--keep", action="store_true", help="keep the temp dir (service logs)")
     args = parser.parse_args(argv)
     if not args.rates or min(args.rates + args.slow_rates) <= 0 or args.seconds <= 0:
         parser.error("--rates needs at least one rate, and rates and --seconds must be positive")
