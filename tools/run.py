@@ -22,6 +22,7 @@ import threading
 from contextlib import ExitStack
 from pathlib import Path
 
+from services.seller_admin.cli import local_state_dir
 from tools.dev_keys import DevKeys
 from tools.stack import (
     GRPC_PORTS,
@@ -34,7 +35,7 @@ from tools.stack import (
     start_sandbox,
 )
 
-STATE = Path(os.environ.get("SNAPSELL_STATE_DIR", "").strip() or ROOT / ".state")
+STATE = local_state_dir()
 LOCAL_BIND_HOST = "127.0.0.1"
 
 

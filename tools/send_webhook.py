@@ -17,18 +17,17 @@ import sys
 import urllib.error
 import urllib.request
 import uuid
-from pathlib import Path
 from urllib.parse import urlencode
 
 from twilio.request_validator import RequestValidator
 
-ROOT = Path(__file__).resolve().parent.parent
+from services.seller_admin.cli import local_state_dir
+
 PATH = "/webhooks/twilio/messages"
 
 
 def local_credentials() -> dict[str, str]:
-    state = Path(os.environ.get("SNAPSELL_STATE_DIR", "").strip() or ROOT / ".state")
-    path = state / "dev-credentials.json"
+    path = local_state_dir() / "dev-credentials.json"
     return dict(json.loads(path.read_text())) if path.exists() else {}
 
 

@@ -399,6 +399,22 @@ class SystemStack:
         reply.raise_for_status()
         return reply.text
 
+    async def sandbox_control(self, method: str, what: str, config: object = None) -> Any:
+        """The sandbox's `/_sandbox/<what>` control (`stats`, `reset`, `faults`); its JSON
+        answer, None when it has none."""
+        async with httpx.AsyncClient(timeout=30) as client:
+            url = f"{self.sandbox_url}/_sandbox/{what}"
+            reply = await client.request(method, url, json=config)
+        reply.raise_for_status()
+        return reply.json() if reply.content else None
+
+    async def operator_cli(self, *commands: tuple[str, ...]) -> None:
+        """Operator CLI commands in turn (`cli`); RuntimeError with its message when one fails."""
+        for command in commands:
+            done = await asyncio.to_thread(self.cli, *command)
+            if done.returncode != 0:
+                raise RuntimeError(f"seller_admin cli {command[0]}: {done.stderr.strip()}")
+
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         """The seller_admin operator CLI, run as an operator would, against this stack."""
         env = {

@@ -54,10 +54,10 @@ from services.live_catalog.consumer import Batches
 from services.live_catalog.domain import Channel, Contact, Inbound, Item, ReplyRoute, SettingsBook
 from services.live_catalog.reservations import ITEM_COLUMNS, ReservationBook, item_from_row
 from services.live_catalog.store import CatalogStore
-from tools.bench.e2e_bench import Phases, configure_sandbox, run_whole_system
+from tools.bench.e2e_bench import Phases, configure_sandbox, phases_parser
+from tools.bench.harness import bench_stack, run_whole_system, say_missed
 from tools.bench.webhooks import BUSINESS_NUMBER, WEBHOOK_PATH, new_nonce, signed_webhooks
-from tools.dev_keys import DevKeys
-from tools.stack import SystemStack, infrastructure, start_system
+from tools.stack import SystemStack
 
 TENANT = "claims-bench"
 SELLER_CLIENT = 99_000_000  # client number of the seller (`webhooks.client_address`)
@@ -224,14 +224,11 @@ class ClaimsBench:
 
     async def set_up_shop(self) -> None:
         seller = f"+336{SELLER_CLIENT % 100_000_000:08d}"
-        for command in (
+        await self.stack.operator_cli(
             ("create-tenant", "--tenant", TENANT, "--name", "Claims bench"),
             ("add-channel", "--tenant", TENANT, "--address", f"whatsapp:{BUSINESS_NUMBER}"),
             ("add-seller", "--tenant", TENANT, "--phone", seller),
-        ):
-            done = await asyncio.to_thread(self.stack.cli, *command)
-            if done.returncode != 0:
-                raise RuntimeError(f"seller_admin cli {command[0]}: {done.stderr.strip()}")
+        )
 
     async def post_item(self, index: int, text: str, code: str) -> uuid.UUID:
         """The seller posts an item by WhatsApp; returns its id once the catalog has it."""
@@ -402,38 +399,26 @@ class ClaimsBench:
 
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     service_env = {"outbox": {"OUTBOX_RATE_LIMIT_PER_SENDER": "2000"}}
-    with infrastructure(workdir) as found:
-        dsn, nats_url = found.dsn, found.nats_url
-        say("starting the stack")
-        stack = await start_system(
-            dsn,
-            nats_url,
-            DevKeys(workdir / "keys"),
-            workdir,
-            env={"LOG_LEVEL": "WARNING"},
-            service_env=service_env,
-            trace=False,
+    say("starting the stack")
+    system = bench_stack(work_dir=workdir, env={"LOG_LEVEL": "WARNING"}, service_env=service_env)
+    async with (
+        system as (stack, found),
+        asyncpg.create_pool(found.dsn, min_size=1, max_size=4) as db,
+    ):
+        bench = ClaimsBench(args, stack, db, found.pids)
+        await configure_sandbox(stack)
+        await bench.set_up_shop()
+        await bench.post_item(0, "A1 Robe rouge 25€ x600", "A1")
+        burst_item = await bench.post_item(1, "B1 Sac 40€ x10", "B1")
+        await bench.latency()
+        await bench.burst(burst_item)
+        await stack.stop()  # the peer runs with nothing else writing
+        session = await db.fetchval(
+            "SELECT session_id FROM live_catalog.items WHERE id = $1", burst_item
         )
-        async with asyncpg.create_pool(dsn, min_size=1, max_size=4) as db:
-            bench = ClaimsBench(args, stack, db, found.pids)
-            try:
-                await configure_sandbox(stack)
-                await bench.set_up_shop()
-                await bench.post_item(0, "A1 Robe rouge 25€ x600", "A1")
-                burst_item = await bench.post_item(1, "B1 Sac 40€ x10", "B1")
-                await bench.latency()
-                await bench.burst(burst_item)
-            finally:
-                await stack.stop()
-            session = await db.fetchval(
-                "SELECT session_id FROM live_catalog.items WHERE id = $1", burst_item
-            )
-            await bench.against_peer(session)
-            await bench.summary()
-    for name, target in TARGETS.items():
-        value = bench.figures.get(name)
-        if value is None or not _met(value, target):
-            say(f"MISSED {name} = {value} (target {target})")
+        await bench.against_peer(session)
+        await bench.summary()
+    say_missed(say, bench.figures, TARGETS)
     params = {
         "rate_per_s": args.rate,
         "seconds": args.seconds,
@@ -451,23 +436,11 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
 
 
-def _met(value: float, target: str) -> bool:
-    op, bound = target.split()
-    return {"<=": value <= float(bound), ">=": value >= float(bound), "==": value == float(bound)}[
-        op
-    ]
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Live catalog claims: latency, burst, peer.")
+    parser = phases_parser("Live catalog claims: latency, burst, peer.", 120.0, 32)
     parser.add_argument("--rate", type=float, default=100.0, help="claims/s in the latency phase")
-    parser.add_argument("--seconds", type=float, default=10.0, help="latency phase length")
-    parser.add_argument("--drain-seconds", type=float, default=15.0, help="reply wait")
-    parser.add_argument("--settle-seconds", type=float, default=120.0, help="backlog wait")
-    parser.add_argument("--connections", type=int, default=32, help="keep-alive connections")
     parser.add_argument("--burst", type=int, default=1000, help="claims in the burst")
     parser.add_argument("--concurrency", type=int, default=32, help="claims in flight (peer run)")
-    parser.add_argument("--keep", action="store_true", help="keep the temp dir (service logs)")
     args = parser.parse_args(argv)
     if args.rate <= 0 or args.seconds <= 0 or args.burst < 1 or args.concurrency < 1:
         parser.error("--rate, --seconds, --burst and --concurrency must be positive")

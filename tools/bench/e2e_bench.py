@@ -51,18 +51,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import httpx
-import uvloop
 
 from tools.bench.e2e_figures import (
     WAITING_STATUSES,
@@ -71,6 +66,7 @@ from tools.bench.e2e_figures import (
     check_sandbox,
     summarise_phase,
 )
+from tools.bench.harness import bench_stack, run_whole_system
 from tools.bench.open_loop import OpenLoopResult, run_open_loop
 from tools.bench.otlp_sink import PRODUCTION_SAMPLE_RATIO, OtlpSink
 from tools.bench.stats import PeakRss, tree_cpu_seconds
@@ -84,9 +80,7 @@ from tools.bench.webhooks import (
     shop_number,
     signed_webhooks,
 )
-from tools.dev_keys import DevKeys
-from tools.devstack import DevstackError
-from tools.stack import SystemStack, infrastructure, start_system
+from tools.stack import SystemStack
 
 TENANT = "e2e-bench"
 KEYWORD = "HELP"
@@ -260,15 +254,13 @@ class Phases:
             )
 
     async def check_sandbox(self) -> None:
-        async with httpx.AsyncClient(timeout=30) as client:
-            reply = await client.get(self.stack.sandbox_url + "/_sandbox/stats")
-        reply.raise_for_status()
+        stats = await self.stack.sandbox_control("GET", "stats")
         sent_to = [
             self.clients[sid]
             for sid, row in self.outbound.items()
             if row.sent_at is not None and sid in self.clients
         ]
-        check = check_sandbox(reply.json()["accepted_by_to"], self.clients.values(), sent_to)
+        check = check_sandbox(stats["accepted_by_to"], self.clients.values(), sent_to)
         self.figures["sandbox_duplicates"] = check.duplicates
         self.figures["sandbox_check_ok"] = int(check.ok)
         if not check.ok:
@@ -294,41 +286,27 @@ async def set_up_shops(stack: SystemStack, shops: int) -> None:
     """The shops an operator would create (README): a tenant and its WhatsApp number each."""
     for index in range(shops):
         tenant, number = f"{TENANT}-{index}", f"whatsapp:{shop_number(index)}"
-        for command in (
+        await stack.operator_cli(
             ("create-tenant", "--tenant", tenant, "--name", f"E2E bench {index}"),
             ("add-channel", "--tenant", tenant, "--address", number),
-        ):
-            done = await asyncio.to_thread(stack.cli, *command)
-            if done.returncode != 0:
-                raise RuntimeError(f"seller_admin cli {command[0]}: {done.stderr.strip()}")
+        )
 
 
 async def configure_sandbox(stack: SystemStack, latency_ms: float = 0) -> None:
-    async with httpx.AsyncClient(timeout=10) as client:
-        faults = SANDBOX_FAST | {"latency_ms": latency_ms}
-        reply = await client.post(stack.sandbox_url + "/_sandbox/faults", json=faults)
-    reply.raise_for_status()
+    await stack.sandbox_control("POST", "faults", SANDBOX_FAST | {"latency_ms": latency_ms})
 
 
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    with infrastructure(workdir) as found, OtlpSink() as sink:
-        say("starting the stack")
-        stack = await start_system(
-            found.dsn,
-            found.nats_url,
-            DevKeys(workdir / "keys"),
-            workdir,
-            env={"LOG_LEVEL": args.log_level, **sink.env()},
-            service_env={"outbox": {"OUTBOX_MAX_IN_FLIGHT": str(args.in_flight)}},
-            trace=False,
-        )
-        try:
+    say("starting the stack")
+    with OtlpSink() as sink:
+        env = {"LOG_LEVEL": args.log_level, **sink.env()}
+        service_env = {"outbox": {"OUTBOX_MAX_IN_FLIGHT": str(args.in_flight)}}
+        system = bench_stack(work_dir=workdir, env=env, service_env=service_env)
+        async with system as (stack, found):
             async with asyncpg.create_pool(found.dsn, min_size=1, max_size=2) as db:
                 shops = [shop_number(i) for i in range(args.shops)]
                 phases = Phases(args, stack, db, found.pids, shops=shops)
                 await measure_all(args, phases)
-        finally:
-            await stack.stop()
     return report(args, phases)
 
 
@@ -401,8 +379,22 @@ def _rates(text: str) -> list[float]:
     return sorted(float(part) for part in text.split(",") if part.strip())
 
 
+def phases_parser(description: str, settle_s: float, connections: int) -> argparse.ArgumentParser:
+    """The options `Phases` reads (`--seconds`, `--drain-seconds`, `--settle-seconds`,
+    `--connections`) and `--keep` (`run_whole_system`)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seconds", type=float, default=10.0, help="load per phase")
+    parser.add_argument("--drain-seconds", type=float, default=15.0, help="reply wait per phase")
+    parser.add_argument("--settle-seconds", type=float, default=settle_s, help="backlog wait")
+    parser.add_argument(
+        "--connections", type=int, default=connections, help="keep-alive connections"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (service logs)")
+    return parser
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Webhook -> sandbox send latency, whole system.")
+    parser = phases_parser("Webhook -> sandbox send latency, whole system.", 30.0, 64)
     parser.add_argument(
         "--rates",
         type=_rates,
@@ -417,16 +409,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--slow-rates", type=_rates, default=[300.0, 750.0], help="second scenario's rates"
     )
-    parser.add_argument("--seconds", type=float, default=10.0, help="load per rate")
-    parser.add_argument("--drain-seconds", type=float, default=15.0, help="reply wait per rate")
-    parser.add_argument("--settle-seconds", type=float, default=30.0, help="backlog wait")
-    parser.add_argument("--connections", type=int, default=64, help="keep-alive connections")
     parser.add_argument(
         "--log-level",
         default="INFO",
         help="the services' LOG_LEVEL (default INFO, production's: deploy/base)",
     )
-    parser.add_argument("--keep", action="store_true", help="keep the temp dir (service logs)")
     args = parser.parse_args(argv)
     if not args.rates or min(args.rates + args.slow_rates) <= 0 or args.seconds <= 0:
         parser.error("--rates needs at least one rate, and rates and --seconds must be positive")
@@ -435,32 +422,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     return run_whole_system("e2e", parse_args(argv), run)
-
-
-def run_whole_system(
-    name: str,
-    args: argparse.Namespace,
-    run: Callable[[argparse.Namespace, Path], Coroutine[Any, Any, dict[str, Any]]],
-) -> int:
-    """Run a whole-system bench in a fresh temp dir (kept with `args.keep`), print its JSON."""
-    workdir = Path(tempfile.mkdtemp(prefix=f"{name}-bench-"))
-    try:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            result = runner.run(run(args, workdir))
-    except (RuntimeError, DevstackError, OSError) as exc:
-        print(f"{name} bench failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        # Everything started was stopped on the way out; the runner sends SIGINT on timeout.
-        print(f"{name} bench interrupted", file=sys.stderr)
-        return 130
-    finally:
-        if args.keep:
-            print(f"{name} bench: logs kept in {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    print(json.dumps(result), flush=True)
-    return 0
 
 
 if __name__ == "__main__":

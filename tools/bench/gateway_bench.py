@@ -70,11 +70,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import shutil
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -84,6 +81,7 @@ from typing import Any
 
 import uvloop
 
+from tools.bench.harness import run_in_workdir
 from tools.bench.open_loop import OpenLoopResult, run_open_loop
 from tools.bench.otlp_sink import PRODUCTION_SAMPLE_RATIO, OtlpSink
 from tools.bench.stats import PeakRss
@@ -96,7 +94,7 @@ from tools.bench.webhooks import (
     signed_webhooks,
 )
 from tools.bench.wrk import WrkMissingError, WrkResult, ensure_wrk, run_wrk, write_wrk_inputs
-from tools.devstack import DevstackError, EmbeddedNats, free_port, nats_service_env
+from tools.devstack import EmbeddedNats, free_port, nats_service_env
 from tools.stack import RunningService, spawn_service
 
 ACCOUNT_SID = "AC" + "b" * 32
@@ -421,14 +419,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    try:
-        ensure_wrk()
-    except WrkMissingError as exc:
-        print(f"gateway bench: {exc}", file=sys.stderr)
-        return 2
-    workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     nats = EmbeddedNats(workdir / "nats")
     try:
         bench = Bench(args, workdir, nats.start())
@@ -441,17 +432,19 @@ def main(argv: list[str]) -> int:
         finally:
             bench.stop_servers()
         bench.check_stream()
-    except (DevstackError, RuntimeError) as exc:
-        print(f"gateway bench failed: {exc}", file=sys.stderr)
-        return 1
     finally:
         nats.stop()
-        if args.keep:
-            print(f"gateway bench: logs kept in {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    print(json.dumps(bench.report()), flush=True)
-    return 0
+    return bench.report()
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    try:
+        ensure_wrk()
+    except WrkMissingError as exc:
+        print(f"gateway bench: {exc}", file=sys.stderr)
+        return 2
+    return run_in_workdir("gateway", args.keep, lambda workdir: measure(args, workdir))
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import uvloop
@@ -25,9 +27,18 @@ from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
 from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
 from infra.grpc_server import GrpcServer
-from tools.bench.stats import cpu_seconds, percentile
+from tools.bench.report import target_met
+from tools.bench.stats import cpu_seconds, median_of, percentile
 from tools.dev_keys import DevKeys
-from tools.stack import Infrastructure, SystemStack, infrastructure, spawn_service, start_system
+from tools.devstack import DevstackError
+from tools.stack import (
+    SERVICES,
+    Infrastructure,
+    SystemStack,
+    infrastructure,
+    spawn_service,
+    start_system,
+)
 
 ECHO_SERVICE = "bench.v1.EchoService"
 ECHO_METHOD = f"/{ECHO_SERVICE}/Echo"
@@ -51,34 +62,42 @@ async def serve_echo(port: int) -> None:
     await server.stop(1.0)
 
 
+# As the round benchmarks have always run them, for figures comparable with earlier reports:
+# every service connects to NATS as the admin user, not as its own.
+ADMIN_NATS_ENV = {"LOG_LEVEL": "WARNING", "NATS_USER": "", "NATS_PASSWORD": ""}
+
+
 @contextlib.asynccontextmanager
 async def bench_stack(
-    services: Sequence[str],
-    prefix: str,
+    services: Sequence[str] = SERVICES,
+    prefix: str = "bench-",
     *,
-    service_env: dict[str, dict[str, str]] | None = None,
+    work_dir: Path | None = None,
+    env: Mapping[str, str] = ADMIN_NATS_ENV,
+    service_env: Mapping[str, Mapping[str, str]] | None = None,
     echo: bool = False,
 ) -> AsyncIterator[tuple[SystemStack, Infrastructure]]:
-    """PostgreSQL and NATS (embedded in a temporary directory unless DATABASE_URL / NATS_URL
-    are set), the sandbox, `services` and, with `echo`, the echo server as `echo`; all stopped
-    by PID on the way out. Yields the stack and its PostgreSQL and NATS."""
-    with tempfile.TemporaryDirectory(prefix=prefix) as tmp, infrastructure(Path(tmp)) as found:
+    """PostgreSQL and NATS (embedded in `work_dir`, by default a temporary directory, unless
+    DATABASE_URL / NATS_URL are set), the sandbox, `services` (`env` added to each one's
+    environment) and, with `echo`, the echo server as `echo`; all stopped by PID on the way out.
+    Yields the stack and its PostgreSQL and NATS."""
+    with contextlib.ExitStack() as exits:
+        tmp = work_dir or Path(exits.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+        found = exits.enter_context(infrastructure(tmp))
         stack = await start_system(
             found.dsn,
             found.nats_url,
-            DevKeys(Path(tmp) / "keys"),
-            Path(tmp),
+            DevKeys(tmp / "keys"),
+            tmp,
             services=services,
-            # As these benchmarks have always run them, for figures comparable with earlier
-            # reports: every service connects to NATS as the admin user, not as its own.
-            env={"LOG_LEVEL": "WARNING", "NATS_USER": "", "NATS_PASSWORD": ""},
+            env=env,
             service_env=service_env,
             trace=False,
         )
         try:
             if echo:
                 stack.services["echo"] = spawn_service(
-                    "echo", {}, module="tools.bench.harness", log_dir=Path(tmp) / "logs"
+                    "echo", {}, module="tools.bench.harness", log_dir=tmp / "logs"
                 )
                 await stack.services["echo"].wait_ready()
             yield stack, found
@@ -146,29 +165,42 @@ async def drive(call: Call, callers: int, seconds: float, server_pid: int) -> di
     }
 
 
+async def at_rate(
+    call: Callable[[int, float], Coroutine[Any, Any, object]],
+    rate: float,
+    count: int,
+    delay: float = 0.0,
+) -> None:
+    """`call(i, scheduled)` for i < `count`, each as its own task started at its scheduled time
+    (the loop's clock: `delay` from now, then every 1/`rate` s) whatever the earlier ones are
+    doing, so a slow call delays none of the next; returns once all have finished."""
+    loop = asyncio.get_running_loop()
+    start, calls = loop.time() + delay, []
+    for index in range(count):
+        scheduled = start + index / rate
+        await asyncio.sleep(max(0.0, scheduled - loop.time()))
+        calls.append(asyncio.create_task(call(index, scheduled)))
+    await asyncio.gather(*calls)
+
+
 async def open_loop(call: Call, rate: float, seconds: float) -> dict[str, float]:
-    """Calls started at `rate` per second for `seconds`, each at its scheduled time whatever the
-    earlier ones are doing, latency counted from that time: a stall shows in the percentiles
-    (closed-loop callers would just call less, and their p50 is callers / rate)."""
+    """Calls started at `rate` per second for `seconds` (`at_rate`), latency counted from each
+    one's scheduled time: a stall shows in the percentiles (closed-loop callers would just call
+    less, and their p50 is callers / rate)."""
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
     errors = 0
-    start = loop.time() + 0.01
 
-    async def one(index: int) -> None:
+    async def one(index: int, scheduled: float) -> None:
         nonlocal errors
         try:
             await call(index)
         except grpc.aio.AioRpcError:
             errors += 1
             return
-        latencies.append(loop.time() - (start + index / rate))
+        latencies.append(loop.time() - scheduled)
 
-    calls = []
-    for index in range(round(rate * seconds)):
-        await asyncio.sleep(max(0.0, start + index / rate - loop.time()))
-        calls.append(asyncio.create_task(one(index)))
-    await asyncio.gather(*calls)
+    await at_rate(one, rate, round(rate * seconds), delay=0.01)
     return {
         "p50_ms": 1000 * percentile(latencies, 50),
         "p99_ms": 1000 * percentile(latencies, 99),
@@ -198,6 +230,11 @@ async def measure_rounds(
     return results
 
 
+def kinds_figures(rounds: Mapping[str, list[dict[str, float]]]) -> dict[str, float]:
+    """Each kind's figures, the medians over its rounds, named `<kind>_<figure>`."""
+    return {f"{kind}_{k}": v for kind, r in rounds.items() for k, v in median_of(r).items()}
+
+
 @contextlib.asynccontextmanager
 async def echo_caller(stack: SystemStack, payload: bytes) -> AsyncIterator[tuple[Call, int]]:
     """A call of the echo server with `payload`, on its own channel, and the server's PID."""
@@ -221,6 +258,52 @@ def rounds_parser(doc: str, callers: int) -> argparse.ArgumentParser:
         "--rate", type=float, default=750.0, help="open-loop calls/s for latency (e2e target)"
     )
     return parser
+
+
+def run_in_workdir(name: str, keep: bool, measure: Callable[[Path], dict[str, Any]]) -> int:
+    """`measure` a bench in a fresh temp dir (kept with `keep`) and print its JSON; exit code 1
+    with one line on stderr when it failed, 130 when interrupted."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"{name}-bench-"))
+    try:
+        result = measure(workdir)
+    except (RuntimeError, DevstackError, OSError) as exc:
+        print(f"{name} bench failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        # Everything started was stopped on the way out; the runner sends SIGINT on timeout.
+        print(f"{name} bench interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if keep:
+            print(f"{name} bench: logs kept in {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def run_whole_system(
+    name: str,
+    args: argparse.Namespace,
+    run: Callable[[argparse.Namespace, Path], Coroutine[Any, Any, dict[str, Any]]],
+) -> int:
+    """`run_in_workdir` for a bench measured by a coroutine, run on uvloop."""
+
+    def measure(workdir: Path) -> dict[str, Any]:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(run(args, workdir))
+
+    return run_in_workdir(name, args.keep, measure)
+
+
+def say_missed(
+    say: Callable[[str], None], figures: dict[str, float], targets: dict[str, str]
+) -> None:
+    """A line `MISSED <figure> = <value> (target ...)` for each target not met (or not measured)."""
+    for name, target in targets.items():
+        value = figures.get(name)
+        if value is None or not target_met(value, target):
+            say(f"MISSED {name} = {value} (target {target})")
 
 
 def print_report(measure: Coroutine[None, None, dict[str, object]]) -> int:

@@ -32,11 +32,11 @@ from tools.bench.harness import (
     bearer,
     bench_stack,
     echo_caller,
+    kinds_figures,
     measure_rounds,
     print_report,
     rounds_parser,
 )
-from tools.bench.stats import median_of
 from tools.stack import SystemStack
 
 TARGET_RATIO = 0.4
@@ -75,11 +75,8 @@ async def measure(stack: SystemStack, args: argparse.Namespace) -> dict[str, obj
             "touch": (touch_call, stack.services["live_session"].pid),
         }
         rounds = await measure_rounds(kinds, args.callers, args.rounds, args.seconds, args.rate)
-    touch_rounds, echo_rounds = rounds["touch"], rounds["echo"]
-    touch, echo_result = median_of(touch_rounds), median_of(echo_rounds)
-    ratio = round(touch["rps"] / echo_result["rps"], 3)
-    figures = {f"touch_{k}": v for k, v in touch.items()}
-    figures |= {f"echo_{k}": v for k, v in echo_result.items()} | {"touch_vs_echo": ratio}
+    figures = kinds_figures({"touch": rounds["touch"], "echo": rounds["echo"]})
+    figures["touch_vs_echo"] = round(figures["touch_rps"] / figures["echo_rps"], 3)
     return {
         "bench": "live_session",
         "figures": figures,

@@ -59,12 +59,11 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 import grpc
-import httpx
 from snapsell.common.v1 import address_pb2
 from snapsell.outbox.v1 import outbox_pb2, outbox_pb2_grpc
 
-from tools.bench.harness import bearer, bench_stack, create_shop
-from tools.bench.stats import cpu_seconds, peak_rss_mb, percentile, server_cpu_seconds
+from tools.bench.harness import at_rate, bearer, bench_stack, create_shop
+from tools.bench.stats import cpu_seconds, peak_rss_mb, percentile, tree_cpu_seconds
 from tools.stack import ROOT, Infrastructure, SystemStack
 
 if TYPE_CHECKING:
@@ -194,22 +193,19 @@ class BenchStack:
             pids["nats"] = self.nats_pid
         usage = {name: cpu_seconds(pid) for name, pid in pids.items()}
         if self.postmaster is not None:
-            usage["postgres"] = server_cpu_seconds(self.postmaster)
+            usage["postgres"] = tree_cpu_seconds(self.postmaster)
         return usage
 
     async def reset_sandbox(self) -> None:
-        async with httpx.AsyncClient() as client:
-            (await client.post(self.stack.sandbox_url + "/_sandbox/reset")).raise_for_status()
+        await self.stack.sandbox_control("POST", "reset")
 
     async def sandbox_accepted(self) -> int:
-        async with httpx.AsyncClient(timeout=30) as client:
-            reply = await client.get(self.stack.sandbox_url + "/_sandbox/stats")
-        return int(reply.json()["accepted"])
+        return int((await self.stack.sandbox_control("GET", "stats"))["accepted"])
 
     async def insert_outbox_backlog(self, messages: int, trickle: float | None) -> float:
         """A fresh backlog in tables as new as at the first drain (an earlier drain's rows, dead
         tuples and statistics gone), as pgqueuer starts each drain with its tables new: all at
-        once, or with `trickle` (messages/s) in small transactions (`enqueue_trickle`)."""
+        once, or with `trickle` (messages/s) in small transactions (`enqueue_backlog`)."""
         await self.db.execute("TRUNCATE outbox.attempts, outbox.messages, outbox.events")
 
         async def insert(first: int, count: int) -> None:
@@ -217,10 +213,7 @@ class BenchStack:
                 await conn.execute(_BACKLOG, self.stack.account_sid, SENDER, first, count)
                 await conn.execute("NOTIFY outbox_due")
 
-        if trickle is None:
-            await insert(0, messages)
-            return time.time()
-        return await enqueue_trickle(messages, trickle, insert)
+        return await enqueue_backlog(messages, trickle, insert)
 
     async def wait_outbox_sent(self, messages: int, started: float) -> float:
         while await self.db.fetchval(_OUTBOX_WAITING):
@@ -260,7 +253,7 @@ async def enqueue_steadily(stack: BenchStack, rate: float, seconds: float) -> di
     async with grpc.aio.insecure_channel(stack.outbox.address) as channel:
         stub = outbox_pb2_grpc.OutboxServiceStub(channel)
 
-        async def enqueue(i: int) -> None:
+        async def enqueue(i: int, scheduled: float) -> None:
             key = f"latency-{i}"
             request = outbox_pb2.EnqueueRequest(
                 tenant_id=LATENCY_TENANT,
@@ -274,21 +267,19 @@ async def enqueue_steadily(stack: BenchStack, rate: float, seconds: float) -> di
             called_at[key] = time.time()
             await stub.Enqueue(request, metadata=metadata, timeout=10)
 
-        loop = asyncio.get_running_loop()
-        begin = loop.time()
-        tasks = []
-        for i in range(int(rate * seconds)):
-            await asyncio.sleep(max(0.0, begin + i / rate - loop.time()))
-            tasks.append(asyncio.create_task(enqueue(i)))
-        await asyncio.gather(*tasks)
+        await at_rate(enqueue, rate, int(rate * seconds))
     return called_at
 
 
-async def enqueue_trickle(
-    messages: int, rate: float, enqueue: Callable[[int, int], Awaitable[None]]
+async def enqueue_backlog(
+    messages: int, rate: float | None, enqueue: Callable[[int, int], Awaitable[None]]
 ) -> float:
-    """`enqueue(first, count)` in batches of `TRICKLE_BATCH` messages (seeded draw), on time for
-    `rate` messages/s on average; returns when the first batch was enqueued (epoch s)."""
+    """`enqueue(first, count)` all at once, or with a trickle `rate` (messages/s on average) in
+    batches of `TRICKLE_BATCH` messages (seeded draw); returns when the (first) batch was
+    enqueued (epoch s)."""
+    if rate is None:
+        await enqueue(0, messages)
+        return time.time()
     rng = random.Random(messages)
     loop = asyncio.get_running_loop()
     begin, started, done = loop.time(), time.time(), 0
@@ -368,15 +359,11 @@ async def drain_pgqueuer(
             ]
             cpu_before = stack.cpu_snapshot(pgqueuer=worker.pid)
 
-            async def enqueue(first: int, count: int) -> None:
+            async def enqueue_jobs(first: int, count: int) -> None:
                 jobs = payloads[first : first + count]
                 await queries.enqueue([PGQUEUER_ENTRYPOINT] * count, jobs, [0] * count)
 
-            if trickle is None:
-                await enqueue(0, messages)
-                started = time.time()
-            else:
-                started = await enqueue_trickle(messages, trickle, enqueue)
+            started = await enqueue_backlog(messages, trickle, enqueue_jobs)
             while True:
                 if not await conn.fetchval(_PGQUEUER_WAITING):
                     break

@@ -21,6 +21,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 _TARGET = re.compile(r"^\s*(>=|<=|>|<|==)\s*(-?[0-9.]+)")
+_COMPARE = {">=": float.__ge__, "<=": float.__le__, ">": float.__gt__, "<": float.__lt__}
+_COMPARE["=="] = float.__eq__
 
 
 @dataclass
@@ -112,19 +114,17 @@ def _number(value: float) -> str:
     return f"{value:.3g}"
 
 
-def _verdict(median: float, target: str) -> str:
+def target_met(value: float, target: str) -> bool | None:
+    """Whether `value` meets a target such as `>= 0.5` or `== 1`; None for a target in words."""
     match = _TARGET.match(target)
     if not match:
-        return target
-    op, bound = match.group(1), float(match.group(2))
-    met = {
-        ">=": median >= bound,
-        "<=": median <= bound,
-        ">": median > bound,
-        "<": median < bound,
-        "==": median == bound,
-    }[op]
-    return f"{target} — {'met' if met else 'MISSED'}"
+        return None
+    return _COMPARE[match.group(1)](float(value), float(match.group(2)))
+
+
+def _verdict(median: float, target: str) -> str:
+    met = target_met(median, target)
+    return target if met is None else f"{target} — {'met' if met else 'MISSED'}"
 
 
 def _bench_section(bench: BenchRuns) -> list[str]:

@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -39,7 +38,7 @@ from snapsell.gateway.v1 import events_pb2 as gateway_events
 from snapsell.routing.v1 import events_pb2
 
 from infra import jetstream
-from tools.bench.harness import bench_stack, create_shop
+from tools.bench.harness import at_rate, bench_stack, create_shop
 from tools.bench.stats import peak_rss_mb, percentile
 from tools.stack import SystemStack
 
@@ -126,7 +125,7 @@ class RoutedWatcher:
 
     async def on_message(self, msg: Msg) -> None:
         sid = events_pb2.MessageRouted.FromString(msg.data).message.message_sid
-        self.arrived.setdefault(sid, time.perf_counter())
+        self.arrived.setdefault(sid, asyncio.get_running_loop().time())
         if len(self.arrived) >= self.expected:
             self.complete.set()
 
@@ -166,7 +165,8 @@ async def measure_stack(args: argparse.Namespace, stack: SystemStack) -> dict[st
 
         watcher.expect(args.messages)
         batch = [next(source) for _ in range(args.messages)]
-        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         for first in range(0, len(batch), 500):
             await asyncio.gather(*(publish(js, m) for m in batch[first : first + 500]))
         await asyncio.wait_for(watcher.complete.wait(), 600)
@@ -175,18 +175,16 @@ async def measure_stack(args: argparse.Namespace, stack: SystemStack) -> dict[st
         total = int(args.rate * args.duration)
         watcher.expect(total)
         published_at: dict[str, float] = {}
-        pending = []
-        t0 = time.perf_counter()
-        for i in range(total):
-            delay = t0 + i / args.rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
+
+        async def publish_next(index: int, scheduled: float) -> None:
             message = next(source)
             # From its scheduled time (open loop): a publisher held up counts in the lag too.
-            published_at[message.message_sid] = t0 + i / args.rate
-            pending.append(asyncio.create_task(publish(js, message)))
-        await asyncio.gather(*pending)
-        achieved = total / (time.perf_counter() - t0)
+            published_at[message.message_sid] = scheduled
+            await publish(js, message)
+
+        t0 = loop.time()
+        await at_rate(publish_next, args.rate, total)
+        achieved = total / (loop.time() - t0)
         await asyncio.wait_for(watcher.complete.wait(), 300)
         lags = [(watcher.arrived[sid] - at) * 1000 for sid, at in published_at.items()]
     finally:

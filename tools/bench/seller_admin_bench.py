@@ -42,11 +42,11 @@ from tools.bench.harness import (
     bench_stack,
     create_shop,
     echo_caller,
+    kinds_figures,
     measure_rounds,
     print_report,
     rounds_parser,
 )
-from tools.bench.stats import median_of
 from tools.stack import SystemStack
 
 AUDIENCE = "seller_admin"
@@ -118,11 +118,8 @@ async def measure(stack: SystemStack, args: argparse.Namespace) -> dict[str, obj
                 "list_seller_phones": (list_call, stack.services["seller_admin"].pid),
             }
             rounds = await measure_rounds(kinds, args.callers, args.rounds, args.seconds, args.rate)
-    results = {name: median_of(r) for name, r in rounds.items()}
-    echo_rps = results["echo"]["rps"]
-    figures: dict[str, float] = {}
-    for name, result in results.items():
-        figures |= {f"{name}_{key}": value for key, value in result.items()}
+    figures = kinds_figures(rounds)
+    echo_rps = figures["echo_rps"]
     for name in ("resolve_sender", "list_seller_phones"):
         per_round = [
             ours["rps"] / echo["rps"]

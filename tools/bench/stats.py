@@ -45,7 +45,8 @@ def cpu_seconds(pid: int) -> float:
 def tree_cpu_seconds(root: int) -> float:
     """User + system CPU time of `root` and every descendant alive now, with what each of them
     has reaped of its exited children (a PostgreSQL backend that ended is in the postmaster's
-    figure): the difference of two readings is the tree's CPU between them."""
+    figure, a live one is a descendant): the difference of two readings is the tree's CPU
+    between them."""
     ticks = 0
     for pid in process_tree(root):
         try:
@@ -54,22 +55,6 @@ def tree_cpu_seconds(root: int) -> float:
             continue
         ticks += sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
     return ticks / _TICKS_PER_S
-
-
-def server_cpu_seconds(parent: int) -> float:
-    """CPU time of a server that forks a process per client (PostgreSQL): the parent, its
-    reaped children (backends that exited) and its live children."""
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = _stat_fields(stat.parent.name)
-        except OSError:
-            continue
-        if int(stat.parent.name) == parent:
-            total += sum(int(f) for f in fields[11:15])
-        elif int(fields[1]) == parent:
-            total += int(fields[11]) + int(fields[12])
-    return total / _TICKS_PER_S
 
 
 def status_kib(pid: int, field: str) -> int:

@@ -137,7 +137,13 @@ def run_check(
 ) -> int:
     secrets = documented_secrets(operations_doc)
     holders = secret_holders(operations_doc)
-    failed = False
+    failures: list[str] = []
+
+    def report_failures(section: str, problems: Sequence[str]) -> None:
+        for line in problems:
+            print(f"  FAIL {section}: {line}", file=out)
+        failures.extend(problems)
+
     for overlay in overlays:
         report = check_overlay(overlay, deploy_dir, secrets, holders)
         skipped = ", ".join(report.skipped) or "none"
@@ -147,28 +153,19 @@ def run_check(
             f"not schema-checked here: {skipped}",
             file=out,
         )
-        for line in report.problems:
-            print(f"  FAIL {overlay}: {line}", file=out)
-        failed = failed or bool(report.problems)
+        report_failures(overlay, report.problems)
     report = check_template(deploy_dir, secrets, holders)
     print(f"deploy-check {TEMPLATE_REPORT}: {report.objects} objects (as prod)", file=out)
-    for line in report.problems:
-        print(f"  FAIL {TEMPLATE_REPORT}: {line}", file=out)
-    failed = failed or bool(report.problems)
+    report_failures(TEMPLATE_REPORT, report.problems)
     boards = deploy_dir / "dashboards"
-    queries = dashboards.problems(
-        boards, overlay_dir(PRODUCTION_OVERLAY, deploy_dir) / "alerts.yaml"
-    )
+    alerts = overlay_dir(PRODUCTION_OVERLAY, deploy_dir) / "alerts.yaml"
     print(
         f"deploy-check metrics: the queries of {len(dashboards.dashboard_files(boards))} "
         "dashboards and of the alert rules, against the metrics the services export",
         file=out,
     )
-    for line in queries:
-        print(f"  FAIL metrics: {line}", file=out)
-    failed = failed or bool(queries)
-    for line in policy.dockerfile_bases_by_digest((deploy_dir / "Dockerfile").read_text()):
-        print(f"  FAIL image: {line}", file=out)
-        failed = True
-    print("deploy-check: " + ("FAILED" if failed else "ok"), file=out)
-    return 1 if failed else 0
+    report_failures("metrics", dashboards.problems(boards, alerts))
+    dockerfile = (deploy_dir / "Dockerfile").read_text()
+    report_failures("image", policy.dockerfile_bases_by_digest(dockerfile))
+    print("deploy-check: " + ("FAILED" if failures else "ok"), file=out)
+    return 1 if failures else 0
