@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,12 +26,12 @@ from infra.entrypoint import run_service
 from infra.events import EventRelay
 from infra.grpc_client import service_channel
 from infra.grpc_server import GrpcServer
-from infra.lifecycle import tune_garbage_collector
-from infra.log import get_logger
-from infra.metrics import RpcMetricsInterceptor, start_metrics_server
+from infra.grpc_service import serve_until_stopped
+from infra.metrics import RpcMetricsInterceptor
 from infra.retention import RetentionTask
+from infra.shutdown import Shutdown
 from infra.streams import events_stream
-from infra.supervisor import BackgroundTasks
+from infra.supervisor import Task
 from infra.telemetry import grpc_server_interceptors
 from services.live_catalog.api import ACCESS_POLICY, SERVICE_FULL_NAME, LiveCatalogApi
 from services.live_catalog.config import load_config
@@ -49,8 +48,6 @@ from services.live_catalog.sweeper import sweep_holds
 SERVICE = "live_catalog"
 MIGRATIONS = Path(__file__).parent / "migrations"
 
-_log = get_logger(__name__)
-
 
 def _now() -> datetime:
     return datetime.now(UTC)
@@ -59,12 +56,14 @@ def _now() -> datetime:
 async def serve(stop: asyncio.Event) -> None:
     config = load_config()
     verifier = JwtVerifier.from_env(audience=SERVICE)
-    outbox = service_channel(config.outbox_addr, audience="outbox")
-    pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
-    nats_client = None
-    metrics = None
-    try:
+    async with Shutdown() as shutdown:
+        # Before the database, so that a missing signing key fails first; closed before it.
+        outbox = service_channel(config.outbox_addr, audience="outbox")
+        pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
+        shutdown.add("database", pool.close)
+        shutdown.add("outbox-channel", outbox.close)
         nats_client = await jetstream.connect(config.nats_url, name=SERVICE)
+        shutdown.add("nats", nats_client.close)
         js = nats_client.jetstream()
         # Declared identically by every service (infra.streams), so creating them here is safe
         # whichever process starts first.
@@ -106,10 +105,7 @@ async def serve(stop: asyncio.Event) -> None:
         live_catalog_pb2_grpc.add_LiveCatalogServiceServicer_to_server(
             LiveCatalogApi(store), server.server
         )
-        metrics = start_metrics_server(config.metrics_port)
-        await server.start()
-        tune_garbage_collector()
-        loops: dict[str, Callable[[], Awaitable[None]]] = {
+        tasks: dict[str, Task] = {
             "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
             "reply-dispatcher": lambda: dispatcher.run(stop),
             "hold-sweeper": lambda: sweep_holds(store, config.sweep_interval_s, stop),
@@ -124,30 +120,20 @@ async def serve(stop: asyncio.Event) -> None:
             ).run(stop),
         }
         if not config.consumer_enabled:
-            del loops["routed-consumer"], loops["session-closed-consumer"]
-        background = BackgroundTasks(SERVICE, loops, stop, on_health=server.set_serving)
-        background.start()
-        _log.info(
-            "live_catalog.serving",
-            extra={
-                "fields": {
-                    "grpc_port": server.bound_port,
-                    "metrics_port": metrics.port,
-                    "consumer_enabled": config.consumer_enabled,
-                    "hold_minutes": config.hold.total_seconds() / 60,
-                }
+            del tasks["routed-consumer"], tasks["session-closed-consumer"]
+        await serve_until_stopped(
+            SERVICE,
+            stop,
+            shutdown,
+            server,
+            tasks,
+            metrics_port=config.metrics_port,
+            grace_s=config.shutdown_grace_s,
+            serving_fields={
+                "consumer_enabled": config.consumer_enabled,
+                "hold_minutes": config.hold.total_seconds() / 60,
             },
         )
-        await stop.wait()
-        await server.stop(config.shutdown_grace_s)
-        await background.stop(config.shutdown_grace_s)
-    finally:
-        if metrics is not None:
-            metrics.stop()
-        if nats_client is not None:
-            await nats_client.close()
-        await outbox.close()
-        await pool.close()
 
 
 def main(argv: list[str]) -> None:

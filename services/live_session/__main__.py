@@ -21,12 +21,12 @@ from infra.db import open_service_database
 from infra.entrypoint import run_service
 from infra.events import EventRelay
 from infra.grpc_server import GrpcServer
-from infra.lifecycle import tune_garbage_collector
-from infra.log import get_logger
-from infra.metrics import RpcMetricsInterceptor, start_metrics_server
+from infra.grpc_service import serve_until_stopped
+from infra.metrics import RpcMetricsInterceptor
 from infra.retention import RetentionTask
+from infra.shutdown import Shutdown
 from infra.streams import events_stream
-from infra.supervisor import BackgroundTasks
+from infra.supervisor import Task
 from infra.telemetry import grpc_server_interceptors
 from services.live_session.api import ACCESS_POLICY, SERVICE_FULL_NAME, LiveSessionApi
 from services.live_session.config import load_config
@@ -38,17 +38,15 @@ from services.live_session.touch_batcher import TouchBatcher
 SERVICE = "live_session"
 MIGRATIONS = Path(__file__).parent / "migrations"
 
-_log = get_logger(__name__)
-
 
 async def serve(stop: asyncio.Event) -> None:
     config = load_config()
     verifier = JwtVerifier.from_env(audience=SERVICE)
-    pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
-    nats_client = None
-    metrics = None
-    try:
+    async with Shutdown() as shutdown:
+        pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
+        shutdown.add("database", pool.close)
         nats_client = await jetstream.connect(config.nats_url, name=SERVICE)
+        shutdown.add("nats", nats_client.close)
         js = nats_client.jetstream()
         await jetstream.ensure_stream(js, events_stream(SERVICE))
         store = SessionStore(pool, SystemClock(), config.inactivity_window)
@@ -65,39 +63,23 @@ async def serve(stop: asyncio.Event) -> None:
         live_session_pb2_grpc.add_LiveSessionServiceServicer_to_server(
             LiveSessionApi(store, TouchBatcher(store)), server.server
         )
-        metrics = start_metrics_server(config.metrics_port)
-        await server.start()
-        background = BackgroundTasks(
+        tasks: dict[str, Task] = {
+            "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
+            "idle-sweeper": lambda: IdleSweeper(store, config.sweep_interval_s).run(stop),
+            "retention": lambda: RetentionTask.from_settings(pool, config.retention).run(stop),
+        }
+        await serve_until_stopped(
             SERVICE,
-            {
-                "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
-                "idle-sweeper": lambda: IdleSweeper(store, config.sweep_interval_s).run(stop),
-                "retention": lambda: RetentionTask.from_settings(pool, config.retention).run(stop),
-            },
             stop,
-            on_health=server.set_serving,
-        )
-        background.start()
-        tune_garbage_collector()
-        _log.info(
-            "live_session.serving",
-            extra={
-                "fields": {
-                    "grpc_port": server.bound_port,
-                    "metrics_port": metrics.port,
-                    "inactivity_window_minutes": config.inactivity_window.total_seconds() / 60,
-                }
+            shutdown,
+            server,
+            tasks,
+            metrics_port=config.metrics_port,
+            grace_s=config.shutdown_grace_s,
+            serving_fields={
+                "inactivity_window_minutes": config.inactivity_window.total_seconds() / 60
             },
         )
-        await stop.wait()
-        await server.stop(config.shutdown_grace_s)
-        await background.stop(config.shutdown_grace_s)
-    finally:
-        if metrics is not None:
-            metrics.stop()
-        if nats_client is not None:
-            await nats_client.close()
-        await pool.close()
 
 
 def main(argv: list[str]) -> None:
