@@ -20,19 +20,16 @@ from pathlib import Path
 from snapsell.live_catalog.v1 import live_catalog_pb2_grpc
 
 from infra import jetstream
-from infra.auth import AuthInterceptor, JwtVerifier
+from infra.auth import JwtVerifier
 from infra.db import open_service_database
 from infra.entrypoint import run_service
 from infra.events import EventRelay
 from infra.grpc_client import service_channel
-from infra.grpc_server import GrpcServer
-from infra.grpc_service import serve_until_stopped
-from infra.metrics import RpcMetricsInterceptor
+from infra.grpc_service import serve_until_stopped, service_server
 from infra.retention import RetentionTask
 from infra.shutdown import Shutdown
 from infra.streams import events_stream
 from infra.supervisor import Task
-from infra.telemetry import grpc_server_interceptors
 from services.live_catalog.api import ACCESS_POLICY, SERVICE_FULL_NAME, LiveCatalogApi
 from services.live_catalog.config import load_config
 from services.live_catalog.consumer import (
@@ -92,16 +89,7 @@ async def serve(stop: asyncio.Event) -> None:
             lambda tenant_id: config.settings.for_tenant(tenant_id).summary_content_sid,
             dispatcher.wake,
         )
-        server = GrpcServer(
-            config.grpc_port,
-            [SERVICE_FULL_NAME],
-            [
-                # Metrics first, so calls refused by auth are counted too.
-                RpcMetricsInterceptor(SERVICE),
-                *grpc_server_interceptors(),
-                AuthInterceptor(verifier, ACCESS_POLICY, service=SERVICE),
-            ],
-        )
+        server = service_server(SERVICE, config, SERVICE_FULL_NAME, verifier, ACCESS_POLICY)
         live_catalog_pb2_grpc.add_LiveCatalogServiceServicer_to_server(
             LiveCatalogApi(store), server.server
         )
@@ -121,19 +109,11 @@ async def serve(stop: asyncio.Event) -> None:
         }
         if not config.consumer_enabled:
             del tasks["routed-consumer"], tasks["session-closed-consumer"]
-        await serve_until_stopped(
-            SERVICE,
-            stop,
-            shutdown,
-            server,
-            tasks,
-            metrics_port=config.metrics_port,
-            grace_s=config.shutdown_grace_s,
-            serving_fields={
-                "consumer_enabled": config.consumer_enabled,
-                "hold_minutes": config.hold.total_seconds() / 60,
-            },
-        )
+        serving = {
+            "consumer_enabled": config.consumer_enabled,
+            "hold_minutes": config.hold.total_seconds() / 60,
+        }
+        await serve_until_stopped(SERVICE, stop, shutdown, server, tasks, config, fields=serving)
 
 
 def main(argv: list[str]) -> None:

@@ -16,18 +16,15 @@ from pathlib import Path
 from snapsell.live_session.v1 import live_session_pb2_grpc
 
 from infra import jetstream
-from infra.auth import AuthInterceptor, JwtVerifier
+from infra.auth import JwtVerifier
 from infra.db import open_service_database
 from infra.entrypoint import run_service
 from infra.events import EventRelay
-from infra.grpc_server import GrpcServer
-from infra.grpc_service import serve_until_stopped
-from infra.metrics import RpcMetricsInterceptor
+from infra.grpc_service import serve_until_stopped, service_server
 from infra.retention import RetentionTask
 from infra.shutdown import Shutdown
 from infra.streams import events_stream
 from infra.supervisor import Task
-from infra.telemetry import grpc_server_interceptors
 from services.live_session.api import ACCESS_POLICY, SERVICE_FULL_NAME, LiveSessionApi
 from services.live_session.config import load_config
 from services.live_session.domain import SystemClock
@@ -50,16 +47,7 @@ async def serve(stop: asyncio.Event) -> None:
         js = nats_client.jetstream()
         await jetstream.ensure_stream(js, events_stream(SERVICE))
         store = SessionStore(pool, SystemClock(), config.inactivity_window)
-        server = GrpcServer(
-            config.grpc_port,
-            [SERVICE_FULL_NAME],
-            [
-                # Metrics first, so calls refused by auth are counted too.
-                RpcMetricsInterceptor(SERVICE),
-                *grpc_server_interceptors(),
-                AuthInterceptor(verifier, ACCESS_POLICY, service=SERVICE),
-            ],
-        )
+        server = service_server(SERVICE, config, SERVICE_FULL_NAME, verifier, ACCESS_POLICY)
         live_session_pb2_grpc.add_LiveSessionServiceServicer_to_server(
             LiveSessionApi(store, TouchBatcher(store)), server.server
         )
@@ -68,18 +56,8 @@ async def serve(stop: asyncio.Event) -> None:
             "idle-sweeper": lambda: IdleSweeper(store, config.sweep_interval_s).run(stop),
             "retention": lambda: RetentionTask.from_settings(pool, config.retention).run(stop),
         }
-        await serve_until_stopped(
-            SERVICE,
-            stop,
-            shutdown,
-            server,
-            tasks,
-            metrics_port=config.metrics_port,
-            grace_s=config.shutdown_grace_s,
-            serving_fields={
-                "inactivity_window_minutes": config.inactivity_window.total_seconds() / 60
-            },
-        )
+        serving = {"inactivity_window_minutes": config.inactivity_window.total_seconds() / 60}
+        await serve_until_stopped(SERVICE, stop, shutdown, server, tasks, config, fields=serving)
 
 
 def main(argv: list[str]) -> None:

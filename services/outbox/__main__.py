@@ -21,19 +21,16 @@ from snapsell.outbox.v1 import outbox_pb2_grpc
 from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
 from infra import jetstream
-from infra.auth import AuthInterceptor, JwtVerifier, ServiceTokenProvider
+from infra.auth import JwtVerifier, ServiceTokenProvider
 from infra.db import open_service_database
 from infra.entrypoint import run_service
 from infra.events import EventRelay
 from infra.grpc_client import service_channel
-from infra.grpc_server import GrpcServer
-from infra.grpc_service import serve_until_stopped
-from infra.metrics import RpcMetricsInterceptor
+from infra.grpc_service import serve_until_stopped, service_server
 from infra.retention import RetentionTask
 from infra.shutdown import Shutdown
 from infra.streams import audit_stream, events_stream, inbound_stream
 from infra.supervisor import Task
-from infra.telemetry import grpc_server_interceptors
 from infra.twilio_http import make_twilio_client
 from services.outbox.api import ACCESS_POLICY, SERVICE_FULL_NAME, OutboxApi
 from services.outbox.channels import ChannelDirectory, follow_channel_changes
@@ -90,16 +87,7 @@ async def serve(stop: asyncio.Event) -> None:
         await jetstream.ensure_stream(js, events_stream("seller_admin"))
         store = OutboxStore(pool)
         admin = OutboxAdminStore(pool)
-        server = GrpcServer(
-            config.grpc_port,
-            [SERVICE_FULL_NAME],
-            [
-                # Metrics first, so calls refused by auth are counted too.
-                RpcMetricsInterceptor(SERVICE),
-                *grpc_server_interceptors(),
-                AuthInterceptor(verifier, ACCESS_POLICY, service=SERVICE),
-            ],
-        )
+        server = service_server(SERVICE, config, SERVICE_FULL_NAME, verifier, ACCESS_POLICY)
         directory = ChannelDirectory(
             seller_admin_pb2_grpc.SellerAdminServiceStub(seller_admin),
             ttl_s=config.channel_cache_ttl_s,
@@ -150,11 +138,10 @@ async def serve(stop: asyncio.Event) -> None:
             shutdown,
             server,
             tasks,
-            metrics_port=config.metrics_port,
-            grace_s=config.shutdown_grace_s,
+            config,
             # The sender finishes the sends in flight and writes their results.
             tasks_grace_s=config.shutdown_grace_s + config.worker.send_timeout_s,
-            serving_fields={
+            fields={
                 "worker_id": this_worker,
                 "worker_enabled": config.worker.enabled,
                 "max_in_flight": config.worker.max_in_flight,

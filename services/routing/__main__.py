@@ -18,19 +18,16 @@ from pathlib import Path
 from snapsell.routing.v1 import routing_pb2_grpc
 
 from infra import jetstream
-from infra.auth import AuthInterceptor, JwtVerifier
+from infra.auth import JwtVerifier
 from infra.db import open_service_database
 from infra.entrypoint import run_service
 from infra.events import EventRelay
 from infra.grpc_client import service_channel
-from infra.grpc_server import GrpcServer
-from infra.grpc_service import serve_until_stopped
-from infra.metrics import RpcMetricsInterceptor
+from infra.grpc_service import serve_until_stopped, service_server
 from infra.retention import RetentionTask
 from infra.shutdown import Shutdown
 from infra.streams import audit_stream, events_stream, inbound_stream
 from infra.supervisor import Task
-from infra.telemetry import grpc_server_interceptors
 from services.routing import store
 from services.routing.api import ACCESS_POLICY, SERVICE_FULL_NAME, RoutingApi
 from services.routing.clients import ChannelSenderDirectory, GrpcLiveSessions, GrpcReplySender
@@ -93,16 +90,7 @@ async def serve(stop: asyncio.Event) -> None:
         inbound = InboundConsumer(
             router, pool, inbound_spec, retry_delay_cap_s=config.retry_delay_cap_s
         )
-        server = GrpcServer(
-            config.grpc_port,
-            [SERVICE_FULL_NAME],
-            [
-                # Metrics first, so calls refused by auth are counted too.
-                RpcMetricsInterceptor(SERVICE),
-                *grpc_server_interceptors(),
-                AuthInterceptor(verifier, ACCESS_POLICY, service=SERVICE),
-            ],
-        )
+        server = service_server(SERVICE, config, SERVICE_FULL_NAME, verifier, ACCESS_POLICY)
         carrier = CarrierOptOutConsumer(pool, config.rules)
         routing_pb2_grpc.add_RoutingServiceServicer_to_server(
             RoutingApi(pool, config.rules), server.server
@@ -127,21 +115,13 @@ async def serve(stop: asyncio.Event) -> None:
         }
         if not config.consumer_enabled:
             del tasks["inbound-consumer"]
-        await serve_until_stopped(
-            SERVICE,
-            stop,
-            shutdown,
-            server,
-            tasks,
-            metrics_port=config.metrics_port,
-            grace_s=config.shutdown_grace_s,
-            serving_fields={
-                "consumer_enabled": config.consumer_enabled,
-                "concurrency": config.concurrency,
-                "batch_size": config.batch_size,
-                "max_deliver": config.max_deliver,
-            },
-        )
+        serving = {
+            "consumer_enabled": config.consumer_enabled,
+            "concurrency": config.concurrency,
+            "batch_size": config.batch_size,
+            "max_deliver": config.max_deliver,
+        }
+        await serve_until_stopped(SERVICE, stop, shutdown, server, tasks, config, fields=serving)
 
 
 def main(argv: list[str]) -> None:

@@ -16,18 +16,15 @@ from pathlib import Path
 from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
 from infra import jetstream
-from infra.auth import AuthInterceptor, JwtVerifier
+from infra.auth import JwtVerifier
 from infra.db import open_service_database
 from infra.entrypoint import run_service
 from infra.events import EventRelay
-from infra.grpc_server import GrpcServer
-from infra.grpc_service import serve_until_stopped
-from infra.metrics import RpcMetricsInterceptor
+from infra.grpc_service import serve_until_stopped, service_server
 from infra.retention import RetentionTask
 from infra.shutdown import Shutdown
 from infra.streams import audit_stream, events_stream
 from infra.supervisor import Task
-from infra.telemetry import grpc_server_interceptors
 from services.seller_admin.access import SERVICE_FULL_NAME, auth_policy
 from services.seller_admin.api import SellerAdminApi
 from services.seller_admin.audit_trail import AuditTrail
@@ -48,16 +45,7 @@ async def serve(stop: asyncio.Event) -> None:
         js = nats_client.jetstream()
         await jetstream.ensure_stream(js, events_stream(SERVICE))
         await jetstream.ensure_stream(js, audit_stream())
-        server = GrpcServer(
-            config.grpc_port,
-            [SERVICE_FULL_NAME],
-            [
-                # Metrics first, so calls refused by auth are counted too.
-                RpcMetricsInterceptor(SERVICE),
-                *grpc_server_interceptors(),
-                AuthInterceptor(verifier, auth_policy(), service=SERVICE),
-            ],
-        )
+        server = service_server(SERVICE, config, SERVICE_FULL_NAME, verifier, auth_policy())
         seller_admin_pb2_grpc.add_SellerAdminServiceServicer_to_server(
             SellerAdminApi(pool, AuditTrail(js)), server.server
         )
@@ -65,15 +53,7 @@ async def serve(stop: asyncio.Event) -> None:
             "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
             "retention": lambda: RetentionTask.from_settings(pool, config.retention).run(stop),
         }
-        await serve_until_stopped(
-            SERVICE,
-            stop,
-            shutdown,
-            server,
-            tasks,
-            metrics_port=config.metrics_port,
-            grace_s=config.shutdown_grace_s,
-        )
+        await serve_until_stopped(SERVICE, stop, shutdown, server, tasks, config)
 
 
 def main(argv: list[str]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -18,6 +19,16 @@ from infra.supervisor import BackgroundTaskFailed
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_NAME = "snapsell.test.v1.TestService"
+
+
+@dataclass(frozen=True)
+class Serving:
+    grpc_port: int = 0
+    metrics_port: int = 0
+    shutdown_grace_s: float = 0.5
+
+
+SERVING_CONFIG = Serving()
 
 
 def local_server() -> GrpcServer:
@@ -73,8 +84,7 @@ async def test_the_server_drains_first_then_the_tasks_then_what_was_opened_befor
                 shutdown,
                 server,
                 {"watcher": background_task},
-                metrics_port=0,
-                grace_s=0.5,
+                SERVING_CONFIG,
             )
     await stopper
     assert seen_after_stop in (["not-serving"], ["server-gone"])
@@ -106,8 +116,7 @@ async def test_a_task_that_gave_up_is_raised_after_everything_closed(
                     shutdown,
                     local_server(),
                     {"crasher": crashes},
-                    metrics_port=0,
-                    grace_s=0.5,
+                    SERVING_CONFIG,
                 ),
                 timeout=10,
             )
