@@ -8,6 +8,8 @@ crash policy they all follow.
     await server.stop(grace)
     await tasks.stop(grace)      # raises BackgroundTaskFailed if a task gave up
 
+(what every gRPC service does through `infra.grpc_service.serve_until_stopped`).
+
 Each task runs until `stop` is set. A task that raises, or returns while `stop` is not set, has
 crashed:
 - it is logged (`<service>.task_crashed`, with the exception) and started again after a pause

@@ -15,6 +15,7 @@ import uvicorn
 from infra import jetstream
 from infra.entrypoint import run_service
 from infra.lifecycle import tune_garbage_collector
+from infra.shutdown import DEFAULT_STEP_TIMEOUT_S, Shutdown
 from infra.streams import inbound_stream
 from infra.telemetry import tracing_enabled
 from services.gateway.api import create_app
@@ -23,6 +24,8 @@ from services.gateway.events import JetStreamPublisher
 from services.gateway.processes import is_worker
 
 SERVICE = "gateway"
+# What uvicorn gives the requests in progress to finish once stopping.
+GRACEFUL_SHUTDOWN_S = 10
 
 
 class _Server(uvicorn.Server):
@@ -35,8 +38,9 @@ class _Server(uvicorn.Server):
 
 async def serve(stop: asyncio.Event) -> None:
     config = load_config()
-    nc = await jetstream.connect(config.nats_url, name=SERVICE)
-    try:
+    async with Shutdown() as shutdown:
+        nc = await jetstream.connect(config.nats_url, name=SERVICE)
+        shutdown.add("nats", nc.drain)
         js = nc.jetstream()
         stream = inbound_stream()
         await jetstream.ensure_stream(js, stream)
@@ -57,19 +61,25 @@ async def serve(stop: asyncio.Event) -> None:
                 # Past this many connections (or requests in progress), 503 at once rather
                 # than an ever longer queue; slow bodies are cut by the app (api._read_body).
                 limit_concurrency=config.max_connections,
-                timeout_graceful_shutdown=10,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
             )
         )
         tune_garbage_collector()
         sockets = [_shared_socket(config.bind_host, config.http_port)] if is_worker() else None
         serving = asyncio.create_task(server.serve(sockets=sockets))
+
+        async def stop_serving() -> None:
+            server.should_exit = True
+            await serving
+
+        shutdown.add(
+            "http-server",
+            stop_serving,
+            timeout_s=GRACEFUL_SHUTDOWN_S + DEFAULT_STEP_TIMEOUT_S,
+        )
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        server.should_exit = True
         stopping.cancel()
-        await serving
-    finally:
-        await nc.drain()
 
 
 def _shared_socket(host: str, port: int) -> socket.socket:

@@ -14,26 +14,22 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 from snapsell.live_catalog.v1 import live_catalog_pb2_grpc
 
 from infra import jetstream
-from infra.auth import AuthInterceptor, JwtVerifier
+from infra.auth import JwtVerifier
 from infra.db import open_service_database
 from infra.entrypoint import run_service
 from infra.events import EventRelay
 from infra.grpc_client import service_channel
-from infra.grpc_server import GrpcServer
-from infra.lifecycle import tune_garbage_collector
-from infra.log import get_logger
-from infra.metrics import RpcMetricsInterceptor, start_metrics_server
+from infra.grpc_service import serve_until_stopped, service_server
 from infra.retention import RetentionTask
+from infra.shutdown import Shutdown
 from infra.streams import events_stream
-from infra.supervisor import BackgroundTasks
-from infra.telemetry import grpc_server_interceptors
+from infra.supervisor import Task
 from services.live_catalog.api import ACCESS_POLICY, SERVICE_FULL_NAME, LiveCatalogApi
 from services.live_catalog.config import load_config
 from services.live_catalog.consumer import (
@@ -49,8 +45,6 @@ from services.live_catalog.sweeper import sweep_holds
 SERVICE = "live_catalog"
 MIGRATIONS = Path(__file__).parent / "migrations"
 
-_log = get_logger(__name__)
-
 
 def _now() -> datetime:
     return datetime.now(UTC)
@@ -59,12 +53,14 @@ def _now() -> datetime:
 async def serve(stop: asyncio.Event) -> None:
     config = load_config()
     verifier = JwtVerifier.from_env(audience=SERVICE)
-    outbox = service_channel(config.outbox_addr, audience="outbox")
-    pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
-    nats_client = None
-    metrics = None
-    try:
+    async with Shutdown() as shutdown:
+        # Before the database, so that a missing signing key fails first; closed before it.
+        outbox = service_channel(config.outbox_addr, audience="outbox")
+        pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
+        shutdown.add("database", pool.close)
+        shutdown.add("outbox-channel", outbox.close)
         nats_client = await jetstream.connect(config.nats_url, name=SERVICE)
+        shutdown.add("nats", nats_client.close)
         js = nats_client.jetstream()
         # Declared identically by every service (infra.streams), so creating them here is safe
         # whichever process starts first.
@@ -93,23 +89,11 @@ async def serve(stop: asyncio.Event) -> None:
             lambda tenant_id: config.settings.for_tenant(tenant_id).summary_content_sid,
             dispatcher.wake,
         )
-        server = GrpcServer(
-            config.grpc_port,
-            [SERVICE_FULL_NAME],
-            [
-                # Metrics first, so calls refused by auth are counted too.
-                RpcMetricsInterceptor(SERVICE),
-                *grpc_server_interceptors(),
-                AuthInterceptor(verifier, ACCESS_POLICY, service=SERVICE),
-            ],
-        )
+        server = service_server(SERVICE, config, SERVICE_FULL_NAME, verifier, ACCESS_POLICY)
         live_catalog_pb2_grpc.add_LiveCatalogServiceServicer_to_server(
             LiveCatalogApi(store), server.server
         )
-        metrics = start_metrics_server(config.metrics_port)
-        await server.start()
-        tune_garbage_collector()
-        loops: dict[str, Callable[[], Awaitable[None]]] = {
+        tasks: dict[str, Task] = {
             "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
             "reply-dispatcher": lambda: dispatcher.run(stop),
             "hold-sweeper": lambda: sweep_holds(store, config.sweep_interval_s, stop),
@@ -124,30 +108,12 @@ async def serve(stop: asyncio.Event) -> None:
             ).run(stop),
         }
         if not config.consumer_enabled:
-            del loops["routed-consumer"], loops["session-closed-consumer"]
-        background = BackgroundTasks(SERVICE, loops, stop, on_health=server.set_serving)
-        background.start()
-        _log.info(
-            "live_catalog.serving",
-            extra={
-                "fields": {
-                    "grpc_port": server.bound_port,
-                    "metrics_port": metrics.port,
-                    "consumer_enabled": config.consumer_enabled,
-                    "hold_minutes": config.hold.total_seconds() / 60,
-                }
-            },
-        )
-        await stop.wait()
-        await server.stop(config.shutdown_grace_s)
-        await background.stop(config.shutdown_grace_s)
-    finally:
-        if metrics is not None:
-            metrics.stop()
-        if nats_client is not None:
-            await nats_client.close()
-        await outbox.close()
-        await pool.close()
+            del tasks["routed-consumer"], tasks["session-closed-consumer"]
+        serving = {
+            "consumer_enabled": config.consumer_enabled,
+            "hold_minutes": config.hold.total_seconds() / 60,
+        }
+        await serve_until_stopped(SERVICE, stop, shutdown, server, tasks, config, fields=serving)
 
 
 def main(argv: list[str]) -> None:

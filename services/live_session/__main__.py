@@ -16,18 +16,15 @@ from pathlib import Path
 from snapsell.live_session.v1 import live_session_pb2_grpc
 
 from infra import jetstream
-from infra.auth import AuthInterceptor, JwtVerifier
+from infra.auth import JwtVerifier
 from infra.db import open_service_database
 from infra.entrypoint import run_service
 from infra.events import EventRelay
-from infra.grpc_server import GrpcServer
-from infra.lifecycle import tune_garbage_collector
-from infra.log import get_logger
-from infra.metrics import RpcMetricsInterceptor, start_metrics_server
+from infra.grpc_service import serve_until_stopped, service_server
 from infra.retention import RetentionTask
+from infra.shutdown import Shutdown
 from infra.streams import events_stream
-from infra.supervisor import BackgroundTasks
-from infra.telemetry import grpc_server_interceptors
+from infra.supervisor import Task
 from services.live_session.api import ACCESS_POLICY, SERVICE_FULL_NAME, LiveSessionApi
 from services.live_session.config import load_config
 from services.live_session.domain import SystemClock
@@ -38,66 +35,29 @@ from services.live_session.touch_batcher import TouchBatcher
 SERVICE = "live_session"
 MIGRATIONS = Path(__file__).parent / "migrations"
 
-_log = get_logger(__name__)
-
 
 async def serve(stop: asyncio.Event) -> None:
     config = load_config()
     verifier = JwtVerifier.from_env(audience=SERVICE)
-    pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
-    nats_client = None
-    metrics = None
-    try:
+    async with Shutdown() as shutdown:
+        pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
+        shutdown.add("database", pool.close)
         nats_client = await jetstream.connect(config.nats_url, name=SERVICE)
+        shutdown.add("nats", nats_client.close)
         js = nats_client.jetstream()
         await jetstream.ensure_stream(js, events_stream(SERVICE))
         store = SessionStore(pool, SystemClock(), config.inactivity_window)
-        server = GrpcServer(
-            config.grpc_port,
-            [SERVICE_FULL_NAME],
-            [
-                # Metrics first, so calls refused by auth are counted too.
-                RpcMetricsInterceptor(SERVICE),
-                *grpc_server_interceptors(),
-                AuthInterceptor(verifier, ACCESS_POLICY, service=SERVICE),
-            ],
-        )
+        server = service_server(SERVICE, config, SERVICE_FULL_NAME, verifier, ACCESS_POLICY)
         live_session_pb2_grpc.add_LiveSessionServiceServicer_to_server(
             LiveSessionApi(store, TouchBatcher(store)), server.server
         )
-        metrics = start_metrics_server(config.metrics_port)
-        await server.start()
-        background = BackgroundTasks(
-            SERVICE,
-            {
-                "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
-                "idle-sweeper": lambda: IdleSweeper(store, config.sweep_interval_s).run(stop),
-                "retention": lambda: RetentionTask.from_settings(pool, config.retention).run(stop),
-            },
-            stop,
-            on_health=server.set_serving,
-        )
-        background.start()
-        tune_garbage_collector()
-        _log.info(
-            "live_session.serving",
-            extra={
-                "fields": {
-                    "grpc_port": server.bound_port,
-                    "metrics_port": metrics.port,
-                    "inactivity_window_minutes": config.inactivity_window.total_seconds() / 60,
-                }
-            },
-        )
-        await stop.wait()
-        await server.stop(config.shutdown_grace_s)
-        await background.stop(config.shutdown_grace_s)
-    finally:
-        if metrics is not None:
-            metrics.stop()
-        if nats_client is not None:
-            await nats_client.close()
-        await pool.close()
+        tasks: dict[str, Task] = {
+            "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
+            "idle-sweeper": lambda: IdleSweeper(store, config.sweep_interval_s).run(stop),
+            "retention": lambda: RetentionTask.from_settings(pool, config.retention).run(stop),
+        }
+        serving = {"inactivity_window_minutes": config.inactivity_window.total_seconds() / 60}
+        await serve_until_stopped(SERVICE, stop, shutdown, server, tasks, config, fields=serving)
 
 
 def main(argv: list[str]) -> None:

@@ -21,19 +21,16 @@ from snapsell.outbox.v1 import outbox_pb2_grpc
 from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
 from infra import jetstream
-from infra.auth import AuthInterceptor, JwtVerifier, ServiceTokenProvider
+from infra.auth import JwtVerifier, ServiceTokenProvider
 from infra.db import open_service_database
 from infra.entrypoint import run_service
 from infra.events import EventRelay
 from infra.grpc_client import service_channel
-from infra.grpc_server import GrpcServer
-from infra.lifecycle import tune_garbage_collector
-from infra.log import get_logger
-from infra.metrics import RpcMetricsInterceptor, start_metrics_server
+from infra.grpc_service import serve_until_stopped, service_server
 from infra.retention import RetentionTask
+from infra.shutdown import Shutdown
 from infra.streams import audit_stream, events_stream, inbound_stream
-from infra.supervisor import BackgroundTasks, Task
-from infra.telemetry import grpc_server_interceptors
+from infra.supervisor import Task
 from infra.twilio_http import make_twilio_client
 from services.outbox.api import ACCESS_POLICY, SERVICE_FULL_NAME, OutboxApi
 from services.outbox.channels import ChannelDirectory, follow_channel_changes
@@ -50,7 +47,6 @@ from services.outbox.store import OutboxAdminStore, OutboxStore, finished_messag
 
 SERVICE = "outbox"
 MIGRATIONS = Path(__file__).parent / "migrations"
-_log = get_logger(__name__)
 
 
 def _twilio_sender(config: Config) -> TwilioSender:
@@ -70,15 +66,18 @@ def _twilio_sender(config: Config) -> TwilioSender:
 async def serve(stop: asyncio.Event) -> None:
     config = load_config()
     verifier = JwtVerifier.from_env(audience=SERVICE)
-    pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
-    sender = _twilio_sender(config)
-    sender.warm_up()
-    routing = routing_channel(config.routing_addr)
-    seller_admin = service_channel(config.seller_admin_addr, audience="seller_admin")
-    nats_client = None
-    metrics = None
-    try:
+    async with Shutdown() as shutdown:
+        pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
+        shutdown.add("database", pool.close)
         nats_client = await jetstream.connect(config.nats_url, name=SERVICE)
+        shutdown.add("nats", nats_client.close)
+        sender = _twilio_sender(config)
+        sender.warm_up()
+        shutdown.add("twilio", sender.close)
+        seller_admin = service_channel(config.seller_admin_addr, audience="seller_admin")
+        shutdown.add("seller-admin-channel", seller_admin.close)
+        routing = routing_channel(config.routing_addr)
+        shutdown.add("routing-channel", routing.close)
         js = nats_client.jetstream()
         await jetstream.ensure_stream(js, events_stream(SERVICE))
         await jetstream.ensure_stream(js, audit_stream())
@@ -88,16 +87,7 @@ async def serve(stop: asyncio.Event) -> None:
         await jetstream.ensure_stream(js, events_stream("seller_admin"))
         store = OutboxStore(pool)
         admin = OutboxAdminStore(pool)
-        server = GrpcServer(
-            config.grpc_port,
-            [SERVICE_FULL_NAME],
-            [
-                # Metrics first, so calls refused by auth are counted too.
-                RpcMetricsInterceptor(SERVICE),
-                *grpc_server_interceptors(),
-                AuthInterceptor(verifier, ACCESS_POLICY, service=SERVICE),
-            ],
-        )
+        server = service_server(SERVICE, config, SERVICE_FULL_NAME, verifier, ACCESS_POLICY)
         directory = ChannelDirectory(
             seller_admin_pb2_grpc.SellerAdminServiceStub(seller_admin),
             ttl_s=config.channel_cache_ttl_s,
@@ -111,7 +101,6 @@ async def serve(stop: asyncio.Event) -> None:
             max_attempts=config.worker.retry.max_attempts,
         )
         outbox_pb2_grpc.add_OutboxServiceServicer_to_server(api, server.server)
-        metrics = start_metrics_server(config.metrics_port)
         callbacks = StatusCallbackHandler(StatusCallbacks(pool), lambda: datetime.now(UTC))
         tasks: dict[str, Task] = {
             "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
@@ -143,36 +132,22 @@ async def serve(stop: asyncio.Event) -> None:
             tasks["sender-worker"] = lambda: SendingPipeline(
                 store, delivery, config.worker, this_worker
             ).run(stop)
-        await server.start()
-        background = BackgroundTasks(SERVICE, tasks, stop, on_health=server.set_serving)
-        background.start()
-        tune_garbage_collector()
-        _log.info(
-            "outbox.serving",
-            extra={
-                "fields": {
-                    "grpc_port": server.bound_port,
-                    "metrics_port": metrics.port,
-                    "worker_id": this_worker,
-                    "worker_enabled": config.worker.enabled,
-                    "max_in_flight": config.worker.max_in_flight,
-                    "rate_per_sender": config.worker.rate_per_sender,
-                }
+        await serve_until_stopped(
+            SERVICE,
+            stop,
+            shutdown,
+            server,
+            tasks,
+            config,
+            # The sender finishes the sends in flight and writes their results.
+            tasks_grace_s=config.shutdown_grace_s + config.worker.send_timeout_s,
+            fields={
+                "worker_id": this_worker,
+                "worker_enabled": config.worker.enabled,
+                "max_in_flight": config.worker.max_in_flight,
+                "rate_per_sender": config.worker.rate_per_sender,
             },
         )
-        await stop.wait()
-        await server.stop(config.shutdown_grace_s)
-        # The sender finishes the sends in flight and writes their results.
-        await background.stop(config.shutdown_grace_s + config.worker.send_timeout_s)
-    finally:
-        if metrics is not None:
-            metrics.stop()
-        await routing.close()
-        await seller_admin.close()
-        await sender.close()
-        if nats_client is not None:
-            await nats_client.close()
-        await pool.close()
 
 
 def main(argv: list[str]) -> None:

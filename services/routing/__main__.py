@@ -13,25 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from snapsell.routing.v1 import routing_pb2_grpc
 
 from infra import jetstream
-from infra.auth import AuthInterceptor, JwtVerifier
+from infra.auth import JwtVerifier
 from infra.db import open_service_database
 from infra.entrypoint import run_service
 from infra.events import EventRelay
 from infra.grpc_client import service_channel
-from infra.grpc_server import GrpcServer
-from infra.lifecycle import tune_garbage_collector
-from infra.log import get_logger
-from infra.metrics import RpcMetricsInterceptor, start_metrics_server
+from infra.grpc_service import serve_until_stopped, service_server
 from infra.retention import RetentionTask
+from infra.shutdown import Shutdown
 from infra.streams import audit_stream, events_stream, inbound_stream
-from infra.supervisor import BackgroundTasks
-from infra.telemetry import grpc_server_interceptors
+from infra.supervisor import Task
 from services.routing import store
 from services.routing.api import ACCESS_POLICY, SERVICE_FULL_NAME, RoutingApi
 from services.routing.clients import ChannelSenderDirectory, GrpcLiveSessions, GrpcReplySender
@@ -48,22 +44,23 @@ from services.routing.inbound import InboundRouter
 SERVICE = "routing"
 MIGRATIONS = Path(__file__).parent / "migrations"
 
-_log = get_logger(__name__)
-
 
 async def serve(stop: asyncio.Event) -> None:
     config = load_config()
     verifier = JwtVerifier.from_env(audience=SERVICE)
-    channels = [
-        service_channel(config.seller_admin_addr, audience="seller_admin"),
-        service_channel(config.live_session_addr, audience="live_session"),
-        service_channel(config.outbox_addr, audience="outbox"),
-    ]
-    pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
-    nats_client = None
-    metrics = None
-    try:
+    async with Shutdown() as shutdown:
+        # Made before the database, so that a missing signing key fails first; closed (in the
+        # order made) after NATS and before the database.
+        seller_admin = service_channel(config.seller_admin_addr, audience="seller_admin")
+        live_session = service_channel(config.live_session_addr, audience="live_session")
+        outbox = service_channel(config.outbox_addr, audience="outbox")
+        pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
+        shutdown.add("database", pool.close)
+        shutdown.add("outbox-channel", outbox.close)
+        shutdown.add("live-session-channel", live_session.close)
+        shutdown.add("seller-admin-channel", seller_admin.close)
         nats_client = await jetstream.connect(config.nats_url, name=SERVICE)
+        shutdown.add("nats", nats_client.close)
         js = nats_client.jetstream()
         # Declared identically by every service (infra.streams), so creating them here is safe
         # whichever process starts first.
@@ -76,13 +73,13 @@ async def serve(stop: asyncio.Event) -> None:
         ):
             await jetstream.ensure_stream(js, spec)
         senders = ChannelSenderDirectory(
-            channels[0], ttl_s=config.sender_cache_ttl_s, deadline_s=config.peer_deadline_s
+            seller_admin, ttl_s=config.sender_cache_ttl_s, deadline_s=config.peer_deadline_s
         )
         router = InboundRouter(
             pool,
             senders=senders,
-            sessions=GrpcLiveSessions(channels[1], deadline_s=config.peer_deadline_s),
-            replies=GrpcReplySender(channels[2], deadline_s=config.peer_deadline_s),
+            sessions=GrpcLiveSessions(live_session, deadline_s=config.peer_deadline_s),
+            replies=GrpcReplySender(outbox, deadline_s=config.peer_deadline_s),
             rules=config.rules,
         )
         inbound_spec = inbound_consumer_spec(
@@ -93,24 +90,12 @@ async def serve(stop: asyncio.Event) -> None:
         inbound = InboundConsumer(
             router, pool, inbound_spec, retry_delay_cap_s=config.retry_delay_cap_s
         )
-        server = GrpcServer(
-            config.grpc_port,
-            [SERVICE_FULL_NAME],
-            [
-                # Metrics first, so calls refused by auth are counted too.
-                RpcMetricsInterceptor(SERVICE),
-                *grpc_server_interceptors(),
-                AuthInterceptor(verifier, ACCESS_POLICY, service=SERVICE),
-            ],
-        )
+        server = service_server(SERVICE, config, SERVICE_FULL_NAME, verifier, ACCESS_POLICY)
         carrier = CarrierOptOutConsumer(pool, config.rules)
         routing_pb2_grpc.add_RoutingServiceServicer_to_server(
             RoutingApi(pool, config.rules), server.server
         )
-        metrics = start_metrics_server(config.metrics_port)
-        await server.start()
-        tune_garbage_collector()
-        loops: dict[str, Callable[[], Awaitable[None]]] = {
+        tasks: dict[str, Task] = {
             "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
             "inbound-consumer": lambda: jetstream.run_batch_consumer(
                 js,
@@ -129,33 +114,14 @@ async def serve(stop: asyncio.Event) -> None:
             ).run(stop),
         }
         if not config.consumer_enabled:
-            del loops["inbound-consumer"]
-        background = BackgroundTasks(SERVICE, loops, stop, on_health=server.set_serving)
-        background.start()
-        _log.info(
-            "routing.serving",
-            extra={
-                "fields": {
-                    "grpc_port": server.bound_port,
-                    "metrics_port": metrics.port,
-                    "consumer_enabled": config.consumer_enabled,
-                    "concurrency": config.concurrency,
-                    "batch_size": config.batch_size,
-                    "max_deliver": config.max_deliver,
-                }
-            },
-        )
-        await stop.wait()
-        await server.stop(config.shutdown_grace_s)
-        await background.stop(config.shutdown_grace_s)
-    finally:
-        if metrics is not None:
-            metrics.stop()
-        if nats_client is not None:
-            await nats_client.close()
-        for channel in channels:
-            await channel.close()
-        await pool.close()
+            del tasks["inbound-consumer"]
+        serving = {
+            "consumer_enabled": config.consumer_enabled,
+            "concurrency": config.concurrency,
+            "batch_size": config.batch_size,
+            "max_deliver": config.max_deliver,
+        }
+        await serve_until_stopped(SERVICE, stop, shutdown, server, tasks, config, fields=serving)
 
 
 def main(argv: list[str]) -> None:

@@ -16,18 +16,15 @@ from pathlib import Path
 from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
 from infra import jetstream
-from infra.auth import AuthInterceptor, JwtVerifier
+from infra.auth import JwtVerifier
 from infra.db import open_service_database
 from infra.entrypoint import run_service
 from infra.events import EventRelay
-from infra.grpc_server import GrpcServer
-from infra.lifecycle import tune_garbage_collector
-from infra.log import get_logger
-from infra.metrics import RpcMetricsInterceptor, start_metrics_server
+from infra.grpc_service import serve_until_stopped, service_server
 from infra.retention import RetentionTask
+from infra.shutdown import Shutdown
 from infra.streams import audit_stream, events_stream
-from infra.supervisor import BackgroundTasks
-from infra.telemetry import grpc_server_interceptors
+from infra.supervisor import Task
 from services.seller_admin.access import SERVICE_FULL_NAME, auth_policy
 from services.seller_admin.api import SellerAdminApi
 from services.seller_admin.audit_trail import AuditTrail
@@ -36,59 +33,27 @@ from services.seller_admin.config import load_config
 SERVICE = "seller_admin"
 MIGRATIONS = Path(__file__).parent / "migrations"
 
-_log = get_logger(__name__)
-
 
 async def serve(stop: asyncio.Event) -> None:
     config = load_config()
     verifier = JwtVerifier.from_env(audience=SERVICE)
-    pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
-    nats_client = None
-    metrics = None
-    try:
+    async with Shutdown() as shutdown:
+        pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
+        shutdown.add("database", pool.close)
         nats_client = await jetstream.connect(config.nats_url, name=SERVICE)
+        shutdown.add("nats", nats_client.close)
         js = nats_client.jetstream()
         await jetstream.ensure_stream(js, events_stream(SERVICE))
         await jetstream.ensure_stream(js, audit_stream())
-        server = GrpcServer(
-            config.grpc_port,
-            [SERVICE_FULL_NAME],
-            [
-                # Metrics first, so calls refused by auth are counted too.
-                RpcMetricsInterceptor(SERVICE),
-                *grpc_server_interceptors(),
-                AuthInterceptor(verifier, auth_policy(), service=SERVICE),
-            ],
-        )
+        server = service_server(SERVICE, config, SERVICE_FULL_NAME, verifier, auth_policy())
         seller_admin_pb2_grpc.add_SellerAdminServiceServicer_to_server(
             SellerAdminApi(pool, AuditTrail(js)), server.server
         )
-        metrics = start_metrics_server(config.metrics_port)
-        await server.start()
-        background = BackgroundTasks(
-            SERVICE,
-            {
-                "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
-                "retention": lambda: RetentionTask.from_settings(pool, config.retention).run(stop),
-            },
-            stop,
-            on_health=server.set_serving,
-        )
-        background.start()
-        tune_garbage_collector()
-        _log.info(
-            "seller_admin.serving",
-            extra={"fields": {"grpc_port": server.bound_port, "metrics_port": metrics.port}},
-        )
-        await stop.wait()
-        await server.stop(config.shutdown_grace_s)
-        await background.stop(config.shutdown_grace_s)
-    finally:
-        if metrics is not None:
-            metrics.stop()
-        if nats_client is not None:
-            await nats_client.close()
-        await pool.close()
+        tasks: dict[str, Task] = {
+            "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
+            "retention": lambda: RetentionTask.from_settings(pool, config.retention).run(stop),
+        }
+        await serve_until_stopped(SERVICE, stop, shutdown, server, tasks, config)
 
 
 def main(argv: list[str]) -> None:

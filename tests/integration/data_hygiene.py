@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 
 from tests.support.polling import eventually
-from tests.support.processes import start_service
+from tests.support.processes import assert_stopped_cleanly, start_service
 from tools.stack import reset_service_schema
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,7 +120,7 @@ async def process_with_fast_retention(
         yield conn
     finally:
         await conn.close()
-        assert running.stop() == 0, running.logs()
+        assert_stopped_cleanly(running)
 
 
 async def wait_until_zero(conn: asyncpg.Connection, count_sql: str, timeout_s: float = 15) -> None:

@@ -2,7 +2,34 @@
 
 from __future__ import annotations
 
+import json
+
 from tools.stack import RunningService, spawn_service
+
+# What each service closes on SIGTERM, in order (`infra.shutdown`): the order its hand-written
+# shutdown had, kept when the services moved to the shared one.
+_GRPC_SERVING = ["grpc-server", "background-tasks", "metrics"]
+SHUTDOWN_STEPS = {
+    "seller_admin": [*_GRPC_SERVING, "nats", "database"],
+    "live_session": [*_GRPC_SERVING, "nats", "database"],
+    "live_catalog": [*_GRPC_SERVING, "nats", "outbox-channel", "database"],
+    "routing": [
+        *_GRPC_SERVING,
+        "nats",
+        "seller-admin-channel",
+        "live-session-channel",
+        "outbox-channel",
+        "database",
+    ],
+    "outbox": [
+        *_GRPC_SERVING,
+        "routing-channel",
+        "seller-admin-channel",
+        "twilio",
+        "nats",
+        "database",
+    ],
+}
 
 
 async def start_service(
@@ -19,3 +46,15 @@ async def restart(service: RunningService) -> RunningService:
     again = spawn_service(service.name, service.env, port=service.port, http=service.http)
     await again.wait_ready()
     return again
+
+
+def closed_steps(logs: str) -> list[str]:
+    """The shutdown steps a process logged as done (`service.closed`), in order."""
+    lines = (json.loads(line) for line in logs.splitlines() if line.startswith("{"))
+    return [line["step"] for line in lines if line.get("event") == "service.closed"]
+
+
+def assert_stopped_cleanly(service: RunningService) -> None:
+    """SIGTERM: exit 0, every shutdown step of the service done, in its order."""
+    assert service.stop() == 0, service.logs()
+    assert closed_steps(service.logs()) == SHUTDOWN_STEPS[service.name], service.logs()

@@ -30,7 +30,7 @@ from infra import jetstream
 from infra.auth import AuthInterceptor, JwtVerifier
 from services.outbox.api import ACCESS_POLICY as OUTBOX_POLICY
 from tests.support.polling import eventually
-from tests.support.processes import start_service
+from tests.support.processes import assert_stopped_cleanly, start_service
 from tools.dev_keys import DevKeys
 from tools.stack import ROOT, RunningService, reset_service_schema, spawn_service
 
@@ -93,7 +93,7 @@ async def service(
         },
     )
     yield running
-    assert running.stop() == 0, running.logs()
+    assert_stopped_cleanly(running)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from snapsell.live_session.v1 import live_session_pb2 as pb
 from snapsell.live_session.v1.live_session_pb2_grpc import LiveSessionServiceStub
 
 from infra import jetstream
-from tests.support.processes import start_service
+from tests.support.processes import assert_stopped_cleanly, start_service
 from tools.dev_keys import DevKeys
 from tools.devstack import free_port
 from tools.stack import ROOT, RunningService, reset_service_schema, spawn_service
@@ -46,7 +46,7 @@ async def service(
         },
     )
     yield running
-    assert running.stop() == 0, running.logs()
+    assert_stopped_cleanly(running)
 
 
 @pytest.fixture(scope="module")
@@ -199,5 +199,5 @@ async def test_sigterm_stops_the_process_cleanly(admin_dsn, nats_url, token_keys
     running = await start_service(
         SERVICE, {"DATABASE_URL": admin_dsn, "NATS_URL": nats_url}, port=free_port()
     )
-    assert running.stop() == 0
+    assert_stopped_cleanly(running)
     assert '"event":"service.stopped"' in running.logs()

@@ -23,7 +23,7 @@ from snapsell.seller_admin.v1 import seller_admin_pb2 as pb
 from infra import jetstream
 from infra.db import service_dsn
 from tests.integration.seller_admin.conftest import ACCOUNT_SID, SERVICE
-from tests.support.processes import start_service
+from tests.support.processes import assert_stopped_cleanly, start_service
 from tools.dev_keys import DevKeys
 from tools.stack import ROOT, RunningService, reset_service_schema
 
@@ -170,7 +170,7 @@ async def test_the_process_serves_health_reflection_and_the_api(
 async def test_sigterm_stops_the_process_cleanly(env: dict[str, str]) -> None:
     service = await start_service(SERVICE, env)
     await asyncio.sleep(0.2)
-    assert service.stop() == 0
+    assert_stopped_cleanly(service)
     assert '"event":"service.stopped"' in service.logs()
 
 
