@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from infra.config import ConfigError
-from infra.db import migrate_service
 from infra.lifecycle import exit_configuration_error, run_main
 from infra.log import get_logger
 
@@ -44,6 +43,8 @@ def run_service(
 ) -> None:
     command = list(argv) or ["serve"]
     if command == ["migrate"] and migrations is not None:
+        # Imported here: a service without a database (the gateway) need not load asyncpg.
+        from infra.db import migrate_service
 
         async def migrate(_stop: asyncio.Event) -> None:
             await migrate_service(service, migrations)
@@ -58,7 +59,7 @@ def run_service(
                 exit_configuration_error(service, error)
             if code is not None:
                 sys.exit(code)
-        run_main(serve, service=service)
+        run_main(serve, service=service, database=migrations is not None)
     else:
         print(usage(service, migrate=migrations is not None), file=sys.stderr)
         sys.exit(2)

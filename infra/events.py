@@ -18,14 +18,18 @@ import asyncio
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import asyncpg
 from google.protobuf.message import Message
 from nats.aio.client import Client as NatsClient
 
 from infra import jetstream, telemetry
-from infra.db import Connection
 from infra.log import get_logger
+
+if TYPE_CHECKING:  # the gateway imports this module's subjects (infra.streams), not asyncpg
+    import asyncpg
+
+    from infra.db import Connection
 
 _log = get_logger(__name__)
 

@@ -42,7 +42,9 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
 
 
-async def _serve(main: Callable[[asyncio.Event], Awaitable[None]], service: str) -> None:
+async def _serve(
+    main: Callable[[asyncio.Event], Awaitable[None]], service: str, database: bool
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
@@ -57,7 +59,7 @@ async def _serve(main: Callable[[asyncio.Event], Awaitable[None]], service: str)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    provider = setup_tracing(service)
+    provider = setup_tracing(service, database=database)
     _log.info("service.starting")
     try:
         await main(stop)
@@ -74,11 +76,14 @@ def exit_configuration_error(service: str, error: ConfigError) -> NoReturn:
     sys.exit(2)
 
 
-def run_main(main: Callable[[asyncio.Event], Awaitable[None]], *, service: str) -> None:
+def run_main(
+    main: Callable[[asyncio.Event], Awaitable[None]], *, service: str, database: bool = True
+) -> None:
+    """`database`: the service queries PostgreSQL (its queries are traced); the gateway does not."""
     try:
         setup_logging(service)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(_serve(main, service))
+            runner.run(_serve(main, service, database))
     except ConfigError as error:
         exit_configuration_error(service, error)
     except asyncio.CancelledError:

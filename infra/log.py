@@ -22,7 +22,6 @@ from collections.abc import Iterable
 from typing import Any, TextIO
 
 import phonenumbers
-from opentelemetry import trace
 
 from infra.config import ConfigError, env_optional, env_str
 
@@ -188,8 +187,11 @@ class JsonLineFormatter(logging.Formatter):
             "event": mask_phone(record.getMessage()),
             "logger": record.name,
         }
-        span_context = trace.get_current_span().get_span_context()
-        if span_context.is_valid:
+        # Looked up, not imported: a process that never loaded OpenTelemetry has no span, and
+        # the gateway's supervisor stays ~2.5 MB smaller without it.
+        trace = sys.modules.get("opentelemetry.trace")
+        span_context = trace.get_current_span().get_span_context() if trace else None
+        if span_context is not None and span_context.is_valid:
             payload["trace_id"] = format(span_context.trace_id, "032x")
             payload["span_id"] = format(span_context.span_id, "016x")
         extra: dict[str, Any] = {}

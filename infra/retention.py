@@ -28,12 +28,14 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-
-import asyncpg
+from typing import TYPE_CHECKING
 
 from infra.config import ConfigError, env_float, env_int
 from infra.events import wait_any
 from infra.log import get_logger
+
+if TYPE_CHECKING:  # the gateway imports this module's limits (infra.streams), not asyncpg
+    import asyncpg
 
 DEFAULT_INTERVAL_S = 3600.0
 DEFAULT_BATCH_SIZE = 1000

@@ -23,9 +23,8 @@ import json
 import os
 import threading
 from collections.abc import Mapping, MutableMapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
 from opentelemetry import context, propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
@@ -47,6 +46,9 @@ from opentelemetry.util.types import Attributes
 
 from infra.config import env_float, env_optional
 from infra.log import mask_phone
+
+if TYPE_CHECKING:  # a process without tracing and gRPC (the gateway) need not load grpc (~8 MB)
+    import grpc
 
 _provider: TracerProvider | None = None
 
@@ -188,9 +190,11 @@ class NoRootQuerySpans(Sampler):
         return f"NoRootQuerySpans({self._others.rate})"
 
 
-def setup_tracing(service: str) -> TracerProvider | None:
+def setup_tracing(service: str, *, database: bool = True) -> TracerProvider | None:
     """Install the SDK provider if an exporter is configured; idempotent. Returns the provider
-    (call `.shutdown()` at exit to flush) or None when tracing is off."""
+    (call `.shutdown()` at exit to flush) or None when tracing is off. `database`: the process
+    runs asyncpg queries, to be traced (without one, asyncpg and its instrumentation, ~5 MB
+    resident, are not loaded)."""
     global _provider
     if _provider is not None:
         return _provider
@@ -213,9 +217,10 @@ def setup_tracing(service: str) -> TracerProvider | None:
         file_exporter = PhoneMaskingSpanExporter(JsonLinesSpanExporter(trace_file, service))
         provider.add_span_processor(SimpleSpanProcessor(file_exporter))
     trace.set_tracer_provider(provider)
-    from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+    if database:
+        from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 
-    AsyncPGInstrumentor().instrument(tracer_provider=provider)
+        AsyncPGInstrumentor().instrument(tracer_provider=provider)
     _provider = provider
     return provider
 

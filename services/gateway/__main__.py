@@ -11,10 +11,23 @@ import sys
 
 from services.gateway.processes import supervise_when_configured
 
+# nats-py imports aiohttp when it can, for websocket URLs only (`ws://`), which NATS_URL does
+# not accept (config.py): aiohttp and its dependencies would be ~14 MB resident per process.
+WITHOUT_MODULES = ("aiohttp",)
+
+
+def load_server() -> None:
+    """Import the app as a serving process does, without `WITHOUT_MODULES` (a module set to
+    None in `sys.modules` raises ImportError when imported, and nats-py does without)."""
+    for name in WITHOUT_MODULES:
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+    from services.gateway import server  # noqa: F401
+
 
 def main(argv: list[str]) -> None:
     supervise_when_configured(argv)
-    from services.gateway import server  # the supervisor never loads the app
+    load_server()  # the supervisor never loads the app
+    from services.gateway import server
 
     server.main(argv)
 

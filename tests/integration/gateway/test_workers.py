@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.gateway import PUBLIC_BASE_URL, start_gateway
 from tests.support.twilio import sign, whatsapp_params
+from tools.bench.otlp_sink import OtlpSink
 
 MESSAGES = "/webhooks/twilio/messages"
 
@@ -33,6 +34,14 @@ def _resident_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as status:
         line = next(line for line in status if line.startswith("VmRSS:"))
     return int(line.split()[1]) / 1024
+
+
+def _mapped_packages(pid: int, packages: tuple[str, ...]) -> set[str]:
+    """Which of `packages` have a compiled extension mapped in the process (every one below
+    has one, loaded on import)."""
+    with open(f"/proc/{pid}/maps") as maps:
+        paths = maps.read()
+    return {package for package in packages if f"/{package}/" in paths}
 
 
 def _accepted(metrics_text: str) -> float:
@@ -99,3 +108,27 @@ async def test_a_dead_worker_is_started_again(nats_url: str) -> None:
         assert statuses == [200] * 6
     finally:
         assert gateway.stop() == 0, gateway.logs()
+
+
+async def test_traced_workers_load_only_what_they_use(nats_url: str) -> None:
+    """With tracing as deployed (OTLP over gRPC), a worker loads gRPC for the exporter but
+    neither aiohttp (nats-py's websocket transport, ~14 MB) nor asyncpg and its tracing (~5 MB):
+    the gateway has no database and NATS_URL takes no websocket URL."""
+    with OtlpSink() as sink:
+        gateway = await start_gateway(
+            nats_url,
+            GATEWAY_WORKERS="2",
+            GATEWAY_SENDER_MESSAGES_PER_MINUTE="1000",
+            **sink.env(sample_ratio=1.0),
+        )
+        try:
+            statuses = await asyncio.gather(
+                *(_post_on_fresh_connection(f"http://{gateway.address}") for _ in range(10))
+            )
+            assert statuses == [200] * 10
+            for worker in _children(gateway.pid):
+                loaded = _mapped_packages(worker, ("grpc", "aiohttp", "yarl", "asyncpg"))
+                assert loaded == {"grpc"}
+        finally:
+            assert gateway.stop() == 0, gateway.logs()
+        assert sink.count > 0
