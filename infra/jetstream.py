@@ -469,11 +469,15 @@ async def run_batch_consumer(
     batch_size: int,
     batches_in_flight: int = 2,
     fetch_timeout_s: float = 1.0,
+    linger_s: float = 0.0,
 ) -> None:
     """Fetch and handle messages until `stop` is set, each fetch's messages (at most
     `batch_size`: those available, no waiting for more) as one batch, with at most
     `batches_in_flight` batches being handled. The handler returns one decision per message,
-    in order. In-flight batches finish (and ack) before this returns."""
+    in order. In-flight batches finish (and ack) before this returns. After a fetch that
+    came back short of `batch_size`, the next one waits `linger_s`: at a moderate rate the
+    messages of those few ms then make one batch instead of one batch each (the first
+    message after a quiet spell is never delayed)."""
 
     async def handle(msgs: Sequence[Msg]) -> None:
         try:
@@ -492,6 +496,7 @@ async def run_batch_consumer(
         fetch_size=lambda running: batch_size if running < batches_in_flight else 0,
         fetch_timeout_s=fetch_timeout_s,
         one_task_per_message=False,
+        linger_s=linger_s,
     )
 
 
@@ -504,6 +509,7 @@ async def _run_fetch_loop(
     fetch_size: Callable[[int], int],
     fetch_timeout_s: float,
     one_task_per_message: bool,
+    linger_s: float = 0.0,
 ) -> None:
     """Fetch while `fetch_size(tasks running)` is positive, else wait for a task to end; each
     fetch's messages are handled by one task, or one task each. Meanwhile the consumer's
@@ -542,6 +548,8 @@ async def _run_fetch_loop(
                 task = asyncio.create_task(hold(work))
                 running.add(task)
                 task.add_done_callback(running.discard)
+            if linger_s and len(msgs) < size:
+                await asyncio.sleep(linger_s)
     finally:
         depth.cancel()
         if running:

@@ -104,6 +104,7 @@ async def serve(stop: asyncio.Event) -> None:
                 stop=stop,
                 batch_size=config.batch_size,
                 batches_in_flight=config.concurrency,
+                linger_s=config.batch_linger_s,
             ),
             "carrier-opt-out-consumer": lambda: jetstream.run_pull_consumer(
                 js, carrier_consumer_spec(), carrier.handle, stop=stop, concurrency=4

@@ -78,6 +78,7 @@ class Config:
     consumer_enabled: bool
     concurrency: int
     batch_size: int
+    batch_linger_s: float
     ack_wait_s: float
     max_deliver: int
     retry_delay_cap_s: float
@@ -201,6 +202,8 @@ def load_config() -> Config:
         consumer_enabled=env_bool("ROUTING_CONSUMER_ENABLED", True),
         concurrency=concurrency,
         batch_size=env_int("ROUTING_BATCH_SIZE", 100, minimum=1, maximum=500),
+        batch_linger_s=env_float("ROUTING_BATCH_LINGER_MS", 10.0, minimum=0.0, maximum=1000.0)
+        / 1000,
         ack_wait_s=env_float("ROUTING_ACK_WAIT_SECONDS", 30.0, minimum=5.0, maximum=600.0),
         # 120 deliveries with delays growing to 30 s: a peer may be down for about an hour
         # before a message is recorded as dead.

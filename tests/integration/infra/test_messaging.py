@@ -170,6 +170,44 @@ async def test_consumer_loop_carries_out_ack_nak_and_term(js) -> None:
     assert info.num_pending == 0 and info.num_ack_pending == 0
 
 
+@pytest.mark.parametrize(("linger_s", "bound"), [(0.0, 10), (0.5, 3)], ids=["none", "500ms"])
+async def test_a_batch_consumer_lingers_after_a_short_fetch(
+    js, linger_s: float, bound: int
+) -> None:
+    """Messages trickling in 5 ms apart: without a linger each fetch takes the one or two that
+    arrived (many batches); with one, the messages of the linger make one batch."""
+    name = unique("S")
+    subject = f"{name.lower()}.work"
+    await jetstream.ensure_stream(js, StreamSpec(name=name, subjects=(f"{name.lower()}.>",)))
+    spec = ConsumerSpec(stream=name, durable="batches", filter_subject=subject)
+    batches: list[int] = []
+    stop = asyncio.Event()
+
+    async def handler(msgs: list[Msg]) -> list[jetstream.Decision]:
+        batches.append(len(msgs))
+        return [Ack() for _ in msgs]
+
+    loop = asyncio.create_task(
+        jetstream.run_batch_consumer(
+            js, spec, handler, stop=stop, batch_size=100, linger_s=linger_s
+        )
+    )
+    await jetstream.ensure_consumer(js, spec)
+    for n in range(40):
+        await jetstream.publish(js, subject, b"m", msg_id=f"{name}-{n}")
+        await asyncio.sleep(0.005)
+    async with asyncio.timeout(15):
+        while sum(batches) < 40:
+            await asyncio.sleep(0.05)
+    stop.set()
+    await loop
+    assert sum(batches) == 40
+    if linger_s:
+        assert len(batches) <= bound, batches
+    else:
+        assert len(batches) > bound, batches
+
+
 async def test_an_event_over_the_size_limit_is_refused_or_terminated_unread(js) -> None:
     """Every stream refuses an event over MAX_EVENT_BYTES; one a stream took before it had the
     limit is terminated and counted by the loop without reaching the handler, and the event
