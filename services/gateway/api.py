@@ -22,6 +22,7 @@ from typing import NamedTuple
 from urllib.parse import urlparse
 
 from opentelemetry import trace
+from opentelemetry.trace import TracerProvider
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -307,9 +308,11 @@ def create_app(
     *,
     clock: Callable[[], float] = time.monotonic,
     traced: bool = False,
+    tracer_provider: TracerProvider | None = None,
 ) -> ASGIApp:
     """The gateway's ASGI app: webhooks skip Starlette's router. `traced`: a server span per
-    request (probes and scrapes aside), named after its route, joined to the caller's trace."""
+    request (probes and scrapes aside), named after its route, joined to the caller's trace;
+    spans go to `tracer_provider`, else to the process's."""
     webhooks = Webhooks(config, publish, clock)
 
     async def healthz(_: Request) -> Response:
@@ -360,6 +363,7 @@ def create_app(
             excluded_urls="/healthz,/readyz,/metrics",
             default_span_details=span_details,
             exclude_spans=["receive", "send"],
+            tracer_provider=tracer_provider,
         )
     return fast
 
