@@ -263,9 +263,17 @@ class SendingPipeline:
             resolution = await self._delivery.resolve(message, held.consent)
         except LeaseLostError:
             LEASES_LOST.inc()
-        except Exception:
+        except Exception as error:
             # Whether a send happened is not known here: settle it like an unknown outcome.
-            _log.exception("outbox.process_failed", extra={"fields": {"message_id": message.id}})
+            if isinstance(error, DATABASE_UNAVAILABLE):  # an outage, not a bug: no stack trace
+                _log.warning(
+                    "outbox.process_interrupted",
+                    extra={"fields": {"message_id": message.id, "error": repr(error)}},
+                )
+            else:
+                _log.exception(
+                    "outbox.process_failed", extra={"fields": {"message_id": message.id}}
+                )
             resolution = Resolution(
                 message.id,
                 message.tenant_id,
