@@ -27,7 +27,14 @@ from services.outbox.domain import (
     status_from_twilio,
     twilio_address,
 )
-from services.outbox.validation import validate_content, validate_recipient, validate_sender
+from services.outbox.validation import (
+    E164_CACHE_SIZE,
+    is_e164,
+    is_possible_number,
+    validate_content,
+    validate_recipient,
+    validate_sender,
+)
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
@@ -220,6 +227,35 @@ def test_addresses_are_validated_per_channel() -> None:
     with pytest.raises(InvalidMessageError, match='must start with "whatsapp:"'):
         validate_sender("+14155238886", Channel.WHATSAPP)
     assert twilio_address(Channel.WHATSAPP, "+33612345678") == "whatsapp:+33612345678"
+
+
+def test_the_e164_verdicts_are_cached_per_number_in_a_bounded_cache() -> None:
+    is_possible_number.cache_clear()
+    assert is_possible_number.cache_info().maxsize == E164_CACHE_SIZE == 65_536
+
+    for _ in range(3):
+        validate_recipient(Channel.SMS, "+33612345678")
+
+    info = is_possible_number.cache_info()
+    assert (info.misses, info.hits, info.currsize) == (1, 2, 1)
+
+
+def test_an_invalid_number_is_refused_after_a_valid_one_was_cached() -> None:
+    is_possible_number.cache_clear()
+    validate_recipient(Channel.SMS, "+33612345678")
+    for _ in range(2):  # the second time from the cache
+        with pytest.raises(InvalidMessageError, match=r"not an E\.164"):
+            validate_recipient(Channel.SMS, "+3361234")
+    validate_recipient(Channel.SMS, "+33612345678")
+    assert is_possible_number.cache_info().hits == 2
+
+
+def test_a_string_too_long_to_parse_is_refused_without_filling_the_cache() -> None:
+    is_possible_number.cache_clear()
+    assert not is_e164("+33" + "6" * 247)  # 250 characters: parsed, and cached
+    assert not is_e164("+33" + "6" * 248)
+    assert not is_e164("+33" + "6" * 10_000)
+    assert is_possible_number.cache_info().currsize == 1
 
 
 def test_content_is_a_body_or_a_template() -> None:
