@@ -12,6 +12,9 @@ its own outcome:
   deliveries_exhausted), then Term: visible and re-publishable, never silently dropped. If even
   that recording fails (database down), the Nak leaves it to JetStream's MAX_DELIVERIES advisory
   and the stream, which keeps the message.
+Logs: one `routing.batch_handled` line per batch (INFO: messages, outcomes, duration_ms); one
+`routing.inbound_handled` line per message at DEBUG; `routing.inbound_unroutable` (WARNING)
+for a message to a `To` no channel owns, with the fix.
 
 Carrier opt-outs (`OUTBOX_EVENTS`, `outbox.v1.recipient.unsubscribed`, durable
 `routing-carrier-opt-outs`): Twilio refused a send with error 21610 because the recipient
@@ -24,6 +27,9 @@ sender cache is flushed.
 from __future__ import annotations
 
 import asyncio
+import collections
+import logging
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
@@ -138,7 +144,10 @@ class InboundConsumer:
         self._clock = clock
 
     async def handle_batch(self, msgs: Sequence[Msg]) -> list[jetstream.Decision]:
-        """One decision per message, in order."""
+        """One decision per message, in order, and one INFO line for the batch: the line of
+        each message is DEBUG, so that logging costs per batch, not per message."""
+        started = time.perf_counter()
+        tally: collections.Counter[str] = collections.Counter()
         decisions: list[jetstream.Decision] = [Ack()] * len(msgs)
         decoded: list[tuple[int, gateway_events.MessageReceived]] = []
         for index, msg in enumerate(msgs):
@@ -149,8 +158,9 @@ class InboundConsumer:
             except jetstream.RejectedEventError as error:
                 # Kept in failed_inbound for a redrive once understood, and counted like any poison.
                 jetstream.count_rejected(self._spec.durable, error)
-                decisions[index] = await self._give_up(msg, None, "undecodable", str(error))
+                decisions[index] = await self._give_up(msg, None, "undecodable", str(error), tally)
         if not decoded:
+            _log_batch(len(msgs), tally, started)
             return decisions
         deliveries = [
             Delivery(
@@ -178,17 +188,22 @@ class InboundConsumer:
             with INBOUND_HANDLING.time():
                 outcomes = await self._router.route_batch(deliveries)
             for (index, message), outcome in zip(decoded, outcomes, strict=True):
-                decisions[index] = await self._settle(msgs[index], message, outcome)
+                decisions[index] = await self._settle(msgs[index], message, outcome, tally)
+            _log_batch(len(msgs), tally, started)  # in the span: it carries the trace id
         return decisions
 
     async def _settle(
-        self, msg: Msg, message: gateway_events.MessageReceived, outcome: Routed | Exception
+        self,
+        msg: Msg,
+        message: gateway_events.MessageReceived,
+        outcome: Routed | Exception,
+        tally: collections.Counter[str],
     ) -> jetstream.Decision:
         if isinstance(outcome, InvalidInboundError):
-            return await self._give_up(msg, message, "undecodable", str(outcome))
+            return await self._give_up(msg, message, "undecodable", str(outcome), tally)
         if isinstance(outcome, _RETRYABLE):
             return await self._retry_or_give_up(
-                msg, message, str(outcome) or type(outcome).__name__
+                msg, message, str(outcome) or type(outcome).__name__, tally
             )
         if isinstance(outcome, Exception):
             # A bug or an unexpected database error: retry (it may be transient), and on the
@@ -199,22 +214,35 @@ class InboundConsumer:
                 extra={"fields": {"message_sid": message.message_sid}},
             )
             reason = f"{type(outcome).__name__}: {outcome}"
-            return await self._retry_or_give_up(msg, message, reason)
+            return await self._retry_or_give_up(msg, message, reason, tally)
         INBOUND_HANDLED.labels(outcome.outcome.value).inc()
+        tally[outcome.outcome.value] += 1
         if outcome.outcome.value != "duplicate":
             INBOUND_LAG.observe(max(0.0, (self._clock() - received_at(message)).total_seconds()))
-        _log.info(
-            "routing.inbound_handled",
-            extra={"fields": handled_fields(message, outcome, msg.metadata.num_delivered)},
-        )
+        if outcome.outcome is RouteOutcome.UNROUTABLE:
+            # A `To` no channel owns: a setup mistake to fix, so its line says how, at any level.
+            _log.warning(
+                "routing.inbound_unroutable",
+                extra={"fields": handled_fields(message, outcome, msg.metadata.num_delivered)},
+            )
+        elif _log.isEnabledFor(logging.DEBUG):
+            _log.debug(
+                "routing.inbound_handled",
+                extra={"fields": handled_fields(message, outcome, msg.metadata.num_delivered)},
+            )
         return Ack()
 
     async def _retry_or_give_up(
-        self, msg: Msg, message: gateway_events.MessageReceived, reason: str
+        self,
+        msg: Msg,
+        message: gateway_events.MessageReceived,
+        reason: str,
+        tally: collections.Counter[str],
     ) -> jetstream.Decision:
         if jetstream.is_last_delivery(msg, self._spec):
-            return await self._give_up(msg, message, "deliveries_exhausted", reason)
+            return await self._give_up(msg, message, "deliveries_exhausted", reason, tally)
         INBOUND_HANDLED.labels("retry").inc()
+        tally["retry"] += 1
         delay = retry_delay(msg.metadata.num_delivered, self._retry_delay_cap_s)
         _log.warning(
             "routing.inbound_retry",
@@ -235,6 +263,7 @@ class InboundConsumer:
         message: gateway_events.MessageReceived | None,
         reason: str,
         detail: str,
+        tally: collections.Counter[str],
     ) -> jetstream.Decision:
         metadata = msg.metadata
         message_sid = message.message_sid if message is not None else ""
@@ -269,6 +298,7 @@ class InboundConsumer:
                     aggregate_id=message_sid or f"{metadata.stream}:{metadata.sequence.stream}",
                 )
         INBOUND_HANDLED.labels(reason).inc()
+        tally[reason] += 1
         _log.error(
             "routing.inbound_given_up",
             extra={
@@ -284,6 +314,21 @@ class InboundConsumer:
         return Term(reason)
 
 
+def _log_batch(messages: int, tally: collections.Counter[str], started: float) -> None:
+    """The INFO line of a fetched batch: how many messages, how each was settled (routed,
+    duplicate, unroutable, retry, undecodable, deliveries_exhausted) and how long it took."""
+    _log.info(
+        "routing.batch_handled",
+        extra={
+            "fields": {
+                "messages": messages,
+                "outcomes": dict(tally),
+                "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+            }
+        },
+    )
+
+
 def address_text(address: address_pb2.Address) -> str:
     """An address as Twilio writes it: `whatsapp:+1415...`, `messenger:...`, or a bare number."""
     prefix = _ADDRESS_PREFIXES.get(address.channel, "")
@@ -293,9 +338,10 @@ def address_text(address: address_pb2.Address) -> str:
 def handled_fields(
     message: gateway_events.MessageReceived, routed: Routed, delivery: int
 ) -> dict[str, object]:
-    """The one line per message that explains what routing decided, so ops can follow a
-    MessageSid through the system: who sent it (seller or client), the decision and the live
-    signal it was; an unroutable one says which `To` no channel owns (masked by the log)."""
+    """The line of one message (DEBUG; WARNING when unroutable) that explains what routing
+    decided, so ops can follow a MessageSid through the system: who sent it (seller or client),
+    the decision and the live signal it was; an unroutable one says which `To` no channel owns
+    (masked by the log) and how to fix it."""
     decision = routed.decision
     fields: dict[str, object] = {
         "message_sid": message.message_sid,
