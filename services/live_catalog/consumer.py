@@ -12,13 +12,19 @@ The database unreachable, or a concurrent claim of the same client (the unique i
 reservations refused the second one) -> Nak with a delay growing per delivery; on the last
 delivery the message is logged and terminated. An undecodable payload is terminated at once.
 After each commit the reply dispatcher is woken.
+
+Logs: one `live_catalog.batch_handled` line per batch (INFO: messages, outcomes tallied,
+duration_ms); each message's `live_catalog.inbound_handled` line is DEBUG.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import logging
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC
 
 import asyncpg
@@ -138,10 +144,12 @@ class Batches:
         await asyncio.sleep(0)
         while self._waiting:
             batch, self._waiting = self._waiting, []
+            started = time.perf_counter()
             try:
                 outcomes = await self._store.handle_batch([inbound for inbound, _ in batch])
             except Exception as error:  # e.g. the database unreachable for a batch of one
                 outcomes = [error] * len(batch)
+            _log_batch(outcomes, started)
             for (_, future), outcome in zip(batch, outcomes, strict=True):
                 if future.done():  # its caller was cancelled (shutdown)
                     continue
@@ -149,6 +157,25 @@ class Batches:
                     future.set_exception(outcome)
                 else:
                     future.set_result(outcome)
+
+
+def _log_batch(outcomes: Sequence[str | Exception], started: float) -> None:
+    """The INFO line of a batch: how many messages, how many of each outcome (the reply given,
+    `ignored`, `duplicate`; `failed` for an error, retried or given up by its handler) and how
+    long it took."""
+    tally = collections.Counter(
+        "failed" if isinstance(outcome, Exception) else outcome for outcome in outcomes
+    )
+    _log.info(
+        "live_catalog.batch_handled",
+        extra={
+            "fields": {
+                "messages": len(outcomes),
+                "outcomes": dict(tally),
+                "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+            }
+        },
+    )
 
 
 class RoutedConsumer:
@@ -170,17 +197,18 @@ class RoutedConsumer:
         except _RETRYABLE as error:
             return _retry_or_give_up(msg, self._spec, inbound.message_sid, error)
         HANDLED.labels(outcome).inc()
-        _log.info(
-            "live_catalog.inbound_handled",
-            extra={
-                "fields": {
-                    "message_sid": inbound.message_sid,
-                    "tenant_id": inbound.tenant_id,
-                    "outcome": outcome,
-                    "delivery": msg.metadata.num_delivered,
-                }
-            },
-        )
+        if _log.isEnabledFor(logging.DEBUG):  # the batch has its INFO line
+            _log.debug(
+                "live_catalog.inbound_handled",
+                extra={
+                    "fields": {
+                        "message_sid": inbound.message_sid,
+                        "tenant_id": inbound.tenant_id,
+                        "outcome": outcome,
+                        "delivery": msg.metadata.num_delivered,
+                    }
+                },
+            )
         self._on_commit()
         return Ack()
 
