@@ -17,6 +17,7 @@ from services.live_catalog.claim_runs import apply_claims
 from services.live_catalog.domain import (
     Cancel,
     Claim,
+    ClientCommand,
     CloseItem,
     Inbound,
     Item,
@@ -26,6 +27,7 @@ from services.live_catalog.domain import (
     ReleaseReason,
     Replies,
     ReservationStatus,
+    SellerCommand,
     SellerHelp,
     SetStock,
     SettingsBook,
@@ -72,6 +74,27 @@ def _arrival(inbound: Inbound) -> tuple[datetime, str]:
     return inbound.received_at, inbound.message_sid
 
 
+def _runs(
+    inbounds: Sequence[Inbound],
+    commands: Sequence[SellerCommand | ClientCommand | None],
+    order: Sequence[int],
+) -> Iterator[int | list[tuple[int, Claim]]]:
+    """The batch in `order`: each run of consecutive clients' claims in a live session (a list,
+    applied together by `apply_claims`), every other message on its own (its index)."""
+    run: list[tuple[int, Claim]] = []
+    for i in order:
+        command = commands[i]  # only a client's message is a Claim
+        if isinstance(command, Claim) and inbounds[i].session_id is not None:
+            run.append((i, command))
+            continue
+        if run:
+            yield run
+            run = []
+        yield i
+    if run:
+        yield run
+
+
 class InboundCatalog:
     def __init__(
         self,
@@ -98,7 +121,7 @@ class InboundCatalog:
         `ignored` for conversation, `duplicate` for a MessageSid already handled)."""
         now = self._clock()
         async with self._pool.acquire() as conn, conn.transaction():
-            return await self._apply(conn, inbound, now)
+            return await self._apply(conn, inbound, self._command(inbound), now)
 
     async def handle_batch(self, inbounds: Sequence[Inbound]) -> list[str | Exception]:
         """The routed messages in flight together, in one transaction and in the order the
@@ -112,12 +135,14 @@ class InboundCatalog:
         is handled again on its own, in the same order, so an error is only its own."""
         order = sorted(range(len(inbounds)), key=lambda i: _arrival(inbounds[i]))
         outcomes: list[str | Exception] = [""] * len(inbounds)
+        # Each message parsed once, for finding the runs of claims and for applying it.
+        commands = [self._command(inbound) for inbound in inbounds]
         now = self._clock()
         try:
             async with self._pool.acquire() as conn, conn.transaction():
-                for run in self._runs(inbounds, order):
+                for run in _runs(inbounds, commands, order):
                     if isinstance(run, int):
-                        outcomes[run] = await self._apply(conn, inbounds[run], now)
+                        outcomes[run] = await self._apply(conn, inbounds[run], commands[run], now)
                         continue
                     claimed = await apply_claims(
                         conn,
@@ -143,37 +168,21 @@ class InboundCatalog:
                 outcomes[i] = error
         return outcomes
 
-    def _runs(
-        self, inbounds: Sequence[Inbound], order: Sequence[int]
-    ) -> Iterator[int | list[tuple[int, Claim]]]:
-        """The batch in `order`: each run of consecutive clients' claims in a live session (a
-        list, applied together by `apply_claims`), every other message on its own (its
-        index)."""
-        run: list[tuple[int, Claim]] = []
-        for i in order:
-            inbound = inbounds[i]
-            command = None
-            if not inbound.from_seller and inbound.session_id is not None:
-                command = self._settings.for_tenant(inbound.tenant_id).grammar.parse_client(
-                    inbound.body
-                )
-            if isinstance(command, Claim):
-                run.append((i, command))
-                continue
-            if run:
-                yield run
-                run = []
-            yield i
-        if run:
-            yield run
-
-    async def _apply(self, conn: Connection, inbound: Inbound, now: datetime) -> str:
+    def _command(self, inbound: Inbound) -> SellerCommand | ClientCommand | None:
+        """What the message asks, in its tenant's grammar: a seller's command or a client's."""
         grammar = self._settings.for_tenant(inbound.tenant_id).grammar
-        command = (
-            grammar.parse_seller(inbound.body)
-            if inbound.from_seller
-            else grammar.parse_client(inbound.body)
-        )
+        if inbound.from_seller:
+            return grammar.parse_seller(inbound.body)
+        return grammar.parse_client(inbound.body)
+
+    async def _apply(
+        self,
+        conn: Connection,
+        inbound: Inbound,
+        command: SellerCommand | ClientCommand | None,
+        now: datetime,
+    ) -> str:
+        """Apply one message whose `command` is `_command(inbound)`."""
         if command is None:
             await self._session_of(conn, inbound, now)
             return "ignored"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import random
 import uuid
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -16,7 +18,7 @@ from google.protobuf.json_format import MessageToDict
 from snapsell.live_catalog.v1 import events_pb2
 
 from services.live_catalog import events
-from services.live_catalog.domain import Inbound
+from services.live_catalog.domain import Grammar, Inbound
 from services.live_catalog.store import CatalogStore
 from tests.integration.live_catalog.conftest import ManualClock, inbound
 
@@ -311,3 +313,45 @@ async def test_random_batches_end_as_their_messages_one_by_one(
             dataclasses.replace(rng.choice(live.before[len(codes) :])),
         ]
         await assert_batch_is_one_by_one(store, pool, live, monkeypatch)
+
+
+async def test_a_batch_parses_each_message_once(
+    store: CatalogStore, pool: asyncpg.Pool, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    live = Live(clock)
+    await store.handle_inbound(live.seller("A1 Robe 25€ x2", -10))
+    live.batch = [
+        live.client(1, "A1", 10),  # claims, applied as a run
+        live.client(2, "A1 x2", 20),
+        live.client(1, "ANNULER A1", 30),  # a cancel between claims
+        live.client(3, "A1", 40),
+        live.seller("A1 stock 3", 50),  # a seller's command
+        live.client(4, "bonjour", 60),  # conversation
+        live.client(5, "A1", 70),  # without a live session (below): not part of a run
+    ]
+    live.batch[-1] = dataclasses.replace(live.batch[-1], session_id=None)
+    parsed: Counter[str] = Counter()
+
+    def counted(parse: Callable[[Grammar, str], object]) -> Callable[[Grammar, str], object]:
+        def parse_counted(grammar: Grammar, body: str) -> object:
+            parsed[body] += 1
+            return parse(grammar, body)
+
+        return parse_counted
+
+    monkeypatch.setattr(Grammar, "parse_client", counted(Grammar.parse_client))
+    monkeypatch.setattr(Grammar, "parse_seller", counted(Grammar.parse_seller))
+
+    outcomes = await store.handle_batch(live.batch)
+
+    assert outcomes == [
+        "held",
+        "waiting",
+        "cancelled",  # 2 promoted
+        "waiting",
+        "seller_stock",  # 3 promoted
+        "ignored",
+        "waiting",
+    ]
+    assert parsed == Counter(message.body for message in live.batch)
+    assert sum(parsed.values()) == len(live.batch) == 7
