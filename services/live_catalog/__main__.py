@@ -21,12 +21,9 @@ from snapsell.live_catalog.v1 import live_catalog_pb2_grpc
 
 from infra import jetstream
 from infra.auth import JwtVerifier
-from infra.db import open_service_database
 from infra.entrypoint import run_service
-from infra.events import EventRelay
 from infra.grpc_client import service_channel
-from infra.grpc_service import serve_until_stopped, service_server
-from infra.retention import RetentionTask
+from infra.grpc_service import open_backends, serve_until_stopped, service_server
 from infra.shutdown import Shutdown
 from infra.streams import events_stream
 from infra.supervisor import Task
@@ -56,16 +53,15 @@ async def serve(stop: asyncio.Event) -> None:
     async with Shutdown() as shutdown:
         # Before the database, so that a missing signing key fails first; closed before it.
         outbox = service_channel(config.outbox_addr, audience="outbox")
-        pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
-        shutdown.add("database", pool.close)
+        backends = await open_backends(
+            SERVICE,
+            MIGRATIONS,
+            config,
+            shutdown,
+            streams=[events_stream("routing"), events_stream("live_session")],
+        )
         shutdown.add("outbox-channel", outbox.close)
-        nats_client = await jetstream.connect(config.nats_url, name=SERVICE)
-        shutdown.add("nats", nats_client.close)
-        js = nats_client.jetstream()
-        # Declared identically by every service (infra.streams), so creating them here is safe
-        # whichever process starts first.
-        for context in (SERVICE, "routing", "live_session"):
-            await jetstream.ensure_stream(js, events_stream(context))
+        pool, js = backends.pool, backends.js
         store = CatalogStore(
             pool,
             _now,
@@ -94,7 +90,7 @@ async def serve(stop: asyncio.Event) -> None:
             LiveCatalogApi(store), server.server
         )
         tasks: dict[str, Task] = {
-            "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
+            **backends.tasks(stop, config.retention, ledger_purges(config.ledger_max_age)),
             "reply-dispatcher": lambda: dispatcher.run(stop),
             "hold-sweeper": lambda: sweep_holds(store, config.sweep_interval_s, stop),
             "routed-consumer": lambda: jetstream.run_pull_consumer(
@@ -103,9 +99,6 @@ async def serve(stop: asyncio.Event) -> None:
             "session-closed-consumer": lambda: jetstream.run_pull_consumer(
                 js, sessions_spec, sessions.handle, stop=stop, concurrency=4
             ),
-            "retention": lambda: RetentionTask.from_settings(
-                pool, config.retention, ledger_purges(config.ledger_max_age)
-            ).run(stop),
         }
         if not config.consumer_enabled:
             del tasks["routed-consumer"], tasks["session-closed-consumer"]

@@ -15,16 +15,10 @@ from pathlib import Path
 
 from snapsell.live_session.v1 import live_session_pb2_grpc
 
-from infra import jetstream
 from infra.auth import JwtVerifier
-from infra.db import open_service_database
 from infra.entrypoint import run_service
-from infra.events import EventRelay
-from infra.grpc_service import serve_until_stopped, service_server
-from infra.retention import RetentionTask
+from infra.grpc_service import open_backends, serve_until_stopped, service_server
 from infra.shutdown import Shutdown
-from infra.streams import events_stream
-from infra.supervisor import Task
 from services.live_session.api import ACCESS_POLICY, SERVICE_FULL_NAME, LiveSessionApi
 from services.live_session.config import load_config
 from services.live_session.domain import SystemClock
@@ -40,21 +34,15 @@ async def serve(stop: asyncio.Event) -> None:
     config = load_config()
     verifier = JwtVerifier.from_env(audience=SERVICE)
     async with Shutdown() as shutdown:
-        pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
-        shutdown.add("database", pool.close)
-        nats_client = await jetstream.connect(config.nats_url, name=SERVICE)
-        shutdown.add("nats", nats_client.close)
-        js = nats_client.jetstream()
-        await jetstream.ensure_stream(js, events_stream(SERVICE))
-        store = SessionStore(pool, SystemClock(), config.inactivity_window)
+        backends = await open_backends(SERVICE, MIGRATIONS, config, shutdown)
+        store = SessionStore(backends.pool, SystemClock(), config.inactivity_window)
         server = service_server(SERVICE, config, SERVICE_FULL_NAME, verifier, ACCESS_POLICY)
         live_session_pb2_grpc.add_LiveSessionServiceServicer_to_server(
             LiveSessionApi(store, TouchBatcher(store)), server.server
         )
-        tasks: dict[str, Task] = {
-            "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
+        tasks = {
+            **backends.tasks(stop, config.retention),
             "idle-sweeper": lambda: IdleSweeper(store, config.sweep_interval_s).run(stop),
-            "retention": lambda: RetentionTask.from_settings(pool, config.retention).run(stop),
         }
         serving = {"inactivity_window_minutes": config.inactivity_window.total_seconds() / 60}
         await serve_until_stopped(SERVICE, stop, shutdown, server, tasks, config, fields=serving)

@@ -22,12 +22,9 @@ from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
 from infra import jetstream
 from infra.auth import JwtVerifier, ServiceTokenProvider
-from infra.db import open_service_database
 from infra.entrypoint import run_service
-from infra.events import EventRelay
 from infra.grpc_client import service_channel
-from infra.grpc_service import serve_until_stopped, service_server
-from infra.retention import RetentionTask
+from infra.grpc_service import open_backends, serve_until_stopped, service_server
 from infra.shutdown import Shutdown
 from infra.streams import audit_stream, events_stream, inbound_stream
 from infra.supervisor import Task
@@ -67,10 +64,16 @@ async def serve(stop: asyncio.Event) -> None:
     config = load_config()
     verifier = JwtVerifier.from_env(audience=SERVICE)
     async with Shutdown() as shutdown:
-        pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
-        shutdown.add("database", pool.close)
-        nats_client = await jetstream.connect(config.nats_url, name=SERVICE)
-        shutdown.add("nats", nats_client.close)
+        backends = await open_backends(
+            SERVICE,
+            MIGRATIONS,
+            config,
+            shutdown,
+            # The channel follower below subscribes to seller_admin's events whether or not
+            # seller_admin has started yet.
+            streams=[audit_stream(), inbound_stream(), events_stream("seller_admin")],
+        )
+        pool, js = backends.pool, backends.js
         sender = _twilio_sender(config)
         sender.warm_up()
         shutdown.add("twilio", sender.close)
@@ -78,13 +81,6 @@ async def serve(stop: asyncio.Event) -> None:
         shutdown.add("seller-admin-channel", seller_admin.close)
         routing = routing_channel(config.routing_addr)
         shutdown.add("routing-channel", routing.close)
-        js = nats_client.jetstream()
-        await jetstream.ensure_stream(js, events_stream(SERVICE))
-        await jetstream.ensure_stream(js, audit_stream())
-        await jetstream.ensure_stream(js, inbound_stream())
-        # Declared identically by every service (infra.streams): the channel follower below
-        # subscribes to it whether or not seller_admin has started yet.
-        await jetstream.ensure_stream(js, events_stream("seller_admin"))
         store = OutboxStore(pool)
         admin = OutboxAdminStore(pool)
         server = service_server(SERVICE, config, SERVICE_FULL_NAME, verifier, ACCESS_POLICY)
@@ -103,7 +99,9 @@ async def serve(stop: asyncio.Event) -> None:
         outbox_pb2_grpc.add_OutboxServiceServicer_to_server(api, server.server)
         callbacks = StatusCallbackHandler(StatusCallbacks(pool), lambda: datetime.now(UTC))
         tasks: dict[str, Task] = {
-            "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
+            **backends.tasks(
+                stop, config.retention, finished_message_purges(config.finished_max_age)
+            ),
             "status-callbacks": lambda: jetstream.run_pull_consumer(
                 js,
                 STATUS_CONSUMER,
@@ -113,9 +111,6 @@ async def serve(stop: asyncio.Event) -> None:
             ),
             "channel-follower": lambda: follow_channel_changes(js, directory, stop),
             "backlog": lambda: report_backlog(store, stop),
-            "retention": lambda: RetentionTask.from_settings(
-                pool, config.retention, finished_message_purges(config.finished_max_age)
-            ).run(stop),
         }
         this_worker = worker_id()
         if config.worker.enabled:

@@ -19,12 +19,9 @@ from snapsell.routing.v1 import routing_pb2_grpc
 
 from infra import jetstream
 from infra.auth import JwtVerifier
-from infra.db import open_service_database
 from infra.entrypoint import run_service
-from infra.events import EventRelay
 from infra.grpc_client import service_channel
-from infra.grpc_service import serve_until_stopped, service_server
-from infra.retention import RetentionTask
+from infra.grpc_service import open_backends, serve_until_stopped, service_server
 from infra.shutdown import Shutdown
 from infra.streams import audit_stream, events_stream, inbound_stream
 from infra.supervisor import Task
@@ -49,29 +46,27 @@ async def serve(stop: asyncio.Event) -> None:
     config = load_config()
     verifier = JwtVerifier.from_env(audience=SERVICE)
     async with Shutdown() as shutdown:
-        # Made before the database, so that a missing signing key fails first; closed (in the
-        # order made) after NATS and before the database.
+        # Made before the database, so that a missing signing key fails first; closed before
+        # NATS and the database.
         seller_admin = service_channel(config.seller_admin_addr, audience="seller_admin")
         live_session = service_channel(config.live_session_addr, audience="live_session")
         outbox = service_channel(config.outbox_addr, audience="outbox")
-        pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
-        shutdown.add("database", pool.close)
+        backends = await open_backends(
+            SERVICE,
+            MIGRATIONS,
+            config,
+            shutdown,
+            streams=[
+                inbound_stream(),
+                audit_stream(),
+                events_stream("outbox"),
+                events_stream("seller_admin"),
+            ],
+        )
         shutdown.add("outbox-channel", outbox.close)
         shutdown.add("live-session-channel", live_session.close)
         shutdown.add("seller-admin-channel", seller_admin.close)
-        nats_client = await jetstream.connect(config.nats_url, name=SERVICE)
-        shutdown.add("nats", nats_client.close)
-        js = nats_client.jetstream()
-        # Declared identically by every service (infra.streams), so creating them here is safe
-        # whichever process starts first.
-        for spec in (
-            inbound_stream(),
-            events_stream(SERVICE),
-            audit_stream(),
-            events_stream("outbox"),
-            events_stream("seller_admin"),
-        ):
-            await jetstream.ensure_stream(js, spec)
+        pool, js = backends.pool, backends.js
         senders = ChannelSenderDirectory(
             seller_admin, ttl_s=config.sender_cache_ttl_s, deadline_s=config.peer_deadline_s
         )
@@ -96,7 +91,7 @@ async def serve(stop: asyncio.Event) -> None:
             RoutingApi(pool, config.rules), server.server
         )
         tasks: dict[str, Task] = {
-            "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
+            **backends.tasks(stop, config.retention, store.ledger_purges(config.ledger_max_age)),
             "inbound-consumer": lambda: jetstream.run_batch_consumer(
                 js,
                 inbound_spec,
@@ -110,9 +105,6 @@ async def serve(stop: asyncio.Event) -> None:
                 js, carrier_consumer_spec(), carrier.handle, stop=stop, concurrency=4
             ),
             "seller-admin-follower": lambda: follow_changes(js, senders.invalidate, stop),
-            "retention": lambda: RetentionTask.from_settings(
-                pool, config.retention, store.ledger_purges(config.ledger_max_age)
-            ).run(stop),
         }
         if not config.consumer_enabled:
             del tasks["inbound-consumer"]

@@ -15,16 +15,11 @@ from pathlib import Path
 
 from snapsell.seller_admin.v1 import seller_admin_pb2_grpc
 
-from infra import jetstream
 from infra.auth import JwtVerifier
-from infra.db import open_service_database
 from infra.entrypoint import run_service
-from infra.events import EventRelay
-from infra.grpc_service import serve_until_stopped, service_server
-from infra.retention import RetentionTask
+from infra.grpc_service import open_backends, serve_until_stopped, service_server
 from infra.shutdown import Shutdown
-from infra.streams import audit_stream, events_stream
-from infra.supervisor import Task
+from infra.streams import audit_stream
 from services.seller_admin.access import SERVICE_FULL_NAME, auth_policy
 from services.seller_admin.api import SellerAdminApi
 from services.seller_admin.audit_trail import AuditTrail
@@ -38,21 +33,14 @@ async def serve(stop: asyncio.Event) -> None:
     config = load_config()
     verifier = JwtVerifier.from_env(audience=SERVICE)
     async with Shutdown() as shutdown:
-        pool = await open_service_database(SERVICE, MIGRATIONS, max_size=config.db_pool_size)
-        shutdown.add("database", pool.close)
-        nats_client = await jetstream.connect(config.nats_url, name=SERVICE)
-        shutdown.add("nats", nats_client.close)
-        js = nats_client.jetstream()
-        await jetstream.ensure_stream(js, events_stream(SERVICE))
-        await jetstream.ensure_stream(js, audit_stream())
+        backends = await open_backends(
+            SERVICE, MIGRATIONS, config, shutdown, streams=[audit_stream()]
+        )
         server = service_server(SERVICE, config, SERVICE_FULL_NAME, verifier, auth_policy())
         seller_admin_pb2_grpc.add_SellerAdminServiceServicer_to_server(
-            SellerAdminApi(pool, AuditTrail(js)), server.server
+            SellerAdminApi(backends.pool, AuditTrail(backends.js)), server.server
         )
-        tasks: dict[str, Task] = {
-            "event-relay": lambda: EventRelay(pool, nats_client, SERVICE).run(stop),
-            "retention": lambda: RetentionTask.from_settings(pool, config.retention).run(stop),
-        }
+        tasks = backends.tasks(stop, config.retention)
         await serve_until_stopped(SERVICE, stop, shutdown, server, tasks, config)
 
 

@@ -6,19 +6,19 @@ import json
 
 from tools.stack import RunningService, spawn_service
 
-# What each service closes on SIGTERM, in order (`infra.shutdown`): the order its hand-written
-# shutdown had, kept when the services moved to the shared one.
+# What each service closes on SIGTERM, in order (`infra.shutdown`): serving first, then its
+# peers' channels, NATS and the database (`infra.grpc_service.open_backends`).
 _GRPC_SERVING = ["grpc-server", "background-tasks", "metrics"]
 SHUTDOWN_STEPS = {
     "seller_admin": [*_GRPC_SERVING, "nats", "database"],
     "live_session": [*_GRPC_SERVING, "nats", "database"],
-    "live_catalog": [*_GRPC_SERVING, "nats", "outbox-channel", "database"],
+    "live_catalog": [*_GRPC_SERVING, "outbox-channel", "nats", "database"],
     "routing": [
         *_GRPC_SERVING,
-        "nats",
         "seller-admin-channel",
         "live-session-channel",
         "outbox-channel",
+        "nats",
         "database",
     ],
     "outbox": [

@@ -7,18 +7,25 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from infra.grpc_server import GrpcServer, GrpcServerSettings
-from infra.grpc_service import serve_until_stopped
+from infra.grpc_service import open_backends, serve_until_stopped
+from infra.retention import RetentionSettings
 from infra.shutdown import Shutdown
+from infra.streams import audit_stream, events_stream
 from infra.supervisor import BackgroundTaskFailed
+from tools.stack import reset_service_schema
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_NAME = "snapsell.test.v1.TestService"
+LIVE_SESSION_MIGRATIONS = (
+    Path(__file__).resolve().parents[3] / "services" / "live_session" / "migrations"
+)
 
 
 @dataclass(frozen=True)
@@ -122,3 +129,36 @@ async def test_a_task_that_gave_up_is_raised_after_everything_closed(
             )
     assert closed == ["database"]
     assert closed_steps(caplog) == ["grpc-server", "metrics", "database"]
+
+
+@dataclass(frozen=True)
+class Backed:
+    nats_url: str
+    db_pool_size: int = 2
+
+
+async def test_open_backends_migrates_connects_declares_streams_and_closes_in_reverse(
+    admin_dsn: str, nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    service = "live_session"
+    await reset_service_schema(admin_dsn, service)
+    with caplog.at_level(logging.INFO):
+        async with Shutdown() as shutdown:
+            backends = await open_backends(
+                service,
+                LIVE_SESSION_MIGRATIONS,
+                Backed(nats_url),
+                shutdown,
+                streams=[audit_stream()],
+            )
+            # The schema is migrated: the service's own tables answer.
+            assert await backends.pool.fetchval("SELECT count(*) FROM sessions") == 0
+            streams = {info.config.name for info in await backends.js.streams_info()}
+            assert {events_stream(service).name, audit_stream().name} <= streams
+            assert set(backends.tasks(asyncio.Event(), RetentionSettings(60.0, 100, None))) == {
+                "event-relay",
+                "retention",
+            }
+    assert closed_steps(caplog) == ["nats", "database"]
+    assert backends.nats.is_closed
+    assert backends.pool.is_closing()
