@@ -91,85 +91,16 @@ JOIN messages m ON m.tenant_id = k.tenant_id AND m.idempotency_key = k.idempoten
 # that keep it on the due index (migrations/006_claim_function.sql), so one round trip.
 _CLAIM = "SELECT * FROM claim_due_messages($1, $2, $3, $4, $5)"
 
-# The ownership rule of these three is a CASE, not plain conditions: `status = 'sending'` would
-# let the planner scan the due index (every pending row, a million after a burst) instead of
-# probing the primary key for the few ids held.
-_HELD_BY_WORKER = "CASE WHEN status = 'sending' AND lease_owner = $2 THEN true ELSE false END"
+# Leases renewed, and claims released unsent on shutdown (due again at once, for any worker):
+# migration 007's functions, for its planner setting.
+_RENEW = "SELECT id FROM renew_leases($1, $2, $3) AS id"
+_RELEASE = "SELECT release_messages($1, $2)"
 
-_RENEW = f"""
-UPDATE messages SET
-    lease_expires_at = now() + make_interval(secs => $3),
-    next_attempt_at = now() + make_interval(secs => $3)
-WHERE id = ANY ($1::uuid[]) AND {_HELD_BY_WORKER}
-RETURNING id
-"""
-
-# Claimed but never handed to Twilio (shutdown): due again at once, for any worker.
-_RELEASE = f"""
-UPDATE messages SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL,
-    next_attempt_at = now(), updated_at = now()
-WHERE id = ANY ($1::uuid[]) AND {_HELD_BY_WORKER}
-"""
-
-# Results of many claims in one statement. A row is written only while this worker still
-# holds its lease -- except an acceptance by Twilio, which is recorded even after a lost lease
-# (it is the truth; whoever holds the message now will find it sent) unless that Twilio SID
-# is already someone's.
-_RESOLVE = """
-WITH input AS MATERIALIZED (
-    SELECT * FROM unnest($2::resolution_row[])
-), taken AS MATERIALIZED (
-    SELECT twilio_sid FROM messages
-    WHERE twilio_sid = ANY (ARRAY(SELECT twilio_sid FROM input WHERE twilio_sid IS NOT NULL))
-), updated AS (
-    UPDATE messages m SET
-        status = i.status,
-        attempt_count = m.attempt_count + i.attempt_increment,
-        reconcile_failures = CASE WHEN i.status = 'pending'
-            THEN m.reconcile_failures + i.reconcile_failure_increment ELSE 0 END,
-        next_attempt_at = coalesce(i.next_attempt_at, m.next_attempt_at),
-        reconcile_since = i.reconcile_since,
-        twilio_sid = coalesce(i.twilio_sid, m.twilio_sid),
-        twilio_status = coalesce(i.twilio_status, m.twilio_status),
-        sent_at = coalesce(i.sent_at, m.sent_at),
-        dead_reason = i.dead_reason,
-        dead_at = CASE WHEN i.status = 'dead' THEN now() END,
-        last_error_code = coalesce(i.error_code, m.last_error_code),
-        last_error_message = coalesce(i.error_message, m.last_error_message),
-        lease_owner = NULL,
-        lease_expires_at = NULL,
-        updated_at = now()
-    FROM input i
-    -- `m.id = ANY` makes this primary-key look-ups whatever the table statistics say; the
-    -- ownership rule is a CASE so no other index (e.g. over all pending rows) is scanned.
-    WHERE m.id = ANY (ARRAY(SELECT id FROM input)) AND m.id = i.id
-      AND CASE
-        WHEN m.status = 'sending' AND m.lease_owner = $1 THEN true
-        WHEN i.status = 'sent' THEN m.twilio_sid IS NULL
-            AND m.status IN ('pending', 'sending', 'dead')
-        ELSE false END
-      AND (i.twilio_sid IS NULL OR i.twilio_sid NOT IN (SELECT twilio_sid FROM taken))
-    RETURNING m.id
-), attempts_written AS (
-    INSERT INTO attempts (message_id, outcome, started_at, finished_at, http_status,
-        error_code, error_message, twilio_sid, worker_id)
-    SELECT a.message_id, a.outcome, a.started_at, a.finished_at, a.http_status, a.error_code,
-        a.error_message, a.twilio_sid, $1
-    FROM unnest($3::attempt_row[]) AS a
-    WHERE a.message_id IN (SELECT id FROM updated)
-), events_written AS (
-    INSERT INTO events (subject, aggregate_id, tenant_id, payload, traceparent)
-    SELECT e.subject, e.message_id::text, e.tenant_id, e.payload, e.traceparent
-    FROM unnest($4::event_row[])
-        WITH ORDINALITY AS e(message_id, subject, tenant_id, payload, traceparent, n)
-    WHERE e.message_id IN (SELECT id FROM updated)
-    ORDER BY e.n
-    RETURNING 1
-)
-SELECT array(SELECT id FROM updated) AS ids,
-    (SELECT pg_notify('events_' || current_schema(), '')
-     WHERE EXISTS (SELECT 1 FROM events_written)) IS NULL AS unused
-"""
+# Results of many claims in one statement (migration 007's function). A row is written only
+# while this worker still holds its lease -- except an acceptance by Twilio, which is recorded
+# even after a lost lease (it is the truth; whoever holds the message now will find it sent)
+# unless that Twilio SID is already someone's.
+_RESOLVE = "SELECT ids FROM record_resolutions($1, $2, $3, $4)"
 
 # Reconciliation may adopt a Twilio message only when no other message to the same person
 # from the same sender could be mid-send with its SID not yet recorded: a plain send in
@@ -185,9 +116,10 @@ array(SELECT twilio_sid FROM messages WHERE twilio_sid = ANY ($4::text[])) AS ta
 """
 
 # A reconciliation that found nothing and goes on to send looks like a plain send from now on.
-_START_RESEND = f"""
+# The ownership rule is a CASE, as in migration 007's functions (see there why).
+_START_RESEND = """
 UPDATE messages SET reconcile_since = NULL
-WHERE id = $1 AND {_HELD_BY_WORKER}
+WHERE id = $1 AND CASE WHEN status = 'sending' AND lease_owner = $2 THEN true ELSE false END
 RETURNING id
 """
 

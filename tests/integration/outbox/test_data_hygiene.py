@@ -157,14 +157,15 @@ async def sending_ids(pool: asyncpg.Pool, limit: int) -> list[uuid.UUID]:
     return [row["id"] for row in rows]
 
 
-async def claim_function_body(conn: asyncpg.Connection) -> str:
-    """The claim statement as PostgreSQL runs it (store._CLAIM calls the function): its body,
+async def function_body(conn: asyncpg.Connection, name: str = "claim_due_messages") -> str:
+    """A statement as PostgreSQL runs it (the store calls its function): the function's body,
     with the function's planner settings applied to the current transaction."""
     row = await conn.fetchrow(
         "SELECT prosrc, proconfig FROM pg_proc"
-        " WHERE proname = 'claim_due_messages' AND pronamespace = current_schema()::regnamespace"
+        " WHERE proname = $1 AND pronamespace = current_schema()::regnamespace",
+        name,
     )
-    assert row is not None and row["proconfig"], "the claim runs under its planner settings"
+    assert row is not None and row["proconfig"], f"{name} runs under its planner settings"
     for setting in row["proconfig"]:
         name, value = setting.split("=", 1)
         await conn.execute("SELECT set_config($1, $2, true)", name, value)
@@ -178,7 +179,7 @@ async def test_claim_picks_due_messages_on_the_due_index(
 ) -> None:
     held = await sending_ids(loaded, 200)  # what a busy worker holds and must not claim again
     async with loaded.acquire() as conn, conn.transaction():
-        body = await claim_function_body(conn)
+        body = await function_body(conn)
         plan = await explain(conn, body, "worker-2", 200, 60.0, saturated, held)
     assert_uses_index(plan, "messages_due_idx", big_tables=BIG_TABLES)
     assert_uses_index(plan, "messages_pkey", big_tables=BIG_TABLES)
@@ -195,7 +196,7 @@ async def test_claim_pairs_due_rows_by_hashing_even_when_few_look_due(
         transaction = conn.transaction()  # rolled back: the fixture's rows stay as they are
         await transaction.start()
         try:
-            body = await claim_function_body(conn)
+            body = await function_body(conn)
             await conn.execute(
                 "PREPARE claim_plan_check (text, integer, double precision, text[], uuid[])"
                 f" AS {body}"
@@ -220,8 +221,12 @@ async def test_lease_renewal_and_release_find_their_messages_by_primary_key(
     loaded: asyncpg.Pool,
 ) -> None:
     held = await sending_ids(loaded, 64)
-    for sql, params in ((store._RENEW, (held, "worker-1", 60.0)), (store._RELEASE, (held, "w"))):
-        plan = await explain(loaded, sql, *params)
+    for name, params in (
+        ("renew_leases", (held, "worker-1", 60.0)),
+        ("release_messages", (held, "w")),
+    ):
+        async with loaded.acquire() as conn, conn.transaction():
+            plan = await explain(conn, await function_body(conn, name), *params)
         assert_uses_index(plan, "messages_pkey", big_tables=BIG_TABLES)
     plan = await explain(loaded, store._START_RESEND, held[0], "worker-1")
     assert_uses_index(plan, "messages_pkey", big_tables=BIG_TABLES)
@@ -247,7 +252,9 @@ async def test_a_batch_of_results_is_written_by_primary_key(loaded: asyncpg.Pool
         for n, message_id in enumerate(held)
     ]
     rows = store._resolution_rows(resolutions)
-    plan = await explain(loaded, store._RESOLVE, "worker-1", *rows)
+    async with loaded.acquire() as conn, conn.transaction():
+        body = await function_body(conn, "record_resolutions")
+        plan = await explain(conn, body, "worker-1", *rows)
     assert_uses_index(plan, "messages_pkey", big_tables=BIG_TABLES)
     assert_uses_index(plan, "messages_twilio_sid_key", big_tables=BIG_TABLES)
 

@@ -281,3 +281,55 @@ async def test_the_migrate_command_provisions_the_schema_and_exits(admin_dsn: st
     finally:
         await conn.close()
     assert {"messages", "attempts", "events", "schema_migrations"} <= tables
+
+
+async def _seq_scans(pool: asyncpg.Pool, worker: asyncpg.Pool) -> int:
+    """Sequential scans of `messages` so far, the `worker` connection's included."""
+    await worker.execute("SELECT pg_stat_force_next_flush()")
+    await worker.execute("SELECT 1")  # the forced flush happens at the end of a statement
+    await pool.execute("SELECT pg_stat_clear_snapshot()")
+    count = await pool.fetchval(
+        "SELECT seq_scan FROM pg_stat_user_tables WHERE relid = 'messages'::regclass"
+    )
+    assert isinstance(count, int)
+    return count
+
+
+async def test_claims_and_results_find_rows_by_key_with_plans_made_on_an_empty_table(
+    pool: asyncpg.Pool,
+) -> None:
+    """A plan made while `messages` was small is kept by the plan caches until the next
+    ANALYZE; it must still look the claimed rows up by key once thousands wait, not scan
+    every message at each claim and each batch of results."""
+    await pool.execute("TRUNCATE messages, attempts, events")
+    await pool.execute("ALTER TABLE messages SET (autovacuum_enabled = false)")
+    await pool.execute("ANALYZE messages")
+    dsn = await migrate_service("outbox", MIGRATIONS)
+    worker = await create_pool(dsn, "outbox", min_size=1, max_size=1)
+    try:
+        # The plans are made now, on an empty table, and kept.
+        await worker.execute("SET plan_cache_mode = force_generic_plan")
+        store = OutboxStore(worker)
+        await store.enqueue(new(0))
+        for _ in range(3):
+            claimed = await store.claim_due_messages("w1", 10, 30)
+            await store.renew_leases("w1", [m.id for m in claimed], 30)
+            await store.record_resolutions("w1", [_retry(m.id) for m in claimed])
+            await pool.execute("UPDATE messages SET next_attempt_at = now()")
+        await store.enqueue_many([new(i) for i in range(1, 3001)])
+        before = await _seq_scans(pool, worker)
+        for batch in range(5):
+            claimed = await store.claim_due_messages("w1", 20, 30)
+            assert len(claimed) == 20
+            assert await store.renew_leases("w1", [m.id for m in claimed], 30) == {
+                m.id for m in claimed
+            }
+            sids = [f"SM{batch}-{n}" for n in range(len(claimed))]
+            written = await store.record_resolutions(
+                "w1", [_sent(m.id, sid) for m, sid in zip(claimed, sids, strict=True)]
+            )
+            assert written == {m.id for m in claimed}
+        assert await _seq_scans(pool, worker) == before
+    finally:
+        await worker.close()
+        await pool.execute("ALTER TABLE messages RESET (autovacuum_enabled)")
