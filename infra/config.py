@@ -62,6 +62,14 @@ def env_float(name: str, default: float, *, minimum: float, maximum: float) -> f
     return value
 
 
+def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    """One of `choices` (lower case; the value is compared in lower case)."""
+    raw = env_str(name, default)
+    if raw.lower() not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw.lower()
+
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
