@@ -247,6 +247,24 @@ def test_prod_runs_highly_available(rendered: dict[str, list[Manifest]]) -> None
     assert "OTEL_EXPORTER_OTLP_ENDPOINT" in config(prod)
 
 
+def test_prod_gateway_exports_its_spans_over_otlp_http(
+    rendered: dict[str, list[Manifest]],
+) -> None:
+    """The HTTP exporter spares each gateway worker a gRPC stack (infra/telemetry.py); the
+    other services keep the shared OTLP/gRPC endpoint, on the same collector."""
+    prod = rendered["prod"]
+    shared = urlsplit(config(prod)["OTEL_EXPORTER_OTLP_ENDPOINT"])
+    assert "OTEL_EXPORTER_OTLP_PROTOCOL" not in config(prod)  # grpc, the default
+    assert shared.port == 4317
+    gateway = env_of(container(find(prod, "Deployment", "gateway"), "gateway"))
+    assert gateway["OTEL_EXPORTER_OTLP_PROTOCOL"]["value"] == "http/protobuf"
+    own = urlsplit(gateway["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"])
+    assert (own.scheme, own.hostname, own.port) == (shared.scheme, shared.hostname, 4318)
+    for name in GRPC_SERVICES:
+        env = env_of(container(find(prod, "Deployment", name), name))
+        assert not {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL"} & set(env)
+
+
 def test_local_runs_one_replica_of_everything(rendered: dict[str, list[Manifest]]) -> None:
     local = rendered["local"]
     assert find(local, "StatefulSet", "nats")["spec"]["replicas"] == 1
