@@ -3,7 +3,7 @@
 Spans are exported over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, with the protocol the
 standard `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` or `OTEL_EXPORTER_OTLP_PROTOCOL` names: `grpc` (the
 default) or `http/protobuf` (requests instead of a second gRPC stack: the gateway, which has no
-other use for grpc, saves ~8 MB per process). The exporter reads the other standard
+other use for grpc, saves ~10 MB resident per process). The exporter reads the other standard
 `OTEL_EXPORTER_OTLP_*` variables itself. Spans are also appended as JSON lines to
 `SNAPSELL_TRACE_FILE` when that is set (tests follow a message across processes with it).
 Either way phone numbers are masked first (`infra.log.mask_phone`) in every span's name,
