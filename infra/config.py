@@ -22,6 +22,9 @@ class ConfigError(Exception):
     """A configuration value is missing or malformed. The message is one line for the operator."""
 
 
+CONFIGURATION_ERROR_EXIT = 2  # the exit code of a process stopped by a ConfigError
+
+
 def env_str(name: str, default: str | None = None) -> str:
     value = os.environ.get(name, "").strip()
     if value:

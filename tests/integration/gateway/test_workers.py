@@ -11,7 +11,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.gateway import PUBLIC_BASE_URL, start_gateway
+from infra.config import CONFIGURATION_ERROR_EXIT
+from tests.support.gateway import PUBLIC_BASE_URL, spawn_gateway, start_gateway
 from tests.support.twilio import sign, whatsapp_params
 from tools.bench.otlp_sink import PROTOCOLS, OtlpSink
 
@@ -110,6 +111,31 @@ async def test_a_dead_worker_is_started_again(nats_url: str) -> None:
         assert statuses == [200] * 6
     finally:
         assert gateway.stop() == 0, gateway.logs()
+
+
+async def test_a_configuration_error_of_the_workers_stops_the_gateway(nats_url: str) -> None:
+    """A value only the workers read (the tracing protocol) is wrong: restarting them cannot
+    help, so the supervisor stops them and exits as a single process would, with the one-line
+    message in its output."""
+    gateway = spawn_gateway(
+        nats_url,
+        GATEWAY_WORKERS="2",
+        OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:4318",
+        OTEL_EXPORTER_OTLP_PROTOCOL="http/json",
+    )
+    try:
+        async with asyncio.timeout(30):
+            while gateway.process.poll() is None:
+                await asyncio.sleep(0.1)
+        workers_started = gateway.logs().count('"event":"gateway.worker_started"')
+    finally:
+        code = gateway.stop()
+    assert code == CONFIGURATION_ERROR_EXIT, gateway.logs()
+    assert workers_started == 2  # none started again
+    assert (
+        "gateway: configuration error: OTEL_EXPORTER_OTLP_PROTOCOL must be one of grpc, "
+        "http/protobuf, got 'http/json'\n"
+    ) in gateway.logs()
 
 
 @pytest.mark.parametrize(("protocol", "loaded_by_tracing"), [("grpc", {"grpc"}), (HTTP, set())])
