@@ -22,6 +22,9 @@ class ConfigError(Exception):
     """A configuration value is missing or malformed. The message is one line for the operator."""
 
 
+CONFIGURATION_ERROR_EXIT = 2  # the exit code of a process stopped by a ConfigError
+
+
 def env_str(name: str, default: str | None = None) -> str:
     value = os.environ.get(name, "").strip()
     if value:
@@ -60,6 +63,14 @@ def env_float(name: str, default: float, *, minimum: float, maximum: float) -> f
     if not minimum <= value <= maximum:
         raise ConfigError(f"{name} must be between {minimum} and {maximum}, got {value}")
     return value
+
+
+def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    """One of `choices` (lower case; the value is compared in lower case)."""
+    raw = env_str(name, default)
+    if raw.lower() not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw.lower()
 
 
 _TRUE = {"1", "true", "yes", "on"}

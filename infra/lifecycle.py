@@ -21,7 +21,7 @@ from typing import NoReturn
 
 import uvloop
 
-from infra.config import ConfigError
+from infra.config import CONFIGURATION_ERROR_EXIT, ConfigError
 from infra.log import get_logger, setup_logging
 from infra.telemetry import setup_tracing
 
@@ -73,7 +73,7 @@ async def _serve(
 
 def exit_configuration_error(service: str, error: ConfigError) -> NoReturn:
     print(f"{service}: configuration error: {error}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(CONFIGURATION_ERROR_EXIT)
 
 
 def run_main(

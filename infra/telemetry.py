@@ -1,7 +1,10 @@
 """OpenTelemetry tracing: provider set-up, gRPC instrumentation and W3C propagation.
 
-Spans are exported over OTLP/gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (the exporter reads
-the other standard `OTEL_EXPORTER_OTLP_*` variables itself), and appended as JSON lines to
+Spans are exported over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, with the protocol the
+standard `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` or `OTEL_EXPORTER_OTLP_PROTOCOL` names: `grpc` (the
+default) or `http/protobuf` (requests instead of a second gRPC stack: the gateway, which has no
+other use for grpc, saves ~10 MB resident per process). The exporter reads the other standard
+`OTEL_EXPORTER_OTLP_*` variables itself. Spans are also appended as JSON lines to
 `SNAPSELL_TRACE_FILE` when that is set (tests follow a message across processes with it).
 Either way phone numbers are masked first (`infra.log.mask_phone`) in every span's name,
 attributes, events and status: an exception recorded on a span carries its message and
@@ -44,7 +47,7 @@ from opentelemetry.sdk.trace.sampling import (
 from opentelemetry.trace import Link, SpanKind, Status
 from opentelemetry.util.types import Attributes
 
-from infra.config import env_float, env_optional
+from infra.config import env_choice, env_float, env_optional
 from infra.log import mask_phone
 
 if TYPE_CHECKING:  # a process without tracing and gRPC (the gateway) need not load grpc (~8 MB)
@@ -190,6 +193,33 @@ class NoRootQuerySpans(Sampler):
         return f"NoRootQuerySpans({self._others.rate})"
 
 
+OTLP_PROTOCOLS = ("grpc", "http/protobuf")  # http/json: no exporter in the Python SDK
+
+
+def otlp_traces_protocol() -> str:
+    """`OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` when set, else `OTEL_EXPORTER_OTLP_PROTOCOL`, else
+    grpc; another value is a configuration error."""
+    traces = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
+    name = traces if env_optional(traces) else "OTEL_EXPORTER_OTLP_PROTOCOL"
+    return env_choice(name, "grpc", OTLP_PROTOCOLS)
+
+
+def otlp_span_exporter() -> SpanExporter:
+    """The OTLP exporter of the configured protocol. Only its module is imported: the gRPC one
+    pulls in grpcio and its protobufs, the HTTP one requests."""
+    if otlp_traces_protocol() == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcSpanExporter,
+        )
+
+        return GrpcSpanExporter()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+        OTLPSpanExporter as HttpSpanExporter,
+    )
+
+    return HttpSpanExporter()
+
+
 def setup_tracing(service: str, *, database: bool = True) -> TracerProvider | None:
     """Install the SDK provider if an exporter is configured; idempotent. Returns the provider
     (call `.shutdown()` at exit to flush) or None when tracing is off. `database`: the process
@@ -203,15 +233,11 @@ def setup_tracing(service: str, *, database: bool = True) -> TracerProvider | No
     if not endpoint and not trace_file:
         return None
     ratio = env_float("SNAPSELL_TRACE_SAMPLE_RATIO", 1.0, minimum=0.0, maximum=1.0)
+    exporter = otlp_span_exporter() if endpoint else None
     sampler = None if env_optional("OTEL_TRACES_SAMPLER") else ParentBased(NoRootQuerySpans(ratio))
     provider = TracerProvider(resource=Resource.create({"service.name": service}), sampler=sampler)
-    if endpoint:
-        # Imported only when used: the exporter pulls in a second gRPC stack and protobufs.
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        provider.add_span_processor(
-            BatchSpanProcessor(PhoneMaskingSpanExporter(OTLPSpanExporter()))
-        )
+    if exporter is not None:
+        provider.add_span_processor(BatchSpanProcessor(PhoneMaskingSpanExporter(exporter)))
     if trace_file:
         # Synchronous, so a test can read a span as soon as the operation returns.
         file_exporter = PhoneMaskingSpanExporter(JsonLinesSpanExporter(trace_file, service))

@@ -5,8 +5,11 @@ One Python process answers webhooks on one core; `GATEWAY_WORKERS=N` makes
 port with `SO_REUSEPORT`, so the kernel spreads connections over them, and has its own NATS
 connection. Their Prometheus metrics are written to a shared directory
 (`PROMETHEUS_MULTIPROC_DIR`, prometheus_client's multiprocess mode) and `/metrics` on any of
-them answers for all. A worker that dies is started again after a pause; SIGTERM or SIGINT is
-passed on to every worker, which drains as a single gateway does, then the supervisor exits.
+them answers for all. A worker that dies is started again after a pause, unless it stopped on a
+configuration error (one the supervisor does not read itself, such as the tracing variables):
+every restart would meet it again, so the supervisor stops the others and exits with the same
+code, and the pod shows the worker's one-line message. SIGTERM or SIGINT is passed on to every
+worker, which drains as a single gateway does, then the supervisor exits.
 
 The supervisor imports this module, the configuration and the logger only: whether to supervise
 is decided in `__main__.py` before the app is imported, so the supervisor stays small (~17 MB
@@ -28,7 +31,7 @@ import tempfile
 import time
 from types import FrameType
 
-from infra.config import ConfigError
+from infra.config import CONFIGURATION_ERROR_EXIT, ConfigError
 from infra.log import get_logger, setup_logging
 from services.gateway.config import load_config
 
@@ -79,13 +82,13 @@ class Supervisor:
         try:
             for slot in range(self._count):
                 self._start(slot)
-            self._watch()
-            return 0
+            return self._watch()
         finally:
             self._stop_all()
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
 
-    def _watch(self) -> None:
+    def _watch(self) -> int:
+        """0 once asked to stop; CONFIGURATION_ERROR_EXIT when a worker stopped on one."""
         restart_at: dict[int, float] = {}
         while not self._stopping:
             for slot, proc in enumerate(self._workers):
@@ -96,12 +99,15 @@ class Supervisor:
                     )
                     _forget_metrics_of(proc.pid, self._metrics_dir)
                     self._workers[slot] = None
+                    if proc.returncode == CONFIGURATION_ERROR_EXIT:
+                        return CONFIGURATION_ERROR_EXIT
                     restart_at[slot] = time.monotonic() + RESTART_PAUSE_S
             for slot, at in list(restart_at.items()):
                 if time.monotonic() >= at:
                     del restart_at[slot]
                     self._start(slot)
             time.sleep(POLL_S)
+        return 0
 
     def _stop_all(self) -> None:
         running = [p for p in self._workers if p is not None and p.poll() is None]

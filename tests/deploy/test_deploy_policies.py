@@ -18,6 +18,7 @@ from tools.deploy.policy import (
     images_are_pinned,
     network_is_default_deny,
     only_the_gateway_is_exposed,
+    otlp_endpoints_match_protocols,
     referenced_secrets,
     rules,
     scaled_services_have_autoscalers,
@@ -26,7 +27,7 @@ from tools.deploy.policy import (
 )
 from tools.deploy.render import Manifest
 
-from .manifests import container, find
+from .manifests import container, find, find_generated
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +248,34 @@ def test_workload_without_its_own_network_policy_is_reported(docs: list[Manifest
     assert network_is_default_deny(docs) == [
         "StatefulSet/nats: no NetworkPolicy allows its own flows"
     ]
+
+
+def test_otlp_sent_to_the_other_protocols_port_is_reported(
+    rendered: dict[str, list[Manifest]],
+) -> None:
+    prod = rendered["prod"]
+    gateway = container(find(prod, "Deployment", "gateway"), "gateway")
+    # Without its own endpoint, the gateway's OTLP/HTTP would go to the shared gRPC port.
+    gateway["env"] = [e for e in gateway["env"] if e["name"] != "OTEL_EXPORTER_OTLP_ENDPOINT"]
+    assert otlp_endpoints_match_protocols(prod) == [
+        "Deployment/gateway: container gateway: OTLP over http/protobuf goes to port 4318, "
+        "not http://otel-collector.monitoring:4317"
+    ]
+
+
+def test_otlp_grpc_sent_to_the_http_port_is_reported(rendered: dict[str, list[Manifest]]) -> None:
+    prod = rendered["prod"]
+    config = find_generated(prod, "ConfigMap", "snapsell-config-")["data"]
+    config["OTEL_EXPORTER_OTLP_ENDPOINT"] = "http://otel-collector.monitoring:4318"
+    outbox = container(find(prod, "Deployment", "outbox"), "outbox")
+    outbox["env"].append({"name": "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "value": "http/json"})
+    problems = otlp_endpoints_match_protocols(prod)
+    assert "Deployment/outbox: container outbox: unknown OTLP protocol 'http/json'" in problems
+    assert (
+        "Deployment/routing: container routing: OTLP over grpc goes to port 4317, "
+        "not http://otel-collector.monitoring:4318"
+    ) in problems
+    assert not [p for p in problems if "gateway" in p]  # its own endpoint is on 4318
 
 
 def test_no_secret_is_committed_anywhere_under_deploy() -> None:

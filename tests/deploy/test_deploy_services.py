@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from tools.bench.otlp_sink import GATEWAY_PROTOCOL
 from tools.deploy.render import Manifest
 
 from .manifests import container, find, find_generated, of_kind
@@ -245,6 +246,25 @@ def test_prod_runs_highly_available(rendered: dict[str, list[Manifest]]) -> None
         if "replicas" in d["spec"]:
             assert d["spec"]["replicas"] >= 2
     assert "OTEL_EXPORTER_OTLP_ENDPOINT" in config(prod)
+
+
+def test_prod_gateway_exports_its_spans_over_otlp_http(
+    rendered: dict[str, list[Manifest]],
+) -> None:
+    """The HTTP exporter spares each gateway worker a gRPC stack (infra/telemetry.py); the
+    other services keep the shared OTLP/gRPC endpoint, on the same collector."""
+    prod = rendered["prod"]
+    shared = urlsplit(config(prod)["OTEL_EXPORTER_OTLP_ENDPOINT"])
+    assert "OTEL_EXPORTER_OTLP_PROTOCOL" not in config(prod)  # grpc, the default
+    assert shared.port == 4317
+    gateway = env_of(container(find(prod, "Deployment", "gateway"), "gateway"))
+    # The benches trace their gateway over the same protocol (tools/bench/otlp_sink.py).
+    assert gateway["OTEL_EXPORTER_OTLP_PROTOCOL"]["value"] == GATEWAY_PROTOCOL == "http/protobuf"
+    own = urlsplit(gateway["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"])
+    assert (own.scheme, own.hostname, own.port) == (shared.scheme, shared.hostname, 4318)
+    for name in GRPC_SERVICES:
+        env = env_of(container(find(prod, "Deployment", name), name))
+        assert not {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL"} & set(env)
 
 
 def test_local_runs_one_replica_of_everything(rendered: dict[str, list[Manifest]]) -> None:

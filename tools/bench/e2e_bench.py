@@ -9,7 +9,8 @@ PostgreSQL and NATS JetStream in a temp dir (unless DATABASE_URL / NATS_URL are 
 services' schemas there are then dropped first, as the tests do), the Twilio sandbox with no
 latency and no faults, seller_admin, live_session, routing, outbox and the gateway, configured
 as production runs them (deploy/base): `LOG_LEVEL=INFO`, tracing sampled at 10% and exported
-over OTLP (to `tools.bench.otlp_sink`), the outbox's default per-sender limit (WhatsApp's 80
+over OTLP (to `tools.bench.otlp_sink`; OTLP/HTTP from the gateway, as the prod overlay
+has it, OTLP/gRPC from the others), the outbox's default per-sender limit (WhatsApp's 80
 messages/s per number). `--shops` shops, each with its own WhatsApp number, are set up with the
 operator CLI (`services.seller_admin.cli`), and the webhooks go to them in turn.
 
@@ -68,7 +69,7 @@ from tools.bench.e2e_figures import (
 )
 from tools.bench.harness import bench_stack, run_whole_system
 from tools.bench.open_loop import OpenLoopResult, run_open_loop
-from tools.bench.otlp_sink import PRODUCTION_SAMPLE_RATIO, OtlpSink
+from tools.bench.otlp_sink import GATEWAY_PROTOCOL, PRODUCTION_SAMPLE_RATIO, OtlpSink
 from tools.bench.stats import PeakRss, tree_cpu_seconds
 from tools.bench.webhooks import (
     BUSINESS_NUMBER,
@@ -300,7 +301,10 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     say("starting the stack")
     with OtlpSink() as sink:
         env = {"LOG_LEVEL": args.log_level, **sink.env()}
-        service_env = {"outbox": {"OUTBOX_MAX_IN_FLIGHT": str(args.in_flight)}}
+        service_env = {
+            "outbox": {"OUTBOX_MAX_IN_FLIGHT": str(args.in_flight)},
+            "gateway": sink.env(protocol=GATEWAY_PROTOCOL),
+        }
         system = bench_stack(work_dir=workdir, env=env, service_env=service_env)
         async with system as (stack, found):
             async with asyncpg.create_pool(found.dsn, min_size=1, max_size=2) as db:
@@ -362,6 +366,7 @@ def report(args: argparse.Namespace, phases: Phases) -> dict[str, Any]:
         "outbox_max_in_flight": args.in_flight,
         "log_level": args.log_level,
         "trace_sample_ratio": PRODUCTION_SAMPLE_RATIO,
+        "gateway_trace_protocol": GATEWAY_PROTOCOL,
         "latency": "webhook released -> outbox records the sandbox's 201 (sent_at)",
         "warmup": f"{WARMUP_RATE * WARMUP_SECONDS:g} webhooks at {WARMUP_RATE:g}/s, not measured",
     }

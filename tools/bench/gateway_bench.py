@@ -14,8 +14,9 @@ uvicorn settings, measured by the same load generators:
   same TwiML. Its per-sender spam limit is raised out of the way and every webhook has its own
   sender, so every request does the full work. Tracing off;
 - gateway_traced: the same with tracing as production runs it (deploy/base:
-  `SNAPSELL_TRACE_SAMPLE_RATIO=0.1`, batched OTLP export to a collector, here
-  `tools.bench.otlp_sink`), for `ratio_traced` against the same bare route;
+  `SNAPSELL_TRACE_SAMPLE_RATIO=0.1`, batched OTLP export to a collector, over OTLP/HTTP as the
+  prod overlay's gateway exports, here to `tools.bench.otlp_sink`), for `ratio_traced` against
+  the same bare route;
 - unless `--workers 1`: gateway_1p and bare_1p, one process each (`ratio_1p`).
 
 Each server is warmed by `wrk -t1 -c256` (3 s); then `--rounds` rounds, each running `wrk -t1
@@ -83,7 +84,7 @@ import uvloop
 
 from tools.bench.harness import run_in_workdir
 from tools.bench.open_loop import OpenLoopResult, run_open_loop
-from tools.bench.otlp_sink import PRODUCTION_SAMPLE_RATIO, OtlpSink
+from tools.bench.otlp_sink import GATEWAY_PROTOCOL, PRODUCTION_SAMPLE_RATIO, OtlpSink
 from tools.bench.stats import PeakRss
 from tools.bench.stream_check import stored_message_ids
 from tools.bench.webhooks import (
@@ -235,7 +236,7 @@ class Bench:
         if workers != 1:
             self._start("bare_1p", "tools.bench.bare_app", {"BARE_WORKERS": "1"})
         self._start("gateway", self.args.gateway_module, self._gateway_env(workers))
-        traced = self._gateway_env(workers) | sink.env()
+        traced = self._gateway_env(workers) | sink.env(protocol=GATEWAY_PROTOCOL)
         self._start("gateway_traced", self.args.gateway_module, traced)
         if workers != 1:
             self._start("gateway_1p", self.args.gateway_module, self._gateway_env(1))
@@ -387,6 +388,7 @@ class Bench:
         params["seconds_per_round"] = self.args.seconds
         params |= {"steady_seconds": self.args.steady_seconds}
         params["traced_sample_ratio"] = PRODUCTION_SAMPLE_RATIO
+        params["traced_protocol"] = GATEWAY_PROTOCOL
         params["gateway_module"] = self.args.gateway_module
         params["gateway_workers"] = self.args.workers
         return {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from infra.config import ConfigError
 from infra.nats_users import ADMIN_USER, SERVICE_USERS, password_variable, render_authorization
@@ -37,6 +38,8 @@ _DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
 _CNPG_CLUSTER = ("postgresql.cnpg.io/", "Cluster")
 # The admin DSN (infra/db.py): only the migrations Job may have it.
 ADMIN_DSN_VARIABLE = "DATABASE_URL"
+# The OpenTelemetry collector's standard port of each OTLP protocol (infra/telemetry.py).
+OTLP_PORTS = {"grpc": 4317, "http/protobuf": 4318}
 MESH_INJECT_LABEL = "sidecar.istio.io/inject"
 _CREDENTIAL_BLOCKS = frozenset({"s3Credentials", "azureCredentials", "googleCredentials"})
 
@@ -410,13 +413,52 @@ def migrations_run_in_one_job(docs: Sequence[Manifest]) -> list[str]:
     return problems
 
 
-def grpc_reflection_is_off(docs: Sequence[Manifest]) -> list[str]:
-    """Production: no gRPC server lists its API to whoever reaches its port."""
-    config_maps = {
+def config_maps_of(docs: Sequence[Manifest]) -> dict[str, Mapping[str, str]]:
+    """ConfigMap name -> its data."""
+    return {
         doc["metadata"]["name"]: doc.get("data") or {}
         for doc in docs
         if doc.get("kind") == "ConfigMap"
     }
+
+
+def otlp_endpoints_match_protocols(docs: Sequence[Manifest]) -> list[str]:
+    """A service exporting spans sends them to the collector port of its protocol (OTLP/gRPC
+    on 4317, OTLP/HTTP on 4318): the other port refuses every export, and nothing else says so
+    but the exporter's log."""
+    config_maps = config_maps_of(docs)
+    problems = []
+    for doc, spec in workloads(docs):
+        for kind, container in containers(spec):
+            if module_of(container) is None:
+                continue
+            endpoint = env_value(container, "OTEL_EXPORTER_OTLP_ENDPOINT", config_maps)
+            if not endpoint:
+                continue
+            protocol = (
+                env_value(container, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", config_maps)
+                or env_value(container, "OTEL_EXPORTER_OTLP_PROTOCOL", config_maps)
+                or "grpc"
+            )
+            where = f"{describe(doc)}: {kind} {container['name']}"
+            expected = OTLP_PORTS.get(protocol)
+            if expected is None:
+                problems.append(f"{where}: unknown OTLP protocol {protocol!r}")
+                continue
+            try:
+                port = urlsplit(endpoint).port
+            except ValueError:
+                port = None
+            if port != expected:
+                problems.append(
+                    f"{where}: OTLP over {protocol} goes to port {expected}, not {endpoint}"
+                )
+    return problems
+
+
+def grpc_reflection_is_off(docs: Sequence[Manifest]) -> list[str]:
+    """Production: no gRPC server lists its API to whoever reaches its port."""
+    config_maps = config_maps_of(docs)
     problems = []
     for doc, container in grpc_deployments(docs):
         if env_value(container, "GRPC_REFLECTION", config_maps) != "false":
@@ -697,6 +739,7 @@ def rules(
         "trusted proxies": gateway_trusts_only_its_proxies,
         "network policies": network_is_default_deny,
         "nats authorization": nats_requires_authorization,
+        "otlp ports": otlp_endpoints_match_protocols,
     }
     if production:
         every["grpc reflection"] = grpc_reflection_is_off

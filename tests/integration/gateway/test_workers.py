@@ -8,13 +8,16 @@ import signal
 from urllib.parse import urlencode
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.gateway import PUBLIC_BASE_URL, start_gateway
+from infra.config import CONFIGURATION_ERROR_EXIT
+from tests.support.gateway import PUBLIC_BASE_URL, spawn_gateway, start_gateway
 from tests.support.twilio import sign, whatsapp_params
-from tools.bench.otlp_sink import OtlpSink
+from tools.bench.otlp_sink import PROTOCOLS, OtlpSink
 
 MESSAGES = "/webhooks/twilio/messages"
+HTTP = "http/protobuf"
 
 
 def _children(pid: int) -> list[int]:
@@ -110,16 +113,45 @@ async def test_a_dead_worker_is_started_again(nats_url: str) -> None:
         assert gateway.stop() == 0, gateway.logs()
 
 
-async def test_traced_workers_load_only_what_they_use(nats_url: str) -> None:
-    """With tracing as deployed (OTLP over gRPC), a worker loads gRPC for the exporter but
-    neither aiohttp (nats-py's websocket transport, ~14 MB) nor asyncpg and its tracing (~5 MB):
-    the gateway has no database and NATS_URL takes no websocket URL."""
+async def test_a_configuration_error_of_the_workers_stops_the_gateway(nats_url: str) -> None:
+    """A value only the workers read (the tracing protocol) is wrong: restarting them cannot
+    help, so the supervisor stops them and exits as a single process would, with the one-line
+    message in its output."""
+    gateway = spawn_gateway(
+        nats_url,
+        GATEWAY_WORKERS="2",
+        OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:4318",
+        OTEL_EXPORTER_OTLP_PROTOCOL="http/json",
+    )
+    try:
+        async with asyncio.timeout(30):
+            while gateway.process.poll() is None:
+                await asyncio.sleep(0.1)
+        workers_started = gateway.logs().count('"event":"gateway.worker_started"')
+    finally:
+        code = gateway.stop()
+    assert code == CONFIGURATION_ERROR_EXIT, gateway.logs()
+    assert workers_started == 2  # none started again
+    assert (
+        "gateway: configuration error: OTEL_EXPORTER_OTLP_PROTOCOL must be one of grpc, "
+        "http/protobuf, got 'http/json'\n"
+    ) in gateway.logs()
+
+
+@pytest.mark.parametrize(("protocol", "loaded_by_tracing"), [("grpc", {"grpc"}), (HTTP, set())])
+async def test_traced_workers_load_only_what_they_use(
+    nats_url: str, protocol: str, loaded_by_tracing: set[str]
+) -> None:
+    """With tracing on, a worker loads neither aiohttp (nats-py's websocket transport, ~14 MB)
+    nor asyncpg and its tracing (~5 MB): the gateway has no database and NATS_URL takes no
+    websocket URL. It loads gRPC only for the OTLP/gRPC exporter; over OTLP/HTTP, as deployed,
+    not at all. Either way its spans reach the collector, over that protocol only."""
     with OtlpSink() as sink:
         gateway = await start_gateway(
             nats_url,
             GATEWAY_WORKERS="2",
             GATEWAY_SENDER_MESSAGES_PER_MINUTE="1000",
-            **sink.env(sample_ratio=1.0),
+            **sink.env(sample_ratio=1.0, protocol=protocol),
         )
         try:
             statuses = await asyncio.gather(
@@ -128,7 +160,8 @@ async def test_traced_workers_load_only_what_they_use(nats_url: str) -> None:
             assert statuses == [200] * 10
             for worker in _children(gateway.pid):
                 loaded = _mapped_packages(worker, ("grpc", "aiohttp", "yarl", "asyncpg"))
-                assert loaded == {"grpc"}
+                assert loaded == loaded_by_tracing
         finally:
             assert gateway.stop() == 0, gateway.logs()
-        assert sink.count > 0
+        other = next(p for p in PROTOCOLS if p != protocol)
+        assert sink.exports[protocol] > 0 and sink.exports[other] == 0

@@ -1,4 +1,5 @@
-"""The JSON-lines span file and W3C propagation through message headers."""
+"""The JSON-lines span file, the OTLP protocol choice and W3C propagation through message
+headers."""
 
 from __future__ import annotations
 
@@ -7,12 +8,19 @@ from pathlib import Path
 
 import pytest
 from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+    OTLPSpanExporter as GrpcSpanExporter,
+)
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+    OTLPSpanExporter as HttpSpanExporter,
+)
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased
 
 from infra import telemetry
+from infra.config import ConfigError
 from infra.telemetry import (
     JsonLinesSpanExporter,
     NoRootQuerySpans,
@@ -20,8 +28,13 @@ from infra.telemetry import (
     grpc_client_interceptors,
     grpc_server_interceptors,
     inject,
+    otlp_span_exporter,
+    setup_tracing,
     tracing_enabled,
 )
+
+PROTOCOL = "OTEL_EXPORTER_OTLP_PROTOCOL"
+TRACES_PROTOCOL = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
 
 
 def test_span_file_has_one_json_line_per_span_with_parent_links(tmp_path: Path) -> None:
@@ -68,6 +81,54 @@ def test_no_interceptors_when_tracing_is_off(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(telemetry, "_provider", None)
     assert not tracing_enabled()
     assert grpc_server_interceptors() == [] and grpc_client_interceptors() == []
+
+
+@pytest.mark.parametrize(
+    ("protocol", "traces_protocol", "exporter_class"),
+    [
+        (None, None, GrpcSpanExporter),  # the default, as before the variables were read
+        ("grpc", None, GrpcSpanExporter),
+        ("http/protobuf", None, HttpSpanExporter),
+        (" HTTP/Protobuf ", None, HttpSpanExporter),
+        ("grpc", "http/protobuf", HttpSpanExporter),  # the traces-only variable wins
+        ("http/protobuf", "grpc", GrpcSpanExporter),
+        (None, "http/protobuf", HttpSpanExporter),
+    ],
+)
+def test_the_otlp_exporter_follows_the_standard_protocol_variables(
+    monkeypatch: pytest.MonkeyPatch,
+    protocol: str | None,
+    traces_protocol: str | None,
+    exporter_class: type,
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    for name, value in ((PROTOCOL, protocol), (TRACES_PROTOCOL, traces_protocol)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    exporter = otlp_span_exporter()
+    try:
+        assert type(exporter) is exporter_class
+    finally:
+        exporter.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [(PROTOCOL, "http/json"), (PROTOCOL, "http"), (TRACES_PROTOCOL, "grpcs")],
+)
+def test_an_unknown_otlp_protocol_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setattr(telemetry, "_provider", None)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    monkeypatch.delenv(PROTOCOL, raising=False)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as refused:
+        setup_tracing("gateway", database=False)
+    assert str(refused.value) == f"{name} must be one of grpc, http/protobuf, got {value!r}"
+    assert not tracing_enabled()
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.1, 1.0])
