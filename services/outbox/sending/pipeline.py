@@ -13,11 +13,12 @@ finish and their results are written.
 Direct dispatch (`reserve`, `OUTBOX_DIRECT_DISPATCH`): an enqueue in the same process asks,
 right before its insert, for room for its messages due now; those granted a slot are inserted
 already claimed by this worker and handed over after the commit (`DirectReservation.hand_over`),
-the same path as a claimed batch, with no NOTIFY, wake-up or claim. Nothing is granted while
-the pipeline is stopping, to a (sender, tenant) pair it has enough of, beyond its free room,
-or while due messages are known to wait in the table (its last claim came back full, or an
-enqueue inserted due messages it had no room for since that claim started): those are
-claimed as usual, so direct dispatch never overtakes a backlog. A reservation is always
+the same path as a claimed batch, with no NOTIFY, wake-up or claim (messages handed over while
+the consent check of earlier ones is under way are checked together once it ends). Nothing is
+granted while the pipeline is stopping, to a (sender, tenant) pair it has enough of, beyond its
+free room, or while due messages are known to wait in the table (its last claim came back
+full, or an enqueue inserted due messages it had no room for since that claim started): those
+are claimed as usual, so direct dispatch never overtakes a backlog. A reservation is always
 settled (`hand_over` or `cancel`): the room it held is given back, whatever was inserted.
 """
 
@@ -132,6 +133,9 @@ class SendingPipeline:
         self._backlog = True
         self._claims_started = 0
         self._declined_at = 0
+        # Handed over while the consent check of earlier handed-over messages is under way.
+        self._handed_over: list[ClaimedMessage] = []
+        self._checking_handed_over = False
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -287,12 +291,16 @@ class SendingPipeline:
         taken = bool(claimed) and self._accepting
         if taken:
             assert claimed is not None
-            self._check_then_dispatch(list(claimed))
+            self._check_handed_over(list(claimed))
         self._offer_room()
         return taken or not claimed
 
     def _check_then_dispatch(self, claimed: list[ClaimedMessage]) -> None:
         """Hold the batch now (leases renewed, released on stop); send once consent is known."""
+        self._hold(claimed)
+        self._start_check(claimed)
+
+    def _hold(self, claimed: list[ClaimedMessage]) -> None:
         now = time.monotonic()
         for message in claimed:
             self._held[message.id] = Held(message, now)
@@ -300,9 +308,30 @@ class SendingPipeline:
             for message in claimed:
                 self._pairs[(message.sender, message.tenant_id)] += 1
         self._checking += len(claimed)
+
+    def _start_check(self, claimed: list[ClaimedMessage]) -> asyncio.Task[None]:
         check = asyncio.create_task(self._check_consent(claimed))
         self._checks.add(check)
         check.add_done_callback(self._checks.discard)
+        return check
+
+    def _check_handed_over(self, claimed: list[ClaimedMessage]) -> None:
+        """`_check_then_dispatch` for messages handed over by enqueues: those handed over
+        while the consent check of earlier ones is under way wait for it to end, then go in
+        one check together. One enqueue after another is checked at once; many at a time
+        share a CheckOptOuts call, as the messages of one claim do."""
+        self._hold(claimed)
+        self._handed_over.extend(claimed)
+        if not self._checking_handed_over:
+            self._check_next_handed_over()
+
+    def _check_next_handed_over(self, _done: asyncio.Task[None] | None = None) -> None:
+        self._checking_handed_over = False
+        if not self._handed_over or not self._accepting:  # stopping: released as unsent
+            return
+        batch, self._handed_over = self._handed_over, []
+        self._checking_handed_over = True
+        self._start_check(batch).add_done_callback(self._check_next_handed_over)
 
     async def _check_consent(self, claimed: list[ClaimedMessage]) -> None:
         answers: Mapping[uuid.UUID, ConsentAnswer] = {}

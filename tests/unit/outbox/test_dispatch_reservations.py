@@ -113,3 +113,37 @@ async def test_messages_handed_over_after_the_pipeline_stopped_are_refused(
     pipeline._accepting = False
     assert reservation.hand_over([claimed()]) is False
     assert not pipeline._held and pipeline._reserved == 0
+
+
+class _CountingConsent:
+    """Records each consent check's messages; a check ends when `answer` is set."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[ClaimedMessage]] = []
+        self.answer = asyncio.Event()
+
+    async def check_consent(self, messages: list[ClaimedMessage]) -> dict[Any, ConsentAnswer]:
+        self.batches.append(list(messages))
+        await self.answer.wait()
+        return {}
+
+
+async def test_messages_handed_over_during_a_consent_check_share_the_next_one() -> None:
+    consent = _CountingConsent()
+    pipeline = _pipeline()
+    pipeline._delivery = cast(Any, consent)
+    pipeline._dispatch = lambda message: None  # type: ignore[method-assign]  # no sends here
+    first, second, third = claimed(), claimed(), claimed()
+    pipeline.reserve([SHOP]).hand_over([first])
+    await asyncio.sleep(0)
+    assert consent.batches == [[first]]  # checked at once
+    pipeline.reserve([SHOP]).hand_over([second])
+    pipeline.reserve([SHOP]).hand_over([third])
+    await asyncio.sleep(0)
+    assert consent.batches == [[first]]  # waiting for the check under way
+    consent.answer.set()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert consent.batches == [[first], [second, third]]
+    await asyncio.gather(*pipeline._checks)
+    assert pipeline._checking == 0
