@@ -15,6 +15,7 @@ The API knows the pipeline only through `DirectDispatch`, passed in by `__main__
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -74,6 +75,39 @@ async def enqueue_messages(
     take = [False] * len(messages)
     for i, taken in zip(due, reservation.taken, strict=True):
         take[i] = taken
+    if not any(take):
+        try:
+            plain = await store.enqueue_many(messages)
+        except BaseException:
+            reservation.cancel()
+            raise
+        reservation.hand_over([])  # after the commit: what it declined is in the table
+        return plain
+    # A caller gone mid-insert (a deadline, a cancelled RPC) must not strand what the insert
+    # may have committed as claimed until its lease runs out: the insert and the hand-over
+    # finish whatever becomes of the call.
+    insert = asyncio.create_task(_insert_claimed(store, messages, take, reservation))
+    _inserting.add(insert)
+    insert.add_done_callback(_inserted)
+    return await asyncio.shield(insert)
+
+
+# Inserts whose caller may be gone (a task is only weakly referenced by the event loop).
+_inserting: set[asyncio.Task[list[tuple[uuid.UUID, bool]]]] = set()
+
+
+def _inserted(insert: asyncio.Task[list[tuple[uuid.UUID, bool]]]) -> None:
+    _inserting.discard(insert)
+    if not insert.cancelled():
+        insert.exception()  # its caller has it, if still there; never "not retrieved"
+
+
+async def _insert_claimed(
+    store: OutboxStore,
+    messages: Sequence[NewMessage],
+    take: Sequence[bool],
+    reservation: DispatchReservation,
+) -> list[tuple[uuid.UUID, bool]]:
     try:
         stored, claimed = await store.enqueue_and_claim(
             messages, take, reservation.worker_id, reservation.lease_s

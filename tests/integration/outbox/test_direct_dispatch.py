@@ -258,3 +258,31 @@ async def test_messages_handed_over_as_the_pipeline_stops_are_released(
     # Taken, then due again at once for any worker rather than after its lease.
     assert released["inserted_claimed"] is True
     assert released["status"] == "pending" and released["lease_owner"] is None
+
+
+async def test_an_enqueue_whose_caller_is_gone_mid_insert_still_hands_its_message_over(
+    store: OutboxStore, pool: asyncpg.Pool
+) -> None:
+    twilio = _Twilio()
+    inserted = asyncio.Event()
+
+    class _SlowToAnswer(OutboxStore):
+        async def enqueue_and_claim(self, *args: Any, **kwargs: Any) -> Any:
+            result = await super().enqueue_and_claim(*args, **kwargs)
+            inserted.set()
+            await asyncio.sleep(0.2)  # the answer is on its way when the caller goes
+            return result
+
+    async with running(store, twilio) as (pipeline, _):
+        call = asyncio.create_task(
+            enqueue_messages(_SlowToAnswer(pool), [new(1)], pipeline, datetime.now(UTC))
+        )
+        await inserted.wait()
+        call.cancel()  # e.g. the client's deadline passed
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        # Sent now, not once its lease (30 s) has run out.
+        await eventually(lambda: len(twilio.sent) == 1, "sent", timeout_s=5)
+        assert pipeline._reserved == 0
+    [message_id] = twilio.sent
+    assert (await row(pool, message_id))["inserted_claimed"] is True
