@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -89,12 +90,19 @@ async def serve(stop: asyncio.Event) -> None:
             ttl_s=config.channel_cache_ttl_s,
             deadline_s=config.channel_directory_timeout_s,
         )
+        # The sending pipeline running now, for the API's direct dispatch (enqueue.py).
+        pipelines: list[SendingPipeline] = []
         api = OutboxApi(
             store,
             admin,
             directory,
             account_sids=sender.account_sids,
             max_attempts=config.worker.retry.max_attempts,
+            pipeline=(
+                (lambda: pipelines[-1] if pipelines else None)
+                if config.worker.direct_dispatch
+                else None
+            ),
         )
         outbox_pb2_grpc.add_OutboxServiceServicer_to_server(api, server.server)
         callbacks = StatusCallbackHandler(StatusCallbacks(pool), lambda: datetime.now(UTC))
@@ -123,10 +131,14 @@ async def serve(stop: asyncio.Event) -> None:
             delivery = MessageDelivery(
                 store, sender, consent, config.worker, this_worker, now=utc_now
             )
-            # A new pipeline each start: one that crashed released what it held on the way out.
-            tasks["sender-worker"] = lambda: SendingPipeline(
-                store, delivery, config.worker, this_worker
-            ).run(stop)
+
+            def start_pipeline() -> Awaitable[None]:
+                # A new pipeline each start: one that crashed released what it held on the way
+                # out (and takes no more enqueues).
+                pipelines[:] = [SendingPipeline(store, delivery, config.worker, this_worker)]
+                return pipelines[0].run(stop)
+
+            tasks["sender-worker"] = start_pipeline
         await serve_until_stopped(
             SERVICE,
             stop,

@@ -32,6 +32,7 @@ from services.outbox.convert import (
     message_proto,
 )
 from services.outbox.domain import InvalidMessageError, NewMessage
+from services.outbox.enqueue import CurrentPipeline, enqueue_messages
 from services.outbox.store import OutboxAdminStore, OutboxStore
 
 SERVICE_FULL_NAME = outbox_pb2.DESCRIPTOR.services_by_name["OutboxService"].full_name
@@ -126,8 +127,12 @@ class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
         *,
         account_sids: frozenset[str],
         max_attempts: int,
+        pipeline: CurrentPipeline | None = None,
     ) -> None:
+        """`pipeline`: the sending pipeline of this process, for direct dispatch
+        (`enqueue.py`); None: every message is claimed from the table."""
         self._store = store
+        self._pipeline = pipeline
         self._admin = admin
         self._channels = channels
         self._account_sids = account_sids
@@ -140,7 +145,7 @@ class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
         context: grpc.aio.ServicerContext[outbox_pb2.EnqueueRequest, outbox_pb2.EnqueueResponse],
     ) -> outbox_pb2.EnqueueResponse:
         message = await self._checked_message(request)
-        message_id, created = await self._store.enqueue(message)
+        [(message_id, created)] = await self._enqueue([message])
         return outbox_pb2.EnqueueResponse(message_id=str(message_id), created=created)
 
     @_rpc
@@ -162,10 +167,14 @@ class OutboxApi(outbox_pb2_grpc.OutboxServiceServicer):
                 code = next(ERROR_STATUS[kind] for kind in _REFUSALS if isinstance(error, kind))
                 assert isinstance(code, grpc.StatusCode)
                 result.code, result.error = code.value[0], str(error)
-        stored = await self._store.enqueue_many([message for _, message in accepted])
+        stored = await self._enqueue([message for _, message in accepted])
         for (result, _), (message_id, created) in zip(accepted, stored, strict=True):
             result.message_id, result.created = str(message_id), created
         return outbox_pb2.EnqueueManyResponse(results=results)
+
+    async def _enqueue(self, messages: list[NewMessage]) -> list[tuple[uuid.UUID, bool]]:
+        pipeline = self._pipeline() if self._pipeline is not None else None
+        return await enqueue_messages(self._store, messages, pipeline, datetime.now(UTC))
 
     async def _checked_message(self, request: outbox_pb2.EnqueueRequest) -> NewMessage:
         """The message to store for one Enqueue request, after every check."""

@@ -56,6 +56,9 @@ class WorkerConfig:
     whatsapp_window_s: float
     # Metric labels only (services/outbox/metrics.py): which class each tenant is in.
     tenant_classes: TenantClasses = field(default_factory=TenantClasses)
+    # An enqueue in this process inserts the messages the pipeline has room for already
+    # claimed and hands them to it (sending/pipeline.py, "Direct dispatch").
+    direct_dispatch: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +153,7 @@ def _worker_config() -> WorkerConfig:
             "OUTBOX_WHATSAPP_WINDOW_SECONDS", 86_400.0, minimum=1.0, maximum=30 * 86_400.0
         ),
         tenant_classes=TenantClasses.parse(env_str("OUTBOX_TENANT_CLASSES", "")),
+        direct_dispatch=env_bool("OUTBOX_DIRECT_DISPATCH", True),
     )
 
 

@@ -9,6 +9,11 @@
 
 Every change records its event in the same transaction.
 Wake-ups: an enqueue that is due now NOTIFYs `outbox_due` at commit; workers LISTEN on it.
+Direct dispatch (`enqueue_and_claim`): an enqueue may instead insert the messages a sending
+pipeline of the same process has room for already claimed by that pipeline's worker, in the
+state `claim_due_messages` leaves a claimed row in (no NOTIFY, no second row version); should
+the process die before the pipeline takes them, their lease runs out and any worker claims
+them as it claims every expired lease (a `lease_expired` attempt, reconciled before a resend).
 """
 
 from __future__ import annotations
@@ -37,46 +42,47 @@ from services.outbox.domain import (
 DUE_CHANNEL = "outbox_due"
 
 
-_ENQUEUE = """
-WITH inserted AS (
-    INSERT INTO messages (
-        tenant_id, idempotency_key, correlation_id, kind, account_sid, sender,
-        recipient_channel, recipient, body, content_sid, content_variables,
-        next_attempt_at, budget_started_at, max_attempts, traceparent)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, coalesce($12, now()),
-        greatest(now(), $12), $13, $14)
-    ON CONFLICT ON CONSTRAINT messages_tenant_idempotency_key_key DO NOTHING
-    RETURNING id, next_attempt_at
-)
-SELECT id, CASE WHEN next_attempt_at <= now() THEN pg_notify('outbox_due', '') END
-FROM inserted
-"""
-
-_EXISTING = "SELECT id FROM messages WHERE tenant_id = $1 AND idempotency_key = $2"
-
-# `_ENQUEUE` for many messages in one statement, in the order given (callers sort them, so
-# that two concurrent batches take their unique-key locks in the same order).
+# Many messages in one statement, in the order given (callers sort them, so that two concurrent
+# batches take their unique-key locks in the same order). A message whose `take` flag is set
+# and that is due now is inserted already claimed by worker $15 for $16 seconds, exactly as
+# `claim_due_messages` would leave it (direct dispatch: the caller hands it to its pipeline
+# after the commit); any other message due now NOTIFYs `outbox_due` at commit. A message's
+# retry budget starts when it is first due (`greatest`: its not_before, or now).
 _ENQUEUE_MANY = """
 WITH inserted AS (
     INSERT INTO messages (
         tenant_id, idempotency_key, correlation_id, kind, account_sid, sender,
         recipient_channel, recipient, body, content_sid, content_variables,
-        next_attempt_at, max_attempts, traceparent)
+        next_attempt_at, budget_started_at, max_attempts, traceparent,
+        status, lease_owner, lease_expires_at, attempt_started_at)
     SELECT m.tenant_id, m.idempotency_key, m.correlation_id, m.kind, m.account_sid, m.sender,
         m.recipient_channel, m.recipient, m.body, m.content_sid, m.content_variables,
-        coalesce(m.not_before, now()), m.max_attempts, m.traceparent
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
-                $12::timestamptz[], $13::int[], $14::text[]) WITH ORDINALITY
-        AS m(tenant_id, idempotency_key, correlation_id, kind, account_sid, sender,
-             recipient_channel, recipient, body, content_sid, content_variables,
-             not_before, max_attempts, traceparent, n)
+        CASE WHEN m.claim THEN now() + make_interval(secs => $16::float8)
+            ELSE coalesce(m.not_before, now()) END,
+        greatest(now(), m.not_before), m.max_attempts, m.traceparent,
+        CASE WHEN m.claim THEN 'sending' ELSE 'pending' END,
+        CASE WHEN m.claim THEN $15::text END,
+        CASE WHEN m.claim THEN now() + make_interval(secs => $16::float8) END,
+        CASE WHEN m.claim THEN now() END
+    FROM (
+        SELECT u.*, coalesce(u.take AND coalesce(u.not_before, now()) <= now(), false) AS claim
+        FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                    $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
+                    $12::timestamptz[], $13::int[], $14::text[], $17::bool[]) WITH ORDINALITY
+            AS u(tenant_id, idempotency_key, correlation_id, kind, account_sid, sender,
+                 recipient_channel, recipient, body, content_sid, content_variables,
+                 not_before, max_attempts, traceparent, take, n)
+    ) m
     ORDER BY m.n
     ON CONFLICT ON CONSTRAINT messages_tenant_idempotency_key_key DO NOTHING
-    RETURNING id, tenant_id, idempotency_key, next_attempt_at
+    RETURNING id, tenant_id, idempotency_key, status, next_attempt_at, correlation_id, kind,
+        account_sid, sender, recipient_channel, recipient, body, content_sid, content_variables,
+        attempt_count, max_attempts, reconcile_failures, budget_started_at, attempt_started_at,
+        reconcile_since, traceparent
 )
-SELECT id, tenant_id, idempotency_key,
-       CASE WHEN next_attempt_at <= now() THEN pg_notify('outbox_due', '') END
+SELECT *, 'pending' AS prior_status,
+       CASE WHEN status = 'pending' AND next_attempt_at <= now()
+           THEN pg_notify('outbox_due', '') END AS notified
 FROM inserted
 """
 
@@ -195,40 +201,38 @@ class OutboxStore:
 
     async def enqueue(self, message: NewMessage) -> tuple[uuid.UUID, bool]:
         """(message id, created). The same (tenant, idempotency key) returns the first id."""
-        async with self.pool.acquire() as conn:
-            row = await conn.fetchrow(
-                _ENQUEUE,
-                message.tenant_id,
-                message.idempotency_key,
-                message.correlation_id,
-                message.kind.value,
-                message.account_sid,
-                message.sender,
-                message.recipient_channel.value,
-                message.recipient,
-                message.body,
-                message.content_sid,
-                message.content_variables,
-                message.not_before,
-                message.max_attempts,
-                message.traceparent,
-            )
-            if row is not None:
-                return row["id"], True
-            existing = await conn.fetchval(_EXISTING, message.tenant_id, message.idempotency_key)
-        if existing is None:  # the conflicting row was deleted meanwhile; vanishingly rare
-            raise asyncpg.SerializationError("idempotency key conflict, retry")
-        return existing, False
+        [stored] = await self.enqueue_many([message])
+        return stored
 
     async def enqueue_many(self, messages: Sequence[NewMessage]) -> list[tuple[uuid.UUID, bool]]:
-        """`enqueue` of each message, in order, in one transaction: (message id, created). A
+        """`enqueue` of each message, in order, in one statement: (message id, created). A
         key repeated within `messages` is created once; its repeats return the same id."""
+        stored, _ = await self.enqueue_and_claim(messages)
+        return stored
+
+    async def enqueue_and_claim(
+        self,
+        messages: Sequence[NewMessage],
+        take: Sequence[bool] = (),
+        worker_id: str | None = None,
+        lease_s: float | None = None,
+    ) -> tuple[list[tuple[uuid.UUID, bool]], list[ClaimedMessage]]:
+        """`enqueue_many`, where each message whose `take` flag is set (in the order of
+        `messages`), that is due now and newly created, is inserted already claimed by
+        `worker_id` for `lease_s` (no NOTIFY): (message id, created) of each message, and
+        those claimed, for the caller to hand to its pipeline (direct dispatch).
+
+        One round trip when no key was stored before: the INSERT commits on its own, and only
+        the keys that conflicted are looked up after it."""
         if not messages:
-            return []
+            return [], []
+        flags = list(take) or [False] * len(messages)
+        if len(flags) != len(messages):
+            raise ValueError("one take flag per message")
         keys = [(m.tenant_id, m.idempotency_key) for m in messages]
         order = sorted(range(len(messages)), key=keys.__getitem__)
         rows = [messages[i] for i in order]
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire() as conn:
             inserted = await conn.fetch(
                 _ENQUEUE_MANY,
                 [m.tenant_id for m in rows],
@@ -245,6 +249,9 @@ class OutboxStore:
                 [m.not_before for m in rows],
                 [m.max_attempts for m in rows],
                 [m.traceparent for m in rows],
+                worker_id,
+                lease_s,
+                [flags[i] for i in order],
             )
             created = {(r["tenant_id"], r["idempotency_key"]): r["id"] for r in inserted}
             missing = sorted(set(keys) - created.keys())
@@ -264,7 +271,8 @@ class OutboxStore:
                 results.append((existing[key], False))
             else:  # the conflicting row was deleted meanwhile; vanishingly rare
                 raise asyncpg.SerializationError("idempotency key conflict, retry")
-        return results
+        claimed = [_claimed(r) for r in inserted if r["status"] == "sending"]
+        return results, claimed
 
     async def claim_due_messages(
         self,

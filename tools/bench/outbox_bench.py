@@ -33,8 +33,9 @@ Three measurements, one run:
    (validity): every drain, tuning runs included, had all its messages accepted by the
    sandbox and none failed.
 3. Latency: `Enqueue` over gRPC at a steady `--rate` for `--seconds`; latency = the worker's
-   moment of receiving Twilio's 201 minus the moment the client called Enqueue. Peak RSS
-   (VmHWM) of the outbox process at the end.
+   moment of receiving Twilio's 201 minus the moment the client called Enqueue; CPU per
+   message of each process, the Enqueue calls included. Peak RSS (VmHWM) of the outbox
+   process at the end.
 
 The last line of stdout is the report for `make bench` (figures and the issue's targets).
 """
@@ -320,15 +321,19 @@ async def drain_outbox(
     }
 
 
-async def measure_latency(stack: BenchStack, rate: float, seconds: float) -> dict[str, float]:
+async def measure_latency(stack: BenchStack, rate: float, seconds: float) -> dict[str, object]:
     await stack.reset_sandbox()
+    cpu_before = stack.cpu_snapshot()
     sent_at = await enqueue_steadily(stack, rate, seconds)
     latencies = await stack.outbox_latencies(sent_at)
+    cpu_after = stack.cpu_snapshot()
     return {
         "messages": len(latencies),
         "p50_ms": percentile(latencies, 50) * 1000,
         "p99_ms": percentile(latencies, 99) * 1000,
         "max_ms": max(latencies) * 1000,
+        # Enqueue calls included (the bench's client is not counted).
+        "cpu_ms_per_message": cpu_per_message_ms(cpu_before, cpu_after, len(latencies)),
     }
 
 

@@ -6,7 +6,10 @@
       ▼
     claim ............. pipeline.py    SendingPipeline: store.claim_due_messages in batches,
       │                                FOR UPDATE SKIP LOCKED under a lease, one round
-      │                                trip (a SQL function);
+      │                                trip (a SQL function); or direct dispatch: an
+      │                                enqueue of this process (../enqueue.py) inserts
+      │                                what the pipeline has room for already claimed
+      │                                and hands it over (SendingPipeline.reserve)
       │                 leases.py      renews the leases of what is held
       ▼
     consent ........... consent.py     BatchConsent: one routing CheckOptOuts per claimed batch

@@ -9,6 +9,17 @@ Leases are renewed (`leases.py`) and consent answers kept fresh (`consent.refres
 while a message is held; a lease this worker lost is never written over.
 On stop: no more claims, claimed-but-unsent messages are released at once, in-flight sends
 finish and their results are written.
+
+Direct dispatch (`reserve`, `OUTBOX_DIRECT_DISPATCH`): an enqueue in the same process asks,
+right before its insert, for room for its messages due now; those granted a slot are inserted
+already claimed by this worker and handed over after the commit (`DirectReservation.hand_over`),
+the same path as a claimed batch, with no NOTIFY, wake-up or claim (messages handed over while
+the consent check of earlier ones is under way are checked together once it ends). Nothing is
+granted while the pipeline is stopping, to a (sender, tenant) pair it has enough of, beyond its
+free room, or while due messages are known to wait in the table (its last claim came back
+full, or an enqueue inserted due messages it had no room for since that claim started): those
+are claimed as usual, so direct dispatch never overtakes a backlog. A reservation is always
+settled (`hand_over` or `cancel`): the room it held is given back, whatever was inserted.
 """
 
 from __future__ import annotations
@@ -39,6 +50,30 @@ IN_FLIGHT = Gauge("snapsell_outbox_sends_in_flight", "Messages being processed b
 
 _log = get_logger(__name__)
 _DB_ERRORS: tuple[type[Exception], ...] = (*DATABASE_UNAVAILABLE, asyncpg.PostgresError)
+
+
+@dataclass(slots=True)
+class DirectReservation:
+    """Room held in a pipeline for an enqueue's messages due now: `taken[i]` says whether the
+    i-th message asked about may be inserted claimed by `worker_id` for `lease_s`."""
+
+    pipeline: SendingPipeline
+    worker_id: str
+    lease_s: float
+    taken: list[bool]
+    pairs: list[tuple[str, str]]
+    declined: bool
+    settled: bool = False
+
+    def hand_over(self, claimed: Sequence[ClaimedMessage]) -> bool:
+        """After the insert committed: give the room back and send `claimed` (the messages
+        inserted claimed). False when the pipeline stopped meanwhile: the caller releases
+        them (their lease runs out otherwise)."""
+        return self.pipeline._settle(self, claimed)
+
+    def cancel(self) -> None:
+        """The insert failed: give the room back."""
+        self.pipeline._settle(self, None)
 
 
 @dataclass(slots=True)
@@ -84,6 +119,23 @@ class SendingPipeline:
         self._max_buffered = config.max_in_flight + 2 * config.claim_batch
         self._claim_threshold = max(1, config.claim_batch // 2)
         self._pair_cap = max(1, int(config.rate_per_sender * 2)) if config.rate_per_sender else 0
+        # Direct dispatch: open while the claim loop runs; room reserved by enqueues whose
+        # insert has not returned yet, and by the claim in progress.
+        self._accepting = False
+        self._stop: asyncio.Event | None = None
+        self._reserved = 0
+        self._reservations_settled = asyncio.Event()
+        self._claiming = 0
+        # Due messages may wait in the table: set by a full claim, or by an enqueue that
+        # inserted due messages without room (after claim number `_declined_at` started);
+        # cleared by a claim that started later and came back short. True until the first
+        # claim, which finds what waited while this pipeline was not running.
+        self._backlog = True
+        self._claims_started = 0
+        self._declined_at = 0
+        # Handed over while the consent check of earlier handed-over messages is under way.
+        self._handed_over: list[ClaimedMessage] = []
+        self._checking_handed_over = False
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -103,13 +155,19 @@ class SendingPipeline:
             helpers.append(asyncio.create_task(refresh, name="outbox-consent-refresh"))
         flusher = asyncio.create_task(self._results.run(), name="outbox-results")
         try:
+            self._stop = stop
+            self._accepting = self._config.direct_dispatch
             await self._claim_loop(stop)
         finally:
+            self._accepting = False
             await self._shutdown(helpers, flusher)
 
     async def _shutdown(
         self, helpers: list[asyncio.Task[None]], flusher: asyncio.Task[None]
     ) -> None:
+        if self._reserved:  # enqueues mid-insert: what they hand over is released below
+            self._reservations_settled.clear()
+            await wait_any(self._reservations_settled, timeout_s=self._config.send_timeout_s)
         for check in self._checks:
             check.cancel()
         await asyncio.gather(*self._checks, return_exceptions=True)
@@ -136,7 +194,7 @@ class SendingPipeline:
 
     @property
     def _buffered(self) -> int:
-        return self._checking + self._queued + self._in_flight
+        return self._checking + self._queued + self._in_flight + self._reserved
 
     async def _claim_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -146,6 +204,9 @@ class SendingPipeline:
             self._want_room = free < self._claim_threshold and self._buffered > 0
             if not self._want_room:
                 limit = min(free, self._config.claim_batch)
+                self._claims_started += 1
+                started = self._claims_started
+                self._claiming = limit
                 try:
                     claimed = await self._store.claim_due_messages(
                         self.worker_id,
@@ -162,9 +223,14 @@ class SendingPipeline:
                     _log.exception("outbox.claim_crashed")
                     await wait_any(stop, timeout_s=self._config.poll_interval_s)
                     continue
+                finally:
+                    self._claiming = 0
                 if claimed:
                     self._check_then_dispatch(claimed)
+                if len(claimed) < limit and started > self._declined_at:
+                    self._backlog = False
                 if len(claimed) == limit:
+                    self._backlog = True
                     self._want_room = True
                     if self._max_buffered - self._buffered >= self._claim_threshold:
                         continue  # more may be due and there is room for them
@@ -177,10 +243,64 @@ class SendingPipeline:
             return []
         return [pair for pair, count in self._pairs.items() if count >= self._pair_cap]
 
-    # --- consent, lanes and sends -------------------------------------------------------------
+    # --- direct dispatch -----------------------------------------------------------------------
+
+    def reserve(self, pairs: Sequence[tuple[str, str]]) -> DirectReservation:
+        """Room for an enqueue's messages due now, one (sender, tenant) pair each, held until
+        the reservation is settled; see the module's docstring for what is refused."""
+        taken = [False] * len(pairs)
+        reserved: list[tuple[str, str]] = []
+        stopping = self._stop is None or self._stop.is_set()
+        if self._accepting and not stopping and not self._backlog:
+            free = self._max_buffered - self._buffered - self._claiming
+            for i, pair in enumerate(pairs):
+                if len(reserved) >= free:
+                    break
+                if self._pair_cap:
+                    if self._pairs[pair] >= self._pair_cap:
+                        continue
+                    self._pairs[pair] += 1
+                taken[i] = True
+                reserved.append(pair)
+            self._reserved += len(reserved)
+        return DirectReservation(
+            self,
+            self.worker_id,
+            self._config.lease_s,
+            taken,
+            reserved,
+            declined=len(reserved) < len(pairs),
+        )
+
+    def _settle(
+        self, reservation: DirectReservation, claimed: Sequence[ClaimedMessage] | None
+    ) -> bool:
+        if reservation.settled:
+            raise RuntimeError("a direct dispatch reservation is settled once")
+        reservation.settled = True
+        self._reserved -= len(reservation.pairs)
+        for sender, tenant_id in reservation.pairs:
+            if self._pair_cap:
+                self._unpair_key((sender, tenant_id))
+        if not self._reserved:
+            self._reservations_settled.set()
+        if claimed is not None and reservation.declined:
+            # Due messages inserted without room: claimed as usual, not overtaken.
+            self._backlog = True
+            self._declined_at = self._claims_started
+        taken = bool(claimed) and self._accepting
+        if taken:
+            assert claimed is not None
+            self._check_handed_over(list(claimed))
+        self._offer_room()
+        return taken or not claimed
 
     def _check_then_dispatch(self, claimed: list[ClaimedMessage]) -> None:
         """Hold the batch now (leases renewed, released on stop); send once consent is known."""
+        self._hold(claimed)
+        self._start_check(claimed)
+
+    def _hold(self, claimed: list[ClaimedMessage]) -> None:
         now = time.monotonic()
         for message in claimed:
             self._held[message.id] = Held(message, now)
@@ -188,9 +308,30 @@ class SendingPipeline:
             for message in claimed:
                 self._pairs[(message.sender, message.tenant_id)] += 1
         self._checking += len(claimed)
+
+    def _start_check(self, claimed: list[ClaimedMessage]) -> asyncio.Task[None]:
         check = asyncio.create_task(self._check_consent(claimed))
         self._checks.add(check)
         check.add_done_callback(self._checks.discard)
+        return check
+
+    def _check_handed_over(self, claimed: list[ClaimedMessage]) -> None:
+        """`_check_then_dispatch` for messages handed over by enqueues: those handed over
+        while the consent check of earlier ones is under way wait for it to end, then go in
+        one check together. One enqueue after another is checked at once; many at a time
+        share a CheckOptOuts call, as the messages of one claim do."""
+        self._hold(claimed)
+        self._handed_over.extend(claimed)
+        if not self._checking_handed_over:
+            self._check_next_handed_over()
+
+    def _check_next_handed_over(self, _done: asyncio.Task[None] | None = None) -> None:
+        self._checking_handed_over = False
+        if not self._handed_over or not self._accepting:  # stopping: released as unsent
+            return
+        batch, self._handed_over = self._handed_over, []
+        self._checking_handed_over = True
+        self._start_check(batch).add_done_callback(self._check_next_handed_over)
 
     async def _check_consent(self, claimed: list[ClaimedMessage]) -> None:
         answers: Mapping[uuid.UUID, ConsentAnswer] = {}
@@ -249,12 +390,18 @@ class SendingPipeline:
                 self._lanes.pop(key, None)
 
     def _unpair(self, message: ClaimedMessage) -> None:
-        if not self._pair_cap:
-            return
-        pair = (message.sender, message.tenant_id)
+        if self._pair_cap:
+            self._unpair_key((message.sender, message.tenant_id))
+
+    def _unpair_key(self, pair: tuple[str, str]) -> None:
         self._pairs[pair] -= 1
         if self._pairs[pair] <= 0:
             del self._pairs[pair]
+
+    def _offer_room(self) -> None:
+        """Wake a claim loop waiting for room once half a batch is free."""
+        if self._want_room and self._max_buffered - self._buffered >= self._claim_threshold:
+            self._room.set()
 
     async def _process(self, held: Held) -> None:
         message = held.message
@@ -285,8 +432,7 @@ class SendingPipeline:
             self._slots.release()
             self._in_flight -= 1
             IN_FLIGHT.dec()
-            if self._want_room and self._max_buffered - self._buffered >= self._claim_threshold:
-                self._room.set()
+            self._offer_room()
         if resolution is None:
             self._forget(message.id)
             return

@@ -91,7 +91,7 @@ class ResultWriter:
                 continue
             backoff = 0.1
             del self._results[: len(batch)]
-            if not self._results:
+            if not self._results and not self._final.is_set():  # once final, return next
                 self._ready.clear()
             _count(batch, written)
             self._on_written(batch, written)

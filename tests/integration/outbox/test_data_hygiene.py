@@ -269,25 +269,28 @@ async def test_enqueue_checks_and_finds_the_idempotency_key_on_its_index(
     loaded: asyncpg.Pool,
 ) -> None:
     key = "reply:" + "0" * 32
-    plan = await explain(loaded, store._EXISTING, "shop-42", key)
+    plan = await explain(loaded, store._EXISTING_MANY, ["shop-42"], [key])
     assert_uses_index(plan, "messages_tenant_idempotency_key_key", big_tables=BIG_TABLES)
     plan = await explain(
         loaded,
-        store._ENQUEUE,
-        "shop-42",
-        key,
-        "",
-        "conversational",
-        ACCOUNT_SID,
-        "whatsapp:+14155238886",
-        "whatsapp",
-        phone(42),
-        "Merci !",
-        None,
-        None,
-        None,
-        5,
-        None,
+        store._ENQUEUE_MANY,
+        ["shop-42"],
+        [key],
+        [""],
+        ["conversational"],
+        [ACCOUNT_SID],
+        ["whatsapp:+14155238886"],
+        ["whatsapp"],
+        [phone(42)],
+        ["Merci !"],
+        [None],
+        [None],
+        [None],
+        [5],
+        [None],
+        "worker-1",
+        60.0,
+        [True],
     )
     assert_uses_index(plan, "messages_tenant_idempotency_key_key", big_tables=BIG_TABLES)
 

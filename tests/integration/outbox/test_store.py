@@ -9,6 +9,7 @@ import os
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -333,3 +334,53 @@ async def test_claims_and_results_find_rows_by_key_with_plans_made_on_an_empty_t
     finally:
         await worker.close()
         await pool.execute("ALTER TABLE messages RESET (autovacuum_enabled)")
+
+
+async def test_an_enqueue_may_insert_a_message_claimed_as_a_claim_would_leave_it(
+    store: OutboxStore, pool: asyncpg.Pool
+) -> None:
+    later = datetime.now(UTC) + timedelta(hours=1)
+    stored, [taken] = await store.enqueue_and_claim(
+        [new(1), new(2), new(3, not_before=later)], [True, False, True], "w1", 30
+    )
+    [(taken_id, _), (pending_id, _), (scheduled_id, _)] = stored
+    [claimed] = await store.claim_due_messages("w1", 10, 30)
+    assert claimed.id == pending_id and taken.id == taken_id
+    # The same message as a claim gives, but for what differs between two messages.
+    assert replace(taken, id=claimed.id, recipient=claimed.recipient, body=claimed.body) == replace(
+        claimed,
+        claimed_at=taken.claimed_at,
+        budget_started_at=taken.budget_started_at,
+    )
+    rows = await pool.fetch(
+        "SELECT id, status, lease_owner, next_attempt_at = lease_expires_at AS due_at_expiry,"
+        " lease_expires_at - attempt_started_at AS lease, attempt_count, reconcile_since"
+        " FROM messages WHERE id = ANY ($1::uuid[])",
+        [taken_id, pending_id],
+    )
+    assert [dict(row) | {"id": None} for row in rows] == [
+        {
+            "id": None,
+            "status": "sending",
+            "lease_owner": "w1",
+            "due_at_expiry": True,
+            "lease": timedelta(seconds=30),
+            "attempt_count": 0,
+            "reconcile_since": None,
+        }
+    ] * 2
+    # Taken only when due now: a message scheduled for later is claimed at its time.
+    scheduled = await pool.fetchrow(
+        "SELECT status, lease_owner, next_attempt_at FROM messages WHERE id = $1", scheduled_id
+    )
+    assert tuple(scheduled or ()) == ("pending", None, later)
+
+
+async def test_a_message_scheduled_for_later_starts_its_retry_budget_at_its_time(
+    store: OutboxStore, pool: asyncpg.Pool
+) -> None:
+    later = datetime.now(UTC) + timedelta(hours=1)
+    await store.enqueue(new(1, not_before=later))
+    await store.enqueue_many([new(2, not_before=later), new(3)])
+    budgets = await pool.fetch("SELECT budget_started_at FROM messages ORDER BY idempotency_key")
+    assert [row["budget_started_at"] == later for row in budgets] == [True, True, False]

@@ -1,13 +1,17 @@
 """Two outbox processes drain one backlog; one is killed (SIGKILL) in the middle, with sends in
 flight that Twilio accepted but the dead worker never recorded. Its leases run out, the other
 worker claims those messages and settles them by asking Twilio first: nothing is lost and
-Twilio accepts nothing twice."""
+Twilio accepts nothing twice. The same holds for a message an enqueue inserted already claimed
+by its own process (direct dispatch) when that process dies."""
 
 from __future__ import annotations
 
+import uuid
 from collections import Counter
 
-from tests.integration.outbox.stack import TENANT, OutboxStack, new_phone, sms
+from snapsell.outbox.v1 import outbox_pb2
+
+from tests.integration.outbox.stack import SMS_SENDER, TENANT, OutboxStack, new_phone, sms
 from tests.support.polling import eventually
 
 MESSAGES = 2000
@@ -94,3 +98,68 @@ async def test_a_worker_killed_mid_drain_loses_nothing_and_duplicates_nothing(
     )
     assert adopted > 0, "no send of the dead worker was found at Twilio"
     assert second.process.poll() is None  # the survivor did the rest
+
+
+async def test_a_process_killed_after_a_direct_dispatch_sends_its_message_once(
+    stack: OutboxStack,
+) -> None:
+    for running in stack.outboxes:  # only the processes of this test claim
+        running.stop()
+    await stack.set_faults()
+    settings = {"OUTBOX_SEND_TIMEOUT_SECONDS": "2", "OUTBOX_LEASE_SECONDS": "4"}
+    first = await stack.start_outbox(**settings)
+    # Until its pipeline has claimed once, a process cannot know what waits in the table, and
+    # sends nothing directly: one message sent, and it has.
+    warm_up = await stack.enqueue(recipient=sms(new_phone()), body="warm-up")
+    await stack.wait_status(warm_up, "sent")
+    # Twilio accepts the send, then holds the answer: the process dies before it hears of it.
+    await stack.set_faults(timeout_after_accept_rate=1.0, timeout_s=30)
+    phone, body = new_phone(), f"direct dispatch {uuid.uuid4().hex}"
+    reply = await stack.outbox(first).Enqueue(
+        outbox_pb2.EnqueueRequest(
+            tenant_id=TENANT,
+            sender=SMS_SENDER,
+            idempotency_key=f"direct-{uuid.uuid4().hex}",
+            recipient=sms(phone),
+            body=body,
+        ),
+        metadata=stack.metadata(),
+        timeout=10,
+    )
+
+    async def accepted() -> int:
+        return len(await stack.sandbox_messages(to=phone))
+
+    await eventually(accepted, "Twilio accepted the send", timeout_s=5, every_s=0.02)
+    first.kill()
+    assert stack.db is not None
+    held = await stack.db.fetchrow(
+        "SELECT status, lease_owner, attempt_started_at = created_at AS inserted_claimed"
+        " FROM outbox.messages WHERE id = $1::uuid",
+        reply.message_id,
+    )
+    assert held is not None
+    # Claimed by its insert in the killed process, never by a claim statement.
+    assert held["inserted_claimed"] is True
+    assert (held["status"], held["lease_owner"].rsplit(":", 1)[1]) == (
+        "sending",
+        str(first.process.pid),
+    )
+    await stack.set_faults()
+    await stack.start_outbox(**settings)
+    await stack.wait_status(reply.message_id, "sent", timeout_s=30)
+    sent_to = await stack.sandbox_messages(to=phone)
+    assert [m["body"] for m in sent_to] == [body], "Twilio accepted the message twice"
+    outcomes = await stack.db.fetch(
+        "SELECT outcome, worker_id FROM outbox.attempts WHERE message_id = $1::uuid ORDER BY id",
+        reply.message_id,
+    )
+    # The survivor claimed the expired lease and found the dead process's send at Twilio.
+    assert [row["outcome"] for row in outcomes] == ["lease_expired", "reconciled_found"]
+    assert outcomes[0]["worker_id"].endswith(f":{first.process.pid}")
+    assert (
+        await stack.db.fetchval(
+            "SELECT twilio_sid FROM outbox.messages WHERE id = $1::uuid", reply.message_id
+        )
+        == sent_to[0]["sid"]
+    )

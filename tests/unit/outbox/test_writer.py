@@ -61,3 +61,23 @@ async def test_a_write_cut_off_by_the_database_is_written_again(failure: Excepti
     await asyncio.wait_for(running, 10)
     assert written == [{result.message_id}]
     assert store.writes == 4
+
+
+async def test_results_left_when_finishing_are_written_and_the_writer_returns_at_once() -> None:
+    store = InterruptedStore(RuntimeError("never raised"), failures=0)
+    written: list[set[uuid.UUID]] = []
+    writer = ResultWriter(
+        store,  # type: ignore[arg-type]
+        "worker-1",
+        batch_size=10,
+        flush_interval_s=0.0,
+        on_written=lambda _batch, ids: written.append(ids),
+    )
+    running = asyncio.create_task(writer.run())
+    await asyncio.sleep(0)  # waiting for a result
+    result = Resolution(uuid.uuid4(), "shop", MessageStatus.SENT, twilio_sid="SM1")
+    # A send that ended as the pipeline stops: its result comes with the call to finish.
+    writer.add(result)
+    writer.finish()
+    await asyncio.wait_for(running, 1)
+    assert written == [{result.message_id}]
