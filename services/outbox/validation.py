@@ -31,8 +31,9 @@ _OPAQUE_ID = re.compile(r"[A-Za-z0-9._\-]{1,128}")
 
 # phonenumbers refuses to parse a longer string; refusing it here keeps it out of the cache.
 _MAX_PARSED_CHARS = 250
-# Distinct numbers cached (~10 MB when full of real numbers): a busy hour's recipients.
-E164_CACHE_SIZE = 65_536
+# Distinct numbers cached (a few MB when full): the senders and the recipients of the moment; a
+# stream of numbers never seen again (every message to someone new) only costs that memory.
+E164_CACHE_SIZE = 16_384
 
 
 def is_e164(value: str) -> bool:
