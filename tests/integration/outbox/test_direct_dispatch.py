@@ -17,7 +17,6 @@ from typing import Any
 import asyncpg
 import pytest
 
-from infra.db import create_pool, migrate_service
 from services.outbox.config import WorkerConfig
 from services.outbox.domain import (
     AttemptOutcome,
@@ -34,27 +33,11 @@ from services.outbox.store import DUE_CHANNEL, OutboxStore
 from tests.integration.outbox.test_store import new
 from tests.support.polling import eventually
 from tests.unit.outbox.test_send import CONFIG
-from tools.stack import reset_service_schema
 
 MIGRATIONS = Path(__file__).resolve().parents[3] / "services" / "outbox" / "migrations"
 # Nothing but direct dispatch wakes these pipelines once their first claim is done: no LISTEN
 # (see `running`) and a poll once an hour.
 QUIET = replace(CONFIG, poll_interval_s=3600, flush_interval_s=0, lease_s=30)
-
-
-@pytest.fixture(scope="module")
-async def pool(admin_dsn: str) -> AsyncIterator[asyncpg.Pool]:
-    await reset_service_schema(admin_dsn, "outbox")
-    dsn = await migrate_service("outbox", MIGRATIONS)
-    pool = await create_pool(dsn, "outbox", min_size=2, max_size=10)
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture
-async def store(pool: asyncpg.Pool) -> OutboxStore:
-    await pool.execute("TRUNCATE messages, attempts, events")
-    return OutboxStore(pool)
 
 
 class _Twilio:

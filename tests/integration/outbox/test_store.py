@@ -8,13 +8,11 @@ import asyncio
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
-import pytest
 
 from infra.db import create_pool, migrate_service
 from services.outbox.domain import (
@@ -32,21 +30,6 @@ from tools.stack import reset_service_schema
 
 MIGRATIONS = Path(__file__).resolve().parents[3] / "services" / "outbox" / "migrations"
 ACCOUNT = "AC" + "7" * 32
-
-
-@pytest.fixture(scope="module")
-async def pool(admin_dsn: str) -> AsyncIterator[asyncpg.Pool]:
-    await reset_service_schema(admin_dsn, "outbox")
-    dsn = await migrate_service("outbox", MIGRATIONS)
-    pool = await create_pool(dsn, "outbox", min_size=2, max_size=10)
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture
-async def store(pool: asyncpg.Pool) -> OutboxStore:
-    await pool.execute("TRUNCATE messages, attempts, events")
-    return OutboxStore(pool)
 
 
 def new(
