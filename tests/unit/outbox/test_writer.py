@@ -32,6 +32,17 @@ class InterruptedStore:
         return {resolution.message_id for resolution in resolutions}
 
 
+def _writer(store: InterruptedStore, written: list[set[uuid.UUID]]) -> ResultWriter:
+    """A writer that flushes at once and appends each batch's written ids to `written`."""
+    return ResultWriter(
+        store,  # type: ignore[arg-type]
+        "worker-1",
+        batch_size=10,
+        flush_interval_s=0.0,
+        on_written=lambda _batch, ids: written.append(ids),
+    )
+
+
 @pytest.mark.parametrize(
     "failure",
     [
@@ -44,13 +55,7 @@ class InterruptedStore:
 async def test_a_write_cut_off_by_the_database_is_written_again(failure: Exception) -> None:
     store = InterruptedStore(failure, failures=3)
     written: list[set[uuid.UUID]] = []
-    writer = ResultWriter(
-        store,  # type: ignore[arg-type]
-        "worker-1",
-        batch_size=10,
-        flush_interval_s=0.0,
-        on_written=lambda _batch, ids: written.append(ids),
-    )
+    writer = _writer(store, written)
     result = Resolution(uuid.uuid4(), "shop", MessageStatus.SENT, twilio_sid="SM1")
     running = asyncio.create_task(writer.run())
     writer.add(result)
@@ -66,13 +71,7 @@ async def test_a_write_cut_off_by_the_database_is_written_again(failure: Excepti
 async def test_results_left_when_finishing_are_written_and_the_writer_returns_at_once() -> None:
     store = InterruptedStore(RuntimeError("never raised"), failures=0)
     written: list[set[uuid.UUID]] = []
-    writer = ResultWriter(
-        store,  # type: ignore[arg-type]
-        "worker-1",
-        batch_size=10,
-        flush_interval_s=0.0,
-        on_written=lambda _batch, ids: written.append(ids),
-    )
+    writer = _writer(store, written)
     running = asyncio.create_task(writer.run())
     await asyncio.sleep(0)  # waiting for a result
     result = Resolution(uuid.uuid4(), "shop", MessageStatus.SENT, twilio_sid="SM1")
